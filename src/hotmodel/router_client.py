@@ -1,0 +1,189 @@
+"""A typed client for the llama-server router's own endpoints.
+
+``/health``, ``GET /models``, ``POST /models/load`` and ``/models/unload``.
+The router answers load/unload requests at once and does the work afterwards,
+so completion is observed on ``GET /models`` (see :meth:`RouterClient.wait_loaded`).
+httpx errors are translated to :mod:`hotmodel.errors` here, in :meth:`_request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from hotmodel.errors import (
+    ModelLoadError,
+    RouterError,
+    RouterProtocolError,
+    RouterUnavailableError,
+)
+
+# GET /models is answered from the router's memory; polling it this often is cheap
+# and keeps the time between "loaded" and our noticing it small.
+_POLL_FIRST_S = 0.01
+_POLL_MAX_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One entry of the router's ``GET /models``."""
+
+    id: str
+    value: str  # unloaded | loading | loaded | sleeping
+    failed: bool = False
+    exit_code: int | None = None
+    port: int | None = None
+
+
+def parse_models(payload: Any) -> dict[str, ModelStatus]:
+    """Parse a ``GET /models`` answer into statuses by model id."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise RouterProtocolError(f"unexpected GET /models answer: {str(payload)[:200]}")
+    out: dict[str, ModelStatus] = {}
+    for item in payload["data"]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        raw_status = item.get("status")
+        status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+        raw_args = status.get("args")
+        args: list[Any] = raw_args if isinstance(raw_args, list) else []
+        exit_code = status.get("exit_code")
+        out[item["id"]] = ModelStatus(
+            id=item["id"],
+            value=str(status.get("value", "unknown")),
+            failed=bool(status.get("failed", False)),
+            exit_code=exit_code if isinstance(exit_code, int) else None,
+            port=_port_from_args(args),
+        )
+    return out
+
+
+def _port_from_args(args: list[Any]) -> int | None:
+    for flag, value in itertools.pairwise(args):
+        if flag == "--port" and str(value).isdigit():
+            return int(value)
+    return None
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error answer, whether llama-server's JSON shape or plain text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", errors="replace").strip()[:500] or "(empty answer)"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return json.dumps(data)[:500]
+
+
+class RouterClient:
+    """Talks to one router at ``base_url`` through a shared ``httpx.AsyncClient``."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Mapping[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> httpx.Response:
+        try:
+            return await self._http.request(
+                method, self.base_url + path, json=json_body, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise RouterUnavailableError(f"router timed out on {method} {path}") from exc
+        except httpx.HTTPError as exc:
+            raise RouterUnavailableError(f"router unreachable on {method} {path}: {exc!r}") from exc
+
+    async def health(self) -> bool:
+        """True when the router answers ``/health`` with 200."""
+        try:
+            resp = await self._request("GET", "/health", timeout=2.0)
+        except RouterUnavailableError:
+            return False
+        return resp.status_code == 200
+
+    async def models(self) -> dict[str, ModelStatus]:
+        resp = await self._request("GET", "/models")
+        if resp.status_code != 200:
+            raise RouterProtocolError(
+                f"GET /models answered {resp.status_code}: {error_message(resp.content)}"
+            )
+        try:
+            return parse_models(resp.json())
+        except ValueError as exc:
+            raise RouterProtocolError(f"GET /models answered invalid JSON: {exc}") from exc
+
+    async def load(self, model: str) -> None:
+        """Ask the router to load ``model``; completion is observed by :meth:`wait_loaded`."""
+        await self._command("/models/load", model)
+
+    async def unload(self, model: str) -> None:
+        await self._command("/models/unload", model)
+
+    async def _command(self, path: str, model: str) -> None:
+        resp = await self._request("POST", path, json_body={"model": model})
+        if resp.status_code != 200:
+            raise RouterError(
+                f"POST {path} for {model!r} answered {resp.status_code}: "
+                f"{error_message(resp.content)}"
+            )
+
+    async def wait_loaded(
+        self,
+        model: str,
+        timeout: float,
+        log_tail: Callable[[], str] = lambda: "",
+    ) -> ModelStatus:
+        """Wait until ``model`` reads ``loaded``; a failed load or the deadline raises.
+
+        ``success: true`` from ``/models/load`` proves nothing: a bad GGUF is
+        accepted and then ends ``unloaded`` with ``failed: true``.
+        """
+        deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST_S
+        seen_loading = False
+        while True:
+            status = (await self.models()).get(model)
+            if status is None:
+                raise ModelLoadError(f"model {model!r} is not known to the router")
+            if status.value == "loaded":
+                return status
+            if status.value == "loading":
+                seen_loading = True
+            elif status.value == "unloaded" and (seen_loading or status.failed):
+                # A stale `failed` flag from an earlier attempt reads the same, but the
+                # router flips the status to `loading` before it answers the load request.
+                raise ModelLoadError(_load_failure(model, status, log_tail()))
+            if time.monotonic() >= deadline:
+                raise ModelLoadError(
+                    f"model {model!r} did not reach 'loaded' within {timeout:g}s "
+                    f"(status {status.value!r})" + _tail_suffix(log_tail())
+                )
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, _POLL_MAX_S)
+
+
+def _load_failure(model: str, status: ModelStatus, tail: str) -> str:
+    code = f" (exit code {status.exit_code})" if status.exit_code is not None else ""
+    return f"model {model!r} failed to load{code}" + _tail_suffix(tail)
+
+
+def _tail_suffix(tail: str) -> str:
+    return f"\n--- llama-server log tail ---\n{tail}" if tail else ""
