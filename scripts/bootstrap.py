@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Set everything up on a fresh machine, then run the demo or the whole test suite.
+
+    python3 scripts/bootstrap.py demo   # venv, package, llama-server, models; serve the demo
+    python3 scripts/bootstrap.py test   # the same set-up; ruff, mypy, then pytest
+
+Standard library only (it runs before anything is installed). Works the same
+on Linux, macOS and Windows (``py scripts\\bootstrap.py demo``). llama-server
+comes from PATH when there is one; otherwise the pinned llama.cpp is built
+once and cached outside the work tree (``hotmodel setup``), as are the models.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+
+
+def step(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def run(*argv: str | Path, check: bool = True) -> int:
+    code = subprocess.call([str(a) for a in argv], cwd=ROOT)
+    if check and code != 0:
+        sys.exit(f"failed ({code}): {' '.join(str(a) for a in argv)}")
+    return code
+
+
+def setup(dev: bool) -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036  (this script may be run by any python3)
+        sys.exit(f"hotmodel needs Python >= 3.11 (this is {sys.version.split()[0]})")
+    if not PY.exists():
+        step(f"creating {VENV}")
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    step("installing hotmodel" + (" with test tools" if dev else ""))
+    run(
+        PY,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-e",
+        ".[dev]" if dev else ".",
+    )
+    step("llama-server and the demo models (cached after the first run)")
+    run(PY, "-m", "hotmodel", "setup", "--link-models", ROOT / ".models")
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what == "demo":
+        setup(dev=False)
+        step("hotmodel serve --config configs/demo.toml  (Ctrl-C stops it)")
+        sys.exit(
+            run(
+                PY,
+                "-m",
+                "hotmodel",
+                "serve",
+                "--config",
+                ROOT / "configs" / "demo.toml",
+                check=False,
+            )
+        )
+    if what == "test":
+        setup(dev=True)
+        failed = []
+        for name, argv in (
+            ("ruff check", ("-m", "ruff", "check", ".")),
+            ("ruff format --check", ("-m", "ruff", "format", "--check", ".")),
+            ("mypy (strict)", ("-m", "mypy")),
+            ("pytest", ("-m", "pytest", *sys.argv[2:])),
+        ):
+            step(name)
+            if run(PY, *argv, check=False) != 0:
+                failed.append(name)
+        if failed:
+            sys.exit(f"\nFAILED: {', '.join(failed)}")
+        print("\nall checks passed")
+        return
+    sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

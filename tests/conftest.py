@@ -1,0 +1,211 @@
+"""Shared fixtures: the real llama-server, the real models, tiny GGUFs, and `hotmodel serve`.
+
+Nothing here is faked: ``HotmodelProcess`` runs ``python -m hotmodel serve``
+as a user would, on a free port, with the llama-server that ``hotmodel setup``
+provides. A missing binary or model fails the run (it is never skipped): run
+``python scripts/bootstrap.py test`` to provide them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from hotmodel import provision
+from hotmodel.supervisor import free_port
+from tests.tiny_gguf import write_broken_model, write_tiny_model
+
+START_DEADLINE_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    try:
+        return provision.find_llama_server()
+    except Exception as exc:
+        pytest.fail(f"{exc}\nRun `python scripts/bootstrap.py test` to build it.")
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    out = {}
+    for source in provision.DEMO_MODELS:
+        path = provision.model_cache_path(source)
+        if not path.is_file():
+            pytest.fail(f"{path} missing. Run `python scripts/bootstrap.py test` to fetch it.")
+        out[source.key] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("gguf")
+    return {
+        "tiny": write_tiny_model(folder / "tiny.gguf"),
+        "tiny2": write_tiny_model(folder / "tiny2.gguf", seed=1),
+        "garbage": write_broken_model(folder / "garbage.gguf", "garbage"),
+        "truncated": write_broken_model(folder / "truncated.gguf", "truncated"),
+        "dup_tokens": write_broken_model(folder / "dup_tokens.gguf", "dup_tokens"),
+    }
+
+
+def write_config(
+    folder: Path,
+    presets: dict[str, Path],
+    default: str,
+    *,
+    port: int | None = None,
+    router: str = "",
+    server: str = "",
+    extra: str = "",
+) -> Path:
+    """Write a hotmodel TOML + INI pair into ``folder`` and return the TOML path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ini = ["version = 1", ""]
+    for name, model in presets.items():
+        ini += [f"[{name}]", f"model = {model}", ""]
+    (folder / "models.ini").write_text("\n".join(ini), encoding="utf-8")
+    toml = f"""
+[server]
+host = "127.0.0.1"
+port = {port if port is not None else free_port("127.0.0.1")}
+state_dir = "state"
+{server}
+
+[router]
+models_preset = "models.ini"
+default_model = "{default}"
+ctx_size = 2048
+startup_timeout_seconds = 30
+stop_timeout_seconds = 5
+{router}
+
+[switch]
+load_timeout_seconds = 60
+{extra}
+"""
+    path = folder / "hotmodel.toml"
+    path.write_text(toml, encoding="utf-8")
+    return path
+
+
+@dataclass
+class HotmodelProcess:
+    """``hotmodel serve`` running in a child process."""
+
+    config: Path
+    proc: subprocess.Popen[str]
+    base_url: str
+    output_file: Path
+    router_pids: list[int] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.output_file.read_text(encoding="utf-8", errors="replace")
+
+    def status(self) -> dict[str, object]:
+        data: dict[str, object] = httpx.get(self.base_url + "/admin/status", timeout=5).json()
+        return data
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                f"hotmodel serve did not stop in {timeout}s:\n{self.output()}"
+            ) from None
+
+
+def run_hotmodel(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hotmodel", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_hotmodel(config: Path, *, wait: bool = True) -> HotmodelProcess:
+    """Start ``hotmodel serve``; with ``wait``, return once /health is ok (or fail)."""
+    import tomllib
+
+    port = tomllib.loads(config.read_text())["server"]["port"]
+    out = config.parent / "serve-output.log"
+    handle = out.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotmodel", "serve", "--config", str(config)],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    handle.close()
+    hp = HotmodelProcess(config, proc, f"http://127.0.0.1:{port}", out)
+    if not wait:
+        return hp
+    deadline = time.monotonic() + START_DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"hotmodel serve exited {proc.returncode}:\n{hp.output()}")
+        try:
+            if httpx.get(hp.base_url + "/health", timeout=1).status_code == 200:
+                hp.router_pids = [p.pid for p in hp.descendants()]
+                return hp
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    hp.stop(signal.SIGKILL)
+    raise AssertionError(f"hotmodel serve not healthy in {START_DEADLINE_S}s:\n{hp.output()}")
+
+
+def assert_all_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Every pid has exited (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    alive: list[int] = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.05)
+    assert not alive, f"processes still alive: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def smol_server(
+    tmp_path_factory: pytest.TempPathFactory, real_models: dict[str, Path], llama_server: Path
+) -> Iterator[HotmodelProcess]:
+    """hotmodel serving the real SmolLM2 (default) and Gemma presets, shared by a module."""
+    folder = tmp_path_factory.mktemp("smol")
+    config = write_config(
+        folder, {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}, "smollm2"
+    )
+    hp = start_hotmodel(config)
+    yield hp
+    pids = hp.router_pids
+    assert hp.stop() == 0, hp.output()
+    assert_all_gone(pids)

@@ -1,0 +1,165 @@
+"""Config parsing and validation (pure; no processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hotmodel.config import load_config, load_presets
+from hotmodel.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+INI = """version = 1
+
+[*]
+c = 4096
+
+[small]
+model = models/small.gguf
+n-gpu-layers = 99
+
+[big]
+model = /abs/big.gguf
+"""
+
+
+def _write(folder: Path, toml: str, ini: str = INI) -> Path:
+    (folder / "models.ini").write_text(ini)
+    path = folder / "hotmodel.toml"
+    path.write_text(toml)
+    return path
+
+
+MINIMAL = '[router]\nmodels_preset = "models.ini"\ndefault_model = "small"\n'
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL))
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 18080)
+    assert cfg.server.state_dir == tmp_path / ".hotmodel"
+    assert cfg.router.models_max == 1 and cfg.router.parallel == 1
+    assert cfg.router.llama_server == ""
+    assert cfg.router.port == 0
+    assert cfg.switch.policy == "zero_overlap"
+    assert cfg.session.token_count_mode == "auto"
+    assert cfg.router_log_file == tmp_path / ".hotmodel" / "llama-server.log"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1  # type: ignore[misc]
+
+
+def test_relative_paths_resolve_against_the_file_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "conf").mkdir()
+    path = _write(tmp_path / "conf", MINIMAL + 'log_file = "logs/router.log"\n')
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    cfg = load_config(Path("conf/hotmodel.toml"))
+    assert cfg.path == path
+    assert cfg.router.models_preset == tmp_path / "conf" / "models.ini"
+    assert cfg.router_log_file == tmp_path / "conf" / "logs" / "router.log"
+    small = cfg.presets.models["small"]
+    assert small.model_path == tmp_path / "conf" / "models" / "small.gguf"
+    assert cfg.presets.models["big"].model_path == Path("/abs/big.gguf")
+
+
+def test_presets_render_with_absolute_paths(tmp_path: Path) -> None:
+    presets = load_presets(_write(tmp_path, MINIMAL).parent / "models.ini")
+    text = presets.render()
+    assert text.splitlines()[0] == "version = 1"
+    assert "[*]\nc = 4096" in text
+    assert f"[small]\nmodel = {tmp_path / 'models' / 'small.gguf'}\nn-gpu-layers = 99" in text
+    # the rendered file parses back to the same presets
+    (tmp_path / "rendered.ini").write_text(text)
+    again = load_presets(tmp_path / "rendered.ini")
+    assert again.models["small"].options == presets.models["small"].options
+
+
+def test_example_and_demo_configs_parse() -> None:
+    for name in ("models.example.toml", "demo.toml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.router.default_model in cfg.presets.models
+    demo = load_config(ROOT / "configs" / "demo.toml")
+    assert set(demo.presets.models) == {"smollm2", "gemma3"}
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (MINIMAL + "bogus = 1\n", "[router] bogus: unknown key"),
+        (MINIMAL + "[extra]\n", "[extra]: unknown section"),
+        (MINIMAL + "parallel = true\n", "[router] parallel: expected an integer, got True"),
+        (MINIMAL + "models_max = 0\n", "[router] models_max: expected a value >= 1, got 0"),
+        (MINIMAL + 'cache_type_k = "q9"\n', "[router] cache_type_k: expected one of 'f32'"),
+        (MINIMAL + 'extra_args = "--x"\n', "[router] extra_args: expected a list of strings"),
+        (MINIMAL + "[server]\nport = 70000\n", "[server] port: expected a value <= 65535"),
+        (MINIMAL + '[server]\nlog_level = "loud"\n', "[server] log_level: expected one of"),
+        (
+            MINIMAL + '[switch]\npolicy = "overlap"\n',
+            "[switch] policy: the overlap policy needs [router] models_max >= 2",
+        ),
+        (MINIMAL + '[session]\ntoken_count_mode = "guess"\n', "[session] token_count_mode"),
+        (
+            '[router]\nmodels_preset = "models.ini"\n',
+            "[router] default_model: missing required key",
+        ),
+        (
+            '[router]\nmodels_preset = "models.ini"\ndefault_model = "nope"\n',
+            "[router] default_model: 'nope' is not a preset",
+        ),
+        ("[server]\n", "[router]: missing section"),
+        ("[router\n", "invalid TOML"),
+    ],
+)
+def test_errors_name_file_section_and_key(tmp_path: Path, toml: str, expected: str) -> None:
+    path = _write(tmp_path, toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(str(path))
+    assert expected in str(info.value)
+
+
+def test_overlap_is_accepted_with_two_models(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL + 'models_max = 2\n[switch]\npolicy = "overlap"\n'))
+    assert cfg.switch.policy == "overlap"
+
+
+def test_numbers_accept_integers_for_float_keys(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL + "startup_timeout_seconds = 5\n"))
+    assert cfg.router.startup_timeout_seconds == 5.0
+    assert isinstance(cfg.router.startup_timeout_seconds, float)
+
+
+@pytest.mark.parametrize(
+    ("ini", "expected"),
+    [
+        ("[a]\nn-gpu-layers = 1\n", "[a] model: a preset needs a 'model' path"),
+        ("version = 1\n", "no model presets defined"),
+        ("[a]\nmodel = x\n[a]\nmodel = y\n", "invalid INI"),
+        ("garbage line\n", "invalid INI"),
+    ],
+)
+def test_preset_errors_name_the_ini_file(tmp_path: Path, ini: str, expected: str) -> None:
+    _write(tmp_path, MINIMAL, ini)
+    with pytest.raises(ConfigError) as info:
+        load_presets(tmp_path / "models.ini")
+    assert str(info.value).startswith(str(tmp_path / "models.ini"))
+    assert expected in str(info.value)
+
+
+def test_missing_presets_file(tmp_path: Path) -> None:
+    (tmp_path / "hotmodel.toml").write_text(MINIMAL)
+    with pytest.raises(ConfigError, match=r"models\.ini: presets file not found"):
+        load_config(tmp_path / "hotmodel.toml")
+
+
+def test_hf_repo_preset_needs_no_model_path(tmp_path: Path) -> None:
+    _write(tmp_path, MINIMAL, "[remote]\nhf-repo = org/model:Q4_K_M\n")
+    presets = load_presets(tmp_path / "models.ini")
+    assert presets.models["remote"].model_path is None

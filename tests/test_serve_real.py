@@ -1,0 +1,251 @@
+"""End to end: `hotmodel serve` on the real llama-server router with the real SmolLM2.
+
+Every request goes through the proxy to a real model; assertions are on what
+a client sees (status, body shape, streaming) and on what the router reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from tests.conftest import HotmodelProcess, run_hotmodel
+
+HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+
+def _router_url(server: HotmodelProcess) -> str:
+    router = server.status()["router"]
+    assert isinstance(router, dict)
+    return str(router["url"])
+
+
+def _slots_busy(server: HotmodelProcess) -> bool:
+    slots = httpx.get(_router_url(server) + "/slots", params={"model": "smollm2"}, timeout=5)
+    assert slots.status_code == 200, slots.text
+    return any(s.get("is_processing") for s in slots.json())
+
+
+def _assert_openai_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code
+    assert isinstance(err["message"], str) and err["message"]
+    return dict(err)
+
+
+def test_openai_client_plain(smol_server: HotmodelProcess) -> None:
+    client = openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="active",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=16,
+    )
+    assert reply.model == "smollm2"
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_openai_client_stream(smol_server: HotmodelProcess) -> None:
+    client = openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=16,
+        stream=True,
+    )
+    parts: list[str] = []
+    finish = None
+    for chunk in stream:
+        assert isinstance(chunk, ChatCompletionChunk)
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert len(parts) >= 3
+    assert "".join(parts).strip()
+    assert finish in ("stop", "length")
+
+
+@pytest.mark.parametrize("model", [None, "active", "smollm2"])
+def test_model_may_be_omitted_active_or_the_active_id(
+    smol_server: HotmodelProcess, model: str | None
+) -> None:
+    body: dict[str, Any] = {"messages": HELLO, "max_tokens": 2}
+    if model is not None:
+        body["model"] = model
+    resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == "smollm2"
+
+
+def test_stream_is_relayed_while_the_generation_runs(smol_server: HotmodelProcess) -> None:
+    """The first chunks reach the client while the router is still generating."""
+    body = {
+        "model": "active",
+        "messages": HELLO,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[bytes] = []
+    busy_after_first = None
+    with httpx.stream(
+        "POST", smol_server.base_url + "/v1/chat/completions", json=body, timeout=120
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line.encode())
+            if len(events) == 3:
+                busy_after_first = _slots_busy(smol_server)
+    assert busy_after_first is True, "3 chunks arrived only after the generation ended"
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) > 100
+
+
+def test_client_disconnect_stops_the_upstream_generation(smol_server: HotmodelProcess) -> None:
+    body = {
+        "model": "active",
+        "messages": HELLO,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", smol_server.base_url + "/v1/chat/completions", json=body, timeout=120
+    ) as resp:
+        lines = resp.iter_lines()  # kept referenced: dropping it would close the response
+        data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert len(data) == 3
+        assert _slots_busy(smol_server)
+        resp.close()  # the client goes away mid-stream
+    # 1500 tokens take ~8 s on this CPU; a closed upstream ends the slot at once.
+    deadline = time.monotonic() + 5
+    while _slots_busy(smol_server):
+        assert time.monotonic() < deadline, "upstream kept generating after the client left"
+        time.sleep(0.05)
+
+
+def test_malformed_json_is_400(smol_server: HotmodelProcess) -> None:
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    err = _assert_openai_error(resp, 400, "invalid_request")
+    assert "not valid JSON" in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "active"}, "messages"),
+        ({"model": "active", "messages": []}, "messages"),
+        ({"model": "active", "messages": "hi"}, "messages"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+    ],
+)
+def test_bad_fields_are_400(smol_server: HotmodelProcess, body: dict[str, Any], param: str) -> None:
+    resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json=body)
+    assert _assert_openai_error(resp, 400, "invalid_request")["param"] == param
+
+
+def test_body_that_is_not_an_object_is_400(smol_server: HotmodelProcess) -> None:
+    resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json=[1, 2])
+    _assert_openai_error(resp, 400, "invalid_request")
+
+
+def test_unknown_model_is_404(smol_server: HotmodelProcess) -> None:
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions",
+        json={"model": "no-such-model", "messages": HELLO},
+    )
+    err = _assert_openai_error(resp, 404, "model_not_found")
+    assert err["param"] == "model"
+    assert "no-such-model" in err["message"]
+
+
+def test_other_preset_is_409_until_switching_exists(smol_server: HotmodelProcess) -> None:
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions", json={"model": "gemma3", "messages": HELLO}
+    )
+    err = _assert_openai_error(resp, 409, "model_not_active")
+    assert "gemma3" in err["message"] and "smollm2" in err["message"]
+
+
+def test_openai_client_sees_errors_as_api_errors(smol_server: HotmodelProcess) -> None:
+    client = openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]
+    assert info.value.code == "model_not_found"
+
+
+def test_upstream_errors_keep_status_in_openai_shape(smol_server: HotmodelProcess) -> None:
+    # llama-server refuses an unknown role; its error comes back in our shape.
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "wizard", "content": 5}], "max_tokens": 2},
+    )
+    assert 400 <= resp.status_code < 500, resp.text
+    _assert_openai_error(resp, resp.status_code, "upstream_error")
+
+
+def test_unknown_route_is_404_in_openai_shape(smol_server: HotmodelProcess) -> None:
+    _assert_openai_error(httpx.get(smol_server.base_url + "/v1/nothing"), 404, "not_found")
+
+
+def test_models_lists_presets_with_status_and_active(smol_server: HotmodelProcess) -> None:
+    data = httpx.get(smol_server.base_url + "/v1/models").json()
+    by_id = {m["id"]: m for m in data["data"]}
+    assert set(by_id) == {"smollm2", "gemma3"}
+    assert by_id["smollm2"]["status"] == "loaded" and by_id["smollm2"]["active"] is True
+    assert by_id["gemma3"]["status"] == "unloaded" and by_id["gemma3"]["active"] is False
+    assert data["active"] == "smollm2"
+    client = openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key="unused")
+    assert {m.id for m in client.models.list()} == {"smollm2", "gemma3"}
+
+
+def test_health_and_admin_status(smol_server: HotmodelProcess) -> None:
+    health = httpx.get(smol_server.base_url + "/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    status = smol_server.status()
+    assert status["state"] == "ready"
+    assert status["active_model"] == "smollm2"
+    router = status["router"]
+    assert isinstance(router, dict)
+    assert router["state"] == "running"
+    assert router["pid"] in smol_server.router_pids
+    assert isinstance(router["uptime_seconds"], float) and router["uptime_seconds"] > 0
+    assert "--no-models-autoload" in router["argv"]
+
+
+def test_cli_status_asks_the_running_proxy(smol_server: HotmodelProcess) -> None:
+    out = run_hotmodel("status", "--config", str(smol_server.config))
+    assert out.returncode == 0, out.stderr
+    assert "active model: smollm2" in out.stdout
+    assert "state: ready" in out.stdout
+    raw = run_hotmodel("status", "--config", str(smol_server.config), "--json")
+    assert json.loads(raw.stdout)["active_model"] == "smollm2"
+
+
+def test_router_log_file_gets_the_router_output(smol_server: HotmodelProcess) -> None:
+    router = smol_server.status()["router"]
+    assert isinstance(router, dict)
+    with open(router["log_file"], encoding="utf-8") as f:
+        text = f.read()
+    assert "=== hotmodel" in text
+    assert "load_model" in text or "loaded" in text

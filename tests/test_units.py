@@ -1,0 +1,228 @@
+"""Pure pieces tested on literal samples: router answers, argv, log tails, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from hotmodel.config import load_config
+from hotmodel.errors import (
+    ConfigError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotActiveError,
+    ModelNotFoundError,
+    RouterExitedError,
+    http_error_for,
+)
+from hotmodel.router_client import RouterClient, error_message, parse_models
+from hotmodel.supervisor import _terminate_tree, read_tail, router_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Trimmed from a real GET /models of the pinned llama-server (2026-11-25).
+MODELS_SAMPLE: dict[str, Any] = {
+    "data": [
+        {
+            "id": "bad",
+            "status": {
+                "value": "unloaded",
+                "args": [
+                    "llama-server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "33985",
+                    "--alias",
+                    "bad",
+                ],
+                "exit_code": 1,
+                "failed": True,
+            },
+        },
+        {
+            "id": "smol",
+            "status": {
+                "value": "loaded",
+                "args": [
+                    "llama-server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "38293",
+                    "--alias",
+                    "smol",
+                ],
+            },
+        },
+        {"id": "gemma", "status": {"value": "loading"}},
+        {"no-id": True},
+    ],
+    "object": "list",
+}
+
+
+def test_parse_models_reads_status_failure_and_port() -> None:
+    models = parse_models(MODELS_SAMPLE)
+    assert set(models) == {"bad", "smol", "gemma"}
+    assert models["bad"].value == "unloaded"
+    assert models["bad"].failed is True and models["bad"].exit_code == 1
+    assert models["smol"].value == "loaded" and models["smol"].port == 38293
+    assert models["smol"].failed is False and models["smol"].exit_code is None
+    assert models["gemma"].port is None
+
+
+@pytest.mark.parametrize("payload", [[], {"data": "x"}, None, {"models": []}])
+def test_parse_models_rejects_other_shapes(payload: Any) -> None:
+    with pytest.raises(Exception, match="unexpected GET /models answer"):
+        parse_models(payload)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"error":{"code":400,"message":"model is not loaded",'
+            b'"type":"invalid_request_error"}}',
+            "model is not loaded",
+        ),
+        (b'{"error":"plain"}', "plain"),
+        (b"proxy error: Failed to read connection", "proxy error: Failed to read connection"),
+        (b"", "(empty answer)"),
+        (b'{"detail": 1}', '{"detail": 1}'),
+    ],
+)
+def test_error_message_of_router_answers(body: bytes, message: str) -> None:
+    assert error_message(body) == message
+
+
+def _scripted_router(statuses: list[dict[str, Any]]) -> tuple[RouterClient, list[str]]:
+    """A router that answers GET /models from a script (one entry per call)."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        status = statuses[min(len(calls) - 1, len(statuses) - 1)]
+        return httpx.Response(200, json={"data": [{"id": "m", "status": status}]})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return RouterClient(http, "http://router"), calls
+
+
+def test_wait_loaded_returns_once_loaded() -> None:
+    client, calls = _scripted_router(
+        [{"value": "loading"}, {"value": "loading"}, {"value": "loaded"}]
+    )
+    status = asyncio.run(client.wait_loaded("m", timeout=5))
+    assert status.value == "loaded"
+    assert calls == ["GET /models"] * 3
+
+
+def test_wait_loaded_reports_failure_with_log_tail() -> None:
+    client, _ = _scripted_router(
+        [{"value": "loading"}, {"value": "unloaded", "failed": True, "exit_code": 1}]
+    )
+    with pytest.raises(ModelLoadError) as info:
+        asyncio.run(client.wait_loaded("m", timeout=5, log_tail=lambda: "gguf_init failed"))
+    assert str(info.value) == (
+        "model 'm' failed to load (exit code 1)\n--- llama-server log tail ---\ngguf_init failed"
+    )
+
+
+def test_wait_loaded_has_a_deadline() -> None:
+    client, _ = _scripted_router([{"value": "loading"}])
+    with pytest.raises(ModelLoadError, match=r"did not reach 'loaded' within 0.05s"):
+        asyncio.run(client.wait_loaded("m", timeout=0.05))
+
+
+def test_router_argv_is_derived_from_the_config(tmp_path: Path) -> None:
+    (tmp_path / "m.ini").write_text("[a]\nmodel = a.gguf\n")
+    (tmp_path / "c.toml").write_text(
+        '[router]\nmodels_preset = "m.ini"\ndefault_model = "a"\nmodels_max = 2\nparallel = 3\n'
+        'ctx_size = 8192\ncache_type_k = "q8_0"\ncache_type_v = "q4_0"\n'
+        'extra_args = ["--flash-attn", "on"]\n'
+    )
+    cfg = load_config(tmp_path / "c.toml")
+    argv = router_argv(cfg, Path("/bin/llama-server"), Path("/s/p.ini"), 4242)
+    assert argv == [
+        "/bin/llama-server",
+        "--models-preset",
+        "/s/p.ini",
+        "--models-max",
+        "2",
+        "--no-models-autoload",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "4242",
+        "--parallel",
+        "3",
+        "--ctx-size",
+        "8192",
+        "--cache-type-k",
+        "q8_0",
+        "--cache-type-v",
+        "q4_0",
+        "--flash-attn",
+        "on",
+    ]
+
+
+def test_read_tail(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert read_tail(log, 3) == "line 97\nline 98\nline 99"
+    assert read_tail(tmp_path / "missing.log") == ""
+
+
+def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
+    # A parent that exits on SIGTERM and a child that ignores it: the child
+    # must still be gone after the deadline (SIGKILL).
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    _terminate_tree(parent.pid, timeout=1.0)
+    parent.wait(5)
+    assert (
+        not psutil.pid_exists(child_pid)
+        or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (InvalidRequestError("x"), 400, "invalid_request"),
+        (ModelNotFoundError("x"), 404, "model_not_found"),
+        (ModelNotActiveError("x"), 409, "model_not_active"),
+        (RouterExitedError("x"), 503, "router_unavailable"),
+        (ModelLoadError("x"), 503, "router_unavailable"),
+        (ConfigError("f.toml", "x"), 500, "internal_error"),
+    ],
+)
+def test_http_error_mapping(exc: Exception, status: int, code: str) -> None:
+    mapped = http_error_for(exc)  # type: ignore[arg-type]
+    assert (mapped.status, mapped.code) == (status, code)
+
+
+def test_config_error_names_file_section_key() -> None:
+    assert (
+        str(ConfigError("a.toml", "bad", section="router", key="port"))
+        == "a.toml [router] port: bad"
+    )
+    assert json.dumps(str(ConfigError("a.ini", "bad", section="x"))) == '"a.ini [x]: bad"'
