@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Measure what hotmodel adds: start-up time and per-request proxy overhead.
+
+    .venv/bin/python scripts/bench_proxy.py [--rounds 150] [--model smollm2]
+
+Starts `hotmodel serve` on the real demo models (cached by `hotmodel setup`),
+then sends the same 1-token chat request alternately straight to the router
+and through hotmodel (keep-alive clients on both sides), plain and streamed,
+and reports p50/p90/mean latency of each and their difference. Numbers go to
+stdout as a Markdown table and to bench-results/proxy-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hotmodel import provision
+from hotmodel.supervisor import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(folder: Path, port: int, default: str) -> Path:
+    models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
+    presets = {"smollm2": models["smollm2"], "gemma3": models["gemma3"]}
+    (folder / "models.ini").write_text(
+        "version = 1\n" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in presets.items())
+    )
+    path = folder / "hotmodel.toml"
+    path.write_text(
+        f'[server]\nport = {port}\nstate_dir = "state"\n'
+        f'[router]\nmodels_preset = "models.ini"\ndefault_model = "{default}"\n'
+        "ctx_size = 4096\n"
+    )
+    return path
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(_pct(ms, 0.9), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "n": len(ms),
+    }
+
+
+def _plain(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    resp = client.post(url + "/v1/chat/completions", json=body)
+    resp.raise_for_status()
+    return (time.perf_counter() - t0) * 1000
+
+
+def _stream_first_byte(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        first = None
+        for _ in r.iter_raw():
+            if first is None:
+                first = (time.perf_counter() - t0) * 1000
+        assert first is not None
+    return first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=150)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hotmodel-bench-") as tmp:
+        port = free_port("127.0.0.1")
+        config = _config(Path(tmp), port, args.model)
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hotmodel", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            while True:
+                if proc.poll() is not None:
+                    sys.exit("hotmodel serve exited; see the router log in " + tmp)
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.01)
+            startup_ms = (time.perf_counter() - t0) * 1000
+            router = httpx.get(base + "/admin/status").json()["router"]["url"]
+            body = {
+                "model": args.model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 1,
+                "temperature": 0,
+            }
+            results: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "router_plain",
+                    "hotmodel_plain",
+                    "router_stream_ttfb",
+                    "hotmodel_stream_ttfb",
+                )
+            }
+            with (
+                httpx.Client(timeout=60, trust_env=False) as c1,
+                httpx.Client(timeout=60, trust_env=False) as c2,
+            ):
+                for _ in range(10):  # warm both paths and the prompt cache
+                    _plain(c1, router, body)
+                    _plain(c2, base, body)
+                for i in range(args.rounds):
+                    # alternate the order so neither side always goes first
+                    pairs = [(c1, router, "router"), (c2, base, "hotmodel")]
+                    for client, url, name in pairs if i % 2 == 0 else pairs[::-1]:
+                        results[f"{name}_plain"].append(_plain(client, url, body))
+                        results[f"{name}_stream_ttfb"].append(_stream_first_byte(client, url, body))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    summary = {k: _summary(v) for k, v in results.items()}
+    out = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+        },
+        "model": args.model,
+        "rounds": args.rounds,
+        "startup_to_healthy_ms": round(startup_ms),
+        "results": summary,
+        "overhead_p50_ms": {
+            "plain": round(
+                summary["hotmodel_plain"]["p50_ms"] - summary["router_plain"]["p50_ms"], 3
+            ),
+            "stream_ttfb": round(
+                summary["hotmodel_stream_ttfb"]["p50_ms"] - summary["router_stream_ttfb"]["p50_ms"],
+                3,
+            ),
+        },
+    }
+    folder = ROOT / "bench-results"
+    folder.mkdir(exist_ok=True)
+    (folder / f"proxy-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
+    print(f"start-up to healthy (router + {args.model} load): {out['startup_to_healthy_ms']} ms")
+    print("| path | p50 ms | p90 ms | mean ms |\n| --- | --- | --- | --- |")
+    for k, v in summary.items():
+        print(f"| {k} | {v['p50_ms']} | {v['p90_ms']} | {v['mean_ms']} |")
+    print(
+        f"overhead p50: plain +{out['overhead_p50_ms']['plain']} ms, "
+        f"stream first byte +{out['overhead_p50_ms']['stream_ttfb']} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
