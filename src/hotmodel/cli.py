@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,7 @@ def _with_port(config: Config, port: int) -> Config:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 def status(config_path: Path, as_json: bool) -> None:
     """Ask the running hotmodel proxy for its status."""
-    config = _load(config_path)
-    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
-    url = f"http://{host}:{config.server.port}/admin/status"
+    url = _proxy_url(_load(config_path)) + "/admin/status"
     try:
         resp = httpx.get(url, timeout=5.0, trust_env=False)
         data: dict[str, Any] = resp.json()
@@ -121,6 +120,112 @@ def status(config_path: Path, as_json: bool) -> None:
         f"url {router.get('url')}  uptime {router.get('uptime_seconds')}s"
     )
     click.echo(f"router log: {router.get('log_file')}")
+
+
+def _proxy_url(config: Config) -> str:
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        return f"http://[{host}]:{config.server.port}"
+    return f"http://{host}:{config.server.port}"
+
+
+def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    event = "message"
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[6:])
+            event = "message"
+
+
+@cli.command()
+@click.argument("model")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the switch to finish.",
+)
+def switch(model: str, config_path: Path, as_json: bool, timeout: float) -> None:
+    """Switch the running proxy to preset MODEL, showing each phase as it happens.
+
+    Exits 0 when MODEL is active afterwards, 1 when the switch failed (the
+    report says which model is active then).
+    """
+    url = _proxy_url(_load(config_path)) + "/admin/switch"
+    report: dict[str, Any] | None = None
+    try:
+        with httpx.stream(
+            "POST", url, json={"model": model, "stream": True}, timeout=timeout, trust_env=False
+        ) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                try:
+                    message = resp.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = resp.text
+                click.echo(f"error: {message}", err=True)
+                sys.exit(EXIT_ERROR)
+            open_line = False
+            for event, data in _sse_events(resp):
+                if event == "phase" and not as_json:
+                    if data["status"] == "started":
+                        click.echo(f"  {data['phase']:<9} ...", nl=False)
+                        open_line = True
+                        continue
+                    head = "" if open_line else f"  {data['phase']:<9} ..."
+                    ms = f" {data['ms']:>9.1f} ms" if data.get("ms") is not None else ""
+                    detail = f"  ({data['detail']})" if data.get("detail") else ""
+                    click.echo(f"{head} {data['status']}{ms}{detail}")
+                    open_line = False
+                elif event == "report":
+                    report = data
+                elif event == "error":
+                    click.echo(f"\nerror: {data.get('message')}", err=True)
+                    sys.exit(EXIT_ERROR)
+    except httpx.HTTPError as exc:
+        click.echo(f"error: no hotmodel answering at {url}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    if report is None:
+        click.echo("error: the proxy ended the switch stream without a report", err=True)
+        sys.exit(EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    if report["outcome"] == "failed":
+        sys.exit(EXIT_ERROR)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    if report["outcome"] == "already_active":
+        click.echo(f"{report['to']} is already active")
+        return
+    if report["outcome"] == "ok":
+        click.echo(
+            f"switched {report['from']} -> {report['to']} in {report['total_ms']:.0f} ms "
+            f"({report['policy']})"
+        )
+    else:
+        click.echo(f"switch {report['from']} -> {report['to']} FAILED: {report['error']}")
+        back = " (rolled back)" if report["rolled_back"] else ""
+        click.echo(f"active model now: {report['active_after']}{back}")
+        if report.get("log_tail"):
+            click.echo("--- llama-server log tail ---\n" + report["log_tail"])
+    gpu = report["gpu"]
+    if any(gpu.values()):
+        shown = ", ".join(f"{k} {v['used_mib']}" if v else f"{k} n/a" for k, v in gpu.items())
+        click.echo(f"GPU memory used (MiB): {shown}")
+    else:
+        click.echo("GPU memory: no GPU visible")
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}")
 
 
 @cli.command()

@@ -23,6 +23,8 @@ from hotmodel.errors import ConfigError
 _T = TypeVar("_T")
 
 SwitchPolicy = Literal["zero_overlap", "overlap"]
+DrainTimeoutAction = Literal["fail", "cancel"]
+GpuProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
 TokenCountMode = Literal["estimate", "exact", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
@@ -71,9 +73,14 @@ class SwitchConfig:
     policy: SwitchPolicy = "zero_overlap"
     auto: bool = False
     replay: bool = True
+    drain_timeout_action: DrainTimeoutAction = "fail"
     load_timeout_seconds: float = field(default=120.0, metadata=_meta(min=0.001))
+    unload_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0.001))
     settle_timeout_seconds: float = field(default=10.0, metadata=_meta(min=0))
+    settle_tolerance_mib: int = field(default=64, metadata=_meta(min=0))
+    gpu_probe: GpuProbeKind = "auto"
     queue_timeout_seconds: float = field(default=60.0, metadata=_meta(min=0))
+    history: int = field(default=50, metadata=_meta(min=1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,10 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   └── ModelNotActiveError      the model is a preset but not the active one (409)
+    ├── SwitchError                  a model switch did not complete
+    │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
+    │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
+    │   └── SwitchFailedError        a switch failed; carries its report (500)
     └── ProvisionError               setting up llama-server or the models failed
 
 ``http_error_for`` maps any of them to the HTTP status and OpenAI error
@@ -102,6 +106,26 @@ class ModelNotActiveError(RequestError):
     """The requested model is a preset, but not the active one."""
 
 
+class SwitchError(HotModelError):
+    """A model switch did not complete."""
+
+
+class SwitchBusyError(SwitchError):
+    """A request waited past its bound for a running switch."""
+
+
+class SwitchCancelledError(SwitchError):
+    """A generation was cancelled so that a switch could go on."""
+
+
+class SwitchFailedError(SwitchError):
+    """A switch failed; ``report`` says how far it got and what is active now."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class ProvisionError(HotModelError):
     """Setting up llama-server or the models failed."""
 
@@ -125,6 +149,12 @@ def http_error_for(exc: HotModelError) -> HttpError:
         return HttpError(400, "invalid_request_error", "invalid_request")
     if isinstance(exc, RequestError):
         return HttpError(400, "invalid_request_error", "invalid_request")
+    if isinstance(exc, SwitchBusyError):
+        return HttpError(503, "server_error", "switch_in_progress")
+    if isinstance(exc, SwitchCancelledError):
+        return HttpError(503, "server_error", "switch_cancelled")
+    if isinstance(exc, SwitchFailedError):
+        return HttpError(500, "server_error", "switch_failed")
     if isinstance(exc, RouterError):
         return HttpError(503, "server_error", "router_unavailable")
     return HttpError(500, "server_error", "internal_error")

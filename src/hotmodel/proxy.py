@@ -23,16 +23,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from hotmodel import __version__
+from hotmodel.admin import admin_routes
 from hotmodel.errors import (
     HotModelError,
     InvalidRequestError,
+    ModelNotActiveError,
     RouterError,
     RouterUnavailableError,
+    SwitchCancelledError,
+    SwitchFailedError,
     http_error_for,
 )
 from hotmodel.router_client import error_message
 from hotmodel.runtime import ACTIVE_ALIAS, Runtime
+from hotmodel.traffic import Ticket, TrafficGate
 
 log = logging.getLogger("hotmodel.proxy")
 
@@ -67,16 +71,20 @@ class UpstreamStream(Response):
 
     A task watches for the client's ``http.disconnect``; when it comes, the
     relay is cancelled and the upstream response closed (which closes the
-    connection, and llama-server stops the generation).
+    connection, and llama-server stops the generation). The request's ticket
+    is held until the relay ends, so a switch drains this stream, and a switch
+    that cancels it ends it with an SSE error event.
     """
 
-    def __init__(self, upstream: httpx.Response) -> None:
+    def __init__(self, upstream: httpx.Response, ticket: Ticket, gate: TrafficGate) -> None:
         super().__init__(
             status_code=upstream.status_code, media_type="text/event-stream", headers=_SSE_HEADERS
         )
         # Response() adds "content-length: 0" for its empty body; a stream has none.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._upstream = upstream
+        self._ticket = ticket
+        self._gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -93,27 +101,28 @@ class UpstreamStream(Response):
         except OSError:
             pass  # the client went away while we were sending
         finally:
-            await self._upstream.aclose()
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+            self._gate.leave(self._ticket)
 
     async def _relay(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        try:
-            async for chunk in self._upstream.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            log.warning("upstream stream broke: %r", exc)
-            await send(
-                {
-                    "type": "http.response.body",
-                    "more_body": True,
-                    "body": sse_error_event(
-                        f"the router's stream broke: {exc!r}", "upstream_stream_error"
-                    ),
-                }
-            )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        tail = b""
+        with anyio.CancelScope() as relay_scope:
+            self._ticket.bind(relay_scope)
+            try:
+                async for chunk in self._upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError as exc:
+                log.warning("upstream stream broke: %r", exc)
+                tail = sse_error_event(
+                    f"the router's stream broke: {exc!r}", "upstream_stream_error"
+                )
+        if relay_scope.cancelled_caught:
+            tail = sse_error_event(self._ticket.cancel_reason or "cancelled", "switch_cancelled")
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 def _parse_chat_body(body: bytes) -> dict[str, Any]:
@@ -136,32 +145,70 @@ def _parse_chat_body(body: bytes) -> dict[str, Any]:
 def create_app(runtime: Runtime) -> Starlette:
     """The Starlette app bound to a started :class:`Runtime`."""
 
+    gate = runtime.gate
+    switch_cfg = runtime.config.switch
+
+    async def admit(requested: object) -> tuple[Ticket, str]:
+        """Pass the gate (waiting out a switch), then name the model; auto-switch if asked."""
+        ticket = await gate.enter(switch_cfg.queue_timeout_seconds)
+        try:
+            return ticket, runtime.resolve_model(requested)
+        except ModelNotActiveError:
+            gate.leave(ticket)
+            if not switch_cfg.auto:
+                raise
+        assert isinstance(requested, str)  # resolve_model() only says "not active" for a preset
+        report = await runtime.switch(requested)
+        if report.outcome == "failed":
+            raise SwitchFailedError(f"switching to {requested!r} failed: {report.error}", report)
+        ticket = await gate.enter(switch_cfg.queue_timeout_seconds)
+        try:
+            return ticket, runtime.resolve_model(requested)
+        except BaseException:
+            gate.leave(ticket)
+            raise
+
     async def chat_completions(request: Request) -> Response:
         payload = _parse_chat_body(await request.body())
-        payload["model"] = runtime.resolve_model(payload.get("model"))
-        router = runtime.ready_router()
-        http = router_http(runtime)
-        upstream_req = http.build_request(
-            "POST",
-            router.base_url + "/v1/chat/completions",
-            content=json.dumps(payload, ensure_ascii=False).encode(),
-            headers={"content-type": _JSON, "accept": request.headers.get("accept", "*/*")},
-        )
+        ticket, payload["model"] = await admit(payload.get("model"))
+        ticket.model = payload["model"]
+        streaming = False
         try:
-            upstream = await http.send(upstream_req, stream=True)
-        except httpx.HTTPError as exc:
-            raise RouterUnavailableError(f"the router could not be reached: {exc!r}") from exc
-        if upstream.status_code >= 400 or not payload.get("stream"):
-            try:
-                data = await upstream.aread()
-            except httpx.HTTPError as exc:
-                raise RouterUnavailableError(f"the router's answer broke: {exc!r}") from exc
-            finally:
-                await upstream.aclose()
+            router = runtime.ready_router()
+            http = router_http(runtime)
+            upstream_req = http.build_request(
+                "POST",
+                router.base_url + "/v1/chat/completions",
+                content=json.dumps(payload, ensure_ascii=False).encode(),
+                headers={"content-type": _JSON, "accept": request.headers.get("accept", "*/*")},
+            )
+            data = b""
+            with anyio.CancelScope() as scope:
+                ticket.bind(scope)
+                try:
+                    upstream = await http.send(upstream_req, stream=True)
+                except httpx.HTTPError as exc:
+                    raise RouterUnavailableError(
+                        f"the router could not be reached: {exc!r}"
+                    ) from exc
+                if upstream.status_code < 400 and payload.get("stream"):
+                    streaming = True
+                    return UpstreamStream(upstream, ticket, gate)
+                try:
+                    data = await upstream.aread()
+                except httpx.HTTPError as exc:
+                    raise RouterUnavailableError(f"the router's answer broke: {exc!r}") from exc
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await upstream.aclose()
+            if scope.cancelled_caught:
+                raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
             if upstream.status_code >= 400:
                 return upstream_error_response(upstream.status_code, data)
             return Response(data, status_code=upstream.status_code, media_type=_JSON)
-        return UpstreamStream(upstream)
+        finally:
+            if not streaming:
+                gate.leave(ticket)
 
     async def list_models(request: Request) -> Response:
         statuses: dict[str, str] = {}
@@ -186,46 +233,21 @@ def create_app(runtime: Runtime) -> Starlette:
         )
 
     async def health(request: Request) -> Response:
-        ok = runtime.state.value == "ready"
+        ok = runtime.state.value == "ready" and runtime.active_model is not None
         body = {
             "status": "ok" if ok else "unavailable",
             "state": runtime.state.value,
             "active_model": runtime.active_model,
+            "switching": runtime.engine is not None and runtime.engine.busy,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
-
-    async def admin_status(request: Request) -> Response:
-        sup = runtime.supervisor
-        router: dict[str, Any] = {}
-        if sup is not None:
-            router = {
-                "pid": sup.pid,
-                "state": sup.state.value,
-                "port": sup.port,
-                "url": runtime.router.base_url if runtime.router else None,
-                "exit_code": sup.exit_code,
-                "log_file": str(sup.log_file),
-                "argv": sup.argv,
-                "uptime_seconds": sup.uptime(),
-            }
-        return JSONResponse(
-            {
-                "version": __version__,
-                "state": runtime.state.value,
-                "active_model": runtime.active_model,
-                "uptime_seconds": round(runtime.uptime(), 3),
-                "config": str(runtime.config.path),
-                "presets": list(runtime.config.presets.models),
-                "router": router,
-            }
-        )
 
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            Route("/admin/status", admin_status, methods=["GET"]),
+            *admin_routes(runtime),
         ],
         exception_handlers={
             HotModelError: _hotmodel_error,

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from hotmodel.errors import (
+    HotModelError,
     ModelLoadError,
     RouterError,
     RouterProtocolError,
@@ -146,36 +147,66 @@ class RouterClient:
             )
 
     async def wait_loaded(
-        self,
-        model: str,
-        timeout: float,
-        log_tail: Callable[[], str] = lambda: "",
+        self, model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
     ) -> ModelStatus:
         """Wait until ``model`` reads ``loaded``; a failed load or the deadline raises.
 
         ``success: true`` from ``/models/load`` proves nothing: a bad GGUF is
         accepted and then ends ``unloaded`` with ``failed: true``.
         """
-        deadline = time.monotonic() + timeout
-        delay = _POLL_FIRST_S
         seen_loading = False
-        while True:
-            status = (await self.models()).get(model)
-            if status is None:
-                raise ModelLoadError(f"model {model!r} is not known to the router")
-            if status.value == "loaded":
-                return status
+
+        def done(status: ModelStatus) -> bool:
+            nonlocal seen_loading
             if status.value == "loading":
                 seen_loading = True
             elif status.value == "unloaded" and (seen_loading or status.failed):
                 # A stale `failed` flag from an earlier attempt reads the same, but the
                 # router flips the status to `loading` before it answers the load request.
                 raise ModelLoadError(_load_failure(model, status, log_tail()))
+            return status.value == "loaded"
+
+        def timed_out(status: ModelStatus) -> HotModelError:
+            return ModelLoadError(
+                f"model {model!r} did not reach 'loaded' within {timeout:g}s "
+                f"(status {status.value!r})" + _tail_suffix(log_tail())
+            )
+
+        return await self._watch(model, timeout, done, timed_out)
+
+    async def wait_unloaded(self, model: str, timeout: float) -> ModelStatus:
+        """Wait until ``model`` reads ``unloaded``.
+
+        A ``failed`` flag is ignored here: the router sets it when a child it
+        was asked to stop exits non-zero, which an unload is allowed to cause.
+        """
+
+        def timed_out(status: ModelStatus) -> HotModelError:
+            return RouterError(
+                f"model {model!r} did not reach 'unloaded' within "
+                f"{timeout:g}s (status {status.value!r})"
+            )
+
+        return await self._watch(model, timeout, lambda s: s.value == "unloaded", timed_out)
+
+    async def _watch(
+        self,
+        model: str,
+        timeout: float,
+        done: Callable[[ModelStatus], bool],
+        timed_out: Callable[[ModelStatus], HotModelError],
+    ) -> ModelStatus:
+        """Poll ``GET /models`` until ``done(status)``, or raise ``timed_out`` at the deadline."""
+        deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST_S
+        while True:
+            status = (await self.models()).get(model)
+            if status is None:
+                raise ModelLoadError(f"model {model!r} is not known to the router")
+            if done(status):
+                return status
             if time.monotonic() >= deadline:
-                raise ModelLoadError(
-                    f"model {model!r} did not reach 'loaded' within {timeout:g}s "
-                    f"(status {status.value!r})" + _tail_suffix(log_tail())
-                )
+                raise timed_out(status)
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, _POLL_MAX_S)
 

@@ -1,7 +1,8 @@
 """The runtime: what ``hotmodel serve`` owns while it runs, as one async context manager.
 
-It owns the shared HTTP client, the router supervisor and the active model,
-and nothing else holds them: the proxy reads them through this object. No
+It owns the shared HTTP client, the router supervisor, the traffic gate and
+the switch engine (which owns the active model), and nothing else holds them:
+the proxy reads them through this object. No
 module-level globals. ``start()`` either returns with the router healthy and
 the default model ``loaded``, or raises with nothing left running, even when
 it is cancelled half-way (a Ctrl-C during start-up).
@@ -9,10 +10,13 @@ it is cancelled half-way (a Ctrl-C during start-up).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,13 +27,17 @@ from hotmodel.errors import (
     ModelNotFoundError,
     RouterUnavailableError,
 )
+from hotmodel.gpu import GpuProbe, NoGpu, detect_probe
 from hotmodel.provision import find_llama_server
 from hotmodel.router_client import RouterClient
 from hotmodel.supervisor import RouterSupervisor, free_port
+from hotmodel.switch import Listener, SwitchEngine, SwitchReport
+from hotmodel.traffic import TrafficGate
 
 log = logging.getLogger("hotmodel.runtime")
 
 ACTIVE_ALIAS = "active"
+_T = TypeVar("_T")
 
 
 class ServiceState(enum.Enum):
@@ -46,11 +54,20 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = ServiceState.STOPPED
-        self.active_model: str | None = None
         self.started_at = time.monotonic()
         self.http: httpx.AsyncClient | None = None
         self.router: RouterClient | None = None
         self.supervisor: RouterSupervisor | None = None
+        self.gate = TrafficGate()
+        self.engine: SwitchEngine | None = None
+        self.gpu: GpuProbe = NoGpu()
+        # Switches started over HTTP run here, so a client that goes away
+        # cannot cancel a switch half-way.
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def active_model(self) -> str | None:
+        return self.engine.active if self.engine is not None else None
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -84,6 +101,8 @@ class Runtime:
             cfg, binary, self.router, port, on_exit=self._router_exited
         )
         try:
+            self.gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
+            baseline = await asyncio.to_thread(self.gpu.snapshot)
             await self.supervisor.start()
             model = cfg.router.default_model
             log.info("loading default model %r", model)
@@ -93,7 +112,17 @@ class Runtime:
                 model, cfg.switch.load_timeout_seconds, log_tail=self.supervisor.log_tail
             )
             log.info("model %r loaded in %.0f ms", model, (time.monotonic() - t0) * 1000)
-            self.active_model = model
+            self.engine = SwitchEngine(
+                config=cfg.switch,
+                drain_timeout=cfg.server.switch_drain_timeout_seconds,
+                router=self.router,
+                gate=self.gate,
+                presets=cfg.presets.models,
+                active=model,
+                gpu=self.gpu,
+                log_tail=self.supervisor.log_tail,
+                baseline_mib=None if baseline is None else baseline.used_mib,
+            )
             if self.state is ServiceState.STARTING:
                 self.state = ServiceState.READY
         except BaseException:
@@ -103,8 +132,23 @@ class Runtime:
     def _router_exited(self, code: int) -> None:
         self.state = ServiceState.ROUTER_EXITED
 
+    async def switch(self, target: str, listener: Listener | None = None) -> SwitchReport:
+        """Switch the active model; the switch goes on even if the caller is cancelled."""
+        if self.engine is None:
+            raise RouterUnavailableError("hotmodel is not started")
+        return await asyncio.shield(self.spawn(self.engine.switch(target, listener)))
+
+    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run ``coro`` as a task owned by the runtime (cancelled by :meth:`close`)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self) -> None:
         self.state = ServiceState.STOPPING
+        for task in list(self._tasks):
+            task.cancel()
         try:
             if self.supervisor is not None:
                 await self.supervisor.stop()
@@ -124,7 +168,10 @@ class Runtime:
         """The preset a chat request goes to: ``"active"``/omitted/the active id, else an error."""
         active = self.active_model
         if active is None:
-            raise RouterUnavailableError("no model is active yet")
+            raise RouterUnavailableError(
+                "no model is loaded (the last switch and its rollback failed); "
+                "switch to a model with POST /admin/switch"
+            )
         if requested is None or requested in ("", ACTIVE_ALIAS, active):
             return active
         if not isinstance(requested, str):
@@ -136,7 +183,8 @@ class Runtime:
             )
         raise ModelNotActiveError(
             f"model {requested!r} is a preset but not the active model ({active!r}); "
-            f"switch to it first, or send model 'active'",
+            "switch to it first (hotmodel switch / POST /admin/switch), enable "
+            "[switch] auto, or send model 'active'",
             param="model",
         )
 

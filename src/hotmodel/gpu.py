@@ -1,0 +1,185 @@
+"""GPU memory probes: NVML when ``nvidia-ml-py`` is importable, else ``nvidia-smi``, else none.
+
+A probe answers one question, "how much memory is in use on each GPU now?",
+as a :class:`GpuSnapshot`. Switches take snapshots around the unload and load
+and wait for memory to settle after an unload (:func:`settled`). Parsing of
+``nvidia-smi`` output is a pure function tested on literal samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger("hotmodel.gpu")
+
+ProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
+NVIDIA_SMI_QUERY = [
+    "--query-gpu=index,name,memory.used,memory.total",
+    "--format=csv,noheader,nounits",
+]
+_SMI_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    index: int
+    name: str
+    used_mib: int
+    total_mib: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSnapshot:
+    """Memory use of every visible GPU at one moment."""
+
+    devices: tuple[GpuDevice, ...]
+    source: str
+
+    @property
+    def used_mib(self) -> int:
+        return sum(d.used_mib for d in self.devices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "used_mib": self.used_mib,
+            "devices": [asdict(d) for d in self.devices],
+        }
+
+
+class GpuProbe(Protocol):
+    name: str
+
+    def snapshot(self) -> GpuSnapshot | None:
+        """The memory in use now; None when it cannot be read."""
+        ...
+
+
+class NoGpu:
+    name = "none"
+
+    def snapshot(self) -> GpuSnapshot | None:
+        return None
+
+
+def parse_nvidia_smi(text: str) -> tuple[GpuDevice, ...]:
+    """Parse ``nvidia-smi --query-gpu=index,name,memory.used,memory.total
+    --format=csv,noheader,nounits`` output. Lines that do not parse are skipped
+    (e.g. ``[N/A]`` values on some virtualized GPUs)."""
+    devices = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        # A GPU name may itself contain commas: index first, two numbers last.
+        index, used, total = parts[0], parts[-2], parts[-1]
+        name = ", ".join(parts[1:-2])
+        try:
+            devices.append(GpuDevice(int(index), name, int(float(used)), int(float(total))))
+        except ValueError:
+            continue
+    return tuple(devices)
+
+
+class NvidiaSmiProbe:
+    name = "nvidia-smi"
+
+    def __init__(self, binary: str) -> None:
+        self._binary = binary
+
+    def snapshot(self) -> GpuSnapshot | None:
+        try:
+            out = subprocess.run(
+                [self._binary, *NVIDIA_SMI_QUERY],
+                capture_output=True,
+                text=True,
+                timeout=_SMI_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("nvidia-smi failed: %r", exc)
+            return None
+        if out.returncode != 0:
+            log.warning("nvidia-smi exited %s: %s", out.returncode, out.stderr.strip()[:200])
+            return None
+        devices = parse_nvidia_smi(out.stdout)
+        return GpuSnapshot(devices, self.name) if devices else None
+
+
+class NvmlProbe:
+    """Reads memory through NVML (``nvidia-ml-py``, imported as ``pynvml``)."""
+
+    name = "nvml"
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    def snapshot(self) -> GpuSnapshot | None:
+        nvml = self._nvml
+        try:
+            devices = []
+            for i in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                if isinstance(name, bytes):
+                    name = name.decode()
+                devices.append(GpuDevice(i, str(name), int(mem.used) >> 20, int(mem.total) >> 20))
+        except Exception as exc:  # NVMLError has many subclasses; any means "no reading"
+            log.warning("NVML read failed: %r", exc)
+            return None
+        return GpuSnapshot(tuple(devices), self.name) if devices else None
+
+
+def _load_nvml() -> Any | None:
+    try:
+        import pynvml  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver, no GPU
+        log.debug("NVML unavailable: %r", exc)
+        return None
+    return pynvml
+
+
+def detect_probe(kind: ProbeKind = "auto") -> GpuProbe:
+    """The best probe available for ``kind``; ``NoGpu`` when there is none."""
+    if kind in ("auto", "nvml") and (nvml := _load_nvml()) is not None:
+        probe: GpuProbe = NvmlProbe(nvml)
+        if probe.snapshot() is not None:
+            return probe
+    if kind in ("auto", "nvidia-smi") and (smi := shutil.which("nvidia-smi")):
+        probe = NvidiaSmiProbe(smi)
+        if probe.snapshot() is not None:
+            return probe
+    if kind not in ("auto", "none"):
+        log.warning("GPU probe %r requested but not available; GPU snapshots will be null", kind)
+    return NoGpu()
+
+
+def settled(
+    readings: Sequence[int], before_mib: int | None, baseline_mib: int | None, tolerance_mib: int
+) -> bool:
+    """Has GPU memory settled after an unload?
+
+    ``readings`` are the used MiB read since the unload finished; ``before_mib``
+    was read before the unload, ``baseline_mib`` before any model was loaded.
+    Settled once the latest reading is back at the baseline, or once memory
+    has fallen below ``before_mib`` and stopped falling (the last two readings
+    within ``tolerance_mib``). Memory that never falls (another process holds
+    it) is not settled: the caller's deadline ends that wait.
+    """
+    if not readings:
+        return False
+    last = readings[-1]
+    if baseline_mib is not None and last <= baseline_mib + tolerance_mib:
+        return True
+    fell = before_mib is None or last < before_mib - tolerance_mib
+    return fell and len(readings) >= 2 and readings[-2] - last <= tolerance_mib

@@ -1,0 +1,126 @@
+"""The traffic gate: admits chat requests, holds them during a switch, tracks in-flight ones.
+
+Every chat request holds a :class:`Ticket` from admission until its answer is
+complete (for a stream: until the last byte is relayed or the client leaves).
+A switch closes the gate (new requests wait, bounded), drains the in-flight
+tickets of the model it is about to unload (bounded), and may cancel them.
+Pure asyncio, no I/O: the switch engine's unit tests use the real gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+import anyio
+
+from hotmodel.errors import SwitchBusyError
+
+
+class Ticket:
+    """One admitted request; ``model`` is set once the request's model is resolved."""
+
+    def __init__(self, ticket_id: int) -> None:
+        self.id = ticket_id
+        self.model: str | None = None
+        self.cancel_reason: str | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def bind(self, scope: anyio.CancelScope) -> None:
+        """The request's upstream I/O runs in ``scope``; :meth:`cancel` cancels it."""
+        self._scope = scope
+        if self.cancel_reason is not None:
+            scope.cancel()
+
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+class TrafficGate:
+    """Open: requests pass. Closed: they wait until it opens again, or their bound ends."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, Ticket] = {}
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def inflight(self, models: set[str] | None = None) -> list[Ticket]:
+        """Admitted tickets, of ``models`` only when given (unresolved ones always count)."""
+        return [
+            t
+            for t in self._inflight.values()
+            if models is None or t.model is None or t.model in models
+        ]
+
+    async def enter(self, timeout: float) -> Ticket:
+        """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
+        deadline = time.monotonic() + timeout
+        while not self._open.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SwitchBusyError(
+                    f"a model switch is in progress; waited {timeout:g}s "
+                    "([switch] queue_timeout_seconds)"
+                )
+            try:
+                await asyncio.wait_for(self._open.wait(), remaining)
+            except TimeoutError:
+                continue
+        ticket = Ticket(next(self._ids))
+        self._inflight[ticket.id] = ticket
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        """The request is complete (idempotent)."""
+        if self._inflight.pop(ticket.id, None) is None:
+            return
+        still_waiting = []
+        for done, fut in self._waiters:
+            if fut.done():
+                continue
+            if done():
+                fut.set_result(None)
+            else:
+                still_waiting.append((done, fut))
+        self._waiters = still_waiting
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def drain(self, models: set[str] | None, timeout: float) -> bool:
+        """Wait until no ticket of ``models`` is in flight; False when ``timeout`` ends first."""
+
+        def done() -> bool:
+            return not self.inflight(models)
+
+        if done():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((done, fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            fut.cancel()
+        return True
+
+    def cancel(self, models: set[str] | None, reason: str) -> int:
+        """Cancel the in-flight requests of ``models``; returns how many."""
+        tickets = self.inflight(models)
+        for t in tickets:
+            t.cancel(reason)
+        return len(tickets)

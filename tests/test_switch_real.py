@@ -1,0 +1,337 @@
+"""Switching against the real llama-server router: SmolLM2-135M <-> Gemma-3-270M.
+
+Two architectures, two tokenizers: every switch here is a real unload of one
+model process and a real load of another.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def switch_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    real_models: dict[str, Path],
+    tiny_models: dict[str, Path],
+    llama_server: Path,
+) -> Iterator[HotmodelProcess]:
+    folder = tmp_path_factory.mktemp("switch")
+    config = write_config(
+        folder,
+        {
+            "smollm2": real_models["smollm2"],
+            "gemma3": real_models["gemma3"],
+            "broken": tiny_models["garbage"],
+        },
+        "smollm2",
+        server="switch_drain_timeout_seconds = 30",
+    )
+    hp = start_hotmodel(config)
+    yield hp
+    assert hp.stop() == 0, hp.output()
+
+
+def switch(server: HotmodelProcess, model: str) -> tuple[int, dict[str, Any]]:
+    resp = httpx.post(server.base_url + "/admin/switch", json={"model": model}, timeout=120)
+    return resp.status_code, resp.json()
+
+
+def chat(server: HotmodelProcess, model: str = "active", **extra: Any) -> httpx.Response:
+    return httpx.post(
+        server.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={"model": model, "messages": HELLO, "max_tokens": 4, **extra},
+    )
+
+
+def loaded_models(server: HotmodelProcess) -> list[str]:
+    router = server.status()["router"]
+    assert isinstance(router, dict)
+    data = httpx.get(router["url"] + "/models").json()["data"]
+    return [m["id"] for m in data if m["status"]["value"] in ("loaded", "loading")]
+
+
+@pytest.fixture
+def on_smollm2(switch_server: HotmodelProcess) -> HotmodelProcess:
+    status, report = switch(switch_server, "smollm2")
+    assert status == 200, report
+    return switch_server
+
+
+def test_switch_both_directions(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    for source, target in (("smollm2", "gemma3"), ("gemma3", "smollm2")):
+        status, report = switch(server, target)
+        assert status == 200, report
+        assert report["outcome"] == "ok"
+        assert (report["from"], report["to"], report["active_after"]) == (source, target, target)
+        assert report["policy"] == "zero_overlap"
+        assert set(report["phases"]) == {"drain", "unload", "load"}
+        assert report["phases"]["load"] > 0 and report["phases"]["unload"] > 0
+        # no GPU on the test machine: the snapshots are there, and null
+        assert report["gpu"] == {
+            "before_unload": None,
+            "after_unload": None,
+            "after_settle": None,
+            "after_load": None,
+        }
+        assert loaded_models(server) == [target]  # one model resident
+        answer = chat(server)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == target
+        models = {m["id"]: m for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
+        assert models[target]["active"] and models[target]["status"] == "loaded"
+        assert models[source]["status"] == "unloaded"
+    history = httpx.get(server.base_url + "/admin/switches").json()["data"]
+    assert [(r["from"], r["to"]) for r in history[:2]] == [
+        ("gemma3", "smollm2"),
+        ("smollm2", "gemma3"),
+    ]
+
+
+def test_stream_started_before_a_switch_finishes_on_the_old_model(
+    on_smollm2: HotmodelProcess,
+) -> None:
+    server = on_smollm2
+    events: list[dict[str, Any]] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {
+            "model": "active",
+            "messages": HELLO,
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", server.base_url + "/v1/chat/completions", json=body, timeout=120
+        ) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    started.set()
+                elif line == "data: [DONE]":
+                    events.append({"done": True})
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(30)
+    status, report = switch(server, "gemma3")
+    reader.join(60)
+    assert status == 200, report
+    assert report["drained"] == 1
+    assert events[-1] == {"done": True}
+    chunks = [e for e in events if "choices" in e]
+    assert {c["model"] for c in chunks} == {"smollm2"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["timings"]["predicted_n"] == 200  # the whole answer, not cut
+    assert chat(server).json()["model"] == "gemma3"
+
+
+def test_switch_to_a_broken_model_fails_and_rolls_back(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    status, report = switch(server, "broken")
+    assert status == 500
+    assert report["outcome"] == "failed"
+    assert report["error"].startswith("model 'broken' failed to load (exit code")
+    assert report["log_tail"]  # the router's own words about the bad file
+    assert report["rolled_back"] is True
+    assert report["active_after"] == "smollm2"
+    assert "rollback" in report["phases"]
+    answer = chat(server)
+    assert answer.status_code == 200
+    assert answer.json()["model"] == "smollm2"
+    assert loaded_models(server) == ["smollm2"]
+
+
+def test_requests_during_a_switch_go_to_the_new_model(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    with ThreadPoolExecutor(max_workers=11) as pool:
+        switching = pool.submit(switch, server, "gemma3")
+        deadline = time.monotonic() + 10
+        while server.status()["switch"]["state"] == "idle":  # type: ignore[index]
+            assert time.monotonic() < deadline, "the switch never started"
+            time.sleep(0.005)
+        answers = list(pool.map(lambda _: chat(server), range(10)))
+        status, report = switching.result()
+    assert status == 200, report
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "gemma3"
+
+
+def test_concurrent_switches_are_serialized(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        to_gemma = [pool.submit(switch, server, "gemma3") for _ in range(2)]
+        time.sleep(0.05)
+        back = pool.submit(switch, server, "smollm2")
+        g1, g2, b = (f.result()[1] for f in (*to_gemma, back))
+    assert g1["id"] == g2["id"]  # same target: answered by one switch
+    assert (g1["from"], g1["to"]) == ("smollm2", "gemma3")
+    assert (b["from"], b["to"]) == ("gemma3", "smollm2")  # ran after, from where g1 ended
+    assert b["id"] > g1["id"]
+    assert loaded_models(server) == ["smollm2"]
+
+
+def test_unknown_switch_target_is_404(switch_server: HotmodelProcess) -> None:
+    resp = httpx.post(switch_server.base_url + "/admin/switch", json={"model": "nope"})
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "model_not_found"
+    bad = httpx.post(switch_server.base_url + "/admin/switch", content=b"{")
+    assert bad.status_code == 400
+
+
+def test_cli_switch_shows_phases_and_exit_codes(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    out = run_hotmodel("switch", "gemma3", "--config", str(server.config), timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for phase in ("drain", "unload", "load"):
+        assert any(line.strip().startswith(phase) and " done " in line for line in lines), lines
+    assert any(line.strip().startswith("settle") and "skipped" in line for line in lines)
+    assert "switched smollm2 -> gemma3 in" in out.stdout
+    assert "GPU memory: no GPU visible" in out.stdout
+    failed = run_hotmodel("switch", "broken", "--config", str(server.config), timeout=120)
+    assert failed.returncode == 1
+    assert "switch gemma3 -> broken FAILED: model 'broken' failed to load" in failed.stdout
+    assert "active model now: gemma3 (rolled back)" in failed.stdout
+    assert "--- llama-server log tail ---" in failed.stdout
+    unknown = run_hotmodel("switch", "nope", "--config", str(server.config))
+    assert unknown.returncode == 1
+    assert "'nope' is not a preset" in unknown.stderr
+
+
+def _long_stream(
+    server: HotmodelProcess, events: list[str], started: threading.Event, max_tokens: int
+) -> None:
+    body = {
+        "model": "active",
+        "messages": HELLO,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", server.base_url + "/v1/chat/completions", json=body, timeout=120
+    ) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                started.set()
+
+
+def test_drain_timeout_fails_the_switch_by_default(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
+        "smollm2",
+        server="switch_drain_timeout_seconds = 0.3",
+    )
+    hp = start_hotmodel(config)
+    try:
+        events: list[str] = []
+        started = threading.Event()
+        reader = threading.Thread(target=_long_stream, args=(hp, events, started, 400))
+        reader.start()
+        assert started.wait(30)
+        status, report = switch(hp, "gemma3")
+        reader.join(60)
+        assert status == 500
+        assert "still running after 0.3s" in report["error"]
+        assert report["active_after"] == "smollm2" and not report["rolled_back"]
+        assert events[-1] == "[DONE]"  # the stream was left alone
+        assert chat(hp).json()["model"] == "smollm2"
+    finally:
+        assert hp.stop() == 0
+
+
+def test_drain_timeout_can_cancel_streams_with_an_sse_error(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
+        "smollm2",
+        server="switch_drain_timeout_seconds = 0.3",
+        extra='drain_timeout_action = "cancel"',
+    )
+    hp = start_hotmodel(config)
+    try:
+        events: list[str] = []
+        started = threading.Event()
+        reader = threading.Thread(target=_long_stream, args=(hp, events, started, 1500))
+        reader.start()
+        assert started.wait(30)
+        status, report = switch(hp, "gemma3")
+        reader.join(60)
+        assert status == 200, report
+        assert report["cancelled"] == 1
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "switch_cancelled"
+        assert "switching 'smollm2' -> 'gemma3'" in last["error"]["message"]
+        assert chat(hp).json()["model"] == "gemma3"
+    finally:
+        assert hp.stop() == 0
+
+
+def test_auto_switch_on_a_request_for_another_preset(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
+        "smollm2",
+        extra="auto = true",
+    )
+    hp = start_hotmodel(config)
+    try:
+        answer = chat(hp, "gemma3")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "gemma3"
+        history = httpx.get(hp.base_url + "/admin/switches").json()["data"]
+        assert [(r["from"], r["to"], r["outcome"]) for r in history] == [
+            ("smollm2", "gemma3", "ok")
+        ]
+        assert chat(hp, "nope").status_code == 404
+    finally:
+        assert hp.stop() == 0
+
+
+def test_overlap_policy_loads_the_target_before_unloading(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
+        "smollm2",
+        router="models_max = 2",
+        extra='policy = "overlap"',
+    )
+    hp = start_hotmodel(config)
+    try:
+        status, report = switch(hp, "gemma3")
+        assert status == 200, report
+        assert report["policy"] == "overlap"
+        assert list(report["phases"]) == ["load", "drain", "unload"]
+        assert loaded_models(hp) == ["gemma3"]
+        assert chat(hp).json()["model"] == "gemma3"
+    finally:
+        assert hp.stop() == 0
