@@ -226,3 +226,48 @@ def test_config_error_names_file_section_key() -> None:
         == "a.toml [router] port: bad"
     )
     assert json.dumps(str(ConfigError("a.ini", "bad", section="x"))) == '"a.ini [x]: bad"'
+
+
+def test_proxy_socket_turns_nagle_off_on_accepted_connections() -> None:
+    """Without TCP_NODELAY every small answer waited ~40 ms for a delayed ACK."""
+    import socket
+
+    from hotmodel.server import bind_socket
+
+    async def scenario() -> int:
+        sock = bind_socket("127.0.0.1", 0)
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted = writer.get_extra_info("socket")
+            seen.set_result(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(seen, 5)
+            writer.close()
+        return value
+
+    assert asyncio.run(scenario()) != 0
+
+
+def test_router_send_retries_once_on_a_closed_keepalive_connection() -> None:
+    from hotmodel.router_client import send
+
+    attempts: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json={"ok": True})
+
+    async def scenario() -> int:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            resp = await send(http, http.build_request("POST", "http://router/x", json={}))
+            return resp.status_code
+
+    assert asyncio.run(scenario()) == 200
+    assert len(attempts) == 2

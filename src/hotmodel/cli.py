@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def serve(config_path: Path, port: int | None) -> None:
     # One line per router call is noise at info level; hotmodel logs what matters.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        asyncio.run(run_serve(config))
+        _run_loop(run_serve(config))
     except ServeInterruptedError as exc:
         click.echo(f"hotmodel: {exc}", err=True)
         sys.exit(130)
@@ -84,6 +84,16 @@ def serve(config_path: Path, port: int | None) -> None:
     except HotModelError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+
+
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (Linux/macOS: a faster event loop), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
 
 
 def _with_port(config: Config, port: int) -> Config:

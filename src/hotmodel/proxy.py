@@ -34,7 +34,7 @@ from hotmodel.errors import (
     SwitchFailedError,
     http_error_for,
 )
-from hotmodel.router_client import error_message
+from hotmodel.router_client import error_message, send
 from hotmodel.runtime import ACTIVE_ALIAS, Runtime
 from hotmodel.traffic import Ticket, TrafficGate
 
@@ -186,7 +186,7 @@ def create_app(runtime: Runtime) -> Starlette:
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)
                 try:
-                    upstream = await http.send(upstream_req, stream=True)
+                    upstream = await send(http, upstream_req, stream=True)
                 except httpx.HTTPError as exc:
                     raise RouterUnavailableError(
                         f"the router could not be reached: {exc!r}"

@@ -73,6 +73,22 @@ def _port_from_args(args: list[Any]) -> int | None:
     return None
 
 
+async def send(
+    http: httpx.AsyncClient, request: httpx.Request, stream: bool = False
+) -> httpx.Response:
+    """Send ``request``, retrying once when a kept-alive connection turns out closed.
+
+    llama-server's router closes some kept-alive connections right after a
+    response without saying ``Connection: close``; a request that races that
+    close fails with "Server disconnected without sending a response" before
+    the router read it, so sending it again on a fresh connection is safe.
+    """
+    try:
+        return await http.send(request, stream=stream)
+    except httpx.RemoteProtocolError:
+        return await http.send(request, stream=stream)
+
+
 def error_message(body: bytes) -> str:
     """The message of an error answer, whether llama-server's JSON shape or plain text."""
     try:
@@ -103,10 +119,11 @@ class RouterClient:
         json_body: Mapping[str, Any] | None = None,
         timeout: float = 10.0,
     ) -> httpx.Response:
+        request = self._http.build_request(
+            method, self.base_url + path, json=json_body, timeout=timeout
+        )
         try:
-            return await self._http.request(
-                method, self.base_url + path, json=json_body, timeout=timeout
-            )
+            return await send(self._http, request)
         except httpx.TimeoutException as exc:
             raise RouterUnavailableError(f"router timed out on {method} {path}") from exc
         except httpx.HTTPError as exc:
