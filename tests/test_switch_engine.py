@@ -36,19 +36,11 @@ class FakeRouter:
         self.calls: list[str] = []
         self.load_gate: asyncio.Event | None = None  # when set, loads wait for it
 
-    async def load(self, model: str) -> None:
-        self.calls.append(f"load {model}")
-        self.status[model] = "loading"
-
-    async def unload(self, model: str) -> None:
-        self.calls.append(f"unload {model}")
-        await asyncio.sleep(0)
-        self.status[model] = "unloaded"
-
-    async def wait_loaded(
+    async def load_and_wait(
         self, model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
     ) -> ModelStatus:
-        self.calls.append(f"wait_loaded {model}")
+        self.calls.append(f"load {model}")
+        self.status[model] = "loading"
         if self.load_gate is not None:
             await self.load_gate.wait()
         await asyncio.sleep(0)
@@ -61,8 +53,10 @@ class FakeRouter:
         self.status[model] = "loaded"
         return ModelStatus(model, "loaded")
 
-    async def wait_unloaded(self, model: str, timeout: float) -> ModelStatus:
-        self.calls.append(f"wait_unloaded {model}")
+    async def unload_and_wait(self, model: str, timeout: float) -> ModelStatus:
+        self.calls.append(f"unload {model}")
+        await asyncio.sleep(0)
+        self.status[model] = "unloaded"
         return ModelStatus(model, "unloaded")
 
     async def models(self) -> dict[str, ModelStatus]:
@@ -131,7 +125,7 @@ def test_zero_overlap_unloads_before_loading() -> None:
     engine = _engine(router)
     events: list[SwitchEvent] = []
     report = run(engine.switch("b", events.append))
-    assert router.calls == ["unload a", "wait_unloaded a", "load b", "wait_loaded b"]
+    assert router.calls == ["unload a", "load b"]
     assert report.outcome == "ok"
     assert (report.from_model, report.to_model, report.active_after) == ("a", "b", "b")
     assert engine.active == "b"
@@ -212,11 +206,8 @@ def test_failed_load_rolls_back_to_the_previous_model() -> None:
     assert engine.state is SwitchState.IDLE
     assert router.calls == [
         "unload a",
-        "wait_unloaded a",
         "load b",
-        "wait_loaded b",
         "load a",
-        "wait_loaded a",
     ]
     assert "rollback" in report.phases
     assert engine.gate.is_open
@@ -235,7 +226,7 @@ def test_failed_rollback_leaves_no_model_and_says_so() -> None:
     router.broken.clear()
     again = run(engine.switch("c"))
     assert again.outcome == "ok" and engine.active == "c"
-    assert router.calls[-2:] == ["load c", "wait_loaded c"]
+    assert router.calls[-1:] == ["load c"]
 
 
 def test_timed_out_load_is_unloaded_before_the_rollback() -> None:
@@ -244,17 +235,18 @@ def test_timed_out_load_is_unloaded_before_the_rollback() -> None:
     async def never_loaded(
         model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
     ) -> ModelStatus:
-        router.calls.append(f"wait_loaded {model}")
+        router.calls.append(f"load {model}")
         if model == "b":
+            router.status[model] = "loading"  # still loading when the deadline hit
             raise ModelLoadError("model 'b' did not reach 'loaded' within 1s")
         router.status[model] = "loaded"
         return ModelStatus(model, "loaded")
 
-    router.wait_loaded = never_loaded  # type: ignore[method-assign]
+    router.load_and_wait = never_loaded  # type: ignore[method-assign]
     report = run(_engine(router).switch("b"))
     assert report.outcome == "failed" and report.rolled_back
     # b was still `loading`: it must go before a comes back (models_max = 1)
-    assert router.calls[4:] == ["unload b", "wait_unloaded b", "load a", "wait_loaded a"]
+    assert router.calls[2:] == ["unload b", "load a"]
 
 
 def test_drain_waits_for_in_flight_requests_before_unloading() -> None:
@@ -278,9 +270,7 @@ def test_drain_waits_for_in_flight_requests_before_unloading() -> None:
     assert run(scenario()) == [
         "request done",
         "unload a",
-        "wait_unloaded a",
         "load b",
-        "wait_loaded b",
     ]
 
 
@@ -369,13 +359,9 @@ def test_switches_are_serialized() -> None:
         assert (rb.from_model, rb.to_model, rc.from_model, rc.to_model) == ("a", "b", "b", "c")
         assert router.calls == [
             "unload a",
-            "wait_unloaded a",
             "load b",
-            "wait_loaded b",
             "unload b",
-            "wait_unloaded b",
             "load c",
-            "wait_loaded c",
         ]
 
     run(scenario())
@@ -387,7 +373,7 @@ def test_overlap_loads_first_and_never_closes_the_gate() -> None:
         gate = TrafficGate()
         engine = _engine(router, gate=gate, policy="overlap")
         closed_seen = []
-        original = router.wait_loaded
+        original = router.load_and_wait
 
         async def watch(
             model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
@@ -395,10 +381,10 @@ def test_overlap_loads_first_and_never_closes_the_gate() -> None:
             closed_seen.append(not gate.is_open)
             return await original(model, timeout, log_tail)
 
-        router.wait_loaded = watch  # type: ignore[method-assign]
+        router.load_and_wait = watch  # type: ignore[method-assign]
         report = await engine.switch("b")
         assert report.outcome == "ok"
-        assert router.calls == ["load b", "wait_loaded b", "unload a", "wait_unloaded a"]
+        assert router.calls == ["load b", "unload a"]
         assert closed_seen == [False]
 
     run(scenario())
@@ -437,6 +423,6 @@ def test_replay_hook_runs_after_the_load() -> None:
 
     engine.replay = replay
     report = run(engine.switch("b"))
-    assert seen == [("b", ["unload a", "wait_unloaded a", "load b", "wait_loaded b"])]
+    assert seen == [("b", ["unload a", "load b"])]
     assert report.replay == {"prompt_n": 42}
     assert "replay" in report.phases

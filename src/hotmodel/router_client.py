@@ -9,10 +9,11 @@ httpx errors are translated to :mod:`hotmodel.errors` here, in :meth:`_request`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ from hotmodel.errors import (
 # and keeps the time between "loaded" and our noticing it small.
 _POLL_FIRST_S = 0.01
 _POLL_MAX_S = 0.1
+# With a /models/sse subscription, each event triggers a GET /models at once;
+# this slower poll only guards against a lost event.
+_POLL_WITH_EVENTS_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,11 @@ class RouterClient:
             )
 
     async def wait_loaded(
-        self, model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
+        self,
+        model: str,
+        timeout: float,
+        log_tail: Callable[[], str] = lambda: "",
+        changed: asyncio.Event | None = None,
     ) -> ModelStatus:
         """Wait until ``model`` reads ``loaded``; a failed load or the deadline raises.
 
@@ -189,9 +197,11 @@ class RouterClient:
                 f"(status {status.value!r})" + _tail_suffix(log_tail())
             )
 
-        return await self._watch(model, timeout, done, timed_out)
+        return await self._watch(model, timeout, done, timed_out, changed)
 
-    async def wait_unloaded(self, model: str, timeout: float) -> ModelStatus:
+    async def wait_unloaded(
+        self, model: str, timeout: float, changed: asyncio.Event | None = None
+    ) -> ModelStatus:
         """Wait until ``model`` reads ``unloaded``.
 
         A ``failed`` flag is ignored here: the router sets it when a child it
@@ -204,7 +214,60 @@ class RouterClient:
                 f"{timeout:g}s (status {status.value!r})"
             )
 
-        return await self._watch(model, timeout, lambda s: s.value == "unloaded", timed_out)
+        return await self._watch(
+            model, timeout, lambda s: s.value == "unloaded", timed_out, changed
+        )
+
+    async def load_and_wait(
+        self, model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
+    ) -> ModelStatus:
+        """Load ``model`` and wait until it is ``loaded`` (see :meth:`wait_loaded`)."""
+        async with self.events() as changed:
+            await self.load(model)
+            return await self.wait_loaded(model, timeout, log_tail, changed)
+
+    async def unload_and_wait(self, model: str, timeout: float) -> ModelStatus:
+        """Unload ``model`` and wait until it is ``unloaded``."""
+        async with self.events() as changed:
+            await self.unload(model)
+            return await self.wait_unloaded(model, timeout, changed)
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[asyncio.Event | None]:
+        """Subscribe to ``GET /models/sse``: yields an event set on every router event.
+
+        The router registers the subscriber before it sends the response
+        headers, so once this yields, no later status change is missed. Yields
+        None when the stream cannot be opened (waits then fall back to polling).
+        """
+        changed = asyncio.Event()
+        request = self._http.build_request(
+            "GET", self.base_url + "/models/sse", timeout=httpx.Timeout(5.0, read=None)
+        )
+        try:
+            resp = await send(self._http, request, stream=True)
+        except httpx.HTTPError:
+            yield None
+            return
+        if resp.status_code != 200:
+            await resp.aclose()
+            yield None
+            return
+
+        async def pump() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        changed.set()
+
+        task = asyncio.create_task(pump())
+        try:
+            yield changed
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.shield(resp.aclose())
 
     async def _watch(
         self,
@@ -212,20 +275,32 @@ class RouterClient:
         timeout: float,
         done: Callable[[ModelStatus], bool],
         timed_out: Callable[[ModelStatus], HotModelError],
+        changed: asyncio.Event | None,
     ) -> ModelStatus:
-        """Poll ``GET /models`` until ``done(status)``, or raise ``timed_out`` at the deadline."""
+        """Read ``GET /models`` until ``done(status)``, or raise ``timed_out`` at the deadline.
+
+        With ``changed`` (a /models/sse subscription) it reads again as soon as
+        the router reports an event; without, it polls with a backoff.
+        """
         deadline = time.monotonic() + timeout
         delay = _POLL_FIRST_S
         while True:
+            if changed is not None:
+                changed.clear()  # before the read: an event after it wakes the wait below
             status = (await self.models()).get(model)
             if status is None:
                 raise ModelLoadError(f"model {model!r} is not known to the router")
             if done(status):
                 return status
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise timed_out(status)
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, _POLL_MAX_S)
+            if changed is None:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, _POLL_MAX_S)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(_POLL_WITH_EVENTS_S, remaining))
 
 
 def _load_failure(model: str, status: ModelStatus, tail: str) -> str:

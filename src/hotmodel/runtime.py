@@ -107,8 +107,7 @@ class Runtime:
             model = cfg.router.default_model
             log.info("loading default model %r", model)
             t0 = time.monotonic()
-            await self.router.load(model)
-            await self.router.wait_loaded(
+            await self.router.load_and_wait(
                 model, cfg.switch.load_timeout_seconds, log_tail=self.supervisor.log_tail
             )
             log.info("model %r loaded in %.0f ms", model, (time.monotonic() - t0) * 1000)

@@ -91,12 +91,10 @@ def plan(policy: str, current: str | None, target: str) -> tuple[Step, ...]:
 class RouterOps(Protocol):
     """What the engine needs from the router (``RouterClient`` provides it)."""
 
-    async def load(self, model: str) -> None: ...
-    async def unload(self, model: str) -> None: ...
-    async def wait_loaded(
+    async def load_and_wait(
         self, model: str, timeout: float, log_tail: Callable[[], str] = ...
     ) -> ModelStatus: ...
-    async def wait_unloaded(self, model: str, timeout: float) -> ModelStatus: ...
+    async def unload_and_wait(self, model: str, timeout: float) -> ModelStatus: ...
     async def models(self) -> dict[str, ModelStatus]: ...
 
 
@@ -359,8 +357,7 @@ class SwitchEngine:
             if status is None or status.value in ("unloaded",):
                 detail = f"{model!r} was not loaded"
             else:
-                await self.router.unload(model)
-                await self.router.wait_unloaded(model, self.config.unload_timeout_seconds)
+                await self.router.unload_and_wait(model, self.config.unload_timeout_seconds)
                 detail = None
         except HotModelError as exc:
             raise _StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
@@ -403,8 +400,7 @@ class SwitchEngine:
 
     async def _load(self, report: SwitchReport, target: str) -> str | None:
         try:
-            await self.router.load(target)
-            await self.router.wait_loaded(
+            await self.router.load_and_wait(
                 target, self.config.load_timeout_seconds, log_tail=self.log_tail
             )
         except HotModelError as exc:
@@ -436,15 +432,13 @@ class SwitchEngine:
             statuses = await self.router.models()
             t_status = statuses.get(target)
             if t_status is not None and t_status.value in ("loading", "loaded", "sleeping"):
-                await self.router.unload(target)
-                await self.router.wait_unloaded(target, self.config.unload_timeout_seconds)
+                await self.router.unload_and_wait(target, self.config.unload_timeout_seconds)
             if previous is None:
                 self.active = None
             elif (p_status := statuses.get(previous)) is not None and p_status.value == "loaded":
                 self.active = previous  # never left (overlap, or the unload did not happen)
             else:
-                await self.router.load(previous)
-                await self.router.wait_loaded(
+                await self.router.load_and_wait(
                     previous, self.config.load_timeout_seconds, log_tail=self.log_tail
                 )
                 self.active = previous

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Measure a switch: hotmodel's zero_overlap switch against the router's bare unload + load.
+
+    .venv/bin/python scripts/bench_switch.py [--rounds 5]
+
+1. Baseline: a bare llama-server router (same arguments hotmodel would use),
+   driven directly: POST /models/unload, poll GET /models every 5 ms until
+   `unloaded`, POST /models/load, poll until `loaded`. SmolLM2 <-> Gemma.
+2. hotmodel: `hotmodel serve` on the same models, `POST /admin/switch` in
+   both directions; the report's phases, and the first 1-token chat request
+   after each switch.
+
+Prints a Markdown table and writes bench-results/switch-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hotmodel import provision
+from hotmodel.config import load_config
+from hotmodel.supervisor import free_port, router_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write_config(folder: Path, port: int) -> Path:
+    models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
+    (folder / "models.ini").write_text(
+        "version = 1\n" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
+    )
+    path = folder / "hotmodel.toml"
+    path.write_text(
+        f'[server]\nport = {port}\nstate_dir = "state"\n'
+        '[router]\nmodels_preset = "models.ini"\ndefault_model = "smollm2"\n'
+        "ctx_size = 4096\n"
+    )
+    return path
+
+
+def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for m in client.get(url + "/models").json()["data"]:
+            if m["id"] == model and m["status"]["value"] == want:
+                return
+        time.sleep(0.005)
+    raise TimeoutError(f"{model} never reached {want}")
+
+
+def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
+    config = load_config(config_path)
+    port = free_port("127.0.0.1")
+    state = config.server.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    presets = state / "bench-presets.ini"
+    presets.write_text(config.presets.render())
+    argv = router_argv(config, provision.find_llama_server(), presets, port)
+    url = f"http://127.0.0.1:{port}"
+    with (state / "bench-router.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    out = []
+    try:
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if c.get(url + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("bare router did not start")
+                time.sleep(0.01)
+            c.post(url + "/models/load", json={"model": "smollm2"})
+            _wait_status(c, url, "smollm2", "loaded")
+            current = "smollm2"
+            for _ in range(rounds * 2):
+                target = "gemma3" if current == "smollm2" else "smollm2"
+                t0 = time.perf_counter()
+                c.post(url + "/models/unload", json={"model": current})
+                _wait_status(c, url, current, "unloaded")
+                t1 = time.perf_counter()
+                c.post(url + "/models/load", json={"model": target})
+                _wait_status(c, url, target, "loaded")
+                t2 = time.perf_counter()
+                out.append(
+                    {
+                        "to": target,
+                        "unload_ms": (t1 - t0) * 1000,
+                        "load_ms": (t2 - t1) * 1000,
+                        "total_ms": (t2 - t0) * 1000,
+                    }
+                )
+                current = target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return out
+
+
+def _hotmodel(config_path: Path, port: int, rounds: int) -> list[dict[str, Any]]:
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotmodel", "serve", "--config", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    out = []
+    try:
+        with httpx.Client(timeout=120, trust_env=False) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if c.get(base + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("hotmodel serve did not start")
+                time.sleep(0.01)
+            current = "smollm2"
+            for _ in range(rounds * 2):
+                target = "gemma3" if current == "smollm2" else "smollm2"
+                t0 = time.perf_counter()
+                report = c.post(base + "/admin/switch", json={"model": target}).json()
+                t1 = time.perf_counter()
+                assert report["outcome"] == "ok", report
+                first = c.post(
+                    base + "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                )
+                t2 = time.perf_counter()
+                first.raise_for_status()
+                out.append(
+                    {
+                        "to": target,
+                        "client_ms": (t1 - t0) * 1000,
+                        "report_total_ms": report["total_ms"],
+                        "phases": report["phases"],
+                        "first_chat_ms": (t2 - t1) * 1000,
+                    }
+                )
+                current = target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return out
+
+
+def _p50(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="round trips smollm2->gemma3->smollm2")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hotmodel-bench-") as tmp:
+        port = free_port("127.0.0.1")
+        config = _write_config(Path(tmp), port)
+        base = _baseline(config, args.rounds)
+        hot = _hotmodel(config, port, args.rounds)
+
+    rows = []
+    for target in ("gemma3", "smollm2"):
+        b = [r for r in base if r["to"] == target]
+        h = [r for r in hot if r["to"] == target]
+        rows.append(
+            {
+                "to": target,
+                "bare_unload_ms": _p50([r["unload_ms"] for r in b]),
+                "bare_load_ms": _p50([r["load_ms"] for r in b]),
+                "bare_total_ms": _p50([r["total_ms"] for r in b]),
+                "hotmodel_unload_ms": _p50([r["phases"]["unload"] for r in h]),
+                "hotmodel_load_ms": _p50([r["phases"]["load"] for r in h]),
+                "hotmodel_switch_ms": _p50([r["report_total_ms"] for r in h]),
+                "hotmodel_client_ms": _p50([r["client_ms"] for r in h]),
+                "first_chat_after_ms": _p50([r["first_chat_ms"] for r in h]),
+            }
+        )
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "rounds": args.rounds,
+        "summary_p50": rows,
+        "bare": base,
+        "hotmodel": hot,
+    }
+    folder = ROOT / "bench-results"
+    folder.mkdir(exist_ok=True)
+    (folder / f"switch-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(result, indent=2)
+    )
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + " --- |" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
