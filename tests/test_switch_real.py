@@ -335,3 +335,32 @@ def test_overlap_policy_loads_the_target_before_unloading(
         assert chat(hp).json()["model"] == "gemma3"
     finally:
         assert hp.stop() == 0
+
+
+def test_requests_past_the_queue_bound_get_503_with_retry_after(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
+        "smollm2",
+        extra="queue_timeout_seconds = 0.05",
+    )
+    hp = start_hotmodel(config)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            switching = pool.submit(switch, hp, "gemma3")
+            deadline = time.monotonic() + 10
+            while hp.status()["switch"]["state"] in ("idle", "draining"):  # type: ignore[index]
+                assert time.monotonic() < deadline, "the switch never started"
+                time.sleep(0.005)
+            refused = chat(hp)
+            assert switching.result()[0] == 200
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"]
+        err = refused.json()["error"]
+        assert err["code"] == "switch_in_progress"
+        assert "queue_timeout_seconds" in err["message"]
+        assert chat(hp).json()["model"] == "gemma3"
+    finally:
+        assert hp.stop() == 0
