@@ -51,6 +51,19 @@ def _write_config(folder: Path, port: int) -> Path:
     return path
 
 
+def _wait_healthy(client: httpx.Client, url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if client.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
+
+
 def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -75,16 +88,7 @@ def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
     out = []
     try:
         with httpx.Client(timeout=30, trust_env=False) as c:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if c.get(url + "/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("bare router did not start")
-                time.sleep(0.01)
+            _wait_healthy(c, url, proc, "the bare router")
             c.post(url + "/models/load", json={"model": "smollm2"})
             _wait_status(c, url, "smollm2", "loaded")
             current = "smollm2"
@@ -122,16 +126,7 @@ def _hotmodel(config_path: Path, port: int, rounds: int) -> list[dict[str, Any]]
     out = []
     try:
         with httpx.Client(timeout=120, trust_env=False) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if c.get(base + "/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("hotmodel serve did not start")
-                time.sleep(0.01)
+            _wait_healthy(c, base, proc, "hotmodel serve")
             current = "smollm2"
             for _ in range(rounds * 2):
                 target = "gemma3" if current == "smollm2" else "smollm2"

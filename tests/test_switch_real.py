@@ -6,6 +6,7 @@ model process and a real load of another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -43,6 +44,21 @@ def switch_server(
     hp = start_hotmodel(config)
     yield hp
     assert hp.stop() == 0, hp.output()
+
+
+@contextlib.contextmanager
+def two_models(
+    folder: Path, real_models: dict[str, Path], server: str = "", router: str = "", extra: str = ""
+) -> Iterator[HotmodelProcess]:
+    """hotmodel on SmolLM2 (default) and Gemma with extra config lines, stopped after."""
+    presets = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
+    config = write_config(folder, presets, "smollm2", server=server, router=router, extra=extra)
+    hp = start_hotmodel(config)
+    try:
+        yield hp
+    finally:
+        code = hp.stop()
+    assert code == 0, hp.output()
 
 
 def switch(server: HotmodelProcess, model: str) -> tuple[int, dict[str, Any]]:
@@ -239,14 +255,7 @@ def _long_stream(
 def test_drain_timeout_fails_the_switch_by_default(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
-        "smollm2",
-        server="switch_drain_timeout_seconds = 0.3",
-    )
-    hp = start_hotmodel(config)
-    try:
+    with two_models(tmp_path, real_models, server="switch_drain_timeout_seconds = 0.3") as hp:
         events: list[str] = []
         started = threading.Event()
         reader = threading.Thread(target=_long_stream, args=(hp, events, started, 400))
@@ -259,22 +268,17 @@ def test_drain_timeout_fails_the_switch_by_default(
         assert report["active_after"] == "smollm2" and not report["rolled_back"]
         assert events[-1] == "[DONE]"  # the stream was left alone
         assert chat(hp).json()["model"] == "smollm2"
-    finally:
-        assert hp.stop() == 0
 
 
 def test_drain_timeout_can_cancel_streams_with_an_sse_error(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    config = write_config(
+    with two_models(
         tmp_path,
-        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
-        "smollm2",
+        real_models,
         server="switch_drain_timeout_seconds = 0.3",
         extra='drain_timeout_action = "cancel"',
-    )
-    hp = start_hotmodel(config)
-    try:
+    ) as hp:
         events: list[str] = []
         started = threading.Event()
         reader = threading.Thread(target=_long_stream, args=(hp, events, started, 1500))
@@ -288,21 +292,12 @@ def test_drain_timeout_can_cancel_streams_with_an_sse_error(
         assert last["error"]["code"] == "switch_cancelled"
         assert "switching 'smollm2' -> 'gemma3'" in last["error"]["message"]
         assert chat(hp).json()["model"] == "gemma3"
-    finally:
-        assert hp.stop() == 0
 
 
 def test_auto_switch_on_a_request_for_another_preset(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
-        "smollm2",
-        extra="auto = true",
-    )
-    hp = start_hotmodel(config)
-    try:
+    with two_models(tmp_path, real_models, extra="auto = true") as hp:
         answer = chat(hp, "gemma3")
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == "gemma3"
@@ -311,43 +306,26 @@ def test_auto_switch_on_a_request_for_another_preset(
             ("smollm2", "gemma3", "ok")
         ]
         assert chat(hp, "nope").status_code == 404
-    finally:
-        assert hp.stop() == 0
 
 
 def test_overlap_policy_loads_the_target_before_unloading(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
-        "smollm2",
-        router="models_max = 2",
-        extra='policy = "overlap"',
-    )
-    hp = start_hotmodel(config)
-    try:
+    with two_models(
+        tmp_path, real_models, router="models_max = 2", extra='policy = "overlap"'
+    ) as hp:
         status, report = switch(hp, "gemma3")
         assert status == 200, report
         assert report["policy"] == "overlap"
         assert list(report["phases"]) == ["load", "drain", "unload"]
         assert loaded_models(hp) == ["gemma3"]
         assert chat(hp).json()["model"] == "gemma3"
-    finally:
-        assert hp.stop() == 0
 
 
 def test_requests_past_the_queue_bound_get_503_with_retry_after(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]},
-        "smollm2",
-        extra="queue_timeout_seconds = 0.05",
-    )
-    hp = start_hotmodel(config)
-    try:
+    with two_models(tmp_path, real_models, extra="queue_timeout_seconds = 0.05") as hp:
         with ThreadPoolExecutor(max_workers=2) as pool:
             switching = pool.submit(switch, hp, "gemma3")
             deadline = time.monotonic() + 10
@@ -362,5 +340,3 @@ def test_requests_past_the_queue_bound_get_503_with_retry_after(
         assert err["code"] == "switch_in_progress"
         assert "queue_timeout_seconds" in err["message"]
         assert chat(hp).json()["model"] == "gemma3"
-    finally:
-        assert hp.stop() == 0
