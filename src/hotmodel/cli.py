@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import httpx
@@ -211,6 +213,61 @@ def switch(model: str, config_path: Path, as_json: bool, timeout: float) -> None
         _print_report(report)
     if report["outcome"] == "failed":
         sys.exit(EXIT_ERROR)
+
+
+@cli.group()
+def sessions() -> None:
+    """List, show (export as JSON) or delete the sessions of the running proxy."""
+
+
+def _api(config_path: Path, method: str, path: str) -> Any:
+    url = _proxy_url(_load(config_path)) + path
+    try:
+        resp = httpx.request(method, url, timeout=30.0, trust_env=False)
+        data = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        click.echo(f"error: no hotmodel answering at {url}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    if resp.status_code >= 400:
+        click.echo(f"error: {data.get('error', {}).get('message', resp.text)}", err=True)
+        sys.exit(EXIT_ERROR)
+    return data
+
+
+@sessions.command("list")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def sessions_list(config_path: Path, as_json: bool) -> None:
+    """List sessions, most recently used first."""
+    data = _api(config_path, "GET", "/v1/sessions")["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no sessions")
+    for s in data:
+        used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["updated_at"]))
+        click.echo(
+            f"{s['id']}  {s['messages']} message(s)  preset: {s['preset'] or '-'}  last used {used}"
+        )
+
+
+@sessions.command("show")
+@click.argument("session_id")
+@_config_option
+def sessions_show(session_id: str, config_path: Path) -> None:
+    """Print one session with all its messages, as JSON (an export)."""
+    data = _api(config_path, "GET", f"/v1/sessions/{quote(session_id, safe='')}")
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@sessions.command("delete")
+@click.argument("session_id")
+@_config_option
+def sessions_delete(session_id: str, config_path: Path) -> None:
+    """Delete one session."""
+    _api(config_path, "DELETE", f"/v1/sessions/{quote(session_id, safe='')}")
+    click.echo(f"deleted {session_id}")
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -91,6 +91,15 @@ class SessionConfig:
     max_prompt_chars: int = field(default=32000, metadata=_meta(min=1))
     max_prompt_tokens: int = field(default=0, metadata=_meta(min=0))
     token_count_mode: TokenCountMode = "auto"
+    default_preset: str = ""
+    store_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptPreset:
+    """``[presets.NAME]``: a named system prompt, applied to every request of a session."""
+
+    system: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +145,15 @@ class Config:
     switch: SwitchConfig
     session: SessionConfig
     presets: Presets
+    prompts: Mapping[str, PromptPreset] = field(default_factory=dict)
 
     @property
     def router_log_file(self) -> Path:
         return self.router.log_file or self.server.state_dir / "llama-server.log"
+
+    @property
+    def session_store_file(self) -> Path:
+        return self.session.store_file or self.server.state_dir / "sessions.sqlite3"
 
 
 # Keys whose values are file paths; llama-server's own long and short names.
@@ -180,7 +194,7 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-decoded TOML document that was read from ``path``."""
     base = path.parent
-    known = {"server", "router", "switch", "session"}
+    known = {"server", "router", "switch", "session", "presets"}
     for name, value in raw.items():
         if name not in known:
             raise ConfigError(
@@ -196,6 +210,20 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     router = _build(RouterConfig, raw["router"], path, "router", base)
     switch = _build(SwitchConfig, raw.get("switch", {}), path, "switch", base)
     session = _build(SessionConfig, raw.get("session", {}), path, "session", base)
+    prompts = {}
+    for name, table in raw.get("presets", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                path, "must be a table with a 'system' key", section=f"presets.{name}"
+            )
+        prompts[name] = _build(PromptPreset, table, path, f"presets.{name}", base)
+    if session.default_preset and session.default_preset not in prompts:
+        raise ConfigError(
+            path,
+            f"{session.default_preset!r} is not defined as [presets.{session.default_preset}]",
+            section="session",
+            key="default_preset",
+        )
 
     if switch.policy == "overlap" and router.models_max < 2:
         raise ConfigError(
@@ -215,7 +243,13 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             key="default_model",
         )
     return Config(
-        path=path, server=server, router=router, switch=switch, session=session, presets=presets
+        path=path,
+        server=server,
+        router=router,
+        switch=switch,
+        session=session,
+        presets=presets,
+        prompts=prompts,
     )
 
 

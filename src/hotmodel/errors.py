@@ -16,11 +16,13 @@ the boundary that calls the library, with ``raise ... from exc``.
     ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
-    │   └── ModelNotActiveError      the model is a preset but not the active one (409)
+    │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
+    │   └── SessionNotFoundError     no session has this id (404)
     ├── SwitchError                  a model switch did not complete
     │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
     │   └── SwitchFailedError        a switch failed; carries its report (500)
+    ├── StoreError                   the session store cannot be opened or used
     └── ProvisionError               setting up llama-server or the models failed
 
 ``http_error_for`` maps any of them to the HTTP status and OpenAI error
@@ -106,6 +108,14 @@ class ModelNotActiveError(RequestError):
     """The requested model is a preset, but not the active one."""
 
 
+class SessionNotFoundError(RequestError):
+    """No session has this id."""
+
+
+class StoreError(HotModelError):
+    """The session store cannot be opened or used."""
+
+
 class SwitchError(HotModelError):
     """A model switch did not complete."""
 
@@ -143,6 +153,8 @@ def http_error_for(exc: HotModelError) -> HttpError:
     """The HTTP status and OpenAI ``type``/``code`` for one of our errors."""
     if isinstance(exc, ModelNotFoundError):
         return HttpError(404, "invalid_request_error", "model_not_found")
+    if isinstance(exc, SessionNotFoundError):
+        return HttpError(404, "invalid_request_error", "session_not_found")
     if isinstance(exc, ModelNotActiveError):
         return HttpError(409, "invalid_request_error", "model_not_active")
     if isinstance(exc, InvalidRequestError):

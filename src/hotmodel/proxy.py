@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -24,11 +25,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from hotmodel.admin import admin_routes
+from hotmodel.context import Message
 from hotmodel.errors import (
     HotModelError,
     InvalidRequestError,
     ModelNotActiveError,
     RouterError,
+    RouterProtocolError,
     RouterUnavailableError,
     SwitchCancelledError,
     SwitchFailedError,
@@ -36,6 +39,8 @@ from hotmodel.errors import (
 )
 from hotmodel.router_client import error_message, send
 from hotmodel.runtime import ACTIVE_ALIAS, Runtime
+from hotmodel.session_api import session_routes
+from hotmodel.sessions import ReplyAssembler, SessionService
 from hotmodel.traffic import Ticket, TrafficGate
 
 log = logging.getLogger("hotmodel.proxy")
@@ -76,15 +81,25 @@ class UpstreamStream(Response):
     that cancels it ends it with an SSE error event.
     """
 
-    def __init__(self, upstream: httpx.Response, ticket: Ticket, gate: TrafficGate) -> None:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        ticket: Ticket,
+        gate: TrafficGate,
+        on_reply: Callable[[Message], Awaitable[None]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(
-            status_code=upstream.status_code, media_type="text/event-stream", headers=_SSE_HEADERS
+            status_code=upstream.status_code,
+            media_type="text/event-stream",
+            headers={**_SSE_HEADERS, **(headers or {})},
         )
         # Response() adds "content-length: 0" for its empty body; a stream has none.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._upstream = upstream
         self._ticket = ticket
         self._gate = gate
+        self._on_reply = on_reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -110,11 +125,18 @@ class UpstreamStream(Response):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         tail = b""
+        assembler = ReplyAssembler() if self._on_reply is not None else None
         with anyio.CancelScope() as relay_scope:
             self._ticket.bind(relay_scope)
             try:
                 async for chunk in self._upstream.aiter_raw():
+                    if assembler is not None:
+                        assembler.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                reply = assembler.message() if assembler is not None else None
+                if reply is not None and self._on_reply is not None:
+                    with anyio.CancelScope(shield=True):  # a finished answer is stored whole
+                        await self._on_reply(reply)
             except httpx.HTTPError as exc:
                 log.warning("upstream stream broke: %r", exc)
                 tail = sse_error_event(
@@ -123,6 +145,17 @@ class UpstreamStream(Response):
         if relay_scope.cancelled_caught:
             tail = sse_error_event(self._ticket.cancel_reason or "cancelled", "switch_cancelled")
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def _reply_of(data: bytes) -> Message:
+    """The assistant message of a (non-streamed) chat completion."""
+    try:
+        message = json.loads(data)["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise RouterProtocolError(f"the router's answer has no message: {exc!r}") from exc
+    if not isinstance(message, dict):
+        raise RouterProtocolError("the router's answer has no message object")
+    return {k: v for k, v in message.items() if v is not None}
 
 
 def _parse_chat_body(body: bytes) -> dict[str, Any]:
@@ -148,6 +181,11 @@ def create_app(runtime: Runtime) -> Starlette:
     gate = runtime.gate
     switch_cfg = runtime.config.switch
 
+    def sessions() -> SessionService:
+        if runtime.sessions is None:
+            raise RouterUnavailableError("hotmodel is not started")
+        return runtime.sessions
+
     async def admit(requested: object) -> tuple[Ticket, str]:
         """Pass the gate (waiting out a switch), then name the model; auto-switch if asked."""
         ticket = await gate.enter(switch_cfg.queue_timeout_seconds)
@@ -170,10 +208,26 @@ def create_app(runtime: Runtime) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         payload = _parse_chat_body(await request.body())
+        body_session = payload.pop("session_id", None)
+        body_preset = payload.pop("preset", None)
+        session_id = request.headers.get("x-session-id") or body_session
+        preset = request.headers.get("x-preset") or body_preset
+        if session_id is None and preset is not None:
+            raise InvalidRequestError(
+                "'preset' applies to a session: send X-Session-Id or session_id too",
+                param="preset",
+            )
         ticket, payload["model"] = await admit(payload.get("model"))
-        ticket.model = payload["model"]
+        model: str = payload["model"]
+        ticket.model = model
         streaming = False
         try:
+            prepared = None
+            extra_headers: dict[str, str] = {}
+            if session_id is not None:
+                prepared = await sessions().prepare(session_id, preset, payload["messages"], model)
+                payload["messages"] = prepared.prompt.messages()
+                extra_headers["x-session-id"] = prepared.session_id
             router = runtime.ready_router()
             http = router_http(runtime)
             upstream_req = http.build_request(
@@ -193,7 +247,14 @@ def create_app(runtime: Runtime) -> Starlette:
                     ) from exc
                 if upstream.status_code < 400 and payload.get("stream"):
                     streaming = True
-                    return UpstreamStream(upstream, ticket, gate)
+                    on_reply = None
+                    if prepared is not None:
+                        p = prepared
+
+                        async def on_reply(reply: Message) -> None:
+                            await sessions().complete(p, reply, model)
+
+                    return UpstreamStream(upstream, ticket, gate, on_reply, extra_headers)
                 try:
                     data = await upstream.aread()
                 except httpx.HTTPError as exc:
@@ -205,7 +266,11 @@ def create_app(runtime: Runtime) -> Starlette:
                 raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
             if upstream.status_code >= 400:
                 return upstream_error_response(upstream.status_code, data)
-            return Response(data, status_code=upstream.status_code, media_type=_JSON)
+            if prepared is not None:
+                await sessions().complete(prepared, _reply_of(data), model)
+            return Response(
+                data, status_code=upstream.status_code, media_type=_JSON, headers=extra_headers
+            )
         finally:
             if not streaming:
                 gate.leave(ticket)
@@ -248,6 +313,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *admin_routes(runtime),
+            *session_routes(runtime),
         ],
         exception_handlers={
             HotModelError: _hotmodel_error,

@@ -115,6 +115,10 @@ class RouterClient:
         self._http = http
         self.base_url = base_url.rstrip("/")
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._http
+
     async def _request(
         self,
         method: str,

@@ -30,6 +30,8 @@ from hotmodel.errors import (
 from hotmodel.gpu import GpuProbe, NoGpu, detect_probe
 from hotmodel.provision import find_llama_server
 from hotmodel.router_client import RouterClient
+from hotmodel.session_store import SessionStore
+from hotmodel.sessions import SessionService
 from hotmodel.supervisor import RouterSupervisor, free_port
 from hotmodel.switch import Listener, SwitchEngine, SwitchReport
 from hotmodel.traffic import TrafficGate
@@ -61,6 +63,8 @@ class Runtime:
         self.gate = TrafficGate()
         self.engine: SwitchEngine | None = None
         self.gpu: GpuProbe = NoGpu()
+        self.store = SessionStore(config.session_store_file)
+        self.sessions: SessionService | None = None
         # Switches started over HTTP run here, so a client that goes away
         # cannot cancel a switch half-way.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -101,6 +105,8 @@ class Runtime:
             cfg, binary, self.router, port, on_exit=self._router_exited
         )
         try:
+            await self.store.open()
+            self.sessions = SessionService(cfg, self.store, self.router, self.http)
             self.gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
             baseline = await asyncio.to_thread(self.gpu.snapshot)
             await self.supervisor.start()
@@ -120,6 +126,7 @@ class Runtime:
                 active=model,
                 gpu=self.gpu,
                 log_tail=self.supervisor.log_tail,
+                replay=self.sessions.replay,
                 baseline_mib=None if baseline is None else baseline.used_mib,
             )
             if self.state is ServiceState.STARTING:
@@ -152,6 +159,7 @@ class Runtime:
             if self.supervisor is not None:
                 await self.supervisor.stop()
         finally:
+            await self.store.close()
             if self.http is not None:
                 await self.http.aclose()
             self.state = ServiceState.STOPPED

@@ -418,7 +418,10 @@ class SwitchEngine:
         except HotModelError as exc:  # a failed prefill costs speed, not correctness
             report.warnings.append(f"replay failed: {exc}")
             return f"replay failed: {exc}"
-        return None
+        if report.replay is None:
+            return "skipped"  # no session to replay
+        return (f"{report.replay.get('prompt_tokens')} prompt tokens in "
+                f"{report.replay.get('prompt_ms')} ms")
 
     async def _recover(
         self, report: SwitchReport, listeners: list[Listener], previous: str | None, target: str

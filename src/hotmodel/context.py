@@ -1,0 +1,191 @@
+"""Session context, pure: which turns are new, what is sent, and how it is bounded.
+
+The prompt sent for a session is ``pinned + history[drop:]``: ``pinned`` holds
+the preset's system prompt and any system messages of the request (never
+trimmed); ``history`` the stored turns and the new ones, oldest first.
+Trimming only ever raises ``drop``, and only to the start of a user turn (so
+the kept history starts with a user turn, as strict chat templates such as
+Gemma's require), and never past the newest user turn. The stored session is
+not touched: bounds shape only what is sent.
+
+Token budgets are met with as few tokenizer calls as possible: in ``auto``
+mode a conservative estimate decides whether a count is needed at all, and
+the cut is found by binary search over the possible drop points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotmodel.errors import InvalidRequestError
+
+Message = dict[str, Any]
+TokenCounter = Callable[[list[Message]], Awaitable[int]]
+
+# The estimate over-counts on purpose (English runs ~4 characters a token);
+# auto mode asks the tokenizer only above this share of the budget.
+_CHARS_PER_TOKEN = 3.0
+_TOKENS_PER_MESSAGE = 8
+_TOKENS_PER_PROMPT = 16
+AUTO_EXACT_ABOVE = 0.8
+
+
+def text_of(message: Message) -> str:
+    """The text of a message: its string content, or the text parts of a list."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def chars(messages: Sequence[Message]) -> int:
+    return sum(len(text_of(m)) for m in messages)
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    """A cheap, deliberately high token estimate (no tokenizer)."""
+    return (
+        math.ceil(chars(messages) / _CHARS_PER_TOKEN)
+        + _TOKENS_PER_MESSAGE * len(messages)
+        + _TOKENS_PER_PROMPT
+    )
+
+
+def _key(message: Message) -> tuple[str, str]:
+    return str(message.get("role")), json.dumps(message.get("content"), sort_keys=True)
+
+
+def new_turns(stored: Sequence[Message], incoming: Sequence[Message]) -> list[Message]:
+    """The non-system messages of ``incoming`` that the session does not have yet.
+
+    Clients either send only their new turn or resend the whole (or the end
+    of the) conversation: the longest run at the start of ``incoming`` that
+    repeats the end of ``stored`` is dropped, so nothing is stored twice.
+    """
+    turns = [m for m in incoming if m.get("role") != "system"]
+    stored_keys = [_key(m) for m in stored]
+    turn_keys = [_key(m) for m in turns]
+    for k in range(min(len(stored_keys), len(turn_keys)), 0, -1):
+        if stored_keys[-k:] == turn_keys[:k]:
+            return turns[k:]
+    return turns
+
+
+@dataclass
+class Prompt:
+    """What is sent for a session: ``pinned + history[drop:]``."""
+
+    pinned: list[Message]
+    history: list[Message]
+    drop: int = 0
+    token_calls: int = 0
+    tokens: int | None = None  # exact count of the final prompt, when one was made
+    notes: list[str] = field(default_factory=list)
+
+    def messages(self, drop: int | None = None) -> list[Message]:
+        return self.pinned + self.history[self.drop if drop is None else drop :]
+
+    def cut_points(self) -> list[int]:
+        """Where the kept history may start: user turns at or after ``drop``, up to
+        the newest user turn (which is never dropped)."""
+        users = [i for i, m in enumerate(self.history) if m.get("role") == "user"]
+        if not users:
+            return [self.drop]
+        return [i for i in users if i >= self.drop] or [users[-1]]
+
+
+def build_prompt(
+    system: str | None,
+    request_messages: Sequence[Message],
+    stored: Sequence[Message],
+    turns: Sequence[Message],
+) -> Prompt:
+    pinned: list[Message] = [{"role": "system", "content": system}] if system else []
+    pinned += [m for m in request_messages if m.get("role") == "system"]
+    return Prompt(pinned=pinned, history=[*stored, *turns])
+
+
+def bound_messages_and_chars(prompt: Prompt, max_messages: int, max_chars: int) -> None:
+    """Raise ``prompt.drop`` until the history fits both bounds."""
+    cuts = prompt.cut_points()
+    need = max(prompt.drop, len(prompt.history) - max_messages)
+    for cut in cuts:
+        if cut >= need and chars(prompt.messages(cut)) <= max_chars:
+            if cut > prompt.drop:
+                prompt.notes.append(
+                    f"dropped {cut - prompt.drop} oldest message(s) for the "
+                    "message/character bounds"
+                )
+            prompt.drop = cut
+            return
+    newest = cuts[-1]
+    size = chars(prompt.messages(newest))
+    raise InvalidRequestError(
+        f"the prompt does not fit: with only the newest turn it has {size}"
+        f" characters and {len(prompt.history) - newest} message(s) "
+        f"(session.max_prompt_chars = {max_chars}, max_session_messages = {max_messages})",
+        param="messages",
+    )
+
+
+async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCounter) -> None:
+    """Raise ``prompt.drop`` until the prompt fits ``budget`` tokens (0: no bound)."""
+    if budget <= 0:
+        return
+    cuts = prompt.cut_points()
+
+    def estimate(cut: int) -> int:
+        return estimate_tokens(prompt.messages(cut))
+
+    if mode == "estimate":
+        fitting = next((c for c in cuts if estimate(c) <= budget), None)
+        if fitting is None:
+            raise _over_budget(budget, estimate(cuts[-1]), "estimated")
+        _set_drop(prompt, fitting, "token budget (estimated)")
+        return
+    if mode == "auto" and estimate(cuts[0]) <= budget * AUTO_EXACT_ABOVE:
+        return  # far under budget: no tokenizer call
+
+    async def exact(cut: int) -> int:
+        prompt.token_calls += 1
+        return await count(prompt.messages(cut))
+
+    first = await exact(cuts[0])
+    if first <= budget:
+        prompt.tokens = first
+        return
+    # counts fall as the cut moves later: binary search for the earliest fitting cut
+    lo, hi = 1, len(cuts) - 1
+    best: tuple[int, int] | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        n = await exact(cuts[mid])
+        if n <= budget:
+            best, hi = (cuts[mid], n), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        raise _over_budget(budget, None, "counted")
+    _set_drop(prompt, best[0], "token budget")
+    prompt.tokens = best[1]
+
+
+def _set_drop(prompt: Prompt, cut: int, why: str) -> None:
+    if cut > prompt.drop:
+        prompt.notes.append(f"dropped {cut - prompt.drop} oldest message(s) for the {why}")
+    prompt.drop = cut
+
+
+def _over_budget(budget: int, tokens: int | None, how: str) -> InvalidRequestError:
+    size = f" ({how}: {tokens} tokens)" if tokens is not None else ""
+    return InvalidRequestError(
+        f"the prompt does not fit session.max_prompt_tokens = {budget} even with only the "
+        f"preset and the newest turn{size}",
+        param="messages",
+    )

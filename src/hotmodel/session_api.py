@@ -1,0 +1,42 @@
+"""Session endpoints: ``GET /v1/sessions``, ``GET`` and ``DELETE /v1/sessions/{id}``.
+
+``GET /v1/sessions/{id}`` is the export: the session with every stored
+message (the OpenAI message object plus the model that produced it and the
+time), as JSON.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from hotmodel.errors import SessionNotFoundError
+from hotmodel.runtime import Runtime
+from hotmodel.session_store import SessionStore
+
+
+def session_routes(runtime: Runtime) -> list[Route]:
+    store: SessionStore = runtime.store
+
+    async def list_sessions(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [s.to_json() for s in await store.list()]})
+
+    async def get_session(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        session = await store.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        return JSONResponse(session.to_json())
+
+    async def delete_session(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if not await store.delete(session_id):
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        return JSONResponse({"id": session_id, "deleted": True})
+
+    return [
+        Route("/v1/sessions", list_sessions, methods=["GET"]),
+        Route("/v1/sessions/{session_id:path}", get_session, methods=["GET"]),
+        Route("/v1/sessions/{session_id:path}", delete_session, methods=["DELETE"]),
+    ]

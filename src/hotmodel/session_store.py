@@ -1,0 +1,284 @@
+"""The durable session store: SQLite in WAL mode, schema versioned with migrations.
+
+A session is an id, the name of its preset prompt and its ordered messages
+(each the OpenAI message object as sent or received, the model that produced
+an assistant turn, and the time). The store never shortens a session:
+bounds apply only to what is sent to a model.
+
+All SQLite work runs on one dedicated thread (SQLite connections belong to
+the thread that made them); the async methods hand work to it, so the event
+loop never waits on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hotmodel.errors import StoreError
+
+_T = TypeVar("_T")
+
+# Migration N takes the schema from version N to N+1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id          TEXT PRIMARY KEY,
+        preset      TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        session_id  TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq         INTEGER NOT NULL,
+        role        TEXT NOT NULL,
+        message     TEXT NOT NULL,   -- the OpenAI message object, as JSON
+        model       TEXT,            -- the model that produced an assistant turn
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE INDEX sessions_by_use ON sessions(updated_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    message: dict[str, Any]
+    model: str | None
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.message, "model": self.model, "created_at": self.created_at}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    id: str
+    preset: str
+    created_at: float
+    updated_at: float
+    message_count: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "preset": self.preset or None,
+            "messages": self.message_count,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    preset: str
+    created_at: float
+    updated_at: float
+    messages: tuple[StoredMessage, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "preset": self.preset or None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "messages": [m.to_json() for m in self.messages],
+        }
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the session store has schema version {found}, newer than this "
+            f"hotmodel knows ({SCHEMA_VERSION}); upgrade hotmodel"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        # one transaction per step: a failed migration leaves the previous version
+        conn.executescript(
+            f"BEGIN;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+        )
+    return found
+
+
+class SessionStore:
+    """Sessions in one SQLite file. Open with ``async with`` (or open()/close())."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> SessionStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the session store {self.path}: {exc}") from exc
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        await self._call(self._close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _call(self, fn: Callable[[], _T]) -> _T:
+        if self._executor is None:
+            raise StoreError("the session store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the session store is not open")
+        return self._conn
+
+    # --- queries (each runs on the store's thread) ---
+
+    async def get(self, session_id: str) -> Session | None:
+        return await self._call(lambda: self._get(session_id))
+
+    def _get(self, session_id: str) -> Session | None:
+        db = self._db()
+        row = db.execute(
+            "SELECT id, preset, created_at, updated_at FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        msgs = db.execute(
+            "SELECT message, model, created_at FROM messages WHERE session_id = ? ORDER BY seq",
+            (session_id,),
+        ).fetchall()
+        return Session(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            tuple(StoredMessage(json.loads(m), model, t) for m, model, t in msgs),
+        )
+
+    async def get_or_create(self, session_id: str, preset: str) -> Session:
+        def run() -> Session:
+            now = time.time()
+            self._db().execute(
+                "INSERT OR IGNORE INTO sessions (id, preset, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?)",
+                (session_id, preset, now, now),
+            )
+            session = self._get(session_id)
+            assert session is not None
+            return session
+
+        return await self._call(run)
+
+    async def set_preset(self, session_id: str, preset: str) -> None:
+        await self._call(
+            lambda: self._db().execute(
+                "UPDATE sessions SET preset = ? WHERE id = ?", (preset, session_id)
+            )
+        )
+
+    async def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], model: str | None
+    ) -> None:
+        """Append turns atomically; ``model`` is recorded on assistant turns."""
+
+        def run() -> None:
+            db = self._db()
+            now = time.time()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                (last,) = db.execute(
+                    "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?",
+                    (session_id,),
+                ).fetchone()
+                db.executemany(
+                    "INSERT INTO messages (session_id, seq, role, message, model, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            session_id,
+                            last + 1 + i,
+                            str(m.get("role")),
+                            json.dumps(m),
+                            model if m.get("role") == "assistant" else None,
+                            now,
+                        )
+                        for i, m in enumerate(messages)
+                    ],
+                )
+                db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+
+        await self._call(run)
+
+    async def touch(self, session_id: str) -> None:
+        await self._call(
+            lambda: self._db().execute(
+                "UPDATE sessions SET updated_at = ? WHERE id = ?", (time.time(), session_id)
+            )
+        )
+
+    async def list(self) -> list[SessionSummary]:
+        def run() -> list[SessionSummary]:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT s.id, s.preset, s.created_at, s.updated_at, COUNT(m.seq) "
+                    "FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id "
+                    "ORDER BY s.updated_at DESC"
+                )
+                .fetchall()
+            )
+            return [SessionSummary(*r) for r in rows]
+
+        return await self._call(run)
+
+    async def most_recent(self) -> Session | None:
+        def run() -> Session | None:
+            row = (
+                self._db()
+                .execute("SELECT id FROM sessions ORDER BY updated_at DESC LIMIT 1")
+                .fetchone()
+            )
+            return None if row is None else self._get(row[0])
+
+        return await self._call(run)
+
+    async def delete(self, session_id: str) -> bool:
+        def run() -> bool:
+            cur = self._db().execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            return cur.rowcount > 0
+
+        return await self._call(run)
