@@ -68,6 +68,8 @@ def write_config(
     router: str = "",
     server: str = "",
     extra: str = "",
+    session: str = "",
+    tail: str = "",
 ) -> Path:
     """Write a hotmodel TOML + INI pair into ``folder`` and return the TOML path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,11 @@ stop_timeout_seconds = 5
 [switch]
 load_timeout_seconds = 60
 {extra}
+
+[session]
+{session}
+
+{tail}
 """
     path = folder / "hotmodel.toml"
     path.write_text(toml, encoding="utf-8")

@@ -64,6 +64,10 @@ def admin_routes(runtime: Runtime) -> list[Route]:
                 "router": router,
                 "switch": engine().status() if runtime.engine else None,
                 "gpu_probe": runtime.gpu.name,
+                "sessions": {
+                    "store": str(runtime.config.session_store_file),
+                    "token_calls": runtime.sessions.token_calls if runtime.sessions else 0,
+                },
             }
         )
 

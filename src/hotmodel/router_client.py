@@ -137,6 +137,18 @@ class RouterClient:
         except httpx.HTTPError as exc:
             raise RouterUnavailableError(f"router unreachable on {method} {path}: {exc!r}") from exc
 
+    async def post_json(self, path: str, body: Mapping[str, Any], timeout: float = 60.0) -> Any:
+        """POST ``body`` to the router; the decoded answer, or a RouterError naming it."""
+        resp = await self._request("POST", path, json_body=body, timeout=timeout)
+        if resp.status_code != 200:
+            raise RouterProtocolError(
+                f"POST {path} answered {resp.status_code}: {error_message(resp.content)}"
+            )
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise RouterProtocolError(f"POST {path} answered invalid JSON: {exc}") from exc
+
     async def health(self) -> bool:
         """True when the router answers ``/health`` with 200."""
         try:

@@ -106,7 +106,7 @@ class Runtime:
         )
         try:
             await self.store.open()
-            self.sessions = SessionService(cfg, self.store, self.router, self.http)
+            self.sessions = SessionService(cfg, self.store, self.router)
             self.gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
             baseline = await asyncio.to_thread(self.gpu.snapshot)
             await self.supervisor.start()

@@ -129,7 +129,12 @@ class SessionStore:
 
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
-        await self._call(self._open)
+        try:
+            await self._call(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
 
     def _open(self) -> None:
         try:

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from hotmodel.config import Config
 from hotmodel.context import (
     Message,
@@ -27,7 +25,7 @@ from hotmodel.context import (
     build_prompt,
     new_turns,
 )
-from hotmodel.errors import InvalidRequestError, RouterError, RouterProtocolError
+from hotmodel.errors import InvalidRequestError, RouterProtocolError
 from hotmodel.router_client import RouterClient
 from hotmodel.session_store import SessionStore
 
@@ -94,13 +92,10 @@ class ReplyAssembler:
 
 
 class SessionService:
-    def __init__(
-        self, config: Config, store: SessionStore, router: RouterClient, http: httpx.AsyncClient
-    ) -> None:
+    def __init__(self, config: Config, store: SessionStore, router: RouterClient) -> None:
         self.config = config
         self.store = store
         self.router = router
-        self.http = http
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
 
     def _system(self, preset: str) -> str | None:
@@ -173,13 +168,8 @@ class SessionService:
             "temperature": 0,
         }
         t0 = time.monotonic()
-        try:
-            resp = await self.http.post(self.router.base_url + "/v1/chat/completions", json=body)
-        except httpx.HTTPError as exc:
-            raise RouterError(f"replay request failed: {exc!r}") from exc
-        if resp.status_code != 200:
-            raise RouterError(f"replay answered {resp.status_code}: {resp.text[:200]}")
-        timings = resp.json().get("timings", {})
+        answer = await self.router.post_json("/v1/chat/completions", body, timeout=600)
+        timings = answer.get("timings", {})
         return {
             "session": session.id,
             "messages": len(prompt.messages()),
@@ -192,26 +182,16 @@ class SessionService:
 
 async def count_tokens(router: RouterClient, model: str, messages: list[Message]) -> int:
     """Exact prompt tokens for ``messages`` on ``model``: its own chat template and tokenizer."""
-    http, base = router.http, router.base_url
-    try:
-        tpl = await http.post(base + "/apply-template", json={"model": model, "messages": messages})
-        if tpl.status_code != 200:
-            raise RouterProtocolError(
-                f"/apply-template answered {tpl.status_code}: {tpl.text[:200]}"
-            )
-        tok = await http.post(
-            base + "/tokenize",
-            json={
-                "model": model,
-                "content": tpl.json()["prompt"],
-                "add_special": True,
-                "parse_special": True,
-            },
-        )
-        if tok.status_code != 200:
-            raise RouterProtocolError(f"/tokenize answered {tok.status_code}: {tok.text[:200]}")
-        return len(tok.json()["tokens"])
-    except httpx.HTTPError as exc:
-        raise RouterError(f"token count failed: {exc!r}") from exc
-    except (KeyError, ValueError) as exc:
-        raise RouterProtocolError(f"unexpected tokenizer answer: {exc!r}") from exc
+    templated = await router.post_json("/apply-template", {"model": model, "messages": messages})
+    tokens = await router.post_json(
+        "/tokenize",
+        {
+            "model": model,
+            "content": templated.get("prompt", ""),
+            "add_special": True,
+            "parse_special": True,
+        },
+    )
+    if not isinstance(tokens.get("tokens"), list):
+        raise RouterProtocolError(f"unexpected /tokenize answer: {str(tokens)[:200]}")
+    return len(tokens["tokens"])

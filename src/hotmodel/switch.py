@@ -420,8 +420,10 @@ class SwitchEngine:
             return f"replay failed: {exc}"
         if report.replay is None:
             return "skipped"  # no session to replay
-        return (f"{report.replay.get('prompt_tokens')} prompt tokens in "
-                f"{report.replay.get('prompt_ms')} ms")
+        return (
+            f"{report.replay.get('prompt_tokens')} prompt tokens in "
+            f"{report.replay.get('prompt_ms')} ms"
+        )
 
     async def _recover(
         self, report: SwitchReport, listeners: list[Listener], previous: str | None, target: str

@@ -1,0 +1,231 @@
+"""Session context (pure) and the session store (real SQLite files)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotmodel.context import (
+    Message,
+    Prompt,
+    bound_messages_and_chars,
+    bound_tokens,
+    build_prompt,
+    estimate_tokens,
+    new_turns,
+)
+from hotmodel.errors import InvalidRequestError, StoreError
+from hotmodel.session_store import SCHEMA_VERSION, SessionStore
+from hotmodel.sessions import ReplyAssembler
+
+
+def u(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def a(text: str) -> Message:
+    return {"role": "assistant", "content": text}
+
+
+SYS = {"role": "system", "content": "be brief"}
+STORED = [u("hi"), a("hello"), u("how are you"), a("fine")]
+
+
+@pytest.mark.parametrize(
+    ("incoming", "expected"),
+    [
+        ([u("next")], [u("next")]),  # only the new turn
+        ([*STORED, u("next")], [u("next")]),  # the whole history again
+        ([SYS, *STORED, u("next")], [u("next")]),  # ... with a system prompt
+        ([u("how are you"), a("fine"), u("next")], [u("next")]),  # a window of the end
+        ([u("hi"), u("next")], [u("hi"), u("next")]),  # no overlap: all new
+    ],
+)
+def test_new_turns(incoming: list[Message], expected: list[Message]) -> None:
+    assert new_turns(STORED, incoming) == expected
+
+
+def test_new_turns_retry_after_an_unanswered_turn() -> None:
+    # the last stored turn is the user's (its answer was aborted): a retry adds nothing twice
+    assert new_turns([u("q")], [u("q")]) == []
+
+
+def test_new_turns_compares_list_content() -> None:
+    parts = [{"type": "text", "text": "look"}]
+    assert new_turns(
+        [{"role": "user", "content": parts}, a("ok")],
+        [{"role": "user", "content": parts}, a("ok"), u("more")],
+    ) == [u("more")]
+
+
+def _prompt(n_exchanges: int, size: int = 10) -> Prompt:
+    history: list[Message] = []
+    for i in range(n_exchanges):
+        history += [u(f"{i:02d}" + "u" * size), a(f"{i:02d}" + "a" * size)]
+    return build_prompt("SYSTEM", [], history[:-1], [])  # ends with a user turn
+
+
+def test_preset_and_request_system_messages_are_pinned() -> None:
+    p = build_prompt("PRESET", [SYS, u("x")], [u("old"), a("ans")], [u("x")])
+    assert p.pinned == [{"role": "system", "content": "PRESET"}, SYS]
+    assert p.messages() == [p.pinned[0], SYS, u("old"), a("ans"), u("x")]
+
+
+def test_message_bound_drops_oldest_at_user_turns() -> None:
+    p = _prompt(5)
+    bound_messages_and_chars(p, max_messages=4, max_chars=10**6)
+    kept = p.messages()
+    assert kept[0]["content"] == "SYSTEM"
+    assert kept[1]["role"] == "user"  # history starts with a user turn
+    assert len(kept) - 1 <= 4
+    assert kept[-1] == p.history[-1]  # the newest turn is kept
+    assert p.history[0] == u("00" + "u" * 10)  # the prompt's history itself is intact
+
+
+def test_char_bound() -> None:
+    p = _prompt(5, size=100)
+    bound_messages_and_chars(p, max_messages=100, max_chars=350)
+    assert sum(len(m["content"]) for m in p.messages()) <= 350
+    assert p.messages()[-1] == p.history[-1]
+
+
+def test_newest_turn_alone_too_big_is_a_clear_400() -> None:
+    p = build_prompt(None, [], [], [u("x" * 500)])
+    with pytest.raises(InvalidRequestError) as info:
+        bound_messages_and_chars(p, max_messages=10, max_chars=100)
+    assert info.value.param == "messages"
+    assert "500 characters" in str(info.value)
+
+
+class Counter:
+    """An exact counter stand-in that counts its calls (tokens = estimate / 2)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, messages: list[Message]) -> int:
+        self.calls += 1
+        return estimate_tokens(messages) // 2
+
+
+def _fit(p: Prompt, budget: int, mode: str) -> Counter:
+    counter = Counter()
+    asyncio.run(bound_tokens(p, budget, mode, counter))
+    return counter
+
+
+def test_auto_makes_no_tokenizer_call_far_under_budget() -> None:
+    p = _prompt(10)
+    assert _fit(p, 100_000, "auto").calls == 0
+    assert p.drop == 0
+
+
+def test_auto_counts_when_near_budget_and_binary_searches() -> None:
+    p = _prompt(40)
+    full = estimate_tokens(p.messages()) // 2
+    counter = _fit(p, full // 3, "auto")
+    assert p.tokens is not None and p.tokens <= full // 3
+    cuts = 40
+    assert 1 <= counter.calls <= 1 + math.ceil(math.log2(cuts)) + 1
+    # the earliest fitting cut: one cut earlier would not fit
+    earlier = [c for c in Prompt(p.pinned, p.history).cut_points() if c < p.drop][-1]
+    assert estimate_tokens(p.messages(earlier)) // 2 > full // 3
+
+
+def test_exact_mode_always_counts_once_and_estimate_mode_never() -> None:
+    assert _fit(_prompt(3), 100_000, "exact").calls == 1
+    p = _prompt(40)
+    assert _fit(p, 300, "estimate").calls == 0
+    assert estimate_tokens(p.messages()) <= 300
+
+
+def test_token_budget_that_cannot_fit_is_a_400() -> None:
+    p = build_prompt("S" * 3000, [], [], [u("x")])
+    with pytest.raises(InvalidRequestError, match="max_prompt_tokens = 50"):
+        _fit(p, 50, "exact")
+
+
+SSE = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"finish_reason":"stop","delta":{}}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 7, 50, len(SSE)])
+def test_reply_assembler_any_chunking(step: int) -> None:
+    asm = ReplyAssembler()
+    for i in range(0, len(SSE), step):
+        asm.feed(SSE[i : i + step])
+    assert asm.message() == {"role": "assistant", "content": "Hello"}
+
+
+def test_reply_assembler_unfinished_or_errored_stream_is_nothing() -> None:
+    asm = ReplyAssembler()
+    asm.feed(SSE[:120])
+    assert asm.message() is None
+    asm2 = ReplyAssembler()
+    asm2.feed(SSE[:-40] + b'data: {"error":{"message":"x"}}\n\n')
+    assert asm2.message() is None
+
+
+def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    async def first() -> None:
+        async with SessionStore(path) as store:
+            s = await store.get_or_create("abc", "pirate")
+            assert s.preset == "pirate" and s.messages == ()
+            await store.append("abc", [u("hi"), a("hello")], "smollm2")
+            await store.append("abc", [u("again"), a("yes")], "gemma3")
+            await store.get_or_create("other", "")
+
+    async def second() -> dict[str, Any]:
+        async with SessionStore(path) as store:
+            s = await store.get("abc")
+            assert s is not None
+            assert [m.message for m in s.messages] == [u("hi"), a("hello"), u("again"), a("yes")]
+            assert [m.model for m in s.messages] == [None, "smollm2", None, "gemma3"]
+            listed = await store.list()
+            assert [x.id for x in listed] == ["other", "abc"]  # most recently used first
+            assert listed[1].message_count == 4
+            recent = await store.most_recent()
+            assert recent is not None and recent.id == "other"
+            assert await store.delete("abc") is True
+            assert await store.delete("abc") is False
+            assert await store.get("abc") is None
+            return s.to_json()
+
+    asyncio.run(first())
+    exported = asyncio.run(second())
+    assert exported["messages"][1] == {
+        **a("hello"),
+        "model": "smollm2",
+        "created_at": exported["messages"][1]["created_at"],
+    }
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # cascade
+    conn.close()
+
+
+def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+
+    async def scenario() -> None:
+        async with SessionStore(path):
+            pass
+
+    with pytest.raises(StoreError, match="newer than this hotmodel knows"):
+        asyncio.run(scenario())

@@ -1,0 +1,330 @@
+"""Sessions against the real router and both real models (two tokenizers, two templates)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+
+BRIEF = "You are a helpful assistant. Answer in one short sentence."
+PRESETS = f'[presets.brief]\nsystem = "{BRIEF}"\n[presets.pirate]\nsystem = "Talk like a pirate."'
+
+
+@contextlib.contextmanager
+def serving(
+    folder: Path, real_models: dict[str, Path], session: str = "", extra: str = ""
+) -> Iterator[HotmodelProcess]:
+    presets = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
+    config = write_config(folder, presets, "smollm2", session=session, extra=extra, tail=PRESETS)
+    hp = start_hotmodel(config)
+    try:
+        yield hp
+    finally:
+        code = hp.stop()
+    assert code == 0, hp.output()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, real_models: dict[str, Path], llama_server: Path
+) -> Iterator[HotmodelProcess]:
+    with serving(
+        tmp_path_factory.mktemp("sessions"),
+        real_models,
+        session='default_preset = "brief"\nmax_prompt_tokens = 1500',
+    ) as hp:
+        yield hp
+
+
+@pytest.fixture
+def smol(server: HotmodelProcess) -> HotmodelProcess:
+    resp = httpx.post(server.base_url + "/admin/switch", json={"model": "smollm2"}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return server
+
+
+def chat(
+    server: HotmodelProcess, session: str | None, messages: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    headers = {"x-session-id": session} if session else {}
+    resp = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        headers=headers,
+        timeout=120,
+        json={"messages": messages, "max_tokens": 8, "temperature": 0, **extra},
+    )
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def session_of(server: HotmodelProcess, session: str) -> dict[str, Any]:
+    resp = httpx.get(server.base_url + f"/v1/sessions/{session}")
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def exact_tokens(server: HotmodelProcess, model: str, messages: list[dict[str, Any]]) -> int:
+    """The prompt size as the model's own template and tokenizer see it."""
+    router = server.status()["router"]
+    assert isinstance(router, dict)
+    url = router["url"]
+    prompt = httpx.post(
+        url + "/apply-template", json={"model": model, "messages": messages}
+    ).json()["prompt"]
+    tokens = httpx.post(
+        url + "/tokenize", json={"model": model, "content": prompt, "add_special": True}
+    ).json()["tokens"]
+    return len(tokens)
+
+
+def stored(server: HotmodelProcess, session: str) -> list[dict[str, Any]]:
+    return [
+        {"role": m["role"], "content": m["content"]}
+        for m in session_of(server, session)["messages"]
+    ]
+
+
+def u(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def test_openai_client_with_session_plain_and_streaming(smol: HotmodelProcess) -> None:
+    client = openai.OpenAI(base_url=smol.base_url + "/v1", api_key="unused")
+    first = client.chat.completions.create(
+        model="active",
+        messages=[{"role": "user", "content": "My name is Ada."}],
+        max_tokens=8,
+        extra_body={"session_id": "oa-1"},
+    )
+    parts = []
+    for chunk in client.chat.completions.create(
+        model="active",
+        messages=[{"role": "user", "content": "What is my name?"}],
+        max_tokens=8,
+        stream=True,
+        extra_body={"session_id": "oa-1"},
+    ):
+        assert isinstance(chunk, ChatCompletionChunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    history = session_of(smol, "oa-1")
+    assert history["preset"] == "brief"  # the configured default
+    msgs = history["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[1]["content"] == first.choices[0].message.content
+    assert msgs[3]["content"] == "".join(parts)  # assembled from the SSE deltas
+    assert [m["model"] for m in msgs] == [None, "smollm2", None, "smollm2"]
+
+
+def test_second_turn_gets_preset_and_history_prepended(smol: HotmodelProcess) -> None:
+    chat(smol, "hist-1", [u("Remember the word banana.")])
+    reply = chat(smol, "hist-1", [u("Which word?")])
+    expected = exact_tokens(
+        smol, "smollm2", [{"role": "system", "content": BRIEF}, *stored(smol, "hist-1")[:3]]
+    )
+    assert reply["usage"]["prompt_tokens"] == expected
+    assert reply["timings"]["cache_n"] > 0  # the shared prefix came from the prompt cache
+
+
+def test_full_resend_is_not_stored_twice(smol: HotmodelProcess) -> None:
+    r1 = chat(smol, "resend-1", [u("One.")])
+    a1 = r1["choices"][0]["message"]["content"]
+    chat(
+        smol,
+        "resend-1",
+        [
+            {"role": "system", "content": "x"},
+            u("One."),
+            {"role": "assistant", "content": a1},
+            u("Two."),
+        ],
+    )
+    assert [m["content"] for m in stored(smol, "resend-1")][::2] == ["One.", "Two."]
+    assert len(stored(smol, "resend-1")) == 4
+
+
+def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:
+    chat(smol, "abort-1", [u("Hello.")])
+    body = {
+        "messages": [u("Tell me a long story.")],
+        "max_tokens": 500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        smol.base_url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"x-session-id": "abort-1"},
+    ) as resp:
+        lines = resp.iter_lines()
+        assert sum(1 for _ in zip(range(6), lines, strict=False)) == 6
+        resp.close()
+    assert len(stored(smol, "abort-1")) == 2
+
+
+def test_without_a_session_nothing_is_stored_or_changed(smol: HotmodelProcess) -> None:
+    before = httpx.get(smol.base_url + "/v1/sessions").json()["data"]
+    reply = chat(smol, None, [u("Hi")])
+    assert reply["usage"]["prompt_tokens"] == exact_tokens(smol, "smollm2", [u("Hi")])
+    assert httpx.get(smol.base_url + "/v1/sessions").json()["data"] == before
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({"preset": "brief"}, {}, "preset"),  # a preset needs a session
+        ({"session_id": "p-1", "preset": "nope"}, {}, "preset"),  # unknown preset
+        ({"session_id": "x" * 200}, {}, "session_id"),
+        ({"session_id": 5}, {}, "session_id"),
+    ],
+)
+def test_bad_session_fields_are_400(
+    smol: HotmodelProcess, body: dict[str, Any], headers: dict[str, str], param: str
+) -> None:
+    resp = httpx.post(
+        smol.base_url + "/v1/chat/completions", headers=headers, json={"messages": [u("x")], **body}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_preset_per_session_by_header(smol: HotmodelProcess) -> None:
+    resp = httpx.post(
+        smol.base_url + "/v1/chat/completions",
+        timeout=60,
+        headers={"x-session-id": "pirate-1", "x-preset": "pirate"},
+        json={"messages": [u("Hello")], "max_tokens": 4},
+    )
+    assert resp.status_code == 200
+    assert resp.headers["x-session-id"] == "pirate-1"
+    expected = exact_tokens(
+        smol, "smollm2", [{"role": "system", "content": "Talk like a pirate."}, u("Hello")]
+    )
+    assert resp.json()["usage"]["prompt_tokens"] == expected
+    assert session_of(smol, "pirate-1")["preset"] == "pirate"
+
+
+def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    session = 'default_preset = "brief"'
+    with serving(tmp_path, real_models, session=session) as hp:
+        chat(hp, "travel", [u("I am planning a trip to Lisbon.")])
+        chat(hp, "travel", [u("I like old trams.")])
+        question = u("Which city did I name?")
+        on_smollm2 = exact_tokens(
+            hp, "smollm2", [{"role": "system", "content": BRIEF}, *stored(hp, "travel"), question]
+        )
+        report = httpx.post(
+            hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
+        ).json()
+        assert report["outcome"] == "ok"
+        assert report["replay"]["session"] == "travel"
+        assert report["replay"]["prompt_tokens"] > 0
+        third = chat(hp, "travel", [question])
+        assert third["model"] == "gemma3"
+        sent = [{"role": "system", "content": BRIEF}, *stored(hp, "travel")[:5]]
+        # Gemma received the preset and the whole history, in its own template:
+        assert third["usage"]["prompt_tokens"] == exact_tokens(hp, "gemma3", sent)
+        assert third["usage"]["prompt_tokens"] != on_smollm2  # another tokenizer
+        assert third["timings"]["cache_n"] > 0  # the replay pre-filled it
+    with serving(tmp_path, real_models, session=session) as again:  # same state folder
+        kept = session_of(again, "travel")
+        assert [m["model"] for m in kept["messages"]] == [
+            None,
+            "smollm2",
+            None,
+            "smollm2",
+            None,
+            "gemma3",
+        ]
+        fourth = chat(again, "travel", [u("And what do I like?")])
+        assert fourth["model"] == "smollm2"
+        sent = [{"role": "system", "content": BRIEF}, *stored(again, "travel")[:7]]
+        assert fourth["usage"]["prompt_tokens"] == exact_tokens(again, "smollm2", sent)
+
+
+def test_token_budget_holds_for_both_tokenizers(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    budget = 220
+    with serving(
+        tmp_path, real_models, session=f'max_prompt_tokens = {budget}\ntoken_count_mode = "auto"'
+    ) as hp:
+        turn = (
+            "Here is a detail about my garden: the roses by the north wall bloom late "
+            "this year, number {}."
+        )
+        calls_before = hp.status()["sessions"]["token_calls"]  # type: ignore[index]
+        sizes = []
+        for i in range(8):
+            reply = chat(hp, "garden", [u(turn.format(i))], max_tokens=4)
+            sizes.append(reply["usage"]["prompt_tokens"])
+            assert reply["usage"]["prompt_tokens"] <= budget
+        assert len(stored(hp, "garden")) == 16  # the session keeps everything
+        assert sizes[-1] < exact_tokens(hp, "smollm2", stored(hp, "garden")[:15])  # trimmed
+        calls = hp.status()["sessions"]["token_calls"] - calls_before  # type: ignore[index]
+        assert 0 < calls <= 8 * (2 + math.ceil(math.log2(16)))  # binary search, not 1 per turn
+        httpx.post(hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120)
+        on_gemma = chat(hp, "garden", [u(turn.format(99))], max_tokens=4)
+        assert on_gemma["model"] == "gemma3"
+        assert on_gemma["usage"]["prompt_tokens"] <= budget
+
+
+def test_auto_mode_makes_no_tokenizer_call_far_under_budget(smol: HotmodelProcess) -> None:
+    before = smol.status()["sessions"]["token_calls"]  # type: ignore[index]
+    chat(smol, "short-1", [u("Hi")])
+    chat(smol, "short-1", [u("Bye")])
+    assert smol.status()["sessions"]["token_calls"] == before  # type: ignore[index]
+
+
+def test_replay_fills_the_prompt_cache_for_the_first_turn_after_a_switch(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    results = {}
+    for replay in (True, False):
+        folder = tmp_path / f"replay-{replay}"
+        with serving(folder, real_models, extra=f"replay = {str(replay).lower()}") as hp:
+            for text in ("I collect stamps from Iceland.", "My favourite one is blue."):
+                chat(hp, "stamps", [u(text)])
+            report = httpx.post(
+                hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
+            ).json()
+            assert (report["replay"] is not None) is replay
+            results[replay] = chat(hp, "stamps", [u("What do I collect?")])["timings"]
+    assert results[True]["cache_n"] > 0
+    assert results[False]["cache_n"] == 0
+    # same prompt, far fewer tokens to evaluate on the first turn after the switch
+    assert results[True]["prompt_n"] < results[False]["prompt_n"]
+    assert results[True]["prompt_n"] + results[True]["cache_n"] == results[False]["prompt_n"]
+
+
+def test_session_api_and_cli(smol: HotmodelProcess) -> None:
+    chat(smol, "api-1", [u("Hello")])
+    listed = httpx.get(smol.base_url + "/v1/sessions").json()["data"]
+    assert listed[0]["id"] == "api-1" and listed[0]["messages"] == 2
+    out = run_hotmodel("sessions", "list", "--config", str(smol.config))
+    assert out.returncode == 0 and "api-1  2 message(s)  preset: brief" in out.stdout
+    shown = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config))
+    assert '"content": "Hello"' in shown.stdout
+    deleted = run_hotmodel("sessions", "delete", "api-1", "--config", str(smol.config))
+    assert deleted.returncode == 0
+    assert httpx.get(smol.base_url + "/v1/sessions/api-1").status_code == 404
+    gone = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config))
+    assert gone.returncode == 1 and "no session 'api-1'" in gone.stderr
+    missing = httpx.delete(smol.base_url + "/v1/sessions/api-1")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "session_not_found"
