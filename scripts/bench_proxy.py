@@ -14,38 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
-
-from hotmodel import provision
-from hotmodel.supervisor import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _config(folder: Path, port: int, default: str) -> Path:
-    models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
-    presets = {"smollm2": models["smollm2"], "gemma3": models["gemma3"]}
-    (folder / "models.ini").write_text(
-        "version = 1\n" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in presets.items())
-    )
-    path = folder / "hotmodel.toml"
-    path.write_text(
-        f'[server]\nport = {port}\nstate_dir = "state"\n'
-        f'[router]\nmodels_preset = "models.ini"\ndefault_model = "{default}"\n'
-        "ctx_size = 4096\n"
-    )
-    return path
+from benchlib import ROOT, machine, serving
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -109,69 +83,44 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="hotmodel-bench-") as tmp:
-        port = free_port("127.0.0.1")
-        config = _config(Path(tmp), port, args.model)
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hotmodel", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            while True:
-                if proc.poll() is not None:
-                    sys.exit("hotmodel serve exited; see the router log in " + tmp)
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.01)
-            startup_ms = (time.perf_counter() - t0) * 1000
-            router = httpx.get(base + "/admin/status").json()["router"]["url"]
-            body = {
-                "model": args.model,
-                "messages": [{"role": "user", "content": "Hi"}],
-                "max_tokens": 1,
-                "temperature": 0,
-            }
-            results: dict[str, list[float]] = {
-                k: []
-                for k in (
-                    "router_plain",
-                    "hotmodel_plain",
-                    "router_stream_ttfb",
-                    "hotmodel_stream_ttfb",
-                )
-            }
-            with (
-                httpx.Client(timeout=60, trust_env=False) as c1,
-                httpx.Client(timeout=60, trust_env=False) as c2,
-            ):
-                for _ in range(10):  # warm both paths and the prompt cache
-                    _plain(c1, router, body)
-                    _plain(c2, base, body)
-                for i in range(args.rounds):
-                    # alternate the order so neither side always goes first
-                    pairs = [(c1, router, "router"), (c2, base, "hotmodel")]
-                    for client, url, name in pairs if i % 2 == 0 else pairs[::-1]:
-                        results[f"{name}_plain"].append(_plain(client, url, body))
-                        results[f"{name}_stream_ttfb"].append(_stream_first_byte(client, url, body))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    t0 = time.perf_counter()
+    with serving(default=args.model) as served:
+        startup_ms = (time.perf_counter() - t0) * 1000
+        base = served.base_url
+        router = httpx.get(base + "/admin/status").json()["router"]["url"]
+        body = {
+            "model": args.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+            "temperature": 0,
+        }
+        results: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "router_plain",
+                "hotmodel_plain",
+                "router_stream_ttfb",
+                "hotmodel_stream_ttfb",
+            )
+        }
+        with (
+            httpx.Client(timeout=60, trust_env=False) as c1,
+            httpx.Client(timeout=60, trust_env=False) as c2,
+        ):
+            for _ in range(10):  # warm both paths and the prompt cache
+                _plain(c1, router, body)
+                _plain(c2, base, body)
+            for i in range(args.rounds):
+                # alternate the order so neither side always goes first
+                pairs = [(c1, router, "router"), (c2, base, "hotmodel")]
+                for client, url, name in pairs if i % 2 == 0 else pairs[::-1]:
+                    results[f"{name}_plain"].append(_plain(client, url, body))
+                    results[f"{name}_stream_ttfb"].append(_stream_first_byte(client, url, body))
 
     summary = {k: _summary(v) for k, v in results.items()}
     out = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor(),
-        },
+        "machine": machine(),
         "model": args.model,
         "rounds": args.rounds,
         "startup_to_healthy_ms": round(startup_ms),

@@ -17,51 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import ROOT, machine, serving, wait_healthy, write_demo_config
 
 from hotmodel import provision
 from hotmodel.config import load_config
 from hotmodel.supervisor import free_port, router_argv
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _write_config(folder: Path, port: int) -> Path:
-    models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
-    (folder / "models.ini").write_text(
-        "version = 1\n" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
-    )
-    path = folder / "hotmodel.toml"
-    path.write_text(
-        f'[server]\nport = {port}\nstate_dir = "state"\n'
-        '[router]\nmodels_preset = "models.ini"\ndefault_model = "smollm2"\n'
-        "ctx_size = 4096\n"
-    )
-    return path
-
-
-def _wait_healthy(client: httpx.Client, url: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if client.get(url + "/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.01)
 
 
 def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
@@ -88,7 +57,7 @@ def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
     out = []
     try:
         with httpx.Client(timeout=30, trust_env=False) as c:
-            _wait_healthy(c, url, proc, "the bare router")
+            wait_healthy(url, proc, "the bare router")
             c.post(url + "/models/load", json={"model": "smollm2"})
             _wait_status(c, url, "smollm2", "loaded")
             current = "smollm2"
@@ -116,43 +85,33 @@ def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
     return out
 
 
-def _hotmodel(config_path: Path, port: int, rounds: int) -> list[dict[str, Any]]:
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hotmodel", "serve", "--config", str(config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+def _hotmodel(rounds: int) -> list[dict[str, Any]]:
     out = []
-    try:
-        with httpx.Client(timeout=120, trust_env=False) as c:
-            _wait_healthy(c, base, proc, "hotmodel serve")
-            current = "smollm2"
-            for _ in range(rounds * 2):
-                target = "gemma3" if current == "smollm2" else "smollm2"
-                t0 = time.perf_counter()
-                report = c.post(base + "/admin/switch", json={"model": target}).json()
-                t1 = time.perf_counter()
-                assert report["outcome"] == "ok", report
-                first = c.post(
-                    base + "/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
-                )
-                t2 = time.perf_counter()
-                first.raise_for_status()
-                out.append(
-                    {
-                        "to": target,
-                        "client_ms": (t1 - t0) * 1000,
-                        "report_total_ms": report["total_ms"],
-                        "phases": report["phases"],
-                        "first_chat_ms": (t2 - t1) * 1000,
-                    }
-                )
-                current = target
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    with serving() as served, httpx.Client(timeout=120, trust_env=False) as c:
+        base = served.base_url
+        current = "smollm2"
+        for _ in range(rounds * 2):
+            target = "gemma3" if current == "smollm2" else "smollm2"
+            t0 = time.perf_counter()
+            report = c.post(base + "/admin/switch", json={"model": target}).json()
+            t1 = time.perf_counter()
+            assert report["outcome"] == "ok", report
+            first = c.post(
+                base + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+            )
+            t2 = time.perf_counter()
+            first.raise_for_status()
+            out.append(
+                {
+                    "to": target,
+                    "client_ms": (t1 - t0) * 1000,
+                    "report_total_ms": report["total_ms"],
+                    "phases": report["phases"],
+                    "first_chat_ms": (t2 - t1) * 1000,
+                }
+            )
+            current = target
     return out
 
 
@@ -165,10 +124,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="round trips smollm2->gemma3->smollm2")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hotmodel-bench-") as tmp:
-        port = free_port("127.0.0.1")
-        config = _write_config(Path(tmp), port)
-        base = _baseline(config, args.rounds)
-        hot = _hotmodel(config, port, args.rounds)
+        base = _baseline(write_demo_config(Path(tmp)), args.rounds)
+    hot = _hotmodel(args.rounds)
 
     rows = []
     for target in ("gemma3", "smollm2"):
@@ -189,11 +146,7 @@ def main() -> None:
         )
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": machine(),
         "rounds": args.rounds,
         "summary_p50": rows,
         "bare": base,
