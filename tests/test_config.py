@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,29 @@ def test_hf_repo_preset_needs_no_model_path(tmp_path: Path) -> None:
     _write(tmp_path, MINIMAL, "[remote]\nhf-repo = org/model:Q4_K_M\n")
     presets = load_presets(tmp_path / "models.ini")
     assert presets.models["remote"].model_path is None
+
+
+def test_preset_prompts(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(
+            tmp_path,
+            MINIMAL + '[session]\ndefault_preset = "p"\n[presets.p]\nsystem = "Be brief."\n',
+        )
+    )
+    assert cfg.prompts["p"].system == "Be brief."
+    assert cfg.session.default_preset == "p"
+    assert cfg.session_store_file == tmp_path / ".hotmodel" / "sessions.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[presets.p]\nsystem = "x"\ntone = "y"\n', "[presets.p] tone: unknown key"),
+        ("[presets.p]\n", "[presets.p] system: missing required key"),
+        ("[presets.p]\nsystem = 3\n", "[presets.p] system: expected a string"),
+        ('[session]\ndefault_preset = "q"\n', "[session] default_preset: 'q' is not defined"),
+    ],
+)
+def test_preset_prompt_errors(tmp_path: Path, toml: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(_write(tmp_path, MINIMAL + toml))

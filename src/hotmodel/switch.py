@@ -420,10 +420,9 @@ class SwitchEngine:
             return f"replay failed: {exc}"
         if report.replay is None:
             return "skipped"  # no session to replay
-        return (
-            f"{report.replay.get('prompt_tokens')} prompt tokens in "
-            f"{report.replay.get('prompt_ms')} ms"
-        )
+        ms = report.replay.get("prompt_ms")
+        ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
+        return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"
 
     async def _recover(
         self, report: SwitchReport, listeners: list[Listener], previous: str | None, target: str
