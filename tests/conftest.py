@@ -8,6 +8,7 @@ provides. A missing binary or model fails the run (it is never skipped): run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -200,6 +201,38 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@contextlib.contextmanager
+def two_models(
+    folder: Path,
+    real_models: dict[str, Path],
+    *,
+    server: str = "",
+    router: str = "",
+    extra: str = "",
+    session: str = "",
+    tail: str = "",
+) -> Iterator[HotmodelProcess]:
+    """hotmodel on the real SmolLM2 (default) and Gemma, with extra config lines; stopped
+    after, and it must stop cleanly."""
+    presets = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
+    config = write_config(
+        folder,
+        presets,
+        "smollm2",
+        server=server,
+        router=router,
+        extra=extra,
+        session=session,
+        tail=tail,
+    )
+    hp = start_hotmodel(config)
+    try:
+        yield hp
+    finally:
+        code = hp.stop()
+    assert code == 0, hp.output()
 
 
 @pytest.fixture(scope="module")

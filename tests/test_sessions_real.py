@@ -13,24 +13,16 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, run_hotmodel, two_models
 
 BRIEF = "You are a helpful assistant. Answer in one short sentence."
 PRESETS = f'[presets.brief]\nsystem = "{BRIEF}"\n[presets.pirate]\nsystem = "Talk like a pirate."'
 
 
-@contextlib.contextmanager
 def serving(
     folder: Path, real_models: dict[str, Path], session: str = "", extra: str = ""
-) -> Iterator[HotmodelProcess]:
-    presets = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
-    config = write_config(folder, presets, "smollm2", session=session, extra=extra, tail=PRESETS)
-    hp = start_hotmodel(config)
-    try:
-        yield hp
-    finally:
-        code = hp.stop()
-    assert code == 0, hp.output()
+) -> contextlib.AbstractContextManager[HotmodelProcess]:
+    return two_models(folder, real_models, session=session, extra=extra, tail=PRESETS)
 
 
 @pytest.fixture(scope="module")

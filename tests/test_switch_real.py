@@ -6,7 +6,6 @@ model process and a real load of another.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -18,7 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    run_hotmodel,
+    start_hotmodel,
+    two_models,
+    write_config,
+)
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -44,21 +49,6 @@ def switch_server(
     hp = start_hotmodel(config)
     yield hp
     assert hp.stop() == 0, hp.output()
-
-
-@contextlib.contextmanager
-def two_models(
-    folder: Path, real_models: dict[str, Path], server: str = "", router: str = "", extra: str = ""
-) -> Iterator[HotmodelProcess]:
-    """hotmodel on SmolLM2 (default) and Gemma with extra config lines, stopped after."""
-    presets = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
-    config = write_config(folder, presets, "smollm2", server=server, router=router, extra=extra)
-    hp = start_hotmodel(config)
-    try:
-        yield hp
-    finally:
-        code = hp.stop()
-    assert code == 0, hp.output()
 
 
 def switch(server: HotmodelProcess, model: str) -> tuple[int, dict[str, Any]]:
@@ -123,36 +113,17 @@ def test_stream_started_before_a_switch_finishes_on_the_old_model(
     on_smollm2: HotmodelProcess,
 ) -> None:
     server = on_smollm2
-    events: list[dict[str, Any]] = []
+    events: list[str] = []
     started = threading.Event()
-
-    def stream() -> None:
-        body = {
-            "model": "active",
-            "messages": HELLO,
-            "max_tokens": 200,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        with httpx.stream(
-            "POST", server.base_url + "/v1/chat/completions", json=body, timeout=120
-        ) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    events.append(json.loads(line[6:]))
-                    started.set()
-                elif line == "data: [DONE]":
-                    events.append({"done": True})
-
-    reader = threading.Thread(target=stream)
+    reader = threading.Thread(target=_long_stream, args=(server, events, started, 200))
     reader.start()
     assert started.wait(30)
     status, report = switch(server, "gemma3")
     reader.join(60)
     assert status == 200, report
     assert report["drained"] == 1
-    assert events[-1] == {"done": True}
-    chunks = [e for e in events if "choices" in e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
     assert {c["model"] for c in chunks} == {"smollm2"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["timings"]["predicted_n"] == 200  # the whole answer, not cut
