@@ -49,13 +49,14 @@ def cli() -> None:
     Quick start:
       hotmodel setup --link-models .models   # build/fetch llama-server and demo models once
       hotmodel serve --config configs/demo.toml
+      hotmodel switch gemma3 --config configs/demo.toml   # in another terminal
       curl http://127.0.0.1:18080/v1/chat/completions \\
         -H 'Content-Type: application/json' \\
         -d '{"model":"active","messages":[{"role":"user","content":"hello"}]}'
     """
 
 
-@cli.command()
+@cli.command(short_help="Run the router and the OpenAI-compatible proxy.")
 @_config_option
 @click.option("--port", type=int, default=None, help="Override [server] port.")
 def serve(config_path: Path, port: int | None) -> None:
@@ -104,7 +105,7 @@ def _with_port(config: Config, port: int) -> Config:
     return dataclasses.replace(config, server=dataclasses.replace(config.server, port=port))
 
 
-@cli.command()
+@cli.command(short_help="Show the running proxy's state.")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 def status(config_path: Path, as_json: bool) -> None:
@@ -153,7 +154,7 @@ def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
             event = "message"
 
 
-@cli.command()
+@cli.command(short_help="Switch the active model, showing each phase.")
 @click.argument("model")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -215,7 +216,7 @@ def switch(model: str, config_path: Path, as_json: bool, timeout: float) -> None
         sys.exit(EXIT_ERROR)
 
 
-@cli.group()
+@cli.group(short_help="List, export or delete sessions.")
 def sessions() -> None:
     """List, show (export as JSON) or delete the sessions of the running proxy."""
 
@@ -295,7 +296,7 @@ def _print_report(report: dict[str, Any]) -> None:
         click.echo(f"warning: {warning}")
 
 
-@cli.command()
+@cli.command(short_help="Provide llama-server and the demo models (cached).")
 @click.option(
     "--link-models",
     type=click.Path(file_okay=False, path_type=Path),
