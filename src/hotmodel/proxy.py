@@ -132,11 +132,15 @@ class UpstreamStream(Response):
                 async for chunk in self._upstream.aiter_raw():
                     if assembler is not None:
                         assembler.feed(chunk)
+                        reply = assembler.message()
+                        if reply is not None and self._on_reply is not None:
+                            # Stored before the client sees the chunk that ends the
+                            # answer, so a client that reads the session right after
+                            # the stream finds the answer there.
+                            with anyio.CancelScope(shield=True):
+                                await self._on_reply(reply)
+                            self._on_reply = None
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                reply = assembler.message() if assembler is not None else None
-                if reply is not None and self._on_reply is not None:
-                    with anyio.CancelScope(shield=True):  # a finished answer is stored whole
-                        await self._on_reply(reply)
             except httpx.HTTPError as exc:
                 log.warning("upstream stream broke: %r", exc)
                 tail = sse_error_event(
