@@ -46,10 +46,7 @@ class FakeRouter:
         await asyncio.sleep(0)
         if model in self.broken:
             self.status[model] = "unloaded"
-            raise ModelLoadError(
-                f"model {model!r} failed to load (exit code 1)\n"
-                f"--- llama-server log tail ---\n{log_tail()}"
-            )
+            raise ModelLoadError(f"model {model!r} failed to load (exit code 1)", log_tail())
         self.status[model] = "loaded"
         return ModelStatus(model, "loaded")
 

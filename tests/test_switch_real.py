@@ -113,11 +113,7 @@ def test_stream_started_before_a_switch_finishes_on_the_old_model(
     on_smollm2: HotmodelProcess,
 ) -> None:
     server = on_smollm2
-    events: list[str] = []
-    started = threading.Event()
-    reader = threading.Thread(target=_long_stream, args=(server, events, started, 200))
-    reader.start()
-    assert started.wait(30)
+    reader, events = stream_in_background(server, 200)
     status, report = switch(server, "gemma3")
     reader.join(60)
     assert status == 200, report
@@ -204,6 +200,19 @@ def test_cli_switch_shows_phases_and_exit_codes(on_smollm2: HotmodelProcess) -> 
     assert "'nope' is not a preset" in unknown.stderr
 
 
+def stream_in_background(
+    server: HotmodelProcess, max_tokens: int
+) -> tuple[threading.Thread, list[str]]:
+    """Start a long streamed generation; returns once its first event arrived. The
+    list fills with each event's data (``[DONE]`` last) until the thread ends."""
+    events: list[str] = []
+    started = threading.Event()
+    reader = threading.Thread(target=_long_stream, args=(server, events, started, max_tokens))
+    reader.start()
+    assert started.wait(30)
+    return reader, events
+
+
 def _long_stream(
     server: HotmodelProcess, events: list[str], started: threading.Event, max_tokens: int
 ) -> None:
@@ -227,11 +236,7 @@ def test_drain_timeout_fails_the_switch_by_default(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
     with two_models(tmp_path, real_models, server="switch_drain_timeout_seconds = 0.3") as hp:
-        events: list[str] = []
-        started = threading.Event()
-        reader = threading.Thread(target=_long_stream, args=(hp, events, started, 400))
-        reader.start()
-        assert started.wait(30)
+        reader, events = stream_in_background(hp, 400)
         status, report = switch(hp, "gemma3")
         reader.join(60)
         assert status == 500
@@ -250,11 +255,7 @@ def test_drain_timeout_can_cancel_streams_with_an_sse_error(
         server="switch_drain_timeout_seconds = 0.3",
         extra='drain_timeout_action = "cancel"',
     ) as hp:
-        events: list[str] = []
-        started = threading.Event()
-        reader = threading.Thread(target=_long_stream, args=(hp, events, started, 1500))
-        reader.start()
-        assert started.wait(30)
+        reader, events = stream_in_background(hp, 1500)
         status, report = switch(hp, "gemma3")
         reader.join(60)
         assert status == 200, report

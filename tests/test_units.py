@@ -271,3 +271,13 @@ def test_router_send_retries_once_on_a_closed_keepalive_connection() -> None:
 
     assert asyncio.run(scenario()) == 200
     assert len(attempts) == 2
+
+
+def test_model_load_error_keeps_summary_and_log_tail_apart() -> None:
+    err = ModelLoadError("model 'm' failed to load (exit code 1)", "gguf_init failed")
+    assert err.summary == "model 'm' failed to load (exit code 1)"
+    assert err.log_tail == "gguf_init failed"
+    assert str(err) == (
+        "model 'm' failed to load (exit code 1)\n--- llama-server log tail ---\ngguf_init failed"
+    )
+    assert str(ModelLoadError("no tail")) == "no tail"

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from hotmodel import __version__
-from hotmodel.errors import InvalidRequestError, ModelNotFoundError, RouterUnavailableError
+from hotmodel.errors import InvalidRequestError, RouterUnavailableError
 from hotmodel.runtime import Runtime
 from hotmodel.switch import SwitchEngine, SwitchEvent, SwitchReport
 
@@ -80,11 +80,7 @@ def admin_routes(runtime: Runtime) -> list[Route]:
             raise InvalidRequestError('body must be {"model": NAME}', param="model")
         target: str = body["model"]
         eng = engine()
-        if target not in eng.presets:
-            known = ", ".join(sorted(eng.presets))
-            raise ModelNotFoundError(
-                f"model {target!r} is not a preset (known: {known})", param="model"
-            )
+        eng.check_target(target)  # a 404 now, not an error event in the stream
         if not body.get("stream"):
             return _report_response(await runtime.switch(target))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hotmodel.errors import InvalidRequestError
@@ -84,9 +84,7 @@ class Prompt:
     pinned: list[Message]
     history: list[Message]
     drop: int = 0
-    token_calls: int = 0
     tokens: int | None = None  # exact count of the final prompt, when one was made
-    notes: list[str] = field(default_factory=list)
 
     def messages(self, drop: int | None = None) -> list[Message]:
         return self.pinned + self.history[self.drop if drop is None else drop :]
@@ -117,11 +115,6 @@ def bound_messages_and_chars(prompt: Prompt, max_messages: int, max_chars: int) 
     need = max(prompt.drop, len(prompt.history) - max_messages)
     for cut in cuts:
         if cut >= need and chars(prompt.messages(cut)) <= max_chars:
-            if cut > prompt.drop:
-                prompt.notes.append(
-                    f"dropped {cut - prompt.drop} oldest message(s) for the "
-                    "message/character bounds"
-                )
             prompt.drop = cut
             return
     newest = cuts[-1]
@@ -147,13 +140,12 @@ async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCount
         fitting = next((c for c in cuts if estimate(c) <= budget), None)
         if fitting is None:
             raise _over_budget(budget, estimate(cuts[-1]), "estimated")
-        _set_drop(prompt, fitting, "token budget (estimated)")
+        prompt.drop = fitting  # cut points never lie before the current drop
         return
     if mode == "auto" and estimate(cuts[0]) <= budget * AUTO_EXACT_ABOVE:
         return  # far under budget: no tokenizer call
 
     async def exact(cut: int) -> int:
-        prompt.token_calls += 1
         return await count(prompt.messages(cut))
 
     first = await exact(cuts[0])
@@ -172,14 +164,8 @@ async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCount
             lo = mid + 1
     if best is None:
         raise _over_budget(budget, None, "counted")
-    _set_drop(prompt, best[0], "token budget")
+    prompt.drop = best[0]
     prompt.tokens = best[1]
-
-
-def _set_drop(prompt: Prompt, cut: int, why: str) -> None:
-    if cut > prompt.drop:
-        prompt.notes.append(f"dropped {cut - prompt.drop} oldest message(s) for the {why}")
-    prompt.drop = cut
 
 
 def _over_budget(budget: int, tokens: int | None, how: str) -> InvalidRequestError:

@@ -85,7 +85,19 @@ class RouterProtocolError(RouterError):
 
 
 class ModelLoadError(RouterError):
-    """A model load ended ``failed`` or did not reach ``loaded`` in time."""
+    """A model load ended ``failed`` or did not reach ``loaded`` in time.
+
+    ``summary`` says what happened; ``log_tail`` holds the router log's last
+    lines (where llama.cpp says why). ``str()`` gives both.
+    """
+
+    def __init__(self, summary: str, log_tail: str = "") -> None:
+        message = summary
+        if log_tail:
+            message += f"\n--- llama-server log tail ---\n{log_tail}"
+        super().__init__(message)
+        self.summary = summary
+        self.log_tail = log_tail
 
 
 class RequestError(HotModelError):
@@ -149,24 +161,20 @@ class HttpError:
     code: str
 
 
+# First match wins: subclasses before their bases.
+_HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
+    (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
+    (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
+    (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
+    (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
+    (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),
+    (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
+    (SwitchFailedError, HttpError(500, "server_error", "switch_failed")),
+    (RouterError, HttpError(503, "server_error", "router_unavailable")),
+)
+_INTERNAL = HttpError(500, "server_error", "internal_error")
+
+
 def http_error_for(exc: HotModelError) -> HttpError:
     """The HTTP status and OpenAI ``type``/``code`` for one of our errors."""
-    if isinstance(exc, ModelNotFoundError):
-        return HttpError(404, "invalid_request_error", "model_not_found")
-    if isinstance(exc, SessionNotFoundError):
-        return HttpError(404, "invalid_request_error", "session_not_found")
-    if isinstance(exc, ModelNotActiveError):
-        return HttpError(409, "invalid_request_error", "model_not_active")
-    if isinstance(exc, InvalidRequestError):
-        return HttpError(400, "invalid_request_error", "invalid_request")
-    if isinstance(exc, RequestError):
-        return HttpError(400, "invalid_request_error", "invalid_request")
-    if isinstance(exc, SwitchBusyError):
-        return HttpError(503, "server_error", "switch_in_progress")
-    if isinstance(exc, SwitchCancelledError):
-        return HttpError(503, "server_error", "switch_cancelled")
-    if isinstance(exc, SwitchFailedError):
-        return HttpError(500, "server_error", "switch_failed")
-    if isinstance(exc, RouterError):
-        return HttpError(503, "server_error", "router_unavailable")
-    return HttpError(500, "server_error", "internal_error")
+    return next((http for cls, http in _HTTP_ERRORS if isinstance(exc, cls)), _INTERNAL)

@@ -13,11 +13,12 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+
+from hotmodel.config import GpuProbeKind
 
 log = logging.getLogger("hotmodel.gpu")
 
-ProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
 NVIDIA_SMI_QUERY = [
     "--query-gpu=index,name,memory.used,memory.total",
     "--format=csv,noheader,nounits",
@@ -149,7 +150,7 @@ def _load_nvml() -> Any | None:
     return pynvml
 
 
-def detect_probe(kind: ProbeKind = "auto") -> GpuProbe:
+def detect_probe(kind: GpuProbeKind = "auto") -> GpuProbe:
     """The best probe available for ``kind``; ``NoGpu`` when there is none."""
     if kind in ("auto", "nvml") and (nvml := _load_nvml()) is not None:
         probe: GpuProbe = NvmlProbe(nvml)

@@ -204,13 +204,15 @@ class RouterClient:
             elif status.value == "unloaded" and (seen_loading or status.failed):
                 # A stale `failed` flag from an earlier attempt reads the same, but the
                 # router flips the status to `loading` before it answers the load request.
-                raise ModelLoadError(_load_failure(model, status, log_tail()))
+                code = f" (exit code {status.exit_code})" if status.exit_code is not None else ""
+                raise ModelLoadError(f"model {model!r} failed to load{code}", log_tail())
             return status.value == "loaded"
 
         def timed_out(status: ModelStatus) -> HotModelError:
             return ModelLoadError(
                 f"model {model!r} did not reach 'loaded' within {timeout:g}s "
-                f"(status {status.value!r})" + _tail_suffix(log_tail())
+                f"(status {status.value!r})",
+                log_tail(),
             )
 
         return await self._watch(model, timeout, done, timed_out, changed)
@@ -317,12 +319,3 @@ class RouterClient:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(_POLL_WITH_EVENTS_S, remaining))
-
-
-def _load_failure(model: str, status: ModelStatus, tail: str) -> str:
-    code = f" (exit code {status.exit_code})" if status.exit_code is not None else ""
-    return f"model {model!r} failed to load{code}" + _tail_suffix(tail)
-
-
-def _tail_suffix(tail: str) -> str:
-    return f"\n--- llama-server log tail ---\n{tail}" if tail else ""

@@ -248,13 +248,6 @@ class SessionStore:
 
         await self._call(run)
 
-    async def touch(self, session_id: str) -> None:
-        await self._call(
-            lambda: self._db().execute(
-                "UPDATE sessions SET updated_at = ? WHERE id = ?", (time.time(), session_id)
-            )
-        )
-
     async def list(self) -> list[SessionSummary]:
         def run() -> list[SessionSummary]:
             rows = (

@@ -11,7 +11,6 @@ stream that ends without a ``finish_reason`` yields nothing to store.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +27,6 @@ from hotmodel.context import (
 from hotmodel.errors import InvalidRequestError, RouterProtocolError
 from hotmodel.router_client import RouterClient
 from hotmodel.session_store import SessionStore
-
-log = logging.getLogger("hotmodel.sessions")
 
 MAX_SESSION_ID = 128
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from hotmodel.config import SwitchConfig
-from hotmodel.errors import HotModelError, ModelNotFoundError
+from hotmodel.errors import HotModelError, ModelLoadError, ModelNotFoundError
 from hotmodel.gpu import GpuProbe, GpuSnapshot, NoGpu, settled
 from hotmodel.router_client import ModelStatus
 from hotmodel.traffic import TrafficGate
@@ -47,7 +47,6 @@ log = logging.getLogger("hotmodel.switch")
 # How long cancelled requests get to wind down before the unload goes ahead.
 CANCEL_GRACE_S = 5.0
 SETTLE_POLL_S = 0.1
-_LOG_TAIL_MARK = "\n--- llama-server log tail"
 
 
 class SwitchState(enum.Enum):
@@ -199,13 +198,17 @@ class SwitchEngine:
     def busy(self) -> bool:
         return self._lock.locked()
 
-    async def switch(self, target: str, listener: Listener | None = None) -> SwitchReport:
-        """Switch to ``target``; returns the report (its ``outcome`` says whether it worked)."""
+    def check_target(self, target: str) -> None:
+        """Raise :class:`ModelNotFoundError` unless ``target`` is a preset."""
         if target not in self.presets:
             known = ", ".join(sorted(self.presets))
             raise ModelNotFoundError(
                 f"model {target!r} is not a preset (known: {known})", param="model"
             )
+
+    async def switch(self, target: str, listener: Listener | None = None) -> SwitchReport:
+        """Switch to ``target``; returns the report (its ``outcome`` says whether it worked)."""
+        self.check_target(target)
         if target in self._pending:  # queued or running: join it
             fut, listeners = self._pending[target]
             if listener is not None:
@@ -404,9 +407,8 @@ class SwitchEngine:
                 target, self.config.load_timeout_seconds, log_tail=self.log_tail
             )
         except HotModelError as exc:
-            message, _, tail = str(exc).partition(_LOG_TAIL_MARK)
-            tail = tail.split("---\n", 1)[-1] if tail else self.log_tail()
-            raise _StepFailedError(Step.LOAD, message, tail or None) from exc
+            tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
+            raise _StepFailedError(Step.LOAD, _summary(exc), tail or None) from exc
         report.gpu["after_load"] = await self._snapshot()
         return None
 
@@ -450,9 +452,8 @@ class SwitchEngine:
             status, detail = "done", f"active: {self.active!r}"
         except HotModelError as exc:
             self.active = None
-            first_line = str(exc).partition(_LOG_TAIL_MARK)[0]
-            report.error = f"{report.error}; rollback to {previous!r} failed: {first_line}"
-            status, detail = "failed", first_line
+            report.error = f"{report.error}; rollback to {previous!r} failed: {_summary(exc)}"
+            status, detail = "failed", _summary(exc)
         report.phases["rollback"] = _ms(t)
         self._emit(
             listeners, SwitchEvent(report.id, "rollback", status, report.phases["rollback"], detail)
@@ -475,6 +476,11 @@ class SwitchEngine:
             "active": self.active,
             "current": None if self.current is None else self.current.to_json(),
         }
+
+
+def _summary(exc: HotModelError) -> str:
+    """An error without the router log tail that a load failure carries."""
+    return exc.summary if isinstance(exc, ModelLoadError) else str(exc)
 
 
 def _ms(start: float) -> float:
