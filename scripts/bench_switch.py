@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 from benchlib import ROOT, machine, serving, wait_healthy, write_demo_config
 
-from hotmodel import provision
 from hotmodel.config import load_config
-from hotmodel.supervisor import free_port, router_argv
+from hotmodel.router import provision
+from hotmodel.router.supervisor import free_port, router_argv
 
 
 def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:

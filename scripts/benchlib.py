@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from hotmodel import provision
-from hotmodel.supervisor import free_port
+from hotmodel.router import provision
+from hotmodel.router.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from hotmodel import provision
-from hotmodel.supervisor import free_port
+from hotmodel.router import provision
+from hotmodel.router.supervisor import free_port
 from tests.tiny_gguf import write_broken_model, write_tiny_model
 
 START_DEADLINE_S = 60.0

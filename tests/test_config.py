@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hotmodel.config import load_config, load_presets
+from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
+from hotmodel.presets import load_presets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,27 +167,56 @@ def test_hf_repo_preset_needs_no_model_path(tmp_path: Path) -> None:
     assert presets.models["remote"].model_path is None
 
 
-def test_preset_prompts(tmp_path: Path) -> None:
+def test_system_prompts(tmp_path: Path) -> None:
     cfg = load_config(
         _write(
             tmp_path,
-            MINIMAL + '[session]\ndefault_preset = "p"\n[presets.p]\nsystem = "Be brief."\n',
+            MINIMAL
+            + '[session]\ndefault_system_prompt = "p"\n[system_prompts.p]\nsystem = "Be brief."\n',
         )
     )
-    assert cfg.prompts["p"].system == "Be brief."
-    assert cfg.session.default_preset == "p"
+    assert cfg.system_prompts["p"].system == "Be brief."
+    assert cfg.session.default_system_prompt == "p"
     assert cfg.session_store_file == tmp_path / ".hotmodel" / "sessions.sqlite3"
 
 
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ('[presets.p]\nsystem = "x"\ntone = "y"\n', "[presets.p] tone: unknown key"),
-        ("[presets.p]\n", "[presets.p] system: missing required key"),
-        ("[presets.p]\nsystem = 3\n", "[presets.p] system: expected a string"),
-        ('[session]\ndefault_preset = "q"\n', "[session] default_preset: 'q' is not defined"),
+        ('[system_prompts.p]\nsystem = "x"\ntone = "y"\n', "[system_prompts.p] tone: unknown key"),
+        ("[system_prompts.p]\n", "[system_prompts.p] system: missing required key"),
+        ("[system_prompts.p]\nsystem = 3\n", "[system_prompts.p] system: expected a string"),
+        (
+            '[session]\ndefault_system_prompt = "q"\n',
+            "[session] default_system_prompt: 'q' is not defined",
+        ),
+        # the old names say what they became
+        ('[presets.p]\nsystem = "x"\n', "[presets]: [presets.NAME] tables are now [system_prompts"),
+        (
+            '[session]\ndefault_preset = "p"\n',
+            "[session] default_preset: renamed: use default_system_prompt",
+        ),
     ],
 )
-def test_preset_prompt_errors(tmp_path: Path, toml: str, expected: str) -> None:
+def test_system_prompt_errors(tmp_path: Path, toml: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(_write(tmp_path, MINIMAL + toml))
+
+
+def test_every_deadline_is_configurable(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(
+            tmp_path,
+            MINIMAL
+            + "[server]\nshutdown_timeout_seconds = 2\n"
+            + "[switch]\nreplay_timeout_seconds = 7\ncancel_grace_seconds = 1\n"
+            + "switch_timeout_seconds = 30\n[session]\nqueue_timeout_seconds = 9\n",
+        )
+    )
+    assert cfg.server.shutdown_timeout_seconds == 2.0
+    assert (
+        cfg.switch.replay_timeout_seconds,
+        cfg.switch.cancel_grace_seconds,
+        cfg.switch.switch_timeout_seconds,
+    ) == (7.0, 1.0, 30.0)
+    assert cfg.session.queue_timeout_seconds == 9.0

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from hotmodel.context import (
+from hotmodel.errors import InvalidRequestError, StoreError
+from hotmodel.sessions.context import (
     Message,
     Prompt,
     bound_messages_and_chars,
@@ -19,9 +20,8 @@ from hotmodel.context import (
     estimate_tokens,
     new_turns,
 )
-from hotmodel.errors import InvalidRequestError, StoreError
-from hotmodel.session_store import SCHEMA_VERSION, SessionStore
-from hotmodel.sessions import ReplyAssembler
+from hotmodel.sessions.reply import ReplyAssembler
+from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
 
 
 def u(text: str) -> Message:
@@ -181,11 +181,12 @@ def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
 
     async def first() -> None:
         async with SessionStore(path) as store:
-            s = await store.get_or_create("abc", "pirate")
-            assert s.preset == "pirate" and s.messages == ()
-            await store.append("abc", [u("hi"), a("hello")], "smollm2")
-            await store.append("abc", [u("again"), a("yes")], "gemma3")
-            await store.get_or_create("other", "")
+            assert await store.get("abc") is None  # reading never creates
+            await store.append("abc", [u("hi"), a("hello")], "smollm2", "pirate")
+            s = await store.get("abc")
+            assert s is not None and s.system_prompt == "pirate" and len(s.messages) == 2
+            await store.append("abc", [u("again"), a("yes")], "gemma3", "pirate")
+            await store.append("other", [u("x"), a("y")], "gemma3", "")
 
     async def second() -> dict[str, Any]:
         async with SessionStore(path) as store:
@@ -195,7 +196,7 @@ def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
             assert [m.model for m in s.messages] == [None, "smollm2", None, "gemma3"]
             listed = await store.list()
             assert [x.id for x in listed] == ["other", "abc"]  # most recently used first
-            assert listed[1].message_count == 4
+            assert listed[1].message_count == 4 and listed[1].system_prompt == "pirate"
             recent = await store.most_recent()
             assert recent is not None and recent.id == "other"
             assert await store.delete("abc") is True
@@ -213,8 +214,39 @@ def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # cascade
+    assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2  # cascade: other's
     conn.close()
+
+
+def test_store_migrates_a_version_1_file(tmp_path: Path) -> None:
+    """A store written before 'preset' was renamed opens with its sessions intact."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO sessions VALUES ('old', 'pirate', 1.0, 1.0)")
+    conn.commit()
+    conn.close()
+
+    async def scenario() -> Any:
+        async with SessionStore(path) as store:
+            return await store.get("old")
+
+    session = asyncio.run(scenario())
+    assert session is not None and session.system_prompt == "pirate"
+
+
+def test_store_errors_are_store_errors(tmp_path: Path) -> None:
+    """A SQLite failure (here: a read-only file) is mapped, not passed through raw."""
+    path = tmp_path / "ro.sqlite3"
+
+    async def scenario() -> None:
+        async with SessionStore(path) as store:
+            await store.append("s", [u("hi"), a("hello")], "m", "")
+            await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
+            await store.append("s", [u("again"), a("no")], "m", "")
+
+    with pytest.raises(StoreError, match=r"the session store .* failed: attempt to write"):
+        asyncio.run(scenario())
 
 
 def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:

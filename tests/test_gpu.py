@@ -14,8 +14,15 @@ from typing import Any
 
 import pytest
 
-from hotmodel import gpu
-from hotmodel.gpu import GpuDevice, NoGpu, NvidiaSmiProbe, NvmlProbe, parse_nvidia_smi, settled
+from hotmodel.control import gpu
+from hotmodel.control.gpu import (
+    GpuDevice,
+    NoGpu,
+    NvidiaSmiProbe,
+    NvmlProbe,
+    parse_nvidia_smi,
+    settled,
+)
 
 # Literal outputs of `nvidia-smi --query-gpu=index,name,memory.used,memory.total
 # --format=csv,noheader,nounits`.

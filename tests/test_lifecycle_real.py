@@ -71,6 +71,33 @@ def test_stop_leaves_no_llama_server(
     assert "stopped" in hp.output()
 
 
+def test_a_second_ctrl_c_forces_the_exit_and_leaves_nothing(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """A stream is open and the graceful shutdown would wait 120 s for it: the second
+    SIGINT kills the router tree at once and hotmodel exits without waiting."""
+    config = write_config(
+        tmp_path,
+        {"smollm2": _copy(real_models["smollm2"], tmp_path / "m")},
+        "smollm2",
+        server="shutdown_timeout_seconds = 120",
+    )
+    hp = start_hotmodel(config)
+    body = {"messages": HELLO, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        next(r.iter_raw())  # generating
+        hp.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while "a second Ctrl-C forces it" not in hp.output():
+            assert time.monotonic() < deadline, hp.output()
+            time.sleep(0.02)
+        hp.proc.send_signal(signal.SIGINT)
+        assert hp.stop(timeout=30) == 0, hp.output()  # far less than the 120 s grace
+    assert "forcing the exit" in hp.output()
+    assert_all_gone(hp.router_pids)
+    _assert_nothing_left(tmp_path)
+
+
 def test_stop_during_startup_leaves_nothing(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:

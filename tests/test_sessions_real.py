@@ -16,13 +16,16 @@ from openai.types.chat import ChatCompletionChunk
 from tests.conftest import HotmodelProcess, run_hotmodel, two_models
 
 BRIEF = "You are a helpful assistant. Answer in one short sentence."
-PRESETS = f'[presets.brief]\nsystem = "{BRIEF}"\n[presets.pirate]\nsystem = "Talk like a pirate."'
+PROMPTS = (
+    f'[system_prompts.brief]\nsystem = "{BRIEF}"\n'
+    '[system_prompts.pirate]\nsystem = "Talk like a pirate."'
+)
 
 
 def serving(
     folder: Path, real_models: dict[str, Path], session: str = "", extra: str = ""
 ) -> contextlib.AbstractContextManager[HotmodelProcess]:
-    return two_models(folder, real_models, session=session, extra=extra, tail=PRESETS)
+    return two_models(folder, real_models, session=session, extra=extra, tail=PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def server(
     with serving(
         tmp_path_factory.mktemp("sessions"),
         real_models,
-        session='default_preset = "brief"\nmax_prompt_tokens = 1500',
+        session='default_system_prompt = "brief"\nmax_prompt_tokens = 1500',
     ) as hp:
         yield hp
 
@@ -111,7 +114,7 @@ def test_openai_client_with_session_plain_and_streaming(smol: HotmodelProcess) -
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
     history = session_of(smol, "oa-1")
-    assert history["preset"] == "brief"  # the configured default
+    assert history["system_prompt"] == "brief"  # the configured default
     msgs = history["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
     assert msgs[1]["content"] == first.choices[0].message.content
@@ -119,7 +122,7 @@ def test_openai_client_with_session_plain_and_streaming(smol: HotmodelProcess) -
     assert [m["model"] for m in msgs] == [None, "smollm2", None, "smollm2"]
 
 
-def test_second_turn_gets_preset_and_history_prepended(smol: HotmodelProcess) -> None:
+def test_second_turn_gets_system_prompt_and_history_prepended(smol: HotmodelProcess) -> None:
     chat(smol, "hist-1", [u("Remember the word banana.")])
     reply = chat(smol, "hist-1", [u("Which word?")])
     expected = exact_tokens(
@@ -177,8 +180,11 @@ def test_without_a_session_nothing_is_stored_or_changed(smol: HotmodelProcess) -
 @pytest.mark.parametrize(
     ("body", "headers", "param"),
     [
-        ({"preset": "brief"}, {}, "preset"),  # a preset needs a session
-        ({"session_id": "p-1", "preset": "nope"}, {}, "preset"),  # unknown preset
+        ({"system_prompt": "brief"}, {}, "system_prompt"),  # it needs a session
+        ({"session_id": "p-1", "system_prompt": "nope"}, {}, "system_prompt"),  # unknown
+        ({"session_id": "p-2", "system_prompt": 3}, {}, "system_prompt"),
+        ({"session_id": "p-3", "preset": "brief"}, {}, "preset"),  # renamed: says so
+        ({"session_id": "p-4"}, {"x-preset": "brief"}, "x-preset"),
         ({"session_id": "x" * 200}, {}, "session_id"),
         ({"session_id": 5}, {}, "session_id"),
     ],
@@ -193,11 +199,11 @@ def test_bad_session_fields_are_400(
     assert resp.json()["error"]["param"] == param
 
 
-def test_preset_per_session_by_header(smol: HotmodelProcess) -> None:
+def test_system_prompt_per_session_by_header(smol: HotmodelProcess) -> None:
     resp = httpx.post(
         smol.base_url + "/v1/chat/completions",
         timeout=60,
-        headers={"x-session-id": "pirate-1", "x-preset": "pirate"},
+        headers={"x-session-id": "pirate-1", "x-system-prompt": "pirate"},
         json={"messages": [u("Hello")], "max_tokens": 4},
     )
     assert resp.status_code == 200
@@ -206,13 +212,13 @@ def test_preset_per_session_by_header(smol: HotmodelProcess) -> None:
         smol, "smollm2", [{"role": "system", "content": "Talk like a pirate."}, u("Hello")]
     )
     assert resp.json()["usage"]["prompt_tokens"] == expected
-    assert session_of(smol, "pirate-1")["preset"] == "pirate"
+    assert session_of(smol, "pirate-1")["system_prompt"] == "pirate"
 
 
 def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    session = 'default_preset = "brief"'
+    session = 'default_system_prompt = "brief"'
     with serving(tmp_path, real_models, session=session) as hp:
         chat(hp, "travel", [u("I am planning a trip to Lisbon.")])
         chat(hp, "travel", [u("I like old trams.")])
@@ -229,7 +235,7 @@ def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
         third = chat(hp, "travel", [question])
         assert third["model"] == "gemma3"
         sent = [{"role": "system", "content": BRIEF}, *stored(hp, "travel")[:5]]
-        # Gemma received the preset and the whole history, in its own template:
+        # Gemma received the system prompt and the whole history, in its own template:
         assert third["usage"]["prompt_tokens"] == exact_tokens(hp, "gemma3", sent)
         assert third["usage"]["prompt_tokens"] != on_smollm2  # another tokenizer
         assert third["timings"]["cache_n"] > 0  # the replay pre-filled it
@@ -309,7 +315,7 @@ def test_session_api_and_cli(smol: HotmodelProcess) -> None:
     listed = httpx.get(smol.base_url + "/v1/sessions").json()["data"]
     assert listed[0]["id"] == "api-1" and listed[0]["messages"] == 2
     out = run_hotmodel("sessions", "list", "--config", str(smol.config))
-    assert out.returncode == 0 and "api-1  2 message(s)  preset: brief" in out.stdout
+    assert out.returncode == 0 and "api-1  2 message(s)  system prompt: brief" in out.stdout
     shown = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config))
     assert '"content": "Hello"' in shown.stdout
     deleted = run_hotmodel("sessions", "delete", "api-1", "--config", str(smol.config))

@@ -1,29 +1,36 @@
-"""The switch engine's decisions, driven synchronously with recording fakes.
+"""The control loop and its engine, driven synchronously with recording fakes.
 
 The router and the GPU are fakes here (the real ones are in
 test_switch_real.py); the traffic gate is the real one (it is pure asyncio).
+Tests wait on events (a phase started, a load began), never on sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 import pytest
 
 from hotmodel.config import SwitchConfig
-from hotmodel.errors import ModelLoadError, ModelNotFoundError, SwitchBusyError
-from hotmodel.gpu import GpuDevice, GpuSnapshot
-from hotmodel.router_client import ModelStatus
-from hotmodel.switch import Step, SwitchEngine, SwitchEvent, SwitchState, plan
-from hotmodel.traffic import TrafficGate
+from hotmodel.control.controller import Controller, Switch, Unload
+from hotmodel.control.engine import Engine
+from hotmodel.control.gpu import GpuDevice, GpuSnapshot
+from hotmodel.control.plan import Step, plan
+from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport, SwitchState
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import ModelLoadError, ModelNotFoundError, ShuttingDownError, SwitchBusyError
+
+_T = TypeVar("_T")
 
 
 class FakeRouter:
-    """Records every call; loads succeed unless the model is in ``broken``."""
+    """Records every call; loads succeed unless the model is in ``broken``. Idempotent
+    like the real client: loading a running model or unloading a stopped one is a no-op."""
 
     def __init__(
         self,
@@ -35,29 +42,29 @@ class FakeRouter:
         self.broken = set(broken)
         self.calls: list[str] = []
         self.load_gate: asyncio.Event | None = None  # when set, loads wait for it
+        self.load_started = asyncio.Event()
 
-    async def load_and_wait(
-        self, model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
-    ) -> ModelStatus:
+    async def load(self, model: str, timeout: float) -> bool:
         self.calls.append(f"load {model}")
+        if self.status[model] == "loaded":
+            return False
         self.status[model] = "loading"
+        self.load_started.set()
         if self.load_gate is not None:
             await self.load_gate.wait()
         await asyncio.sleep(0)
         if model in self.broken:
             self.status[model] = "unloaded"
-            raise ModelLoadError(f"model {model!r} failed to load (exit code 1)", log_tail())
+            raise ModelLoadError(f"model {model!r} failed to load (exit code 1)", "llama log line")
         self.status[model] = "loaded"
-        return ModelStatus(model, "loaded")
+        return True
 
-    async def unload_and_wait(self, model: str, timeout: float) -> ModelStatus:
+    async def unload(self, model: str, timeout: float) -> bool:
         self.calls.append(f"unload {model}")
         await asyncio.sleep(0)
+        was = self.status[model] != "unloaded"
         self.status[model] = "unloaded"
-        return ModelStatus(model, "unloaded")
-
-    async def models(self) -> dict[str, ModelStatus]:
-        return {m: ModelStatus(m, v) for m, v in self.status.items()}
+        return was
 
 
 class FakeGpu:
@@ -75,27 +82,69 @@ class FakeGpu:
         return GpuSnapshot((GpuDevice(0, "Fake GPU", used, 80_000),), "fake")
 
 
+class Phases:
+    """A listener that records events and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[SwitchEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: SwitchEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(e.phase, e.status.value) for e in self.events]
+
+    async def reached(self, phase: str, status: PhaseStatus = PhaseStatus.STARTED) -> None:
+        while not any(e.phase == phase and e.status is status for e in self.events):
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), 5)
+
+
 def _engine(
     router: FakeRouter,
     active: str | None = "a",
     gate: TrafficGate | None = None,
     drain: float = 0.2,
     **cfg: Any,
-) -> SwitchEngine:
+) -> Engine:
     config = dataclasses.replace(SwitchConfig(settle_timeout_seconds=0.5), **cfg)
-    return SwitchEngine(
+    engine = Engine(
         config=config,
         drain_timeout=drain,
         router=router,
         gate=gate or TrafficGate(),
-        presets=router.status,
-        active=active,
         log_tail=lambda: "llama log line",
     )
+    engine.active = active
+    return engine
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+@contextlib.asynccontextmanager
+async def control(engine: Engine) -> AsyncIterator[Controller]:
+    """A controller with its loop running for the block (stopped as the runtime does)."""
+    controller = Controller(engine, ("a", "b", "c"))
+    task = asyncio.create_task(controller.run())
+    try:
+        yield controller
+    finally:
+        controller.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def run(scenario: Callable[[Controller], Awaitable[_T]], engine: Engine) -> _T:
+    async def main() -> _T:
+        async with control(engine) as controller:
+            return await scenario(controller)
+
+    return asyncio.run(main())
+
+
+def switch(engine: Engine, target: str, listener: Phases | None = None) -> SwitchReport:
+    return run(lambda c: c.submit(Switch(target), listener), engine)
 
 
 def test_plans() -> None:
@@ -104,8 +153,8 @@ def test_plans() -> None:
         Step.UNLOAD,
         Step.SETTLE,
         Step.LOAD,
-        Step.REPLAY,
         Step.ACTIVATE,
+        Step.REPLAY,
     )
     assert plan("overlap", "a", "b") == (
         Step.LOAD,
@@ -114,27 +163,29 @@ def test_plans() -> None:
         Step.DRAIN,
         Step.UNLOAD,
     )
-    assert plan("zero_overlap", None, "b") == (Step.LOAD, Step.REPLAY, Step.ACTIVATE)
+    assert plan("zero_overlap", None, "b") == (Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+    assert plan("overlap", "a", None) == (Step.DRAIN, Step.UNLOAD, Step.SETTLE, Step.ACTIVATE)
+    assert plan("zero_overlap", None, None) == ()
 
 
 def test_zero_overlap_unloads_before_loading() -> None:
     router = FakeRouter("a")
     engine = _engine(router)
-    events: list[SwitchEvent] = []
-    report = run(engine.switch("b", events.append))
+    phases = Phases()
+    report = switch(engine, "b", phases)
     assert router.calls == ["unload a", "load b"]
-    assert report.outcome == "ok"
+    assert report.outcome is Outcome.OK
     assert (report.from_model, report.to_model, report.active_after) == ("a", "b", "b")
     assert engine.active == "b"
     assert engine.state is SwitchState.IDLE
     assert set(report.phases) == {"drain", "unload", "load"}  # settle/replay were skipped
-    assert report.gpu == {
+    assert report.to_json()["gpu"] == {
         "before_unload": None,
         "after_unload": None,
         "after_settle": None,
         "after_load": None,
     }
-    assert [(e.phase, e.status) for e in events] == [
+    assert phases.pairs() == [
         ("drain", "started"),
         ("drain", "done"),
         ("unload", "started"),
@@ -143,29 +194,29 @@ def test_zero_overlap_unloads_before_loading() -> None:
         ("settle", "skipped"),
         ("load", "started"),
         ("load", "done"),
-        ("replay", "started"),
-        ("replay", "skipped"),
         ("activate", "started"),
         ("activate", "done"),
+        ("replay", "started"),
+        ("replay", "skipped"),
     ]
     assert list(engine.history) == [report]
 
 
 def test_gpu_snapshots_and_settle() -> None:
     # before_unload 8000, after_unload 900, then falling to 400 and steady: settled.
-    gpu = FakeGpu([8000, 900, 600, 400, 400, 6000])
     router = FakeRouter("a")
     engine = _engine(router, settle_tolerance_mib=16)
-    engine.gpu = gpu
-    report = run(engine.switch("b"))
-    used = {k: v["used_mib"] if v else None for k, v in report.gpu.items()}
+    engine.gpu = FakeGpu([8000, 900, 600, 400, 400, 6000])
+    report = switch(engine, "b")
+    gpu = report.to_json()["gpu"]
+    used = {k: v["used_mib"] if v else None for k, v in gpu.items()}
     assert used == {
         "before_unload": 8000,
         "after_unload": 900,
         "after_settle": 400,
         "after_load": 6000,
     }
-    assert report.gpu["after_load"]["devices"][0]["name"] == "Fake GPU"
+    assert gpu["after_load"]["devices"][0]["name"] == "Fake GPU"
     assert "settle" in report.phases
 
 
@@ -173,39 +224,37 @@ def test_settle_stops_at_the_baseline_at_once() -> None:
     gpu = FakeGpu([8000, 310, 6000])
     engine = _engine(FakeRouter("a"), settle_tolerance_mib=16)
     engine.gpu, engine.baseline_mib = gpu, 300
-    report = run(engine.switch("b"))
-    assert report.gpu["after_settle"]["used_mib"] == 310
+    report = switch(engine, "b")
+    assert report.gpu.after_settle is not None and report.gpu.after_settle.used_mib == 310
     assert gpu.taken == 3  # no settle polling needed
 
 
 def test_settle_gives_up_at_its_deadline_and_goes_on() -> None:
-    gpu = FakeGpu([8000, 7990])  # memory never falls (held by another process)
     engine = _engine(FakeRouter("a"), settle_timeout_seconds=0.3, settle_tolerance_mib=16)
-    engine.gpu = gpu
-    events: list[SwitchEvent] = []
-    report = run(engine.switch("b", events.append))
-    assert report.outcome == "ok"
-    settle_done = [e for e in events if e.phase == "settle" and e.status == "done"]
+    engine.gpu = FakeGpu([8000, 7990])  # memory never falls (held by another process)
+    phases = Phases()
+    report = switch(engine, "b", phases)
+    assert report.outcome is Outcome.OK
+    settle_done = [e for e in phases.events if e.phase == "settle" and e.status.value == "done"]
     assert settle_done[0].detail is not None
     assert "still at 7990 MiB" in settle_done[0].detail
+    assert "[switch] settle_timeout_seconds" in settle_done[0].detail
     assert 250 <= report.phases["settle"] < 2000
 
 
 def test_failed_load_rolls_back_to_the_previous_model() -> None:
     router = FakeRouter("a", broken=frozenset({"b"}))
     engine = _engine(router)
-    report = run(engine.switch("b"))
-    assert report.outcome == "failed"
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED
     assert report.error == "model 'b' failed to load (exit code 1)"
     assert report.log_tail == "llama log line"
     assert report.rolled_back is True
     assert report.active_after == "a" and engine.active == "a"
     assert engine.state is SwitchState.IDLE
-    assert router.calls == [
-        "unload a",
-        "load b",
-        "load a",
-    ]
+    # the rollback decides from what it did, not from a read: b's load was attempted,
+    # so b is unloaded (a no-op here), and a's unload happened, so a is loaded again
+    assert router.calls == ["unload a", "load b", "unload b", "load a"]
     assert "rollback" in report.phases
     assert engine.gate.is_open
 
@@ -213,185 +262,274 @@ def test_failed_load_rolls_back_to_the_previous_model() -> None:
 def test_failed_rollback_leaves_no_model_and_says_so() -> None:
     router = FakeRouter("a", broken=frozenset({"a", "b"}))
     engine = _engine(router)
-    report = run(engine.switch("b"))
-    assert report.outcome == "failed"
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED
     assert report.rolled_back is False
     assert engine.active is None and report.active_after is None
     assert engine.state is SwitchState.FAILED
     assert "rollback to 'a' failed: model 'a' failed to load" in (report.error or "")
     # the next switch starts from nothing: it only loads
     router.broken.clear()
-    again = run(engine.switch("c"))
-    assert again.outcome == "ok" and engine.active == "c"
+    again = switch(engine, "c")
+    assert again.outcome is Outcome.OK and engine.active == "c"
     assert router.calls[-1:] == ["load c"]
 
 
 def test_timed_out_load_is_unloaded_before_the_rollback() -> None:
     router = FakeRouter("a")
+    original = router.load
 
-    async def never_loaded(
-        model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
-    ) -> ModelStatus:
-        router.calls.append(f"load {model}")
+    async def never_loaded(model: str, timeout: float) -> bool:
         if model == "b":
+            router.calls.append("load b")
             router.status[model] = "loading"  # still loading when the deadline hit
             raise ModelLoadError("model 'b' did not reach 'loaded' within 1s")
-        router.status[model] = "loaded"
-        return ModelStatus(model, "loaded")
+        return await original(model, timeout)
 
-    router.load_and_wait = never_loaded  # type: ignore[method-assign]
-    report = run(_engine(router).switch("b"))
-    assert report.outcome == "failed" and report.rolled_back
+    router.load = never_loaded  # type: ignore[method-assign]
+    report = switch(_engine(router), "b")
+    assert report.outcome is Outcome.FAILED and report.rolled_back
     # b was still `loading`: it must go before a comes back (models_max = 1)
     assert router.calls[2:] == ["unload b", "load a"]
+    assert router.status == {"a": "loaded", "b": "unloaded", "c": "unloaded"}
+
+
+def test_overall_switch_deadline_rolls_back() -> None:
+    router = FakeRouter("a")
+    router.load_gate = asyncio.Event()  # b's load never ends
+    original = router.load
+
+    async def load(model: str, timeout: float) -> bool:
+        if model == "a":
+            router.load_gate = None
+        return await original(model, timeout)
+
+    router.load = load  # type: ignore[method-assign]
+    report = switch(_engine(router, switch_timeout_seconds=0.2), "b")
+    assert report.outcome is Outcome.FAILED
+    assert "within 0.2s ([switch] switch_timeout_seconds)" in (report.error or "")
+    assert report.active_after == "a"
+    assert router.calls == ["unload a", "load b", "unload b", "load a"]
 
 
 def test_drain_waits_for_in_flight_requests_before_unloading() -> None:
-    async def scenario() -> list[str]:
-        router = FakeRouter("a")
-        gate = TrafficGate()
-        engine = _engine(router, gate=gate, drain=5.0)
-        ticket = await gate.enter(1)
-        ticket.model = "a"
-        switching = asyncio.create_task(engine.switch("b"))
-        await asyncio.sleep(0.05)
-        assert engine.state is SwitchState.DRAINING
-        assert router.calls == []  # nothing unloaded while a generation runs
-        assert not gate.is_open
-        router.calls.append("request done")
-        gate.leave(ticket)
+    async def scenario(controller: Controller) -> list[str]:
+        engine = controller.engine
+        router = engine.router
+        assert isinstance(router, FakeRouter)
+        phases = Phases()
+        async with engine.gate.admit(1) as ticket:
+            ticket.model = "a"
+            switching = asyncio.create_task(controller.submit(Switch("b"), phases))
+            await phases.reached("drain")
+            assert engine.state is SwitchState.DRAINING
+            assert router.calls == []  # nothing unloaded while a generation runs
+            assert not engine.gate.is_open
+            router.calls.append("request done")
         report = await switching
         assert report.drained == 1
         return router.calls
 
-    assert run(scenario()) == [
-        "request done",
-        "unload a",
-        "load b",
-    ]
+    engine = _engine(FakeRouter("a"), drain=5.0)
+    assert run(scenario, engine) == ["request done", "unload a", "load b"]
 
 
 def test_drain_timeout_fails_the_switch_and_changes_nothing() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
-        gate = TrafficGate()
-        engine = _engine(router, gate=gate)
-        ticket = await gate.enter(1)
-        ticket.model = "a"
-        report = await engine.switch("b")
-        assert report.outcome == "failed"
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        async with engine.gate.admit(1) as ticket:
+            ticket.model = "a"
+            report = await controller.submit(Switch("b"))
+        assert report.outcome is Outcome.FAILED
         assert "1 generation(s) on 'a' still running after 0.2s" in (report.error or "")
-        assert router.calls == []
-        assert engine.active == "a" and gate.is_open
+        assert "[server] switch_drain_timeout_seconds" in (report.error or "")
+        assert isinstance(engine.router, FakeRouter) and engine.router.calls == []
+        assert engine.active == "a" and engine.gate.is_open
         assert report.rolled_back is False
 
-    run(scenario())
+    run(scenario, _engine(FakeRouter("a")))
 
 
 def test_drain_timeout_can_cancel_the_requests() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
-        gate = TrafficGate()
-        engine = _engine(router, gate=gate, drain_timeout_action="cancel")
-        ticket = await gate.enter(1)
-        ticket.model = "a"
+    async def scenario(controller: Controller) -> None:
+        gate = controller.engine.gate
+        held = asyncio.Event()
+        reason: list[str | None] = []
 
         async def request() -> None:  # a request whose upstream I/O runs in the ticket's scope
-            with anyio.CancelScope() as scope:
-                ticket.bind(scope)
-                await asyncio.sleep(60)
-            gate.leave(ticket)
+            async with gate.admit(1) as ticket:
+                ticket.model = "a"
+                with anyio.CancelScope() as scope:
+                    ticket.bind(scope)
+                    held.set()
+                    await asyncio.Event().wait()  # a generation that never ends by itself
+                reason.append(ticket.cancel_reason)
 
         req = asyncio.create_task(request())
-        report = await engine.switch("b")
+        await held.wait()
+        report = await controller.submit(Switch("b"))
         await req
-        assert report.outcome == "ok" and report.cancelled == 1
-        assert ticket.cancel_reason == "cancelled: switching 'a' -> 'b'"
+        assert report.outcome is Outcome.OK and report.cancelled == 1
+        assert reason == ["cancelled: switching 'a' -> 'b'"]
+        assert gate.inflight() == []
 
-    run(scenario())
+    run(scenario, _engine(FakeRouter("a"), drain_timeout_action="cancel"))
 
 
-def test_requests_wait_at_the_gate_during_a_switch() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
+def test_requests_wait_at_the_gate_and_are_admitted_at_activation() -> None:
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        router = engine.router
+        assert isinstance(router, FakeRouter)
         router.load_gate = asyncio.Event()
-        gate = TrafficGate()
-        engine = _engine(router, gate=gate)
-        switching = asyncio.create_task(engine.switch("b"))
-        await asyncio.sleep(0.05)
-        assert engine.state is SwitchState.LOADING
-        with pytest.raises(SwitchBusyError, match="a model switch is in progress"):
-            await gate.enter(0.05)
-        waiting = asyncio.create_task(gate.enter(5))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
-        router.load_gate.set()
-        await switching
-        ticket = await waiting  # admitted once the switch is over
-        assert engine.active == "b"
-        gate.leave(ticket)
+        replaying = asyncio.Event()
+        release_replay = asyncio.Event()
 
-    run(scenario())
+        async def slow_replay(model: str) -> dict[str, Any]:
+            replaying.set()
+            await release_replay.wait()
+            return {"prompt_tokens": 1}
+
+        engine.replay = slow_replay
+        switching = asyncio.create_task(controller.submit(Switch("b")))
+        await router.load_started.wait()
+        assert controller.state is SwitchState.LOADING
+        with pytest.raises(SwitchBusyError, match="a model switch is in progress"):
+            async with engine.gate.admit(0.01):
+                pass
+        admitted = asyncio.Event()
+
+        async def request() -> str | None:
+            async with engine.gate.admit(5) as ticket:
+                admitted.set()
+                ticket.model = engine.active
+                return ticket.model
+
+        waiting = asyncio.create_task(request())
+        router.load_gate.set()
+        await replaying.wait()
+        # the target is active: the held request is admitted while the replay still runs
+        assert await waiting == "b"
+        assert engine.state is SwitchState.REPLAYING and not switching.done()
+        release_replay.set()
+        assert (await switching).outcome is Outcome.OK
+
+    run(scenario, _engine(FakeRouter("a")))
 
 
 def test_same_target_requests_share_one_switch() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
-        engine = _engine(router)
+    async def scenario(controller: Controller) -> None:
         r1, r2, r3 = await asyncio.gather(
-            engine.switch("b"), engine.switch("b"), engine.switch("b")
+            controller.submit(Switch("b")),
+            controller.submit(Switch("b")),
+            controller.submit(Switch("b", replay=False)),
         )
         assert r1 is r2 is r3
-        assert router.calls.count("load b") == 1
+        engine = controller.engine
+        assert isinstance(engine.router, FakeRouter)
+        assert engine.router.calls.count("load b") == 1
         assert len(engine.history) == 1
 
-    run(scenario())
+    run(scenario, _engine(FakeRouter("a")))
 
 
-def test_switches_are_serialized() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
-        engine = _engine(router)
-        rb, rc = await asyncio.gather(engine.switch("b"), engine.switch("c"))
+def test_commands_run_in_order() -> None:
+    async def scenario(controller: Controller) -> None:
+        rb, rc, ru = await asyncio.gather(
+            controller.submit(Switch("b")),
+            controller.submit(Switch("c")),
+            controller.submit(Unload()),
+        )
         assert (rb.from_model, rb.to_model, rc.from_model, rc.to_model) == ("a", "b", "b", "c")
-        assert router.calls == [
-            "unload a",
-            "load b",
-            "unload b",
-            "load c",
-        ]
+        assert (ru.from_model, ru.to_model, ru.outcome) == ("c", None, Outcome.OK)
+        engine = controller.engine
+        assert isinstance(engine.router, FakeRouter)
+        assert engine.router.calls == ["unload a", "load b", "unload b", "load c", "unload c"]
+        assert engine.active is None and engine.state is SwitchState.IDLE
 
-    run(scenario())
+    run(scenario, _engine(FakeRouter("a")))
+
+
+def test_a_failing_command_does_not_stop_the_loop() -> None:
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        real_run = engine.run
+        calls = 0
+
+        async def flaky(*args: Any, **kwargs: Any) -> SwitchReport:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in a step")
+            return await real_run(*args, **kwargs)
+
+        engine.run = flaky  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="a bug in a step"):
+            await controller.submit(Switch("b"))
+        assert not controller.busy
+        assert (await controller.submit(Switch("c"))).outcome is Outcome.OK
+
+    run(scenario, _engine(FakeRouter("a")))
+
+
+def test_commands_during_shutdown_are_refused_and_queued_ones_fail() -> None:
+    async def main() -> None:
+        router = FakeRouter("a")
+        router.load_gate = asyncio.Event()  # b's load hangs until shutdown
+        engine = _engine(router)
+        async with control(engine) as controller:
+            running = asyncio.create_task(controller.submit(Switch("b")))
+            queued = asyncio.create_task(controller.submit(Switch("c")))
+            await router.load_started.wait()
+        # the control loop was stopped with b loading and c queued
+        with pytest.raises(ShuttingDownError):
+            await running
+        with pytest.raises(ShuttingDownError):
+            await queued
+        with pytest.raises(ShuttingDownError):
+            await controller.submit(Switch("a"))
+        assert engine.gate.is_open  # a cancelled switch still reopens the gate
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_does_not_stop_the_switch() -> None:
+    async def scenario(controller: Controller) -> None:
+        router = controller.engine.router
+        assert isinstance(router, FakeRouter)
+        router.load_gate = asyncio.Event()
+        caller = asyncio.create_task(controller.submit(Switch("b")))
+        await router.load_started.wait()
+        caller.cancel()
+        router.load_gate.set()
+        report = await controller.submit(Switch("b"))  # joins the running one
+        assert report.outcome is Outcome.OK and controller.active == "b"
+
+    run(scenario, _engine(FakeRouter("a")))
 
 
 def test_overlap_loads_first_and_never_closes_the_gate() -> None:
-    async def scenario() -> None:
-        router = FakeRouter("a")
-        gate = TrafficGate()
-        engine = _engine(router, gate=gate, policy="overlap")
-        closed_seen = []
-        original = router.load_and_wait
+    router = FakeRouter("a")
+    engine = _engine(router, policy="overlap")
+    closed_seen = []
+    original = router.load
 
-        async def watch(
-            model: str, timeout: float, log_tail: Callable[[], str] = lambda: ""
-        ) -> ModelStatus:
-            closed_seen.append(not gate.is_open)
-            return await original(model, timeout, log_tail)
+    async def watch(model: str, timeout: float) -> bool:
+        closed_seen.append(not engine.gate.is_open)
+        return await original(model, timeout)
 
-        router.load_and_wait = watch  # type: ignore[method-assign]
-        report = await engine.switch("b")
-        assert report.outcome == "ok"
-        assert router.calls == ["load b", "unload a"]
-        assert closed_seen == [False]
-
-    run(scenario())
+    router.load = watch  # type: ignore[method-assign]
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.OK
+    assert router.calls == ["load b", "unload a"]
+    assert closed_seen == [False]
 
 
 def test_overlap_failed_load_keeps_the_old_model_active() -> None:
     router = FakeRouter("a", broken=frozenset({"b"}))
     engine = _engine(router, policy="overlap")
-    report = run(engine.switch("b"))
-    assert report.outcome == "failed"
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED
     assert report.rolled_back is False  # nothing to roll back: a never left
     assert engine.active == "a"
     assert "unload a" not in router.calls
@@ -399,27 +537,42 @@ def test_overlap_failed_load_keeps_the_old_model_active() -> None:
 
 def test_already_active_is_a_no_op() -> None:
     router = FakeRouter("a")
-    report = run(_engine(router).switch("a"))
-    assert report.outcome == "already_active"
+    report = switch(_engine(router), "a")
+    assert report.outcome is Outcome.ALREADY_ACTIVE
     assert router.calls == []
 
 
 def test_unknown_target() -> None:
     with pytest.raises(ModelNotFoundError, match="'zzz' is not a preset"):
-        run(_engine(FakeRouter("a")).switch("zzz"))
+        switch(_engine(FakeRouter("a")), "zzz")
+
+
+def test_first_load_is_a_command_without_replay() -> None:
+    router = FakeRouter(None)
+    engine = _engine(router, active=None)
+    seen: list[str] = []
+
+    async def replay(model: str) -> dict[str, Any]:
+        seen.append(model)
+        return {}
+
+    engine.replay = replay
+    report = run(lambda c: c.submit(Switch("a", replay=False)), engine)
+    assert report.outcome is Outcome.OK and engine.active == "a"
+    assert router.calls == ["load a"] and seen == []
 
 
 def test_replay_hook_runs_after_the_load() -> None:
     router = FakeRouter("a")
     engine = _engine(router)
-    seen: list[tuple[str, list[str]]] = []
+    seen: list[tuple[str, list[str], str | None]] = []
 
     async def replay(model: str) -> dict[str, Any]:
-        seen.append((model, list(router.calls)))
+        seen.append((model, list(router.calls), engine.active))
         return {"prompt_n": 42}
 
     engine.replay = replay
-    report = run(engine.switch("b"))
-    assert seen == [("b", ["unload a", "load b"])]
+    report = switch(engine, "b")
+    assert seen == [("b", ["unload a", "load b"], "b")]  # after activation
     assert report.replay == {"prompt_n": 42}
     assert "replay" in report.phases

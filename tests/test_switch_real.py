@@ -274,8 +274,10 @@ def test_auto_switch_on_a_request_for_another_preset(
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == "gemma3"
         history = httpx.get(hp.base_url + "/admin/switches").json()["data"]
+        # newest first; the first load at start is a command of the control loop too
         assert [(r["from"], r["to"], r["outcome"]) for r in history] == [
-            ("smollm2", "gemma3", "ok")
+            ("smollm2", "gemma3", "ok"),
+            (None, "smollm2", "ok"),
         ]
         assert chat(hp, "nope").status_code == 404
 

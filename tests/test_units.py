@@ -23,8 +23,10 @@ from hotmodel.errors import (
     RouterExitedError,
     http_error_for,
 )
-from hotmodel.router_client import RouterClient, error_message, parse_models
-from hotmodel.supervisor import _terminate_tree, read_tail, router_argv
+from hotmodel.router.client import RouterClient
+from hotmodel.router.lifecycle import ModelLifecycle
+from hotmodel.router.models import ModelState, error_message, parse_models
+from hotmodel.router.supervisor import _terminate_tree, read_tail, router_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,9 +75,9 @@ MODELS_SAMPLE: dict[str, Any] = {
 def test_parse_models_reads_status_failure_and_port() -> None:
     models = parse_models(MODELS_SAMPLE)
     assert set(models) == {"bad", "smol", "gemma"}
-    assert models["bad"].value == "unloaded"
+    assert models["bad"].state is ModelState.UNLOADED
     assert models["bad"].failed is True and models["bad"].exit_code == 1
-    assert models["smol"].value == "loaded" and models["smol"].port == 38293
+    assert models["smol"].state is ModelState.LOADED and models["smol"].port == 38293
     assert models["smol"].failed is False and models["smol"].exit_code is None
     assert models["gemma"].port is None
 
@@ -104,7 +106,9 @@ def test_error_message_of_router_answers(body: bytes, message: str) -> None:
     assert error_message(body) == message
 
 
-def _scripted_router(statuses: list[dict[str, Any]]) -> tuple[RouterClient, list[str]]:
+def _scripted_router(
+    statuses: list[dict[str, Any]], log_tail: str = ""
+) -> tuple[ModelLifecycle, list[str]]:
     """A router that answers GET /models from a script (one entry per call)."""
     calls: list[str] = []
 
@@ -114,7 +118,7 @@ def _scripted_router(statuses: list[dict[str, Any]]) -> tuple[RouterClient, list
         return httpx.Response(200, json={"data": [{"id": "m", "status": status}]})
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return RouterClient(http, "http://router"), calls
+    return ModelLifecycle(RouterClient(http, "http://router"), None, lambda: log_tail), calls
 
 
 def test_wait_loaded_returns_once_loaded() -> None:
@@ -122,16 +126,17 @@ def test_wait_loaded_returns_once_loaded() -> None:
         [{"value": "loading"}, {"value": "loading"}, {"value": "loaded"}]
     )
     status = asyncio.run(client.wait_loaded("m", timeout=5))
-    assert status.value == "loaded"
+    assert status.state is ModelState.LOADED
     assert calls == ["GET /models"] * 3
 
 
 def test_wait_loaded_reports_failure_with_log_tail() -> None:
     client, _ = _scripted_router(
-        [{"value": "loading"}, {"value": "unloaded", "failed": True, "exit_code": 1}]
+        [{"value": "loading"}, {"value": "unloaded", "failed": True, "exit_code": 1}],
+        log_tail="gguf_init failed",
     )
     with pytest.raises(ModelLoadError) as info:
-        asyncio.run(client.wait_loaded("m", timeout=5, log_tail=lambda: "gguf_init failed"))
+        asyncio.run(client.wait_loaded("m", timeout=5))
     assert str(info.value) == (
         "model 'm' failed to load (exit code 1)\n--- llama-server log tail ---\ngguf_init failed"
     )
@@ -139,7 +144,9 @@ def test_wait_loaded_reports_failure_with_log_tail() -> None:
 
 def test_wait_loaded_has_a_deadline() -> None:
     client, _ = _scripted_router([{"value": "loading"}])
-    with pytest.raises(ModelLoadError, match=r"did not reach 'loaded' within 0.05s"):
+    with pytest.raises(
+        ModelLoadError, match=r"did not reach 'loaded' within 0.05s \(\[switch\] load_timeout"
+    ):
         asyncio.run(client.wait_loaded("m", timeout=0.05))
 
 
@@ -254,7 +261,7 @@ def test_proxy_socket_turns_nagle_off_on_accepted_connections() -> None:
 
 
 def test_router_send_retries_once_on_a_closed_keepalive_connection() -> None:
-    from hotmodel.router_client import send
+    from hotmodel.router.client import send
 
     attempts: list[int] = []
 

@@ -15,9 +15,10 @@ from urllib.parse import quote
 import click
 import httpx
 
-from hotmodel import __version__, provision
+from hotmodel import __version__, sse
 from hotmodel.config import Config, load_config
 from hotmodel.errors import ConfigError, HotModelError
+from hotmodel.router import provision
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -145,13 +146,10 @@ def _proxy_url(config: Config) -> str:
 
 
 def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    event = "message"
-    for line in resp.iter_lines():
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[6:])
-            event = "message"
+    parser = sse.SseParser()
+    for chunk in resp.iter_bytes():
+        for event in parser.feed(chunk):
+            yield event.event, event.json()
 
 
 @cli.command(short_help="Switch the active model, showing each phase.")
@@ -249,7 +247,8 @@ def sessions_list(config_path: Path, as_json: bool) -> None:
     for s in data:
         used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["updated_at"]))
         click.echo(
-            f"{s['id']}  {s['messages']} message(s)  preset: {s['preset'] or '-'}  last used {used}"
+            f"{s['id']}  {s['messages']} message(s)  "
+            f"system prompt: {s['system_prompt'] or '-'}  last used {used}"
         )
 
 

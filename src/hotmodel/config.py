@@ -1,4 +1,4 @@
-"""Configuration: the TOML file and the llama-server INI presets it points at.
+"""Configuration: hotmodel's TOML file (and, through ``presets.py``, the INI it names).
 
 Both are parsed and validated once, by :func:`load_config`, into frozen
 dataclasses. Every error is a :class:`~hotmodel.errors.ConfigError` naming the
@@ -8,7 +8,6 @@ the file they are written in, so a config folder can be moved as a whole.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import tomllib
 import types
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotmodel.errors import ConfigError
+from hotmodel.presets import Presets, load_presets, resolve_path
 
 _T = TypeVar("_T")
 
@@ -44,6 +44,7 @@ class ServerConfig:
     log_level: LogLevel = "info"
     request_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0.001))
     switch_drain_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0))
+    shutdown_timeout_seconds: float = field(default=5.0, metadata=_meta(min=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,9 @@ class SwitchConfig:
     settle_tolerance_mib: int = field(default=64, metadata=_meta(min=0))
     gpu_probe: GpuProbeKind = "auto"
     queue_timeout_seconds: float = field(default=60.0, metadata=_meta(min=0))
+    replay_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0.001))
+    cancel_grace_seconds: float = field(default=5.0, metadata=_meta(min=0))
+    switch_timeout_seconds: float = field(default=900.0, metadata=_meta(min=0.001))
     history: int = field(default=50, metadata=_meta(min=1))
 
 
@@ -91,48 +95,17 @@ class SessionConfig:
     max_prompt_chars: int = field(default=32000, metadata=_meta(min=1))
     max_prompt_tokens: int = field(default=0, metadata=_meta(min=0))
     token_count_mode: TokenCountMode = "auto"
-    default_preset: str = ""
+    default_system_prompt: str = ""
+    queue_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0))
     store_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class PromptPreset:
-    """``[presets.NAME]``: a named system prompt, applied to every request of a session."""
+class SystemPrompt:
+    """``[system_prompts.NAME]``: a named system prompt, sent first on every request of a
+    session that uses it. (A *preset* is a model: a section of llama-server's INI.)"""
 
     system: str
-
-
-@dataclass(frozen=True, slots=True)
-class Preset:
-    """One model section of the INI presets file."""
-
-    name: str
-    options: Mapping[str, str]
-    model_path: Path | None
-
-
-@dataclass(frozen=True, slots=True)
-class Presets:
-    """The INI presets file: global ``[*]`` options, then one entry per model."""
-
-    path: Path
-    top: Mapping[str, str]
-    globals: Mapping[str, str]
-    models: Mapping[str, Preset]
-
-    def render(self) -> str:
-        """The INI text handed to llama-server, with every path made absolute.
-
-        llama-server resolves relative paths against its own working
-        directory; hotmodel resolves them against the INI's folder instead,
-        which is what a user editing the file expects.
-        """
-        lines = [f"{k} = {v}" for k, v in self.top.items()]
-        if self.globals:
-            lines += ["", "[*]", *(f"{k} = {v}" for k, v in self.globals.items())]
-        for preset in self.models.values():
-            lines += ["", f"[{preset.name}]", *(f"{k} = {v}" for k, v in preset.options.items())]
-        return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +118,7 @@ class Config:
     switch: SwitchConfig
     session: SessionConfig
     presets: Presets
-    prompts: Mapping[str, PromptPreset] = field(default_factory=dict)
+    system_prompts: Mapping[str, SystemPrompt] = field(default_factory=dict)
 
     @property
     def router_log_file(self) -> Path:
@@ -154,27 +127,6 @@ class Config:
     @property
     def session_store_file(self) -> Path:
         return self.session.store_file or self.server.state_dir / "sessions.sqlite3"
-
-
-# Keys whose values are file paths; llama-server's own long and short names.
-_PATH_KEYS = frozenset(
-    {
-        "model",
-        "m",
-        "mmproj",
-        "model-draft",
-        "md",
-        "lora",
-        "chat-template-file",
-        "control-vector",
-        "grammar-file",
-        "json-schema-file",
-        "slot-save-path",
-    }
-)
-_MODEL_KEYS = ("model", "m")
-_REMOTE_KEYS = ("hf-repo", "hf", "hfr", "model-url", "mu", "docker-repo", "dr")
-_TOP_SECTION = "hotmodel:top"
 
 
 def load_config(path: str | Path) -> Config:
@@ -194,37 +146,12 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-decoded TOML document that was read from ``path``."""
     base = path.parent
-    known = {"server", "router", "switch", "session", "presets"}
-    for name, value in raw.items():
-        if name not in known:
-            raise ConfigError(
-                path, f"unknown section (expected one of: {', '.join(sorted(known))})", section=name
-            )
-        if not isinstance(value, dict):
-            raise ConfigError(path, "must be a table", section=name)
-    if "router" not in raw:
-        raise ConfigError(
-            path, "missing section (it names the presets file and default model)", section="router"
-        )
+    _check_sections(raw, path)
     server = _build(ServerConfig, raw.get("server", {}), path, "server", base)
     router = _build(RouterConfig, raw["router"], path, "router", base)
     switch = _build(SwitchConfig, raw.get("switch", {}), path, "switch", base)
     session = _build(SessionConfig, raw.get("session", {}), path, "session", base)
-    prompts = {}
-    for name, table in raw.get("presets", {}).items():
-        if not isinstance(table, dict):
-            raise ConfigError(
-                path, "must be a table with a 'system' key", section=f"presets.{name}"
-            )
-        prompts[name] = _build(PromptPreset, table, path, f"presets.{name}", base)
-    if session.default_preset and session.default_preset not in prompts:
-        raise ConfigError(
-            path,
-            f"{session.default_preset!r} is not defined as [presets.{session.default_preset}]",
-            section="session",
-            key="default_preset",
-        )
-
+    prompts = _system_prompts(raw.get("system_prompts", {}), session, path, base)
     if switch.policy == "overlap" and router.models_max < 2:
         raise ConfigError(
             path,
@@ -249,8 +176,56 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
         switch=switch,
         session=session,
         presets=presets,
-        prompts=prompts,
+        system_prompts=prompts,
     )
+
+
+def _check_sections(raw: Mapping[str, Any], path: Path) -> None:
+    """Every section known and a table, ``[router]`` present; renamed keys say their new name."""
+    known = {"server", "router", "switch", "session", "system_prompts"}
+    for name, value in raw.items():
+        if name == "presets":
+            raise ConfigError(
+                path,
+                "[presets.NAME] tables are now [system_prompts.NAME] ('preset' means a model "
+                "section of the INI file)",
+                section=name,
+            )
+        if name not in known:
+            raise ConfigError(
+                path, f"unknown section (expected one of: {', '.join(sorted(known))})", section=name
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(path, "must be a table", section=name)
+    if "router" not in raw:
+        raise ConfigError(
+            path, "missing section (it names the presets file and default model)", section="router"
+        )
+    if "default_preset" in raw.get("session", {}):
+        raise ConfigError(
+            path, "renamed: use default_system_prompt", section="session", key="default_preset"
+        )
+
+
+def _system_prompts(
+    tables: Mapping[str, Any], session: SessionConfig, path: Path, base: Path
+) -> dict[str, SystemPrompt]:
+    prompts = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                path, "must be a table with a 'system' key", section=f"system_prompts.{name}"
+            )
+        prompts[name] = _build(SystemPrompt, table, path, f"system_prompts.{name}", base)
+    default = session.default_system_prompt
+    if default and default not in prompts:
+        raise ConfigError(
+            path,
+            f"{default!r} is not defined as [system_prompts.{default}]",
+            section="session",
+            key="default_system_prompt",
+        )
+    return prompts
 
 
 def _build(cls: type[_T], table: Mapping[str, Any], path: Path, section: str, base: Path) -> _T:
@@ -268,7 +243,7 @@ def _build(cls: type[_T], table: Mapping[str, Any], path: Path, section: str, ba
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(path, "missing required key", section=section, key=name)
             if hints[name] is Path and isinstance(f.default, Path):
-                values[name] = _resolve(base, f.default)
+                values[name] = resolve_path(base, f.default)
             continue
         values[name] = _coerce(table[name], hints[name], f.metadata, path, section, name, base)
     return cls(**values)
@@ -312,65 +287,9 @@ def _coerce(
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise fail("a non-empty path string")
-        return _resolve(base, Path(value))
+        return resolve_path(base, Path(value))
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise fail("a list of strings")
         return tuple(value)
     raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not in a config
-
-
-def _resolve(base: Path, value: Path) -> Path:
-    value = value.expanduser()
-    return value if value.is_absolute() else (base / value).resolve()
-
-
-def load_presets(path: Path) -> Presets:
-    """Parse llama-server's INI presets file (``--models-preset``)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, "presets file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, f"cannot read presets file: {exc}") from exc
-    # llama-server accepts keys (e.g. ``version = 1``) before the first section.
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        strict=True,
-        default_section="hotmodel:no-defaults",
-        comment_prefixes=(";", "#"),
-        inline_comment_prefixes=None,
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    try:
-        parser.read_string(f"[{_TOP_SECTION}]\n{text}", source=str(path))
-    except configparser.Error as exc:
-        raise ConfigError(path, f"invalid INI: {exc}") from exc
-
-    base = path.parent
-    top = dict(parser[_TOP_SECTION])
-    global_opts: dict[str, str] = {}
-    models: dict[str, Preset] = {}
-    for name in parser.sections():
-        if name == _TOP_SECTION:
-            continue
-        options = {k: _resolve_option(base, k, v) for k, v in parser[name].items()}
-        if name == "*":
-            global_opts = options
-            continue
-        model_key = next((k for k in _MODEL_KEYS if k in options), None)
-        if model_key is None and not any(k in options for k in _REMOTE_KEYS):
-            raise ConfigError(
-                path, "a preset needs a 'model' path (or an hf-repo)", section=name, key="model"
-            )
-        model_path = Path(options[model_key]) if model_key else None
-        models[name] = Preset(name=name, options=options, model_path=model_path)
-    if not models:
-        raise ConfigError(path, "no model presets defined")
-    return Presets(path=path, top=top, globals=global_opts, models=models)
-
-
-def _resolve_option(base: Path, key: str, value: str) -> str:
-    if key in _PATH_KEYS and value:
-        return str(_resolve(base, Path(value)))
-    return value

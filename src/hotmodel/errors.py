@@ -10,19 +10,22 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── RouterBinaryError        the llama-server binary cannot be found or started
     │   ├── RouterStartError         the router did not become healthy before its deadline
     │   ├── RouterExitedError        the router process exited while it was needed
-    │   ├── RouterUnavailableError   the router cannot be reached (connect/read failure)
+    │   ├── RouterUnavailableError   the router cannot be reached (connect failure, broken answer)
+    │   ├── RouterTimeoutError       the router was reached but did not answer in time (504)
     │   ├── RouterProtocolError      the router answered something we cannot use
     │   └── ModelLoadError           a model ended `failed` or missed its load deadline
     ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
-    │   └── SessionNotFoundError     no session has this id (404)
+    │   ├── SessionNotFoundError     no session has this id (404)
+    │   └── SessionBusyError         another request on the session outlived the wait (409)
     ├── SwitchError                  a model switch did not complete
     │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
     │   └── SwitchFailedError        a switch failed; carries its report (500)
-    ├── StoreError                   the session store cannot be opened or used
+    ├── StoreError                   the session store cannot be opened or used (SQLite)
+    ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
     └── ProvisionError               setting up llama-server or the models failed
 
 ``http_error_for`` maps any of them to the HTTP status and OpenAI error
@@ -80,6 +83,10 @@ class RouterUnavailableError(RouterError):
     """The router could not be reached."""
 
 
+class RouterTimeoutError(RouterError):
+    """The router was reached but did not answer within the deadline that the message names."""
+
+
 class RouterProtocolError(RouterError):
     """The router answered with something hotmodel cannot use."""
 
@@ -124,6 +131,14 @@ class SessionNotFoundError(RequestError):
     """No session has this id."""
 
 
+class SessionBusyError(RequestError):
+    """Another request on the same session is still running past the wait bound."""
+
+
+class ShuttingDownError(HotModelError):
+    """hotmodel is stopping: no new switch or command is taken."""
+
+
 class StoreError(HotModelError):
     """The session store cannot be opened or used."""
 
@@ -166,11 +181,15 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
+    (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
     (SwitchFailedError, HttpError(500, "server_error", "switch_failed")),
+    (RouterTimeoutError, HttpError(504, "server_error", "upstream_timeout")),
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
+    (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),
+    (StoreError, HttpError(500, "server_error", "store_error")),
 )
 _INTERNAL = HttpError(500, "server_error", "internal_error")
 

@@ -1,48 +1,49 @@
-"""The runtime: what ``hotmodel serve`` owns while it runs, as one async context manager.
+"""The runtime: what ``hotmodel serve`` owns while it runs, composed as one async exit stack.
 
-It owns the shared HTTP client, the router supervisor, the traffic gate and
-the switch engine (which owns the active model), and nothing else holds them:
-the proxy reads them through this object. No
-module-level globals. ``start()`` either returns with the router healthy and
-the default model ``loaded``, or raises with nothing left running, even when
-it is cancelled half-way (a Ctrl-C during start-up).
+:meth:`Runtime.start` enters each resource in order (HTTP client, session
+store, router process, model event feed, control loop) on one
+``AsyncExitStack`` and loads the default model through the control loop;
+:meth:`Runtime.close` leaves them in reverse order, every error collected, and
+awaits every task it cancels. ``start()`` either returns :class:`Services`
+with the router healthy and the default model ``loaded``, or raises with
+nothing left running, even when cancelled half-way (a Ctrl-C during start-up).
+The HTTP layer only ever sees a started :class:`Services`: nothing in it is
+optional. Starting twice is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 from hotmodel.config import Config
-from hotmodel.errors import (
-    ConfigError,
-    ModelNotActiveError,
-    ModelNotFoundError,
-    RouterUnavailableError,
-)
-from hotmodel.gpu import GpuProbe, NoGpu, detect_probe
-from hotmodel.provision import find_llama_server
-from hotmodel.router_client import RouterClient
-from hotmodel.session_store import SessionStore
-from hotmodel.sessions import SessionService
-from hotmodel.supervisor import RouterSupervisor, free_port
-from hotmodel.switch import Listener, SwitchEngine, SwitchReport
-from hotmodel.traffic import TrafficGate
+from hotmodel.control.controller import Controller, Switch
+from hotmodel.control.engine import Engine
+from hotmodel.control.gpu import GpuProbe, detect_probe
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import ConfigError, ModelLoadError
+from hotmodel.router.client import RouterClient
+from hotmodel.router.events import ModelEvents
+from hotmodel.router.lifecycle import ModelLifecycle
+from hotmodel.router.provision import find_llama_server
+from hotmodel.router.supervisor import RouterSupervisor, free_port
+from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.store import SessionStore
 
 log = logging.getLogger("hotmodel.runtime")
 
-ACTIVE_ALIAS = "active"
-_T = TypeVar("_T")
-
 
 class ServiceState(enum.Enum):
+    NEW = "new"
     STARTING = "starting"
     READY = "ready"
     ROUTER_EXITED = "router_exited"
@@ -50,32 +51,39 @@ class ServiceState(enum.Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a started runtime offers the HTTP layer; nothing here is ever None."""
+
+    config: Config
+    router: RouterClient
+    supervisor: RouterSupervisor
+    events: ModelEvents
+    controller: Controller
+    gate: TrafficGate
+    sessions: SessionService
+    store: SessionStore
+    gpu: GpuProbe
+
+
 class Runtime:
-    """Owns the HTTP client, the router supervisor and the active model."""
+    """Owns the router process, the HTTP client, the store and the control loop."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.state = ServiceState.STOPPED
+        self.state = ServiceState.NEW
         self.started_at = time.monotonic()
-        self.http: httpx.AsyncClient | None = None
-        self.router: RouterClient | None = None
-        self.supervisor: RouterSupervisor | None = None
-        self.gate = TrafficGate()
-        self.engine: SwitchEngine | None = None
-        self.gpu: GpuProbe = NoGpu()
-        self.store = SessionStore(config.session_store_file)
-        self.sessions: SessionService | None = None
-        # Switches started over HTTP run here, so a client that goes away
-        # cannot cancel a switch half-way.
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stack = contextlib.AsyncExitStack()
+        self._services: Services | None = None
 
     @property
-    def active_model(self) -> str | None:
-        return self.engine.active if self.engine is not None else None
+    def services(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("the runtime is not started")  # a bug: start() comes first
+        return self._services
 
-    async def __aenter__(self) -> Runtime:
-        await self.start()
-        return self
+    async def __aenter__(self) -> Services:
+        return await self.start()
 
     async def __aexit__(
         self,
@@ -85,118 +93,118 @@ class Runtime:
     ) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        cfg = self.config
+    async def start(self) -> Services:
+        if self.state is not ServiceState.NEW:
+            raise RuntimeError(f"a runtime starts once (it is {self.state.value})")
         self.state = ServiceState.STARTING
         self.started_at = time.monotonic()
+        try:
+            self._services = await self._enter(self._stack)
+            await self._load_default()
+        except BaseException:
+            await self.close()
+            raise
+        if self.state is ServiceState.STARTING:
+            self.state = ServiceState.READY
+        return self._services
+
+    async def _enter(self, stack: contextlib.AsyncExitStack) -> Services:
+        """Enter every resource on ``stack``, in dependency order."""
+        cfg = self.config
         _check_default_model_file(cfg)
         binary = find_llama_server(cfg.router.llama_server)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         port = cfg.router.port or free_port(cfg.router.host)
         # One pooled client for every call to the router; no overall timeout
         # because generations may stream for minutes (per-call timeouts apply).
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(cfg.server.request_timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,
-        )
-        self.router = RouterClient(self.http, f"http://{_url_host(cfg.router.host)}:{port}")
-        self.supervisor = RouterSupervisor(
-            cfg, binary, self.router, port, on_exit=self._router_exited
-        )
-        try:
-            await self.store.open()
-            self.sessions = SessionService(cfg, self.store, self.router)
-            self.gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
-            baseline = await asyncio.to_thread(self.gpu.snapshot)
-            await self.supervisor.start()
-            model = cfg.router.default_model
-            log.info("loading default model %r", model)
-            t0 = time.monotonic()
-            await self.router.load_and_wait(
-                model, cfg.switch.load_timeout_seconds, log_tail=self.supervisor.log_tail
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(cfg.server.request_timeout_seconds, connect=5.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                trust_env=False,
             )
-            log.info("model %r loaded in %.0f ms", model, (time.monotonic() - t0) * 1000)
-            self.engine = SwitchEngine(
-                config=cfg.switch,
-                drain_timeout=cfg.server.switch_drain_timeout_seconds,
-                router=self.router,
-                gate=self.gate,
-                presets=cfg.presets.models,
-                active=model,
-                gpu=self.gpu,
-                log_tail=self.supervisor.log_tail,
-                replay=self.sessions.replay,
-                baseline_mib=None if baseline is None else baseline.used_mib,
+        )
+        router = RouterClient(
+            http, f"http://{_url_host(cfg.router.host)}:{port}", cfg.server.request_timeout_seconds
+        )
+        store = await stack.enter_async_context(SessionStore(cfg.session_store_file))
+        sessions = SessionService(cfg, store, router)
+        gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
+        baseline = await asyncio.to_thread(gpu.snapshot)  # before any model is loaded
+        supervisor = RouterSupervisor(cfg, binary, router, port, on_exit=self._router_exited)
+        await supervisor.start()
+        stack.push_async_callback(supervisor.stop)
+        events = ModelEvents(router)
+        await stack.enter_async_context(_task(events.run(), "model-events"))
+        gate = TrafficGate()
+        engine = Engine(
+            config=cfg.switch,
+            drain_timeout=cfg.server.switch_drain_timeout_seconds,
+            router=ModelLifecycle(router, events, supervisor.log_tail),
+            gate=gate,
+            gpu=gpu,
+            log_tail=supervisor.log_tail,
+            replay=sessions.replay,
+            baseline_mib=None if baseline is None else baseline.used_mib,
+        )
+        controller = Controller(engine, cfg.presets.models)
+        await stack.enter_async_context(_task(controller.run(), "control-loop"))
+        stack.callback(controller.close)  # on the way out: first refuse new commands
+        return Services(
+            config=cfg,
+            router=router,
+            supervisor=supervisor,
+            events=events,
+            controller=controller,
+            gate=gate,
+            sessions=sessions,
+            store=store,
+            gpu=gpu,
+        )
+
+    async def _load_default(self) -> None:
+        """The first load is a command like any other: the control loop does it."""
+        model = self.config.router.default_model
+        log.info("loading default model %r", model)
+        report = await self.services.controller.submit(Switch(model, replay=False))
+        if report.failed:
+            raise ModelLoadError(
+                report.error or f"model {model!r} failed to load", report.log_tail or ""
             )
-            if self.state is ServiceState.STARTING:
-                self.state = ServiceState.READY
-        except BaseException:
-            await self.close()
-            raise
+        log.info("model %r loaded in %.0f ms", model, report.total_ms)
 
     def _router_exited(self, code: int) -> None:
         self.state = ServiceState.ROUTER_EXITED
 
-    async def switch(self, target: str, listener: Listener | None = None) -> SwitchReport:
-        """Switch the active model; the switch goes on even if the caller is cancelled."""
-        if self.engine is None:
-            raise RouterUnavailableError("hotmodel is not started")
-        return await asyncio.shield(self.spawn(self.engine.switch(target, listener)))
-
-    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """Run ``coro`` as a task owned by the runtime (cancelled by :meth:`close`)."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def close(self) -> None:
+        """Leave every resource in reverse order (idempotent)."""
+        if self.state in (ServiceState.STOPPING, ServiceState.STOPPED):
+            return
         self.state = ServiceState.STOPPING
-        for task in list(self._tasks):
-            task.cancel()
         try:
-            if self.supervisor is not None:
-                await self.supervisor.stop()
+            await self._stack.aclose()
         finally:
-            await self.store.close()
-            if self.http is not None:
-                await self.http.aclose()
             self.state = ServiceState.STOPPED
 
-    def ready_router(self) -> RouterClient:
-        """The router client, once the router is running; else a 503-mapped error."""
-        if self.supervisor is None or self.router is None:
-            raise RouterUnavailableError("hotmodel is not started")
-        self.supervisor.ensure_running()
-        return self.router
-
-    def resolve_model(self, requested: object) -> str:
-        """The preset a chat request goes to: ``"active"``/omitted/the active id, else an error."""
-        active = self.active_model
-        if active is None:
-            raise RouterUnavailableError(
-                "no model is loaded (the last switch and its rollback failed); "
-                "switch to a model with POST /admin/switch"
-            )
-        if requested is None or requested in ("", ACTIVE_ALIAS, active):
-            return active
-        if not isinstance(requested, str):
-            raise ModelNotFoundError("'model' must be a string", param="model")
-        if requested not in self.config.presets.models:
-            known = ", ".join([ACTIVE_ALIAS, *self.config.presets.models])
-            raise ModelNotFoundError(
-                f"model {requested!r} is not a preset (known: {known})", param="model"
-            )
-        raise ModelNotActiveError(
-            f"model {requested!r} is a preset but not the active model ({active!r}); "
-            "switch to it first (hotmodel switch / POST /admin/switch), enable "
-            "[switch] auto, or send model 'active'",
-            param="model",
-        )
+    def kill_router(self) -> None:
+        """A forced exit: kill the router tree now, without waiting for anything."""
+        if self._services is not None:
+            self._services.supervisor.kill()
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
+
+
+@contextlib.asynccontextmanager
+async def _task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``coro`` as a task for the block; cancelled and awaited when it ends."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _check_default_model_file(cfg: Config) -> None:

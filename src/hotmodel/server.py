@@ -6,7 +6,9 @@ loads the default model, then uvicorn serves the proxy. SIGINT/SIGTERM (and
 Ctrl-Break on Windows) at any point lead to the same place: the runtime is
 closed, which stops the router and its children. hotmodel installs the signal
 handlers itself, for the whole run, so that a signal during start-up (before
-uvicorn runs) cannot leave an orphaned llama-server.
+uvicorn runs) cannot leave an orphaned llama-server. Shutdown is bounded:
+uvicorn gets ``[server] shutdown_timeout_seconds`` to finish open requests; a
+second signal forces the exit at once (the router tree is killed, not asked).
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from typing import Any
 
 import uvicorn
 
+from hotmodel.api.app import create_app
 from hotmodel.config import Config
 from hotmodel.errors import HotModelError
-from hotmodel.proxy import create_app
 from hotmodel.runtime import Runtime
 
 log = logging.getLogger("hotmodel.server")
@@ -87,51 +91,96 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Signals:
+    """The first stop signal asks for a graceful stop; a second one forces it (as uvicorn does)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+
+    def __call__(self) -> None:
+        if self.stop.is_set():
+            log.warning("second stop signal: forcing the exit")
+            self.force.set()
+        else:
+            log.info("stopping (a second Ctrl-C forces it)")
+            self.stop.set()
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of ``aws`` is done; cancel and await the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def serve(config: Config) -> None:
     """Run hotmodel until a stop signal; raise a HotModelError if start-up fails."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signals = _Signals()
     with (
-        _stop_on_signals(loop, stop.set),
+        _stop_on_signals(loop, signals),
         bind_socket(config.server.host, config.server.port) as sock,
     ):
         runtime = Runtime(config)
-        starting = asyncio.create_task(runtime.start(), name="runtime-start")
-        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()  # start() closes what it opened before re-raising
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            raise ServeInterruptedError("stopped during start-up; nothing is left running")
-        stopping.cancel()
-        starting.result()  # start-up errors propagate (start() already cleaned up)
+        # A second signal kills the router tree at once, whatever is going on.
+        killer = asyncio.create_task(_kill_on_force(signals, runtime), name="force-exit")
         try:
-            host, port = sock.getsockname()[:2]
-            log.info(
-                "hotmodel ready on http://%s:%s (router pid %s, port %s; active model %r)",
-                host,
-                port,
-                runtime.supervisor.pid if runtime.supervisor else None,
-                runtime.supervisor.port if runtime.supervisor else None,
-                runtime.active_model,
-            )
-            server = _Server(
-                uvicorn.Config(
-                    create_app(runtime),
-                    lifespan="off",
-                    log_level=config.server.log_level,
-                    access_log=config.server.log_level == "debug",
-                    timeout_graceful_shutdown=5,
-                )
-            )
-            serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-            stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            server.should_exit = True
-            stopping.cancel()
-            await serving
+            await _serve(runtime, sock, signals)
         finally:
-            log.info("stopping the router")
-            await runtime.close()
-            log.info("stopped")
+            killer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await killer
+
+
+async def _kill_on_force(signals: _Signals, runtime: Runtime) -> None:
+    await signals.force.wait()
+    runtime.kill_router()
+
+
+async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> None:
+    config = runtime.config
+    starting = asyncio.create_task(runtime.start(), name="runtime-start")
+    await _first(asyncio.shield(starting), signals.stop.wait())
+    if not starting.done():
+        starting.cancel()  # start() closes what it opened before re-raising
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        raise ServeInterruptedError("stopped during start-up; nothing is left running")
+    services = starting.result()  # start-up errors propagate (start() already cleaned up)
+    try:
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "hotmodel ready on http://%s:%s (router pid %s, port %s; active model %r)",
+            host,
+            port,
+            services.supervisor.pid,
+            services.supervisor.port,
+            services.controller.active,
+        )
+        server = _Server(
+            uvicorn.Config(
+                create_app(runtime),
+                lifespan="off",
+                log_level=config.server.log_level,
+                access_log=config.server.log_level == "debug",
+                timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
+            )
+        )
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
+        await _first(asyncio.shield(serving), signals.stop.wait())
+        server.should_exit = True
+        await _first(asyncio.shield(serving), signals.force.wait())
+        if not serving.done():
+            server.force_exit = True
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+    finally:
+        log.info("stopping the router")
+        await runtime.close()
+        log.info("stopped")

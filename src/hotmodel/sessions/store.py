@@ -1,13 +1,16 @@
 """The durable session store: SQLite in WAL mode, schema versioned with migrations.
 
-A session is an id, the name of its preset prompt and its ordered messages
+A session is an id, the name of its system prompt and its ordered messages
 (each the OpenAI message object as sent or received, the model that produced
 an assistant turn, and the time). The store never shortens a session:
 bounds apply only to what is sent to a model.
 
 All SQLite work runs on one dedicated thread (SQLite connections belong to
 the thread that made them); the async methods hand work to it, so the event
-loop never waits on disk.
+loop never waits on disk. Every ``sqlite3.Error`` becomes a :class:`StoreError`
+in :meth:`SessionStore._call`, the one place the store is entered. A session
+is created by its first stored turns (:meth:`SessionStore.append`), never by a
+read, so a request that is refused leaves no trace.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sessions_by_use ON sessions(updated_at);
     """,
+    # 'preset' meant both a model and a system prompt; the system prompt got its own name.
+    "ALTER TABLE sessions RENAME COLUMN preset TO system_prompt;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -63,7 +68,7 @@ class StoredMessage:
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
     id: str
-    preset: str
+    system_prompt: str
     created_at: float
     updated_at: float
     message_count: int
@@ -71,7 +76,7 @@ class SessionSummary:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "preset": self.preset or None,
+            "system_prompt": self.system_prompt or None,
             "messages": self.message_count,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
@@ -81,7 +86,7 @@ class SessionSummary:
 @dataclass(frozen=True, slots=True)
 class Session:
     id: str
-    preset: str
+    system_prompt: str
     created_at: float
     updated_at: float
     messages: tuple[StoredMessage, ...] = ()
@@ -89,7 +94,7 @@ class Session:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "preset": self.preset or None,
+            "system_prompt": self.system_prompt or None,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "messages": [m.to_json() for m in self.messages],
@@ -163,7 +168,10 @@ class SessionStore:
     async def _call(self, fn: Callable[[], _T]) -> _T:
         if self._executor is None:
             raise StoreError("the session store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"the session store {self.path} failed: {exc}") from exc
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -178,7 +186,8 @@ class SessionStore:
     def _get(self, session_id: str) -> Session | None:
         db = self._db()
         row = db.execute(
-            "SELECT id, preset, created_at, updated_at FROM sessions WHERE id = ?", (session_id,)
+            "SELECT id, system_prompt, created_at, updated_at FROM sessions WHERE id = ?",
+            (session_id,),
         ).fetchone()
         if row is None:
             return None
@@ -194,37 +203,26 @@ class SessionStore:
             tuple(StoredMessage(json.loads(m), model, t) for m, model, t in msgs),
         )
 
-    async def get_or_create(self, session_id: str, preset: str) -> Session:
-        def run() -> Session:
-            now = time.time()
-            self._db().execute(
-                "INSERT OR IGNORE INTO sessions (id, preset, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?)",
-                (session_id, preset, now, now),
-            )
-            session = self._get(session_id)
-            assert session is not None
-            return session
-
-        return await self._call(run)
-
-    async def set_preset(self, session_id: str, preset: str) -> None:
-        await self._call(
-            lambda: self._db().execute(
-                "UPDATE sessions SET preset = ? WHERE id = ?", (preset, session_id)
-            )
-        )
-
     async def append(
-        self, session_id: str, messages: Sequence[dict[str, Any]], model: str | None
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        model: str | None,
+        system_prompt: str,
     ) -> None:
-        """Append turns atomically; ``model`` is recorded on assistant turns."""
+        """Append turns atomically, creating the session if it is new; ``model`` is
+        recorded on assistant turns, ``system_prompt`` on the session."""
 
         def run() -> None:
             db = self._db()
             now = time.time()
             with db:
                 db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT INTO sessions (id, system_prompt, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET system_prompt = ?",
+                    (session_id, system_prompt, now, now, system_prompt),
+                )
                 (last,) = db.execute(
                     "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?",
                     (session_id,),
@@ -253,7 +251,7 @@ class SessionStore:
             rows = (
                 self._db()
                 .execute(
-                    "SELECT s.id, s.preset, s.created_at, s.updated_at, COUNT(m.seq) "
+                    "SELECT s.id, s.system_prompt, s.created_at, s.updated_at, COUNT(m.seq) "
                     "FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id "
                     "ORDER BY s.updated_at DESC"
                 )

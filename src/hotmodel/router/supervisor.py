@@ -7,8 +7,10 @@ State is owned here and changes only in this class::
                             +------ process exit ----+--> EXITED   (unexpected exit)
 
 Every wait has a deadline: ``router.startup_timeout_seconds`` for ``/health``,
-``router.stop_timeout_seconds`` between SIGTERM and SIGKILL. Process trees are
-handled with psutil so that stopping works the same on Linux, macOS and Windows.
+``router.stop_timeout_seconds`` between SIGTERM and SIGKILL, then
+:data:`KILL_WAIT_S` for the kernel to reap what was killed (which also bounds
+the wait for the exit watcher). Process trees are handled with psutil so that
+stopping works the same on Linux, macOS and Windows.
 """
 
 from __future__ import annotations
@@ -25,18 +27,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
 from hotmodel.config import Config
 from hotmodel.errors import RouterBinaryError, RouterExitedError, RouterStartError
-from hotmodel.router_client import RouterClient
+from hotmodel.router.client import RouterClient
 
 log = logging.getLogger("hotmodel.supervisor")
 
 # After SIGKILL, how long to wait for the kernel to reap the processes.
-_KILL_WAIT_S = 5.0
+KILL_WAIT_S = 5.0
 _HEALTH_POLL_S = 0.05
 
 
@@ -224,10 +226,18 @@ class RouterSupervisor:
             self.state = RouterState.STOPPING
         await asyncio.to_thread(_terminate_tree, proc.pid, self._config.router.stop_timeout_seconds)
         if self._watcher is not None:
-            await self._watcher
+            # The process is gone (or was killed): its watcher ends at once. Bounded all
+            # the same, so a stuck wait() can never hold up the shutdown.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._watcher), KILL_WAIT_S)
         self._proc = None
         self._close_log()
         self.state = RouterState.STOPPED
+
+    def kill(self) -> None:
+        """Kill the router and its children at once (a forced exit: no grace, no waiting)."""
+        if self._proc is not None:
+            _terminate_tree(self._proc.pid, 0)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -239,22 +249,13 @@ def _spawn(argv: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes
     # The router gets its own process group / session so that a Ctrl-C in the
     # terminal reaches hotmodel only; hotmodel then stops the router in order.
     # Popen returns at once (fork/exec), so calling it from async code is fine.
+    own_group: dict[str, Any]
     if sys.platform == "win32":
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            creationflags=subprocess.CREATE_NEW_PROCESS_GROUP,
-        )
+        own_group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    else:
+        own_group = {"start_new_session": True}
     return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        start_new_session=True,
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, **own_group
     )
 
 
@@ -276,4 +277,4 @@ def _terminate_tree(pid: int, timeout: float) -> None:
         log.warning("process %s outlived the stop deadline; killing it", p.pid)
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(alive, timeout=_KILL_WAIT_S)
+    psutil.wait_procs(alive, timeout=KILL_WAIT_S)

@@ -2,6 +2,10 @@
 
 Every chat request holds a :class:`Ticket` from admission until its answer is
 complete (for a stream: until the last byte is relayed or the client leaves).
+Admission is a context (:meth:`TrafficGate.admit`): the ticket is returned on
+every exit path of its ``async with`` block, errors and cancellation included,
+so no code path can leave one behind (a leaked ticket would make every later
+switch wait out its whole drain timeout).
 A switch closes the gate (new requests wait, bounded), drains the in-flight
 tickets of the model it is about to unload (bounded), and may cancel them.
 Pure asyncio, no I/O: the switch engine's unit tests use the real gate.
@@ -10,9 +14,10 @@ Pure asyncio, no I/O: the switch engine's unit tests use the real gate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 
@@ -62,7 +67,16 @@ class TrafficGate:
             if models is None or t.model is None or t.model in models
         ]
 
-    async def enter(self, timeout: float) -> Ticket:
+    @contextlib.asynccontextmanager
+    async def admit(self, timeout: float) -> AsyncIterator[Ticket]:
+        """A ticket for the ``async with`` block, returned when the block ends, however."""
+        ticket = await self._enter(timeout)
+        try:
+            yield ticket
+        finally:
+            self._leave(ticket)
+
+    async def _enter(self, timeout: float) -> Ticket:
         """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
         deadline = time.monotonic() + timeout
         while not self._open.is_set():
@@ -72,15 +86,13 @@ class TrafficGate:
                     f"a model switch is in progress; waited {timeout:g}s "
                     "([switch] queue_timeout_seconds)"
                 )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._open.wait(), remaining)
-            except TimeoutError:
-                continue
         ticket = Ticket(next(self._ids))
         self._inflight[ticket.id] = ticket
         return ticket
 
-    def leave(self, ticket: Ticket) -> None:
+    def _leave(self, ticket: Ticket) -> None:
         """The request is complete (idempotent)."""
         if self._inflight.pop(ticket.id, None) is None:
             return

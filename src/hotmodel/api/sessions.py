@@ -12,13 +12,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel.errors import SessionNotFoundError
-from hotmodel.runtime import Runtime
-from hotmodel.session_store import SessionStore
+from hotmodel.sessions.store import SessionStore
 
 
-def session_routes(runtime: Runtime) -> list[Route]:
-    store: SessionStore = runtime.store
-
+def session_routes(store: SessionStore) -> list[Route]:
     async def list_sessions(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [s.to_json() for s in await store.list()]})
 

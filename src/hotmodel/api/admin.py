@@ -1,0 +1,125 @@
+"""Admin endpoints: ``GET /admin/status``, ``POST /admin/switch``, ``GET /admin/switches``.
+
+``POST /admin/switch`` takes ``{"model": NAME}``. Plain, it answers the switch
+report when the switch is over (200 when the target is active, 500 when the
+switch failed; the report says what is active now). With ``"stream": true``
+it answers server-sent events as the switch goes: one ``event: phase`` per
+step started/done/failed/skipped, then one ``event: report``. The switch is a
+command of the control loop, so a client that disconnects does not stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from hotmodel import __version__, sse
+from hotmodel.api.chat import parse_body
+from hotmodel.control.controller import Switch
+from hotmodel.control.report import SwitchEvent, SwitchReport
+from hotmodel.errors import HotModelError, InvalidRequestError
+from hotmodel.runtime import Runtime
+
+
+def _report_response(report: SwitchReport) -> Response:
+    return JSONResponse(report.to_json(), status_code=500 if report.failed else 200)
+
+
+def status_body(runtime: Runtime) -> dict[str, Any]:
+    """What ``GET /admin/status`` (and ``hotmodel status``) shows."""
+    s = runtime.services
+    sup = s.supervisor
+    return {
+        "version": __version__,
+        "state": runtime.state.value,
+        "active_model": s.controller.active,
+        "uptime_seconds": round(runtime.uptime(), 3),
+        "config": str(s.config.path),
+        "presets": list(s.config.presets.models),
+        "router": {
+            "pid": sup.pid,
+            "state": sup.state.value,
+            "port": sup.port,
+            "url": s.router.base_url,
+            "exit_code": sup.exit_code,
+            "log_file": str(sup.log_file),
+            "argv": sup.argv,
+            "uptime_seconds": sup.uptime(),
+            "events_connected": s.events.connected,
+        },
+        "switch": s.controller.engine.status(),
+        "in_flight": len(s.gate.inflight()),
+        "gpu_probe": s.gpu.name,
+        "sessions": {
+            "store": str(s.config.session_store_file),
+            "token_calls": s.sessions.token_calls,
+            "busy": len(s.sessions.locks),
+        },
+    }
+
+
+def admin_routes(runtime: Runtime) -> list[Route]:
+    s = runtime.services
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(status_body(runtime))
+
+    async def switch(request: Request) -> Response:
+        body = parse_body(await request.body())
+        if not isinstance(body.get("model"), str):
+            raise InvalidRequestError('body must be {"model": NAME}', param="model")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise InvalidRequestError("'stream' must be true or false", param="stream")
+        target: str = body["model"]
+        s.controller.check_target(target)  # a 404 now, not an error event in the stream
+        if not body.get("stream"):
+            return _report_response(await s.controller.submit(Switch(target)))
+        queue: asyncio.Queue[SwitchEvent] = asyncio.Queue()
+        submitted = asyncio.ensure_future(s.controller.submit(Switch(target), queue.put_nowait))
+        # A client that leaves early never reads the outcome: mark it retrieved.
+        submitted.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return StreamingResponse(
+            _progress(queue, submitted),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
+
+    async def switches(request: Request) -> Response:
+        history = s.controller.engine.history
+        return JSONResponse({"data": [r.to_json() for r in reversed(history)]})
+
+    return [
+        Route("/admin/status", status, methods=["GET"]),
+        Route("/admin/switch", switch, methods=["POST"]),
+        Route("/admin/switches", switches, methods=["GET"]),
+    ]
+
+
+async def _progress(
+    queue: asyncio.Queue[SwitchEvent], submitted: asyncio.Future[SwitchReport]
+) -> AsyncIterator[bytes]:
+    """Phase events as they come, then the report (or the error that ended the switch)."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        waits: set[asyncio.Future[Any]] = {getter, submitted}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            getter.cancel()
+        if getter.done() and not getter.cancelled():
+            yield sse.encode(getter.result().to_json(), "phase")
+            continue
+        while not queue.empty():
+            yield sse.encode(queue.get_nowait().to_json(), "phase")
+        try:
+            report = submitted.result()
+        except HotModelError as exc:
+            yield sse.encode({"message": str(exc)}, "error")
+        else:
+            yield sse.encode(report.to_json(), "report")
+        return

@@ -1,0 +1,216 @@
+"""``POST /v1/chat/completions``: parse once, admit, name the model, forward, relay.
+
+The endpoint is a plain ASGI app so that one coroutine owns everything a
+request acquires, from admission to the last relayed byte: the session's lock,
+the traffic ticket and the upstream answer are entered on one
+``AsyncExitStack`` and released on every exit path (an error, a client that
+goes away, a switch that cancels the request, a server shutdown). The stream
+relay borrows them; there is no hand-off in which they could be lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from hotmodel.api.errors import upstream_error_response
+from hotmodel.api.relay import OnReply, relay
+from hotmodel.control.controller import Switch
+from hotmodel.control.traffic import Ticket
+from hotmodel.errors import (
+    InvalidRequestError,
+    ModelNotActiveError,
+    ModelNotFoundError,
+    RouterProtocolError,
+    RouterUnavailableError,
+    SwitchCancelledError,
+    SwitchFailedError,
+)
+from hotmodel.runtime import Services
+from hotmodel.sessions.reply import Message
+from hotmodel.sessions.service import Prepared, SessionRef
+
+ACTIVE_ALIAS = "active"
+_JSON = "application/json"
+# Renamed request fields: a clear 400 instead of a silent pass-through to llama-server.
+_RENAMED = {"preset": "system_prompt", "x-preset": "X-System-Prompt"}
+
+
+@dataclass
+class ChatRequest:
+    """A chat request as parsed at the door."""
+
+    payload: dict[str, Any]
+    session: SessionRef | None
+    stream: bool
+    accept: str
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return payload
+
+
+def parse_chat(body: bytes, request: Request, services: Services) -> ChatRequest:
+    payload = parse_body(body)
+    messages = payload.get("messages")
+    if messages is None:
+        raise InvalidRequestError("'messages' is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequestError("every message must be a JSON object", param="messages")
+    if "stream" in payload and not isinstance(payload["stream"], bool):
+        raise InvalidRequestError("'stream' must be true or false", param="stream")
+    for old, new in _RENAMED.items():
+        if old in payload or old in request.headers:
+            raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
+    body_session = payload.pop("session_id", None)
+    body_prompt = payload.pop("system_prompt", None)
+    session_id = request.headers.get("x-session-id") or body_session
+    prompt = request.headers.get("x-system-prompt") or body_prompt
+    session = None
+    if session_id is not None:
+        session = services.sessions.check(session_id, prompt)
+    elif prompt is not None:
+        raise InvalidRequestError(
+            "'system_prompt' applies to a session: send X-Session-Id or session_id too",
+            param="system_prompt",
+        )
+    return ChatRequest(
+        payload, session, bool(payload.get("stream")), request.headers.get("accept", "*/*")
+    )
+
+
+def resolve_model(requested: object, active: str | None, presets: Collection[str]) -> str:
+    """The preset a chat request goes to: ``"active"``/omitted/the active id, else an error."""
+    if active is None:
+        raise RouterUnavailableError(
+            "no model is loaded (the last switch and its rollback failed, or it was "
+            "unloaded); switch to a model with POST /admin/switch"
+        )
+    if requested is None or requested in ("", ACTIVE_ALIAS, active):
+        return active
+    if not isinstance(requested, str):
+        raise ModelNotFoundError("'model' must be a string", param="model")
+    if requested not in presets:
+        known = ", ".join([ACTIVE_ALIAS, *presets])
+        raise ModelNotFoundError(
+            f"model {requested!r} is not a preset (known: {known})", param="model"
+        )
+    raise ModelNotActiveError(
+        f"model {requested!r} is a preset but not the active model ({active!r}); "
+        "switch to it first (hotmodel switch / POST /admin/switch), enable "
+        "[switch] auto, or send model 'active'",
+        param="model",
+    )
+
+
+def reply_of(data: bytes) -> Message:
+    """The assistant message of a (non-streamed) chat completion."""
+    try:
+        message = json.loads(data)["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise RouterProtocolError(f"the router's answer has no message: {exc!r}") from exc
+    if not isinstance(message, dict):
+        raise RouterProtocolError("the router's answer has no message object")
+    return {k: v for k, v in message.items() if v is not None}
+
+
+class ChatCompletions:
+    """The ASGI app behind ``POST /v1/chat/completions``."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        chat = parse_chat(await request.body(), request, self.s)
+        response = await self._answer(chat, receive, send)
+        if response is not None:  # sent after the ticket and the session lock are returned
+            await response(scope, receive, send)
+
+    async def _answer(self, chat: ChatRequest, receive: Receive, send: Send) -> Response | None:
+        """Forward ``chat``; relays a stream itself (None), else returns the answer to send."""
+        async with contextlib.AsyncExitStack() as stack:
+            if chat.session is not None:
+                timeout = self.s.config.session.queue_timeout_seconds
+                await stack.enter_async_context(
+                    self.s.sessions.locks.hold(chat.session.id, timeout)
+                )
+            ticket = await stack.enter_async_context(self.admitted(chat.payload.get("model")))
+            model = ticket.model
+            assert model is not None  # admitted() names it
+            chat.payload["model"] = model
+            prepared = None
+            headers: dict[str, str] = {}
+            if chat.session is not None:
+                prepared = await self.s.sessions.prepare(
+                    chat.session, chat.payload["messages"], model
+                )
+                chat.payload["messages"] = prepared.prompt.messages()
+                headers["x-session-id"] = prepared.session_id
+            body = json.dumps(chat.payload, ensure_ascii=False).encode()
+            self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code
+            with anyio.CancelScope() as scope:
+                ticket.bind(scope)  # a switch that cancels this request cancels its I/O
+                upstream = await stack.enter_async_context(self.s.router.chat(body, chat.accept))
+                if upstream.status_code >= 400:
+                    return upstream_error_response(upstream.status_code, await upstream.read())
+                if chat.stream:
+                    on_reply = None if prepared is None else self._recorder(prepared, model)
+                    await relay(upstream, ticket, receive, send, headers, on_reply)
+                    return None
+                data = await upstream.read()
+                if prepared is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.s.sessions.complete(prepared, reply_of(data), model)
+                return Response(
+                    data, status_code=upstream.status_code, media_type=_JSON, headers=headers
+                )
+            raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
+
+    def _recorder(self, prepared: Prepared, model: str) -> OnReply:
+        async def on_reply(reply: Message) -> None:
+            await self.s.sessions.complete(prepared, reply, model)
+
+        return on_reply
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, requested: object) -> AsyncIterator[Ticket]:
+        """A ticket whose ``model`` is named; auto-switches first when that is enabled."""
+        s, cfg = self.s, self.s.config.switch
+        async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
+            try:
+                ticket.model = resolve_model(
+                    requested, s.controller.active, s.config.presets.models
+                )
+            except ModelNotActiveError:
+                if not cfg.auto:
+                    raise
+            else:
+                yield ticket
+                return
+        # The ticket is returned before the switch: a switch drains in-flight tickets.
+        assert isinstance(requested, str)  # resolve_model() says "not active" only for a preset
+        report = await s.controller.submit(Switch(requested))
+        if report.failed:
+            raise SwitchFailedError(f"switching to {requested!r} failed: {report.error}", report)
+        async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
+            ticket.model = resolve_model(requested, s.controller.active, s.config.presets.models)
+            yield ticket

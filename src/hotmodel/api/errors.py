@@ -1,0 +1,120 @@
+"""Errors become responses here, in OpenAI's shape.
+
+The shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+hotmodel's own errors are mapped by :func:`~hotmodel.errors.http_error_for`;
+Starlette's (unknown route, wrong method) keep their status; an answer of the
+router with an error status keeps its status. Anything unexpected is logged
+once, with a request id, and the client gets a generic 500 carrying that id
+and nothing internal (:class:`CatchUnexpected`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hotmodel import sse
+from hotmodel.errors import HotModelError, http_error_for
+from hotmodel.router.models import error_message
+
+log = logging.getLogger("hotmodel.api")
+
+RETRY_AFTER_S = "5"
+
+
+def error_body(
+    message: str, type_: str, code: str | int | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, type_: str, code: str | int | None, param: str | None = None
+) -> JSONResponse:
+    resp = JSONResponse(error_body(message, type_, code, param), status_code=status)
+    if status == 503:
+        resp.headers["retry-after"] = RETRY_AFTER_S
+    return resp
+
+
+def upstream_error_response(status: int, body: bytes) -> JSONResponse:
+    """An error answer of the router, re-shaped as OpenAI's (its status kept)."""
+    type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return error_response(status, error_message(body), type_, "upstream_error")
+
+
+def sse_error(message: str, code: str) -> bytes:
+    """The last event of a stream that could not finish."""
+    return sse.encode(error_body(message, "server_error", code))
+
+
+def hotmodel_error_response(exc: HotModelError) -> JSONResponse:
+    mapped = http_error_for(exc)
+    param = getattr(exc, "param", None)
+    return error_response(mapped.status, str(exc), mapped.type, mapped.code, param)
+
+
+async def on_hotmodel_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HotModelError)
+    return hotmodel_error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+    message = (
+        f"no route {request.method} {request.url.path}"
+        if exc.status_code in (404, 405)
+        else str(exc.detail)
+    )
+    return error_response(exc.status_code, message, "invalid_request_error", code)
+
+
+class CatchUnexpected:
+    """ASGI middleware: an exception nothing else handled becomes a generic 500.
+
+    Logged once here with a request id that the client also gets (Starlette's
+    own ServerErrorMiddleware would re-raise it, and the server log it again).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = uuid.uuid4().hex
+            log.exception(
+                "unexpected error on %s %s (request id %s)",
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+            )
+            if started:
+                return  # too late for a status: the connection ends the answer
+            response = error_response(
+                500,
+                f"internal error (request id {request_id}); the server log has the details",
+                "server_error",
+                "internal_error",
+            )
+            response.headers["x-request-id"] = request_id
+            await response(scope, receive, send)

@@ -1,0 +1,93 @@
+"""The stream relay: an upstream SSE answer goes to the client chunk by chunk, never buffered.
+
+A task watches for the client's ``http.disconnect``; when it comes, the relay
+is cancelled and the caller's ``async with`` closes the upstream answer, so
+llama-server stops generating. The request's ticket cancels the relay when a
+switch must end it: the client then gets a last SSE error event, as it does
+when the router's stream breaks. A complete answer is handed to ``on_reply``
+(shielded from cancellation) before the chunk that ends it is sent, so a
+client that reads its session right after the stream finds the answer there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+from starlette.types import Receive, Send
+
+from hotmodel.api.errors import sse_error
+from hotmodel.control.traffic import Ticket
+from hotmodel.errors import HotModelError, RouterError
+from hotmodel.router.client import Upstream
+from hotmodel.sessions.reply import Message, ReplyAssembler
+
+log = logging.getLogger("hotmodel.api")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+OnReply = Callable[[Message], Awaitable[None]]
+
+
+async def relay(
+    upstream: Upstream,
+    ticket: Ticket,
+    receive: Receive,
+    send: Send,
+    headers: Mapping[str, str],
+    on_reply: OnReply | None = None,
+) -> None:
+    """Relay ``upstream`` to the client until it ends, breaks, is cancelled or the client leaves."""
+    raw_headers = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in {"content-type": "text/event-stream", **SSE_HEADERS, **headers}.items()
+    ]
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status_code,
+                    "headers": raw_headers,
+                }
+            )
+            tail = await _pump(upstream, ticket, send, on_reply)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            tg.cancel_scope.cancel()
+    except OSError:
+        pass  # the client went away while we were sending
+
+
+async def _pump(upstream: Upstream, ticket: Ticket, send: Send, on_reply: OnReply | None) -> bytes:
+    """Send every upstream chunk; returns the bytes that end the client's stream."""
+    tail = b""
+    assembler = ReplyAssembler() if on_reply is not None else None
+    with anyio.CancelScope() as scope:
+        ticket.bind(scope)
+        try:
+            async for chunk in upstream.chunks():
+                if assembler is not None and on_reply is not None:
+                    assembler.feed(chunk)
+                    reply = assembler.message()
+                    if reply is not None:
+                        assembler = None
+                        try:
+                            with anyio.CancelScope(shield=True):
+                                await on_reply(reply)
+                        except HotModelError as exc:  # the answer goes on; the client is told
+                            log.error("storing a streamed answer failed: %s", exc)
+                            tail = sse_error(f"the answer was not stored: {exc}", "store_error")
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except RouterError as exc:
+            log.warning("upstream stream broke: %s", exc)
+            tail = sse_error(f"the router's stream broke: {exc}", "upstream_stream_error")
+    if scope.cancelled_caught:
+        tail = sse_error(ticket.cancel_reason or "cancelled", "switch_cancelled")
+    return tail

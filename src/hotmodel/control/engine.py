@@ -1,0 +1,370 @@
+"""The engine: executes one switch (or unload) step by step; the owner of the active model.
+
+Only the controller's task calls :meth:`Engine.run` (see ``controller.py``), so
+one command runs at a time and nothing else writes ``active`` or ``state``.
+The steps come from the pure :func:`~hotmodel.control.plan.plan`; the router,
+the GPU probe, the traffic gate and the replay hook are injected interfaces,
+so unit tests drive the engine with recording fakes.
+
+zero_overlap (default; one model resident at a time)::
+
+    IDLE ─▶ DRAINING ─▶ UNLOADING ─▶ SETTLING ─▶ LOADING ─▶ (activate) ─▶ REPLAYING ─▶ IDLE
+             ≤ drain      ≤ unload     ≤ settle     ≤ load      gate opens     ≤ replay
+             timeout      timeout      timeout      timeout                    timeout
+               │            │                         │
+               │ fail       └──────── failure ────────┴─▶ ROLLING_BACK ─▶ IDLE (previous model back)
+               ▼                                                     └──▶ FAILED (no model loaded)
+             IDLE (nothing changed; the gate reopens)
+
+overlap (``models_max >= 2``): LOADING ─▶ REPLAYING ─▶ (activate) ─▶ DRAINING
+the old model's requests ─▶ UNLOADING it ─▶ IDLE; the gate never closes.
+The whole run is bounded by ``[switch] switch_timeout_seconds``. Rollback
+never reads the router's state to decide: it unloads the target if a load was
+attempted and loads the previous model if its unload was attempted; both
+operations are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hotmodel.config import SwitchConfig
+from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, settled
+from hotmodel.control.plan import Step, plan
+from hotmodel.control.report import (
+    Listener,
+    Outcome,
+    PhaseStatus,
+    SwitchEvent,
+    SwitchReport,
+    SwitchState,
+)
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import HotModelError, ModelLoadError
+
+log = logging.getLogger("hotmodel.control")
+
+SETTLE_POLL_S = 0.1
+
+_STEP_STATE = {
+    Step.DRAIN: SwitchState.DRAINING,
+    Step.UNLOAD: SwitchState.UNLOADING,
+    Step.SETTLE: SwitchState.SETTLING,
+    Step.LOAD: SwitchState.LOADING,
+    Step.REPLAY: SwitchState.REPLAYING,
+}
+
+
+class RouterOps(Protocol):
+    """What the engine needs from the router (``ModelLifecycle`` provides it)."""
+
+    async def load(self, model: str, timeout: float) -> bool:
+        """Load and wait for ``loaded``; False when it was running already."""
+        ...
+
+    async def unload(self, model: str, timeout: float) -> bool:
+        """Unload and wait for ``unloaded``; False when it was not running."""
+        ...
+
+
+Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]
+
+
+@dataclass
+class _Run:
+    """One run of the engine: what it was asked, and which steps it has started."""
+
+    report: SwitchReport
+    listeners: list[Listener]
+    previous: str | None
+    target: str | None
+    replay: bool
+    started: list[Step] = field(default_factory=list)
+
+    def emit(
+        self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
+    ) -> None:
+        event = SwitchEvent(self.report.id, phase, status, ms, detail)
+        for listener in list(self.listeners):
+            with contextlib.suppress(Exception):  # a broken listener must not break a switch
+                listener(event)
+
+
+class _StepFailedError(Exception):
+    def __init__(self, step: Step, message: str, log_tail: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.log_tail = log_tail
+
+
+class Engine:
+    """Owns the active model and the switch state; runs what the controller hands it."""
+
+    def __init__(
+        self,
+        *,
+        config: SwitchConfig,
+        drain_timeout: float,
+        router: RouterOps,
+        gate: TrafficGate,
+        gpu: GpuProbe | None = None,
+        log_tail: Callable[[], str] = lambda: "",
+        replay: Replayer | None = None,
+        baseline_mib: int | None = None,
+    ) -> None:
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.router = router
+        self.gate = gate
+        self.gpu: GpuProbe = gpu or NoGpu()
+        self.log_tail = log_tail
+        self.replay = replay
+        self.baseline_mib = baseline_mib
+        self.active: str | None = None
+        self.state = SwitchState.IDLE
+        self.history: deque[SwitchReport] = deque(maxlen=config.history)
+        self.current: SwitchReport | None = None
+        self._ids = itertools.count(1)
+
+    async def run(
+        self, target: str | None, listeners: list[Listener], replay: bool = True
+    ) -> SwitchReport:
+        """Take the router to ``target`` (None: no model); the report says how it went."""
+        report = SwitchReport(
+            id=next(self._ids),
+            from_model=self.active,
+            to_model=target,
+            policy=self.config.policy,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        self.current = report
+        t0 = time.monotonic()
+        try:
+            if target == self.active:
+                report.outcome = Outcome.ALREADY_ACTIVE
+            else:
+                await self._execute(_Run(report, listeners, self.active, target, replay))
+        finally:
+            self.gate.open()
+            report.active_after = self.active
+            report.total_ms = _ms(t0)
+            self.state = SwitchState.IDLE if self.active is not None else SwitchState.FAILED
+            if target is None and not report.failed:
+                self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
+            self.current = None
+            self.history.append(report)
+            log.info(
+                "switch %s %s -> %s: %s in %.0f ms%s",
+                report.id,
+                report.from_model,
+                target,
+                report.outcome.value,
+                report.total_ms,
+                f" ({report.error})" if report.error else "",
+            )
+        return report
+
+    async def _execute(self, run: _Run) -> None:
+        deadline = self.config.switch_timeout_seconds
+        try:
+            try:
+                async with asyncio.timeout(deadline):
+                    for step in plan(self.config.policy, run.previous, run.target):
+                        run.started.append(step)
+                        await self._step(step, run)
+            except TimeoutError:
+                raise _StepFailedError(
+                    run.started[-1],
+                    f"the switch did not finish within {deadline:g}s "
+                    "([switch] switch_timeout_seconds)",
+                ) from None
+            run.report.outcome = Outcome.OK
+        except _StepFailedError as failure:
+            run.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
+            report = run.report
+            if Step.ACTIVATE in run.started[:-1]:
+                # the target already serves: what failed after it is a warning
+                report.warnings.append(str(failure))
+                report.outcome = Outcome.OK
+                return
+            report.outcome = Outcome.FAILED
+            report.error = str(failure)
+            report.log_tail = failure.log_tail
+            if failure.step is not Step.DRAIN:
+                await self._rollback(run)
+
+    async def _step(self, step: Step, run: _Run) -> None:
+        if step in _STEP_STATE:
+            self.state = _STEP_STATE[step]
+        run.emit(step.value, PhaseStatus.STARTED)
+        t = time.monotonic()
+        detail = await self._do(step, run)
+        ms = _ms(t)
+        if detail == "skipped":
+            run.emit(step.value, PhaseStatus.SKIPPED)
+            return
+        if step is not Step.ACTIVATE:
+            run.report.phases[step.value] = ms
+        run.emit(step.value, PhaseStatus.DONE, ms, detail)
+
+    async def _do(self, step: Step, run: _Run) -> str | None:
+        report, previous, target = run.report, run.previous, run.target
+        if step is Step.DRAIN:
+            assert previous is not None  # plan() drains only when a model is active
+            return await self._drain(report, previous, close_gate=target is None)
+        if step is Step.UNLOAD:
+            assert previous is not None
+            return await self._unload(report, previous)
+        if step is Step.SETTLE:
+            return await self._settle(report)
+        if step is Step.ACTIVATE:
+            self.active = target  # from here on requests go to the target
+            self.gate.open()
+            return None
+        assert target is not None  # plan() loads and replays only a target
+        if step is Step.LOAD:
+            return await self._load(report, target)
+        return await self._replay(report, target) if run.replay else "skipped"
+
+    async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
+        models = {model}
+        if close_gate or self.config.policy == "zero_overlap":
+            self.gate.close()  # from here on, new requests wait for the switch
+        report.drained = len(self.gate.inflight(models))
+        if await self.gate.drain(models, self.drain_timeout):
+            return f"{report.drained} request(s) finished" if report.drained else None
+        still = len(self.gate.inflight(models))
+        if self.config.drain_timeout_action == "fail":
+            raise _StepFailedError(
+                Step.DRAIN,
+                f"{still} generation(s) on {model!r} still running after "
+                f"{self.drain_timeout:g}s ([server] switch_drain_timeout_seconds); "
+                "nothing was changed",
+            )
+        report.cancelled = self.gate.cancel(
+            models, f"cancelled: switching {model!r} -> {report.to_model!r}"
+        )
+        grace = self.config.cancel_grace_seconds
+        if not await self.gate.drain(models, grace):
+            raise _StepFailedError(
+                Step.DRAIN,
+                f"{still} cancelled generation(s) on {model!r} did not end within "
+                f"{grace:g}s ([switch] cancel_grace_seconds)",
+            )
+        return f"cancelled {report.cancelled} request(s) after {self.drain_timeout:g}s"
+
+    async def _unload(self, report: SwitchReport, model: str) -> str | None:
+        if report.gpu.before_unload is None:
+            report.gpu.before_unload = await self._snapshot()
+        try:
+            unloaded = await self.router.unload(model, self.config.unload_timeout_seconds)
+        except HotModelError as exc:
+            raise _StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
+        report.gpu.after_unload = await self._snapshot()
+        return None if unloaded else f"{model!r} was not loaded"
+
+    async def _settle(self, report: SwitchReport) -> str | None:
+        after_unload = report.gpu.after_unload
+        if self.config.settle_timeout_seconds <= 0 or after_unload is None:
+            return "skipped"
+        before = report.gpu.before_unload
+        readings = [after_unload.used_mib]
+        last: GpuSnapshot = after_unload
+        deadline = time.monotonic() + self.config.settle_timeout_seconds
+        result = None
+        while not settled(
+            readings,
+            None if before is None else before.used_mib,
+            self.baseline_mib,
+            self.config.settle_tolerance_mib,
+        ):
+            if time.monotonic() >= deadline:
+                result = (
+                    f"memory still at {readings[-1]} MiB after "
+                    f"{self.config.settle_timeout_seconds:g}s "
+                    "([switch] settle_timeout_seconds); going on"
+                )
+                break
+            await asyncio.sleep(SETTLE_POLL_S)
+            snap = await self._snapshot()
+            if snap is None:
+                break
+            last = snap
+            readings.append(snap.used_mib)
+        report.gpu.after_settle = last
+        return result
+
+    async def _load(self, report: SwitchReport, target: str) -> str | None:
+        try:
+            await self.router.load(target, self.config.load_timeout_seconds)
+        except HotModelError as exc:
+            tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
+            raise _StepFailedError(Step.LOAD, _summary(exc), tail or None) from exc
+        report.gpu.after_load = await self._snapshot()
+        return None
+
+    async def _replay(self, report: SwitchReport, target: str) -> str | None:
+        if self.replay is None or not self.config.replay:
+            return "skipped"
+        try:
+            report.replay = await self.replay(target)
+        except HotModelError as exc:  # a failed prefill costs speed, not correctness
+            report.warnings.append(f"replay failed: {exc}")
+            return f"replay failed: {exc}"
+        if report.replay is None:
+            return "skipped"  # no session to replay
+        ms = report.replay.get("prompt_ms")
+        ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
+        return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"
+
+    async def _rollback(self, run: _Run) -> None:
+        """After a failed unload/load: the target must not stay resident (a load was
+        attempted), and the previous model comes back (its unload was attempted)."""
+        report, previous, target = run.report, run.previous, run.target
+        self.state = SwitchState.ROLLING_BACK
+        run.emit("rollback", PhaseStatus.STARTED)
+        t = time.monotonic()
+        try:
+            if target is not None and Step.LOAD in run.started:
+                await self.router.unload(target, self.config.unload_timeout_seconds)
+            if previous is not None and Step.UNLOAD in run.started:
+                report.rolled_back = await self.router.load(
+                    previous, self.config.load_timeout_seconds
+                )
+            self.active = previous
+            status, detail = PhaseStatus.DONE, f"active: {self.active!r}"
+        except HotModelError as exc:
+            self.active = None
+            report.error = f"{report.error}; rollback to {previous!r} failed: {_summary(exc)}"
+            status, detail = PhaseStatus.FAILED, _summary(exc)
+        report.phases["rollback"] = _ms(t)
+        run.emit("rollback", status, report.phases["rollback"], detail)
+
+    async def _snapshot(self) -> GpuSnapshot | None:
+        if isinstance(self.gpu, NoGpu):
+            return None
+        return await asyncio.to_thread(self.gpu.snapshot)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "active": self.active,
+            "current": None if self.current is None else self.current.to_json(),
+        }
+
+
+def _summary(exc: HotModelError) -> str:
+    """An error without the router log tail that a load failure carries."""
+    return exc.summary if isinstance(exc, ModelLoadError) else str(exc)
+
+
+def _ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)

@@ -1,0 +1,129 @@
+"""What a command of the control loop did, as typed values (serialized only in ``to_json``)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotmodel.control.gpu import GpuSnapshot
+
+
+class SwitchState(enum.Enum):
+    """What the control loop is doing now."""
+
+    IDLE = "idle"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    SETTLING = "settling"
+    LOADING = "loading"
+    REPLAYING = "replaying"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"  # no model is loaded: the last switch and its rollback failed
+
+
+class Outcome(enum.Enum):
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    ALREADY_ACTIVE = "already_active"
+
+
+class PhaseStatus(enum.Enum):
+    STARTED = "started"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class GpuSnapshots:
+    """GPU memory read around a switch; None where no GPU is visible."""
+
+    before_unload: GpuSnapshot | None = None
+    after_unload: GpuSnapshot | None = None
+    after_settle: GpuSnapshot | None = None
+    after_load: GpuSnapshot | None = None
+
+    def to_json(self) -> dict[str, dict[str, Any] | None]:
+        return {
+            name: None if snap is None else snap.to_json()
+            for name, snap in (
+                ("before_unload", self.before_unload),
+                ("after_unload", self.after_unload),
+                ("after_settle", self.after_settle),
+                ("after_load", self.after_load),
+            )
+        }
+
+
+@dataclass
+class SwitchReport:
+    """What one switch (or unload) did; returned to the caller and kept in the history."""
+
+    id: int
+    from_model: str | None
+    to_model: str | None  # None: an unload
+    policy: str
+    started_at: str
+    outcome: Outcome = Outcome.RUNNING
+    error: str | None = None
+    rolled_back: bool = False
+    active_after: str | None = None
+    total_ms: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    gpu: GpuSnapshots = field(default_factory=GpuSnapshots)
+    drained: int = 0
+    cancelled: int = 0
+    replay: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    log_tail: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome is Outcome.FAILED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "from": self.from_model,
+            "to": self.to_model,
+            "policy": self.policy,
+            "started_at": self.started_at,
+            "outcome": self.outcome.value,
+            "error": self.error,
+            "rolled_back": self.rolled_back,
+            "active_after": self.active_after,
+            "total_ms": self.total_ms,
+            "phases": dict(self.phases),
+            "gpu": self.gpu.to_json(),
+            "drained": self.drained,
+            "cancelled": self.cancelled,
+            "replay": self.replay,
+            "warnings": list(self.warnings),
+            "log_tail": self.log_tail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchEvent:
+    """Progress of a switch: a step started, ended, failed or was skipped."""
+
+    switch_id: int
+    phase: str
+    status: PhaseStatus
+    ms: float | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "switch_id": self.switch_id,
+            "phase": self.phase,
+            "status": self.status.value,
+            "ms": self.ms,
+            "detail": self.detail,
+        }
+
+
+Listener = Callable[[SwitchEvent], None]

@@ -1,0 +1,126 @@
+"""llama-server's INI presets file (``--models-preset``), parsed once into frozen objects.
+
+Each section is a *preset*: one model llama-server can load, keys being its
+command-line arguments without dashes. Relative paths resolve against the
+INI's folder (llama-server alone would resolve them against its working
+directory), and every error names the file and the section.
+"""
+
+from __future__ import annotations
+
+import configparser
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotmodel.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """One model section of the INI presets file."""
+
+    name: str
+    options: Mapping[str, str]
+    model_path: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Presets:
+    """The INI presets file: global ``[*]`` options, then one entry per model."""
+
+    path: Path
+    top: Mapping[str, str]
+    globals: Mapping[str, str]
+    models: Mapping[str, Preset]
+
+    def render(self) -> str:
+        """The INI text handed to llama-server, with every path made absolute.
+
+        llama-server resolves relative paths against its own working
+        directory; hotmodel resolves them against the INI's folder instead,
+        which is what a user editing the file expects.
+        """
+        lines = [f"{k} = {v}" for k, v in self.top.items()]
+        if self.globals:
+            lines += ["", "[*]", *(f"{k} = {v}" for k, v in self.globals.items())]
+        for preset in self.models.values():
+            lines += ["", f"[{preset.name}]", *(f"{k} = {v}" for k, v in preset.options.items())]
+        return "\n".join(lines) + "\n"
+
+
+# Keys whose values are file paths; llama-server's own long and short names.
+_PATH_KEYS = frozenset(
+    {
+        "model",
+        "m",
+        "mmproj",
+        "model-draft",
+        "md",
+        "lora",
+        "chat-template-file",
+        "control-vector",
+        "grammar-file",
+        "json-schema-file",
+        "slot-save-path",
+    }
+)
+_MODEL_KEYS = ("model", "m")
+_REMOTE_KEYS = ("hf-repo", "hf", "hfr", "model-url", "mu", "docker-repo", "dr")
+_TOP_SECTION = "hotmodel:top"
+
+
+def resolve_path(base: Path, value: Path) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def load_presets(path: Path) -> Presets:
+    """Parse llama-server's INI presets file (``--models-preset``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "presets file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot read presets file: {exc}") from exc
+    # llama-server accepts keys (e.g. ``version = 1``) before the first section.
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        strict=True,
+        default_section="hotmodel:no-defaults",
+        comment_prefixes=(";", "#"),
+        inline_comment_prefixes=None,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    try:
+        parser.read_string(f"[{_TOP_SECTION}]\n{text}", source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(path, f"invalid INI: {exc}") from exc
+
+    base = path.parent
+    top = dict(parser[_TOP_SECTION])
+    global_opts: dict[str, str] = {}
+    models: dict[str, Preset] = {}
+    for name in parser.sections():
+        if name == _TOP_SECTION:
+            continue
+        options = {k: _resolve_option(base, k, v) for k, v in parser[name].items()}
+        if name == "*":
+            global_opts = options
+            continue
+        model_key = next((k for k in _MODEL_KEYS if k in options), None)
+        if model_key is None and not any(k in options for k in _REMOTE_KEYS):
+            raise ConfigError(
+                path, "a preset needs a 'model' path (or an hf-repo)", section=name, key="model"
+            )
+        model_path = Path(options[model_key]) if model_key else None
+        models[name] = Preset(name=name, options=options, model_path=model_path)
+    if not models:
+        raise ConfigError(path, "no model presets defined")
+    return Presets(path=path, top=top, globals=global_opts, models=models)
+
+
+def _resolve_option(base: Path, key: str, value: str) -> str:
+    if key in _PATH_KEYS and value:
+        return str(resolve_path(base, Path(value)))
+    return value

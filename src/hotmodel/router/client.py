@@ -1,0 +1,277 @@
+"""The one boundary to llama-server: every HTTP call hotmodel makes to the router is here.
+
+Chat pass-through (plain and streamed), template + tokenize, prefill, model
+load/unload/list, the ``/models/sse`` feed and ``/health``. Every call site
+runs inside :func:`mapped`, the one place where httpx errors become
+:mod:`hotmodel.errors` (as httpx maps httpcore's errors in one place), and the
+message names what was being done and the setting that bounds it.
+
+Load and unload are idempotent: loading a model that is already running, or
+unloading one that is not, is success, so no caller has to read the state
+first to decide whether to act.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from hotmodel.errors import (
+    RouterError,
+    RouterProtocolError,
+    RouterTimeoutError,
+    RouterUnavailableError,
+)
+from hotmodel.router.models import ModelStatus, error_message, parse_models
+from hotmodel.sse import SseEvent, SseParser
+
+# Control calls (GET /models, load/unload commands, tokenizer) are answered
+# from the router's memory or a short computation; this bounds them.
+CONTROL_TIMEOUT_S = 10.0
+CONTROL_SETTING = "hotmodel's fixed 10 s bound on router control calls"
+# How long /health may take before the router counts as not answering.
+HEALTH_TIMEOUT_S = 2.0
+REQUEST_SETTING = "[server] request_timeout_seconds"
+
+# llama-server's answers that mean "already so" for an idempotent command.
+_ALREADY_RUNNING = "model is already running"
+_NOT_RUNNING = "model is not running"
+
+
+@contextlib.contextmanager
+def mapped(what: str, timeout: float, setting: str) -> Iterator[None]:
+    """Translate httpx errors raised inside into hotmodel's hierarchy (the one place).
+
+    ``what`` names the call ("POST /v1/chat/completions"), ``timeout`` and
+    ``setting`` the bound and where it is configured, so a timeout says which
+    limit was hit rather than "could not be reached".
+    """
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise RouterUnavailableError(f"{what}: the router did not accept a connection") from exc
+    except httpx.TimeoutException as exc:
+        raise RouterTimeoutError(
+            f"{what}: llama-server did not answer within {timeout:g}s ({setting})"
+        ) from exc
+    except httpx.ConnectError as exc:
+        raise RouterUnavailableError(f"{what}: the router could not be reached ({exc})") from exc
+    except httpx.HTTPError as exc:
+        detail = str(exc) or type(exc).__name__
+        raise RouterUnavailableError(
+            f"{what}: the connection to the router broke ({detail})"
+        ) from exc
+
+
+async def send(
+    http: httpx.AsyncClient, request: httpx.Request, stream: bool = False
+) -> httpx.Response:
+    """Send ``request``, retrying once when a kept-alive connection turns out closed.
+
+    llama-server's router closes some kept-alive connections right after a
+    response without saying ``Connection: close``; a request that races that
+    close fails with "Server disconnected without sending a response" before
+    the router read it, so sending it again on a fresh connection is safe.
+    """
+    try:
+        return await http.send(request, stream=stream)
+    except httpx.RemoteProtocolError:
+        return await http.send(request, stream=stream)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An open answer of the router; its body is read through mapped errors."""
+
+    status_code: int
+    _response: httpx.Response
+    _what: str
+    _timeout: float
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, chunk by chunk (never buffered)."""
+        with mapped(self._what, self._timeout, REQUEST_SETTING):
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+
+    async def read(self) -> bytes:
+        with mapped(self._what, self._timeout, REQUEST_SETTING):
+            return await self._response.aread()
+
+
+class RouterClient:
+    """Talks to one router at ``base_url`` through a shared ``httpx.AsyncClient``."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, base_url: str, request_timeout: float = 600.0
+    ) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+        self.request_timeout = request_timeout
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Mapping[str, Any] | None = None,
+        timeout: float = CONTROL_TIMEOUT_S,
+        setting: str = CONTROL_SETTING,
+    ) -> httpx.Response:
+        request = self._http.build_request(
+            method, self.base_url + path, json=json_body, timeout=timeout
+        )
+        with mapped(f"{method} {path}", timeout, setting):
+            return await send(self._http, request)
+
+    async def _post_json(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        timeout: float = CONTROL_TIMEOUT_S,
+        setting: str = CONTROL_SETTING,
+    ) -> dict[str, Any]:
+        resp = await self._request("POST", path, json_body=body, timeout=timeout, setting=setting)
+        if resp.status_code != 200:
+            raise RouterProtocolError(
+                f"POST {path} answered {resp.status_code}: {error_message(resp.content)}"
+            )
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise RouterProtocolError(f"POST {path} answered invalid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RouterProtocolError(f"POST {path} answered {str(data)[:200]}")
+        return data
+
+    # --- the router's own endpoints ---
+
+    async def health(self) -> bool:
+        """True when the router answers ``/health`` with 200."""
+        try:
+            resp = await self._request("GET", "/health", timeout=HEALTH_TIMEOUT_S)
+        except RouterError:
+            return False
+        return resp.status_code == 200
+
+    async def models(self) -> dict[str, ModelStatus]:
+        resp = await self._request("GET", "/models")
+        if resp.status_code != 200:
+            raise RouterProtocolError(
+                f"GET /models answered {resp.status_code}: {error_message(resp.content)}"
+            )
+        try:
+            return parse_models(resp.json())
+        except ValueError as exc:
+            raise RouterProtocolError(f"GET /models answered invalid JSON: {exc}") from exc
+
+    async def load(self, model: str) -> bool:
+        """Ask the router to load ``model``; False when it is already running (success)."""
+        return await self._command("/models/load", model, _ALREADY_RUNNING)
+
+    async def unload(self, model: str) -> bool:
+        """Ask the router to unload ``model``; False when it is not running (success)."""
+        return await self._command("/models/unload", model, _NOT_RUNNING)
+
+    async def _command(self, path: str, model: str, already: str) -> bool:
+        resp = await self._request("POST", path, json_body={"model": model})
+        if resp.status_code == 200:
+            return True
+        message = error_message(resp.content)
+        if resp.status_code == 400 and message == already:
+            return False
+        raise RouterError(f"POST {path} for {model!r} answered {resp.status_code}: {message}")
+
+    @contextlib.asynccontextmanager
+    async def model_events(self) -> AsyncIterator[AsyncIterator[SseEvent]]:
+        """Open ``GET /models/sse``; yields its events as they come (closed on exit).
+
+        The router registers the subscriber before it sends the headers, so
+        no status change after this yields is missed.
+        """
+        request = self._http.build_request(
+            "GET", self.base_url + "/models/sse", timeout=httpx.Timeout(5.0, read=None)
+        )
+        with mapped("GET /models/sse", 5.0, CONTROL_SETTING):
+            resp = await send(self._http, request, stream=True)
+        try:
+            if resp.status_code != 200:
+                raise RouterProtocolError(f"GET /models/sse answered {resp.status_code}")
+
+            async def events() -> AsyncIterator[SseEvent]:
+                parser = SseParser()
+                with mapped("GET /models/sse", 5.0, CONTROL_SETTING):
+                    async for chunk in resp.aiter_raw():
+                        for event in parser.feed(chunk):
+                            yield event
+
+            yield events()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+
+    # --- requests routed to the loaded model's child ---
+
+    @contextlib.asynccontextmanager
+    async def chat(self, body: bytes, accept: str = "*/*") -> AsyncIterator[Upstream]:
+        """Send a chat completion; yields the open answer, closed on exit on every path.
+
+        Closing an answer whose body was not read to the end closes its
+        connection, which is how llama-server learns to stop generating.
+        """
+        what = "POST /v1/chat/completions"
+        request = self._http.build_request(
+            "POST",
+            self.base_url + "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json", "accept": accept},
+            timeout=httpx.Timeout(self.request_timeout, connect=5.0),
+        )
+        with mapped(what, self.request_timeout, REQUEST_SETTING):
+            response = await send(self._http, request, stream=True)
+        try:
+            yield Upstream(response.status_code, response, what, self.request_timeout)
+        finally:
+            with anyio.CancelScope(shield=True):  # closed even when the request is cancelled
+                await response.aclose()
+
+    async def count_tokens(self, model: str, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Exact prompt tokens of ``messages`` on ``model`` (its chat template and tokenizer)."""
+        templated = await self._post_json(
+            "/apply-template", {"model": model, "messages": list(messages)}
+        )
+        tokens = await self._post_json(
+            "/tokenize",
+            {
+                "model": model,
+                "content": templated.get("prompt", ""),
+                "add_special": True,
+                "parse_special": True,
+            },
+        )
+        if not isinstance(tokens.get("tokens"), list):
+            raise RouterProtocolError(f"unexpected /tokenize answer: {str(tokens)[:200]}")
+        return len(tokens["tokens"])
+
+    async def prefill(
+        self, model: str, messages: Sequence[Mapping[str, Any]], timeout: float, setting: str
+    ) -> dict[str, Any]:
+        """Evaluate ``messages`` on ``model`` (a 1-token answer) so its prompt cache holds them.
+
+        Returns llama-server's ``timings`` (``prompt_n``, ``prompt_ms``, ...).
+        """
+        body = {
+            "model": model,
+            "messages": list(messages),
+            "max_tokens": 1,
+            "cache_prompt": True,
+            "temperature": 0,
+        }
+        answer = await self._post_json("/v1/chat/completions", body, timeout, setting)
+        timings = answer.get("timings")
+        return timings if isinstance(timings, dict) else {}

@@ -1,0 +1,137 @@
+"""Sessions: the conversation belongs to hotmodel, not to the loaded model.
+
+:class:`SessionService` checks a request's session fields, prepares the prompt
+(stored history + new turns + the session's system prompt, bounded), records
+the turns once the answer is complete, and replays the most recently used
+session into a freshly loaded model so the next turn hits its prompt cache.
+Nothing is written before an answer is complete: a refused or failed request
+leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hotmodel.config import Config
+from hotmodel.errors import InvalidRequestError
+from hotmodel.router.client import RouterClient
+from hotmodel.sessions.context import (
+    Message,
+    Prompt,
+    bound_messages_and_chars,
+    bound_tokens,
+    build_prompt,
+    new_turns,
+)
+from hotmodel.sessions.locks import SessionLocks
+from hotmodel.sessions.store import SessionStore
+
+MAX_SESSION_ID = 128
+REPLAY_SETTING = "[switch] replay_timeout_seconds"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """A request's validated session fields: the id, and the system prompt it names (if any)."""
+
+    id: str
+    system_prompt: str | None
+
+
+@dataclass
+class Prepared:
+    """A session request on its way: what to send, and what to store once answered."""
+
+    session_id: str
+    system_prompt: str
+    turns: list[Message]
+    prompt: Prompt
+
+
+class SessionService:
+    def __init__(self, config: Config, store: SessionStore, router: RouterClient) -> None:
+        self.config = config
+        self.store = store
+        self.router = router
+        self.locks = SessionLocks()
+        self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
+
+    def check(self, session_id: object, system_prompt: object) -> SessionRef:
+        """Validate the session fields of a request (400 naming the field)."""
+        if not isinstance(session_id, str) or not session_id or len(session_id) > MAX_SESSION_ID:
+            raise InvalidRequestError(
+                f"session id must be a non-empty string of at most {MAX_SESSION_ID} characters",
+                param="session_id",
+            )
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InvalidRequestError("'system_prompt' must be a string", param="system_prompt")
+        if system_prompt and system_prompt not in self.config.system_prompts:
+            known = ", ".join(self.config.system_prompts) or "none defined"
+            raise InvalidRequestError(
+                f"system prompt {system_prompt!r} is not defined (system prompts: {known})",
+                param="system_prompt",
+            )
+        return SessionRef(session_id, system_prompt)
+
+    def _system(self, name: str) -> str | None:
+        # A stored name may be gone from an edited config: the session then goes on without.
+        prompt = self.config.system_prompts.get(name)
+        return None if prompt is None else prompt.system
+
+    async def prepare(
+        self, ref: SessionRef, request_messages: list[Message], model: str
+    ) -> Prepared:
+        session = await self.store.get(ref.id)
+        stored = [] if session is None else [m.message for m in session.messages]
+        if ref.system_prompt is not None:
+            system_prompt = ref.system_prompt
+        elif session is not None:
+            system_prompt = session.system_prompt
+        else:
+            system_prompt = self.config.session.default_system_prompt
+        turns = new_turns(stored, request_messages)
+        prompt = build_prompt(self._system(system_prompt), request_messages, stored, turns)
+        await self._bound(prompt, model)
+        return Prepared(ref.id, system_prompt, turns, prompt)
+
+    async def _bound(self, prompt: Prompt, model: str) -> None:
+        cfg = self.config.session
+        bound_messages_and_chars(prompt, cfg.max_session_messages, cfg.max_prompt_chars)
+
+        async def count(messages: list[Message]) -> int:
+            self.token_calls += 1
+            return await self.router.count_tokens(model, messages)
+
+        await bound_tokens(prompt, cfg.max_prompt_tokens, cfg.token_count_mode, count)
+
+    async def complete(self, prepared: Prepared, reply: Message, model: str) -> None:
+        """Store the request's new turns and the answer, in one transaction."""
+        await self.store.append(
+            prepared.session_id, [*prepared.turns, reply], model, prepared.system_prompt
+        )
+
+    async def replay(self, model: str) -> dict[str, Any] | None:
+        """Prefill the most recently used session's bounded context into ``model``."""
+        session = await self.store.most_recent()
+        if session is None or not session.messages:
+            return None
+        stored = [m.message for m in session.messages]
+        prompt = build_prompt(self._system(session.system_prompt), [], stored, [])
+        await self._bound(prompt, model)
+        t0 = time.monotonic()
+        timings = await self.router.prefill(
+            model,
+            prompt.messages(),
+            self.config.switch.replay_timeout_seconds,
+            REPLAY_SETTING,
+        )
+        return {
+            "session": session.id,
+            "messages": len(prompt.messages()),
+            "dropped": prompt.drop,
+            "prompt_tokens": timings.get("prompt_n"),
+            "prompt_ms": timings.get("prompt_ms"),
+            "wall_ms": round((time.monotonic() - t0) * 1000, 1),
+        }

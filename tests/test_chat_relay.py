@@ -1,0 +1,228 @@
+"""The chat endpoint's ownership of what a request acquires, driven as a plain ASGI app.
+
+The router is httpx's MockTransport behind the real ``RouterClient`` (its
+answers can hang or stream forever on cue); the gate, the session locks, the
+store and the control loop are the real ones. Each test ends a request in a
+different way and checks that the ticket and the session lock are returned
+and the upstream answer closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hotmodel.api.chat import ChatCompletions
+from hotmodel.config import load_config
+from hotmodel.control.controller import Controller
+from hotmodel.control.engine import Engine
+from hotmodel.control.gpu import NoGpu
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.router.client import RouterClient
+from hotmodel.router.events import ModelEvents
+from hotmodel.router.supervisor import RouterState, RouterSupervisor
+from hotmodel.runtime import Services
+from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.store import SessionStore
+from tests.conftest import write_config
+
+
+class Upstream:
+    """A scripted router answer: first chunk at once, then it hangs until ``finish``."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.finish = asyncio.Event()
+        self.closed = False
+        self.hang_before_answer = False
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requested.set()
+        if self.hang_before_answer:
+            await asyncio.Event().wait()
+        return httpx.Response(200, content=self._body())
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            yield b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+            await self.finish.wait()
+            yield b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.closed = True
+
+
+class NoRouter:
+    async def load(self, model: str, timeout: float) -> bool:
+        return False
+
+    async def unload(self, model: str, timeout: float) -> bool:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services]:
+    config = load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m"))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(upstream.handler))
+    router = RouterClient(http, "http://router")
+    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
+    supervisor.state = RouterState.RUNNING
+    gate = TrafficGate()
+    engine = Engine(config=config.switch, drain_timeout=1, router=NoRouter(), gate=gate)
+    engine.active = "m"
+    async with SessionStore(tmp_path / "s.sqlite3") as store:
+        yield Services(
+            config=config,
+            router=router,
+            supervisor=supervisor,
+            events=ModelEvents(router),
+            controller=Controller(engine, ["m"]),
+            gate=gate,
+            sessions=SessionService(config, store, router),
+            store=store,
+            gpu=NoGpu(),
+        )
+    await http.aclose()
+
+
+class Client:
+    """The client side of one ASGI request: its body, what it was sent, and when it leaves."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = json.dumps(body).encode()
+        self.sent: list[MutableMapping[str, Any]] = []
+        self.started = asyncio.Event()
+        self.chunk = asyncio.Event()
+        self.leave = asyncio.Event()
+        self._body_read = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._body_read:
+            self._body_read = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.start":
+            self.started.set()
+        elif message.get("body"):
+            self.chunk.set()
+
+    def scope(self) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [(b"content-type", b"application/json"), (b"x-session-id", b"s1")],
+            "query_string": b"",
+        }
+
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.sent).decode()
+
+
+STREAM = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def _run(tmp_path: Path, scenario: Callable[[Services, Upstream], Any]) -> Any:
+    async def main() -> Any:
+        upstream = Upstream()
+        async with services(tmp_path, upstream) as s:
+            result = await scenario(s, upstream)
+            assert s.gate.inflight() == [], "a ticket was left behind"
+            assert len(s.sessions.locks) == 0, "a session lock was left held"
+            return result
+
+    return asyncio.run(main())
+
+
+def test_a_complete_stream_is_relayed_and_stored(tmp_path: Path) -> None:
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client(STREAM)
+        upstream.finish.set()
+        await ChatCompletions(s)(client.scope(), client.receive, client.send)
+        assert "[DONE]" in client.text() and upstream.closed
+        stored = await s.store.get("s1")
+        assert stored is not None
+        assert [m.message["content"] for m in stored.messages] == ["hi", "Hi"]
+
+    _run(tmp_path, scenario)
+
+
+def test_client_leaving_mid_stream_releases_everything(tmp_path: Path) -> None:
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client(STREAM)
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await client.chunk.wait()
+        assert len(s.gate.inflight()) == 1
+        client.leave.set()
+        await asyncio.wait_for(task, 5)
+        assert upstream.closed  # llama-server is told to stop generating
+        assert await s.store.get("s1") is None  # a cut answer stores nothing
+
+    _run(tmp_path, scenario)
+
+
+def test_cancelled_between_the_handler_and_the_relay(tmp_path: Path) -> None:
+    """Cancelled right as the answer starts (e.g. a server shutdown): nothing stays held."""
+
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client(STREAM)
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await client.started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert upstream.closed
+
+    _run(tmp_path, scenario)
+
+
+def test_cancelled_while_waiting_for_the_router(tmp_path: Path) -> None:
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        upstream.hang_before_answer = True
+        client = Client(STREAM)
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await upstream.requested.wait()
+        assert len(s.gate.inflight()) == 1 and len(s.sessions.locks) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    _run(tmp_path, scenario)
+
+
+def test_a_switch_cancelling_the_stream_ends_it_with_an_error_event(tmp_path: Path) -> None:
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client(STREAM)
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await client.chunk.wait()
+        assert s.gate.cancel({"m"}, "cancelled: switching 'm' -> 'x'") == 1
+        await asyncio.wait_for(task, 5)
+        text = client.text()
+        assert '"code": "switch_cancelled"' in text and "switching 'm' -> 'x'" in text
+        assert client.sent[-1]["more_body"] is False  # the stream was ended properly
+        assert upstream.closed
+
+    _run(tmp_path, scenario)
+
+
+def test_an_unknown_model_returns_its_ticket(tmp_path: Path) -> None:
+    """The bug this design removed: a 404 used to leave its ticket behind forever."""
+
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client({**STREAM, "model": "nope"})
+        with pytest.raises(Exception, match="'nope' is not a preset"):
+            await ChatCompletions(s)(client.scope(), client.receive, client.send)
+        assert not upstream.requested.is_set()
+
+    _run(tmp_path, scenario)
