@@ -4,6 +4,9 @@
     python3 scripts/bootstrap.py demo   # venv, package, llama-server, models; serve the demo
     python3 scripts/bootstrap.py test   # the same set-up; ruff, mypy, then pytest
 
+Arguments after ``demo`` go to ``hotmodel serve`` (e.g. ``--port 18081``), after
+``test`` to pytest.
+
 Standard library only (it runs before anything is installed). Works the same
 on Linux, macOS and Windows (``py scripts\\bootstrap.py demo``). llama-server
 comes from PATH when there is one; otherwise the pinned llama.cpp is built
@@ -13,6 +16,7 @@ once and cached outside the work tree (``hotmodel setup``), as are the models.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -56,22 +60,35 @@ def setup(dev: bool) -> None:
     run(PY, "-m", "hotmodel", "setup", "--link-models", ROOT / ".models")
 
 
+def serve(argv: list[str]) -> None:
+    """Become ``hotmodel serve``, so that every signal meant for the demo reaches it.
+
+    On POSIX this process is replaced (exec): a SIGINT or SIGTERM sent to this
+    pid alone, as a service manager may do, is hotmodel's to handle, and it
+    stops its router in order. (A child would be killed by subprocess.call on
+    Ctrl-C, leaving its router behind.) Windows has no exec: the child gets a
+    process group of its own and each Ctrl-C is passed on as a Ctrl-Break.
+    """
+    sys.stdout.flush()
+    if sys.platform != "win32":
+        os.chdir(ROOT)
+        os.execv(argv[0], argv)
+    else:
+        child = subprocess.Popen(argv, cwd=ROOT, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+        while True:
+            try:
+                sys.exit(child.wait())
+            except KeyboardInterrupt:
+                child.send_signal(signal.CTRL_BREAK_EVENT)
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "demo":
         setup(dev=False)
         step("hotmodel serve --config configs/demo.toml  (Ctrl-C stops it)")
-        sys.exit(
-            run(
-                PY,
-                "-m",
-                "hotmodel",
-                "serve",
-                "--config",
-                ROOT / "configs" / "demo.toml",
-                check=False,
-            )
-        )
+        demo = ROOT / "configs" / "demo.toml"
+        serve([str(PY), "-m", "hotmodel", "serve", "--config", str(demo), *sys.argv[2:]])
     if what == "test":
         setup(dev=True)
         failed = []

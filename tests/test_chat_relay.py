@@ -25,6 +25,7 @@ from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import NoGpu
 from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.watchdog import Watchdog
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
@@ -77,17 +78,19 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
     gate = TrafficGate()
     engine = Engine(config=config.switch, drain_timeout=1, router=NoRouter(), gate=gate)
     engine.active = "m"
+    controller = Controller(engine, ["m"])
     async with SessionStore(tmp_path / "s.sqlite3") as store:
         yield Services(
             config=config,
             router=router,
             supervisor=supervisor,
             events=ModelEvents(router),
-            controller=Controller(engine, ["m"]),
+            controller=controller,
             gate=gate,
             sessions=SessionService(config, store, router),
             store=store,
             gpu=NoGpu(),
+            watchdog=Watchdog(config, supervisor, router, controller, gate),
         )
     await http.aclose()
 
@@ -224,5 +227,19 @@ def test_an_unknown_model_returns_its_ticket(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="'nope' is not a preset"):
             await ChatCompletions(s)(client.scope(), client.receive, client.send)
         assert not upstream.requested.is_set()
+
+    _run(tmp_path, scenario)
+
+
+def test_a_plain_request_whose_client_leaves_stops_and_stores_nothing(tmp_path: Path) -> None:
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client({"messages": [{"role": "user", "content": "hi"}]})
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await upstream.requested.wait()
+        client.leave.set()  # gone before the answer is complete
+        await asyncio.wait_for(task, 5)
+        assert client.sent == []  # nobody to send to
+        assert upstream.closed  # llama-server is told to stop
+        assert await s.store.get("s1") is None
 
     _run(tmp_path, scenario)

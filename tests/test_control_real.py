@@ -9,6 +9,7 @@ slow. All on real llama-server processes.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,12 +110,23 @@ def test_two_concurrent_turns_on_one_session_are_both_stored_in_order(
         (b"[]", 400, None),
         (b"[" * 100_000 + b"]" * 100_000, 400, None),
         ({"messages": "hi"}, 400, "messages"),
-        ({"messages": ["hi"]}, 400, "messages"),
+        ({"messages": ["hi"]}, 400, "messages[0]"),
         ({"messages": HELLO, "stream": "yes"}, 400, "stream"),
         ({"messages": HELLO, "session_id": 5}, 400, "session_id"),
         ({"messages": HELLO, "session_id": "x" * 500}, 400, "session_id"),
         ({"messages": HELLO, "session_id": "bad-1", "system_prompt": "nope"}, 400, "system_prompt"),
         ({"messages": HELLO, "session_id": "bad-2", "preset": "x"}, 400, "preset"),
+        ({"messages": HELLO, "session_id": "会话"}, 400, "session_id"),
+        ({"messages": HELLO, "session_id": "a b"}, 400, "session_id"),
+        ({"messages": [{"role": 5, "content": "hi"}]}, 400, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            400,
+            "messages[0].content[0].text",
+        ),
+        ({"messages": HELLO, "max_tokens": "many"}, 400, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
     ],
 )
 def test_bad_requests_are_refused_in_openai_shape(
@@ -125,6 +137,38 @@ def test_bad_requests_are_refused_in_openai_shape(
     error = resp.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert "Error(" not in error["message"]  # no Python repr leaks
+
+
+def test_a_request_llama_server_cannot_parse_is_the_clients_400(server: HotmodelProcess) -> None:
+    """llama-server answers 500 for tools it cannot parse; the request was at fault."""
+    tools = [{"type": "function", "function": {}}]  # no name
+    resp = post(server, {"messages": HELLO, "tools": tools, "max_tokens": 2})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and "Failed to parse tools" in error["message"]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server: HotmodelProcess) -> None:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # 100 MB announced, nothing sent: the answer comes without waiting for the body
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large" and "[server] max_body_bytes" in error["message"]
+    big = post(server, b'{"messages": [{"role": "user", "content": "' + b"x" * 9_000_000 + b'"}]}')
+    assert big.status_code == 413
+    assert in_flight(server) == 0
 
 
 def test_after_bad_and_cancelled_requests_a_switch_completes_at_once(

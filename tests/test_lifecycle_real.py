@@ -134,7 +134,18 @@ def test_real_gemma_as_default_model(
         assert hp.stop() == 0
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "dup_tokens"])
+def test_default_model_that_is_no_gguf_is_refused_before_anything_starts(
+    tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
+) -> None:
+    broken = _copy(tiny_models["garbage"], tmp_path / "models")
+    config = write_config(tmp_path, {"broken": broken}, "broken")
+    out = run_hotmodel("serve", "--config", str(config))
+    assert out.returncode == 2, out.stderr  # a config error: file, section, key
+    assert f"[broken] model: {broken} is not a GGUF file" in out.stderr
+    assert not (tmp_path / "state" / "llama-server.log").exists()  # nothing was spawned
+
+
+@pytest.mark.parametrize("kind", ["truncated", "dup_tokens"])
 def test_broken_default_model_fails_start_with_log_tail(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path, kind: str
 ) -> None:
@@ -235,11 +246,16 @@ def test_busy_port_fails_before_spawning_the_router(
     assert not (tmp_path / "state" / "llama-server.log").exists()
 
 
-def test_router_crash_is_detected_and_reported(
+def test_router_crash_with_restarts_off_is_detected_and_reported(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
 ) -> None:
     models = tmp_path / "models"
-    config = write_config(tmp_path, {"tiny": _copy(tiny_models["tiny"], models)}, "tiny")
+    config = write_config(
+        tmp_path,
+        {"tiny": _copy(tiny_models["tiny"], models)},
+        "tiny",
+        router="restart_attempts = 0",
+    )
     hp: HotmodelProcess = start_hotmodel(config)
     try:
         router = hp.status()["router"]
@@ -251,7 +267,7 @@ def test_router_crash_is_detected_and_reported(
             time.sleep(0.05)
         health = httpx.get(hp.base_url + "/health")
         assert health.status_code == 503
-        assert health.json()["state"] == "router_exited"
+        assert health.json()["status"] == "router_exited"
         resp = httpx.post(
             hp.base_url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}
         )

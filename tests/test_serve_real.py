@@ -193,14 +193,16 @@ def test_openai_client_sees_errors_as_api_errors(smol_server: HotmodelProcess) -
 
 
 def test_upstream_errors_keep_status_in_openai_shape(smol_server: HotmodelProcess) -> None:
-    # llama-server refuses an unknown role; its error comes back in our shape.
+    # llama-server's own extra fields pass through unchecked; it refuses this one
+    # itself, and its error comes back in our shape.
     resp = httpx.post(
         smol_server.base_url + "/v1/chat/completions",
         timeout=30,
-        json={"messages": [{"role": "wizard", "content": 5}], "max_tokens": 2},
+        json={"messages": HELLO, "max_tokens": 2, "n_probs": "many"},
     )
-    assert 400 <= resp.status_code < 500, resp.text
-    _assert_openai_error(resp, resp.status_code, "upstream_error")
+    assert resp.status_code == 400, resp.text
+    err = _assert_openai_error(resp, 400, "upstream_error")
+    assert "n_probs" in err["message"]
 
 
 def test_unknown_route_is_404_in_openai_shape(smol_server: HotmodelProcess) -> None:

@@ -23,7 +23,13 @@ from hotmodel.control.gpu import GpuDevice, GpuSnapshot
 from hotmodel.control.plan import Step, plan
 from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport, SwitchState
 from hotmodel.control.traffic import TrafficGate
-from hotmodel.errors import ModelLoadError, ModelNotFoundError, ShuttingDownError, SwitchBusyError
+from hotmodel.errors import (
+    ConfigError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ShuttingDownError,
+    SwitchBusyError,
+)
 
 _T = TypeVar("_T")
 
@@ -149,6 +155,7 @@ def switch(engine: Engine, target: str, listener: Phases | None = None) -> Switc
 
 def test_plans() -> None:
     assert plan("zero_overlap", "a", "b") == (
+        Step.CHECK,
         Step.DRAIN,
         Step.UNLOAD,
         Step.SETTLE,
@@ -157,13 +164,14 @@ def test_plans() -> None:
         Step.REPLAY,
     )
     assert plan("overlap", "a", "b") == (
+        Step.CHECK,
         Step.LOAD,
         Step.REPLAY,
         Step.ACTIVATE,
         Step.DRAIN,
         Step.UNLOAD,
     )
-    assert plan("zero_overlap", None, "b") == (Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+    assert plan("zero_overlap", None, "b") == (Step.CHECK, Step.LOAD, Step.ACTIVATE, Step.REPLAY)
     assert plan("overlap", "a", None) == (Step.DRAIN, Step.UNLOAD, Step.SETTLE, Step.ACTIVATE)
     assert plan("zero_overlap", None, None) == ()
 
@@ -186,6 +194,8 @@ def test_zero_overlap_unloads_before_loading() -> None:
         "after_load": None,
     }
     assert phases.pairs() == [
+        ("check", "started"),
+        ("check", "skipped"),
         ("drain", "started"),
         ("drain", "done"),
         ("unload", "started"),
@@ -576,3 +586,68 @@ def test_replay_hook_runs_after_the_load() -> None:
     assert seen == [("b", ["unload a", "load b"], "b")]  # after activation
     assert report.replay == {"prompt_n": 42}
     assert "replay" in report.phases
+
+
+def test_joining_never_reorders_commands() -> None:
+    """Switch(b), Switch(c), Switch(b): the last must not join the first (which would
+    report b while c stays loaded); only the newest job is joined."""
+
+    async def scenario(controller: Controller) -> None:
+        rb1, rc, rb2, rb3 = await asyncio.gather(
+            controller.submit(Switch("b")),
+            controller.submit(Switch("c")),
+            controller.submit(Switch("b")),
+            controller.submit(Switch("b")),  # joins the newest: same outcome, nothing behind
+        )
+        assert controller.active == "b"
+        assert rb1 is not rb2 and rb2 is rb3
+        assert [r.to_model for r in (rb1, rc, rb2)] == ["b", "c", "b"]
+        assert len(controller.engine.history) == 3
+
+    run(scenario, _engine(FakeRouter("a")))
+
+
+def test_held_requests_are_in_flight_before_the_next_command_closes_the_gate() -> None:
+    """Opening the gate hands tickets to every held request at once: a switch queued
+    behind the one that opened it drains them instead of holding them again."""
+
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        router = engine.router
+        assert isinstance(router, FakeRouter)
+        router.load_gate = asyncio.Event()
+        phases = Phases()
+        first = asyncio.create_task(controller.submit(Switch("b"), phases))
+        await router.load_started.wait()
+        second = asyncio.create_task(controller.submit(Switch("c")))
+        seen: list[str | None] = []
+
+        async def request() -> None:
+            async with engine.gate.admit(5) as ticket:
+                ticket.model = engine.active
+                seen.append(ticket.model)
+
+        held = asyncio.create_task(request())
+        await asyncio.sleep(0)  # the request is held at the closed gate
+        router.load_gate.set()
+        await asyncio.gather(first, second, held)
+        assert seen == ["b"]  # admitted when b was activated, not after c
+
+    run(scenario, _engine(FakeRouter("a"), drain=5.0))
+
+
+def test_a_target_that_fails_its_check_changes_nothing() -> None:
+    router = FakeRouter("a")
+    engine = _engine(router)
+
+    def preflight(target: str) -> None:
+        raise ConfigError("models.ini", "model file not found: /x.gguf", section=target)
+
+    engine.preflight = preflight
+    phases = Phases()
+    report = switch(engine, "b", phases)
+    assert report.outcome is Outcome.FAILED and report.rolled_back is False
+    assert "model file not found" in (report.error or "")
+    assert "nothing was changed" in (report.error or "")
+    assert router.calls == [] and engine.active == "a" and engine.gate.is_open
+    assert phases.pairs() == [("check", "started"), ("check", "failed")]

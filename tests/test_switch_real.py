@@ -41,7 +41,9 @@ def switch_server(
         {
             "smollm2": real_models["smollm2"],
             "gemma3": real_models["gemma3"],
-            "broken": tiny_models["garbage"],
+            "broken": tiny_models["truncated"],  # a GGUF header, then cut: fails to load
+            "garbage": tiny_models["garbage"],  # not a GGUF at all: refused before anything
+            "missing": folder / "no-such-model.gguf",
         },
         "smollm2",
         server="switch_drain_timeout_seconds = 30",
@@ -86,7 +88,7 @@ def test_switch_both_directions(on_smollm2: HotmodelProcess) -> None:
         assert report["outcome"] == "ok"
         assert (report["from"], report["to"], report["active_after"]) == (source, target, target)
         assert report["policy"] == "zero_overlap"
-        assert set(report["phases"]) == {"drain", "unload", "load"}
+        assert set(report["phases"]) == {"check", "drain", "unload", "load"}
         assert report["phases"]["load"] > 0 and report["phases"]["unload"] > 0
         # no GPU on the test machine: the snapshots are there, and null
         assert report["gpu"] == {
@@ -140,6 +142,24 @@ def test_switch_to_a_broken_model_fails_and_rolls_back(on_smollm2: HotmodelProce
     assert answer.status_code == 200
     assert answer.json()["model"] == "smollm2"
     assert loaded_models(server) == ["smollm2"]
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"), [("garbage", "is not a GGUF file"), ("missing", "model file not found")]
+)
+def test_a_target_that_cannot_load_is_refused_before_the_model_is_touched(
+    on_smollm2: HotmodelProcess, target: str, reason: str
+) -> None:
+    server = on_smollm2
+    router_children = [p.pid for p in server.descendants()]
+    status, report = switch(server, target)
+    assert status == 500
+    assert report["outcome"] == "failed" and reason in report["error"]
+    assert "nothing was changed" in report["error"]
+    assert report["rolled_back"] is False and set(report["phases"]) == set()
+    assert report["active_after"] == "smollm2"
+    assert [p.pid for p in server.descendants()] == router_children  # smollm2 never left
+    assert chat(server).json()["model"] == "smollm2"
 
 
 def test_requests_during_a_switch_go_to_the_new_model(on_smollm2: HotmodelProcess) -> None:
@@ -291,7 +311,7 @@ def test_overlap_policy_loads_the_target_before_unloading(
         status, report = switch(hp, "gemma3")
         assert status == 200, report
         assert report["policy"] == "overlap"
-        assert list(report["phases"]) == ["load", "drain", "unload"]
+        assert list(report["phases"]) == ["check", "load", "drain", "unload"]
         assert loaded_models(hp) == ["gemma3"]
         assert chat(hp).json()["model"] == "gemma3"
 

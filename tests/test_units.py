@@ -26,7 +26,8 @@ from hotmodel.errors import (
 from hotmodel.router.client import RouterClient
 from hotmodel.router.lifecycle import ModelLifecycle
 from hotmodel.router.models import ModelState, error_message, parse_models
-from hotmodel.router.supervisor import _terminate_tree, read_tail, router_argv
+from hotmodel.router.processes import Router, terminate_tree
+from hotmodel.router.supervisor import read_tail, router_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,7 +204,7 @@ def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     child_pid = int(parent.stdout.readline())
-    _terminate_tree(parent.pid, timeout=1.0)
+    terminate_tree(Router.of(parent.pid), timeout=1.0)
     parent.wait(5)
     assert (
         not psutil.pid_exists(child_pid)

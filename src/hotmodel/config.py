@@ -45,6 +45,8 @@ class ServerConfig:
     request_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0.001))
     switch_drain_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0))
     shutdown_timeout_seconds: float = field(default=5.0, metadata=_meta(min=0))
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_meta(min=1024))
+    max_messages: int = field(default=2048, metadata=_meta(min=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,10 @@ class RouterConfig:
     log_file: Path | None = None
     startup_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0.001))
     stop_timeout_seconds: float = field(default=10.0, metadata=_meta(min=0.001))
+    restart_attempts: int = field(default=5, metadata=_meta(min=0))
+    restart_backoff_seconds: float = field(default=0.5, metadata=_meta(min=0))
+    watchdog_interval_seconds: float = field(default=5.0, metadata=_meta(min=0))
+    watchdog_failures: int = field(default=3, metadata=_meta(min=1))
 
 
 @dataclass(frozen=True, slots=True)

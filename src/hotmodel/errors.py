@@ -16,6 +16,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   └── ModelLoadError           a model ended `failed` or missed its load deadline
     ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
+    │   ├── PayloadTooLargeError     the body is over [server] max_body_bytes (413)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── SessionNotFoundError     no session has this id (404)
@@ -119,6 +120,10 @@ class InvalidRequestError(RequestError):
     """Malformed JSON or missing/wrong fields."""
 
 
+class PayloadTooLargeError(RequestError):
+    """The request body is larger than the configured limit."""
+
+
 class ModelNotFoundError(RequestError):
     """The requested model is not one of the presets."""
 
@@ -182,6 +187,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
+    (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),

@@ -124,3 +124,34 @@ def _resolve_option(base: Path, key: str, value: str) -> str:
     if key in _PATH_KEYS and value:
         return str(resolve_path(base, Path(value)))
     return value
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_file(presets: Presets, name: str) -> None:
+    """Fail now, with nothing changed, when preset ``name``'s GGUF cannot be loaded:
+    the file is missing, unreadable, or not a GGUF file at all (a remote preset,
+    ``hf-repo``, has no local file to check)."""
+    preset = presets.models[name]
+    path = preset.model_path
+    if path is None:
+        return
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except FileNotFoundError:
+        raise ConfigError(
+            presets.path, f"model file not found: {path}", section=name, key="model"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            presets.path, f"model file cannot be read: {exc}", section=name, key="model"
+        ) from exc
+    if magic != GGUF_MAGIC:
+        raise ConfigError(
+            presets.path,
+            f"{path} is not a GGUF file (it does not start with 'GGUF')",
+            section=name,
+            key="model",
+        )

@@ -30,7 +30,9 @@ from hotmodel.control.controller import Controller, Switch
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuProbe, detect_probe
 from hotmodel.control.traffic import TrafficGate
-from hotmodel.errors import ConfigError, ModelLoadError
+from hotmodel.control.watchdog import Watchdog
+from hotmodel.errors import ModelLoadError
+from hotmodel.presets import check_model_file
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
 from hotmodel.router.lifecycle import ModelLifecycle
@@ -41,12 +43,16 @@ from hotmodel.sessions.store import SessionStore
 
 log = logging.getLogger("hotmodel.runtime")
 
+# At close, how long requests that are still unwinding get to return their tickets.
+CLOSE_DRAIN_S = 5.0
+
 
 class ServiceState(enum.Enum):
+    """hotmodel's own lifecycle (the router's health is the supervisor's and the watchdog's)."""
+
     NEW = "new"
     STARTING = "starting"
     READY = "ready"
-    ROUTER_EXITED = "router_exited"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -64,6 +70,7 @@ class Services:
     sessions: SessionService
     store: SessionStore
     gpu: GpuProbe
+    watchdog: Watchdog
 
 
 class Runtime:
@@ -75,6 +82,7 @@ class Runtime:
         self.started_at = time.monotonic()
         self._stack = contextlib.AsyncExitStack()
         self._services: Services | None = None
+        self._supervisor: RouterSupervisor | None = None  # as soon as it exists: kill_router()
 
     @property
     def services(self) -> Services:
@@ -111,7 +119,7 @@ class Runtime:
     async def _enter(self, stack: contextlib.AsyncExitStack) -> Services:
         """Enter every resource on ``stack``, in dependency order."""
         cfg = self.config
-        _check_default_model_file(cfg)
+        check_model_file(cfg.presets, cfg.router.default_model)
         binary = find_llama_server(cfg.router.llama_server)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         port = cfg.router.port or free_port(cfg.router.host)
@@ -131,7 +139,9 @@ class Runtime:
         sessions = SessionService(cfg, store, router)
         gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
         baseline = await asyncio.to_thread(gpu.snapshot)  # before any model is loaded
-        supervisor = RouterSupervisor(cfg, binary, router, port, on_exit=self._router_exited)
+        supervisor = self._supervisor = RouterSupervisor(cfg, binary, router, port)
+        # a router an earlier hotmodel left behind (kill -9) goes before ours starts
+        await asyncio.to_thread(supervisor.pid_file.reap_stale, cfg.router.stop_timeout_seconds)
         await supervisor.start()
         stack.push_async_callback(supervisor.stop)
         events = ModelEvents(router)
@@ -146,10 +156,15 @@ class Runtime:
             log_tail=supervisor.log_tail,
             replay=sessions.replay,
             baseline_mib=None if baseline is None else baseline.used_mib,
+            process=supervisor,
+            preflight=lambda target: check_model_file(cfg.presets, target),
         )
         controller = Controller(engine, cfg.presets.models)
         await stack.enter_async_context(_task(controller.run(), "control-loop"))
         stack.callback(controller.close)  # on the way out: first refuse new commands
+        watchdog = Watchdog(cfg, supervisor, router, controller, gate)
+        supervisor.on_exit, events.on_event = watchdog.router_exited, watchdog.model_event
+        await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
         return Services(
             config=cfg,
             router=router,
@@ -160,6 +175,7 @@ class Runtime:
             sessions=sessions,
             store=store,
             gpu=gpu,
+            watchdog=watchdog,
         )
 
     async def _load_default(self) -> None:
@@ -173,23 +189,25 @@ class Runtime:
             )
         log.info("model %r loaded in %.0f ms", model, report.total_ms)
 
-    def _router_exited(self, code: int) -> None:
-        self.state = ServiceState.ROUTER_EXITED
-
     async def close(self) -> None:
         """Leave every resource in reverse order (idempotent)."""
         if self.state in (ServiceState.STOPPING, ServiceState.STOPPED):
             return
         self.state = ServiceState.STOPPING
         try:
+            if self._services is not None:
+                # Requests the server cancelled unwind on their own; let them return their
+                # tickets (and finish a store write) before the store and client close.
+                await self._services.gate.drain(None, CLOSE_DRAIN_S)
             await self._stack.aclose()
         finally:
             self.state = ServiceState.STOPPED
 
     def kill_router(self) -> None:
-        """A forced exit: kill the router tree now, without waiting for anything."""
-        if self._services is not None:
-            self._services.supervisor.kill()
+        """A forced exit: kill the router tree now, without waiting for anything
+        (during start-up too: the supervisor is known from the moment it exists)."""
+        if self._supervisor is not None:
+            self._supervisor.kill()
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
@@ -205,17 +223,6 @@ async def _task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asy
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _check_default_model_file(cfg: Config) -> None:
-    preset = cfg.presets.models[cfg.router.default_model]
-    if preset.model_path is not None and not preset.model_path.is_file():
-        raise ConfigError(
-            cfg.presets.path,
-            f"model file not found: {preset.model_path}",
-            section=preset.name,
-            key="model",
-        )
 
 
 def _url_host(host: str) -> str:

@@ -97,10 +97,16 @@ class _Signals:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
+        self.forced = False
+
+    async def forced_wait(self) -> None:
+        while not self.forced:
+            await self.force.wait()
 
     def __call__(self) -> None:
         if self.stop.is_set():
             log.warning("second stop signal: forcing the exit")
+            self.forced = True
             self.force.set()
         else:
             log.info("stopping (a second Ctrl-C forces it)")
@@ -138,8 +144,10 @@ async def serve(config: Config) -> None:
 
 
 async def _kill_on_force(signals: _Signals, runtime: Runtime) -> None:
-    await signals.force.wait()
-    runtime.kill_router()
+    while True:  # every further signal kills again (a router may be starting meanwhile)
+        await signals.force.wait()
+        signals.force.clear()
+        runtime.kill_router()
 
 
 async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> None:
@@ -148,8 +156,11 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
     await _first(asyncio.shield(starting), signals.stop.wait())
     if not starting.done():
         starting.cancel()  # start() closes what it opened before re-raising
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        finally:
+            await runtime.close()  # in case start() finished before it saw the cancel
         raise ServeInterruptedError("stopped during start-up; nothing is left running")
     services = starting.result()  # start-up errors propagate (start() already cleaned up)
     try:
@@ -174,7 +185,7 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
         await _first(asyncio.shield(serving), signals.stop.wait())
         server.should_exit = True
-        await _first(asyncio.shield(serving), signals.force.wait())
+        await _first(asyncio.shield(serving), signals.forced_wait())
         if not serving.done():
             server.force_exit = True
             serving.cancel()

@@ -20,6 +20,8 @@ from starlette.routing import Route
 
 from hotmodel import __version__, sse
 from hotmodel.api.chat import parse_body
+from hotmodel.api.status import health_status
+from hotmodel.api.validate import read_body
 from hotmodel.control.controller import Switch
 from hotmodel.control.report import SwitchEvent, SwitchReport
 from hotmodel.errors import HotModelError, InvalidRequestError
@@ -37,6 +39,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
     return {
         "version": __version__,
         "state": runtime.state.value,
+        "health": health_status(runtime),
         "active_model": s.controller.active,
         "uptime_seconds": round(runtime.uptime(), 3),
         "config": str(s.config.path),
@@ -51,6 +54,8 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
             "argv": sup.argv,
             "uptime_seconds": sup.uptime(),
             "events_connected": s.events.connected,
+            "restarts": sup.restarts,
+            "recoveries": s.watchdog.recoveries,
         },
         "switch": s.controller.engine.status(),
         "in_flight": len(s.gate.inflight()),
@@ -70,7 +75,7 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         return JSONResponse(status_body(runtime))
 
     async def switch(request: Request) -> Response:
-        body = parse_body(await request.body())
+        body = parse_body(await read_body(request, s.config.server.max_body_bytes))
         if not isinstance(body.get("model"), str):
             raise InvalidRequestError('body must be {"model": NAME}', param="model")
         if "stream" in body and not isinstance(body["stream"], bool):

@@ -24,7 +24,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/v1/chat/completions", ChatCompletions(services), methods=["POST"]),
             *status_routes(runtime),
             *admin_routes(runtime),
-            *session_routes(services.store),
+            *session_routes(services.sessions),
         ],
         middleware=[Middleware(CatchUnexpected)],
         exception_handlers={

@@ -10,6 +10,7 @@ relay borrows them; there is no hand-off in which they could be lost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Collection
@@ -22,7 +23,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hotmodel.api.errors import upstream_error_response
-from hotmodel.api.relay import OnReply, relay
+from hotmodel.api.relay import OnReply, read_unless_gone, relay
+from hotmodel.api.validate import (
+    check_fields,
+    check_messages,
+    check_tree,
+    parse_json,
+    read_body,
+)
 from hotmodel.control.controller import Switch
 from hotmodel.control.traffic import Ticket
 from hotmodel.errors import (
@@ -31,6 +39,7 @@ from hotmodel.errors import (
     ModelNotFoundError,
     RouterProtocolError,
     RouterUnavailableError,
+    SwitchBusyError,
     SwitchCancelledError,
     SwitchFailedError,
 )
@@ -55,28 +64,20 @@ class ChatRequest:
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except RecursionError:
-        raise InvalidRequestError("request body is nested too deeply") from None
-    except ValueError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    """A JSON object body, checked for depth and unencodable strings (400 otherwise)."""
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    check_tree(payload)
     return payload
 
 
 def parse_chat(body: bytes, request: Request, services: Services) -> ChatRequest:
     payload = parse_body(body)
-    messages = payload.get("messages")
-    if messages is None:
+    if "messages" not in payload:
         raise InvalidRequestError("'messages' is required", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("'messages' must be a non-empty array", param="messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequestError("every message must be a JSON object", param="messages")
-    if "stream" in payload and not isinstance(payload["stream"], bool):
-        raise InvalidRequestError("'stream' must be true or false", param="stream")
+    check_messages(payload["messages"], services.config.server.max_messages)
+    check_fields(payload)
     for old, new in _RENAMED.items():
         if old in payload or old in request.headers:
             raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
@@ -140,7 +141,8 @@ class ChatCompletions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        chat = parse_chat(await request.body(), request, self.s)
+        body = await read_body(request, self.s.config.server.max_body_bytes)
+        chat = parse_chat(body, request, self.s)
         response = await self._answer(chat, receive, send)
         if response is not None:  # sent after the ticket and the session lock are returned
             await response(scope, receive, send)
@@ -166,7 +168,6 @@ class ChatCompletions:
                 chat.payload["messages"] = prepared.prompt.messages()
                 headers["x-session-id"] = prepared.session_id
             body = json.dumps(chat.payload, ensure_ascii=False).encode()
-            self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
                 upstream = await stack.enter_async_context(self.s.router.chat(body, chat.accept))
@@ -176,7 +177,9 @@ class ChatCompletions:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
                     await relay(upstream, ticket, receive, send, headers, on_reply)
                     return None
-                data = await upstream.read()
+                data = await read_unless_gone(upstream, receive)
+                if data is None:
+                    return None  # the client left: nothing to send, nothing stored
                 if prepared is not None:
                     with anyio.CancelScope(shield=True):
                         await self.s.sessions.complete(prepared, reply_of(data), model)
@@ -197,9 +200,7 @@ class ChatCompletions:
         s, cfg = self.s, self.s.config.switch
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             try:
-                ticket.model = resolve_model(
-                    requested, s.controller.active, s.config.presets.models
-                )
+                ticket.model = self._resolve(requested)
             except ModelNotActiveError:
                 if not cfg.auto:
                     raise
@@ -208,9 +209,20 @@ class ChatCompletions:
                 return
         # The ticket is returned before the switch: a switch drains in-flight tickets.
         assert isinstance(requested, str)  # resolve_model() says "not active" only for a preset
-        report = await s.controller.submit(Switch(requested))
+        try:
+            async with asyncio.timeout(cfg.queue_timeout_seconds):
+                report = await s.controller.submit(Switch(requested))
+        except TimeoutError:
+            raise SwitchBusyError(
+                f"switching to {requested!r} took longer than {cfg.queue_timeout_seconds:g}s "
+                "([switch] queue_timeout_seconds); it goes on, try again later"
+            ) from None
         if report.failed:
             raise SwitchFailedError(f"switching to {requested!r} failed: {report.error}", report)
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
-            ticket.model = resolve_model(requested, s.controller.active, s.config.presets.models)
+            ticket.model = self._resolve(requested)
             yield ticket
+
+    def _resolve(self, requested: object) -> str:
+        self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code
+        return resolve_model(requested, self.s.controller.active, self.s.config.presets.models)

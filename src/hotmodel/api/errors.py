@@ -44,10 +44,18 @@ def error_response(
     return resp
 
 
+# llama-server answers 500 for a request it could not parse; the request was at fault.
+_PARSE_FAILURES = ("Failed to parse", "[json.exception.")
+
+
 def upstream_error_response(status: int, body: bytes) -> JSONResponse:
-    """An error answer of the router, re-shaped as OpenAI's (its status kept)."""
+    """An error answer of the router, re-shaped as OpenAI's (its status kept, except a
+    500 that only says the request could not be parsed: that is the client's 400)."""
+    message = error_message(body)
+    if status == 500 and any(marker in message for marker in _PARSE_FAILURES):
+        status = 400
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    return error_response(status, error_message(body), type_, "upstream_error")
+    return error_response(status, message, type_, "upstream_error")
 
 
 def sse_error(message: str, code: str) -> bytes:

@@ -11,6 +11,7 @@ client that reads its session right after the stream finds the answer there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -42,15 +43,16 @@ async def relay(
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in {"content-type": "text/event-stream", **SSE_HEADERS, **headers}.items()
     ]
-    try:
-        async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
 
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
 
-            tg.start_soon(watch_disconnect)
+        tg.start_soon(watch_disconnect)
+        # Caught here, inside the group: anyio would wrap an escaping error in a group.
+        try:
             await send(
                 {
                     "type": "http.response.start",
@@ -60,9 +62,34 @@ async def relay(
             )
             tail = await _pump(upstream, ticket, send, on_reply)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except OSError:
+            pass  # the client went away while we were sending
+        finally:
             tg.cancel_scope.cancel()
-    except OSError:
-        pass  # the client went away while we were sending
+
+
+async def read_unless_gone(upstream: Upstream, receive: Receive) -> bytes | None:
+    """The whole (non-streamed) answer, or None when the client went away first.
+
+    A client that leaves stops the read, so the upstream answer is closed and
+    llama-server stops generating; nothing is stored for an answer nobody got.
+    """
+    reader = asyncio.ensure_future(upstream.read())
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # no await here: this may run inside a cancelled scope (a switch's cancel)
+        watcher.cancel()
+        reader.cancel()
+    if reader.done() and not reader.cancelled():
+        return reader.result()  # raises the read's own error, if it failed
+    return None
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _pump(upstream: Upstream, ticket: Ticket, send: Send, on_reply: OnReply | None) -> bytes:

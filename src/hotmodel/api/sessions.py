@@ -12,10 +12,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel.errors import SessionNotFoundError
+from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
 
 
-def session_routes(store: SessionStore) -> list[Route]:
+def session_routes(sessions: SessionService) -> list[Route]:
+    store: SessionStore = sessions.store
+    wait = sessions.config.session.queue_timeout_seconds
+
     async def list_sessions(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [s.to_json() for s in await store.list()]})
 
@@ -28,7 +32,9 @@ def session_routes(store: SessionStore) -> list[Route]:
 
     async def delete_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        if not await store.delete(session_id):
+        async with sessions.locks.hold(session_id, wait):  # not in the middle of a turn
+            deleted = await store.delete(session_id)
+        if not deleted:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return JSONResponse({"id": session_id, "deleted": True})
 

@@ -8,30 +8,49 @@ from starlette.routing import Route
 
 from hotmodel.api.chat import ACTIVE_ALIAS
 from hotmodel.api.errors import RETRY_AFTER_S
+from hotmodel.control.report import SwitchState
 from hotmodel.errors import RouterError
+from hotmodel.router.supervisor import RouterState
 from hotmodel.runtime import Runtime, ServiceState
+
+
+def health_status(runtime: Runtime) -> str:
+    """One word for ``/health``: ``ok`` only while requests are served at once.
+
+    ``switching`` while a switch holds requests at the gate (zero_overlap, no
+    model loaded), ``recovering`` while the router or model is brought back
+    after a crash, ``failed`` when the router could not be restarted,
+    ``router_exited`` when it died and restarts are off, ``unavailable`` when no
+    model is loaded or hotmodel is starting or stopping.
+    """
+    s = runtime.services
+    router = s.supervisor.state
+    if runtime.state is not ServiceState.READY:
+        return "unavailable"
+    if router is RouterState.FAILED:
+        return "failed"
+    if s.controller.state is SwitchState.RECOVERING or (
+        router is RouterState.EXITED and s.watchdog.enabled
+    ):
+        return "recovering"
+    if router is not RouterState.RUNNING:
+        return "router_exited"
+    if not s.gate.is_open:
+        return "switching"
+    return "ok" if s.controller.active is not None else "unavailable"
 
 
 def status_routes(runtime: Runtime) -> list[Route]:
     s = runtime.services
 
     async def health(request: Request) -> Response:
-        """200 only while requests are served at once: ready, a model active, gate open.
-
-        During a zero_overlap switch the gate is closed (requests wait): 503
-        ``switching`` with Retry-After, as the README promises.
-        """
-        active = s.controller.active
-        if runtime.state is not ServiceState.READY or active is None:
-            status = "unavailable"
-        elif not s.gate.is_open:
-            status = "switching"
-        else:
-            status = "ok"
+        """200 only while requests are served at once; else 503 with Retry-After and why."""
+        status = health_status(runtime)
         body = {
             "status": status,
             "state": runtime.state.value,
-            "active_model": active,
+            "router": s.supervisor.state.value,
+            "active_model": s.controller.active,
             "switching": s.controller.busy,
             "switch_state": s.controller.state.value,
         }

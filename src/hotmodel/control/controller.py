@@ -3,14 +3,17 @@
 One task (:meth:`Controller.run`) takes commands in order and executes each
 through the :class:`~hotmodel.control.engine.Engine`, which owns the active
 model; nothing else loads or unloads. Callers :meth:`~Controller.submit` a
-command and await its report. A command for an outcome that is already queued
-or running (the same target) joins it: one execution, one report, every
-caller's progress listener fed. The command runs in the loop's task, so a
-caller that goes away (a client disconnect) cannot stop it half-way.
+command and await its report. A command for the same outcome as the newest
+queued or running one (the same target) joins it: one execution, one report,
+every caller's progress listener fed; behind another command it queues anew,
+so commands always take effect in the order they were given. The command runs
+in the loop's task, so a caller that goes away (a client disconnect) cannot
+stop it half-way.
 
 Commands today: :class:`Switch` (also the first load of the default model at
-start, and the rollback inside it) and :class:`Unload`. Crash recovery and
-config reload come as more commands on the same queue.
+start, and the rollback inside it), :class:`Unload` and :class:`Recover`
+(after the router or the model's child died). Config reload comes as one more
+command on the same queue.
 """
 
 from __future__ import annotations
@@ -41,12 +44,24 @@ class Unload:
     """Unload the active model: afterwards no model is loaded."""
 
 
-Command = Switch | Unload
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """The router or the model's child died: restart the router if it is down, then load
+    ``target`` again and replay the most recent session."""
+
+    target: str
 
 
-def _outcome(command: Command) -> str | None:
+Command = Switch | Unload | Recover
+
+
+def _outcome(command: Command) -> tuple[str, ...]:
     """Commands with the same outcome share one execution."""
-    return command.target if isinstance(command, Switch) else None
+    if isinstance(command, Switch):
+        return ("switch", command.target)
+    if isinstance(command, Recover):
+        return ("recover",)
+    return ("unload",)
 
 
 @dataclass
@@ -63,7 +78,8 @@ class Controller:
         self.engine = engine
         self.presets = frozenset(presets)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._jobs: dict[str | None, _Job] = {}  # queued or running, by outcome
+        self._last: _Job | None = None  # the newest job, queued or running, until it ends
+        self._pending = 0  # jobs queued or running
         self._closed = False
 
     @property
@@ -77,7 +93,7 @@ class Controller:
     @property
     def busy(self) -> bool:
         """A command is queued or running."""
-        return bool(self._jobs)
+        return self._pending > 0
 
     def check_target(self, target: str) -> None:
         """Raise :class:`ModelNotFoundError` unless ``target`` is a preset."""
@@ -92,19 +108,32 @@ class Controller:
 
         Cancelling the caller does not cancel the command: it belongs to the loop.
         """
-        if isinstance(command, Switch):
+        return await asyncio.shield(self.post(command, listener))
+
+    def post(
+        self, command: Command, listener: Listener | None = None
+    ) -> asyncio.Future[SwitchReport]:
+        """Queue ``command`` without waiting for it.
+
+        It joins the newest job instead when that has the same outcome: nothing is
+        queued behind it, so sharing its run changes no order (joining an older job
+        would report a target that a later command has already replaced).
+        """
+        if not isinstance(command, Unload):
             self.check_target(command.target)
         if self._closed:
             raise ShuttingDownError("hotmodel is shutting down; no new switch is started")
-        key = _outcome(command)
-        job = self._jobs.get(key)
-        if job is None:
+        job = self._last
+        if job is None or job.future.done() or _outcome(job.command) != _outcome(command):
             job = _Job(command, asyncio.get_running_loop().create_future())
-            self._jobs[key] = job
+            # a posted command may have no waiter: its failure is logged, not lost
+            job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._last = job
+            self._pending += 1
             self._queue.put_nowait(job)
         if listener is not None:
             job.listeners.append(listener)
-        return await asyncio.shield(job.future)
+        return job.future
 
     async def run(self) -> None:
         """Execute commands in order until cancelled (the runtime owns this task)."""
@@ -113,23 +142,25 @@ class Controller:
             try:
                 await self._execute(job)
             finally:
-                del self._jobs[_outcome(job.command)]
+                self._pending -= 1
+                if self._last is job:
+                    self._last = None
 
     async def _execute(self, job: _Job) -> None:
         command = job.command
         try:
             if isinstance(command, Switch):
                 report = await self.engine.run(command.target, job.listeners, command.replay)
+            elif isinstance(command, Recover):
+                report = await self.engine.run(command.target, job.listeners, recover=True)
             else:
                 report = await self.engine.run(None, job.listeners)
         except asyncio.CancelledError:
             job.future.set_exception(ShuttingDownError("hotmodel stopped during the switch"))
-            job.future.exception()  # retrieved: callers re-raise it themselves
             raise
         except Exception as exc:  # a bug: the callers hear of it, the loop goes on
             log.exception("command %r failed", command)
             job.future.set_exception(exc)
-            job.future.exception()
         else:
             job.future.set_result(report)
 
@@ -141,7 +172,6 @@ class Controller:
         self._closed = True
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            del self._jobs[_outcome(job.command)]
+            self._pending -= 1
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("hotmodel is shutting down"))
-                job.future.exception()  # retrieved: callers re-raise it themselves

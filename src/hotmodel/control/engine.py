@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from hotmodel.config import SwitchConfig
 from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, settled
-from hotmodel.control.plan import Step, plan
+from hotmodel.control.plan import Step, plan, plan_recovery
 from hotmodel.control.report import (
     Listener,
     Outcome,
@@ -55,6 +55,7 @@ log = logging.getLogger("hotmodel.control")
 SETTLE_POLL_S = 0.1
 
 _STEP_STATE = {
+    Step.RESTART: SwitchState.RECOVERING,
     Step.DRAIN: SwitchState.DRAINING,
     Step.UNLOAD: SwitchState.UNLOADING,
     Step.SETTLE: SwitchState.SETTLING,
@@ -75,6 +76,17 @@ class RouterOps(Protocol):
         ...
 
 
+class ProcessOps(Protocol):
+    """What the engine needs from the router process (``RouterSupervisor`` provides it)."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def restart(self) -> None:
+        """Start the router again (bounded attempts); RouterError when it cannot."""
+        ...
+
+
 Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
@@ -88,6 +100,7 @@ class _Run:
     target: str | None
     replay: bool
     started: list[Step] = field(default_factory=list)
+    loaded: bool = False  # the LOAD step really loaded (the target was not resident)
 
     def emit(
         self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
@@ -119,6 +132,8 @@ class Engine:
         log_tail: Callable[[], str] = lambda: "",
         replay: Replayer | None = None,
         baseline_mib: int | None = None,
+        process: ProcessOps | None = None,
+        preflight: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
@@ -128,6 +143,8 @@ class Engine:
         self.log_tail = log_tail
         self.replay = replay
         self.baseline_mib = baseline_mib
+        self.process = process
+        self.preflight = preflight
         self.active: str | None = None
         self.state = SwitchState.IDLE
         self.history: deque[SwitchReport] = deque(maxlen=config.history)
@@ -135,23 +152,37 @@ class Engine:
         self._ids = itertools.count(1)
 
     async def run(
-        self, target: str | None, listeners: list[Listener], replay: bool = True
+        self,
+        target: str | None,
+        listeners: list[Listener],
+        replay: bool = True,
+        recover: bool = False,
     ) -> SwitchReport:
-        """Take the router to ``target`` (None: no model); the report says how it went."""
+        """Take the router to ``target`` (None: no model); the report says how it went.
+
+        ``recover``: the router or the model's child died, so nothing is resident;
+        restart the router if needed and load ``target`` (no drain, no rollback).
+        """
         report = SwitchReport(
             id=next(self._ids),
             from_model=self.active,
             to_model=target,
-            policy=self.config.policy,
+            policy="recover" if recover else self.config.policy,
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.current = report
         t0 = time.monotonic()
         try:
-            if target == self.active:
+            if recover:
+                self.state = SwitchState.RECOVERING
+                self.gate.close()  # requests wait for the recovery, bounded like a switch
+                self.active = None
+                await self._execute(_Run(report, listeners, None, target, replay), plan_recovery())
+            elif target == self.active:
                 report.outcome = Outcome.ALREADY_ACTIVE
             else:
-                await self._execute(_Run(report, listeners, self.active, target, replay))
+                steps = plan(self.config.policy, self.active, target)
+                await self._execute(_Run(report, listeners, self.active, target, replay), steps)
         finally:
             self.gate.open()
             report.active_after = self.active
@@ -172,12 +203,12 @@ class Engine:
             )
         return report
 
-    async def _execute(self, run: _Run) -> None:
+    async def _execute(self, run: _Run, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
         try:
             try:
                 async with asyncio.timeout(deadline):
-                    for step in plan(self.config.policy, run.previous, run.target):
+                    for step in steps:
                         run.started.append(step)
                         await self._step(step, run)
             except TimeoutError:
@@ -198,7 +229,7 @@ class Engine:
             report.outcome = Outcome.FAILED
             report.error = str(failure)
             report.log_tail = failure.log_tail
-            if failure.step is not Step.DRAIN:
+            if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
                 await self._rollback(run)
 
     async def _step(self, step: Step, run: _Run) -> None:
@@ -217,6 +248,11 @@ class Engine:
 
     async def _do(self, step: Step, run: _Run) -> str | None:
         report, previous, target = run.report, run.previous, run.target
+        if step is Step.RESTART:
+            return await self._restart()
+        if step is Step.CHECK:
+            assert target is not None
+            return self._check(target)
         if step is Step.DRAIN:
             assert previous is not None  # plan() drains only when a model is active
             return await self._drain(report, previous, close_gate=target is None)
@@ -231,8 +267,11 @@ class Engine:
             return None
         assert target is not None  # plan() loads and replays only a target
         if step is Step.LOAD:
-            return await self._load(report, target)
-        return await self._replay(report, target) if run.replay else "skipped"
+            run.loaded, detail = await self._load(report, target)
+            return detail
+        if not run.replay or not run.loaded:  # a model that stayed resident kept its cache
+            return "skipped"
+        return await self._replay(report, target)
 
     async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
         models = {model}
@@ -302,14 +341,32 @@ class Engine:
         report.gpu.after_settle = last
         return result
 
-    async def _load(self, report: SwitchReport, target: str) -> str | None:
+    def _check(self, target: str) -> str | None:
+        if self.preflight is None:
+            return "skipped"
         try:
-            await self.router.load(target, self.config.load_timeout_seconds)
+            self.preflight(target)
+        except HotModelError as exc:
+            raise _StepFailedError(Step.CHECK, f"{exc}; nothing was changed") from exc
+        return None
+
+    async def _restart(self) -> str | None:
+        if self.process is None or self.process.running:
+            return "skipped"  # only the model's child died: the router is fine
+        try:
+            await self.process.restart()
+        except HotModelError as exc:
+            raise _StepFailedError(Step.RESTART, str(exc), self.log_tail() or None) from exc
+        return None
+
+    async def _load(self, report: SwitchReport, target: str) -> tuple[bool, str | None]:
+        try:
+            loaded = await self.router.load(target, self.config.load_timeout_seconds)
         except HotModelError as exc:
             tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
             raise _StepFailedError(Step.LOAD, _summary(exc), tail or None) from exc
         report.gpu.after_load = await self._snapshot()
-        return None
+        return loaded, None if loaded else f"{target!r} was loaded already"
 
     async def _replay(self, report: SwitchReport, target: str) -> str | None:
         if self.replay is None or not self.config.replay:
@@ -329,7 +386,8 @@ class Engine:
         """After a failed unload/load: the target must not stay resident (a load was
         attempted), and the previous model comes back (its unload was attempted)."""
         report, previous, target = run.report, run.previous, run.target
-        self.state = SwitchState.ROLLING_BACK
+        recovering = report.policy == "recover"
+        self.state = SwitchState.RECOVERING if recovering else SwitchState.ROLLING_BACK
         run.emit("rollback", PhaseStatus.STARTED)
         t = time.monotonic()
         try:

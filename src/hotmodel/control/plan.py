@@ -12,6 +12,8 @@ from hotmodel.config import SwitchPolicy
 
 
 class Step(enum.Enum):
+    CHECK = "check"
+    RESTART = "restart"
     DRAIN = "drain"
     UNLOAD = "unload"
     SETTLE = "settle"
@@ -30,8 +32,23 @@ def plan(policy: SwitchPolicy, current: str | None, target: str | None) -> tuple
     """
     if target is None:  # unload: nothing is loaded afterwards
         return () if current is None else (Step.DRAIN, Step.UNLOAD, Step.SETTLE, Step.ACTIVATE)
+    # CHECK first: what can be known before the running model is touched (its file)
     if current is None:
-        return (Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+        return (Step.CHECK, Step.LOAD, Step.ACTIVATE, Step.REPLAY)
     if policy == "overlap":
-        return (Step.LOAD, Step.REPLAY, Step.ACTIVATE, Step.DRAIN, Step.UNLOAD)
-    return (Step.DRAIN, Step.UNLOAD, Step.SETTLE, Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+        return (Step.CHECK, Step.LOAD, Step.REPLAY, Step.ACTIVATE, Step.DRAIN, Step.UNLOAD)
+    return (
+        Step.CHECK,
+        Step.DRAIN,
+        Step.UNLOAD,
+        Step.SETTLE,
+        Step.LOAD,
+        Step.ACTIVATE,
+        Step.REPLAY,
+    )
+
+
+def plan_recovery() -> tuple[Step, ...]:
+    """After the router or the model's child died: nothing is resident any more, so
+    start the router if it is down, load the model again, let requests in, replay."""
+    return (Step.RESTART, Step.LOAD, Step.ACTIVATE, Step.REPLAY)

@@ -14,6 +14,7 @@ class SwitchState(enum.Enum):
     """What the control loop is doing now."""
 
     IDLE = "idle"
+    RECOVERING = "recovering"
     DRAINING = "draining"
     UNLOADING = "unloading"
     SETTLING = "settling"

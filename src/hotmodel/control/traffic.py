@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -46,18 +45,23 @@ class Ticket:
 
 
 class TrafficGate:
-    """Open: requests pass. Closed: they wait until it opens again, or their bound ends."""
+    """Open: requests pass. Closed: they wait until it opens again, or their bound ends.
+
+    Opening hands a ticket to every held request at once, synchronously: they
+    are in flight before anything else can run, so a command queued behind the
+    one that opened the gate drains them rather than holding them again.
+    """
 
     def __init__(self) -> None:
-        self._open = asyncio.Event()
-        self._open.set()
+        self._open = True
         self._ids = itertools.count(1)
         self._inflight: dict[int, Ticket] = {}
+        self._held: list[asyncio.Future[Ticket]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     @property
     def is_open(self) -> bool:
-        return self._open.is_set()
+        return self._open
 
     def inflight(self, models: set[str] | None = None) -> list[Ticket]:
         """Admitted tickets, of ``models`` only when given (unresolved ones always count)."""
@@ -76,21 +80,31 @@ class TrafficGate:
         finally:
             self._leave(ticket)
 
-    async def _enter(self, timeout: float) -> Ticket:
-        """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
-        deadline = time.monotonic() + timeout
-        while not self._open.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SwitchBusyError(
-                    f"a model switch is in progress; waited {timeout:g}s "
-                    "([switch] queue_timeout_seconds)"
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._open.wait(), remaining)
+    def _issue(self) -> Ticket:
         ticket = Ticket(next(self._ids))
         self._inflight[ticket.id] = ticket
         return ticket
+
+    async def _enter(self, timeout: float) -> Ticket:
+        """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
+        if self._open:
+            return self._issue()
+        held: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        self._held.append(held)
+        try:
+            async with asyncio.timeout(timeout):
+                return await held
+        except BaseException as exc:
+            if held in self._held:
+                self._held.remove(held)
+            if held.done() and not held.cancelled():
+                self._leave(held.result())  # granted just as the wait ended: give it back
+            if isinstance(exc, TimeoutError):
+                raise SwitchBusyError(
+                    f"a model switch is in progress; waited {timeout:g}s "
+                    "([switch] queue_timeout_seconds)"
+                ) from None
+            raise
 
     def _leave(self, ticket: Ticket) -> None:
         """The request is complete (idempotent)."""
@@ -107,10 +121,14 @@ class TrafficGate:
         self._waiters = still_waiting
 
     def close(self) -> None:
-        self._open.clear()
+        self._open = False
 
     def open(self) -> None:
-        self._open.set()
+        self._open = True
+        held, self._held = self._held, []
+        for fut in held:
+            if not fut.done():
+                fut.set_result(self._issue())
 
     async def drain(self, models: set[str] | None, timeout: float) -> bool:
         """Wait until no ticket of ``models`` is in flight; False when ``timeout`` ends first."""
@@ -123,11 +141,10 @@ class TrafficGate:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((done, fut))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             return False
-        finally:
-            fut.cancel()
         return True
 
     def cancel(self, models: set[str] | None, reason: str) -> int:

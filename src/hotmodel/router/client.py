@@ -80,7 +80,9 @@ async def send(
     """
     try:
         return await http.send(request, stream=stream)
-    except httpx.RemoteProtocolError:
+    except httpx.RemoteProtocolError as exc:
+        if "without sending a response" not in str(exc):
+            raise  # the router read the request: sending it again could run it twice
         return await http.send(request, stream=stream)
 
 

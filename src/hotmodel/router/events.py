@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hotmodel.errors import RouterError
@@ -56,8 +56,11 @@ def parse_model_event(event: SseEvent) -> ModelEvent | None:
 class ModelEvents:
     """Fans the router's model events out to every subscribed waiter."""
 
-    def __init__(self, client: RouterClient) -> None:
+    def __init__(
+        self, client: RouterClient, on_event: Callable[[ModelEvent], None] | None = None
+    ) -> None:
         self._client = client
+        self.on_event = on_event
         self._subscribers: set[asyncio.Event] = set()
         self.connected = False
         self.last: dict[str, ModelEvent] = {}
@@ -90,6 +93,8 @@ class ModelEvents:
                         if parsed is not None:
                             self.last[parsed.model] = parsed
                             self._wake()
+                            if self.on_event is not None:
+                                self.on_event(parsed)
             except RouterError as exc:
                 log.debug("model event feed: %s", exc)
             finally:

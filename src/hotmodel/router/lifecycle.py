@@ -148,4 +148,5 @@ class ModelLifecycle:
                 await asyncio.sleep(pause)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await changed.wait()

@@ -1,16 +1,23 @@
-"""The router supervisor: starts, watches and stops the one ``llama-server`` router.
+"""The router supervisor: starts, watches, restarts and stops the one ``llama-server`` router.
 
 State is owned here and changes only in this class::
 
     STOPPED --start()--> STARTING --/health ok--> RUNNING --stop()--> STOPPING --> STOPPED
-                            |                        |
-                            +------ process exit ----+--> EXITED   (unexpected exit)
+                            |                        |  ^
+                            +------ process exit ----+  |  restart(): ≤ [router] restart_attempts,
+                                       |                |  backoff from restart_backoff_seconds
+                                       v                |
+                                    EXITED --restart()--+
+                                       |
+                                       +-- attempts exhausted --> FAILED
 
 Every wait has a deadline: ``router.startup_timeout_seconds`` for ``/health``,
 ``router.stop_timeout_seconds`` between SIGTERM and SIGKILL, then
-:data:`KILL_WAIT_S` for the kernel to reap what was killed (which also bounds
-the wait for the exit watcher). Process trees are handled with psutil so that
-stopping works the same on Linux, macOS and Windows.
+:data:`~hotmodel.router.processes.KILL_WAIT_S` for the kernel to reap what was
+killed (which also bounds the wait for the exit watcher). Process trees are
+handled in ``processes.py`` (psutil), the same on Linux, macOS and Windows.
+The supervisor decides nothing about models: restarting the router is asked
+for by the control loop (a ``Recover`` command), which then loads the model.
 """
 
 from __future__ import annotations
@@ -22,24 +29,21 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
-
-import psutil
+from typing import IO
 
 from hotmodel.config import Config
-from hotmodel.errors import RouterBinaryError, RouterExitedError, RouterStartError
+from hotmodel.errors import RouterBinaryError, RouterError, RouterExitedError, RouterStartError
 from hotmodel.router.client import RouterClient
+from hotmodel.router.processes import KILL_WAIT_S, PidFile, Router, spawn, terminate_tree
 
 log = logging.getLogger("hotmodel.supervisor")
 
-# After SIGKILL, how long to wait for the kernel to reap the processes.
-KILL_WAIT_S = 5.0
 _HEALTH_POLL_S = 0.05
+_RESTART_BACKOFF_MAX_S = 10.0
 
 
 class RouterState(enum.Enum):
@@ -48,6 +52,7 @@ class RouterState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     EXITED = "exited"
+    FAILED = "failed"  # it exited and could not be restarted
 
 
 def router_argv(config: Config, binary: Path, presets_file: Path, port: int) -> list[str]:
@@ -112,13 +117,16 @@ class RouterSupervisor:
         self._binary = binary
         self._client = client
         self.port = port
-        self._on_exit = on_exit
+        self.on_exit = on_exit
         self.state = RouterState.STOPPED
         self.exit_code: int | None = None
         self.started_at: float | None = None
         self.log_file = config.router_log_file
         self.presets_file = config.server.state_dir / "router-presets.ini"
+        self.pid_file = PidFile(config.server.state_dir / "router.pid")
+        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._router: Router | None = None
         self._log_handle: IO[bytes] | None = None
         self._exited = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -153,11 +161,13 @@ class RouterSupervisor:
         self._log_handle.write(f"\n=== hotmodel {stamp}: {' '.join(self.argv)}\n".encode())
         self._log_handle.flush()
         try:
-            self._proc = _spawn(self.argv, self._log_handle, self.presets_file.parent)
+            self._proc = spawn(self.argv, self._log_handle, self.presets_file.parent)
         except OSError as exc:
             self._close_log()
             self.state = RouterState.STOPPED
             raise RouterBinaryError(f"cannot start {self._binary}: {exc}") from exc
+        self._router = Router.of(self._proc.pid)
+        self.pid_file.write(self._router)
         self.started_at = time.monotonic()
         self._exited.clear()
         self._watcher = asyncio.create_task(self._watch(self._proc), name="router-watch")
@@ -187,7 +197,8 @@ class RouterSupervisor:
                     f"\n--- llama-server log tail ({self.log_file}) ---\n{self.log_tail()}"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), _HEALTH_POLL_S)
+                async with asyncio.timeout(_HEALTH_POLL_S):
+                    await self._exited.wait()
 
     async def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         # A thread blocked in wait() is the portable way to learn of an exit at
@@ -196,6 +207,7 @@ class RouterSupervisor:
         self.exit_code = code
         self._exited.set()
         if self.state in (RouterState.RUNNING, RouterState.STARTING):
+            was_running = self.state is RouterState.RUNNING
             self.state = RouterState.EXITED
             log.error(
                 "llama-server router (pid %s) exited unexpectedly with code %s; log tail:\n%s",
@@ -203,78 +215,79 @@ class RouterSupervisor:
                 code,
                 self.log_tail(15),
             )
-            if self._on_exit is not None:
-                self._on_exit(code)
+            # an exit during start-up is start()'s to report; only a running router's is news
+            if was_running and self.on_exit is not None:
+                self.on_exit(code)
+
+    @property
+    def running(self) -> bool:
+        return self.state is RouterState.RUNNING
+
+    async def restart(self) -> None:
+        """Start the router again after it exited (or was killed as hung).
+
+        At most ``[router] restart_attempts`` tries, waiting ``restart_backoff_seconds``
+        (doubling) between them; then the state is FAILED and RouterStartError says why.
+        """
+        cfg = self._config.router
+        delay = cfg.restart_backoff_seconds
+        last: RouterError | None = None
+        for attempt in range(1, cfg.restart_attempts + 1):
+            await self.stop()  # the old process' leftovers (model children), its log handle
+            try:
+                await self.start()
+            except RouterError as exc:
+                last = exc
+                log.warning("router restart %d/%d failed: %s", attempt, cfg.restart_attempts, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESTART_BACKOFF_MAX_S)
+                continue
+            self.restarts += 1
+            log.info("router restarted (attempt %d)", attempt)
+            return
+        self.state = RouterState.FAILED
+        raise RouterStartError(
+            f"the router could not be restarted in {cfg.restart_attempts} attempt(s) "
+            f"([router] restart_attempts): {last}"
+        )
 
     def ensure_running(self) -> None:
         """Raise :class:`RouterExitedError` unless the router is running."""
-        if self.state is RouterState.EXITED:
+        if self.state in (RouterState.EXITED, RouterState.FAILED):
             raise RouterExitedError(
-                f"the llama-server router exited with code {self.exit_code}; "
-                f"restart hotmodel serve (log: {self.log_file})"
+                f"the llama-server router exited with code {self.exit_code} "
+                f"and is {self.state.value} (log: {self.log_file})"
             )
         if self.state is not RouterState.RUNNING:
             raise RouterExitedError(f"the llama-server router is {self.state.value}")
 
     async def stop(self) -> None:
         """Stop the router and every child: SIGTERM, then SIGKILL after the deadline."""
-        proc = self._proc
-        if proc is None:
+        proc, router = self._proc, self._router
+        if proc is None or router is None:
             self.state = RouterState.STOPPED
             return
         if self.state is not RouterState.EXITED:
             self.state = RouterState.STOPPING
-        await asyncio.to_thread(_terminate_tree, proc.pid, self._config.router.stop_timeout_seconds)
+        await asyncio.to_thread(terminate_tree, router, self._config.router.stop_timeout_seconds)
         if self._watcher is not None:
             # The process is gone (or was killed): its watcher ends at once. Bounded all
             # the same, so a stuck wait() can never hold up the shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._watcher), KILL_WAIT_S)
-        self._proc = None
+                async with asyncio.timeout(KILL_WAIT_S):
+                    await asyncio.shield(self._watcher)
+        self._proc = self._router = None
+        self.pid_file.remove()
         self._close_log()
         self.state = RouterState.STOPPED
 
     def kill(self) -> None:
-        """Kill the router and its children at once (a forced exit: no grace, no waiting)."""
-        if self._proc is not None:
-            _terminate_tree(self._proc.pid, 0)
+        """Kill the router and its children at once (a forced exit, or a hung router:
+        no grace, no waiting); the exit watcher then reports the exit as usual."""
+        if self._router is not None:
+            terminate_tree(self._router, 0)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-
-
-def _spawn(argv: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
-    # The router gets its own process group / session so that a Ctrl-C in the
-    # terminal reaches hotmodel only; hotmodel then stops the router in order.
-    # Popen returns at once (fork/exec), so calling it from async code is fine.
-    own_group: dict[str, Any]
-    if sys.platform == "win32":
-        own_group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    else:
-        own_group = {"start_new_session": True}
-    return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, **own_group
-    )
-
-
-def _terminate_tree(pid: int, timeout: float) -> None:
-    """Terminate ``pid`` and its descendants; kill whatever outlives ``timeout``."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    # On POSIX the router stops its own children on SIGTERM; on Windows
-    # terminate() is a hard kill, so the children are asked directly as well.
-    targets = procs if os.name == "nt" else [root]
-    for p in targets:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        log.warning("process %s outlived the stop deadline; killing it", p.pid)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=KILL_WAIT_S)

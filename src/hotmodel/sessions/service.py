@@ -10,6 +10,7 @@ leaves the store as it was.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.store import SessionStore
 
 MAX_SESSION_ID = 128
+SESSION_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_SESSION_ID}}}")
 REPLAY_SETTING = "[switch] replay_timeout_seconds"
 
 
@@ -60,9 +62,10 @@ class SessionService:
 
     def check(self, session_id: object, system_prompt: object) -> SessionRef:
         """Validate the session fields of a request (400 naming the field)."""
-        if not isinstance(session_id, str) or not session_id or len(session_id) > MAX_SESSION_ID:
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise InvalidRequestError(
-                f"session id must be a non-empty string of at most {MAX_SESSION_ID} characters",
+                f"session id must be 1 to {MAX_SESSION_ID} visible ASCII characters "
+                "(no spaces or control characters: it travels in a header)",
                 param="session_id",
             )
         if system_prompt is not None and not isinstance(system_prompt, str):

@@ -1,0 +1,214 @@
+"""Bad input stops at the door: pure checks of a request body, each failure a 400 naming
+the field, before anything is admitted, stored or sent to llama-server.
+
+- the body: size (``[server] max_body_bytes``, 413 before it is read whole),
+  JSON, nesting depth, lone surrogates (they cannot be stored or forwarded),
+  no ``NaN``/``Infinity`` (not JSON, refused by every peer);
+- the chat fields hotmodel or llama-server would trip over: ``messages`` (at
+  most ``[server] max_messages``, each an object with a known string ``role``,
+  ``content`` a string or an array of typed parts, well-formed ``tool_calls``),
+  and the types of the common OpenAI parameters.
+
+Unknown fields pass through untouched: llama-server has many extras.
+:func:`read_body` is the one async piece: it reads at most the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+
+from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
+
+MAX_DEPTH = 64
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# OpenAI chat parameters and the JSON types they must have (bool is not a number here).
+_NUMBER = (int, float)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "stream": (bool,),
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "n": (int,),
+    "seed": (int,),
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "logprobs": (bool,),
+    "top_logprobs": (int,),
+    "stop": (str, list),
+    "tools": (list,),
+    "tool_choice": (str, dict),
+    "parallel_tool_calls": (bool,),
+    "response_format": (dict,),
+    "stream_options": (dict,),
+    "logit_bias": (dict,),
+    "user": (str,),
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"request body is larger than {limit} bytes ({size} or more; [server] max_body_bytes)"
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a request body, refusing what JSON does not allow."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequestError(
+            f"request body is nested too deeply (at most {MAX_DEPTH} levels)"
+        ) from None
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+
+def check_tree(value: Any) -> None:
+    """Nesting depth and strings that cannot be encoded (lone surrogates), iteratively."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    "request body contains a lone surrogate (\\ud800-\\udfff) in a string"
+                ) from None
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > MAX_DEPTH:
+            raise InvalidRequestError(
+                f"request body is nested too deeply (at most {MAX_DEPTH} levels)"
+            )
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if isinstance(key, str):
+                stack.append((key, depth))
+            stack.append((child, depth + 1))
+
+
+def check_fields(payload: dict[str, Any]) -> None:
+    for name, types in FIELD_TYPES.items():
+        value = payload.get(name)
+        if value is None:  # absent or null: the default
+            continue
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            kinds = " or ".join(_kind(t) for t in types)
+            raise InvalidRequestError(f"'{name}' must be {kinds}", param=name)
+    stop = payload.get("stop")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise InvalidRequestError("'stop' must be a string or an array of strings", param="stop")
+    tools = payload.get("tools")
+    if isinstance(tools, list):
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+                raise InvalidRequestError(
+                    "each tool must be an object with a 'function' object", param=f"tools[{i}]"
+                )
+
+
+def _kind(t: type) -> str:
+    return {
+        str: "a string",
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        list: "an array",
+        dict: "an object",
+    }[t]
+
+
+def check_messages(messages: Any, max_messages: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array", param="messages")
+    if len(messages) > max_messages:
+        raise InvalidRequestError(
+            f"'messages' has {len(messages)} entries; at most {max_messages} "
+            "([server] max_messages)",
+            param="messages",
+        )
+    for i, message in enumerate(messages):
+        _check_message(message, f"messages[{i}]")
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise InvalidRequestError("each message must be an object", param=where)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequestError(
+            f"'role' must be one of {', '.join(sorted(ROLES))}", param=f"{where}.role"
+        )
+    content = message.get("content")
+    if content is None:
+        calls = message.get("tool_calls") or message.get("function_call")
+        if role != "assistant" or not calls:
+            raise InvalidRequestError(
+                "'content' is required (null only for an assistant message with tool calls)",
+                param=f"{where}.content",
+            )
+    elif isinstance(content, list):
+        _check_parts(content, f"{where}.content")
+    elif not isinstance(content, str):
+        raise InvalidRequestError(
+            "'content' must be a string or an array of content parts", param=f"{where}.content"
+        )
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        if key in message and message[key] is not None and not isinstance(message[key], str):
+            raise InvalidRequestError(f"'{key}' must be a string", param=f"{where}.{key}")
+    if message.get("tool_calls") is not None:
+        _check_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+
+
+def _check_parts(parts: Sequence[Any], where: str) -> None:
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequestError(
+                "each content part must be an object with a string 'type'", param=f"{where}[{j}]"
+            )
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequestError(
+                "a text part needs a string 'text'", param=f"{where}[{j}].text"
+            )
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list):
+        raise InvalidRequestError("'tool_calls' must be an array", param=where)
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", ""), str)
+        ):
+            raise InvalidRequestError(
+                "a tool call needs a 'function' with a string 'name' and string 'arguments'",
+                param=f"{where}[{k}]",
+            )

@@ -1,0 +1,225 @@
+"""Process trees, portably: spawn the router so it dies with hotmodel, stop or kill a whole
+tree, and find a router that an earlier hotmodel left behind (a pid file checked with
+psutil, so a reused pid is never killed).
+
+Where each guarantee comes from:
+
+- Linux: the router is spawned with ``PR_SET_PDEATHSIG`` = SIGTERM, so even a
+  ``kill -9`` of hotmodel makes the router stop itself and its model children.
+- POSIX: the router leads a session of its own (``start_new_session``); its
+  children stay in that session even when the router dies first and they are
+  re-parented, so a tree is found by session id as well as by parentage.
+- Everywhere: a pid file (``<state_dir>/router.pid``) records the router's pid
+  and start time and hotmodel's own; the next ``hotmodel serve`` on the same
+  state dir stops a router whose pid *and* start time still match.
+- Windows: terminate() is a hard kill, so every process of the tree is ended
+  directly. (A job object that ties the router to hotmodel is not used yet.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from hotmodel.errors import RouterStartError
+
+log = logging.getLogger("hotmodel.router")
+
+# After SIGKILL, how long to wait for the kernel to reap the processes.
+KILL_WAIT_S = 5.0
+# Start times are floats from /proc or sysctl; the same process reads the same.
+_START_TIME_SLACK_S = 0.05
+_PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """A function that, run in the child before exec, asks Linux for SIGTERM when the
+    parent dies. Resolved here, before any fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return set_pdeathsig
+
+
+_SET_PDEATHSIG = _pdeathsig_setter()
+
+
+def spawn(argv: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
+    """Start the router in its own session / process group, tied to hotmodel's life.
+
+    Its own group means a terminal's Ctrl-C reaches hotmodel only, which then
+    stops the router in order. Popen returns at once (fork/exec), so calling it
+    from async code is fine.
+    """
+    extra: dict[str, Any]
+    if sys.platform == "win32":
+        extra = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    else:
+        extra = {"start_new_session": True}
+        if _SET_PDEATHSIG is not None:
+            extra["preexec_fn"] = _SET_PDEATHSIG
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, **extra
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """A router process as it was started: pid, start time and program name identify it
+    (and its children) even after it died and its pid may have been reused."""
+
+    pid: int
+    started: float
+    name: str
+
+    @classmethod
+    def of(cls, pid: int) -> Router:
+        try:
+            proc = psutil.Process(pid)
+            return cls(pid, float(proc.create_time()), proc.name())
+        except psutil.Error:
+            return cls(pid, 0.0, "")
+
+
+def tree(router: Router) -> list[psutil.Process]:
+    """The router (if it is still that process), its descendants, and on POSIX the
+    processes of its session: model children whose router died before them."""
+    procs: dict[int, psutil.Process] = {}
+    if _same(router.pid, router.started):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(router.pid)
+            procs[router.pid] = root
+            for child in root.children(recursive=True):
+                procs[child.pid] = child
+    if os.name != "nt" and router.name:
+        for p in psutil.process_iter(["name", "create_time"]):
+            with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+                if (
+                    p.pid not in procs
+                    and p.info["name"] == router.name
+                    and p.info["create_time"] >= router.started - _START_TIME_SLACK_S
+                    and os.getsid(p.pid) == router.pid
+                ):
+                    procs[p.pid] = p
+    return list(procs.values())
+
+
+def terminate_tree(router: Router, timeout: float) -> None:
+    """Terminate the router's tree; kill whatever outlives ``timeout``."""
+    procs = tree(router)
+    if not procs:
+        return
+    # On POSIX a live router stops its own children on SIGTERM; on Windows
+    # terminate() is a hard kill, so the children are asked directly as well;
+    # children whose router is already gone are asked directly everywhere.
+    root = [p for p in procs if p.pid == router.pid]
+    targets = root if root and os.name != "nt" else procs
+    for p in targets:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        log.warning("process %s outlived the stop deadline; killing it", p.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=KILL_WAIT_S)
+
+
+@dataclass(frozen=True, slots=True)
+class PidRecord:
+    """Who ran the router: enough to recognise both processes later, and only them."""
+
+    router_pid: int
+    router_started: float
+    router_name: str
+    owner_pid: int
+    owner_started: float
+
+
+def _started(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _same(pid: int, started: float) -> bool:
+    now = _started(pid)
+    return now is not None and abs(now - started) <= _START_TIME_SLACK_S
+
+
+class PidFile:
+    """``<state_dir>/router.pid``: written after the router starts, removed after it stops."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, router: Router) -> None:
+        record = PidRecord(
+            router_pid=router.pid,
+            router_started=router.started,
+            router_name=router.name,
+            owner_pid=os.getpid(),
+            owner_started=_started(os.getpid()) or 0.0,
+        )
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(asdict(record)), encoding="utf-8")
+        partial.replace(self.path)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def read(self) -> PidRecord | None:
+        try:
+            return PidRecord(**json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None  # absent or unreadable: nothing can be recognised from it
+
+    def reap_stale(self, stop_timeout: float) -> int:
+        """Stop a router (and its model children) left behind by an earlier hotmodel
+        on this state dir; returns how many processes it stopped.
+
+        Refuses (RouterStartError) when the hotmodel that wrote the file still runs.
+        """
+        record = self.read()
+        if record is None:
+            self.remove()
+            return 0
+        if record.owner_pid != os.getpid() and _same(record.owner_pid, record.owner_started):
+            raise RouterStartError(
+                f"another hotmodel (pid {record.owner_pid}) is running with this state dir "
+                f"({self.path.parent}); stop it first or give this one another [server] state_dir"
+            )
+        router = Router(record.router_pid, record.router_started, record.router_name)
+        left = tree(router)
+        if left:
+            log.warning(
+                "stopping %d llama-server process(es) left behind by an earlier hotmodel "
+                "(pid %s; router pid %s)",
+                len(left),
+                record.owner_pid,
+                record.router_pid,
+            )
+            terminate_tree(router, stop_timeout)
+        self.remove()
+        return len(left)

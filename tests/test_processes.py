@@ -1,0 +1,131 @@
+"""Process trees without a router: session orphans, reused pids, the pid file, and a
+router that dies with hotmodel (real processes, plain Python stand-ins)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hotmodel.errors import RouterStartError
+from hotmodel.router.processes import PidFile, Router, terminate_tree, tree
+
+# A "router" that starts a "model child" and prints its pid, then waits.
+ROUTER = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _start_router() -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ROUTER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sessions are POSIX; Windows ends every process")
+def test_children_of_a_dead_router_are_found_by_its_session_and_stopped() -> None:
+    proc, child = _start_router()
+    router = Router.of(proc.pid)
+    proc.kill()  # kill -9 of the router: its model child lives on, re-parented
+    proc.wait(5)
+    assert not _gone(child, 0.2)
+    assert [p.pid for p in tree(router)] == [child]
+    terminate_tree(router, timeout=2)
+    assert _gone(child)
+
+
+def test_a_reused_pid_is_never_taken_for_the_router() -> None:
+    me = Router.of(os.getpid())
+    stale = Router(me.pid, me.started - 1000.0, me.name)  # same pid, another start time
+    assert all(p.pid != os.getpid() for p in tree(stale))
+
+
+def test_pid_file_stops_a_router_left_by_a_dead_hotmodel(tmp_path: Path) -> None:
+    proc, child = _start_router()
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait(5)  # the hotmodel that wrote the file is gone
+    pid_file = PidFile(tmp_path / "router.pid")
+    router = Router.of(proc.pid)
+    pid_file.write(router)
+    record = pid_file.read()
+    assert record is not None
+    pid_file.path.write_text(
+        pid_file.path.read_text().replace(
+            f'"owner_pid": {os.getpid()}', f'"owner_pid": {owner.pid}'
+        )
+    )
+    assert pid_file.reap_stale(stop_timeout=2) == 2  # the router and its child
+    proc.wait(5)
+    assert _gone(child)
+    assert not pid_file.path.exists()
+
+
+def test_pid_file_refuses_while_its_hotmodel_still_runs(tmp_path: Path) -> None:
+    proc, child = _start_router()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_file = PidFile(tmp_path / "router.pid")
+        pid_file.write(Router.of(proc.pid))
+        text = pid_file.path.read_text()
+        started = psutil.Process(owner.pid).create_time()
+        text = text.replace(f'"owner_pid": {os.getpid()}', f'"owner_pid": {owner.pid}')
+        text = text.split('"owner_started"')[0] + f'"owner_started": {started}}}'
+        pid_file.path.write_text(text)
+        with pytest.raises(RouterStartError, match=f"another hotmodel \\(pid {owner.pid}\\)"):
+            pid_file.reap_stale(stop_timeout=2)
+        assert psutil.pid_exists(proc.pid)  # nothing was touched
+    finally:
+        owner.kill()
+        terminate_tree(Router.of(proc.pid), timeout=2)
+        proc.wait(5)
+        _gone(child)
+
+
+def test_garbage_pid_file_is_ignored(tmp_path: Path) -> None:
+    pid_file = PidFile(tmp_path / "router.pid")
+    pid_file.path.write_text("not json")
+    assert pid_file.reap_stale(stop_timeout=1) == 0
+    assert not pid_file.path.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_router_dies_with_its_hotmodel() -> None:
+    """kill -9 of hotmodel: the router gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    script = (
+        "import sys, time\n"
+        "from hotmodel.router.processes import spawn\n"
+        "from pathlib import Path\n"
+        "p = spawn([sys.executable, '-c', 'import time; time.sleep(60)'], sys.stdout.buffer, "
+        "Path('.'))\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    hotmodel = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert hotmodel.stdout is not None
+    router = int(hotmodel.stdout.readline())
+    hotmodel.send_signal(signal.SIGKILL)
+    hotmodel.wait(5)
+    assert _gone(router)

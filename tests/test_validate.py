@@ -1,0 +1,116 @@
+"""Bad input stops at the door: the pure checks of a chat request (no server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hotmodel.api.validate import MAX_DEPTH, check_fields, check_messages, check_tree, parse_json
+from hotmodel.errors import InvalidRequestError
+
+U = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{", "not valid JSON"),
+        (b'{"a": NaN}', "NaN is not valid JSON"),
+        (b'{"a": -Infinity}', "Infinity is not valid JSON"),
+        (b"\xff\xfe\x00", "not valid JSON"),
+        (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    ],
+)
+def test_bodies_that_are_not_json(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_json(body)
+
+
+def test_depth_and_surrogates_are_checked_without_recursion() -> None:
+    deep: Any = "x"
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    check_tree({"a": deep[0]})  # exactly at the limit
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        check_tree({"a": deep})
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        check_tree({"messages": [{"role": "user", "content": "\ud800"}]})
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        check_tree({"\udfff": 1})
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ("hi", "messages"),
+        ([U] * 11, "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": 5, "content": "x"}], "messages[0].role"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"text": "x"}]}], "messages[0].content[0]"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": None}]}],
+            "messages[0].content[0].text",
+        ),
+        ([U, {"role": "assistant", "content": None}], "messages[1].content"),
+        ([U, {"role": "assistant", "content": "", "tool_calls": {}}], "messages[1].tool_calls"),
+        (
+            [U, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 1}}]}],
+            "messages[1].tool_calls[0]",
+        ),
+        ([{"role": "tool", "content": "x", "tool_call_id": 3}], "messages[0].tool_call_id"),
+        ([{"role": "user", "content": "x", "name": []}], "messages[0].name"),
+    ],
+)
+def test_malformed_messages_name_the_field(messages: Any, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_messages(messages, max_messages=10)
+    assert info.value.param == param
+
+
+def test_well_formed_messages_pass() -> None:
+    check_messages(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        ],
+        max_messages=10,
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["a", 5]}, "stop"),
+        ({"tools": "x"}, "tools"),
+        ({"tools": [5]}, "tools[0]"),
+        ({"response_format": "json"}, "response_format"),
+    ],
+)
+def test_parameter_types(payload: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_fields(payload)
+    assert info.value.param == param
+
+
+def test_null_parameters_mean_the_default_and_extras_pass() -> None:
+    check_fields({"temperature": None, "stream": None, "max_tokens": 5, "ignore_eos": True})
+    check_fields({"temperature": 1, "top_p": 0.5, "stop": ["x"], "n_probs": "anything"})
