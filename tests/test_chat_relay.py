@@ -154,7 +154,7 @@ def test_a_complete_stream_is_relayed_and_stored(tmp_path: Path) -> None:
         upstream.finish.set()
         await ChatCompletions(s)(client.scope(), client.receive, client.send)
         assert "[DONE]" in client.text() and upstream.closed
-        stored = await s.store.get("s1")
+        stored = await s.store.get("", "s1")
         assert stored is not None
         assert [m.message["content"] for m in stored.messages] == ["hi", "Hi"]
 
@@ -170,7 +170,7 @@ def test_client_leaving_mid_stream_releases_everything(tmp_path: Path) -> None:
         client.leave.set()
         await asyncio.wait_for(task, 5)
         assert upstream.closed  # llama-server is told to stop generating
-        assert await s.store.get("s1") is None  # a cut answer stores nothing
+        assert await s.store.get("", "s1") is None  # a cut answer stores nothing
 
     _run(tmp_path, scenario)
 
@@ -240,6 +240,6 @@ def test_a_plain_request_whose_client_leaves_stops_and_stores_nothing(tmp_path: 
         await asyncio.wait_for(task, 5)
         assert client.sent == []  # nobody to send to
         assert upstream.closed  # llama-server is told to stop
-        assert await s.store.get("s1") is None
+        assert await s.store.get("", "s1") is None
 
     _run(tmp_path, scenario)

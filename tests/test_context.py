@@ -181,27 +181,27 @@ def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
 
     async def first() -> None:
         async with SessionStore(path) as store:
-            assert await store.get("abc") is None  # reading never creates
-            await store.append("abc", [u("hi"), a("hello")], "smollm2", "pirate")
-            s = await store.get("abc")
+            assert await store.get("", "abc") is None  # reading never creates
+            await store.append("", "abc", [u("hi"), a("hello")], "smollm2", "pirate")
+            s = await store.get("", "abc")
             assert s is not None and s.system_prompt == "pirate" and len(s.messages) == 2
-            await store.append("abc", [u("again"), a("yes")], "gemma3", "pirate")
-            await store.append("other", [u("x"), a("y")], "gemma3", "")
+            await store.append("", "abc", [u("again"), a("yes")], "gemma3", "pirate")
+            await store.append("", "other", [u("x"), a("y")], "gemma3", "")
 
     async def second() -> dict[str, Any]:
         async with SessionStore(path) as store:
-            s = await store.get("abc")
+            s = await store.get("", "abc")
             assert s is not None
             assert [m.message for m in s.messages] == [u("hi"), a("hello"), u("again"), a("yes")]
             assert [m.model for m in s.messages] == [None, "smollm2", None, "gemma3"]
-            listed = await store.list()
+            listed = await store.list("")
             assert [x.id for x in listed] == ["other", "abc"]  # most recently used first
             assert listed[1].message_count == 4 and listed[1].system_prompt == "pirate"
             recent = await store.most_recent()
             assert recent is not None and recent.id == "other"
-            assert await store.delete("abc") is True
-            assert await store.delete("abc") is False
-            assert await store.get("abc") is None
+            assert await store.delete("", "abc") is True
+            assert await store.delete("", "abc") is False
+            assert await store.get("", "abc") is None
             return s.to_json()
 
     asyncio.run(first())
@@ -229,7 +229,7 @@ def test_store_migrates_a_version_1_file(tmp_path: Path) -> None:
 
     async def scenario() -> Any:
         async with SessionStore(path) as store:
-            return await store.get("old")
+            return await store.get("", "old")
 
     session = asyncio.run(scenario())
     assert session is not None and session.system_prompt == "pirate"
@@ -241,9 +241,9 @@ def test_store_errors_are_store_errors(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with SessionStore(path) as store:
-            await store.append("s", [u("hi"), a("hello")], "m", "")
+            await store.append("", "s", [u("hi"), a("hello")], "m", "")
             await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
-            await store.append("s", [u("again"), a("no")], "m", "")
+            await store.append("", "s", [u("again"), a("no")], "m", "")
 
     with pytest.raises(StoreError, match=r"the session store .* failed: attempt to write"):
         asyncio.run(scenario())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine, Iterator
@@ -21,6 +22,7 @@ from hotmodel.errors import ConfigError, HotModelError
 from hotmodel.router import provision
 
 EXIT_ERROR = 1
+API_KEY_ENV = "HOTMODEL_API_KEY"  # the key the session commands act as
 EXIT_CONFIG = 2
 
 _config_option = click.option(
@@ -111,9 +113,10 @@ def _with_port(config: Config, port: int) -> Config:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 def status(config_path: Path, as_json: bool) -> None:
     """Ask the running hotmodel proxy for its status."""
-    url = _proxy_url(_load(config_path)) + "/admin/status"
+    config = _load(config_path)
+    url = _proxy_url(config) + "/admin/status"
     try:
-        resp = httpx.get(url, timeout=5.0, trust_env=False)
+        resp = httpx.get(url, timeout=5.0, trust_env=False, headers=_auth(config, admin=True))
         data: dict[str, Any] = resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         click.echo(f"error: no hotmodel answering at {url}: {exc}", err=True)
@@ -169,11 +172,17 @@ def switch(model: str, config_path: Path, as_json: bool, timeout: float) -> None
     Exits 0 when MODEL is active afterwards, 1 when the switch failed (the
     report says which model is active then).
     """
-    url = _proxy_url(_load(config_path)) + "/admin/switch"
+    config = _load(config_path)
+    url = _proxy_url(config) + "/admin/switch"
     report: dict[str, Any] | None = None
     try:
         with httpx.stream(
-            "POST", url, json={"model": model, "stream": True}, timeout=timeout, trust_env=False
+            "POST",
+            url,
+            json={"model": model, "stream": True},
+            timeout=timeout,
+            trust_env=False,
+            headers=_auth(config, admin=True),
         ) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -219,10 +228,25 @@ def sessions() -> None:
     """List, show (export as JSON) or delete the sessions of the running proxy."""
 
 
+def _auth(config: Config, admin: bool) -> dict[str, str]:
+    """The Authorization header the CLI sends: ``HOTMODEL_API_KEY`` for the session
+    commands when set (to act as that client), else the first admin (or client) key
+    the config knows; none when keys are off."""
+    keys = config.keys
+    chosen = None if admin else os.environ.get(API_KEY_ENV)
+    chosen = (
+        chosen or next(iter(keys.admin), None) or (None if admin else next(iter(keys.client), None))
+    )
+    return {"authorization": f"Bearer {chosen}"} if chosen else {}
+
+
 def _api(config_path: Path, method: str, path: str) -> Any:
-    url = _proxy_url(_load(config_path)) + path
+    config = _load(config_path)
+    url = _proxy_url(config) + path
     try:
-        resp = httpx.request(method, url, timeout=30.0, trust_env=False)
+        resp = httpx.request(
+            method, url, timeout=30.0, trust_env=False, headers=_auth(config, admin=False)
+        )
         data = resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         click.echo(f"error: no hotmodel answering at {url}: {exc}", err=True)

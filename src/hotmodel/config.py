@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from hotmodel.errors import ConfigError
 from hotmodel.presets import Presets, load_presets, resolve_path
+from hotmodel.security import KNOWN_KEYS, KeySet, load_keys
 
 _T = TypeVar("_T")
 
@@ -125,6 +126,7 @@ class Config:
     session: SessionConfig
     presets: Presets
     system_prompts: Mapping[str, SystemPrompt] = field(default_factory=dict)
+    keys: KeySet = field(default_factory=KeySet)
 
     @property
     def router_log_file(self) -> Path:
@@ -158,6 +160,16 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     switch = _build(SwitchConfig, raw.get("switch", {}), path, "switch", base)
     session = _build(SessionConfig, raw.get("session", {}), path, "session", base)
     prompts = _system_prompts(raw.get("system_prompts", {}), session, path, base)
+    security = raw.get("security", {})
+    for key in security:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(
+                path,
+                f"unknown key (known keys: {', '.join(sorted(KNOWN_KEYS))})",
+                section="security",
+                key=key,
+            )
+    keys = load_keys(security, path)
     if switch.policy == "overlap" and router.models_max < 2:
         raise ConfigError(
             path,
@@ -183,12 +195,13 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
         session=session,
         presets=presets,
         system_prompts=prompts,
+        keys=keys,
     )
 
 
 def _check_sections(raw: Mapping[str, Any], path: Path) -> None:
     """Every section known and a table, ``[router]`` present; renamed keys say their new name."""
-    known = {"server", "router", "switch", "session", "system_prompts"}
+    known = {"server", "router", "switch", "session", "system_prompts", "security"}
     for name, value in raw.items():
         if name == "presets":
             raise ConfigError(

@@ -8,8 +8,10 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from hotmodel.api.admin import admin_routes
+from hotmodel.api.auth import RequireKeys
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.api.errors import CatchUnexpected, on_hotmodel_error, on_http_error
+from hotmodel.api.openapi import openapi_routes
 from hotmodel.api.sessions import session_routes
 from hotmodel.api.status import status_routes
 from hotmodel.errors import HotModelError
@@ -25,8 +27,12 @@ def create_app(runtime: Runtime) -> Starlette:
             *status_routes(runtime),
             *admin_routes(runtime),
             *session_routes(services.sessions),
+            *openapi_routes(),
         ],
-        middleware=[Middleware(CatchUnexpected)],
+        middleware=[
+            Middleware(CatchUnexpected),
+            Middleware(RequireKeys, keys=services.config.keys),
+        ],
         exception_handlers={
             HotModelError: on_hotmodel_error,
             HTTPException: on_http_error,

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from hotmodel.api.auth import owner_of
 from hotmodel.api.errors import upstream_error_response
 from hotmodel.api.relay import OnReply, read_unless_gone, relay
 from hotmodel.api.validate import (
@@ -87,7 +88,7 @@ def parse_chat(body: bytes, request: Request, services: Services) -> ChatRequest
     prompt = request.headers.get("x-system-prompt") or body_prompt
     session = None
     if session_id is not None:
-        session = services.sessions.check(session_id, prompt)
+        session = services.sessions.check(session_id, prompt, owner_of(request.scope))
     elif prompt is not None:
         raise InvalidRequestError(
             "'system_prompt' applies to a session: send X-Session-Id or session_id too",
@@ -153,7 +154,7 @@ class ChatCompletions:
             if chat.session is not None:
                 timeout = self.s.config.session.queue_timeout_seconds
                 await stack.enter_async_context(
-                    self.s.sessions.locks.hold(chat.session.id, timeout)
+                    self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
             ticket = await stack.enter_async_context(self.admitted(chat.payload.get("model")))
             model = ticket.model

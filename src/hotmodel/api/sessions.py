@@ -1,5 +1,6 @@
 """Session endpoints: ``GET /v1/sessions``, ``GET`` and ``DELETE /v1/sessions/{id}``.
 
+With API keys, each key sees only the sessions it created.
 ``GET /v1/sessions/{id}`` is the export: the session with every stored
 message (the OpenAI message object plus the model that produced it and the
 time), as JSON.
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from hotmodel.api.auth import owner_of
 from hotmodel.errors import SessionNotFoundError
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
@@ -21,19 +23,22 @@ def session_routes(sessions: SessionService) -> list[Route]:
     wait = sessions.config.session.queue_timeout_seconds
 
     async def list_sessions(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [s.to_json() for s in await store.list()]})
+        listed = await store.list(owner_of(request.scope))
+        return JSONResponse({"object": "list", "data": [s.to_json() for s in listed]})
 
     async def get_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        session = await store.get(session_id)
+        session = await store.get(owner_of(request.scope), session_id)
         if session is None:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return JSONResponse(session.to_json())
 
     async def delete_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        async with sessions.locks.hold(session_id, wait):  # not in the middle of a turn
-            deleted = await store.delete(session_id)
+        owner = owner_of(request.scope)
+        ref = sessions.check(session_id, None, owner)
+        async with sessions.locks.hold(ref.lock_key, wait):  # not in the middle of a turn
+            deleted = await store.delete(owner, session_id)
         if not deleted:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return JSONResponse({"id": session_id, "deleted": True})

@@ -36,16 +36,23 @@ REPLAY_SETTING = "[switch] replay_timeout_seconds"
 
 @dataclass(frozen=True, slots=True)
 class SessionRef:
-    """A request's validated session fields: the id, and the system prompt it names (if any)."""
+    """A request's validated session fields: the id, and the system prompt it names (if any),
+    and the owner (the API key's fingerprint; '') whose namespace the id is in."""
 
     id: str
     system_prompt: str | None
+    owner: str = ""
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self.owner}\0{self.id}"
 
 
 @dataclass
 class Prepared:
     """A session request on its way: what to send, and what to store once answered."""
 
+    owner: str
     session_id: str
     system_prompt: str
     turns: list[Message]
@@ -60,7 +67,7 @@ class SessionService:
         self.locks = SessionLocks()
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
 
-    def check(self, session_id: object, system_prompt: object) -> SessionRef:
+    def check(self, session_id: object, system_prompt: object, owner: str = "") -> SessionRef:
         """Validate the session fields of a request (400 naming the field)."""
         if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise InvalidRequestError(
@@ -76,7 +83,7 @@ class SessionService:
                 f"system prompt {system_prompt!r} is not defined (system prompts: {known})",
                 param="system_prompt",
             )
-        return SessionRef(session_id, system_prompt)
+        return SessionRef(session_id, system_prompt, owner)
 
     def _system(self, name: str) -> str | None:
         # A stored name may be gone from an edited config: the session then goes on without.
@@ -86,7 +93,7 @@ class SessionService:
     async def prepare(
         self, ref: SessionRef, request_messages: list[Message], model: str
     ) -> Prepared:
-        session = await self.store.get(ref.id)
+        session = await self.store.get(ref.owner, ref.id)
         stored = [] if session is None else [m.message for m in session.messages]
         if ref.system_prompt is not None:
             system_prompt = ref.system_prompt
@@ -97,7 +104,7 @@ class SessionService:
         turns = new_turns(stored, request_messages)
         prompt = build_prompt(self._system(system_prompt), request_messages, stored, turns)
         await self._bound(prompt, model)
-        return Prepared(ref.id, system_prompt, turns, prompt)
+        return Prepared(ref.owner, ref.id, system_prompt, turns, prompt)
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
@@ -112,7 +119,11 @@ class SessionService:
     async def complete(self, prepared: Prepared, reply: Message, model: str) -> None:
         """Store the request's new turns and the answer, in one transaction."""
         await self.store.append(
-            prepared.session_id, [*prepared.turns, reply], model, prepared.system_prompt
+            prepared.owner,
+            prepared.session_id,
+            [*prepared.turns, reply],
+            model,
+            prepared.system_prompt,
         )
 
     async def replay(self, model: str) -> dict[str, Any] | None:

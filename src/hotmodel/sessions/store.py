@@ -51,6 +51,37 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 'preset' meant both a model and a system prompt; the system prompt got its own name.
     "ALTER TABLE sessions RENAME COLUMN preset TO system_prompt;",
+    # With API keys, a session belongs to the key that created it: ids are per owner
+    # (the key's fingerprint; '' without keys), so the key becomes (owner, id).
+    """
+    CREATE TABLE sessions_v3 (
+        owner          TEXT NOT NULL DEFAULT '',
+        id             TEXT NOT NULL,
+        system_prompt  TEXT NOT NULL DEFAULT '',
+        created_at     REAL NOT NULL,
+        updated_at     REAL NOT NULL,
+        PRIMARY KEY (owner, id)
+    );
+    INSERT INTO sessions_v3 SELECT '', id, system_prompt, created_at, updated_at FROM sessions;
+    CREATE TABLE messages_v3 (
+        owner       TEXT NOT NULL DEFAULT '',
+        session_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        role        TEXT NOT NULL,
+        message     TEXT NOT NULL,
+        model       TEXT,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (owner, session_id, seq),
+        FOREIGN KEY (owner, session_id) REFERENCES sessions_v3(owner, id) ON DELETE CASCADE
+    );
+    INSERT INTO messages_v3
+        SELECT '', session_id, seq, role, message, model, created_at FROM messages;
+    DROP TABLE messages;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v3 RENAME TO sessions;
+    ALTER TABLE messages_v3 RENAME TO messages;
+    CREATE INDEX sessions_by_use ON sessions(updated_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -90,6 +121,7 @@ class Session:
     created_at: float
     updated_at: float
     messages: tuple[StoredMessage, ...] = ()
+    owner: str = ""  # the fingerprint of the API key that created it (never shown)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,20 +212,22 @@ class SessionStore:
 
     # --- queries (each runs on the store's thread) ---
 
-    async def get(self, session_id: str) -> Session | None:
-        return await self._call(lambda: self._get(session_id))
+    async def get(self, owner: str, session_id: str) -> Session | None:
+        return await self._call(lambda: self._get(owner, session_id))
 
-    def _get(self, session_id: str) -> Session | None:
+    def _get(self, owner: str, session_id: str) -> Session | None:
         db = self._db()
         row = db.execute(
-            "SELECT id, system_prompt, created_at, updated_at FROM sessions WHERE id = ?",
-            (session_id,),
+            "SELECT id, system_prompt, created_at, updated_at FROM sessions "
+            "WHERE owner = ? AND id = ?",
+            (owner, session_id),
         ).fetchone()
         if row is None:
             return None
         msgs = db.execute(
-            "SELECT message, model, created_at FROM messages WHERE session_id = ? ORDER BY seq",
-            (session_id,),
+            "SELECT message, model, created_at FROM messages "
+            "WHERE owner = ? AND session_id = ? ORDER BY seq",
+            (owner, session_id),
         ).fetchall()
         return Session(
             row[0],
@@ -201,10 +235,12 @@ class SessionStore:
             row[2],
             row[3],
             tuple(StoredMessage(json.loads(m), model, t) for m, model, t in msgs),
+            owner,
         )
 
     async def append(
         self,
+        owner: str,
         session_id: str,
         messages: Sequence[dict[str, Any]],
         model: str | None,
@@ -219,19 +255,22 @@ class SessionStore:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(
-                    "INSERT INTO sessions (id, system_prompt, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET system_prompt = ?",
-                    (session_id, system_prompt, now, now, system_prompt),
+                    "INSERT INTO sessions (owner, id, system_prompt, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
+                    "system_prompt = excluded.system_prompt, updated_at = excluded.updated_at",
+                    (owner, session_id, system_prompt, now, now),
                 )
                 (last,) = db.execute(
-                    "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?",
-                    (session_id,),
+                    "SELECT COALESCE(MAX(seq), -1) FROM messages "
+                    "WHERE owner = ? AND session_id = ?",
+                    (owner, session_id),
                 ).fetchone()
                 db.executemany(
-                    "INSERT INTO messages (session_id, seq, role, message, model, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (owner, session_id, seq, role, message, model, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
+                            owner,
                             session_id,
                             last + 1 + i,
                             str(m.get("role")),
@@ -242,18 +281,19 @@ class SessionStore:
                         for i, m in enumerate(messages)
                     ],
                 )
-                db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
 
         await self._call(run)
 
-    async def list(self) -> list[SessionSummary]:
+    async def list(self, owner: str) -> list[SessionSummary]:
         def run() -> list[SessionSummary]:
             rows = (
                 self._db()
                 .execute(
                     "SELECT s.id, s.system_prompt, s.created_at, s.updated_at, COUNT(m.seq) "
-                    "FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id "
-                    "ORDER BY s.updated_at DESC"
+                    "FROM sessions s LEFT JOIN messages m "
+                    "ON m.owner = s.owner AND m.session_id = s.id WHERE s.owner = ? "
+                    "GROUP BY s.owner, s.id ORDER BY s.updated_at DESC",
+                    (owner,),
                 )
                 .fetchall()
             )
@@ -262,19 +302,23 @@ class SessionStore:
         return await self._call(run)
 
     async def most_recent(self) -> Session | None:
+        """The most recently used session of any owner (what a new model is primed with)."""
+
         def run() -> Session | None:
             row = (
                 self._db()
-                .execute("SELECT id FROM sessions ORDER BY updated_at DESC LIMIT 1")
+                .execute("SELECT owner, id FROM sessions ORDER BY updated_at DESC LIMIT 1")
                 .fetchone()
             )
-            return None if row is None else self._get(row[0])
+            return None if row is None else self._get(row[0], row[1])
 
         return await self._call(run)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, owner: str, session_id: str) -> bool:
         def run() -> bool:
-            cur = self._db().execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            cur = self._db().execute(
+                "DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id)
+            )
             return cur.rowcount > 0
 
         return await self._call(run)

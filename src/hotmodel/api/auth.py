@@ -1,0 +1,72 @@
+"""API keys at the door: ``Authorization: Bearer KEY`` for ``/v1/*`` and ``/admin/*``.
+
+An ASGI middleware, so every route is covered without each one remembering
+to check. ``/health`` and ``/openapi.json`` stay open (probes and tools need
+them). The key's fingerprint goes into ``scope["state"]["owner"]``: sessions
+belong to the key that created them.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hotmodel.api.errors import error_response
+from hotmodel.security import Access, KeySet, fingerprint
+
+OWNER = "owner"
+
+
+def owner_of(scope: Scope) -> str:
+    """The fingerprint of the key a request came with ('' when keys are off)."""
+    state = scope.get("state") or {}
+    return str(state.get(OWNER, ""))
+
+
+class RequireKeys:
+    def __init__(self, app: ASGIApp, keys: KeySet) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        needs = Access.ADMIN if path.startswith("/admin") else None
+        if needs is None and path.startswith("/v1") and self.keys.client:
+            needs = Access.CLIENT
+        if needs is None:
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer(scope)
+        access = self.keys.check(presented)
+        if access is None:
+            response = error_response(
+                401,
+                "a valid API key is required (Authorization: Bearer KEY)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+            response.headers["www-authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        if needs is Access.ADMIN and access is not Access.ADMIN:
+            response = error_response(
+                403,
+                "this endpoint needs an admin key ([security] admin_keys)",
+                "invalid_request_error",
+                "admin_key_required",
+            )
+            await response(scope, receive, send)
+            return
+        assert presented is not None
+        scope.setdefault("state", {})[OWNER] = fingerprint(presented)
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None

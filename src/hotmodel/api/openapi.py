@@ -1,0 +1,192 @@
+"""``GET /openapi.json``: an OpenAPI 3.0 description of hotmodel's own endpoints.
+
+Written by hand from the routes and the checks in ``validate.py``, so it
+describes what hotmodel accepts (llama-server's extra chat fields pass through
+and are allowed by ``additionalProperties``). Schema-driven fuzzing in the test
+suite (schemathesis) uses it to look for 5xx answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from hotmodel import __version__
+from hotmodel.api.validate import ROLES
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _answers(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": ok}}}
+    for code in codes:
+        out[str(code)] = {
+            "description": "an error, in OpenAI's shape",
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+    return out
+
+
+_OBJECT = {"schema": {"type": "object"}}
+_SESSION_ID = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": "string", "nullable": True},
+                    "code": {"type": "string", "nullable": True},
+                },
+            }
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": sorted(ROLES)},
+            "content": {
+                "nullable": True,
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+                        },
+                    },
+                ],
+            },
+            "name": {"type": "string"},
+            "tool_call_id": {"type": "string"},
+        },
+    },
+    "ChatRequest": {
+        "type": "object",
+        "required": ["messages"],
+        "additionalProperties": True,
+        "properties": {
+            "model": {"type": "string", "description": '"active", a preset, or omitted'},
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/Message"},
+            },
+            "stream": {"type": "boolean"},
+            "max_tokens": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "top_p": {"type": "number"},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "session_id": {
+                "type": "string",
+                "description": "keep this conversation (also X-Session-Id)",
+            },
+            "system_prompt": {
+                "type": "string",
+                "description": "a [system_prompts.NAME] for the session",
+            },
+        },
+    },
+}
+
+
+def spec() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "hotmodel",
+            "version": __version__,
+            "description": "A control plane for llama.cpp's llama-server: OpenAI-compatible chat, "
+            "sessions that survive model switches, and the switch itself.",
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "OpenAI chat completion, plain or streamed (SSE)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ChatRequest"}
+                            }
+                        },
+                    },
+                    "responses": _answers(_OBJECT, 400, 401, 404, 409, 413, 503, 504),
+                }
+            },
+            "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
+            "/v1/sessions": {
+                "get": {"summary": "sessions, newest first", "responses": _answers(_OBJECT, 401)}
+            },
+            "/v1/sessions/{session_id}": {
+                "parameters": [_SESSION_ID],
+                "get": {
+                    "summary": "one session (export)",
+                    "responses": _answers(_OBJECT, 400, 401, 404),
+                },
+                "delete": {
+                    "summary": "delete a session",
+                    "responses": _answers(_OBJECT, 400, 401, 404),
+                },
+            },
+            "/health": {
+                "get": {"summary": "200 when serving", "responses": _answers(_OBJECT, 503)}
+            },
+            "/admin/status": {
+                "get": {"summary": "state", "responses": _answers(_OBJECT, 401, 403)}
+            },
+            "/admin/switches": {
+                "get": {"summary": "switch history", "responses": _answers(_OBJECT, 401, 403)}
+            },
+            "/admin/switch": {
+                "post": {
+                    "summary": "switch the active model",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["model"],
+                                    "properties": {
+                                        "model": {"type": "string"},
+                                        "stream": {"type": "boolean"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _answers(_OBJECT, 400, 401, 403, 404, 500, 503),
+                }
+            },
+        },
+    }
+
+
+def openapi_routes() -> list[Route]:
+    document = spec()  # built once
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    return [Route("/openapi.json", openapi, methods=["GET"])]
