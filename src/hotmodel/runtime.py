@@ -123,15 +123,7 @@ class Runtime:
         binary = find_llama_server(cfg.router.llama_server)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         port = cfg.router.port or free_port(cfg.router.host)
-        # One pooled client for every call to the router; no overall timeout
-        # because generations may stream for minutes (per-call timeouts apply).
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(cfg.server.request_timeout_seconds, connect=5.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-                trust_env=False,
-            )
-        )
+        http = await stack.enter_async_context(_http_client(cfg))
         router = RouterClient(
             http, f"http://{_url_host(cfg.router.host)}:{port}", cfg.server.request_timeout_seconds
         )
@@ -211,6 +203,16 @@ class Runtime:
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
+
+
+def _http_client(cfg: Config) -> httpx.AsyncClient:
+    """One pooled client for every call to the router; no overall timeout because
+    generations may stream for minutes (per-call timeouts apply)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.server.request_timeout_seconds, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        trust_env=False,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -119,66 +119,64 @@ def spec() -> dict[str, Any]:
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/v1/chat/completions": {
-                "post": {
-                    "summary": "OpenAI chat completion, plain or streamed (SSE)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/ChatRequest"}
-                            }
-                        },
+        "paths": _paths(),
+    }
+
+
+def _paths() -> dict[str, Any]:
+    return {
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI chat completion, plain or streamed (SSE)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}
                     },
-                    "responses": _answers(_OBJECT, 400, 401, 404, 409, 413, 503, 504),
-                }
-            },
-            "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
-            "/v1/sessions": {
-                "get": {"summary": "sessions, newest first", "responses": _answers(_OBJECT, 401)}
-            },
-            "/v1/sessions/{session_id}": {
-                "parameters": [_SESSION_ID],
-                "get": {
-                    "summary": "one session (export)",
-                    "responses": _answers(_OBJECT, 400, 401, 404),
                 },
-                "delete": {
-                    "summary": "delete a session",
-                    "responses": _answers(_OBJECT, 400, 401, 404),
-                },
+                "responses": _answers(_OBJECT, 400, 401, 404, 409, 413, 503, 504),
+            }
+        },
+        "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
+        "/v1/sessions": {
+            "get": {"summary": "sessions, newest first", "responses": _answers(_OBJECT, 401)}
+        },
+        "/v1/sessions/{session_id}": {
+            "parameters": [_SESSION_ID],
+            "get": {
+                "summary": "one session (export)",
+                "responses": _answers(_OBJECT, 400, 401, 404),
             },
-            "/health": {
-                "get": {"summary": "200 when serving", "responses": _answers(_OBJECT, 503)}
+            "delete": {
+                "summary": "delete a session",
+                "responses": _answers(_OBJECT, 400, 401, 404),
             },
-            "/admin/status": {
-                "get": {"summary": "state", "responses": _answers(_OBJECT, 401, 403)}
-            },
-            "/admin/switches": {
-                "get": {"summary": "switch history", "responses": _answers(_OBJECT, 401, 403)}
-            },
-            "/admin/switch": {
-                "post": {
-                    "summary": "switch the active model",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["model"],
-                                    "properties": {
-                                        "model": {"type": "string"},
-                                        "stream": {"type": "boolean"},
-                                    },
-                                }
+        },
+        "/health": {"get": {"summary": "200 when serving", "responses": _answers(_OBJECT, 503)}},
+        "/admin/status": {"get": {"summary": "state", "responses": _answers(_OBJECT, 401, 403)}},
+        "/admin/switches": {
+            "get": {"summary": "switch history", "responses": _answers(_OBJECT, 401, 403)}
+        },
+        "/admin/switch": {
+            "post": {
+                "summary": "switch the active model",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model"],
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "stream": {"type": "boolean"},
+                                },
                             }
-                        },
+                        }
                     },
-                    "responses": _answers(_OBJECT, 400, 401, 403, 404, 500, 503),
-                }
-            },
+                },
+                "responses": _answers(_OBJECT, 400, 401, 403, 404, 500, 503),
+            }
         },
     }
 

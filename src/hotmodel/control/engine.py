@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hotmodel.config import SwitchConfig
-from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, settled
+from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
 from hotmodel.control.plan import Step, plan, plan_recovery
 from hotmodel.control.report import (
     Listener,
@@ -51,8 +51,6 @@ from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError
 
 log = logging.getLogger("hotmodel.control")
-
-SETTLE_POLL_S = 0.1
 
 _STEP_STATE = {
     Step.RESTART: SwitchState.RECOVERING,
@@ -315,31 +313,15 @@ class Engine:
         if self.config.settle_timeout_seconds <= 0 or after_unload is None:
             return "skipped"
         before = report.gpu.before_unload
-        readings = [after_unload.used_mib]
-        last: GpuSnapshot = after_unload
-        deadline = time.monotonic() + self.config.settle_timeout_seconds
-        result = None
-        while not settled(
-            readings,
+        report.gpu.after_settle, detail = await wait_settled(
+            self.gpu,
+            after_unload,
             None if before is None else before.used_mib,
             self.baseline_mib,
             self.config.settle_tolerance_mib,
-        ):
-            if time.monotonic() >= deadline:
-                result = (
-                    f"memory still at {readings[-1]} MiB after "
-                    f"{self.config.settle_timeout_seconds:g}s "
-                    "([switch] settle_timeout_seconds); going on"
-                )
-                break
-            await asyncio.sleep(SETTLE_POLL_S)
-            snap = await self._snapshot()
-            if snap is None:
-                break
-            last = snap
-            readings.append(snap.used_mib)
-        report.gpu.after_settle = last
-        return result
+            self.config.settle_timeout_seconds,
+        )
+        return detail
 
     def _check(self, target: str) -> str | None:
         if self.preflight is None:

@@ -8,9 +8,11 @@ and wait for memory to settle after an unload (:func:`settled`). Parsing of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -184,3 +186,34 @@ def settled(
         return True
     fell = before_mib is None or last < before_mib - tolerance_mib
     return fell and len(readings) >= 2 and readings[-2] - last <= tolerance_mib
+
+
+SETTLE_POLL_S = 0.1
+
+
+async def wait_settled(
+    probe: GpuProbe,
+    after_unload: GpuSnapshot,
+    before_mib: int | None,
+    baseline_mib: int | None,
+    tolerance_mib: int,
+    timeout: float,
+) -> tuple[GpuSnapshot, str | None]:
+    """Read memory every :data:`SETTLE_POLL_S` until :func:`settled` or ``timeout``
+    (``[switch] settle_timeout_seconds``); the last reading, and a note when it gave up."""
+    readings = [after_unload.used_mib]
+    last = after_unload
+    deadline = time.monotonic() + timeout
+    while not settled(readings, before_mib, baseline_mib, tolerance_mib):
+        if time.monotonic() >= deadline:
+            return last, (
+                f"memory still at {readings[-1]} MiB after {timeout:g}s "
+                "([switch] settle_timeout_seconds); going on"
+            )
+        await asyncio.sleep(SETTLE_POLL_S)
+        snap = await asyncio.to_thread(probe.snapshot)
+        if snap is None:
+            break
+        last = snap
+        readings.append(snap.used_mib)
+    return last, None

@@ -12,8 +12,10 @@ Where each guarantee comes from:
 - Everywhere: a pid file (``<state_dir>/router.pid``) records the router's pid
   and start time and hotmodel's own; the next ``hotmodel serve`` on the same
   state dir stops a router whose pid *and* start time still match.
-- Windows: terminate() is a hard kill, so every process of the tree is ended
-  directly. (A job object that ties the router to hotmodel is not used yet.)
+- Windows: the router is put in a job object with "kill on job close"; the
+  job's handle lives as long as hotmodel, so when hotmodel dies, however, the
+  system ends the router and its children. terminate() is a hard kill there,
+  so a stop ends every process of the tree directly.
 """
 
 from __future__ import annotations
@@ -63,6 +65,66 @@ def _pdeathsig_setter() -> Callable[[], None] | None:
 _SET_PDEATHSIG = _pdeathsig_setter()
 
 
+_JOB: int | None = None  # Windows: the job object every router is assigned to
+
+
+def _tie_to_this_process(proc: subprocess.Popen[bytes]) -> None:
+    """Windows: make the router die with hotmodel (a kill-on-close job object)."""
+    global _JOB
+    if sys.platform != "win32":
+        return
+    import ctypes.wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle, dword = ctypes.wintypes.HANDLE, ctypes.wintypes.DWORD
+    kernel32.CreateJobObjectW.restype = handle  # a 64-bit handle, not the default int
+    kernel32.CreateJobObjectW.argtypes = [ctypes.c_void_p, ctypes.c_wchar_p]
+    kernel32.SetInformationJobObject.argtypes = [handle, ctypes.c_int, ctypes.c_void_p, dword]
+    kernel32.AssignProcessToJobObject.argtypes = [handle, handle]
+
+    class _Limits(ctypes.Structure):
+        _fields_ = [
+            ("PerProcessUserTimeLimit", ctypes.c_int64),
+            ("PerJobUserTimeLimit", ctypes.c_int64),
+            ("LimitFlags", ctypes.wintypes.DWORD),
+            ("MinimumWorkingSetSize", ctypes.c_size_t),
+            ("MaximumWorkingSetSize", ctypes.c_size_t),
+            ("ActiveProcessLimit", ctypes.wintypes.DWORD),
+            ("Affinity", ctypes.c_size_t),
+            ("PriorityClass", ctypes.wintypes.DWORD),
+            ("SchedulingClass", ctypes.wintypes.DWORD),
+        ]
+
+    class _Counters(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("r", "w", "o", "rb", "wb", "ob")]
+
+    class _Extended(ctypes.Structure):
+        _fields_ = [
+            ("BasicLimitInformation", _Limits),
+            ("IoInfo", _Counters),
+            ("ProcessMemoryLimit", ctypes.c_size_t),
+            ("JobMemoryLimit", ctypes.c_size_t),
+            ("PeakProcessMemoryUsed", ctypes.c_size_t),
+            ("PeakJobMemoryUsed", ctypes.c_size_t),
+        ]
+
+    kill_on_job_close, extended_limit_information = 0x2000, 9
+    try:
+        if _JOB is None:
+            job = kernel32.CreateJobObjectW(None, None)
+            info = _Extended()
+            info.BasicLimitInformation.LimitFlags = kill_on_job_close
+            if not job or not kernel32.SetInformationJobObject(
+                job, extended_limit_information, ctypes.byref(info), ctypes.sizeof(info)
+            ):
+                raise OSError(ctypes.get_last_error(), "job object")
+            _JOB = job
+        if not kernel32.AssignProcessToJobObject(_JOB, int(proc._handle)):  # type: ignore[attr-defined,unused-ignore]
+            raise OSError(ctypes.get_last_error(), "AssignProcessToJobObject")
+    except OSError as exc:  # the pid file still lets the next start clean up
+        log.warning("could not tie the router to hotmodel's life (job object): %s", exc)
+
+
 def spawn(argv: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
     """Start the router in its own session / process group, tied to hotmodel's life.
 
@@ -77,9 +139,11 @@ def spawn(argv: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[b
         extra = {"start_new_session": True}
         if _SET_PDEATHSIG is not None:
             extra["preexec_fn"] = _SET_PDEATHSIG
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, **extra
     )
+    _tie_to_this_process(proc)
+    return proc
 
 
 @dataclass(frozen=True, slots=True)
