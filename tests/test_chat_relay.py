@@ -91,6 +91,7 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
             store=store,
             gpu=NoGpu(),
             watchdog=Watchdog(config, supervisor, router, controller, gate),
+            snapshots=None,
         )
     await http.aclose()
 

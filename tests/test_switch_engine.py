@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from hotmodel.config import SwitchConfig
-from hotmodel.control.controller import Controller, Switch, Unload
+from hotmodel.control.controller import Controller, Snapshot, Switch, Unload
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuDevice, GpuSnapshot
 from hotmodel.control.plan import Step, plan
@@ -651,3 +651,95 @@ def test_a_target_that_fails_its_check_changes_nothing() -> None:
     assert "nothing was changed" in (report.error or "")
     assert router.calls == [] and engine.active == "a" and engine.gate.is_open
     assert phases.pairs() == [("check", "started"), ("check", "failed")]
+
+
+class FakeKv:
+    """Scripted KV snapshots: what save/restore answer, and what was discarded."""
+
+    def __init__(self, restored_tokens: int = 100, fail_save: bool = False) -> None:
+        self.restored_tokens = restored_tokens
+        self.fail_save = fail_save
+        self.calls: list[str] = []
+        self.discarded: list[str] = []
+
+    async def save(self, model: str) -> dict[str, Any] | None:
+        self.calls.append(f"save {model}")
+        if self.fail_save:
+            raise ModelLoadError("slot save answered 500")
+        return {"session": "s", "tokens": 100, "bytes": 1000, "ms": 1.0}
+
+    async def restore(self, model: str) -> dict[str, Any] | None:
+        self.calls.append(f"restore {model}")
+        return {"restored": True, "session": "s", "tokens": self.restored_tokens, "bytes": 1000}
+
+    def discard(self, model: str, session_id: str, why: str) -> None:
+        self.discarded.append(f"{model}/{session_id}: {why}")
+
+
+def test_plans_with_kv_snapshots() -> None:
+    assert plan("zero_overlap", "a", "b", kv=True) == (
+        Step.CHECK,
+        Step.DRAIN,
+        Step.SAVE,
+        Step.UNLOAD,
+        Step.SETTLE,
+        Step.LOAD,
+        Step.RESTORE,
+        Step.ACTIVATE,
+        Step.REPLAY,
+    )
+    assert Step.RESTORE in plan("zero_overlap", None, "b", kv=True)
+    assert Step.SAVE not in plan("zero_overlap", "a", "b")
+
+
+def test_kv_save_before_unload_and_restore_before_activation() -> None:
+    router, kv = FakeRouter("a"), FakeKv()
+    engine = _engine(router)
+    engine.kv = kv
+    order: list[str] = []
+
+    async def replay(model: str) -> dict[str, Any]:
+        order.append(f"replay {model} (active {engine.active})")
+        return {"prompt_tokens": 3, "cache_tokens": 100}
+
+    engine.replay = replay
+    report = switch(engine, "b")
+    assert kv.calls == ["save a", "restore b"]
+    assert router.calls == ["unload a", "load b"]
+    assert order == ["replay b (active b)"]
+    assert report.snapshot["save"]["tokens"] == 100
+    assert report.snapshot["restore"]["took"] is True and kv.discarded == []
+
+
+def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None:
+    kv = FakeKv(restored_tokens=500)
+    engine = _engine(FakeRouter("a"))
+    engine.kv = kv
+
+    async def replay(model: str) -> dict[str, Any]:
+        return {"prompt_tokens": 520, "cache_tokens": 0}  # nothing came from the cache
+
+    engine.replay = replay
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.OK
+    assert report.snapshot["restore"]["took"] is False
+    assert any("did not take" in w for w in report.warnings)
+    assert kv.discarded == ["b/s: its restore did not take"]
+
+
+def test_a_failed_save_is_a_warning_not_a_failed_switch() -> None:
+    kv = FakeKv(fail_save=True)
+    engine = _engine(FakeRouter("a"))
+    engine.kv = kv
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.OK and engine.active == "b"
+    assert report.warnings == ["KV snapshot save failed: slot save answered 500"]
+
+
+def test_the_snapshot_command_saves_and_changes_nothing() -> None:
+    router, kv = FakeRouter("a"), FakeKv()
+    engine = _engine(router)
+    engine.kv = kv
+    report = run(lambda c: c.submit(Snapshot()), engine)
+    assert kv.calls == ["save a"] and router.calls == []
+    assert report.outcome is Outcome.OK and engine.active == "a"

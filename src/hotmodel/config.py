@@ -92,6 +92,8 @@ class SwitchConfig:
     cancel_grace_seconds: float = field(default=5.0, metadata=_meta(min=0))
     switch_timeout_seconds: float = field(default=900.0, metadata=_meta(min=0.001))
     history: int = field(default=50, metadata=_meta(min=1))
+    kv_snapshots: bool = False
+    kv_snapshot_max_bytes: int = field(default=4 * 1024**3, metadata=_meta(min=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,11 @@ class Config:
         return self.router.log_file or self.server.state_dir / "llama-server.log"
 
     @property
+    def kv_dir(self) -> Path:
+        """Where llama-server writes slot snapshots (``--slot-save-path``)."""
+        return self.server.state_dir / "kv"
+
+    @property
     def session_store_file(self) -> Path:
         return self.session.store_file or self.server.state_dir / "sessions.sqlite3"
 
@@ -170,6 +177,14 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
                 key=key,
             )
     keys = load_keys(security, path)
+    if switch.kv_snapshots and router.parallel != 1:
+        raise ConfigError(
+            path,
+            "kv_snapshots needs [router] parallel = 1 (only then is it known which slot "
+            "holds a session)",
+            section="switch",
+            key="kv_snapshots",
+        )
     if switch.policy == "overlap" and router.models_max < 2:
         raise ConfigError(
             path,

@@ -26,12 +26,13 @@ from typing import Any
 import httpx
 
 from hotmodel.config import Config
-from hotmodel.control.controller import Controller, Switch
+from hotmodel.control.controller import Controller, Snapshot, Switch
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuProbe, detect_probe
+from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
-from hotmodel.errors import ModelLoadError
+from hotmodel.errors import HotModelError, ModelLoadError
 from hotmodel.presets import check_model_file
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
@@ -71,6 +72,7 @@ class Services:
     store: SessionStore
     gpu: GpuProbe
     watchdog: Watchdog
+    snapshots: Snapshots | None  # None: [switch] kv_snapshots is off
 
 
 class Runtime:
@@ -139,6 +141,10 @@ class Runtime:
         events = ModelEvents(router)
         await stack.enter_async_context(_task(events.run(), "model-events"))
         gate = TrafficGate()
+        snapshots = None
+        if cfg.switch.kv_snapshots:
+            snapshots = Snapshots(cfg, binary, router, sessions, sessions.slots)
+            await asyncio.to_thread(snapshots.prune)  # models whose file changed, leftovers
         engine = Engine(
             config=cfg.switch,
             drain_timeout=cfg.server.switch_drain_timeout_seconds,
@@ -150,10 +156,13 @@ class Runtime:
             baseline_mib=None if baseline is None else baseline.used_mib,
             process=supervisor,
             preflight=lambda target: check_model_file(cfg.presets, target),
+            kv=snapshots,
         )
         controller = Controller(engine, cfg.presets.models)
         await stack.enter_async_context(_task(controller.run(), "control-loop"))
         stack.callback(controller.close)  # on the way out: first refuse new commands
+        if snapshots is not None:  # ... but before that, keep the conversation's KV
+            stack.push_async_callback(self._save_on_close, controller)
         watchdog = Watchdog(cfg, supervisor, router, controller, gate)
         supervisor.on_exit, events.on_event = watchdog.router_exited, watchdog.model_event
         await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
@@ -168,6 +177,7 @@ class Runtime:
             store=store,
             gpu=gpu,
             watchdog=watchdog,
+            snapshots=snapshots,
         )
 
     async def _load_default(self) -> None:
@@ -194,6 +204,19 @@ class Runtime:
             await self._stack.aclose()
         finally:
             self.state = ServiceState.STOPPED
+
+    async def _save_on_close(self, controller: Controller) -> None:
+        """At stop, the active model's KV goes to disk, so the next start finds it."""
+        if self._supervisor is None or not self._supervisor.running:
+            return
+        try:
+            async with asyncio.timeout(self.config.switch.load_timeout_seconds):
+                report = await controller.submit(Snapshot())
+            saved = report.snapshot.get("save")
+            if saved:
+                log.info("kept the KV of session %r (%s bytes)", saved["session"], saved["bytes"])
+        except (TimeoutError, HotModelError) as exc:
+            log.warning("could not keep the KV snapshot at stop: %s", exc)
 
     def kill_router(self) -> None:
         """A forced exit: kill the router tree now, without waiting for anything

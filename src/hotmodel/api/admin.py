@@ -60,6 +60,13 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         "switch": s.controller.engine.status(),
         "in_flight": len(s.gate.inflight()),
         "gpu_probe": s.gpu.name,
+        "kv_snapshots": None
+        if s.snapshots is None
+        else {
+            "folder": str(s.config.kv_dir),
+            **s.snapshots.stats(),
+            "max_bytes": s.config.switch.kv_snapshot_max_bytes,
+        },
         "sessions": {
             "store": str(s.config.session_store_file),
             "token_calls": s.sessions.token_calls,

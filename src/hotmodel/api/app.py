@@ -26,7 +26,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/v1/chat/completions", ChatCompletions(services), methods=["POST"]),
             *status_routes(runtime),
             *admin_routes(runtime),
-            *session_routes(services.sessions),
+            *session_routes(services.sessions, services.snapshots),
             *openapi_routes(),
         ],
         middleware=[

@@ -8,17 +8,20 @@ time), as JSON.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel.api.auth import owner_of
+from hotmodel.control.snapshots import Snapshots
 from hotmodel.errors import SessionNotFoundError
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
 
 
-def session_routes(sessions: SessionService) -> list[Route]:
+def session_routes(sessions: SessionService, snapshots: Snapshots | None) -> list[Route]:
     store: SessionStore = sessions.store
     wait = sessions.config.session.queue_timeout_seconds
 
@@ -39,6 +42,8 @@ def session_routes(sessions: SessionService) -> list[Route]:
         ref = sessions.check(session_id, None, owner)
         async with sessions.locks.hold(ref.lock_key, wait):  # not in the middle of a turn
             deleted = await store.delete(owner, session_id)
+            if snapshots is not None:  # its KV goes with it
+                await asyncio.to_thread(snapshots.forget_session, owner, session_id)
         if not deleted:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return JSONResponse({"id": session_id, "deleted": True})

@@ -52,7 +52,13 @@ class Recover:
     target: str
 
 
-Command = Switch | Unload | Recover
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Keep the active model's KV snapshot, change nothing (at stop, so that the next
+    start finds the conversation in the cache)."""
+
+
+Command = Switch | Unload | Recover | Snapshot
 
 
 def _outcome(command: Command) -> tuple[str, ...]:
@@ -61,6 +67,8 @@ def _outcome(command: Command) -> tuple[str, ...]:
         return ("switch", command.target)
     if isinstance(command, Recover):
         return ("recover",)
+    if isinstance(command, Snapshot):
+        return ("snapshot",)
     return ("unload",)
 
 
@@ -119,7 +127,7 @@ class Controller:
         queued behind it, so sharing its run changes no order (joining an older job
         would report a target that a later command has already replaced).
         """
-        if not isinstance(command, Unload):
+        if isinstance(command, Switch | Recover):
             self.check_target(command.target)
         if self._closed:
             raise ShuttingDownError("hotmodel is shutting down; no new switch is started")
@@ -153,6 +161,8 @@ class Controller:
                 report = await self.engine.run(command.target, job.listeners, command.replay)
             elif isinstance(command, Recover):
                 report = await self.engine.run(command.target, job.listeners, recover=True)
+            elif isinstance(command, Snapshot):
+                report = await self.engine.run(self.engine.active, job.listeners, save_only=True)
             else:
                 report = await self.engine.run(None, job.listeners)
         except asyncio.CancelledError:

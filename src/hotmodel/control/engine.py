@@ -1,27 +1,16 @@
-"""The engine: executes one switch (or unload) step by step; the owner of the active model.
+"""The engine: executes one command's steps in order; the owner of the active model.
 
 Only the controller's task calls :meth:`Engine.run` (see ``controller.py``), so
 one command runs at a time and nothing else writes ``active`` or ``state``.
 The steps come from the pure :func:`~hotmodel.control.plan.plan`; the router,
-the GPU probe, the traffic gate and the replay hook are injected interfaces,
-so unit tests drive the engine with recording fakes.
-
-zero_overlap (default; one model resident at a time)::
-
-    IDLE ─▶ DRAINING ─▶ UNLOADING ─▶ SETTLING ─▶ LOADING ─▶ (activate) ─▶ REPLAYING ─▶ IDLE
-             ≤ drain      ≤ unload     ≤ settle     ≤ load      gate opens     ≤ replay
-             timeout      timeout      timeout      timeout                    timeout
-               │            │                         │
-               │ fail       └──────── failure ────────┴─▶ ROLLING_BACK ─▶ IDLE (previous model back)
-               ▼                                                     └──▶ FAILED (no model loaded)
-             IDLE (nothing changed; the gate reopens)
-
-overlap (``models_max >= 2``): LOADING ─▶ REPLAYING ─▶ (activate) ─▶ DRAINING
-the old model's requests ─▶ UNLOADING it ─▶ IDLE; the gate never closes.
-The whole run is bounded by ``[switch] switch_timeout_seconds``. Rollback
-never reads the router's state to decide: it unloads the target if a load was
-attempted and loads the previous model if its unload was attempted; both
-operations are idempotent.
+the router process, KV snapshots, the GPU probe, the traffic gate and the
+replay hook are injected (``ports.py``), so unit tests drive the engine with
+recording fakes. The state machine with every deadline is drawn in
+docs/architecture.md ("One owner: the control loop"). A failure before the
+target is active rolls back (CHECK and DRAIN failures changed nothing); after
+activation it is a warning. Rollback never reads the router's state to
+decide: it unloads the target if a load was attempted and loads the previous
+model if its unload was attempted; both operations are idempotent.
 """
 
 from __future__ import annotations
@@ -32,13 +21,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from hotmodel.config import SwitchConfig
 from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
 from hotmodel.control.plan import Step, plan, plan_recovery
+from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
 from hotmodel.control.report import (
     Listener,
     Outcome,
@@ -48,7 +38,7 @@ from hotmodel.control.report import (
     SwitchState,
 )
 from hotmodel.control.traffic import TrafficGate
-from hotmodel.errors import HotModelError, ModelLoadError
+from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
 
 log = logging.getLogger("hotmodel.control")
 
@@ -62,32 +52,6 @@ _STEP_STATE = {
 }
 
 
-class RouterOps(Protocol):
-    """What the engine needs from the router (``ModelLifecycle`` provides it)."""
-
-    async def load(self, model: str, timeout: float) -> bool:
-        """Load and wait for ``loaded``; False when it was running already."""
-        ...
-
-    async def unload(self, model: str, timeout: float) -> bool:
-        """Unload and wait for ``unloaded``; False when it was not running."""
-        ...
-
-
-class ProcessOps(Protocol):
-    """What the engine needs from the router process (``RouterSupervisor`` provides it)."""
-
-    @property
-    def running(self) -> bool: ...
-
-    async def restart(self) -> None:
-        """Start the router again (bounded attempts); RouterError when it cannot."""
-        ...
-
-
-Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]
-
-
 @dataclass
 class _Run:
     """One run of the engine: what it was asked, and which steps it has started."""
@@ -99,6 +63,7 @@ class _Run:
     replay: bool
     started: list[Step] = field(default_factory=list)
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
+    restored: bool = False  # the RESTORE step brought a KV snapshot back
 
     def emit(
         self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
@@ -132,6 +97,7 @@ class Engine:
         baseline_mib: int | None = None,
         process: ProcessOps | None = None,
         preflight: Callable[[str], None] | None = None,
+        kv: KvOps | None = None,
     ) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
@@ -143,6 +109,7 @@ class Engine:
         self.baseline_mib = baseline_mib
         self.process = process
         self.preflight = preflight
+        self.kv = kv
         self.active: str | None = None
         self.state = SwitchState.IDLE
         self.history: deque[SwitchReport] = deque(maxlen=config.history)
@@ -155,17 +122,19 @@ class Engine:
         listeners: list[Listener],
         replay: bool = True,
         recover: bool = False,
+        save_only: bool = False,
     ) -> SwitchReport:
         """Take the router to ``target`` (None: no model); the report says how it went.
 
         ``recover``: the router or the model's child died, so nothing is resident;
         restart the router if needed and load ``target`` (no drain, no rollback).
+        ``save_only``: keep the active model's KV snapshot, change nothing (at stop).
         """
         report = SwitchReport(
             id=next(self._ids),
             from_model=self.active,
             to_model=target,
-            policy="recover" if recover else self.config.policy,
+            policy="recover" if recover else "snapshot" if save_only else self.config.policy,
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.current = report
@@ -175,11 +144,15 @@ class Engine:
                 self.state = SwitchState.RECOVERING
                 self.gate.close()  # requests wait for the recovery, bounded like a switch
                 self.active = None
-                await self._execute(_Run(report, listeners, None, target, replay), plan_recovery())
+                steps = plan_recovery(kv=self.kv is not None)
+                await self._execute(_Run(report, listeners, None, target, replay), steps)
+            elif save_only:
+                run = _Run(report, listeners, self.active, self.active, replay=False)
+                await self._execute(run, (Step.SAVE,) if self.kv and self.active else ())
             elif target == self.active:
                 report.outcome = Outcome.ALREADY_ACTIVE
             else:
-                steps = plan(self.config.policy, self.active, target)
+                steps = plan(self.config.policy, self.active, target, kv=self.kv is not None)
                 await self._execute(_Run(report, listeners, self.active, target, replay), steps)
         finally:
             self.gate.open()
@@ -263,40 +236,71 @@ class Engine:
             self.active = target  # from here on requests go to the target
             self.gate.open()
             return None
+        if step in (Step.SAVE, Step.RESTORE):
+            return await self._kv_step(step, run)
         assert target is not None  # plan() loads and replays only a target
         if step is Step.LOAD:
             run.loaded, detail = await self._load(report, target)
             return detail
-        if not run.replay or not run.loaded:  # a model that stayed resident kept its cache
+        # a model that stayed resident kept its cache; after a restore, the replay
+        # reads only what was added since, and proves the restore took
+        if not (run.replay or run.restored) or not run.loaded:
             return "skipped"
-        return await self._replay(report, target)
+        detail = await self._replay(report, target)
+        if run.restored and report.replay is not None:
+            self._verify_restore(run, target)
+        return detail
+
+    async def _kv_step(self, step: Step, run: _Run) -> str | None:
+        """Save the leaving model's KV snapshot, or restore the arriving one's. A failure
+        costs speed, not correctness: a warning, and the replay reads everything."""
+        model = run.previous if step is Step.SAVE else run.target
+        if self.kv is None or model is None:
+            return "skipped"
+        try:
+            if step is Step.SAVE:
+                info = await self.kv.save(model)
+            else:
+                info = await self.kv.restore(model)
+        except HotModelError as exc:
+            run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
+            return f"failed: {exc}"
+        run.report.snapshot[step.value] = info
+        if info is None:
+            return "skipped"  # nothing to save, or no session to restore for
+        if step is Step.RESTORE and not info.get("restored"):
+            return str(info.get("reason"))
+        run.restored = step is Step.RESTORE
+        return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
+
+    def _verify_restore(self, run: _Run, model: str) -> None:
+        """The replay after a restore must have found the restored tokens in the cache."""
+        restore, replay = run.report.snapshot.get("restore") or {}, run.report.replay or {}
+        cached, restored = replay.get("cache_tokens") or 0, int(restore.get("tokens") or 0)
+        restore["took"] = cached >= restored // 2
+        if not restore["took"] and self.kv is not None:
+            run.report.warnings.append(
+                f"the KV restore did not take (cache_n {cached} of {restored} restored "
+                "tokens); the replay read the whole conversation"
+            )
+            self.kv.discard(model, str(restore.get("session")), "its restore did not take")
 
     async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
-        models = {model}
         if close_gate or self.config.policy == "zero_overlap":
             self.gate.close()  # from here on, new requests wait for the switch
-        report.drained = len(self.gate.inflight(models))
-        if await self.gate.drain(models, self.drain_timeout):
-            return f"{report.drained} request(s) finished" if report.drained else None
-        still = len(self.gate.inflight(models))
-        if self.config.drain_timeout_action == "fail":
-            raise _StepFailedError(
-                Step.DRAIN,
-                f"{still} generation(s) on {model!r} still running after "
-                f"{self.drain_timeout:g}s ([server] switch_drain_timeout_seconds); "
-                "nothing was changed",
+        try:
+            result = await self.gate.drain_model(
+                model,
+                self.drain_timeout,
+                self.config.cancel_grace_seconds
+                if self.config.drain_timeout_action == "cancel"
+                else None,
+                f"cancelled: switching {model!r} -> {report.to_model!r}",
             )
-        report.cancelled = self.gate.cancel(
-            models, f"cancelled: switching {model!r} -> {report.to_model!r}"
-        )
-        grace = self.config.cancel_grace_seconds
-        if not await self.gate.drain(models, grace):
-            raise _StepFailedError(
-                Step.DRAIN,
-                f"{still} cancelled generation(s) on {model!r} did not end within "
-                f"{grace:g}s ([switch] cancel_grace_seconds)",
-            )
-        return f"cancelled {report.cancelled} request(s) after {self.drain_timeout:g}s"
+        except SwitchError as exc:
+            raise _StepFailedError(Step.DRAIN, str(exc)) from exc
+        report.drained, report.cancelled = result.drained, result.cancelled
+        return result.detail
 
     async def _unload(self, report: SwitchReport, model: str) -> str | None:
         if report.gpu.before_unload is None:

@@ -15,40 +15,67 @@ class Step(enum.Enum):
     CHECK = "check"
     RESTART = "restart"
     DRAIN = "drain"
+    SAVE = "save"  # the leaving model's KV snapshot
     UNLOAD = "unload"
     SETTLE = "settle"
     LOAD = "load"
+    RESTORE = "restore"  # the arriving model's KV snapshot
     REPLAY = "replay"
     ACTIVATE = "activate"
 
 
-def plan(policy: SwitchPolicy, current: str | None, target: str | None) -> tuple[Step, ...]:
+def plan(
+    policy: SwitchPolicy, current: str | None, target: str | None, kv: bool = False
+) -> tuple[Step, ...]:
     """The steps that take the router from ``current`` to ``target`` (None: no model).
 
     zero_overlap activates the target before the replay: held requests are
     admitted as soon as the target is loaded (they may then wait behind the
     replay inside llama-server, which is cheaper than a retry). overlap
-    replays before it activates, since the old model serves meanwhile.
+    replays before it activates, since the old model serves meanwhile. With
+    ``kv`` (KV snapshots), the leaving model's slot is saved after its drain
+    and the arriving model's snapshot restored before anyone can use it.
     """
+    steps = _plan(policy, current, target)
+    if not kv:
+        steps = tuple(s for s in steps if s not in (Step.SAVE, Step.RESTORE))
+    return steps
+
+
+def _plan(policy: SwitchPolicy, current: str | None, target: str | None) -> tuple[Step, ...]:
     if target is None:  # unload: nothing is loaded afterwards
-        return () if current is None else (Step.DRAIN, Step.UNLOAD, Step.SETTLE, Step.ACTIVATE)
+        if current is None:
+            return ()
+        return (Step.DRAIN, Step.SAVE, Step.UNLOAD, Step.SETTLE, Step.ACTIVATE)
     # CHECK first: what can be known before the running model is touched (its file)
     if current is None:
-        return (Step.CHECK, Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+        return (Step.CHECK, Step.LOAD, Step.RESTORE, Step.ACTIVATE, Step.REPLAY)
     if policy == "overlap":
-        return (Step.CHECK, Step.LOAD, Step.REPLAY, Step.ACTIVATE, Step.DRAIN, Step.UNLOAD)
+        return (
+            Step.CHECK,
+            Step.LOAD,
+            Step.RESTORE,
+            Step.REPLAY,
+            Step.ACTIVATE,
+            Step.DRAIN,
+            Step.SAVE,
+            Step.UNLOAD,
+        )
     return (
         Step.CHECK,
         Step.DRAIN,
+        Step.SAVE,
         Step.UNLOAD,
         Step.SETTLE,
         Step.LOAD,
+        Step.RESTORE,
         Step.ACTIVATE,
         Step.REPLAY,
     )
 
 
-def plan_recovery() -> tuple[Step, ...]:
+def plan_recovery(kv: bool = False) -> tuple[Step, ...]:
     """After the router or the model's child died: nothing is resident any more, so
     start the router if it is down, load the model again, let requests in, replay."""
-    return (Step.RESTART, Step.LOAD, Step.ACTIVATE, Step.REPLAY)
+    steps = (Step.RESTART, Step.LOAD, Step.RESTORE, Step.ACTIVATE, Step.REPLAY)
+    return steps if kv else tuple(s for s in steps if s is not Step.RESTORE)

@@ -78,6 +78,7 @@ class SwitchReport:
     drained: int = 0
     cancelled: int = 0
     replay: dict[str, Any] | None = None
+    snapshot: dict[str, Any] = field(default_factory=dict)  # "save" / "restore" results
     warnings: list[str] = field(default_factory=list)
     log_tail: str | None = None
 
@@ -102,6 +103,7 @@ class SwitchReport:
             "drained": self.drained,
             "cancelled": self.cancelled,
             "replay": self.replay,
+            "snapshot": dict(self.snapshot),
             "warnings": list(self.warnings),
             "log_tail": self.log_tail,
         }

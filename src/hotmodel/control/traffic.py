@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import anyio
 
-from hotmodel.errors import SwitchBusyError
+from hotmodel.errors import SwitchBusyError, SwitchError
 
 
 class Ticket:
@@ -42,6 +43,15 @@ class Ticket:
         self.cancel_reason = reason
         if self._scope is not None:
             self._scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """How a drain went: requests waited for, requests cancelled, a note for the report."""
+
+    drained: int
+    cancelled: int
+    detail: str | None
 
 
 class TrafficGate:
@@ -146,6 +156,30 @@ class TrafficGate:
         except TimeoutError:
             return False
         return True
+
+    async def drain_model(
+        self, model: str, timeout: float, cancel_grace: float | None, reason: str
+    ) -> Drained:
+        """Wait for ``model``'s requests to finish (``timeout``: [server]
+        switch_drain_timeout_seconds); past it, fail (SwitchError), or with
+        ``cancel_grace`` cancel them and wait that long for them to end."""
+        models = {model}
+        drained = len(self.inflight(models))
+        if await self.drain(models, timeout):
+            return Drained(drained, 0, f"{drained} request(s) finished" if drained else None)
+        still = len(self.inflight(models))
+        if cancel_grace is None:
+            raise SwitchError(
+                f"{still} generation(s) on {model!r} still running after {timeout:g}s "
+                "([server] switch_drain_timeout_seconds); nothing was changed"
+            )
+        cancelled = self.cancel(models, reason)
+        if not await self.drain(models, cancel_grace):
+            raise SwitchError(
+                f"{still} cancelled generation(s) on {model!r} did not end within "
+                f"{cancel_grace:g}s ([switch] cancel_grace_seconds)"
+            )
+        return Drained(drained, cancelled, f"cancelled {cancelled} request(s) after {timeout:g}s")
 
     def cancel(self, models: set[str] | None, reason: str) -> int:
         """Cancel the in-flight requests of ``models``; returns how many."""

@@ -277,3 +277,16 @@ class RouterClient:
         answer = await self._post_json("/v1/chat/completions", body, timeout, setting)
         timings = answer.get("timings")
         return timings if isinstance(timings, dict) else {}
+
+    async def slot(self, model: str, action: str, filename: str, timeout: float) -> dict[str, Any]:
+        """Save or restore slot 0 of ``model`` to/from ``filename`` in ``--slot-save-path``.
+
+        The answer carries ``n_saved``/``n_restored`` (tokens) and
+        ``n_written``/``n_read`` (bytes).
+        """
+        return await self._post_json(
+            f"/slots/0?action={action}",
+            {"model": model, "filename": filename},
+            timeout,
+            "[switch] load_timeout_seconds",
+        )

@@ -77,6 +77,7 @@ def router_argv(config: Config, binary: Path, presets_file: Path, port: int) -> 
         r.cache_type_k,
         "--cache-type-v",
         r.cache_type_v,
+        *(["--slot-save-path", str(config.kv_dir)] if config.switch.kv_snapshots else []),
         *r.extra_args,
     ]
 
@@ -154,6 +155,8 @@ class RouterSupervisor:
             raise RuntimeError(f"start() in state {self.state.value}")
         self.state = RouterState.STARTING
         self.presets_file.parent.mkdir(parents=True, exist_ok=True)
+        if self._config.switch.kv_snapshots:
+            self._config.kv_dir.mkdir(parents=True, exist_ok=True)
         self.presets_file.write_text(self._config.presets.render(), encoding="utf-8")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = self.log_file.open("ab")

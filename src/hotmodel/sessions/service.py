@@ -27,7 +27,8 @@ from hotmodel.sessions.context import (
     new_turns,
 )
 from hotmodel.sessions.locks import SessionLocks
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.slots import SlotLedger
+from hotmodel.sessions.store import Session, SessionStore
 
 MAX_SESSION_ID = 128
 SESSION_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_SESSION_ID}}}")
@@ -65,6 +66,7 @@ class SessionService:
         self.store = store
         self.router = router
         self.locks = SessionLocks()
+        self.slots = SlotLedger()
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
 
     def check(self, session_id: object, system_prompt: object, owner: str = "") -> SessionRef:
@@ -125,15 +127,27 @@ class SessionService:
             model,
             prepared.system_prompt,
         )
+        self.slots.cover(
+            model, prepared.owner, prepared.session_id, [*prepared.prompt.messages(), reply]
+        )
 
-    async def replay(self, model: str) -> dict[str, Any] | None:
-        """Prefill the most recently used session's bounded context into ``model``."""
+    async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
+        """The most recently used session and its bounded context, as ``model`` counts it."""
         session = await self.store.most_recent()
         if session is None or not session.messages:
             return None
         stored = [m.message for m in session.messages]
         prompt = build_prompt(self._system(session.system_prompt), [], stored, [])
         await self._bound(prompt, model)
+        return session, prompt
+
+    async def replay(self, model: str) -> dict[str, Any] | None:
+        """Prefill the most recently used session's bounded context into ``model``."""
+        found = await self.replay_prompt(model)
+        if found is None:
+            return None
+        session, prompt = found
+        self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
         t0 = time.monotonic()
         timings = await self.router.prefill(
             model,
@@ -141,11 +155,13 @@ class SessionService:
             self.config.switch.replay_timeout_seconds,
             REPLAY_SETTING,
         )
+        self.slots.cover(model, session.owner, session.id, prompt.messages())
         return {
             "session": session.id,
             "messages": len(prompt.messages()),
             "dropped": prompt.drop,
             "prompt_tokens": timings.get("prompt_n"),
+            "cache_tokens": timings.get("cache_n"),
             "prompt_ms": timings.get("prompt_ms"),
             "wall_ms": round((time.monotonic() - t0) * 1000, 1),
         }

@@ -1,0 +1,53 @@
+"""What the engine needs from the outside world, as interfaces (``typing.Protocol``).
+
+The real implementations: ``router.lifecycle.ModelLifecycle`` (RouterOps),
+``router.supervisor.RouterSupervisor`` (ProcessOps), ``control.snapshots.Snapshots``
+(KvOps) and ``SessionService.replay`` (Replayer). Unit tests pass recording fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+
+class RouterOps(Protocol):
+    """Load and unload, idempotent, awaited to the end."""
+
+    async def load(self, model: str, timeout: float) -> bool:
+        """Load and wait for ``loaded``; False when it was running already."""
+        ...
+
+    async def unload(self, model: str, timeout: float) -> bool:
+        """Unload and wait for ``unloaded``; False when it was not running."""
+        ...
+
+
+class ProcessOps(Protocol):
+    """The router process."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def restart(self) -> None:
+        """Start the router again (bounded attempts); RouterError when it cannot."""
+        ...
+
+
+class KvOps(Protocol):
+    """KV snapshots of a model's slot."""
+
+    async def save(self, model: str) -> dict[str, Any] | None:
+        """Keep ``model``'s slot; None when it holds no session's prompt."""
+        ...
+
+    async def restore(self, model: str) -> dict[str, Any] | None:
+        """Bring back the most recent session's snapshot (``restored``: whether it did)."""
+        ...
+
+    def discard(self, model: str, session_id: str, why: str) -> None:
+        """Delete a snapshot that proved useless."""
+        ...
+
+
+Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]

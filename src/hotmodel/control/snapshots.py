@@ -1,0 +1,293 @@
+"""Per-session KV snapshots: a model's own prompt cache, put aside before it is unloaded
+and brought back when the same model and the same conversation return.
+
+KV entries are never carried across models: a snapshot is restored only into
+the model that wrote it, and only when everything that shapes its KV is the
+same (:func:`identity`: the GGUF file's size, mtime and a hash of its first MiB,
+the llama-server binary, ctx size, cache types, slots, extra arguments and the
+model's preset options). It is labelled with the session whose prompt it
+holds and a hash of the exact messages it covers, and restored only when those
+messages still begin what would be sent for that session now; the replay that
+follows then re-reads only what was added meanwhile, and its ``cache_n``
+proves the restore took. Files are named by hotmodel (``kv-<random>.bin``),
+never from client input; each has a JSON sidecar, and its sha256 is checked
+before it is handed back to llama-server, so a truncated or corrupted file is
+refused instead of restored. The folder is kept under ``[switch]
+kv_snapshot_max_bytes`` (least recently used first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hotmodel.config import Config
+from hotmodel.errors import HotModelError
+from hotmodel.router.client import RouterClient
+from hotmodel.sessions.context import Message
+from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.slots import SlotLedger, messages_hash
+
+log = logging.getLogger("hotmodel.control")
+
+_HEAD_BYTES = 1 << 20  # the GGUF header and metadata live at the start of the file
+
+
+def _file_id(path: Path, head: bool) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    digest = ""
+    if head:
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            digest = hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+    return f"{st.st_size}:{st.st_mtime_ns}:{digest}"
+
+
+def identity(config: Config, binary: Path, model: str) -> dict[str, str]:
+    """Everything that makes a snapshot of ``model`` valid, one entry per reason."""
+    r = config.router
+    preset = config.presets.models[model]
+    kv_args = {
+        "ctx_size": r.ctx_size,
+        "cache_type_k": r.cache_type_k,
+        "cache_type_v": r.cache_type_v,
+        "parallel": r.parallel,
+        "extra_args": list(r.extra_args),
+        "preset": dict(sorted(preset.options.items())),
+        "globals": dict(sorted(config.presets.globals.items())),
+    }
+    model_file = "remote" if preset.model_path is None else _file_id(preset.model_path, True)
+    return {
+        "model file": model_file,
+        "llama-server binary": f"{binary}:{_file_id(binary, False)}",
+        "KV settings": hashlib.sha256(json.dumps(kv_args, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+@dataclass
+class Meta:
+    """A snapshot's sidecar (``kv-<id>.json``)."""
+
+    file: str
+    model: str
+    owner: str
+    session_id: str
+    n_messages: int
+    messages_hash: str
+    identity: dict[str, str]
+    size: int
+    sha256: str
+    tokens: int
+    created: float
+    used: float
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Snapshots:
+    """The snapshot folder, and the save/restore steps the engine asks for (``KvOps``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        binary: Path,
+        client: RouterClient,
+        sessions: SessionService,
+        ledger: SlotLedger,
+    ) -> None:
+        self.config = config
+        self.binary = binary
+        self.client = client
+        self.sessions = sessions
+        self.ledger = ledger
+        self.dir = config.kv_dir
+        self.timeout = config.switch.load_timeout_seconds
+
+    # --- the folder ---
+
+    def _metas(self) -> list[Meta]:
+        metas = []
+        for side in self.dir.glob("kv-*.json"):
+            try:
+                metas.append(Meta(**json.loads(side.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, TypeError):
+                self._delete_files(side.stem)  # unreadable: of no use
+        return metas
+
+    def _write(self, meta: Meta) -> None:
+        side = self.dir / f"{Path(meta.file).stem}.json"
+        partial = side.with_suffix(".partial")
+        partial.write_text(json.dumps(asdict(meta)), encoding="utf-8")
+        partial.replace(side)
+
+    def _delete_files(self, stem: str) -> None:
+        for suffix in (".bin", ".json"):
+            with contextlib.suppress(OSError):
+                (self.dir / f"{stem}{suffix}").unlink()
+
+    def _delete(self, meta: Meta, why: str) -> None:
+        log.info("deleting KV snapshot %s (%s): %s", meta.file, meta.model, why)
+        self._delete_files(Path(meta.file).stem)
+
+    def stats(self) -> dict[str, int]:
+        metas = self._metas() if self.dir.is_dir() else []
+        return {"count": len(metas), "bytes": sum(m.size for m in metas)}
+
+    def prune(self) -> None:
+        """At start: drop snapshots of models that are gone or whose file or settings changed,
+        and files without a sidecar."""
+        if not self.dir.is_dir():
+            return
+        known = {Path(m.file).stem for m in self._metas()}
+        for path in self.dir.glob("kv-*.bin"):
+            if path.stem not in known:
+                self._delete_files(path.stem)
+        for meta in self._metas():
+            if meta.model not in self.config.presets.models:
+                self._delete(meta, "no such preset any more")
+            elif (why := self._changed(meta)) is not None:
+                self._delete(meta, why)
+
+    def forget_session(self, owner: str, session_id: str) -> int:
+        gone = [m for m in self._metas() if (m.owner, m.session_id) == (owner, session_id)]
+        for meta in gone:
+            self._delete(meta, "its session was deleted")
+        return len(gone)
+
+    def _changed(self, meta: Meta) -> str | None:
+        now = identity(self.config, self.binary, meta.model)
+        changed = [reason for reason, value in now.items() if meta.identity.get(reason) != value]
+        return None if not changed else f"{', '.join(changed)} changed"
+
+    def _budget(self) -> None:
+        limit = self.config.switch.kv_snapshot_max_bytes
+        metas = sorted(self._metas(), key=lambda m: m.used)
+        total = sum(m.size for m in metas)
+        while metas and total > limit:
+            oldest = metas.pop(0)
+            total -= oldest.size
+            self._delete(oldest, f"over [switch] kv_snapshot_max_bytes = {limit}")
+
+    # --- the steps ---
+
+    async def save(self, model: str) -> dict[str, Any] | None:
+        """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
+        covered = self.ledger.get(model)
+        if covered is None:
+            return None
+        stem = f"kv-{secrets.token_hex(8)}"
+        t0 = time.monotonic()
+        answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
+        path = self.dir / f"{stem}.bin"
+        try:
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(_sha256, path)
+        except OSError as exc:
+            raise HotModelError(f"the saved snapshot {path} cannot be read: {exc}") from exc
+        now = time.time()
+        meta = Meta(
+            file=f"{stem}.bin",
+            model=model,
+            owner=covered.owner,
+            session_id=covered.session_id,
+            n_messages=covered.n_messages,
+            messages_hash=covered.messages_hash,
+            identity=await asyncio.to_thread(identity, self.config, self.binary, model),
+            size=size,
+            sha256=digest,
+            tokens=int(answer.get("n_saved") or 0),
+            created=now,
+            used=now,
+        )
+        self._write(meta)
+        for old in self._metas():
+            same = (old.model, old.owner, old.session_id) == (model, meta.owner, meta.session_id)
+            if same and old.file != meta.file:
+                self._delete(old, "superseded by a newer snapshot")
+        self._budget()
+        return {
+            "session": meta.session_id,
+            "tokens": meta.tokens,
+            "bytes": size,
+            "ms": round((time.monotonic() - t0) * 1000, 1),
+        }
+
+    async def restore(self, model: str) -> dict[str, Any] | None:
+        """After ``model`` is loaded: bring back the most recent session's snapshot for it,
+        when it is valid and still begins what would be sent now."""
+        found = await self.sessions.replay_prompt(model)
+        if found is None:
+            return None
+        session, prompt = found
+        messages = prompt.messages()
+        candidates = [
+            m
+            for m in self._metas()
+            if (m.model, m.owner, m.session_id) == (model, session.owner, session.id)
+        ]
+        if not candidates:
+            return {"restored": False, "reason": "no snapshot of this session for this model"}
+        meta = max(candidates, key=lambda m: m.created)
+        refused = await self._refuse(meta, messages)
+        if refused is not None:
+            return {"restored": False, "reason": refused}
+        t0 = time.monotonic()
+        try:
+            answer = await self.client.slot(model, "restore", meta.file, self.timeout)
+        except HotModelError as exc:
+            return {"restored": False, "reason": f"llama-server refused it: {exc}"}
+        meta.used = time.time()
+        self._write(meta)
+        self.ledger.cover(model, session.owner, session.id, messages[: meta.n_messages])
+        return {
+            "restored": True,
+            "session": session.id,
+            "tokens": int(answer.get("n_restored") or 0),
+            "bytes": meta.size,
+            "ms": round((time.monotonic() - t0) * 1000, 1),
+        }
+
+    async def _refuse(self, meta: Meta, messages: Sequence[Message]) -> str | None:
+        """Why ``meta`` must not be restored now (None: it may)."""
+        changed = await asyncio.to_thread(self._changed, meta)
+        if changed is not None:
+            self._delete(meta, changed)
+            return f"snapshot refused: {changed}"
+        if len(messages) < meta.n_messages or (
+            messages_hash(messages[: meta.n_messages]) != meta.messages_hash
+        ):
+            return "snapshot refused: the conversation no longer begins with what it holds"
+        path = self.dir / meta.file
+        try:
+            intact = path.stat().st_size == meta.size and (
+                await asyncio.to_thread(_sha256, path) == meta.sha256
+            )
+        except OSError:
+            intact = False
+        if not intact:
+            self._delete(meta, "file truncated or corrupted")
+            return "snapshot refused: its file is truncated or corrupted"
+        return None
+
+    def discard(self, model: str, session_id: str, why: str) -> None:
+        """A restore that did not take: the snapshot is of no use."""
+        for meta in self._metas():
+            if (meta.model, meta.session_id) == (model, session_id):
+                self._delete(meta, why)

@@ -1,0 +1,169 @@
+"""Per-session KV snapshots against the real router and models: switching back and
+restarting restore the conversation's KV (proven by ``cache_n``); snapshots from a
+changed GGUF, other settings or a damaged file are refused and replay is used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+
+FACTS = " ".join(f"item{i} is on shelf {i % 17}." for i in range(50))  # ~450 tokens
+
+
+def chat(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, Any]:
+    resp = httpx.post(
+        hp.base_url + "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 4,
+            "session_id": session,
+        },
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def switch(hp: HotmodelProcess, model: str) -> dict[str, Any]:
+    report: dict[str, Any] = httpx.post(
+        hp.base_url + "/admin/switch", json={"model": model}, timeout=300
+    ).json()
+    assert report["outcome"] == "ok", report
+    return report
+
+
+def kv_config(folder: Path, models: dict[str, Path], extra: str = "", router: str = "") -> Path:
+    return write_config(
+        folder,
+        {"smollm2": models["smollm2"], "gemma3": models["gemma3"]},
+        "smollm2",
+        extra="kv_snapshots = true\n" + extra,
+        router=router,
+    )
+
+
+def test_switching_back_and_restarting_restore_the_conversation(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = kv_config(tmp_path, real_models)
+    hp = start_hotmodel(config)
+    try:
+        first = chat(hp, FACTS)
+        assert first["timings"]["cache_n"] == 0
+        away = switch(hp, "gemma3")
+        saved = away["snapshot"]["save"]
+        assert saved["session"] == "kv" and saved["tokens"] > 400 and saved["bytes"] > 0
+        back = switch(hp, "smollm2")
+        restore = back["snapshot"]["restore"]
+        assert restore["restored"] is True and restore["took"] is True, back
+        assert restore["tokens"] == saved["tokens"]
+        # the replay read only what the restore did not hold
+        assert back["replay"]["cache_tokens"] >= saved["tokens"]
+        assert back["replay"]["prompt_tokens"] < 20
+        nxt = chat(hp, "Which shelf is item7 on?")
+        assert nxt["timings"]["cache_n"] >= saved["tokens"]
+        assert nxt["timings"]["prompt_n"] < 40  # only the new turn was read
+        status = hp.status()["kv_snapshots"]
+        assert isinstance(status, dict) and status["count"] == 2 and status["bytes"] > 0
+    finally:
+        assert hp.stop() == 0, hp.output()
+    assert "kept the KV of session 'kv'" in hp.output()  # saved at stop
+    again = start_hotmodel(config)
+    try:
+        start = httpx.get(again.base_url + "/admin/switches").json()["data"][-1]
+        assert start["to"] == "smollm2" and start["snapshot"]["restore"]["restored"] is True
+        after = chat(again, "And item9?")
+        assert after["timings"]["cache_n"] > 400  # the first turn after a restart hit the cache
+        assert after["timings"]["prompt_n"] < 40
+    finally:
+        assert again.stop() == 0, again.output()
+
+
+def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    models = tmp_path / "m"
+    models.mkdir()
+    local = {k: Path(shutil.copy(v, models / v.name)) for k, v in real_models.items()}
+    hp = start_hotmodel(kv_config(tmp_path, local))
+    kv_dir = tmp_path / "state" / "kv"
+    router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
+    try:
+        chat(hp, FACTS)
+        switch(hp, "gemma3")
+        # a damaged snapshot (same size, other bytes) is never handed to llama-server
+        (snap,) = [p for p in kv_dir.glob("kv-*.bin")]
+        data = bytearray(snap.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        snap.write_bytes(bytes(data))
+        back = switch(hp, "smollm2")
+        assert back["snapshot"]["restore"] == {
+            "restored": False,
+            "reason": "snapshot refused: its file is truncated or corrupted",
+        }
+        assert back["replay"]["cache_tokens"] == 0 and back["replay"]["prompt_tokens"] > 400
+        assert chat(hp, "Which shelf is item7 on?")["timings"]["cache_n"] > 400
+        # the model file changes while its snapshot waits: refused, and deleted
+        switch(hp, "gemma3")
+        os.utime(local["smollm2"], None)
+        os.utime(local["smollm2"], (1, 1))
+        back = switch(hp, "smollm2")
+        assert back["snapshot"]["restore"]["reason"] == "snapshot refused: model file changed"
+        assert back["replay"]["prompt_tokens"] > 400
+        # a truncated snapshot: refused too; llama-server and hotmodel are unharmed
+        switch(hp, "gemma3")
+        gemma_snaps = sorted(kv_dir.glob("kv-*.bin"), key=lambda p: p.stat().st_mtime)
+        newest = gemma_snaps[-1]
+        newest.write_bytes(newest.read_bytes()[:1000])
+        back = switch(hp, "smollm2")
+        assert "truncated or corrupted" in back["snapshot"]["restore"]["reason"]
+        assert hp.status()["router"]["pid"] == router_pid  # type: ignore[index]
+        assert chat(hp, "And item9?")["timings"]["cache_n"] > 400
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def test_budget_settings_and_session_deletion(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = kv_config(tmp_path, real_models)
+    hp = start_hotmodel(config)
+    try:
+        chat(hp, FACTS)
+        switch(hp, "gemma3")
+        switch(hp, "smollm2")  # saves gemma3's slot too: two snapshots
+        status = hp.status()["kv_snapshots"]
+        assert isinstance(status, dict) and status["count"] == 2
+        assert httpx.delete(hp.base_url + "/v1/sessions/kv").status_code == 200
+        status = hp.status()["kv_snapshots"]
+        assert isinstance(status, dict) and status["count"] == 0  # its KV went with it
+        chat(hp, FACTS, session="again")
+    finally:
+        assert hp.stop() == 0, hp.output()
+    # another KV cache type: the snapshot kept at stop no longer fits, dropped at start
+    kv_config(tmp_path, real_models, router='cache_type_k = "q8_0"')
+    again = start_hotmodel(config)
+    try:
+        start = httpx.get(again.base_url + "/admin/switches").json()["data"][-1]
+        assert start["snapshot"]["restore"]["restored"] is False
+        assert "KV settings changed" in again.output()
+    finally:
+        assert again.stop() == 0, again.output()
+    # a budget smaller than one snapshot keeps none
+    kv_config(tmp_path, real_models, extra="kv_snapshot_max_bytes = 1000")
+    small = start_hotmodel(config)
+    try:
+        chat(small, FACTS, session="third")
+        switch(small, "gemma3")
+        status = small.status()["kv_snapshots"]
+        assert isinstance(status, dict) and status["count"] == 0
+        assert "over [switch] kv_snapshot_max_bytes = 1000" in small.output()
+    finally:
+        assert small.stop() == 0, small.output()

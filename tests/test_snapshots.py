@@ -1,0 +1,50 @@
+"""KV snapshot validity and labels, without a router: what makes a snapshot refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from hotmodel.config import load_config
+from hotmodel.control.snapshots import identity
+from hotmodel.sessions.slots import SlotLedger, messages_hash
+from tests.conftest import write_config
+
+
+def test_identity_changes_with_the_model_file_the_binary_and_kv_settings(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 4096)
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"binary")
+    config = load_config(write_config(tmp_path, {"m": model}, "m", extra="kv_snapshots = true"))
+    base = identity(config, binary, "m")
+    assert set(base) == {"model file", "llama-server binary", "KV settings"}
+    assert identity(config, binary, "m") == base  # stable
+
+    other_binary = tmp_path / "other-llama-server"
+    shutil.copy2(binary, other_binary)
+    assert identity(config, other_binary, "m")["llama-server binary"] != base["llama-server binary"]
+
+    os.utime(model, (1, 1))  # same bytes, another mtime: the file may have been replaced
+    assert identity(config, binary, "m")["model file"] != base["model file"]
+
+    other = load_config(
+        write_config(
+            tmp_path, {"m": model}, "m", extra="kv_snapshots = true", router='cache_type_v = "q8_0"'
+        )
+    )
+    changed = identity(other, binary, "m")
+    assert changed["KV settings"] != base["KV settings"]
+
+
+def test_the_ledger_labels_what_a_slot_holds() -> None:
+    ledger = SlotLedger()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ledger.cover("m", "owner", "s1", messages)
+    covered = ledger.get("m")
+    assert covered is not None and covered.n_messages == 2
+    assert covered.messages_hash == messages_hash(messages)
+    assert messages_hash(messages[:1]) != covered.messages_hash
+    ledger.touch("m")  # a request without a session: the slot is nobody's now
+    assert ledger.get("m") is None and ledger.get("never") is None
