@@ -129,3 +129,19 @@ def test_the_router_dies_with_its_hotmodel() -> None:
     hotmodel.send_signal(signal.SIGKILL)
     hotmodel.wait(5)
     assert _gone(router)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sessions are POSIX")
+def test_a_reused_pid_that_leads_its_own_session_is_left_alone() -> None:
+    """The pid of a dead router, now a live session leader of someone else: its session
+    is the newcomer's, not the dead router's."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        name = psutil.Process(other.pid).name()
+        dead = Router(other.pid, psutil.Process(other.pid).create_time() - 1000.0, name)
+        assert tree(dead) == []
+    finally:
+        other.kill()
+        other.wait(5)

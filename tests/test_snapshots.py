@@ -41,10 +41,21 @@ def test_identity_changes_with_the_model_file_the_binary_and_kv_settings(tmp_pat
 def test_the_ledger_labels_what_a_slot_holds() -> None:
     ledger = SlotLedger()
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    ledger.cover("m", "owner", "s1", messages)
+    gen = ledger.touch("m")
+    ledger.cover("m", gen, "owner", "s1", messages)
     covered = ledger.get("m")
     assert covered is not None and covered.n_messages == 2
     assert covered.messages_hash == messages_hash(messages)
     assert messages_hash(messages[:1]) != covered.messages_hash
     ledger.touch("m")  # a request without a session: the slot is nobody's now
     assert ledger.get("m") is None and ledger.get("never") is None
+    # a session turn overtaken by another request on the same model labels nothing
+    turn = ledger.touch("m")
+    ledger.touch("m")
+    ledger.cover("m", turn, "owner", "s1", messages)
+    assert ledger.get("m") is None
+    # a deleted session's label is dropped
+    gen = ledger.touch("m")
+    ledger.cover("m", gen, "owner", "s1", messages)
+    ledger.forget("owner", "s1")
+    assert ledger.get("m") is None

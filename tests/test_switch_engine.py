@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from hotmodel.config import SwitchConfig
-from hotmodel.control.controller import Controller, Snapshot, Switch, Unload
+from hotmodel.control.controller import Controller, Recover, Snapshot, Switch, Unload
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuDevice, GpuSnapshot
 from hotmodel.control.plan import Step, plan
@@ -672,8 +672,8 @@ class FakeKv:
         self.calls.append(f"restore {model}")
         return {"restored": True, "session": "s", "tokens": self.restored_tokens, "bytes": 1000}
 
-    def discard(self, model: str, session_id: str, why: str) -> None:
-        self.discarded.append(f"{model}/{session_id}: {why}")
+    def discard(self, model: str, why: str) -> None:
+        self.discarded.append(f"{model}: {why}")
 
 
 def test_plans_with_kv_snapshots() -> None:
@@ -724,7 +724,7 @@ def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None
     assert report.outcome is Outcome.OK
     assert report.snapshot["restore"]["took"] is False
     assert any("did not take" in w for w in report.warnings)
-    assert kv.discarded == ["b/s: its restore did not take"]
+    assert kv.discarded == ["b: its restore did not take"]
 
 
 def test_a_failed_save_is_a_warning_not_a_failed_switch() -> None:
@@ -743,3 +743,56 @@ def test_the_snapshot_command_saves_and_changes_nothing() -> None:
     report = run(lambda c: c.submit(Snapshot()), engine)
     assert kv.calls == ["save a"] and router.calls == []
     assert report.outcome is Outcome.OK and engine.active == "a"
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.running = True
+        self.restarts = 0
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        self.running = True
+
+
+def test_a_crash_during_a_recovery_gets_a_recovery_of_its_own() -> None:
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        router = engine.router
+        assert isinstance(router, FakeRouter)
+        process = FakeProcess()
+        engine.process = process
+        router.load_gate = asyncio.Event()
+        process.running = False  # the router died
+        first = controller.post(Recover("a"))
+        await router.load_started.wait()  # past its restart, loading
+        process.running = False  # ... and it dies again
+        second = controller.post(Recover("a"))
+        assert second is not first  # not joined: the running one cannot see this crash
+        router.load_gate.set()
+        await asyncio.gather(first, second)
+        assert process.restarts == 2 and engine.active == "a"
+
+    run(scenario, _engine(FakeRouter(None)))  # the crash took the model: it is loaded again
+
+
+def test_a_switch_on_a_dead_router_starts_it_first() -> None:
+    router = FakeRouter("a")
+    engine = _engine(router)
+    process = FakeProcess()
+    process.running = False
+    engine.process = process
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.OK and report.policy == "recover"
+    assert process.restarts == 1 and router.calls == ["load b"]  # nothing left to unload
+
+
+def test_only_the_recovery_releases_requests_held_for_it() -> None:
+    gate = TrafficGate()
+    gate.close(for_recovery=True)  # the watchdog: a crash, a recovery is queued
+    gate.open()  # a switch that failed because of the crash ends
+    assert not gate.is_open
+    gate.begin_recovery()
+    assert not gate.is_open
+    gate.open()  # the recovery ends
+    assert gate.is_open

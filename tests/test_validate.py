@@ -18,6 +18,7 @@ U = {"role": "user", "content": "hi"}
         (b"{", "not valid JSON"),
         (b'{"a": NaN}', "NaN is not valid JSON"),
         (b'{"a": -Infinity}', "Infinity is not valid JSON"),
+        (b'{"a": 1e400}', "too large for a number"),
         (b"\xff\xfe\x00", "not valid JSON"),
         (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
     ],

@@ -177,7 +177,8 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
                 key=key,
             )
     keys = load_keys(security, path)
-    if switch.kv_snapshots and router.parallel != 1:
+    parallel_args = {"-np", "--parallel"}
+    if switch.kv_snapshots and (router.parallel != 1 or parallel_args & set(router.extra_args)):
         raise ConfigError(
             path,
             "kv_snapshots needs [router] parallel = 1 (only then is it known which slot "
@@ -193,6 +194,17 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             key="policy",
         )
     presets = load_presets(router.models_preset)
+    if switch.kv_snapshots:
+        for section, options in [("*", presets.globals)] + [
+            (m.name, m.options) for m in presets.models.values()
+        ]:
+            if {"parallel", "np"} & set(options):
+                raise ConfigError(
+                    presets.path,
+                    "a slot count per preset breaks [switch] kv_snapshots (one slot per model)",
+                    section=section,
+                    key="parallel",
+                )
     if router.default_model not in presets.models:
         names = ", ".join(presets.models) or "none"
         raise ConfigError(

@@ -50,7 +50,7 @@ class Presets:
 
 
 # Keys whose values are file paths; llama-server's own long and short names.
-_PATH_KEYS = frozenset(
+PATH_KEYS = frozenset(
     {
         "model",
         "m",
@@ -121,7 +121,7 @@ def load_presets(path: Path) -> Presets:
 
 
 def _resolve_option(base: Path, key: str, value: str) -> str:
-    if key in _PATH_KEYS and value:
+    if key in PATH_KEYS and value:
         return str(resolve_path(base, Path(value)))
     return value
 

@@ -77,10 +77,15 @@ def load_keys(
     client += [k.strip() for k in env.get(API_KEYS_ENV, "").split(",") if k.strip()]
     admin += [k.strip() for k in env.get(ADMIN_KEYS_ENV, "").split(",") if k.strip()]
     for key in (*client, *admin):
-        if len(key) < 16 or any(c.isspace() for c in key) or not key.isprintable():
+        if (
+            len(key) < 16
+            or not key.isascii()
+            or any(c.isspace() for c in key)
+            or not key.isprintable()
+        ):
             raise ConfigError(
                 path,
-                "every API key must be at least 16 printable characters without spaces",
+                "every API key must be at least 16 printable ASCII characters without spaces",
                 section="security",
             )
     return KeySet(tuple(dict.fromkeys(client)), tuple(dict.fromkeys(admin)))

@@ -169,7 +169,9 @@ class ChatCompletions:
                 chat.payload["messages"] = prepared.prompt.messages()
                 headers["x-session-id"] = prepared.session_id
             body = json.dumps(chat.payload, ensure_ascii=False).encode()
-            self.s.sessions.slots.touch(model)  # a session's turn claims it back once complete
+            gen = self.s.sessions.slots.touch(model)  # a session's turn labels it once complete
+            if prepared is not None:
+                prepared.slot_gen = gen
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
                 upstream = await stack.enter_async_context(self.s.router.chat(body, chat.accept))

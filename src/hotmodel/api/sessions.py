@@ -42,6 +42,7 @@ def session_routes(sessions: SessionService, snapshots: Snapshots | None) -> lis
         ref = sessions.check(session_id, None, owner)
         async with sessions.locks.hold(ref.lock_key, wait):  # not in the middle of a turn
             deleted = await store.delete(owner, session_id)
+            sessions.slots.forget(owner, session_id)  # no slot is saved under its name again
             if snapshots is not None:  # its KV goes with it
                 await asyncio.to_thread(snapshots.forget_session, owner, session_id)
         if not deleted:

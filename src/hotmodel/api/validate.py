@@ -16,6 +16,7 @@ Unknown fields pass through untouched: llama-server has many extras.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,10 +76,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
-    """Decode a request body, refusing what JSON does not allow."""
+    """Decode a request body, refusing what JSON does not allow (or cannot be sent on)."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise InvalidRequestError(
             f"request body is nested too deeply (at most {MAX_DEPTH} levels)"
@@ -192,9 +200,10 @@ def _check_parts(parts: Sequence[Any], where: str) -> None:
             raise InvalidRequestError(
                 "each content part must be an object with a string 'type'", param=f"{where}[{j}]"
             )
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
+        text = part.get("text")
+        if (part["type"] == "text" or text is not None) and not isinstance(text, str):
             raise InvalidRequestError(
-                "a text part needs a string 'text'", param=f"{where}[{j}].text"
+                "a part's 'text' must be a string", param=f"{where}[{j}].text"
             )
 
 

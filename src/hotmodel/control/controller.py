@@ -47,9 +47,10 @@ class Unload:
 @dataclass(frozen=True, slots=True)
 class Recover:
     """The router or the model's child died: restart the router if it is down, then load
-    ``target`` again and replay the most recent session."""
+    ``target`` again and replay the most recent session (None: no model was loaded, so
+    only the router comes back)."""
 
-    target: str
+    target: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class _Job:
     command: Command
     future: asyncio.Future[SwitchReport]
     listeners: list[Listener] = field(default_factory=list)
+    started: bool = False
 
 
 class Controller:
@@ -127,12 +129,14 @@ class Controller:
         queued behind it, so sharing its run changes no order (joining an older job
         would report a target that a later command has already replaced).
         """
-        if isinstance(command, Switch | Recover):
+        if isinstance(command, Switch | Recover) and command.target is not None:
             self.check_target(command.target)
         if self._closed:
             raise ShuttingDownError("hotmodel is shutting down; no new switch is started")
         job = self._last
-        if job is None or job.future.done() or _outcome(job.command) != _outcome(command):
+        # A crash after a recovery started (past its restart) needs a recovery of its own.
+        stale = job is not None and job.started and isinstance(command, Recover)
+        if job is None or stale or job.future.done() or _outcome(job.command) != _outcome(command):
             job = _Job(command, asyncio.get_running_loop().create_future())
             # a posted command may have no waiter: its failure is logged, not lost
             job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -155,6 +159,7 @@ class Controller:
                     self._last = None
 
     async def _execute(self, job: _Job) -> None:
+        job.started = True
         command = job.command
         try:
             if isinstance(command, Switch):

@@ -130,6 +130,8 @@ class Engine:
         restart the router if needed and load ``target`` (no drain, no rollback).
         ``save_only``: keep the active model's KV snapshot, change nothing (at stop).
         """
+        if self.process is not None and not self.process.running and not save_only:
+            recover = True  # the router is down: whatever was asked, it starts from nothing
         report = SwitchReport(
             id=next(self._ids),
             from_model=self.active,
@@ -142,9 +144,11 @@ class Engine:
         try:
             if recover:
                 self.state = SwitchState.RECOVERING
-                self.gate.close()  # requests wait for the recovery, bounded like a switch
+                self.gate.begin_recovery()  # requests wait for it, bounded like a switch
                 self.active = None
                 steps = plan_recovery(kv=self.kv is not None)
+                if target is None:  # nothing was loaded: only the router comes back
+                    steps = (Step.RESTART,)
                 await self._execute(_Run(report, listeners, None, target, replay), steps)
             elif save_only:
                 run = _Run(report, listeners, self.active, self.active, replay=False)
@@ -262,7 +266,7 @@ class Engine:
                 info = await self.kv.save(model)
             else:
                 info = await self.kv.restore(model)
-        except HotModelError as exc:
+        except Exception as exc:
             run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
             return f"failed: {exc}"
         run.report.snapshot[step.value] = info
@@ -283,7 +287,7 @@ class Engine:
                 f"the KV restore did not take (cache_n {cached} of {restored} restored "
                 "tokens); the replay read the whole conversation"
             )
-            self.kv.discard(model, str(restore.get("session")), "its restore did not take")
+            self.kv.discard(model, "its restore did not take")
 
     async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
         if close_gate or self.config.policy == "zero_overlap":

@@ -45,8 +45,8 @@ class KvOps(Protocol):
         """Bring back the most recent session's snapshot (``restored``: whether it did)."""
         ...
 
-    def discard(self, model: str, session_id: str, why: str) -> None:
-        """Delete a snapshot that proved useless."""
+    def discard(self, model: str, why: str) -> None:
+        """Delete the snapshot last restored into ``model``: it proved useless."""
         ...
 
 

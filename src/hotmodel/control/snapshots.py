@@ -32,6 +32,7 @@ from typing import Any
 
 from hotmodel.config import Config
 from hotmodel.errors import HotModelError
+from hotmodel.presets import PATH_KEYS
 from hotmodel.router.client import RouterClient
 from hotmodel.sessions.context import Message
 from hotmodel.sessions.service import SessionService
@@ -58,13 +59,17 @@ def identity(config: Config, binary: Path, model: str) -> dict[str, str]:
     """Everything that makes a snapshot of ``model`` valid, one entry per reason."""
     r = config.router
     preset = config.presets.models[model]
+    options = {
+        k: _file_id(Path(v), True) if k in PATH_KEYS and k not in ("model", "m") else v
+        for k, v in sorted(preset.options.items())
+    }
     kv_args = {
         "ctx_size": r.ctx_size,
         "cache_type_k": r.cache_type_k,
         "cache_type_v": r.cache_type_v,
         "parallel": r.parallel,
         "extra_args": list(r.extra_args),
-        "preset": dict(sorted(preset.options.items())),
+        "preset": options,  # a LoRA or other file named here counts by its content
         "globals": dict(sorted(config.presets.globals.items())),
     }
     model_file = "remote" if preset.model_path is None else _file_id(preset.model_path, True)
@@ -119,6 +124,7 @@ class Snapshots:
         self.ledger = ledger
         self.dir = config.kv_dir
         self.timeout = config.switch.load_timeout_seconds
+        self._restored: dict[str, Meta] = {}  # the snapshot last restored into each model
 
     # --- the folder ---
 
@@ -190,8 +196,8 @@ class Snapshots:
     async def save(self, model: str) -> dict[str, Any] | None:
         """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
         covered = self.ledger.get(model)
-        if covered is None:
-            return None
+        if covered is None or self.config.presets.models[model].model_path is None:
+            return None  # nobody's slot, or a remote model whose weights cannot be checked
         stem = f"kv-{secrets.token_hex(8)}"
         t0 = time.monotonic()
         answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
@@ -201,6 +207,9 @@ class Snapshots:
             digest = await asyncio.to_thread(_sha256, path)
         except OSError as exc:
             raise HotModelError(f"the saved snapshot {path} cannot be read: {exc}") from exc
+        if await self.sessions.store.get(covered.owner, covered.session_id) is None:
+            self._delete_files(stem)  # deleted meanwhile: its KV must not outlive it
+            return None
         now = time.time()
         meta = Meta(
             file=f"{stem}.bin",
@@ -232,6 +241,7 @@ class Snapshots:
     async def restore(self, model: str) -> dict[str, Any] | None:
         """After ``model`` is loaded: bring back the most recent session's snapshot for it,
         when it is valid and still begins what would be sent now."""
+        gen = self.ledger.touch(model)  # a freshly loaded model's slot is empty
         found = await self.sessions.replay_prompt(model)
         if found is None:
             return None
@@ -255,7 +265,8 @@ class Snapshots:
             return {"restored": False, "reason": f"llama-server refused it: {exc}"}
         meta.used = time.time()
         self._write(meta)
-        self.ledger.cover(model, session.owner, session.id, messages[: meta.n_messages])
+        self._restored[model] = meta
+        self.ledger.cover(model, gen, session.owner, session.id, messages[: meta.n_messages])
         return {
             "restored": True,
             "session": session.id,
@@ -286,8 +297,8 @@ class Snapshots:
             return "snapshot refused: its file is truncated or corrupted"
         return None
 
-    def discard(self, model: str, session_id: str, why: str) -> None:
-        """A restore that did not take: the snapshot is of no use."""
-        for meta in self._metas():
-            if (meta.model, meta.session_id) == (model, session_id):
-                self._delete(meta, why)
+    def discard(self, model: str, why: str) -> None:
+        """A restore that did not take: that snapshot is of no use."""
+        meta = self._restored.pop(model, None)
+        if meta is not None:
+            self._delete(meta, why)

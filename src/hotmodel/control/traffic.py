@@ -64,6 +64,7 @@ class TrafficGate:
 
     def __init__(self) -> None:
         self._open = True
+        self._recovering = False  # closed for a recovery: only the recovery opens it
         self._ids = itertools.count(1)
         self._inflight: dict[int, Ticket] = {}
         self._held: list[asyncio.Future[Ticket]] = []
@@ -130,11 +131,20 @@ class TrafficGate:
                 still_waiting.append((done, fut))
         self._waiters = still_waiting
 
-    def close(self) -> None:
+    def close(self, for_recovery: bool = False) -> None:
         self._open = False
+        self._recovering = self._recovering or for_recovery
+
+    def begin_recovery(self) -> None:
+        """A recovery starts: it holds the gate closed now, and opens it when it ends."""
+        self._open = False
+        self._recovering = False
 
     def open(self) -> None:
-        self._open = True
+        """Let requests in, unless a recovery is pending: a switch that fails because the
+        router died must not release requests before the recovery has run."""
+        if not self._recovering:
+            self._open = True
         held, self._held = self._held, []
         for fut in held:
             if not fut.done():

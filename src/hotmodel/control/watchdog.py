@@ -53,15 +53,22 @@ class Watchdog:
     def enabled(self) -> bool:
         return self.config.router.restart_attempts > 0
 
+    def _target(self) -> str | None:
+        """The model to bring back: the active one, or the one a running command was
+        bringing in (None when none was loaded, e.g. after an unload)."""
+        current = self.controller.engine.current
+        return self.controller.active or (current.to_model if current is not None else None)
+
     def _recover(self, why: str) -> None:
         if not self.enabled:
             return
-        target = self.controller.active or self.config.router.default_model
+        target = self._target()
         log.warning("%s: recovering %r", why, target)
-        self.gate.close()
+        self.gate.close(for_recovery=True)
         try:
             self.controller.post(Recover(target))
         except HotModelError:  # shutting down: nothing to recover
+            self.gate.begin_recovery()
             self.gate.open()
             return
         self.recoveries += 1
@@ -81,6 +88,18 @@ class Watchdog:
         ):
             self._recover(f"the model process of {active!r} ended on its own")
 
+    async def _check_active_model(self) -> None:
+        """The backstop for a child that died while a command ran (its event was ignored)."""
+        active = self.controller.active
+        if active is None or self.controller.busy:
+            return
+        try:
+            status = (await self.router.models()).get(active)
+        except HotModelError:
+            return  # the health probe decides about an unreachable router
+        if status is not None and status.state is ModelState.UNLOADED and not self.controller.busy:
+            self._recover(f"the model process of {active!r} is gone")
+
     async def run(self) -> None:
         """Probe ``/health`` until cancelled (the runtime owns this task)."""
         interval = self.config.router.watchdog_interval_seconds
@@ -94,6 +113,7 @@ class Watchdog:
                 continue
             if await self.router.health():
                 failures = 0
+                await self._check_active_model()
                 continue
             failures += 1
             if failures >= self.config.router.watchdog_failures:
@@ -103,4 +123,4 @@ class Watchdog:
                     failures,
                 )
                 failures = 0
-                self.supervisor.kill()
+                await asyncio.to_thread(self.supervisor.kill)

@@ -168,13 +168,16 @@ def tree(router: Router) -> list[psutil.Process]:
     """The router (if it is still that process), its descendants, and on POSIX the
     processes of its session: model children whose router died before them."""
     procs: dict[int, psutil.Process] = {}
-    if _same(router.pid, router.started):
+    same = _same(router.pid, router.started)
+    if same:
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(router.pid)
             procs[router.pid] = root
             for child in root.children(recursive=True):
                 procs[child.pid] = child
-    if os.name != "nt" and router.name:
+    # A pid number stays allocated while any process has it as its session id; if it is
+    # alive as another process, the session with that id is the newcomer's, not ours.
+    if os.name != "nt" and router.name and (same or not psutil.pid_exists(router.pid)):
         for p in psutil.process_iter(["name", "create_time"]):
             with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
                 if (

@@ -207,6 +207,8 @@ class RouterSupervisor:
         # A thread blocked in wait() is the portable way to learn of an exit at
         # once (asyncio child watchers differ per platform and event loop).
         code = await asyncio.to_thread(proc.wait)
+        if proc is not self._proc:
+            return  # a watcher of an earlier process that outlived its stop
         self.exit_code = code
         self._exited.set()
         if self.state in (RouterState.RUNNING, RouterState.STARTING):

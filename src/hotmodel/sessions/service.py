@@ -58,6 +58,7 @@ class Prepared:
     system_prompt: str
     turns: list[Message]
     prompt: Prompt
+    slot_gen: int = 0  # the slot ledger's generation of the request that carries it
 
 
 class SessionService:
@@ -128,7 +129,11 @@ class SessionService:
             prepared.system_prompt,
         )
         self.slots.cover(
-            model, prepared.owner, prepared.session_id, [*prepared.prompt.messages(), reply]
+            model,
+            prepared.slot_gen,
+            prepared.owner,
+            prepared.session_id,
+            [*prepared.prompt.messages(), reply],
         )
 
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
@@ -147,7 +152,7 @@ class SessionService:
         if found is None:
             return None
         session, prompt = found
-        self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
+        gen = self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
         t0 = time.monotonic()
         timings = await self.router.prefill(
             model,
@@ -155,7 +160,7 @@ class SessionService:
             self.config.switch.replay_timeout_seconds,
             REPLAY_SETTING,
         )
-        self.slots.cover(model, session.owner, session.id, prompt.messages())
+        self.slots.cover(model, gen, session.owner, session.id, prompt.messages())
         return {
             "session": session.id,
             "messages": len(prompt.messages()),

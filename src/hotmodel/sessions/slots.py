@@ -30,17 +30,34 @@ class Covered:
 
 
 class SlotLedger:
-    """Which session's prompt each model's (single) slot holds; None: unknown or none."""
+    """Which session's prompt each model's (single) slot holds; None: unknown or none.
+
+    Every request on a model takes a new generation number when it starts; its
+    label is recorded only if no other request on that model started since
+    (llama-server would have run that one after it, over the same slot).
+    """
 
     def __init__(self) -> None:
         self._slots: dict[str, Covered | None] = {}
+        self._gen: dict[str, int] = {}
 
-    def touch(self, model: str) -> None:
-        """A request that is not a session's turn went through: the slot is someone else's."""
+    def touch(self, model: str) -> int:
+        """A request on ``model`` starts: the slot is nobody's until it is labelled."""
+        self._gen[model] = self._gen.get(model, 0) + 1
         self._slots[model] = None
+        return self._gen[model]
 
-    def cover(self, model: str, owner: str, session_id: str, messages: Sequence[Message]) -> None:
-        self._slots[model] = Covered(owner, session_id, len(messages), messages_hash(messages))
+    def cover(
+        self, model: str, gen: int, owner: str, session_id: str, messages: Sequence[Message]
+    ) -> None:
+        if self._gen.get(model) == gen:
+            self._slots[model] = Covered(owner, session_id, len(messages), messages_hash(messages))
+
+    def forget(self, owner: str, session_id: str) -> None:
+        """The session was deleted: no slot may be saved under its name any more."""
+        for model, covered in self._slots.items():
+            if covered is not None and (covered.owner, covered.session_id) == (owner, session_id):
+                self._slots[model] = None
 
     def get(self, model: str) -> Covered | None:
         return self._slots.get(model)
