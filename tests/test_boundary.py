@@ -222,3 +222,44 @@ def test_session_lock_wait_is_bounded() -> None:
         assert len(locks) == 0
 
     asyncio.run(scenario())
+
+
+def test_chat_goes_to_the_model_directly_and_falls_back_to_the_router() -> None:
+    hosts: list[str] = []
+    refuse_child = False
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(f"{request.url.host}:{request.url.port}")
+        if refuse_child and request.url.port == 4001:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"ok": request.url.port})
+
+    async def ask(client: RouterClient) -> Any:
+        async with client.chat(b"{}", model="m") as upstream:
+            return json.loads(await upstream.read())
+
+    async def scenario() -> None:
+        nonlocal refuse_child
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = RouterClient(http, "http://127.0.0.1:4000", direct=True)
+        assert await ask(client) == {"ok": 4000}  # port unknown: the router
+        client.set_direct("m", 4001)
+        assert await ask(client) == {"ok": 4001}  # straight to the model's server
+        refuse_child = True  # it died
+        assert await ask(client) == {"ok": 4000}  # the router, and the port is forgotten
+        assert client.direct == {}
+        client.set_direct("m", 4001)
+        client.drop_direct("m")  # an unload begins: nothing may reach it directly
+        assert await ask(client) == {"ok": 4000}
+        off = RouterClient(http, "http://127.0.0.1:4000", direct=False)
+        off.set_direct("m", 4001)
+        assert off.direct == {}  # [router] direct = false
+
+    asyncio.run(scenario())
+    assert hosts == [
+        "127.0.0.1:4000",
+        "127.0.0.1:4001",
+        "127.0.0.1:4001",
+        "127.0.0.1:4000",
+        "127.0.0.1:4000",
+    ]

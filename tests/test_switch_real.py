@@ -80,6 +80,17 @@ def on_smollm2(switch_server: HotmodelProcess) -> HotmodelProcess:
     return switch_server
 
 
+def test_chat_goes_straight_to_the_active_models_server(on_smollm2: HotmodelProcess) -> None:
+    server = on_smollm2
+    direct = server.status()["router"]["direct"]  # type: ignore[index]
+    assert list(direct) == ["smollm2"] and direct["smollm2"].startswith("http://127.0.0.1:")
+    assert chat(server).json()["model"] == "smollm2"
+    status, _ = switch(server, "gemma3")
+    assert status == 200
+    assert list(server.status()["router"]["direct"]) == ["gemma3"]  # type: ignore[index]
+    assert chat(server).json()["model"] == "gemma3"
+
+
 def test_switch_both_directions(on_smollm2: HotmodelProcess) -> None:
     server = on_smollm2
     for source, target in (("smollm2", "gemma3"), ("gemma3", "smollm2")):

@@ -68,6 +68,7 @@ class RouterConfig:
     log_file: Path | None = None
     startup_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0.001))
     stop_timeout_seconds: float = field(default=10.0, metadata=_meta(min=0.001))
+    direct: bool = True
     restart_attempts: int = field(default=5, metadata=_meta(min=0))
     restart_backoff_seconds: float = field(default=0.5, metadata=_meta(min=0))
     watchdog_interval_seconds: float = field(default=5.0, metadata=_meta(min=0))

@@ -127,7 +127,10 @@ class Runtime:
         port = cfg.router.port or free_port(cfg.router.host)
         http = await stack.enter_async_context(_http_client(cfg))
         router = RouterClient(
-            http, f"http://{_url_host(cfg.router.host)}:{port}", cfg.server.request_timeout_seconds
+            http,
+            f"http://{_url_host(cfg.router.host)}:{port}",
+            cfg.server.request_timeout_seconds,
+            direct=cfg.router.direct,
         )
         store = await stack.enter_async_context(SessionStore(cfg.session_store_file))
         sessions = SessionService(cfg, store, router)

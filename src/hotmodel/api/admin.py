@@ -54,6 +54,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
             "argv": sup.argv,
             "uptime_seconds": sup.uptime(),
             "events_connected": s.events.connected,
+            "direct": dict(s.router.direct),  # models whose chat skips the router
             "restarts": sup.restarts,
             "recoveries": s.watchdog.recoveries,
         },

@@ -174,7 +174,9 @@ class ChatCompletions:
                 prepared.slot_gen = gen
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
-                upstream = await stack.enter_async_context(self.s.router.chat(body, chat.accept))
+                upstream = await stack.enter_async_context(
+                    self.s.router.chat(body, chat.accept, model)
+                )
                 if upstream.status_code >= 400:
                     return upstream_error_response(upstream.status_code, await upstream.read())
                 if chat.stream:

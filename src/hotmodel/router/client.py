@@ -110,11 +110,31 @@ class RouterClient:
     """Talks to one router at ``base_url`` through a shared ``httpx.AsyncClient``."""
 
     def __init__(
-        self, http: httpx.AsyncClient, base_url: str, request_timeout: float = 600.0
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        request_timeout: float = 600.0,
+        direct: bool = False,
     ) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
+        # Chat goes straight to a loaded model's own server when its port is known: the
+        # router answers proxied requests with "Connection: close" (a new TCP connection
+        # each time) and adds a hop; the model's server keeps connections alive.
+        self.direct_enabled = direct
+        self.direct: dict[str, str] = {}
+
+    def set_direct(self, model: str, port: int | None) -> None:
+        """``model`` is loaded and listens on ``port`` (None: unknown, use the router)."""
+        if self.direct_enabled and port is not None:
+            host = self.base_url.rsplit(":", 1)[0]
+            self.direct[model] = f"{host}:{port}"
+        else:
+            self.direct.pop(model, None)
+
+    def drop_direct(self, model: str) -> None:
+        self.direct.pop(model, None)
 
     async def _request(
         self,
@@ -220,27 +240,44 @@ class RouterClient:
     # --- requests routed to the loaded model's child ---
 
     @contextlib.asynccontextmanager
-    async def chat(self, body: bytes, accept: str = "*/*") -> AsyncIterator[Upstream]:
+    async def chat(
+        self, body: bytes, accept: str = "*/*", model: str | None = None
+    ) -> AsyncIterator[Upstream]:
         """Send a chat completion; yields the open answer, closed on exit on every path.
 
-        Closing an answer whose body was not read to the end closes its
-        connection, which is how llama-server learns to stop generating.
+        To ``model``'s own server when its port is known, else (or when that
+        server cannot be reached) through the router. Closing an answer whose
+        body was not read to the end closes its connection, which is how
+        llama-server learns to stop generating.
         """
         what = "POST /v1/chat/completions"
-        request = self._http.build_request(
-            "POST",
-            self.base_url + "/v1/chat/completions",
-            content=body,
-            headers={"content-type": "application/json", "accept": accept},
-            timeout=httpx.Timeout(self.request_timeout, connect=5.0),
-        )
-        with mapped(what, self.request_timeout, REQUEST_SETTING):
-            response = await send(self._http, request, stream=True)
+        direct = self.direct.get(model) if model is not None else None
+        response = None
+        if direct is not None:
+            with mapped(what, self.request_timeout, REQUEST_SETTING):
+                try:
+                    request = self._chat_request(direct, body, accept)
+                    response = await send(self._http, request, stream=True)
+                except httpx.ConnectError:  # gone (a crash, an unload): the router knows more
+                    self.drop_direct(model or "")
+        if response is None:
+            with mapped(what, self.request_timeout, REQUEST_SETTING):
+                request = self._chat_request(self.base_url, body, accept)
+                response = await send(self._http, request, stream=True)
         try:
             yield Upstream(response.status_code, response, what, self.request_timeout)
         finally:
             with anyio.CancelScope(shield=True):  # closed even when the request is cancelled
                 await response.aclose()
+
+    def _chat_request(self, base: str, body: bytes, accept: str) -> httpx.Request:
+        return self._http.build_request(
+            "POST",
+            base + "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json", "accept": accept},
+            timeout=httpx.Timeout(self.request_timeout, connect=5.0),
+        )
 
     async def count_tokens(self, model: str, messages: Sequence[Mapping[str, Any]]) -> int:
         """Exact prompt tokens of ``messages`` on ``model`` (its chat template and tokenizer)."""

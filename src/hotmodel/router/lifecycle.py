@@ -52,11 +52,13 @@ class ModelLifecycle:
         """Load ``model`` and wait until it reads ``loaded``; False when it was running."""
         with self._subscription() as changed:
             sent = await self.client.load(model)
-            await self.wait_loaded(model, timeout, changed)
+            status = await self.wait_loaded(model, timeout, changed)
+            self.client.set_direct(model, status.port)  # valid until it is unloaded
             return sent
 
     async def unload(self, model: str, timeout: float) -> bool:
         """Unload ``model`` and wait until it reads ``unloaded``; False when it was not running."""
+        self.client.drop_direct(model)  # from now on, nothing may reach it directly
         with self._subscription() as changed:
             if not await self.client.unload(model):
                 return False
