@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import sqlite3
 from pathlib import Path
@@ -261,3 +262,51 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="newer than this hotmodel knows"):
         asyncio.run(scenario())
+
+
+def _drops(step: int, turns: int, max_messages: int) -> list[int]:
+    """The drop chosen on each turn of a growing conversation (user + assistant a turn)."""
+    history: list[Message] = []
+    out = []
+    for i in range(turns):
+        history += [u(f"question {i}")]
+        prompt = build_prompt(None, [], history[:-1], history[-1:])
+        prompt.step = step
+        bound_messages_and_chars(prompt, max_messages, 10**9)
+        assert len(prompt.messages()) <= max_messages
+        assert prompt.history[prompt.drop]["role"] == "user"
+        out.append(prompt.drop)
+        history += [a(f"answer {i}")]
+    return out
+
+
+def test_trimming_in_steps_keeps_the_prompts_beginning_between_steps() -> None:
+    every_turn = _drops(step=1, turns=40, max_messages=16)
+    in_steps = _drops(step=4, turns=40, max_messages=16)
+
+    def changes(drops: list[int]) -> int:
+        return sum(1 for x, y in itertools.pairwise(drops) if x != y)
+
+    # without steps the beginning moves on every turn past the bound
+    assert changes(every_turn) >= 30
+    # in steps of 4 messages (2 turns) it moves at most every other turn
+    assert changes(in_steps) <= changes(every_turn) // 2 + 1
+    assert all(s >= e for s, e in zip(in_steps, every_turn, strict=True))  # never more kept
+
+
+def test_token_trimming_moves_in_steps_too() -> None:
+    history = [m for i in range(30) for m in (u(f"q{i} " * 20), a(f"a{i} " * 20))]
+
+    async def count(messages: list[Message]) -> int:
+        return estimate_tokens(messages)
+
+    async def cut(step: int, extra: int) -> int:
+        prompt = build_prompt(None, [], history[: 40 + extra], [])
+        prompt.step = step
+        await bound_tokens(prompt, 900, "exact", count)
+        assert await count(prompt.messages()) <= 900
+        return prompt.drop
+
+    plain = [asyncio.run(cut(1, e)) for e in range(0, 12, 2)]
+    stepped = [asyncio.run(cut(8, e)) for e in range(0, 12, 2)]
+    assert len(set(stepped)) < len(set(plain))

@@ -105,6 +105,7 @@ class SessionConfig:
     max_prompt_chars: int = field(default=32000, metadata=_meta(min=1))
     max_prompt_tokens: int = field(default=0, metadata=_meta(min=0))
     token_count_mode: TokenCountMode = "auto"
+    trim_low_water: float = field(default=0.75, metadata=_meta(min=0, max=1))
     default_system_prompt: str = ""
     queue_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0))
     store_file: Path | None = None

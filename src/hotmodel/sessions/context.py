@@ -86,6 +86,7 @@ class Prompt:
     history: list[Message]
     drop: int = 0
     tokens: int | None = None  # exact count of the final prompt, when one was made
+    step: int = 1  # cuts move in steps of this many messages (1: to the earliest fit)
 
     def messages(self, drop: int | None = None) -> list[Message]:
         return self.pinned + self.history[self.drop if drop is None else drop :]
@@ -110,13 +111,29 @@ def build_prompt(
     return Prompt(pinned=pinned, history=[*stored, *turns])
 
 
+def stable_cut(prompt: Prompt, cuts: Sequence[int], cut: int) -> int:
+    """``cut`` moved up to the next multiple of ``prompt.step`` (then to a user turn).
+
+    A cut that follows the growing history by one turn each time changes the
+    prompt's beginning on every turn, so llama-server's prompt cache never
+    hits. Moving the cut in steps keeps the beginning the same for the turns
+    until the next step: a cut back to a low-water mark. A later cut always
+    fits whatever the earlier one did (fewer messages, fewer characters and
+    tokens), and it never passes the newest user turn.
+    """
+    if cut <= 0 or prompt.step <= 1:
+        return cut
+    target = math.ceil(cut / prompt.step) * prompt.step
+    return next((c for c in cuts if c >= target), cut)
+
+
 def bound_messages_and_chars(prompt: Prompt, max_messages: int, max_chars: int) -> None:
     """Raise ``prompt.drop`` until the history fits both bounds."""
     cuts = prompt.cut_points()
     need = max(prompt.drop, len(prompt.history) - max_messages)
     for cut in cuts:
         if cut >= need and chars(prompt.messages(cut)) <= max_chars:
-            prompt.drop = cut
+            prompt.drop = stable_cut(prompt, cuts, cut)
             return
     newest = cuts[-1]
     size = chars(prompt.messages(newest))
@@ -141,7 +158,7 @@ async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCount
         fitting = next((c for c in cuts if estimate(c) <= budget), None)
         if fitting is None:
             raise _over_budget(budget, estimate(cuts[-1]), "estimated")
-        prompt.drop = fitting  # cut points never lie before the current drop
+        prompt.drop = stable_cut(prompt, cuts, fitting)  # never before the current drop
         return
     if mode == "auto" and estimate(cuts[0]) <= budget * AUTO_EXACT_ABOVE:
         return  # far under budget: no tokenizer call
@@ -165,8 +182,8 @@ async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCount
             lo = mid + 1
     if best is None:
         raise _over_budget(budget, None, "counted")
-    prompt.drop = best[0]
-    prompt.tokens = best[1]
+    prompt.drop = stable_cut(prompt, cuts, best[0])
+    prompt.tokens = best[1] if prompt.drop == best[0] else None
 
 
 def _over_budget(budget: int, tokens: int | None, how: str) -> InvalidRequestError:

@@ -10,6 +10,7 @@ leaves the store as it was.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ class SessionService:
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
+        # Past a bound, cut back to the low-water mark: the cut then moves in steps and
+        # the prompt's beginning (llama-server's cache) stays the same between them.
+        keep = math.floor(cfg.max_session_messages * cfg.trim_low_water)
+        prompt.step = max(1, cfg.max_session_messages - keep)
         bound_messages_and_chars(prompt, cfg.max_session_messages, cfg.max_prompt_chars)
 
         async def count(messages: list[Message]) -> int:
