@@ -310,3 +310,28 @@ def test_token_trimming_moves_in_steps_too() -> None:
     plain = [asyncio.run(cut(1, e)) for e in range(0, 12, 2)]
     stepped = [asyncio.run(cut(8, e)) for e in range(0, 12, 2)]
     assert len(set(stepped)) < len(set(plain))
+
+
+def test_a_turn_reads_only_a_window_and_cuts_the_same(tmp_path: Path) -> None:
+    """A long session: reading only its last messages gives the same prompt as reading
+    all of them (the step grid counts from the session's first message)."""
+
+    async def scenario() -> None:
+        async with SessionStore(tmp_path / "s.sqlite3") as store:
+            history = [m for i in range(300) for m in (u(f"q{i}"), a(f"a{i}"))]
+            await store.append("", "long", history, "m", "")
+            full = await store.get("", "long")
+            window = await store.get("", "long", last=40)
+            assert full is not None and window is not None
+            assert len(window.messages) == 40 and window.offset == 560
+            assert [m.message for m in window.messages] == [m.message for m in full.messages][-40:]
+            prompts = []
+            for session in (full, window):
+                stored = [m.message for m in session.messages]
+                prompt = build_prompt(None, [u("next")], stored, [u("next")])
+                prompt.step, prompt.base = 4, session.offset
+                bound_messages_and_chars(prompt, 16, 10**9)
+                prompts.append(prompt.messages())
+            assert prompts[0] == prompts[1]
+
+    asyncio.run(scenario())

@@ -87,6 +87,8 @@ class Prompt:
     drop: int = 0
     tokens: int | None = None  # exact count of the final prompt, when one was made
     step: int = 1  # cuts move in steps of this many messages (1: to the earliest fit)
+    base: int = 0  # stored messages before ``history`` (a window was read): the step grid
+    # is counted from the session's first message, so the cut is the same however read
 
     def messages(self, drop: int | None = None) -> list[Message]:
         return self.pinned + self.history[self.drop if drop is None else drop :]
@@ -123,7 +125,7 @@ def stable_cut(prompt: Prompt, cuts: Sequence[int], cut: int) -> int:
     """
     if cut <= 0 or prompt.step <= 1:
         return cut
-    target = math.ceil(cut / prompt.step) * prompt.step
+    target = math.ceil((prompt.base + cut) / prompt.step) * prompt.step - prompt.base
     return next((c for c in cuts if c >= target), cut)
 
 

@@ -94,10 +94,24 @@ class SessionService:
         prompt = self.config.system_prompts.get(name)
         return None if prompt is None else prompt.system
 
+    def _window(self, incoming: int) -> int:
+        """How many stored messages a turn reads: what can be sent (the message bound and
+        a trimming step or two), or what the client resent to be matched, if more."""
+        cfg = self.config.session
+        return cfg.max_session_messages + 2 * self._step() + incoming + 1
+
+    def _step(self) -> int:
+        # Past a bound, cut back to the low-water mark: the cut then moves in steps and
+        # the prompt's beginning (llama-server's cache) stays the same between them.
+        cfg = self.config.session
+        return max(
+            1, cfg.max_session_messages - math.floor(cfg.max_session_messages * cfg.trim_low_water)
+        )
+
     async def prepare(
         self, ref: SessionRef, request_messages: list[Message], model: str
     ) -> Prepared:
-        session = await self.store.get(ref.owner, ref.id)
+        session = await self.store.get(ref.owner, ref.id, self._window(len(request_messages)))
         stored = [] if session is None else [m.message for m in session.messages]
         if ref.system_prompt is not None:
             system_prompt = ref.system_prompt
@@ -107,15 +121,13 @@ class SessionService:
             system_prompt = self.config.session.default_system_prompt
         turns = new_turns(stored, request_messages)
         prompt = build_prompt(self._system(system_prompt), request_messages, stored, turns)
+        prompt.base = 0 if session is None else session.offset
         await self._bound(prompt, model)
         return Prepared(ref.owner, ref.id, system_prompt, turns, prompt)
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
-        # Past a bound, cut back to the low-water mark: the cut then moves in steps and
-        # the prompt's beginning (llama-server's cache) stays the same between them.
-        keep = math.floor(cfg.max_session_messages * cfg.trim_low_water)
-        prompt.step = max(1, cfg.max_session_messages - keep)
+        prompt.step = self._step()
         bound_messages_and_chars(prompt, cfg.max_session_messages, cfg.max_prompt_chars)
 
         async def count(messages: list[Message]) -> int:
@@ -143,11 +155,12 @@ class SessionService:
 
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
         """The most recently used session and its bounded context, as ``model`` counts it."""
-        session = await self.store.most_recent()
+        session = await self.store.most_recent(self._window(0))
         if session is None or not session.messages:
             return None
         stored = [m.message for m in session.messages]
         prompt = build_prompt(self._system(session.system_prompt), [], stored, [])
+        prompt.base = session.offset
         await self._bound(prompt, model)
         return session, prompt
 

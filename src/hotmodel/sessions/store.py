@@ -122,6 +122,7 @@ class Session:
     updated_at: float
     messages: tuple[StoredMessage, ...] = ()
     owner: str = ""  # the fingerprint of the API key that created it (never shown)
+    offset: int = 0  # earlier messages not read (a window of the last ones was asked for)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -212,10 +213,12 @@ class SessionStore:
 
     # --- queries (each runs on the store's thread) ---
 
-    async def get(self, owner: str, session_id: str) -> Session | None:
-        return await self._call(lambda: self._get(owner, session_id))
+    async def get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
+        """The session; with ``last``, only its last ``last`` messages are read (``offset``
+        says how many came before), so a turn costs the same at any history length."""
+        return await self._call(lambda: self._get(owner, session_id, last))
 
-    def _get(self, owner: str, session_id: str) -> Session | None:
+    def _get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
         db = self._db()
         row = db.execute(
             "SELECT id, system_prompt, created_at, updated_at FROM sessions "
@@ -225,17 +228,19 @@ class SessionStore:
         if row is None:
             return None
         msgs = db.execute(
-            "SELECT message, model, created_at FROM messages "
-            "WHERE owner = ? AND session_id = ? ORDER BY seq",
-            (owner, session_id),
+            "SELECT seq, message, model, created_at FROM messages "
+            "WHERE owner = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
+            (owner, session_id, -1 if last is None else last),
         ).fetchall()
+        msgs.reverse()
         return Session(
             row[0],
             row[1],
             row[2],
             row[3],
-            tuple(StoredMessage(json.loads(m), model, t) for m, model, t in msgs),
+            tuple(StoredMessage(json.loads(m), model, t) for _, m, model, t in msgs),
             owner,
+            msgs[0][0] if msgs else 0,  # seq counts from 0 without gaps
         )
 
     async def append(
@@ -301,7 +306,7 @@ class SessionStore:
 
         return await self._call(run)
 
-    async def most_recent(self) -> Session | None:
+    async def most_recent(self, last: int | None = None) -> Session | None:
         """The most recently used session of any owner (what a new model is primed with)."""
 
         def run() -> Session | None:
@@ -310,7 +315,7 @@ class SessionStore:
                 .execute("SELECT owner, id FROM sessions ORDER BY updated_at DESC LIMIT 1")
                 .fetchone()
             )
-            return None if row is None else self._get(row[0], row[1])
+            return None if row is None else self._get(row[0], row[1], last)
 
         return await self._call(run)
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Measure the time a session turn spends outside the model, against stored history.
+
+    .venv/bin/python scripts/bench_history.py [--rounds 10]
+
+Starts `hotmodel serve` (SmolLM2), writes sessions of 0, 10, 1,000 and 10,000
+stored messages straight into its store (SQLite WAL takes a second writer),
+then sends turns on each: wall time minus llama-server's own prompt and
+predict time (its `timings`) is hotmodel's share. Prints a Markdown table;
+writes bench-results/history-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from benchlib import ROOT, machine, serving
+
+from hotmodel.sessions.store import SessionStore
+
+SIZES = (0, 10, 1000, 10000)
+
+
+async def _fill(store_file: Path) -> None:
+    async with SessionStore(store_file) as store:
+        for n in SIZES:
+            if n:
+                history = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+                    for i in range(n)
+                ]
+                await store.append("", f"h{n}", history, "smollm2", "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    results: dict[int, list[float]] = {n: [] for n in SIZES}
+    with serving() as served, httpx.Client(timeout=600, trust_env=False) as c:
+        asyncio.run(_fill(served.config.parent / "state" / "sessions.sqlite3"))
+        for r in range(args.rounds + 1):
+            for n in SIZES:
+                t0 = time.perf_counter()
+                answer = c.post(
+                    served.base_url + "/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": f"turn {r}"}],
+                        "max_tokens": 1,
+                        "session_id": f"h{n}",
+                    },
+                )
+                wall = (time.perf_counter() - t0) * 1000
+                answer.raise_for_status()
+                timings = answer.json()["timings"]
+                if r:  # the first round warms the prompt cache
+                    results[n].append(wall - timings["prompt_ms"] - timings["predicted_ms"])
+    out: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "outside_model_ms_p50": {n: round(statistics.median(v), 1) for n, v in results.items()},
+    }
+    folder = ROOT / "bench-results"
+    folder.mkdir(exist_ok=True)
+    (folder / f"history-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(out, indent=2)
+    )
+    print("| stored messages | time outside the model, p50 ms |")
+    print("| --- | --- |")
+    for n, ms in out["outside_model_ms_p50"].items():
+        print(f"| {n} | {ms} |")
+
+
+if __name__ == "__main__":
+    main()
