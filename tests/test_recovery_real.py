@@ -135,6 +135,8 @@ def test_a_crashed_model_child_is_loaded_again(tiny_server: HotmodelProcess) -> 
         resp = _chat(hp)
         if resp.status_code == 200:
             break
+        # meanwhile: the server's 503 with Retry-After, never a 4xx blaming the client
+        assert resp.status_code == 503 and resp.headers["retry-after"], resp.text
         assert time.monotonic() < deadline, (resp.text, hp.output())
         time.sleep(0.1)
     assert _router(hp)["pid"] == router["pid"]  # the router itself was fine

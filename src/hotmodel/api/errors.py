@@ -46,6 +46,7 @@ def error_response(
 
 # llama-server answers 500 for a request it could not parse; the request was at fault.
 _PARSE_FAILURES = ("Failed to parse", "[json.exception.")
+_NOT_LOADED = "model is not loaded"
 
 
 def upstream_error_response(status: int, body: bytes) -> JSONResponse:
@@ -54,6 +55,14 @@ def upstream_error_response(status: int, body: bytes) -> JSONResponse:
     message = error_message(body)
     if status == 500 and any(marker in message for marker in _PARSE_FAILURES):
         status = 400
+    if status == 400 and message == _NOT_LOADED:
+        # not the client's fault: the model's process died (the watchdog brings it back)
+        return error_response(
+            503,
+            f"the model is not running right now ({message}); retry shortly",
+            "server_error",
+            "router_unavailable",
+        )
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
     return error_response(status, message, type_, "upstream_error")
 
