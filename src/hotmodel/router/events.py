@@ -63,7 +63,6 @@ class ModelEvents:
         self.on_event = on_event
         self._subscribers: set[asyncio.Event] = set()
         self.connected = False
-        self.last: dict[str, ModelEvent] = {}
 
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[asyncio.Event]:
@@ -91,7 +90,6 @@ class ModelEvents:
                     async for raw in events:
                         parsed = parse_model_event(raw)
                         if parsed is not None:
-                            self.last[parsed.model] = parsed
                             self._wake()
                             if self.on_event is not None:
                                 self.on_event(parsed)

@@ -45,9 +45,6 @@ class ModelLifecycle:
         self.events = events
         self.log_tail = log_tail
 
-    async def models(self) -> dict[str, ModelStatus]:
-        return await self.client.models()
-
     async def load(self, model: str, timeout: float) -> bool:
         """Load ``model`` and wait until it reads ``loaded``; False when it was running."""
         with self._subscription() as changed:

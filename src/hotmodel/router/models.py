@@ -34,11 +34,6 @@ class ModelState(enum.Enum):
         except ValueError:
             return cls.UNKNOWN
 
-    @property
-    def resident(self) -> bool:
-        """The model's child process exists (holding memory) in this state."""
-        return self in (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING)
-
 
 @dataclass(frozen=True, slots=True)
 class ModelStatus:
