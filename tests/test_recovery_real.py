@@ -112,12 +112,16 @@ def test_kill_9_of_the_router_is_recovered_and_requests_wait(tiny_server: Hotmod
 def test_a_stream_cut_by_a_crash_ends_with_an_error_event(tiny_server: HotmodelProcess) -> None:
     hp = tiny_server
     router = _router(hp)
+    (child,) = _model_children(router["pid"])
     body = {"messages": HELLO, "max_tokens": 100_000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=30) as resp:
         chunks = resp.iter_raw()
         first = next(chunks)
         assert first.startswith(b"data:")
+        # the stream runs straight from the model's own process: a crash that takes the
+        # router and that process (not the router alone, which the process outlives)
         psutil.Process(router["pid"]).kill()
+        child.kill()
         rest = b"".join(chunks)  # ends: not a hang
     assert b'"error"' in rest and b"upstream_stream_error" in rest
     _wait_healthy(hp)
