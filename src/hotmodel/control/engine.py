@@ -36,6 +36,7 @@ from hotmodel.control.report import (
     SwitchEvent,
     SwitchReport,
     SwitchState,
+    Watcher,
 )
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
@@ -62,6 +63,7 @@ class _Run:
     target: str | None
     replay: bool
     started: list[Step] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
     restored: bool = False  # the RESTORE step brought a KV snapshot back
 
@@ -69,7 +71,7 @@ class _Run:
         self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
     ) -> None:
         event = SwitchEvent(self.report.id, phase, status, ms, detail)
-        for listener in list(self.listeners):
+        for listener in [*self.listeners, *self.watchers]:
             with contextlib.suppress(Exception):  # a broken listener must not break a switch
                 listener(event)
 
@@ -114,6 +116,7 @@ class Engine:
         self.state = SwitchState.IDLE
         self.history: deque[SwitchReport] = deque(maxlen=config.history)
         self.current: SwitchReport | None = None
+        self.watchers: list[Watcher] = []  # see every phase and every finished report
         self._ids = itertools.count(1)
 
     async def run(
@@ -167,6 +170,9 @@ class Engine:
                 self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
             self.current = None
             self.history.append(report)
+            for watcher in list(self.watchers):
+                with contextlib.suppress(Exception):  # an observer must not break the loop
+                    watcher(report)
             log.info(
                 "switch %s %s -> %s: %s in %.0f ms%s",
                 report.id,
@@ -179,6 +185,7 @@ class Engine:
         return report
 
     async def _execute(self, run: _Run, steps: tuple[Step, ...]) -> None:
+        run.watchers = self.watchers
         deadline = self.config.switch_timeout_seconds
         try:
             try:

@@ -130,3 +130,5 @@ class SwitchEvent:
 
 
 Listener = Callable[[SwitchEvent], None]
+# Sees every command's phases and, when it ends, its report (the dashboard feed, metrics).
+Watcher = Callable[["SwitchEvent | SwitchReport"], None]
