@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -73,12 +72,9 @@ def serve(config_path: Path, port: int | None) -> None:
     config = _load(config_path)
     if port is not None:
         config = _with_port(config, port)
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # One line per router call is noise at info level; hotmodel logs what matters.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from hotmodel.logs import setup_logging
+
+    setup_logging(config.server)
     try:
         _run_loop(run_serve(config))
     except ServeInterruptedError as exc:

@@ -28,6 +28,7 @@ DrainTimeoutAction = Literal["fail", "cancel"]
 GpuProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
 TokenCountMode = Literal["estimate", "exact", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
@@ -43,6 +44,7 @@ class ServerConfig:
     port: int = field(default=18080, metadata=_meta(min=0, max=65535))
     state_dir: Path = Path(".hotmodel")
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
     request_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0.001))
     switch_drain_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0))
     shutdown_timeout_seconds: float = field(default=5.0, metadata=_meta(min=0))
