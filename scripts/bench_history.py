@@ -28,9 +28,10 @@ from hotmodel.sessions.store import SessionStore
 SIZES = (0, 10, 1000, 10000)
 
 
-async def _fill(store_file: Path) -> None:
+async def fill(store_file: Path, sizes: tuple[int, ...] = SIZES) -> None:
+    """Sessions ``h<n>`` of ``n`` stored messages each, written straight into the store."""
     async with SessionStore(store_file) as store:
-        for n in SIZES:
+        for n in sizes:
             if n:
                 history = [
                     {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
@@ -39,29 +40,33 @@ async def _fill(store_file: Path) -> None:
                 await store.append("", f"h{n}", history, "smollm2", "")
 
 
+def outside_model_ms(c: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    """One chat request's wall time minus llama-server's own prompt + predict time."""
+    t0 = time.perf_counter()
+    answer = c.post(url + "/v1/chat/completions", json=body)
+    wall = (time.perf_counter() - t0) * 1000
+    answer.raise_for_status()
+    timings = answer.json()["timings"]
+    return float(wall - timings["prompt_ms"] - timings["predicted_ms"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
     results: dict[int, list[float]] = {n: [] for n in SIZES}
     with serving() as served, httpx.Client(timeout=600, trust_env=False) as c:
-        asyncio.run(_fill(served.config.parent / "state" / "sessions.sqlite3"))
+        asyncio.run(fill(served.config.parent / "state" / "sessions.sqlite3"))
         for r in range(args.rounds + 1):
             for n in SIZES:
-                t0 = time.perf_counter()
-                answer = c.post(
-                    served.base_url + "/v1/chat/completions",
-                    json={
-                        "messages": [{"role": "user", "content": f"turn {r}"}],
-                        "max_tokens": 1,
-                        "session_id": f"h{n}",
-                    },
-                )
-                wall = (time.perf_counter() - t0) * 1000
-                answer.raise_for_status()
-                timings = answer.json()["timings"]
+                body = {
+                    "messages": [{"role": "user", "content": f"turn {r}"}],
+                    "max_tokens": 1,
+                    "session_id": f"h{n}",
+                }
+                ms = outside_model_ms(c, served.base_url, body)
                 if r:  # the first round warms the prompt cache
-                    results[n].append(wall - timings["prompt_ms"] - timings["predicted_ms"])
+                    results[n].append(ms)
     out: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),

@@ -22,15 +22,24 @@ import httpx
 from benchlib import ROOT, machine, serving
 
 
-def _first_token(c: httpx.Client, base: str, text: str) -> tuple[float, dict[str, Any]]:
+def first_token(
+    c: httpx.Client, base: str, text: str, session: str = "bench"
+) -> tuple[float, dict[str, Any]]:
     """Milliseconds to the first content chunk of a streamed turn, and its final timings."""
     body = {
         "messages": [{"role": "user", "content": text}],
         "max_tokens": 8,
         "temperature": 0,
         "stream": True,
-        "session_id": "bench",
+        "session_id": session,
     }
+    return first_token_of(c, base, body)
+
+
+def first_token_of(
+    c: httpx.Client, base: str, body: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """Milliseconds to the first content chunk of streamed ``body``, and its final timings."""
     t0 = time.perf_counter()
     first = None
     timings: dict[str, Any] = {}
@@ -47,34 +56,43 @@ def _first_token(c: httpx.Client, base: str, text: str) -> tuple[float, dict[str
     return round(first or 0.0, 1), timings
 
 
-def _run(kv: bool, items: int) -> dict[str, Any]:
-    facts = " ".join(f"item{i} is on shelf {i % 17}." for i in range(items))
-    extra = f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true"
-    with serving(extra=extra) as served, httpx.Client(timeout=900, trust_env=False) as c:
-        base = served.base_url
-        built = c.post(
-            base + "/v1/chat/completions",
-            json={
-                "messages": [{"role": "user", "content": facts}],
-                "max_tokens": 1,
-                "temperature": 0,
-                "session_id": "bench",
-            },
-        )
-        built.raise_for_status()
-        away = c.post(base + "/admin/switch", json={"model": "gemma3"}).json()
-        assert away["outcome"] == "ok", away
-        t0 = time.perf_counter()
-        back = c.post(base + "/admin/switch", json={"model": "smollm2"}).json()
-        switch_ms = (time.perf_counter() - t0) * 1000
-        assert back["outcome"] == "ok", back
-        turn_started = time.perf_counter()
-        ttft, timings = _first_token(c, base, "Which shelf is item7 on?")
-        # to the first token: the switch back, then the turn's time to its first token
-        total = (turn_started - t0) * 1000 + ttft
+def facts(items: int) -> str:
+    """One long user turn: ``items`` facts of about 9 tokens each."""
+    return " ".join(f"item{i} is on shelf {i % 17}." for i in range(items))
+
+
+QUESTION = "Which shelf is item7 on?"
+
+
+def build_session(c: httpx.Client, base: str, text: str, session: str = "bench") -> int:
+    """A session whose one user turn is ``text`` (1-token answer); its prompt tokens."""
+    built = c.post(
+        base + "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "session_id": session,
+        },
+    )
+    built.raise_for_status()
+    return int(built.json()["usage"]["prompt_tokens"])
+
+
+def switch_back(c: httpx.Client, base: str, session: str = "bench") -> dict[str, Any]:
+    """Switch away to Gemma (not timed), then time the switch back to SmolLM2 and the
+    next turn's first token."""
+    away = c.post(base + "/admin/switch", json={"model": "gemma3"}).json()
+    assert away["outcome"] == "ok", away
+    t0 = time.perf_counter()
+    back = c.post(base + "/admin/switch", json={"model": "smollm2"}).json()
+    switch_ms = (time.perf_counter() - t0) * 1000
+    assert back["outcome"] == "ok", back
+    turn_started = time.perf_counter()
+    ttft, timings = first_token(c, base, QUESTION, session)
+    # to the first token: the switch back, then the turn's time to its first token
+    total = (turn_started - t0) * 1000 + ttft
     return {
-        "mode": "kv restore" if kv else "replay",
-        "session_tokens": built.json()["usage"]["prompt_tokens"],
         "saved": away["snapshot"].get("save"),
         "restore": back["snapshot"].get("restore"),
         "replay": back["replay"],
@@ -84,6 +102,17 @@ def _run(kv: bool, items: int) -> dict[str, Any]:
         "next_turn_timings": {k: timings.get(k) for k in ("prompt_n", "cache_n", "prompt_ms")},
         "total_ms": round(total, 1),
     }
+
+
+def kv_extra(kv: bool) -> str:
+    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true"
+
+
+def _run(kv: bool, items: int) -> dict[str, Any]:
+    with serving(extra=kv_extra(kv)) as served, httpx.Client(timeout=900, trust_env=False) as c:
+        tokens = build_session(c, served.base_url, facts(items))
+        back = switch_back(c, served.base_url)
+    return {"mode": "kv restore" if kv else "replay", "session_tokens": tokens, **back}
 
 
 def main() -> None:

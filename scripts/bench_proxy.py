@@ -14,32 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from typing import Any
 
 import httpx
-from benchlib import ROOT, machine, serving
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _summary(ms: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(_pct(ms, 0.9), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "n": len(ms),
-    }
-
+from benchlib import ROOT, machine, serving, summary
 
 RETRIES: dict[str, int] = {}
 
 
-def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Response:
+def post_chat(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST a chat request to ``url`` (router, model child or hotmodel)."""
     # The router closes some kept-alive connections without notice (see
     # router_client.send); like hotmodel, the direct path retries once.
     try:
@@ -49,14 +34,19 @@ def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Respons
         return client.post(url + "/v1/chat/completions", json=body)
 
 
-def _plain(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+def plain_ms(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    """Wall milliseconds of one plain (non-streamed) chat request."""
     t0 = time.perf_counter()
-    resp = _post(client, url, body)
+    resp = post_chat(client, url, body)
     resp.raise_for_status()
     return (time.perf_counter() - t0) * 1000
 
 
-def _stream_first_byte(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+def stream_times(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, list[float]]:
+    """One streamed request: milliseconds to its first byte, and to each SSE event.
+
+    Events that arrive in the same read share its arrival time.
+    """
     for attempt in (1, 2):
         t0 = time.perf_counter()
         try:
@@ -64,17 +54,23 @@ def _stream_first_byte(client: httpx.Client, url: str, body: dict[str, Any]) -> 
                 "POST", url + "/v1/chat/completions", json={**body, "stream": True}
             ) as r:
                 r.raise_for_status()
-                first = None
-                for _ in r.iter_raw():
-                    if first is None:
-                        first = (time.perf_counter() - t0) * 1000
+                first: float | None = None
+                events: list[float] = []
+                for chunk in r.iter_raw():
+                    now = (time.perf_counter() - t0) * 1000
+                    first = now if first is None else first
+                    events += [now] * chunk.count(b"data: ")
                 assert first is not None
-                return first
+                return first, events
         except httpx.RemoteProtocolError:
             if attempt == 2:
                 raise
             RETRIES[url] = RETRIES.get(url, 0) + 1
     raise AssertionError("unreachable")
+
+
+def stream_first_byte_ms(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    return stream_times(client, url, body)[0]
 
 
 def main() -> None:
@@ -108,32 +104,30 @@ def main() -> None:
             httpx.Client(timeout=60, trust_env=False) as c2,
         ):
             for _ in range(10):  # warm both paths and the prompt cache
-                _plain(c1, router, body)
-                _plain(c2, base, body)
+                plain_ms(c1, router, body)
+                plain_ms(c2, base, body)
             for i in range(args.rounds):
                 # alternate the order so neither side always goes first
                 pairs = [(c1, router, "router"), (c2, base, "hotmodel")]
                 for client, url, name in pairs if i % 2 == 0 else pairs[::-1]:
-                    results[f"{name}_plain"].append(_plain(client, url, body))
-                    results[f"{name}_stream_ttfb"].append(_stream_first_byte(client, url, body))
+                    results[f"{name}_plain"].append(plain_ms(client, url, body))
+                    results[f"{name}_stream_ttfb"].append(stream_first_byte_ms(client, url, body))
 
-    summary = {k: _summary(v) for k, v in results.items()}
+    table = {k: summary(v) for k, v in results.items()}
     out = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
         "model": args.model,
         "rounds": args.rounds,
         "startup_to_healthy_ms": round(startup_ms),
-        "results": summary,
+        "results": table,
         "retries_on_closed_keepalive": {
             "router" if k != base else "hotmodel": v for k, v in RETRIES.items()
         },
         "overhead_p50_ms": {
-            "plain": round(
-                summary["hotmodel_plain"]["p50_ms"] - summary["router_plain"]["p50_ms"], 3
-            ),
+            "plain": round(table["hotmodel_plain"]["p50_ms"] - table["router_plain"]["p50_ms"], 3),
             "stream_ttfb": round(
-                summary["hotmodel_stream_ttfb"]["p50_ms"] - summary["router_stream_ttfb"]["p50_ms"],
+                table["hotmodel_stream_ttfb"]["p50_ms"] - table["router_stream_ttfb"]["p50_ms"],
                 3,
             ),
         },
@@ -143,7 +137,7 @@ def main() -> None:
     (folder / f"proxy-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
     print(f"start-up to healthy (router + {args.model} load): {out['startup_to_healthy_ms']} ms")
     print("| path | p50 ms | p90 ms | mean ms |\n| --- | --- | --- | --- |")
-    for k, v in summary.items():
+    for k, v in table.items():
         print(f"| {k} | {v['p50_ms']} | {v['p90_ms']} | {v['mean_ms']} |")
     print(
         f"overhead p50: plain +{out['overhead_p50_ms']['plain']} ms, "

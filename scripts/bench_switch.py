@@ -16,12 +16,14 @@ Prints a Markdown table and writes bench-results/switch-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,8 @@ from hotmodel.router import provision
 from hotmodel.router.supervisor import free_port, router_argv
 
 
-def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
+def wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
+    """Poll the router's GET /models every 5 ms until ``model`` reads ``want``."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         for m in client.get(url + "/models").json()["data"]:
@@ -43,7 +46,10 @@ def _wait_status(client: httpx.Client, url: str, model: str, want: str) -> None:
     raise TimeoutError(f"{model} never reached {want}")
 
 
-def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def bare_router(config_path: Path, model: str = "smollm2") -> Iterator[str]:
+    """A llama-server router with the arguments hotmodel would use, not managed by
+    hotmodel, with ``model`` loaded; yields its URL and stops it after."""
     config = load_config(config_path)
     port = free_port("127.0.0.1")
     state = config.server.state_dir
@@ -54,34 +60,56 @@ def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}"
     with (state / "bench-router.log").open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    out = []
     try:
+        wait_healthy(url, proc, "the bare router")
         with httpx.Client(timeout=30, trust_env=False) as c:
-            wait_healthy(url, proc, "the bare router")
-            c.post(url + "/models/load", json={"model": "smollm2"})
-            _wait_status(c, url, "smollm2", "loaded")
-            current = "smollm2"
-            for _ in range(rounds * 2):
-                target = "gemma3" if current == "smollm2" else "smollm2"
-                t0 = time.perf_counter()
-                c.post(url + "/models/unload", json={"model": current})
-                _wait_status(c, url, current, "unloaded")
-                t1 = time.perf_counter()
-                c.post(url + "/models/load", json={"model": target})
-                _wait_status(c, url, target, "loaded")
-                t2 = time.perf_counter()
-                out.append(
-                    {
-                        "to": target,
-                        "unload_ms": (t1 - t0) * 1000,
-                        "load_ms": (t2 - t1) * 1000,
-                        "total_ms": (t2 - t0) * 1000,
-                    }
-                )
-                current = target
+            c.post(url + "/models/load", json={"model": model})
+            wait_status(c, url, model, "loaded")
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def bare_switch(c: httpx.Client, url: str, current: str, target: str) -> dict[str, Any]:
+    """The router's own unload of ``current`` + load of ``target``, timed."""
+    t0 = time.perf_counter()
+    c.post(url + "/models/unload", json={"model": current})
+    wait_status(c, url, current, "unloaded")
+    t1 = time.perf_counter()
+    c.post(url + "/models/load", json={"model": target})
+    wait_status(c, url, target, "loaded")
+    t2 = time.perf_counter()
+    return {
+        "to": target,
+        "unload_ms": (t1 - t0) * 1000,
+        "load_ms": (t2 - t1) * 1000,
+        "total_ms": (t2 - t0) * 1000,
+    }
+
+
+def hotmodel_switch(c: httpx.Client, base: str, target: str) -> dict[str, Any]:
+    """``POST /admin/switch`` to ``target``, timed by the client; the report's phases."""
+    t0 = time.perf_counter()
+    report = c.post(base + "/admin/switch", json={"model": target}).json()
+    t1 = time.perf_counter()
+    assert report["outcome"] == "ok", report
+    return {
+        "to": target,
+        "client_ms": (t1 - t0) * 1000,
+        "report_total_ms": report["total_ms"],
+        "phases": report["phases"],
+    }
+
+
+def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
+    out = []
+    with bare_router(config_path) as url, httpx.Client(timeout=30, trust_env=False) as c:
+        current = "smollm2"
+        for _ in range(rounds * 2):
+            target = "gemma3" if current == "smollm2" else "smollm2"
+            out.append(bare_switch(c, url, current, target))
+            current = target
     return out
 
 
@@ -92,25 +120,15 @@ def _hotmodel(rounds: int) -> list[dict[str, Any]]:
         current = "smollm2"
         for _ in range(rounds * 2):
             target = "gemma3" if current == "smollm2" else "smollm2"
-            t0 = time.perf_counter()
-            report = c.post(base + "/admin/switch", json={"model": target}).json()
+            row = hotmodel_switch(c, base, target)
             t1 = time.perf_counter()
-            assert report["outcome"] == "ok", report
             first = c.post(
                 base + "/v1/chat/completions",
                 json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
             )
             t2 = time.perf_counter()
             first.raise_for_status()
-            out.append(
-                {
-                    "to": target,
-                    "client_ms": (t1 - t0) * 1000,
-                    "report_total_ms": report["total_ms"],
-                    "phases": report["phases"],
-                    "first_chat_ms": (t2 - t1) * 1000,
-                }
-            )
+            out.append({**row, "first_chat_ms": (t2 - t1) * 1000})
             current = target
     return out
 

@@ -23,26 +23,44 @@ import httpx
 from benchlib import ROOT, machine, serving
 
 
+def turn_timings(c: httpx.Client, base: str, i: int, session: str = "long") -> dict[str, Any]:
+    """Turn ``i`` of the long conversation; llama-server's timings of it."""
+    answer = c.post(
+        base + "/v1/chat/completions",
+        json={
+            "messages": [
+                {"role": "user", "content": f"Tell me one short fact about the number {i}."}
+            ],
+            "max_tokens": 12,
+            "temperature": 0,
+            "session_id": session,
+        },
+    )
+    answer.raise_for_status()
+    timings: dict[str, Any] = answer.json()["timings"]
+    return timings
+
+
+def trim_extra(max_messages: int, low_water: float | None = None) -> str:
+    extra = f"[session]\nmax_session_messages = {max_messages}\n"
+    return extra + (f"trim_low_water = {low_water}\n" if low_water is not None else "")
+
+
+def past_bound(i: int, max_messages: int) -> bool:
+    """Turn ``i`` (from 0) is sent past the bound: trimming is at work."""
+    return 2 * (i + 1) > max_messages
+
+
 def _run(low_water: float, turns: int, max_messages: int) -> dict[str, Any]:
-    extra = f"[session]\nmax_session_messages = {max_messages}\ntrim_low_water = {low_water}"
     cached = evaluated = 0
     prompt_ms: list[float] = []
-    with serving(extra=extra) as served, httpx.Client(timeout=600, trust_env=False) as c:
+    with (
+        serving(extra=trim_extra(max_messages, low_water)) as served,
+        httpx.Client(timeout=600, trust_env=False) as c,
+    ):
         for i in range(turns):
-            answer = c.post(
-                served.base_url + "/v1/chat/completions",
-                json={
-                    "messages": [
-                        {"role": "user", "content": f"Tell me one short fact about the number {i}."}
-                    ],
-                    "max_tokens": 12,
-                    "temperature": 0,
-                    "session_id": "long",
-                },
-            )
-            answer.raise_for_status()
-            timings = answer.json()["timings"]
-            if 2 * (i + 1) > max_messages:  # past the bound: trimming is at work
+            timings = turn_timings(c, served.base_url, i)
+            if past_bound(i, max_messages):
                 cached += timings["cache_n"]
                 evaluated += timings["prompt_n"]
                 prompt_ms.append(timings["prompt_ms"])

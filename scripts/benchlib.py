@@ -1,12 +1,16 @@
-"""What the benchmark scripts share: a demo config in a temporary folder and a
-`hotmodel serve` child process that is healthy before use and stopped after."""
+"""What the benchmark scripts share: a demo config in a temporary folder, a
+`hotmodel serve` child process that is healthy before use and stopped after,
+percentiles, and a description of the machine."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Served:
     config: Path
     base_url: str
+    pid: int  # the hotmodel process (not its llama-server children)
 
 
 def write_demo_config(folder: Path, default: str = "smollm2", extra: str = "") -> Path:
@@ -72,10 +77,53 @@ def serving(default: str = "smollm2", extra: str = "") -> Iterator[Served]:
         )
         try:
             wait_healthy(base, proc, "hotmodel serve")
-            yield Served(config, base)
+            yield Served(config, base, proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(pct(ms, 0.9), 3),
+        "p99_ms": round(pct(ms, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "n": len(ms),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def machine() -> dict[str, Any]:
@@ -83,4 +131,30 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "gpus": _gpus(),
+    }
+
+
+def llama_cpp() -> dict[str, Any]:
+    """The llama-server in use: the pinned llama.cpp build, or another one (PATH), and what
+    the binary says of itself."""
+    binary = provision.find_llama_server()
+    try:
+        said = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30
+        )
+        version = (said.stdout + said.stderr).strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        version = []
+    pinned = binary.resolve() == provision.cached_llama_server().resolve()
+    return {
+        "version": (
+            f"{provision.LLAMA_CPP_PACKAGE}=={provision.LLAMA_CPP_VERSION}"
+            if pinned
+            else f"llama-server at {binary}"
+        ),
+        "pinned_build": pinned,
+        "binary": str(binary),
+        "binary_version": [line for line in version if line.startswith(("version", "built"))],
     }

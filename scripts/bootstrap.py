@@ -2,7 +2,7 @@
 """Set everything up on a fresh machine, then run the demo or the whole test suite.
 
     python3 scripts/bootstrap.py demo   # venv, package, llama-server, models; serve the demo
-    python3 scripts/bootstrap.py test   # the same set-up; ruff, mypy, then pytest
+    python3 scripts/bootstrap.py test   # the same set-up plus chromium; ruff, mypy, pytest
 
 Arguments after ``demo`` go to ``hotmodel serve`` (e.g. ``--port 18081``), after
 ``test`` to pytest.
@@ -16,6 +16,7 @@ once and cached outside the work tree (``hotmodel setup``), as are the models.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
+# The browser test drives this chromium headless (tests/test_ui_browser.py); elsewhere
+# HOTMODEL_CHROMIUM names a Chromium or Chrome executable.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ENV = "HOTMODEL_CHROMIUM"
 
 
 def step(title: str) -> None:
@@ -58,6 +63,45 @@ def setup(dev: bool) -> None:
     )
     step("llama-server and the demo models (cached after the first run)")
     run(PY, "-m", "hotmodel", "setup", "--link-models", ROOT / ".models")
+    if dev:
+        ensure_chromium()
+
+
+def ensure_chromium() -> None:
+    """Provide the browser the dashboard test drives: Debian's ``chromium`` via apt-get.
+
+    Never ``playwright install``: that downloads from a CDN, which an offline CI
+    machine cannot reach, while the distribution's mirror is what it has. When
+    the install is impossible (no apt-get, no root and no sudo, macOS, Windows)
+    this says how to provide one and goes on: the browser test then fails
+    with the same advice, and every other check still runs.
+    """
+    given = os.environ.get(CHROMIUM_ENV)
+    if (given and Path(given).is_file()) or CHROMIUM.is_file():
+        return
+    step("chromium for the dashboard's browser test")
+    hint = (
+        f"install Chromium or Google Chrome and set {CHROMIUM_ENV} to its executable, e.g. "
+        f"{CHROMIUM_ENV}='/Applications/Google Chrome.app/Contents/MacOS/Google Chrome' "
+        f"(macOS) or {CHROMIUM_ENV}=C:\\Program Files\\Google\\Chrome\\Application\\chrome.exe "
+        "(Windows)"
+    )
+    if sys.platform in ("darwin", "win32") or shutil.which("apt-get") is None:
+        print(f"no apt-get here: {hint}", flush=True)
+        return
+    sudo: list[str] = []
+    if os.geteuid() != 0:  # type: ignore[attr-defined,unused-ignore]  # POSIX only, as apt-get
+        if shutil.which("sudo") is None:
+            print(f"not root and no sudo: run `apt-get install chromium` as root, or {hint}")
+            return
+        sudo = ["sudo"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    if subprocess.call(install, env=env) != 0:
+        # a fresh machine's package lists may be missing or stale: refresh them once
+        subprocess.call([*sudo, "apt-get", "update"], env=env)
+        if subprocess.call(install, env=env) != 0:
+            print(f"apt-get could not install chromium: {hint}", flush=True)
 
 
 def serve(argv: list[str]) -> None:

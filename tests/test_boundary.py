@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from hotmodel import sse
 from hotmodel.control.traffic import TrafficGate
@@ -23,10 +24,12 @@ from hotmodel.errors import (
     SessionBusyError,
     http_error_for,
 )
+from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import parse_model_event
 from hotmodel.router.models import ModelState
 from hotmodel.sessions.locks import SessionLocks
+from tests.upstreams import serving
 
 # --- SSE ---
 
@@ -105,18 +108,30 @@ def test_other_command_refusals_are_errors() -> None:
         asyncio.run(_client(_refuse("model is not found")).load("m"))
 
 
+def _chat_client(base_url: str, chat_http: ChatHttp, direct: bool = False) -> RouterClient:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    return RouterClient(
+        http, base_url, chat_http.request_timeout, direct=direct, chat_http=chat_http
+    )
+
+
 def test_a_slow_answer_names_the_setting_that_bounds_it() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("", request=request)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(10)
+        return web.Response()
 
     async def scenario() -> None:
-        async with _client(handler, request_timeout=2.5).chat(b"{}"):
+        async with (
+            serving(handler) as url,
+            ChatHttp(0.3) as chat_http,
+            _chat_client(url, chat_http).chat(b"{}"),
+        ):
             pass
 
     with pytest.raises(RouterTimeoutError) as info:
         asyncio.run(scenario())
     message = str(info.value)
-    assert "did not answer within 2.5s ([server] request_timeout_seconds)" in message
+    assert "did not answer within 0.3s ([server] request_timeout_seconds)" in message
     assert "could not be reached" not in message
     assert http_error_for(info.value).status == 504
 
@@ -130,21 +145,27 @@ def test_an_unreachable_router_is_unavailable() -> None:
 
 
 def test_a_stream_that_breaks_midway_is_a_router_error() -> None:
-    async def body() -> Any:
-        yield b"data: {}\n\n"
-        raise httpx.ReadError("connection reset")
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body())
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"data: {}\n\n")
+        assert request.transport is not None
+        request.transport.abort()  # the connection resets mid-answer
+        return resp
 
     async def scenario() -> list[bytes]:
         seen = []
-        async with _client(handler).chat(b"{}") as upstream:
+        async with (
+            serving(handler) as url,
+            ChatHttp(5) as chat_http,
+            _chat_client(url, chat_http).chat(b"{}") as upstream,
+        ):
             async for chunk in upstream.chunks():
                 seen.append(chunk)
         return seen
 
-    with pytest.raises(RouterUnavailableError, match="connection to the router broke"):
+    with pytest.raises(RouterUnavailableError, match="connection to llama-server broke"):
         asyncio.run(scenario())
 
 
@@ -225,41 +246,35 @@ def test_session_lock_wait_is_bounded() -> None:
 
 
 def test_chat_goes_to_the_model_directly_and_falls_back_to_the_router() -> None:
-    hosts: list[str] = []
-    refuse_child = False
+    seen: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        hosts.append(f"{request.url.host}:{request.url.port}")
-        if refuse_child and request.url.port == 4001:
-            raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(200, json={"ok": request.url.port})
+    def answering(name: str) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            seen.append(name)
+            return web.json_response({"ok": name})
+
+        return handler
 
     async def ask(client: RouterClient) -> Any:
         async with client.chat(b"{}", model="m") as upstream:
             return json.loads(await upstream.read())
 
     async def scenario() -> None:
-        nonlocal refuse_child
-        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        client = RouterClient(http, "http://127.0.0.1:4000", direct=True)
-        assert await ask(client) == {"ok": 4000}  # port unknown: the router
-        client.set_direct("m", 4001)
-        assert await ask(client) == {"ok": 4001}  # straight to the model's server
-        refuse_child = True  # it died
-        assert await ask(client) == {"ok": 4000}  # the router, and the port is forgotten
-        assert client.direct == {}
-        client.set_direct("m", 4001)
-        client.drop_direct("m")  # an unload begins: nothing may reach it directly
-        assert await ask(client) == {"ok": 4000}
-        off = RouterClient(http, "http://127.0.0.1:4000", direct=False)
-        off.set_direct("m", 4001)
-        assert off.direct == {}  # [router] direct = false
+        async with serving(answering("router")) as router_url, ChatHttp(5) as chat_http:
+            client = _chat_client(router_url, chat_http, direct=True)
+            assert await ask(client) == {"ok": "router"}  # port unknown: the router
+            async with serving(answering("child")) as child_url:
+                client.set_direct("m", int(child_url.rsplit(":", 1)[1]))
+                assert await ask(client) == {"ok": "child"}  # straight to the model's server
+            # it died (its port refuses): the router, and the port is forgotten
+            assert await ask(client) == {"ok": "router"}
+            assert client.direct == {}
+            client.set_direct("m", 4001)
+            client.drop_direct("m")  # an unload begins: nothing may reach it directly
+            assert await ask(client) == {"ok": "router"}
+            off = _chat_client(router_url, chat_http, direct=False)
+            off.set_direct("m", 4001)
+            assert off.direct == {}  # [router] direct = false
 
     asyncio.run(scenario())
-    assert hosts == [
-        "127.0.0.1:4000",
-        "127.0.0.1:4001",
-        "127.0.0.1:4001",
-        "127.0.0.1:4000",
-        "127.0.0.1:4000",
-    ]
+    assert seen == ["router", "child", "router", "router"]

@@ -1,7 +1,7 @@
 """The chat endpoint's ownership of what a request acquires, driven as a plain ASGI app.
 
-The router is httpx's MockTransport behind the real ``RouterClient`` (its
-answers can hang or stream forever on cue); the gate, the session locks, the
+The router is a scripted HTTP server on a real socket behind the real
+``RouterClient`` (its answers can hang or stream forever on cue); the gate, the session locks, the
 store and the control loop are the real ones. Each test ends a request in a
 different way and checks that the ticket and the session lock are returned
 and the upstream answer closed.
@@ -18,14 +18,18 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.config import load_config
 from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
+from hotmodel.control.feed import Feed
 from hotmodel.control.gpu import NoGpu
+from hotmodel.control.idle import IdleUnloader
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
+from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
@@ -33,31 +37,45 @@ from hotmodel.runtime import Services
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
 from tests.conftest import write_config
+from tests.upstreams import serving
 
 
 class Upstream:
-    """A scripted router answer: first chunk at once, then it hangs until ``finish``."""
+    """A scripted llama-server answer: first chunk at once, then it hangs until ``finish``.
+
+    ``closed`` is set when the handler ends, however: the answer was completed,
+    or the client closed the connection (which is how llama-server learns to stop).
+    """
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
         self.finish = asyncio.Event()
-        self.closed = False
+        self.closed = asyncio.Event()
         self.hang_before_answer = False
 
-    async def handler(self, request: httpx.Request) -> httpx.Response:
+    async def handler(self, request: web.Request) -> web.StreamResponse:
         self.requested.set()
-        if self.hang_before_answer:
-            await asyncio.Event().wait()
-        return httpx.Response(200, content=self._body())
-
-    async def _body(self) -> AsyncIterator[bytes]:
         try:
-            yield b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+            if self.hang_before_answer:
+                await asyncio.Event().wait()
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
             await self.finish.wait()
-            yield b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-            yield b"data: [DONE]\n\n"
+            await resp.write(
+                b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            )
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         finally:
-            self.closed = True
+            self.closed.set()
+
+    async def was_closed(self) -> bool:
+        """The answer ended (awaited: the server sees a client's close a moment later)."""
+        await asyncio.wait_for(self.closed.wait(), 5)
+        return True
 
 
 class NoRouter:
@@ -71,8 +89,11 @@ class NoRouter:
 @contextlib.asynccontextmanager
 async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services]:
     config = load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m"))
-    http = httpx.AsyncClient(transport=httpx.MockTransport(upstream.handler))
-    router = RouterClient(http, "http://router")
+    stack = contextlib.AsyncExitStack()
+    url = await stack.enter_async_context(serving(upstream.handler))
+    chat_http = await stack.enter_async_context(ChatHttp(30))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    router = RouterClient(http, url, chat_http=chat_http)
     supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
     supervisor.state = RouterState.RUNNING
     gate = TrafficGate()
@@ -91,9 +112,12 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
             store=store,
             gpu=NoGpu(),
             watchdog=Watchdog(config, supervisor, router, controller, gate),
+            idle=IdleUnloader(lambda: config.router, gate, controller),
             snapshots=None,
+            feed=Feed(),
         )
     await http.aclose()
+    await stack.aclose()
 
 
 class Client:
@@ -154,7 +178,7 @@ def test_a_complete_stream_is_relayed_and_stored(tmp_path: Path) -> None:
         client = Client(STREAM)
         upstream.finish.set()
         await ChatCompletions(s)(client.scope(), client.receive, client.send)
-        assert "[DONE]" in client.text() and upstream.closed
+        assert "[DONE]" in client.text() and await upstream.was_closed()
         stored = await s.store.get("", "s1")
         assert stored is not None
         assert [m.message["content"] for m in stored.messages] == ["hi", "Hi"]
@@ -170,7 +194,7 @@ def test_client_leaving_mid_stream_releases_everything(tmp_path: Path) -> None:
         assert len(s.gate.inflight()) == 1
         client.leave.set()
         await asyncio.wait_for(task, 5)
-        assert upstream.closed  # llama-server is told to stop generating
+        assert await upstream.was_closed()  # llama-server is told to stop generating
         assert await s.store.get("", "s1") is None  # a cut answer stores nothing
 
     _run(tmp_path, scenario)
@@ -186,7 +210,7 @@ def test_cancelled_between_the_handler_and_the_relay(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert upstream.closed
+        assert await upstream.was_closed()
 
     _run(tmp_path, scenario)
 
@@ -215,7 +239,7 @@ def test_a_switch_cancelling_the_stream_ends_it_with_an_error_event(tmp_path: Pa
         text = client.text()
         assert '"code": "switch_cancelled"' in text and "switching 'm' -> 'x'" in text
         assert client.sent[-1]["more_body"] is False  # the stream was ended properly
-        assert upstream.closed
+        assert await upstream.was_closed()
 
     _run(tmp_path, scenario)
 
@@ -240,7 +264,24 @@ def test_a_plain_request_whose_client_leaves_stops_and_stores_nothing(tmp_path: 
         client.leave.set()  # gone before the answer is complete
         await asyncio.wait_for(task, 5)
         assert client.sent == []  # nobody to send to
-        assert upstream.closed  # llama-server is told to stop
+        assert await upstream.was_closed()  # llama-server is told to stop
+        assert await s.store.get("", "s1") is None
+
+    _run(tmp_path, scenario)
+
+
+def test_a_client_leaving_before_the_answer_starts_stops_llama_server(tmp_path: Path) -> None:
+    """A plain answer starts only when the generation is done: leaving must not wait for it."""
+
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        upstream.hang_before_answer = True  # generating; no status line yet
+        client = Client({"messages": [{"role": "user", "content": "hi"}]})
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await upstream.requested.wait()
+        client.leave.set()
+        await asyncio.wait_for(task, 5)
+        assert client.sent == []
+        assert await upstream.was_closed()  # the connection was closed: llama-server stops
         assert await s.store.get("", "s1") is None
 
     _run(tmp_path, scenario)

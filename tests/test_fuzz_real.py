@@ -42,14 +42,21 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
         "/v1/sessions",
         "/v1/sessions/{session_id}",
         "/health",
+        "/metrics",
         "/admin/status",
         "/admin/switches",
         "/admin/switch",
+        "/admin/events",
+        "/admin/logs",
+        "/ui",
     }
 
 
 def test_generated_requests_never_get_a_5xx(server: HotmodelProcess) -> None:
-    schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
+    # /admin/events is a live feed that never ends: it has nothing to fuzz and would hang a call
+    schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json").exclude(
+        path="/admin/events"
+    )
     seen: dict[int, int] = {}
 
     @settings(

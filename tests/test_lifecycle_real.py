@@ -140,7 +140,7 @@ def test_default_model_that_is_no_gguf_is_refused_before_anything_starts(
     broken = _copy(tiny_models["garbage"], tmp_path / "models")
     config = write_config(tmp_path, {"broken": broken}, "broken")
     out = run_hotmodel("serve", "--config", str(config))
-    assert out.returncode == 2, out.stderr  # a config error: file, section, key
+    assert out.returncode == 3, out.stderr  # a config error: file, section, key
     assert f"[broken] model: {broken} is not a GGUF file" in out.stderr
     assert not (tmp_path / "state" / "llama-server.log").exists()  # nothing was spawned
 
@@ -204,14 +204,14 @@ def test_router_that_exits_at_once_is_reported(
     _assert_nothing_left(tmp_path)
 
 
-def test_broken_config_exits_2_naming_file_section_key(
+def test_broken_config_exits_3_naming_file_section_key(
     tmp_path: Path, tiny_models: dict[str, Path]
 ) -> None:
     config = write_config(
         tmp_path, {"tiny": tiny_models["tiny"]}, "tiny", router='parallel = "two"'
     )
     out = run_hotmodel("serve", "--config", str(config))
-    assert out.returncode == 2
+    assert out.returncode == 3
     assert (
         out.stderr.strip() == f"error: {config} [router] parallel: expected an integer, got 'two'"
     )
@@ -219,14 +219,14 @@ def test_broken_config_exits_2_naming_file_section_key(
 
 def test_missing_config_file(tmp_path: Path) -> None:
     out = run_hotmodel("serve", "--config", str(tmp_path / "nope.toml"))
-    assert out.returncode == 2
+    assert out.returncode == 3
     assert out.stderr.strip() == f"error: {tmp_path / 'nope.toml'}: config file not found"
 
 
 def test_missing_default_model_file(tmp_path: Path, llama_server: Path) -> None:
     config = write_config(tmp_path, {"ghost": tmp_path / "ghost.gguf"}, "ghost")
     out = run_hotmodel("serve", "--config", str(config))
-    assert out.returncode == 2
+    assert out.returncode == 3
     assert f"[ghost] model: model file not found: {tmp_path / 'ghost.gguf'}" in out.stderr
 
 

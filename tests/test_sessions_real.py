@@ -316,8 +316,10 @@ def test_session_api_and_cli(smol: HotmodelProcess) -> None:
     assert listed[0]["id"] == "api-1" and listed[0]["messages"] == 2
     out = run_hotmodel("sessions", "list", "--config", str(smol.config))
     assert out.returncode == 0 and "api-1  2 message(s)  system prompt: brief" in out.stdout
-    shown = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config))
+    shown = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config), "--json")
     assert '"content": "Hello"' in shown.stdout
+    readable = run_hotmodel("sessions", "show", "api-1", "--config", str(smol.config))
+    assert "] user: Hello" in readable.stdout and "] assistant (smollm2): " in readable.stdout
     deleted = run_hotmodel("sessions", "delete", "api-1", "--config", str(smol.config))
     assert deleted.returncode == 0
     assert httpx.get(smol.base_url + "/v1/sessions/api-1").status_code == 404

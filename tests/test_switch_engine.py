@@ -748,11 +748,13 @@ def test_the_snapshot_command_saves_and_changes_nothing() -> None:
 class FakeProcess:
     def __init__(self) -> None:
         self.running = True
+        self.stale = False
         self.restarts = 0
 
     async def restart(self) -> None:
         self.restarts += 1
         self.running = True
+        self.stale = False
 
 
 def test_a_crash_during_a_recovery_gets_a_recovery_of_its_own() -> None:
@@ -796,3 +798,48 @@ def test_only_the_recovery_releases_requests_held_for_it() -> None:
     assert not gate.is_open
     gate.open()  # the recovery ends
     assert gate.is_open
+
+
+def test_plans_with_a_router_restart_for_reloaded_presets() -> None:
+    zero = plan("zero_overlap", "a", "b", restart=True)
+    assert zero.index(Step.RESTART) == zero.index(Step.SETTLE) + 1  # no model loaded then
+    assert zero.index(Step.RESTART) < zero.index(Step.LOAD)
+    assert plan("zero_overlap", None, "b", restart=True)[:3] == (
+        Step.CHECK,
+        Step.RESTART,
+        Step.LOAD,
+    )
+    assert Step.RESTART not in plan("overlap", "a", "b", restart=True)  # never a free moment
+
+
+def test_a_stale_router_restarts_mid_switch_even_under_overlap() -> None:
+    router = FakeRouter("a")
+    engine = _engine(router, policy="overlap")
+    process = FakeProcess()
+    process.stale = True  # a reload changed the presets
+    engine.process = process
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.OK and process.restarts == 1
+    assert router.calls == ["unload a", "load b"]  # zero_overlap: the router had no model
+
+
+def test_idle_unload_parks_the_model_unless_a_request_came() -> None:
+    async def scenario(controller: Controller) -> None:
+        engine = controller.engine
+        busy = await controller.submit(Unload(idle_after=3600))  # the gate saw activity now
+        assert busy.outcome is Outcome.SKIPPED and engine.active == "a"
+        idle = await controller.submit(Unload(idle_after=0))
+        assert idle.outcome is Outcome.OK and idle.policy == "idle_unload"
+        assert engine.active is None and engine.parked == "a"
+        await controller.submit(Switch("a"))
+        assert engine.active == "a" and engine.parked is None
+
+    run(scenario, _engine(FakeRouter("a")))
+
+
+def test_a_manual_unload_parks_nothing() -> None:
+    async def scenario(controller: Controller) -> None:
+        await controller.submit(Unload())
+        assert controller.engine.active is None and controller.engine.parked is None
+
+    run(scenario, _engine(FakeRouter("a")))

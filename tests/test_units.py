@@ -16,6 +16,7 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.errors import (
     ConfigError,
+    HotModelError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotActiveError,
@@ -220,7 +221,8 @@ def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
         (ModelNotActiveError("x"), 409, "model_not_active"),
         (RouterExitedError("x"), 503, "router_unavailable"),
         (ModelLoadError("x"), 503, "router_unavailable"),
-        (ConfigError("f.toml", "x"), 500, "internal_error"),
+        (ConfigError("f.toml", "x"), 400, "invalid_config"),  # a reload of a bad file
+        (HotModelError("x"), 500, "internal_error"),
     ],
 )
 def test_http_error_mapping(exc: Exception, status: int, code: str) -> None:

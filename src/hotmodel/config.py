@@ -23,7 +23,7 @@ from hotmodel.security import KNOWN_KEYS, KeySet, load_keys
 
 _T = TypeVar("_T")
 
-SwitchPolicy = Literal["zero_overlap", "overlap"]
+SwitchPolicy = Literal["zero_overlap", "overlap", "auto"]
 DrainTimeoutAction = Literal["fail", "cancel"]
 GpuProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
 TokenCountMode = Literal["estimate", "exact", "auto"]
@@ -75,6 +75,10 @@ class RouterConfig:
     restart_backoff_seconds: float = field(default=0.5, metadata=_meta(min=0))
     watchdog_interval_seconds: float = field(default=5.0, metadata=_meta(min=0))
     watchdog_failures: int = field(default=3, metadata=_meta(min=1))
+    # 0: never. Else unload the model after this many seconds without requests
+    # (KV snapshot first); the next request loads it back.
+    idle_unload_seconds: float = field(default=0.0, metadata=_meta(min=0))
+    preload: bool = True  # load default_model at start (false: at the first request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,9 @@ class SwitchConfig:
     history: int = field(default=50, metadata=_meta(min=1))
     kv_snapshots: bool = False
     kv_snapshot_max_bytes: int = field(default=4 * 1024**3, metadata=_meta(min=0))
+    # policy "auto": overlap only when the GPU's free memory covers the target's
+    # estimate (GGUF size + KV cache) plus this margin
+    auto_margin_mib: int = field(default=512, metadata=_meta(min=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +114,7 @@ class SessionConfig:
     max_prompt_chars: int = field(default=32000, metadata=_meta(min=1))
     max_prompt_tokens: int = field(default=0, metadata=_meta(min=0))
     token_count_mode: TokenCountMode = "auto"
-    trim_low_water: float = field(default=0.75, metadata=_meta(min=0, max=1))
+    trim_low_water: float = field(default=0.6, metadata=_meta(min=0, max=1))
     default_system_prompt: str = ""
     queue_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0))
     store_file: Path | None = None
@@ -133,6 +140,19 @@ class Config:
     presets: Presets
     system_prompts: Mapping[str, SystemPrompt] = field(default_factory=dict)
     keys: KeySet = field(default_factory=KeySet)
+    # [server] keys given on the command line (serve --port ...): they win over the
+    # file at start and at every reload
+    server_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_server_overrides(self, **changes: Any) -> Config:
+        """This config with ``changes`` applied over ``[server]``, and remembered."""
+        if not changes:
+            return self
+        return dataclasses.replace(
+            self,
+            server=dataclasses.replace(self.server, **changes),
+            server_overrides={**self.server_overrides, **changes},
+        )
 
     @property
     def router_log_file(self) -> Path:

@@ -189,6 +189,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
+    (ConfigError, HttpError(400, "invalid_request_error", "invalid_config")),  # a reload's
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
     (SwitchFailedError, HttpError(500, "server_error", "switch_failed")),

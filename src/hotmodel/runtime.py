@@ -18,7 +18,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -28,14 +28,18 @@ import httpx
 from hotmodel.config import Config
 from hotmodel.control.controller import Controller, Snapshot, Switch
 from hotmodel.control.engine import Engine
+from hotmodel.control.feed import Feed
+from hotmodel.control.fit import preset_need_mib
 from hotmodel.control.gpu import GpuProbe, detect_probe
+from hotmodel.control.idle import IdleUnloader
 from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import HotModelError, ModelLoadError
 from hotmodel.presets import check_model_file
+from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
-from hotmodel.router.events import ModelEvents
+from hotmodel.router.events import ModelEvent, ModelEvents
 from hotmodel.router.lifecycle import ModelLifecycle
 from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
@@ -58,9 +62,12 @@ class ServiceState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Services:
-    """Everything a started runtime offers the HTTP layer; nothing here is ever None."""
+    """Everything a started runtime offers the HTTP layer; nothing here is ever None.
+
+    Only ``config`` ever changes: a reload swaps in the new one (control/reload.py).
+    """
 
     config: Config
     router: RouterClient
@@ -72,7 +79,9 @@ class Services:
     store: SessionStore
     gpu: GpuProbe
     watchdog: Watchdog
+    idle: IdleUnloader
     snapshots: Snapshots | None  # None: [switch] kv_snapshots is off
+    feed: Feed  # the dashboard's live events (GET /admin/events)
 
 
 class Runtime:
@@ -85,6 +94,11 @@ class Runtime:
         self._stack = contextlib.AsyncExitStack()
         self._services: Services | None = None
         self._supervisor: RouterSupervisor | None = None  # as soon as it exists: kill_router()
+
+    @property
+    def current_config(self) -> Config:
+        """The config in effect: a reload replaces the one the runtime started with."""
+        return self.config if self._services is None else self._services.config
 
     @property
     def services(self) -> Services:
@@ -126,11 +140,13 @@ class Runtime:
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         port = cfg.router.port or free_port(cfg.router.host)
         http = await stack.enter_async_context(_http_client(cfg))
+        chat_http = await stack.enter_async_context(ChatHttp(cfg.server.request_timeout_seconds))
         router = RouterClient(
             http,
             f"http://{_url_host(cfg.router.host)}:{port}",
             cfg.server.request_timeout_seconds,
             direct=cfg.router.direct,
+            chat_http=chat_http,
         )
         store = await stack.enter_async_context(SessionStore(cfg.session_store_file))
         sessions = SessionService(cfg, store, router)
@@ -158,10 +174,18 @@ class Runtime:
             replay=sessions.replay,
             baseline_mib=None if baseline is None else baseline.used_mib,
             process=supervisor,
-            preflight=lambda target: check_model_file(cfg.presets, target),
+            preflight=lambda target: check_model_file(self.current_config.presets, target),
             kv=snapshots,
+            estimate=lambda target: preset_need_mib(
+                self.current_config.presets, target, self.current_config.router
+            ),
+            models_max=cfg.router.models_max,
         )
+        feed = Feed()  # every phase, report and model event, for the dashboard
+        engine.watchers.append(feed.watch)
+        events.listeners.append(feed.model_event)
         controller = Controller(engine, cfg.presets.models)
+        events.listeners.append(_progress_to(engine))
         await stack.enter_async_context(_task(controller.run(), "control-loop"))
         stack.callback(controller.close)  # on the way out: first refuse new commands
         if snapshots is not None:  # ... but before that, keep the conversation's KV
@@ -169,6 +193,8 @@ class Runtime:
         watchdog = Watchdog(cfg, supervisor, router, controller, gate)
         supervisor.on_exit, events.on_event = watchdog.router_exited, watchdog.model_event
         await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
+        idle = IdleUnloader(lambda: self.current_config.router, gate, controller)
+        await stack.enter_async_context(_task(idle.run(), "idle-unload"))
         return Services(
             config=cfg,
             router=router,
@@ -180,12 +206,19 @@ class Runtime:
             store=store,
             gpu=gpu,
             watchdog=watchdog,
+            idle=idle,
             snapshots=snapshots,
+            feed=feed,
         )
 
     async def _load_default(self) -> None:
-        """The first load is a command like any other: the control loop does it."""
+        """The first load is a command like any other: the control loop does it.
+        Without preload the model is parked: the first request loads it."""
         model = self.config.router.default_model
+        if not self.config.router.preload:
+            self.services.controller.engine.parked = model
+            log.info("default model %r is loaded by the first request ([router] preload)", model)
+            return
         log.info("loading default model %r", model)
         report = await self.services.controller.submit(Switch(model, replay=False))
         if report.failed:
@@ -251,6 +284,16 @@ async def _task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asy
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _progress_to(engine: Engine) -> Callable[[ModelEvent], None]:
+    """The router's load progress, as progress events of the engine's LOAD step."""
+
+    def listener(event: ModelEvent) -> None:
+        if event.progress is not None:
+            engine.load_progress(event.model, event.progress, event.stage)
+
+    return listener
 
 
 def _url_host(host: str) -> str:

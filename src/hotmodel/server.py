@@ -70,6 +70,36 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) 
                 loop.remove_signal_handler(sig)
 
 
+@contextlib.contextmanager
+def _reload_on_sighup(loop: asyncio.AbstractEventLoop, runtime: Runtime) -> Iterator[None]:
+    """SIGHUP re-reads the config (``hotmodel reload`` is the same, over HTTP); the
+    platforms without SIGHUP (Windows) have ``hotmodel reload`` only."""
+    if not hasattr(signal, "SIGHUP") or sys.platform == "win32":
+        yield
+        return
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(runtime), name="reload")
+        pending.add(task)  # kept until done: a task nobody holds may be collected
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _reload(runtime: Runtime) -> None:
+    from hotmodel.control.reload import reload_config
+
+    try:
+        await reload_config(runtime.services)
+    except HotModelError as exc:
+        log.error("SIGHUP: the config was not reloaded: %s", exc)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """The proxy's listening socket, bound before anything is spawned.
 
@@ -178,12 +208,17 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
                 create_app(runtime),
                 lifespan="off",
                 log_level=config.server.log_level,
-                access_log=config.server.log_level == "debug",
+                # uvicorn's loggers go to hotmodel's handler (text or JSON: hotmodel.logs),
+                # and hotmodel.access writes the one line per request (api/observe.py)
+                log_config=None,
+                access_log=False,
                 timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
             )
         )
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-        await _first(asyncio.shield(serving), signals.stop.wait())
+        with _reload_on_sighup(asyncio.get_running_loop(), runtime):
+            await _first(asyncio.shield(serving), signals.stop.wait())
+        services.feed.close()  # open dashboard streams end now, not at the graceful deadline
         server.should_exit = True
         await _first(asyncio.shield(serving), signals.forced_wait())
         if not serving.done():

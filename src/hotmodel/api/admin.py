@@ -1,4 +1,5 @@
-"""Admin endpoints: ``GET /admin/status``, ``POST /admin/switch``, ``GET /admin/switches``.
+"""Admin endpoints: ``GET /admin/status``, ``POST /admin/switch``, ``GET /admin/switches``,
+``POST /admin/reload``.
 
 ``POST /admin/switch`` takes ``{"model": NAME}``. Plain, it answers the switch
 report when the switch is over (200 when the target is active, 500 when the
@@ -23,6 +24,7 @@ from hotmodel.api.chat import parse_body
 from hotmodel.api.status import health_status
 from hotmodel.api.validate import read_body
 from hotmodel.control.controller import Switch
+from hotmodel.control.reload import reload_config
 from hotmodel.control.report import SwitchEvent, SwitchReport
 from hotmodel.errors import HotModelError, InvalidRequestError
 from hotmodel.runtime import Runtime
@@ -41,6 +43,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         "state": runtime.state.value,
         "health": health_status(runtime),
         "active_model": s.controller.active,
+        "parked_model": s.controller.engine.parked,  # unloaded for idleness / not preloaded
         "uptime_seconds": round(runtime.uptime(), 3),
         "config": str(s.config.path),
         "presets": list(s.config.presets.models),
@@ -60,6 +63,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         },
         "switch": s.controller.engine.status(),
         "in_flight": len(s.gate.inflight()),
+        "dashboard_streams": s.feed.subscribers,  # open GET /admin/events
         "gpu_probe": s.gpu.name,
         "kv_snapshots": None
         if s.snapshots is None
@@ -102,6 +106,10 @@ def admin_routes(runtime: Runtime) -> list[Route]:
             headers={"cache-control": "no-cache"},
         )
 
+    async def reload(request: Request) -> Response:
+        """Re-read the config files; 400 ``invalid_config`` (nothing changed) when one is bad."""
+        return JSONResponse(await reload_config(s))
+
     async def switches(request: Request) -> Response:
         history = s.controller.engine.history
         return JSONResponse({"data": [r.to_json() for r in reversed(history)]})
@@ -110,6 +118,7 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         Route("/admin/status", status, methods=["GET"]),
         Route("/admin/switch", switch, methods=["POST"]),
         Route("/admin/switches", switches, methods=["GET"]),
+        Route("/admin/reload", reload, methods=["POST"]),
     ]
 
 

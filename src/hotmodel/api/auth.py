@@ -1,12 +1,15 @@
 """API keys at the door: ``Authorization: Bearer KEY`` for ``/v1/*`` and ``/admin/*``.
 
 An ASGI middleware, so every route is covered without each one remembering
-to check. ``/health`` and ``/openapi.json`` stay open (probes and tools need
-them). The key's fingerprint goes into ``scope["state"]["owner"]``: sessions
-belong to the key that created them.
+to check. ``/metrics`` needs the admin key, like ``/admin/*``. ``/health`` and
+``/openapi.json`` stay open (probes and tools need them). The key's
+fingerprint goes into ``scope["state"]["owner"]``: sessions belong to the key
+that created them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -14,6 +17,8 @@ from hotmodel.api.errors import error_response
 from hotmodel.security import Access, KeySet, fingerprint
 
 OWNER = "owner"
+# Scrapers send a bearer token too; what is loaded and how busy it is is admin business.
+METRICS_PATH = "/metrics"
 
 
 def owner_of(scope: Scope) -> str:
@@ -23,23 +28,26 @@ def owner_of(scope: Scope) -> str:
 
 
 class RequireKeys:
-    def __init__(self, app: ASGIApp, keys: KeySet) -> None:
+    """``keys`` is asked on every request: a reload may change the keys."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeySet]) -> None:
         self.app = app
-        self.keys = keys
+        self.current = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled:
+        keys = self.current()
+        if scope["type"] != "http" or not keys.enabled:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        needs = Access.ADMIN if path.startswith("/admin") else None
-        if needs is None and path.startswith("/v1") and self.keys.client:
+        needs = Access.ADMIN if path.startswith("/admin") or path == METRICS_PATH else None
+        if needs is None and path.startswith("/v1") and keys.client:
             needs = Access.CLIENT
         if needs is None:
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
-        access = self.keys.check(presented)
+        access = keys.check(presented)
         if access is None:
             response = error_response(
                 401,

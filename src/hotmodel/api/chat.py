@@ -24,7 +24,8 @@ from starlette.types import Receive, Scope, Send
 
 from hotmodel.api.auth import owner_of
 from hotmodel.api.errors import upstream_error_response
-from hotmodel.api.relay import OnReply, read_unless_gone, relay
+from hotmodel.api.record import RequestRecord, record_of
+from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
 from hotmodel.api.validate import (
     check_fields,
     check_messages,
@@ -99,8 +100,23 @@ def parse_chat(body: bytes, request: Request, services: Services) -> ChatRequest
     )
 
 
-def resolve_model(requested: object, active: str | None, presets: Collection[str]) -> str:
-    """The preset a chat request goes to: ``"active"``/omitted/the active id, else an error."""
+class ModelParkedError(Exception):
+    """No model is loaded because ``model`` was unloaded for idleness: load it back."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
+
+
+def resolve_model(
+    requested: object, active: str | None, presets: Collection[str], parked: str | None = None
+) -> str:
+    """The preset a chat request goes to: ``"active"``/omitted/the active id, else an error
+    (:class:`ModelParkedError` when the model it means was unloaded for idleness)."""
+    if active is None and parked is not None:
+        if requested is None or requested in ("", ACTIVE_ALIAS, parked):
+            raise ModelParkedError(parked)
+        active = parked  # another preset: as if the parked one were active
     if active is None:
         raise RouterUnavailableError(
             "no model is loaded (the last switch and its rollback failed, or it was "
@@ -144,12 +160,21 @@ class ChatCompletions:
         request = Request(scope, receive)
         body = await read_body(request, self.s.config.server.max_body_bytes)
         chat = parse_chat(body, request, self.s)
-        response = await self._answer(chat, receive, send)
+        record = record_of(scope) or RequestRecord.detached()
+        record.stream = chat.stream
+        if chat.session is not None:
+            record.session = chat.session.id
+        response = await self._answer(chat, record, receive, send)
         if response is not None:  # sent after the ticket and the session lock are returned
             await response(scope, receive, send)
 
-    async def _answer(self, chat: ChatRequest, receive: Receive, send: Send) -> Response | None:
-        """Forward ``chat``; relays a stream itself (None), else returns the answer to send."""
+    async def _answer(
+        self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send
+    ) -> Response | None:
+        """Forward ``chat``; relays a stream itself (None), else returns the answer to send.
+
+        ``record`` gets the model, the upstream call's times and the token counts.
+        """
         async with contextlib.AsyncExitStack() as stack:
             if chat.session is not None:
                 timeout = self.s.config.session.queue_timeout_seconds
@@ -160,6 +185,7 @@ class ChatCompletions:
             model = ticket.model
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
+            record.model = model
             prepared = None
             headers: dict[str, str] = {}
             if chat.session is not None:
@@ -174,24 +200,31 @@ class ChatCompletions:
                 prepared.slot_gen = gen
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
-                upstream = await stack.enter_async_context(
-                    self.s.router.chat(body, chat.accept, model)
-                )
+                record.upstream_start()
+                with DisconnectWatch(receive, scope) as watch:  # until the answer starts
+                    upstream = await stack.enter_async_context(
+                        self.s.router.chat(body, chat.accept, model)
+                    )
                 if upstream.status_code >= 400:
-                    return upstream_error_response(upstream.status_code, await upstream.read())
+                    error = await upstream.read()
+                    record.upstream_done(error)
+                    return upstream_error_response(upstream.status_code, error)
                 if chat.stream:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
-                    await relay(upstream, ticket, receive, send, headers, on_reply)
+                    await relay(upstream, ticket, receive, send, headers, on_reply, record)
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
                     return None  # the client left: nothing to send, nothing stored
+                record.upstream_done(data)
                 if prepared is not None:
                     with anyio.CancelScope(shield=True):
                         await self.s.sessions.complete(prepared, reply_of(data), model)
                 return Response(
                     data, status_code=upstream.status_code, media_type=_JSON, headers=headers
                 )
+            if watch.gone:
+                return None  # the client left while llama-server worked: it is stopped
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
 
     def _recorder(self, prepared: Prepared, model: str) -> OnReply:
@@ -210,25 +243,29 @@ class ChatCompletions:
             except ModelNotActiveError:
                 if not cfg.auto:
                     raise
+                assert isinstance(requested, str)  # "not active" is said only of a preset
+                target = requested
+            except ModelParkedError as parked:
+                target = parked.model  # unloaded for idleness: the request loads it back
             else:
                 yield ticket
                 return
         # The ticket is returned before the switch: a switch drains in-flight tickets.
-        assert isinstance(requested, str)  # resolve_model() says "not active" only for a preset
         try:
             async with asyncio.timeout(cfg.queue_timeout_seconds):
-                report = await s.controller.submit(Switch(requested))
+                report = await s.controller.submit(Switch(target))
         except TimeoutError:
             raise SwitchBusyError(
-                f"switching to {requested!r} took longer than {cfg.queue_timeout_seconds:g}s "
+                f"switching to {target!r} took longer than {cfg.queue_timeout_seconds:g}s "
                 "([switch] queue_timeout_seconds); it goes on, try again later"
             ) from None
         if report.failed:
-            raise SwitchFailedError(f"switching to {requested!r} failed: {report.error}", report)
+            raise SwitchFailedError(f"switching to {target!r} failed: {report.error}", report)
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             ticket.model = self._resolve(requested)
             yield ticket
 
     def _resolve(self, requested: object) -> str:
         self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code
-        return resolve_model(requested, self.s.controller.active, self.s.config.presets.models)
+        engine = self.s.controller.engine
+        return resolve_model(requested, engine.active, self.s.config.presets.models, engine.parked)

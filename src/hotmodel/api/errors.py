@@ -12,7 +12,6 @@ and nothing internal (:class:`CatchUnexpected`).
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotmodel import sse
+from hotmodel.api.record import new_request_id, record_of
 from hotmodel.errors import HotModelError, http_error_for
 from hotmodel.router.models import error_message
 
@@ -97,8 +97,9 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 class CatchUnexpected:
     """ASGI middleware: an exception nothing else handled becomes a generic 500.
 
-    Logged once here with a request id that the client also gets (Starlette's
-    own ServerErrorMiddleware would re-raise it, and the server log it again).
+    Logged once here with the request's id (the one its access line and its
+    ``X-Request-Id`` header carry), which the client also gets (Starlette's own
+    ServerErrorMiddleware would re-raise it, and the server log it again).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -118,7 +119,8 @@ class CatchUnexpected:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception:
-            request_id = uuid.uuid4().hex
+            record = record_of(scope)  # the request's one id, made by the Observe middleware
+            request_id = record.request_id if record is not None else new_request_id()
             log.exception(
                 "unexpected error on %s %s (request id %s)",
                 scope.get("method"),
@@ -133,5 +135,6 @@ class CatchUnexpected:
                 "server_error",
                 "internal_error",
             )
-            response.headers["x-request-id"] = request_id
+            if record is None:  # else Observe adds the header to every answer
+                response.headers["x-request-id"] = request_id
             await response(scope, receive, send)

@@ -153,10 +153,23 @@ def _paths() -> dict[str, Any]:
             },
         },
         "/health": {"get": {"summary": "200 when serving", "responses": _answers(_OBJECT, 503)}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (admin key when keys are set)",
+                "responses": {
+                    **_answers(_OBJECT, 401, 403),
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                },
+            }
+        },
         "/admin/status": {"get": {"summary": "state", "responses": _answers(_OBJECT, 401, 403)}},
         "/admin/switches": {
             "get": {"summary": "switch history", "responses": _answers(_OBJECT, 401, 403)}
         },
+        **_dashboard_paths(),
         "/admin/switch": {
             "post": {
                 "summary": "switch the active model",
@@ -176,6 +189,40 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 "responses": _answers(_OBJECT, 400, 401, 403, 404, 500, 503),
+            }
+        },
+    }
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """The dashboard's page, its live feed and the router's log tail (api/ui.py)."""
+    events = {"description": "server-sent events", "content": {"text/event-stream": _OBJECT}}
+    page = {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}
+    return {
+        "/ui": {
+            "get": {
+                "summary": "the dashboard (static; data needs keys)",
+                "responses": {"200": page},
+            }
+        },
+        "/admin/events": {
+            "get": {
+                "summary": "live feed: status, phase, report, model, resync events (never ends)",
+                "responses": {**_answers(_OBJECT, 401, 403), "200": events},
+            }
+        },
+        "/admin/logs": {
+            "get": {
+                "summary": "the router log's last lines",
+                "parameters": [
+                    {
+                        "name": "lines",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 5000},
+                    }
+                ],
+                "responses": _answers(_OBJECT, 400, 401, 403),
             }
         },
     }

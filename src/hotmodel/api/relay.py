@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
 from starlette.types import Receive, Send
 
 from hotmodel.api.errors import sse_error
+from hotmodel.api.record import RequestRecord, has_text
 from hotmodel.control.traffic import Ticket
 from hotmodel.errors import HotModelError, RouterError
-from hotmodel.router.client import Upstream
+from hotmodel.router.chat_http import Upstream
 from hotmodel.sessions.reply import Message, ReplyAssembler
 
 log = logging.getLogger("hotmodel.api")
@@ -37,8 +39,13 @@ async def relay(
     send: Send,
     headers: Mapping[str, str],
     on_reply: OnReply | None = None,
+    record: RequestRecord | None = None,
 ) -> None:
-    """Relay ``upstream`` to the client until it ends, breaks, is cancelled or the client leaves."""
+    """Relay ``upstream`` to the client until it ends, breaks, is cancelled or the client leaves.
+
+    ``record`` gets the time of the first generated text and, from the last
+    chunks, the token counts.
+    """
     raw_headers = [
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in {"content-type": "text/event-stream", **SSE_HEADERS, **headers}.items()
@@ -60,7 +67,7 @@ async def relay(
                     "headers": raw_headers,
                 }
             )
-            tail = await _pump(upstream, ticket, send, on_reply)
+            tail = await _pump(upstream, ticket, send, on_reply, record or RequestRecord.detached())
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:
             pass  # the client went away while we were sending
@@ -92,10 +99,54 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _pump(upstream: Upstream, ticket: Ticket, send: Send, on_reply: OnReply | None) -> bytes:
-    """Send every upstream chunk; returns the bytes that end the client's stream."""
+class DisconnectWatch:
+    """While armed (``with``), a client that disconnects cancels ``scope``.
+
+    For the wait until llama-server's answer starts: a plain (non-streamed)
+    answer starts only when the whole generation is done, and a client that
+    leaves meanwhile must stop it then, not minutes later.
+    """
+
+    def __init__(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        self._receive = receive
+        self._scope = scope
+        self._task: asyncio.Future[None] | None = None
+        self.gone = False
+
+    def __enter__(self) -> DisconnectWatch:
+        self._task = asyncio.ensure_future(_disconnected(self._receive))
+        self._task.add_done_callback(self._fire)
+        return self
+
+    def _fire(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.gone = True
+        self._scope.cancel()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()  # no await: this may run inside a cancelled scope
+
+
+async def _pump(
+    upstream: Upstream,
+    ticket: Ticket,
+    send: Send,
+    on_reply: OnReply | None,
+    record: RequestRecord,
+) -> bytes:
+    """Send every upstream chunk; returns the bytes that end the client's stream.
+
+    Per chunk, the metrics cost a substring search until the first text, and
+    three name rebinds: llama-server's counts are in its last event, so only
+    the last three chunks are kept (an event may be cut across reads) and
+    searched once, at the end.
+    """
     tail = b""
     assembler = ReplyAssembler() if on_reply is not None else None
+    waiting = True  # for the first generated text
+    last3 = last2 = last = b""
     with anyio.CancelScope() as scope:
         ticket.bind(scope)
         try:
@@ -112,6 +163,10 @@ async def _pump(upstream: Upstream, ticket: Ticket, send: Send, on_reply: OnRepl
                             log.error("storing a streamed answer failed: %s", exc)
                             tail = sse_error(f"the answer was not stored: {exc}", "store_error")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if waiting and has_text(chunk):
+                    record.first_token, waiting = time.perf_counter(), False
+                last3, last2, last = last2, last, chunk
+            record.upstream_done(b"".join((last3, last2, last)))
         except RouterError as exc:
             log.warning("upstream stream broke: %s", exc)
             tail = sse_error(f"the router's stream broke: {exc}", "upstream_stream_error")

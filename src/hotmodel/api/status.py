@@ -10,6 +10,7 @@ from hotmodel.api.chat import ACTIVE_ALIAS
 from hotmodel.api.errors import RETRY_AFTER_S
 from hotmodel.control.report import SwitchState
 from hotmodel.errors import RouterError
+from hotmodel.presets import Preset
 from hotmodel.router.supervisor import RouterState
 from hotmodel.runtime import Runtime, ServiceState
 
@@ -20,8 +21,9 @@ def health_status(runtime: Runtime) -> str:
     ``switching`` while a switch holds requests at the gate (zero_overlap, no
     model loaded), ``recovering`` while the router or model is brought back
     after a crash, ``failed`` when the router could not be restarted,
-    ``router_exited`` when it died and restarts are off, ``unavailable`` when no
-    model is loaded or hotmodel is starting or stopping.
+    ``router_exited`` when it died and restarts are off, ``idle`` when the model
+    was unloaded for idleness (served: the next request loads it back; 200),
+    ``unavailable`` when no model is loaded or hotmodel is starting or stopping.
     """
     s = runtime.services
     router = s.supervisor.state
@@ -37,7 +39,21 @@ def health_status(runtime: Runtime) -> str:
         return "router_exited"
     if not s.gate.is_open:
         return "switching"
-    return "ok" if s.controller.active is not None else "unavailable"
+    if s.controller.active is None:
+        return "idle" if s.controller.engine.parked is not None else "unavailable"
+    return "ok"
+
+
+def size_on_disk(preset: Preset) -> int | None:
+    """The size of the preset's ``model`` file on disk (the first file of a split GGUF), or
+    None when it has no local file or the file is gone. One stat per preset: cheap enough
+    for every listing."""
+    if preset.model_path is None:
+        return None
+    try:
+        return preset.model_path.stat().st_size
+    except OSError:
+        return None
 
 
 def status_routes(runtime: Runtime) -> list[Route]:
@@ -53,9 +69,11 @@ def status_routes(runtime: Runtime) -> list[Route]:
             "active_model": s.controller.active,
             "switching": s.controller.busy,
             "switch_state": s.controller.state.value,
+            "parked_model": s.controller.engine.parked,
         }
-        resp = JSONResponse(body, status_code=200 if status == "ok" else 503)
-        if status != "ok":
+        served = status in ("ok", "idle")
+        resp = JSONResponse(body, status_code=200 if served else 503)
+        if not served:
             resp.headers["retry-after"] = RETRY_AFTER_S
         return resp
 
@@ -73,8 +91,9 @@ def status_routes(runtime: Runtime) -> list[Route]:
                 "created": 0,
                 "status": states.get(name, "unknown"),
                 "active": name == active,
+                "size_bytes": size_on_disk(preset),
             }
-            for name in s.config.presets.models
+            for name, preset in s.config.presets.models.items()
         ]
         return JSONResponse(
             {"object": "list", "data": data, "active": active, "alias": ACTIVE_ALIAS}

@@ -12,8 +12,8 @@ stop it half-way.
 
 Commands today: :class:`Switch` (also the first load of the default model at
 start, and the rollback inside it), :class:`Unload` and :class:`Recover`
-(after the router or the model's child died). Config reload comes as one more
-command on the same queue.
+(after the router or the model's child died). A config reload applies its
+live settings at once and changes the model set only through these commands.
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ class Switch:
 
     target: str
     replay: bool = True
+    reload: bool = False  # load it again even if active (a reload changed its preset)
 
 
 @dataclass(frozen=True, slots=True)
 class Unload:
-    """Unload the active model: afterwards no model is loaded."""
+    """Unload the active model: afterwards no model is loaded. ``idle_after``: an idle
+    unload, done only if no request came for that many seconds; the model is parked
+    and the next request loads it back."""
+
+    idle_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +70,12 @@ Command = Switch | Unload | Recover | Snapshot
 def _outcome(command: Command) -> tuple[str, ...]:
     """Commands with the same outcome share one execution."""
     if isinstance(command, Switch):
-        return ("switch", command.target)
+        return ("switch", command.target, *(("reload",) if command.reload else ()))
     if isinstance(command, Recover):
         return ("recover",)
     if isinstance(command, Snapshot):
         return ("snapshot",)
-    return ("unload",)
+    return ("unload",) if isinstance(command, Unload) and command.idle_after is None else ("idle",)
 
 
 @dataclass
@@ -163,13 +168,15 @@ class Controller:
         command = job.command
         try:
             if isinstance(command, Switch):
-                report = await self.engine.run(command.target, job.listeners, command.replay)
+                report = await self.engine.run(
+                    command.target, job.listeners, command.replay, reload=command.reload
+                )
             elif isinstance(command, Recover):
                 report = await self.engine.run(command.target, job.listeners, recover=True)
             elif isinstance(command, Snapshot):
                 report = await self.engine.run(self.engine.active, job.listeners, save_only=True)
             else:
-                report = await self.engine.run(None, job.listeners)
+                report = await self.engine.run(None, job.listeners, idle_after=command.idle_after)
         except asyncio.CancelledError:
             job.future.set_exception(ShuttingDownError("hotmodel stopped during the switch"))
             raise

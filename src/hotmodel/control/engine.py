@@ -22,65 +22,33 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from hotmodel.config import SwitchConfig
+from hotmodel.control.fit import choose_policy, free_mib
 from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
-from hotmodel.control.plan import Step, plan, plan_recovery
+from hotmodel.control.plan import Policy, Step, plan, plan_recovery
 from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
 from hotmodel.control.report import (
     Listener,
     Outcome,
     PhaseStatus,
-    SwitchEvent,
     SwitchReport,
     SwitchState,
     Watcher,
+)
+from hotmodel.control.run import (
+    STEP_STATE,
+    Run,
+    StepFailedError,
+    ms_since,
+    policy_label,
+    summary,
 )
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
 
 log = logging.getLogger("hotmodel.control")
-
-_STEP_STATE = {
-    Step.RESTART: SwitchState.RECOVERING,
-    Step.DRAIN: SwitchState.DRAINING,
-    Step.UNLOAD: SwitchState.UNLOADING,
-    Step.SETTLE: SwitchState.SETTLING,
-    Step.LOAD: SwitchState.LOADING,
-    Step.REPLAY: SwitchState.REPLAYING,
-}
-
-
-@dataclass
-class _Run:
-    """One run of the engine: what it was asked, and which steps it has started."""
-
-    report: SwitchReport
-    listeners: list[Listener]
-    previous: str | None
-    target: str | None
-    replay: bool
-    started: list[Step] = field(default_factory=list)
-    watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
-    loaded: bool = False  # the LOAD step really loaded (the target was not resident)
-    restored: bool = False  # the RESTORE step brought a KV snapshot back
-
-    def emit(
-        self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
-    ) -> None:
-        event = SwitchEvent(self.report.id, phase, status, ms, detail)
-        for listener in [*self.listeners, *self.watchers]:
-            with contextlib.suppress(Exception):  # a broken listener must not break a switch
-                listener(event)
-
-
-class _StepFailedError(Exception):
-    def __init__(self, step: Step, message: str, log_tail: str | None = None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.log_tail = log_tail
 
 
 class Engine:
@@ -100,6 +68,8 @@ class Engine:
         process: ProcessOps | None = None,
         preflight: Callable[[str], None] | None = None,
         kv: KvOps | None = None,
+        estimate: Callable[[str], int | None] | None = None,
+        models_max: int = 1,
     ) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
@@ -112,10 +82,15 @@ class Engine:
         self.process = process
         self.preflight = preflight
         self.kv = kv
+        self.estimate = estimate  # a model's memory need in MiB, for policy "auto"
+        self.models_max = models_max
         self.active: str | None = None
+        # unloaded for idleness: the next request loads it back
+        self.parked: str | None = None
         self.state = SwitchState.IDLE
         self.history: deque[SwitchReport] = deque(maxlen=config.history)
         self.current: SwitchReport | None = None
+        self._run: Run | None = None  # the run in progress, for load progress events
         self.watchers: list[Watcher] = []  # see every phase and every finished report
         self._ids = itertools.count(1)
 
@@ -126,12 +101,17 @@ class Engine:
         replay: bool = True,
         recover: bool = False,
         save_only: bool = False,
+        idle_after: float | None = None,
+        reload: bool = False,
     ) -> SwitchReport:
         """Take the router to ``target`` (None: no model); the report says how it went.
 
         ``recover``: the router or the model's child died, so nothing is resident;
         restart the router if needed and load ``target`` (no drain, no rollback).
         ``save_only``: keep the active model's KV snapshot, change nothing (at stop).
+        ``idle_after``: an idle unload, done only if no request came for that long; the
+        model is then parked (the next request loads it back).
+        ``reload``: load ``target`` again even if it is active (its preset changed).
         """
         if self.process is not None and not self.process.running and not save_only:
             recover = True  # the router is down: whatever was asked, it starts from nothing
@@ -139,7 +119,7 @@ class Engine:
             id=next(self._ids),
             from_model=self.active,
             to_model=target,
-            policy="recover" if recover else "snapshot" if save_only else self.config.policy,
+            policy=policy_label(self.config.policy, recover, save_only, idle_after),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.current = report
@@ -152,19 +132,28 @@ class Engine:
                 steps = plan_recovery(kv=self.kv is not None)
                 if target is None:  # nothing was loaded: only the router comes back
                     steps = (Step.RESTART,)
-                await self._execute(_Run(report, listeners, None, target, replay), steps)
+                await self._execute(Run(report, listeners, None, target, replay), steps)
             elif save_only:
-                run = _Run(report, listeners, self.active, self.active, replay=False)
+                run = Run(report, listeners, self.active, self.active, replay=False)
                 await self._execute(run, (Step.SAVE,) if self.kv and self.active else ())
-            elif target == self.active:
+            elif idle_after is not None and (
+                self.active is None or self.gate.idle_for() < idle_after
+            ):
+                report.outcome = Outcome.SKIPPED  # a request came meanwhile
+            elif target == self.active and not reload:
                 report.outcome = Outcome.ALREADY_ACTIVE
             else:
-                steps = plan(self.config.policy, self.active, target, kv=self.kv is not None)
-                await self._execute(_Run(report, listeners, self.active, target, replay), steps)
+                restart = self.process is not None and self.process.stale
+                policy = await self._policy(report, target, restart)
+                steps = plan(policy, self.active, target, self.kv is not None, restart)
+                parking = self.active if idle_after is not None else None
+                await self._execute(Run(report, listeners, self.active, target, replay), steps)
+                if parking is not None and not report.failed and self.active is None:
+                    self.parked = parking
         finally:
             self.gate.open()
             report.active_after = self.active
-            report.total_ms = _ms(t0)
+            report.total_ms = ms_since(t0)
             self.state = SwitchState.IDLE if self.active is not None else SwitchState.FAILED
             if target is None and not report.failed:
                 self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
@@ -184,8 +173,44 @@ class Engine:
             )
         return report
 
-    async def _execute(self, run: _Run, steps: tuple[Step, ...]) -> None:
+    async def _policy(self, report: SwitchReport, target: str | None, restart: bool) -> Policy:
+        """The policy of this switch: the configured one, or what "auto" finds fits."""
+        if restart:  # a router that must read new presets restarts with no model loaded
+            report.policy, report.policy_reason = "zero_overlap", "the presets were reloaded"
+            return "zero_overlap"
+        if self.config.policy != "auto":
+            return self.config.policy
+        need = None
+        if target is not None and self.estimate is not None:
+            need = await asyncio.to_thread(self.estimate, target)
+        chosen, why = choose_policy(
+            "auto",
+            self.models_max,
+            free_mib(await self._snapshot()),
+            need,
+            self.config.auto_margin_mib,
+        )
+        policy: Policy = "overlap" if chosen == "overlap" else "zero_overlap"
+        report.policy, report.policy_reason = policy, f"auto: {why}"
+        return policy
+
+    def load_progress(self, model: str, value: float, stage: str | None) -> None:
+        """The router reports how far the load of ``model`` is: a progress event of the
+        LOAD step, when that is what runs now (the router's other news is not ours)."""
+        run = self._run
+        if run is None or self.state is not SwitchState.LOADING or run.target != model:
+            return
+        run.emit(Step.LOAD.value, PhaseStatus.PROGRESS, detail=f"{stage or 'model'} {value:.0%}")
+
+    async def _execute(self, run: Run, steps: tuple[Step, ...]) -> None:
         run.watchers = self.watchers
+        self._run = run
+        try:
+            await self._execute_steps(run, steps)
+        finally:
+            self._run = None
+
+    async def _execute_steps(self, run: Run, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
         try:
             try:
@@ -194,13 +219,13 @@ class Engine:
                         run.started.append(step)
                         await self._step(step, run)
             except TimeoutError:
-                raise _StepFailedError(
+                raise StepFailedError(
                     run.started[-1],
                     f"the switch did not finish within {deadline:g}s "
                     "([switch] switch_timeout_seconds)",
                 ) from None
             run.report.outcome = Outcome.OK
-        except _StepFailedError as failure:
+        except StepFailedError as failure:
             run.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
             report = run.report
             if Step.ACTIVATE in run.started[:-1]:
@@ -214,13 +239,13 @@ class Engine:
             if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
                 await self._rollback(run)
 
-    async def _step(self, step: Step, run: _Run) -> None:
-        if step in _STEP_STATE:
-            self.state = _STEP_STATE[step]
+    async def _step(self, step: Step, run: Run) -> None:
+        if step in STEP_STATE:
+            self.state = STEP_STATE[step]
         run.emit(step.value, PhaseStatus.STARTED)
         t = time.monotonic()
         detail = await self._do(step, run)
-        ms = _ms(t)
+        ms = ms_since(t)
         if detail == "skipped":
             run.emit(step.value, PhaseStatus.SKIPPED)
             return
@@ -228,7 +253,7 @@ class Engine:
             run.report.phases[step.value] = ms
         run.emit(step.value, PhaseStatus.DONE, ms, detail)
 
-    async def _do(self, step: Step, run: _Run) -> str | None:
+    async def _do(self, step: Step, run: Run) -> str | None:
         report, previous, target = run.report, run.previous, run.target
         if step is Step.RESTART:
             return await self._restart()
@@ -237,7 +262,10 @@ class Engine:
             return self._check(target)
         if step is Step.DRAIN:
             assert previous is not None  # plan() drains only when a model is active
-            return await self._drain(report, previous, close_gate=target is None)
+            # zero_overlap (or an unload) holds new requests from here on; overlap lets
+            # them go to the target, which is active already
+            hold = target is None or report.policy != "overlap"
+            return await self._drain(report, previous, close_gate=hold)
         if step is Step.UNLOAD:
             assert previous is not None
             return await self._unload(report, previous)
@@ -245,6 +273,7 @@ class Engine:
             return await self._settle(report)
         if step is Step.ACTIVATE:
             self.active = target  # from here on requests go to the target
+            self.parked = None
             self.gate.open()
             return None
         if step in (Step.SAVE, Step.RESTORE):
@@ -262,7 +291,7 @@ class Engine:
             self._verify_restore(run, target)
         return detail
 
-    async def _kv_step(self, step: Step, run: _Run) -> str | None:
+    async def _kv_step(self, step: Step, run: Run) -> str | None:
         """Save the leaving model's KV snapshot, or restore the arriving one's. A failure
         costs speed, not correctness: a warning, and the replay reads everything."""
         model = run.previous if step is Step.SAVE else run.target
@@ -284,7 +313,7 @@ class Engine:
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 
-    def _verify_restore(self, run: _Run, model: str) -> None:
+    def _verify_restore(self, run: Run, model: str) -> None:
         """The replay after a restore must have found the restored tokens in the cache."""
         restore, replay = run.report.snapshot.get("restore") or {}, run.report.replay or {}
         cached, restored = replay.get("cache_tokens") or 0, int(restore.get("tokens") or 0)
@@ -297,7 +326,7 @@ class Engine:
             self.kv.discard(model, "its restore did not take")
 
     async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
-        if close_gate or self.config.policy == "zero_overlap":
+        if close_gate:
             self.gate.close()  # from here on, new requests wait for the switch
         try:
             result = await self.gate.drain_model(
@@ -309,7 +338,7 @@ class Engine:
                 f"cancelled: switching {model!r} -> {report.to_model!r}",
             )
         except SwitchError as exc:
-            raise _StepFailedError(Step.DRAIN, str(exc)) from exc
+            raise StepFailedError(Step.DRAIN, str(exc)) from exc
         report.drained, report.cancelled = result.drained, result.cancelled
         return result.detail
 
@@ -319,7 +348,7 @@ class Engine:
         try:
             unloaded = await self.router.unload(model, self.config.unload_timeout_seconds)
         except HotModelError as exc:
-            raise _StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
+            raise StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
         report.gpu.after_unload = await self._snapshot()
         return None if unloaded else f"{model!r} was not loaded"
 
@@ -344,24 +373,25 @@ class Engine:
         try:
             self.preflight(target)
         except HotModelError as exc:
-            raise _StepFailedError(Step.CHECK, f"{exc}; nothing was changed") from exc
+            raise StepFailedError(Step.CHECK, f"{exc}; nothing was changed") from exc
         return None
 
     async def _restart(self) -> str | None:
-        if self.process is None or self.process.running:
+        if self.process is None or (self.process.running and not self.process.stale):
             return "skipped"  # only the model's child died: the router is fine
+        reloaded = self.process.stale
         try:
             await self.process.restart()
         except HotModelError as exc:
-            raise _StepFailedError(Step.RESTART, str(exc), self.log_tail() or None) from exc
-        return None
+            raise StepFailedError(Step.RESTART, str(exc), self.log_tail() or None) from exc
+        return "the router reads the reloaded presets" if reloaded else None
 
     async def _load(self, report: SwitchReport, target: str) -> tuple[bool, str | None]:
         try:
             loaded = await self.router.load(target, self.config.load_timeout_seconds)
         except HotModelError as exc:
             tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
-            raise _StepFailedError(Step.LOAD, _summary(exc), tail or None) from exc
+            raise StepFailedError(Step.LOAD, summary(exc), tail or None) from exc
         report.gpu.after_load = await self._snapshot()
         return loaded, None if loaded else f"{target!r} was loaded already"
 
@@ -379,7 +409,7 @@ class Engine:
         ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
         return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"
 
-    async def _rollback(self, run: _Run) -> None:
+    async def _rollback(self, run: Run) -> None:
         """After a failed unload/load: the target must not stay resident (a load was
         attempted), and the previous model comes back (its unload was attempted)."""
         report, previous, target = run.report, run.previous, run.target
@@ -398,9 +428,9 @@ class Engine:
             status, detail = PhaseStatus.DONE, f"active: {self.active!r}"
         except HotModelError as exc:
             self.active = None
-            report.error = f"{report.error}; rollback to {previous!r} failed: {_summary(exc)}"
-            status, detail = PhaseStatus.FAILED, _summary(exc)
-        report.phases["rollback"] = _ms(t)
+            report.error = f"{report.error}; rollback to {previous!r} failed: {summary(exc)}"
+            status, detail = PhaseStatus.FAILED, summary(exc)
+        report.phases["rollback"] = ms_since(t)
         run.emit("rollback", status, report.phases["rollback"], detail)
 
     async def _snapshot(self) -> GpuSnapshot | None:
@@ -414,12 +444,3 @@ class Engine:
             "active": self.active,
             "current": None if self.current is None else self.current.to_json(),
         }
-
-
-def _summary(exc: HotModelError) -> str:
-    """An error without the router log tail that a load failure carries."""
-    return exc.summary if isinstance(exc, ModelLoadError) else str(exc)
-
-
-def _ms(start: float) -> float:
-    return round((time.monotonic() - start) * 1000, 1)

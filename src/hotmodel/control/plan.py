@@ -7,8 +7,10 @@ what it returns.
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
-from hotmodel.config import SwitchPolicy
+# what a switch does; [switch] policy "auto" picks one of them per switch (control/fit.py)
+Policy = Literal["zero_overlap", "overlap"]
 
 
 class Step(enum.Enum):
@@ -25,7 +27,11 @@ class Step(enum.Enum):
 
 
 def plan(
-    policy: SwitchPolicy, current: str | None, target: str | None, kv: bool = False
+    policy: Policy,
+    current: str | None,
+    target: str | None,
+    kv: bool = False,
+    restart: bool = False,
 ) -> tuple[Step, ...]:
     """The steps that take the router from ``current`` to ``target`` (None: no model).
 
@@ -35,14 +41,22 @@ def plan(
     replays before it activates, since the old model serves meanwhile. With
     ``kv`` (KV snapshots), the leaving model's slot is saved after its drain
     and the arriving model's snapshot restored before anyone can use it.
+    With ``restart`` (the router must read a reloaded preset list), the router
+    is restarted at the first moment no model is loaded: after the unload (or
+    first, when none is); overlap never has such a moment, so it waits.
     """
     steps = _plan(policy, current, target)
     if not kv:
         steps = tuple(s for s in steps if s not in (Step.SAVE, Step.RESTORE))
+    if restart and (current is None or Step.SETTLE in steps):
+        at = steps.index(Step.SETTLE) + 1 if Step.SETTLE in steps else 0
+        if steps[:1] == (Step.CHECK,):
+            at = max(at, 1)  # a missing target file changes nothing, the router included
+        steps = (*steps[:at], Step.RESTART, *steps[at:])
     return steps
 
 
-def _plan(policy: SwitchPolicy, current: str | None, target: str | None) -> tuple[Step, ...]:
+def _plan(policy: Policy, current: str | None, target: str | None) -> tuple[Step, ...]:
     if target is None:  # unload: nothing is loaded afterwards
         if current is None:
             return ()

@@ -29,6 +29,11 @@ class ProcessOps(Protocol):
     @property
     def running(self) -> bool: ...
 
+    @property
+    def stale(self) -> bool:
+        """The router runs with a preset list that a reload has since replaced."""
+        ...
+
     async def restart(self) -> None:
         """Start the router again (bounded attempts); RouterError when it cannot."""
         ...

@@ -29,6 +29,7 @@ class Outcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     ALREADY_ACTIVE = "already_active"
+    SKIPPED = "skipped"  # an idle unload that a request made moot
 
 
 class PhaseStatus(enum.Enum):
@@ -36,6 +37,7 @@ class PhaseStatus(enum.Enum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+    PROGRESS = "progress"  # a long step's progress (the router's load), ``detail`` says how far
 
 
 @dataclass
@@ -68,6 +70,7 @@ class SwitchReport:
     to_model: str | None  # None: an unload
     policy: str
     started_at: str
+    policy_reason: str | None = None  # why policy "auto" chose this one
     outcome: Outcome = Outcome.RUNNING
     error: str | None = None
     rolled_back: bool = False
@@ -92,6 +95,7 @@ class SwitchReport:
             "from": self.from_model,
             "to": self.to_model,
             "policy": self.policy,
+            "policy_reason": self.policy_reason,
             "started_at": self.started_at,
             "outcome": self.outcome.value,
             "error": self.error,

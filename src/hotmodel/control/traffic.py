@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ class TrafficGate:
         self._inflight: dict[int, Ticket] = {}
         self._held: list[asyncio.Future[Ticket]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._last_activity = time.monotonic()  # a request admitted or completed
+
+    def idle_for(self) -> float:
+        """Seconds since a request was last admitted or completed (0 while any is in flight)."""
+        if self._inflight:
+            return 0.0
+        return time.monotonic() - self._last_activity
 
     @property
     def is_open(self) -> bool:
@@ -94,6 +102,7 @@ class TrafficGate:
     def _issue(self) -> Ticket:
         ticket = Ticket(next(self._ids))
         self._inflight[ticket.id] = ticket
+        self._last_activity = time.monotonic()
         return ticket
 
     async def _enter(self, timeout: float) -> Ticket:
@@ -121,6 +130,7 @@ class TrafficGate:
         """The request is complete (idempotent)."""
         if self._inflight.pop(ticket.id, None) is None:
             return
+        self._last_activity = time.monotonic()
         still_waiting = []
         for done, fut in self._waiters:
             if fut.done():

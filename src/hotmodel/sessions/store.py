@@ -306,6 +306,15 @@ class SessionStore:
 
         return await self._call(run)
 
+    async def count(self) -> int:
+        """How many sessions the store holds (every owner's): a metric, read at scrape."""
+
+        def run() -> int:
+            (n,) = self._db().execute("SELECT COUNT(*) FROM sessions").fetchone()
+            return int(n)
+
+        return await self._call(run)
+
     async def most_recent(self, last: int | None = None) -> Session | None:
         """The most recently used session of any owner (what a new model is primed with)."""
 

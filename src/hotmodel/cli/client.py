@@ -1,0 +1,269 @@
+"""Client commands on the running server: ``status``, ``switch``, ``models``, ``reload``.
+
+Each prints for people by default and the server's JSON with ``--json`` (for
+scripts); each finds the server the same way (:mod:`hotmodel.cli.common`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import httpx
+
+from hotmodel import sse
+from hotmodel.cli.common import (
+    EXIT_ERROR,
+    CliError,
+    CommandInterruptedError,
+    Target,
+    answer,
+    call,
+    client_command,
+    echo_json,
+    transport_error,
+)
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON answer.")
+
+
+@click.command(short_help="Show the running server's state.")
+@client_command
+@_json_option
+def status(target: Target, as_json: bool) -> None:
+    """Ask the running hotmodel server for its state, active model, router pid and uptime."""
+    data = call(target, "GET", "/admin/status", admin=True, timeout=5.0)
+    if as_json:
+        echo_json(data)
+        return
+    router = data.get("router") or {}
+    click.echo(
+        f"hotmodel {data.get('version')}  state: {data.get('state')}  "
+        f"uptime: {data.get('uptime_seconds')}s  url: {target.url}"
+    )
+    click.echo(
+        f"active model: {data.get('active_model')}  presets: {', '.join(data.get('presets', []))}"
+    )
+    click.echo(
+        f"router: pid {router.get('pid')}  state {router.get('state')}  "
+        f"url {router.get('url')}  uptime {router.get('uptime_seconds')}s"
+    )
+    click.echo(f"router log: {router.get('log_file')}")
+
+
+@click.command(short_help="List the models (presets): status, active, size on disk.")
+@client_command
+@_json_option
+def models(target: Target, as_json: bool) -> None:
+    """List the server's presets: the router's status of each, which one is active, and
+    the size of its GGUF file on disk."""
+    data = call(target, "GET", "/v1/models", admin=False, timeout=10.0)
+    if as_json:
+        echo_json(data)
+        return
+    for line in models_table(data.get("data") or []):
+        click.echo(line)
+
+
+def models_table(entries: list[dict[str, Any]]) -> list[str]:
+    """The ``hotmodel models`` table: one row per preset, columns aligned."""
+    rows = [("PRESET", "STATUS", "ACTIVE", "SIZE")]
+    rows += [
+        (
+            str(m.get("id")),
+            str(m.get("status", "unknown")),
+            "*" if m.get("active") else "",
+            human_size(m.get("size_bytes")),
+        )
+        for m in entries
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return [
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>9}".rstrip()
+        for r in rows
+    ]
+
+
+def human_size(size: Any) -> str:
+    """``241.4 MiB``; ``-`` when the server knows no local file (missing, or remote)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@click.command(short_help="Re-read the config and apply what can change while running.")
+@client_command
+@_json_option
+def reload(target: Target, as_json: bool) -> None:
+    """Ask the running server to re-read its config files and apply the settings that
+    can change without a restart; print what was applied and what needs a restart.
+
+    Exits 1 when the server refuses (an invalid file: the running config
+    stays) or when loading the active model again (its preset changed) failed.
+    """
+    data = call(target, "POST", "/admin/reload", admin=True, timeout=900.0)
+    report = data.get("switch")
+    if as_json:
+        echo_json(data)
+    else:
+        print_reload(data)
+    if isinstance(report, dict) and report.get("outcome") == "failed":
+        raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def print_reload(data: dict[str, Any]) -> None:
+    """The answer of ``POST /admin/reload`` for people."""
+    applied = data.get("applied") or []
+    restart = data.get("restart_needed") or []
+    presets = data.get("presets_changed") or []
+    if not data.get("changed") and not (applied or restart or presets):
+        click.echo("config unchanged: nothing to apply")
+        return
+    for title, items in (
+        ("applied", applied),
+        ("presets changed", presets),
+        ("need a restart of `hotmodel serve` to take effect", restart),
+    ):
+        if items:
+            click.echo(f"{title} ({len(items)}):")
+            click.echo("\n".join(f"  {_setting(item)}" for item in items))
+    if isinstance(data.get("switch"), dict):
+        click.echo("the active model's preset changed; it was loaded again:")
+        print_report(data["switch"])
+    if data.get("note"):
+        click.echo(f"note: {data['note']}")
+
+
+def _setting(item: Any) -> str:
+    return item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+
+
+@click.command(short_help="Switch the active model, showing each phase.")
+@click.argument("model")
+@client_command
+@_json_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the switch to finish.",
+)
+def switch(model: str, target: Target, as_json: bool, timeout: float) -> None:
+    """Switch the running server to preset MODEL, showing each phase as it happens.
+
+    Exits 0 when MODEL is active afterwards, 1 when the switch failed (the
+    report says which model is active then).
+    """
+    try:
+        report = _stream_switch(target, model, as_json, timeout)
+    except KeyboardInterrupt:
+        raise CommandInterruptedError(
+            "interrupted; the switch goes on in the server (`hotmodel status` shows the outcome)"
+        ) from None
+    if as_json:
+        echo_json(report)
+    else:
+        print_report(report)
+    if report["outcome"] == "failed":
+        raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _stream_switch(target: Target, model: str, as_json: bool, timeout: float) -> dict[str, Any]:
+    """POST the switch with ``stream: true``; print its phases as they come; the report."""
+    path = "/admin/switch"
+    report: dict[str, Any] | None = None
+    try:
+        with httpx.stream(
+            "POST",
+            target.url + path,
+            json={"model": model, "stream": True},
+            timeout=timeout,
+            trust_env=False,
+            headers=target.headers(admin=True),
+        ) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                answer(target, resp, "POST", path)  # raises the error it carries
+                raise CliError(f"the server answered the switch with HTTP {resp.status_code}")
+            phases = _PhasePrinter(quiet=as_json)
+            for event, data in _sse_events(resp):
+                if event == "phase":
+                    phases.show(data)
+                elif event == "report":
+                    report = data
+                elif event == "error":
+                    phases.close()
+                    raise CliError(str(data.get("message")))
+    except httpx.HTTPError as exc:
+        raise transport_error(target, exc, timeout) from exc
+    if report is None:
+        raise CliError("the server ended the switch stream without a report")
+    return report
+
+
+def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    parser = sse.SseParser()
+    for chunk in resp.iter_bytes():
+        for event in parser.feed(chunk):
+            yield event.event, event.json()
+
+
+class _PhasePrinter:
+    """``  load      ... done     704.5 ms``: a phase's line is opened when it starts and
+    closed when it ends, so a long load shows what is being waited for."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.open_line = False
+
+    def show(self, data: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if data["status"] == "started":
+            click.echo(f"  {data['phase']:<9} ...", nl=False)
+            self.open_line = True
+            return
+        head = "" if self.open_line else f"  {data['phase']:<9} ..."
+        ms = f" {data['ms']:>9.1f} ms" if data.get("ms") is not None else ""
+        detail = f"  ({data['detail']})" if data.get("detail") else ""
+        click.echo(f"{head} {data['status']}{ms}{detail}")
+        self.open_line = False
+
+    def close(self) -> None:
+        if self.open_line:
+            click.echo("")
+            self.open_line = False
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """A switch report for people: outcome, duration, GPU memory, warnings."""
+    if report["outcome"] == "already_active":
+        click.echo(f"{report['to']} is already active")
+        return
+    if report["outcome"] == "ok":
+        click.echo(
+            f"switched {report['from']} -> {report['to']} in {report['total_ms']:.0f} ms "
+            f"({report['policy']})"
+        )
+    else:
+        click.echo(f"switch {report['from']} -> {report['to']} FAILED: {report['error']}")
+        back = " (rolled back)" if report["rolled_back"] else ""
+        click.echo(f"active model now: {report['active_after']}{back}")
+        if report.get("log_tail"):
+            click.echo("--- llama-server log tail ---\n" + report["log_tail"])
+    gpu = report["gpu"]
+    if any(gpu.values()):
+        shown = ", ".join(f"{k} {v['used_mib']}" if v else f"{k} n/a" for k, v in gpu.items())
+        click.echo(f"GPU memory used (MiB): {shown}")
+    else:
+        click.echo("GPU memory: no GPU visible")
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}")

@@ -1,0 +1,175 @@
+"""Reload without restart: re-read the TOML and the INI, apply what can change live.
+
+:func:`plan_reload` is pure: it compares the running configuration with a
+freshly parsed one and decides, key by key, what is applied at once and what
+needs a restart. :func:`reload_config` does it: the new files are parsed and
+validated first (a bad file changes nothing and says why), the live settings
+are swapped in one step (no await in between, so no request sees half of
+them), and the model set changes only through the control loop: the active
+model is loaded again only when its own preset changed; other presets reach
+the router at the next moment no model is loaded (llama-server reads its
+preset list once, at start, so the router restarts then, at almost no cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hotmodel.config import Config, load_config
+from hotmodel.control.controller import Switch
+from hotmodel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hotmodel.runtime import Services
+
+log = logging.getLogger("hotmodel.reload")
+
+# Per section, the keys whose change needs a restart (they shape a process, a socket,
+# a file or an object built once at start); every other key is applied at once.
+# [server] and [router] are mostly process settings: there the live keys are listed.
+_LIVE = {
+    "server": frozenset(
+        {"log_level", "switch_drain_timeout_seconds", "max_body_bytes", "max_messages"}
+    ),
+    "router": frozenset({"idle_unload_seconds", "watchdog_interval_seconds", "watchdog_failures"}),
+}
+_RESTART = {
+    "switch": frozenset({"kv_snapshots", "kv_snapshot_max_bytes", "gpu_probe", "history"}),
+    "session": frozenset({"store_file"}),
+}
+
+
+def _is_live(section: str, key: str) -> bool:
+    if section in _LIVE:
+        return key in _LIVE[section]
+    return key not in _RESTART[section]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a reload changes: the effective config, and what each changed key becomes."""
+
+    config: Config  # the running config with every live change applied
+    applied: tuple[str, ...]  # "section.key" now in effect
+    restart_needed: tuple[str, ...]  # changed, but in effect only after a restart
+    presets_changed: tuple[str, ...]  # presets added, removed or edited
+    reload_active: bool  # the active model's own preset changed: load it again
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied or self.restart_needed or self.presets_changed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "changed": self.changed,
+            "applied": list(self.applied),
+            "restart_needed": list(self.restart_needed),
+            "presets_changed": list(self.presets_changed),
+            "reload_active": self.reload_active,
+        }
+
+
+def _section(old: Any, new: Any, name: str) -> tuple[Any, list[str], list[str]]:
+    """The section with its live keys taken from ``new``; (merged, applied, restart)."""
+    applied: list[str] = []
+    restart: list[str] = []
+    updates: dict[str, Any] = {}
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before == after:
+            continue
+        if _is_live(name, f.name):
+            applied.append(f"{name}.{f.name}")
+            updates[f.name] = after
+        else:
+            restart.append(f"{name}.{f.name}")
+    return dataclasses.replace(old, **updates), applied, restart
+
+
+def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
+    """Compare the running ``old`` with ``new``; raise ConfigError for a change that
+    cannot be applied to the running model set (the active preset removed)."""
+    if active is not None and active not in new.presets.models:
+        raise ConfigError(
+            new.presets.path,
+            "is the active model and cannot be removed by a reload; switch to another model first",
+            section=active,
+        )
+    applied: list[str] = []
+    restart: list[str] = []
+    sections: dict[str, Any] = {}
+    for name in ("server", "router", "switch", "session"):
+        merged, a, r = _section(getattr(old, name), getattr(new, name), name)
+        sections[name] = merged
+        applied += a
+        restart += r
+    if old.system_prompts != new.system_prompts:
+        applied.append("system_prompts")
+    if old.keys != new.keys:
+        applied.append("security.keys")  # the names only: never the keys
+    before, after = old.presets.models, new.presets.models
+    presets_changed = sorted(
+        name for name in set(before) | set(after) if before.get(name) != after.get(name)
+    )
+    if (old.presets.globals, old.presets.top) != (new.presets.globals, new.presets.top):
+        presets_changed = sorted({*presets_changed, *after})  # [*] applies to every preset
+    merged = dataclasses.replace(
+        old,
+        system_prompts=new.system_prompts,
+        keys=new.keys,
+        presets=new.presets,
+        **sections,
+    )
+    return ReloadPlan(
+        config=merged,
+        applied=tuple(applied),
+        restart_needed=tuple(restart),
+        presets_changed=tuple(presets_changed),
+        reload_active=active is not None and active in presets_changed,
+    )
+
+
+async def reload_config(services: Services) -> dict[str, Any]:
+    """Re-read the config files and apply them; the answer of ``POST /admin/reload``.
+
+    Raises :class:`ConfigError` (nothing changed) when a file is invalid.
+    """
+    old = services.config
+    new = await asyncio.to_thread(load_config, old.path)
+    new = new.with_server_overrides(**old.server_overrides)  # serve's flags still win
+    controller = services.controller
+    plan = plan_reload(old, new, controller.active)
+    _apply(services, plan.config)
+    result = plan.to_json()
+    if plan.reload_active and controller.active is not None:
+        report = await controller.submit(Switch(controller.active, reload=True))
+        result["switch"] = report.to_json()
+    elif plan.presets_changed:
+        result["note"] = (
+            "the router reads the new presets at the next switch or unload "
+            "(llama-server reads its preset list at start)"
+        )
+    log.info(
+        "config reloaded: applied %s; needs a restart: %s; presets changed: %s",
+        ", ".join(plan.applied) or "-",
+        ", ".join(plan.restart_needed) or "-",
+        ", ".join(plan.presets_changed) or "-",
+    )
+    return result
+
+
+def _apply(services: Services, config: Config) -> None:
+    """Swap the live settings in, all at once (no await: no request sees half of them)."""
+    services.config = config
+    services.sessions.config = config
+    services.watchdog.config = config
+    engine = services.controller.engine
+    engine.config = config.switch
+    engine.drain_timeout = config.server.switch_drain_timeout_seconds
+    services.controller.presets = frozenset(config.presets.models)
+    services.supervisor.use_presets(config.presets)
+    logging.getLogger().setLevel(config.server.log_level.upper())

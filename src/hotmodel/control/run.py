@@ -1,0 +1,78 @@
+"""One engine run's bookkeeping: which steps started, who hears of them, small helpers.
+
+Split from ``engine.py`` so that the engine module holds only the step logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from hotmodel.control.plan import Step
+from hotmodel.control.report import (
+    Listener,
+    PhaseStatus,
+    SwitchEvent,
+    SwitchReport,
+    SwitchState,
+    Watcher,
+)
+from hotmodel.errors import HotModelError, ModelLoadError
+
+STEP_STATE = {
+    Step.RESTART: SwitchState.RECOVERING,
+    Step.DRAIN: SwitchState.DRAINING,
+    Step.UNLOAD: SwitchState.UNLOADING,
+    Step.SETTLE: SwitchState.SETTLING,
+    Step.LOAD: SwitchState.LOADING,
+    Step.REPLAY: SwitchState.REPLAYING,
+}
+
+
+@dataclass
+class Run:
+    """One run of the engine: what it was asked, and which steps it has started."""
+
+    report: SwitchReport
+    listeners: list[Listener]
+    previous: str | None
+    target: str | None
+    replay: bool
+    started: list[Step] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
+    loaded: bool = False  # the LOAD step really loaded (the target was not resident)
+    restored: bool = False  # the RESTORE step brought a KV snapshot back
+
+    def emit(
+        self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None
+    ) -> None:
+        event = SwitchEvent(self.report.id, phase, status, ms, detail)
+        for listener in [*self.listeners, *self.watchers]:
+            with contextlib.suppress(Exception):  # a broken listener must not break a switch
+                listener(event)
+
+
+class StepFailedError(Exception):
+    def __init__(self, step: Step, message: str, log_tail: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.log_tail = log_tail
+
+
+def policy_label(policy: str, recover: bool, save_only: bool, idle_after: float | None) -> str:
+    """What the report's ``policy`` says: the switch policy, or which special command."""
+    if recover:
+        return "recover"
+    if save_only:
+        return "snapshot"
+    return "idle_unload" if idle_after is not None else policy
+
+
+def summary(exc: HotModelError) -> str:
+    """An error without the router log tail that a load failure carries."""
+    return exc.summary if isinstance(exc, ModelLoadError) else str(exc)
+
+
+def ms_since(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)

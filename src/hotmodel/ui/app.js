@@ -1,0 +1,437 @@
+// hotmodel dashboard: reads hotmodel's admin API and its live feed, and draws the page.
+//
+// Live updates come from GET /admin/events (server-sent events, read by net.js). The
+// admin key, when one is needed, is asked for once and kept in this tab. Nothing is
+// polled: the feed says when something changed; sessions and the router log are re-read
+// after each switch and with the feed's keep-alive (every 15 s), or with their buttons.
+"use strict";
+
+(() => {
+  const charts = window.hotmodelCharts;
+  const net = window.hotmodelNet;
+  const LOG_LINES = 200;
+
+  const state = {
+    status: null, // the last GET /admin/status body (or feed `status` event)
+    statusAt: 0, // when it came (performance.now()), for the uptime clock
+    models: new Map(), // id -> {id, status, active}
+    history: new Map(), // report id -> report
+    progress: null, // {id, from, to, phases: Map(name -> event), report}
+    switching: false, // a switch started here is running
+    sessions: [],
+    selected: null, // the session id shown
+    feedRunning: false,
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  // A DOM element; strings become text nodes (never HTML), so data cannot inject markup.
+  function el(tag, props = {}, children = []) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "text") node.textContent = String(value);
+      else if (key === "class") node.className = value;
+      else if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) if (child !== null && child !== undefined) node.append(child);
+    return node;
+  }
+
+  function fmtBytes(n) {
+    if (typeof n !== "number") return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+
+  function fmtDuration(seconds) {
+    const s = Math.floor(seconds);
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+    return h ? `${h}h ${m}m` : m ? `${m}m ${s % 60}s` : `${s}s`;
+  }
+
+  // hotmodel writes times as 2025-01-31T12:00:00+0000; Date wants +00:00.
+  function fmtTime(text) {
+    if (!text) return "–";
+    const date = new Date(String(text).replace(/([+-]\d\d)(\d\d)$/, "$1:$2"));
+    return Number.isNaN(date.getTime()) ? String(text) : date.toLocaleTimeString();
+  }
+
+  // ---- the API: a 401/403 asks for the admin key ----
+
+  async function api(path, options = {}) {
+    try {
+      return await net.request(path, options);
+    } catch (err) {
+      if (err instanceof net.Unauthorized) askForKey(err.message);
+      throw err;
+    }
+  }
+
+  async function getJson(path) {
+    const resp = await api(path);
+    if (!resp.ok) throw new Error(await net.errorMessage(resp));
+    return resp.json();
+  }
+
+  // ---- the admin key ----
+
+  function askForKey(message) {
+    document.body.classList.add("locked");
+    $("key-prompt").hidden = false;
+    $("key-error").textContent = net.adminKey() ? message : "";
+    $("key-input").focus();
+  }
+
+  function useKey(event) {
+    event.preventDefault();
+    net.setKey($("key-input").value.trim());
+    $("key-input").value = "";
+    document.body.classList.remove("locked");
+    $("key-prompt").hidden = true;
+    start();
+  }
+
+  // ---- rendering ----
+
+  function renderStatus() {
+    const s = state.status;
+    if (!s) return;
+    $("version").textContent = `v${s.version}`;
+    setBadge($("health"), s.health);
+    $("active-model").textContent = s.active_model || "none";
+    $("switch-state").textContent = s.switch.state;
+    const r = s.router;
+    $("router").textContent = `${r.state}, pid ${r.pid ?? "–"}, port ${r.port}` +
+      (r.restarts ? `, ${r.restarts} restart(s)` : "");
+    $("gpu-probe").textContent = s.gpu_probe;
+    $("forget-key").hidden = !net.adminKey();
+    renderUptime();
+    renderKv();
+    renderModels();
+  }
+
+  function renderUptime() {
+    if (!state.status) return;
+    const seconds = state.status.uptime_seconds + (performance.now() - state.statusAt) / 1000;
+    $("uptime").textContent = fmtDuration(seconds);
+  }
+
+  function setBadge(node, word) {
+    node.textContent = word;
+    node.className = `badge ${word}`;
+  }
+
+  function busy() {
+    return state.switching || (state.status !== null && state.status.switch.state !== "idle" &&
+      state.status.switch.state !== "failed");
+  }
+
+  function renderModels() {
+    const active = state.status ? state.status.active_model : null;
+    const names = state.status ? state.status.presets : [...state.models.keys()];
+    const rows = names.map((name) => {
+      const model = state.models.get(name) || { id: name, status: "unknown" };
+      const isActive = name === active;
+      return el("tr", { dataset: { model: name, status: model.status }, class: isActive ? "active" : "" }, [
+        el("td", { class: "mono", text: name }),
+        el("td", {}, [el("span", { class: `badge ${model.status}`, text: model.status })]),
+        el("td", {}, [isActive ? el("span", { class: "badge active", text: "active" }) : null]),
+        el("td", {}, [el("button", {
+          type: "button", text: "Switch", "aria-label": `Switch to ${name}`,
+          disabled: isActive || busy(), onclick: () => switchTo(name),
+        })]),
+      ]);
+    });
+    $("models").tBodies[0].replaceChildren(...rows);
+  }
+
+  function startProgress(id, from, to) {
+    state.progress = { id, from, to, phases: new Map(), report: null };
+  }
+
+  function onPhase(event) {
+    if (state.progress && state.progress.id === null) {
+      state.progress.id = event.switch_id; // the switch this page just asked for
+    } else if (!state.progress || state.progress.id !== event.switch_id) {
+      const current = state.status && state.status.switch.current;
+      const same = current && current.id === event.switch_id;
+      startProgress(event.switch_id, same ? current.from : null, same ? current.to : null);
+    }
+    state.progress.phases.set(event.phase, event);
+    renderProgress();
+  }
+
+  function onReport(report) {
+    state.history.set(report.id, report);
+    if (!state.progress || state.progress.id === report.id) {
+      if (!state.progress) startProgress(report.id, report.from, report.to);
+      Object.assign(state.progress, { from: report.from, to: report.to, report });
+    }
+    renderProgress();
+    renderHistory();
+  }
+
+  function renderProgress() {
+    const p = state.progress;
+    if (!p) return;
+    $("progress-title").textContent = `#${p.id ?? "…"} ${p.from ?? "none"} → ${p.to ?? "none"}`;
+    const icons = { started: "▶", done: "✓", failed: "✗", skipped: "–" };
+    $("phases").replaceChildren(...[...p.phases.values()].map((e) => el(
+      "li", { class: `status-${e.status}`, dataset: { phase: e.phase } }, [
+        el("span", { class: "icon", text: icons[e.status] || "?" }),
+        el("span", { class: "mono", text: e.phase }),
+        el("span", { class: "num", text: e.status === "done" || e.ms ? charts.fmtMs(e.ms) : e.status }),
+        el("span", { class: "detail", text: e.detail || "", title: e.detail || "" }),
+      ],
+    )));
+    const message = $("switch-message");
+    const r = p.report;
+    message.className = r && r.outcome === "failed" ? "failed" : "";
+    message.textContent = !r ? "running…"
+      : r.outcome === "failed" ? `failed: ${r.error}` + (r.rolled_back ? " (rolled back)" : "")
+        : r.outcome === "already_active" ? `${r.to} is already active`
+          : `active: ${r.active_after} after ${charts.fmtMs(r.total_ms)} (${r.policy})`;
+  }
+
+  function renderHistory() {
+    const reports = [...state.history.values()].sort((a, b) => b.id - a.id);
+    const scale = Math.max(0, ...reports.map((r) => Math.max(
+      r.total_ms || 0, Object.values(r.phases || {}).reduce((a, b) => a + b, 0),
+    )));
+    $("history").tBodies[0].replaceChildren(...reports.map((r) => el("tr", {
+      dataset: { id: r.id, to: r.to ?? "", outcome: r.outcome },
+      class: r.outcome === "failed" ? "failed" : "",
+      title: [r.error, ...(r.warnings || [])].filter(Boolean).join("\n") || null,
+    }, [
+      el("td", { class: "num", text: r.id }),
+      el("td", { text: fmtTime(r.started_at) }),
+      el("td", { class: "mono", text: `${r.from ?? "none"} → ${r.to ?? "none"}` }),
+      el("td", {}, [el("span", { class: `badge ${r.outcome}`, text: r.outcome })]),
+      el("td", { class: "num", text: charts.fmtMs(r.total_ms) }),
+      el("td", {}, [charts.phaseBar(r.phases || {}, scale)]),
+    ])));
+    renderGpu();
+  }
+
+  function renderGpu() {
+    const reports = [...state.history.values()].sort((a, b) => a.id - b.id);
+    const chart = charts.gpuChart(reports);
+    const box = $("gpu-chart");
+    if (chart) {
+      box.replaceChildren(el("div", { class: "legend" }, charts.gpuLegend()), chart);
+    } else {
+      const probe = state.status ? state.status.gpu_probe : "…";
+      box.replaceChildren(el("p", {
+        class: "muted",
+        text: `No GPU visible (probe: ${probe}): the switch reports carry no memory snapshots.`,
+      }));
+    }
+  }
+
+  function renderKv() {
+    const kv = state.status && state.status.kv_snapshots;
+    if (!kv) {
+      $("kv").replaceChildren(el("p", { class: "muted", text: "Off ([switch] kv_snapshots = false)." }));
+      return;
+    }
+    $("kv").replaceChildren(
+      el("div", { class: "kv-bar" }, [charts.meter(kv.bytes, kv.max_bytes)]),
+      el("dl", { class: "facts" }, [
+        el("dt", { text: "snapshots" }), el("dd", { text: kv.count }),
+        el("dt", { text: "size" }), el("dd", { text: `${fmtBytes(kv.bytes)} of ${fmtBytes(kv.max_bytes)}` }),
+        el("dt", { text: "folder" }), el("dd", { class: "mono", text: kv.folder }),
+      ]),
+    );
+  }
+
+  function renderSessions() {
+    const rows = state.sessions.map((s) => el("tr", {
+      dataset: { session: s.id }, class: s.id === state.selected ? "selected" : "",
+      onclick: () => showSession(s.id),
+    }, [
+      el("td", { class: "mono", text: s.id }),
+      el("td", { class: "num", text: s.messages }),
+      el("td", { text: s.system_prompt || "–" }),
+      el("td", { text: new Date(s.updated_at * 1000).toLocaleString() }),
+    ]));
+    if (!rows.length) rows.push(el("tr", {}, [el("td", { colspan: 4, class: "muted", text: "No sessions yet." })]));
+    $("sessions").tBodies[0].replaceChildren(...rows);
+  }
+
+  function messageText(content) {
+    if (typeof content === "string") return content;
+    if (Array.isArray(content)) return content.map((part) => part.text || `[${part.type}]`).join("");
+    return content === null || content === undefined ? "" : JSON.stringify(content);
+  }
+
+  // ---- loading ----
+
+  async function loadModels() {
+    const body = await getJson("/v1/models");
+    state.models = new Map(body.data.map((m) => [m.id, m]));
+    renderModels();
+  }
+
+  async function loadHistory() {
+    const body = await getJson("/admin/switches");
+    state.history = new Map(body.data.map((r) => [r.id, r]));
+    renderHistory();
+  }
+
+  async function loadSessions() {
+    const body = await getJson("/v1/sessions");
+    state.sessions = body.data;
+    renderSessions();
+  }
+
+  async function loadLogs() {
+    const body = await getJson(`/admin/logs?lines=${LOG_LINES}`);
+    $("log-file").textContent = body.file;
+    const pre = $("logs");
+    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = body.lines.join("\n");
+    if (atBottom) pre.scrollTop = pre.scrollHeight;
+  }
+
+  async function showSession(id) {
+    state.selected = id;
+    renderSessions();
+    const session = await getJson(`/v1/sessions/${encodeURIComponent(id)}`).catch((err) => {
+      if (!(err instanceof net.Unauthorized)) $("session-view").replaceChildren(el("p", { class: "error", text: String(err.message) }));
+      return null;
+    });
+    if (!session || state.selected !== id) return;
+    const items = session.messages.map((m) => el("div", { class: `message ${m.role}` }, [
+      el("div", { class: "who", text: `${m.role}${m.model ? ` · ${m.model}` : ""}` }),
+      el("div", { class: "content", text: messageText(m.content) }),
+    ]));
+    if (session.system_prompt) items.unshift(el("p", { class: "muted", text: `system prompt: ${session.system_prompt}` }));
+    $("session-view").replaceChildren(el("h3", { class: "mono", text: session.id }), ...items);
+  }
+
+  // The parts not carried by the feed; failures show in the feed badge, not as alerts.
+  function refresh(...loaders) {
+    return Promise.all(loaders.map((load) => load().catch((err) => {
+      if (!(err instanceof net.Unauthorized)) console.warn(err);
+    })));
+  }
+
+  // ---- actions ----
+
+  async function switchTo(name) {
+    state.switching = true;
+    startProgress(null, state.status ? state.status.active_model : null, name);
+    renderProgress();
+    renderModels();
+    try {
+      const resp = await api("/admin/switch", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: name, stream: true }),
+      });
+      if (!resp.ok) {
+        failProgress(await net.errorMessage(resp));
+        return;
+      }
+      for await (const { event, data } of net.readEvents(resp)) {
+        if (event === "phase") onPhase(data);
+        else if (event === "report") onReport(data);
+        else if (event === "error") failProgress(data.message);
+      }
+    } catch (err) {
+      if (!(err instanceof net.Unauthorized)) failProgress(String(err.message || err));
+    } finally {
+      state.switching = false;
+      renderModels();
+    }
+  }
+
+  function failProgress(message) {
+    const msg = $("switch-message");
+    msg.className = "failed";
+    msg.textContent = `failed: ${message}`;
+  }
+
+  // ---- the live feed ----
+
+  function onFeedEvent({ event, data }) {
+    if (event === "status") {
+      state.status = data;
+      state.statusAt = performance.now();
+      renderStatus();
+    } else if (event === "phase") {
+      onPhase(data);
+    } else if (event === "report") {
+      onReport(data);
+      refresh(loadModels, loadSessions, loadLogs);
+    } else if (event === "model") {
+      const model = state.models.get(data.model) || { id: data.model };
+      state.models.set(data.model, { ...model, status: data.status || model.status });
+      renderModels();
+    } else if (event === "resync") {
+      refresh(loadModels, loadHistory, loadSessions, loadLogs);
+    } else if (event === "keepalive") {
+      refresh(loadSessions, loadLogs);
+    }
+  }
+
+  function setFeed(word) {
+    setBadge($("feed-state"), word);
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  async function runFeed() {
+    state.feedRunning = true;
+    let delay = 500;
+    try {
+      for (;;) {
+        try {
+          const resp = await api("/admin/events");
+          if (!resp.ok) throw new Error(await net.errorMessage(resp));
+          setFeed("live");
+          delay = 500;
+          // subscribed first, loaded second: nothing that happens in between is missed
+          refresh(loadModels, loadHistory, loadSessions, loadLogs);
+          for await (const event of net.readEvents(resp)) onFeedEvent(event);
+        } catch (err) {
+          if (err instanceof net.Unauthorized) return;
+          console.warn("feed:", err);
+        }
+        setFeed("reconnecting");
+        await sleep(delay);
+        delay = Math.min(delay * 2, 10000);
+      }
+    } finally {
+      state.feedRunning = false;
+    }
+  }
+
+  function start() {
+    if (!state.feedRunning) runFeed();
+  }
+
+  function init() {
+    $("key-form").addEventListener("submit", useKey);
+    $("forget-key").addEventListener("click", () => {
+      net.forgetKey();
+      location.reload();
+    });
+    $("logs-refresh").addEventListener("click", () => refresh(loadLogs));
+    $("sessions-refresh").addEventListener("click", () => refresh(loadSessions));
+    $("legend").replaceChildren(...charts.legend());
+    renderKv();
+    setInterval(renderUptime, 1000); // a local clock: no request
+    start();
+  }
+
+  // For tests and the curious: the state and the renderers (nothing here is needed to use the page).
+  window.hotmodelDashboard = { state, renderHistory, renderStatus };
+
+  init();
+})();

@@ -1,0 +1,130 @@
+"""The one benchmark command runs end to end on its tiniest setting, so it cannot rot.
+
+``scripts/bench.py --smoke`` drives the real llama-server on the real demo
+models, like a user would, and writes its JSON and its Markdown tables into
+a temporary copy of docs/performance.md. Nothing here asserts a time: a
+benchmark on a busy machine must not fail the suite; only the shape of what
+it writes (every section, every path, finite numbers) is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss")
+PATHS = ("child", "router", "hotmodel")
+
+
+def _outside(text: str) -> tuple[str, str]:
+    before, rest = text.split(BEGIN, 1)
+    return before, rest.split(END, 1)[1]
+
+
+def _inside(text: str) -> str:
+    return text.split(BEGIN, 1)[1].split(END, 1)[0]
+
+
+def _numbers(value: Any) -> Iterator[float]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield float(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def _positive(*values: Any) -> None:
+    for v in values:
+        assert isinstance(v, int | float), v
+        assert math.isfinite(v), v
+        assert v > 0, v
+
+
+def _run_smoke(tmp_path: Path) -> tuple[dict[str, Any], str, str]:
+    original = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    docs = tmp_path / "performance.md"
+    docs.write_text(original, encoding="utf-8")
+    out = tmp_path / "results"
+    argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke"]
+    argv += ["--out", str(out), "--docs", str(docs)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    [result_file] = out.glob("bench-*.json")
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    return result, original, docs.read_text(encoding="utf-8")
+
+
+def _check_sections(s: dict[str, Any]) -> None:
+    for path in PATHS:
+        figures = s["proxy"]["paths"][path]
+        _positive(figures["plain"]["p50_ms"], figures["plain"]["p99_ms"])
+        _positive(figures["stream_first_byte"]["p50_ms"], figures["stream_first_byte"]["p99_ms"])
+        assert figures["chunk_gap"]["mean_ms"] >= 0
+        assert figures["events_per_stream"] > 1
+        for level in ("2", "4"):
+            _positive(s["throughput"]["clients"][level][path]["requests_per_s"])
+        _positive(s["history"]["no_session"][path]["p50_ms"])
+    for direction in ("smollm2->gemma3", "gemma3->smollm2"):
+        switch = s["switch"]["p50_ms"][direction]
+        _positive(switch["router"]["unload"], switch["router"]["load"], switch["router"]["total"])
+        _positive(switch["hotmodel"]["wall"], switch["hotmodel"]["load"])
+    for way in ("kv_restore", "replay", "router"):
+        back = s["replay_kv"]["p50_ms"][way]
+        _positive(back["session_tokens"], back["switch_back"], back["total"])
+    assert all(run["restore"]["restored"] for run in s["replay_kv"]["raw"]["kv_restore"])
+    assert all(run["replay"]["prompt_tokens"] > 1 for run in s["replay_kv"]["raw"]["replay"])
+    for size in ("0", "10"):
+        _positive(s["history"]["stored_messages"][size]["p50_ms"])
+    assert s["cache"]["turns_past_bound"] == 4  # 6 turns, bound 4 messages: turns 3 to 6
+    assert 0 <= s["cache"]["share_of_turns_90_cached"] <= 1
+    assert 0 <= s["cache"]["token_share_cached"] <= 1
+    rss = s["rss"]
+    _positive(rss["idle_start_mb"], rss["idle_after_load_mb"], rss["peak_under_load_mb"])
+
+
+def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> None:
+    result, original, docs = _run_smoke(tmp_path)
+
+    assert result["smoke"] is True
+    assert tuple(result["sections"]) == SECTIONS
+    assert result["machine"]["cpu_model"] and result["machine"]["cpus"] >= 1
+    assert result["llama_cpp"]["version"]
+    assert all(math.isfinite(v) for v in _numbers(result)), "a figure is NaN or infinite"
+    _check_sections(result["sections"])
+    assert len(result["targets"]) >= 10
+    for target in result["targets"]:
+        assert isinstance(target["met"], bool)
+        assert math.isfinite(target["measured"]) and math.isfinite(target["bound"])
+
+    assert _outside(docs) == _outside(original), "text outside the markers changed"
+    block = _inside(docs)
+    assert "Smoke run" in block
+    for heading in (
+        "### Targets",
+        "### Proxy",
+        "### Throughput",
+        "### Switch",
+        "### Switching back",
+    ):
+        assert heading in block
+    for heading in (
+        "### Time outside the model",
+        "### Prompt-cache reuse",
+        "### hotmodel's memory",
+    ):
+        assert heading in block
+    table_rows = [line for line in block.splitlines() if line.startswith("| ")]
+    assert len(table_rows) >= 30
+    assert block.count("|" + " --- |" * 3) >= 8  # a header rule per table

@@ -1,0 +1,224 @@
+"""Idle unload, preload off, and reload without restart, on the real llama-server router.
+
+Tiny GGUF models keep these fast; what is asserted is what an operator sees:
+``/admin/status``, ``/health``, the switch history and chat answers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+
+WAIT_S = 30.0
+
+
+def chat(hp: HotmodelProcess, model: str = "active", **headers: str) -> httpx.Response:
+    return httpx.post(
+        hp.base_url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers=headers,
+        timeout=60,
+    )
+
+
+def wait_for(what: str, check: Any, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def router_status(hp: HotmodelProcess) -> dict[str, str]:
+    models = httpx.get(hp.base_url + "/v1/models", timeout=5).json()["data"]
+    return {m["id"]: m["status"] for m in models}
+
+
+def test_idle_unload_then_next_request_loads_back(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    config = write_config(
+        tmp_path,
+        {"tiny": tiny_models["tiny"], "tiny2": tiny_models["tiny2"]},
+        "tiny",
+        router="idle_unload_seconds = 1",
+    )
+    hp = start_hotmodel(config)
+    try:
+        assert chat(hp).status_code == 200
+        status = wait_for("the idle unload", lambda: hp.status()["parked_model"] == "tiny" or None)
+        assert status
+        assert hp.status()["active_model"] is None
+        assert router_status(hp)["tiny"] == "unloaded"
+        health = httpx.get(hp.base_url + "/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "idle"
+        history = httpx.get(hp.base_url + "/admin/switches", timeout=5).json()["data"]
+        assert history[0]["to"] is None and history[0]["outcome"] == "ok"
+        assert history[0]["policy"] == "idle_unload"
+        # the next request loads the parked model back and is answered
+        reply = chat(hp)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "tiny"
+        after = hp.status()
+        assert after["active_model"] == "tiny" and after["parked_model"] is None
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def test_no_preload_first_request_loads_the_default(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny", router="preload = false")
+    hp = start_hotmodel(config)
+    try:
+        status = hp.status()
+        assert status["active_model"] is None and status["parked_model"] == "tiny"
+        assert router_status(hp)["tiny"] == "unloaded"
+        reply = chat(hp)
+        assert reply.status_code == 200, reply.text
+        assert hp.status()["active_model"] == "tiny"
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def _reload(hp: HotmodelProcess) -> httpx.Response:
+    return httpx.post(hp.base_url + "/admin/reload", timeout=60)
+
+
+def test_reload_applies_live_settings_and_names_the_rest(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    presets = {"tiny": tiny_models["tiny"]}
+    config = write_config(tmp_path, presets, "tiny", session="max_session_messages = 64")
+    hp = start_hotmodel(config)
+    try:
+        pid = hp.status()["router"]["pid"]  # type: ignore[index]
+        unchanged = _reload(hp)
+        assert unchanged.status_code == 200 and unchanged.json()["changed"] is False
+
+        text = config.read_text()
+        edited = text.replace("max_session_messages = 64", "max_session_messages = 8")
+        edited = edited.replace("ctx_size = 2048", "ctx_size = 1024")
+        config.write_text(edited + '\n[system_prompts.terse]\nsystem = "Be terse."\n')
+        answer = _reload(hp)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert "session.max_session_messages" in body["applied"]
+        assert "system_prompts" in body["applied"]
+        assert body["restart_needed"] == ["router.ctx_size"]
+        assert body["reload_active"] is False
+        # the new system prompt is usable at once; the running model was not touched
+        reply = httpx.post(
+            hp.base_url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            headers={"X-Session-Id": "s1", "X-System-Prompt": "terse"},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        assert hp.status()["router"]["pid"] == pid  # type: ignore[index]
+
+        # a broken file changes nothing and says where it is broken
+        config.write_text(edited.replace("max_session_messages = 8", "max_session_messages = -1"))
+        bad = _reload(hp)
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert error["code"] == "invalid_config"
+        assert "max_session_messages" in error["message"] and "[session]" in error["message"]
+        config.write_text("[server\n")
+        assert _reload(hp).status_code == 400
+        assert chat(hp).status_code == 200
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def test_reload_presets_new_one_usable_active_one_reloaded(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
+    ini = tmp_path / "models.ini"
+    hp = start_hotmodel(config)
+    try:
+        # a preset added: the running model is not stopped, the new one can be switched to
+        ini.write_text(ini.read_text() + f"\n[tiny2]\nmodel = {tiny_models['tiny2']}\n")
+        body = _reload(hp).json()
+        assert body["presets_changed"] == ["tiny2"] and body["reload_active"] is False
+        assert hp.status()["active_model"] == "tiny"
+        assert chat(hp).status_code == 200
+        report = httpx.post(
+            hp.base_url + "/admin/switch", json={"model": "tiny2"}, timeout=120
+        ).json()
+        assert report["outcome"] == "ok", report
+        assert "restart" in report["phases"]
+        assert chat(hp, "tiny2").status_code == 200
+
+        # the active model's own preset changed: it is loaded again with it
+        ini.write_text(
+            ini.read_text().replace(
+                f"model = {tiny_models['tiny2']}", f"model = {tiny_models['tiny2']}\nctx-size = 512"
+            )
+        )
+        body = _reload(hp).json()
+        assert body["reload_active"] is True, body
+        assert body["switch"]["outcome"] == "ok"
+        assert hp.status()["active_model"] == "tiny2"
+        assert chat(hp).status_code == 200
+
+        # removing the active preset is refused, nothing changes
+        ini.write_text(ini.read_text().split("[tiny2]")[0])
+        refused = _reload(hp)
+        assert refused.status_code == 400 and "active model" in refused.json()["error"]["message"]
+        assert hp.status()["presets"] == ["tiny", "tiny2"]
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def test_sighup_reloads(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
+    hp = start_hotmodel(config)
+    try:
+        assert httpx.get(hp.base_url + "/admin/status", timeout=5).status_code == 200
+        key = "admin-key-0123456789abcdef"
+        config.write_text(config.read_text() + f'\n[security]\nadmin_keys = ["{key}"]\n')
+        hp.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            "the keys to apply",
+            lambda: httpx.get(hp.base_url + "/admin/status", timeout=5).status_code == 401,
+        )
+        ok = httpx.get(
+            hp.base_url + "/admin/status", headers={"Authorization": f"Bearer {key}"}, timeout=5
+        )
+        assert ok.status_code == 200 and ok.json()["active_model"] == "tiny"
+        assert hp.proc.poll() is None  # SIGHUP did not stop it
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
+def test_switch_progress_shows_the_routers_load_progress(
+    tmp_path: Path, real_models: dict[str, Path]
+) -> None:
+    from tests.conftest import two_models
+
+    with two_models(tmp_path, real_models) as hp:
+        phases = []
+        with httpx.stream(
+            "POST",
+            hp.base_url + "/admin/switch",
+            json={"model": "gemma3", "stream": True},
+            timeout=120,
+        ) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    phases.append(json.loads(line[6:]))
+        progress = [p for p in phases if p.get("status") == "progress"]
+        assert progress, phases
+        assert all(p["phase"] == "load" and p["detail"].endswith("%") for p in progress)
+        assert phases[-1]["outcome"] == "ok"

@@ -1,0 +1,178 @@
+"""The dashboard in a real browser: headless Chromium (Debian's, via Playwright) on a real
+hotmodel with two models on the real router.
+
+A test opens ``/ui``, clicks a switch button, waits until the page shows the
+new active model and the new history row, and leaves a screenshot in
+``test-artifacts/``. Waits are bounded (Playwright's ``expect`` retries until
+its timeout); nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser import browser_page, save_screenshot
+from tests.conftest import HotmodelProcess, assert_all_gone, start_hotmodel, write_config
+
+ADMIN = "admin-key-browser-00000"
+WAIT_MS = 60_000  # the bound on each wait for the page (a loaded CI machine is slow)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
+) -> Iterator[HotmodelProcess]:
+    """Two tiny models: a switch takes milliseconds, and it is a real one."""
+    folder = tmp_path_factory.mktemp("dashboard-browser")
+    presets = {"tiny": tiny_models["tiny"], "tiny2": tiny_models["tiny2"]}
+    hp = start_hotmodel(write_config(folder, presets, "tiny"))
+    yield hp
+    pids = hp.router_pids
+    assert hp.stop() == 0, hp.output()
+    assert_all_gone(pids)
+
+
+@pytest.fixture
+def page() -> Iterator[Page]:
+    with browser_page() as opened:
+        errors: list[str] = []
+        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield opened
+        assert not errors, f"the page's JavaScript failed: {errors}"
+
+
+def _other(hp: HotmodelProcess) -> tuple[str, str]:
+    active = hp.status()["active_model"]
+    assert isinstance(active, str)
+    return active, "tiny2" if active == "tiny" else "tiny"
+
+
+def _history_len(hp: HotmodelProcess) -> int:
+    return len(httpx.get(hp.base_url + "/admin/switches").json()["data"])
+
+
+def _open(page: Page, hp: HotmodelProcess, active: str) -> None:
+    page.goto(hp.base_url + "/ui")
+    expect(page.locator("#feed-state")).to_have_text("live")
+    expect(page.locator("#active-model")).to_have_text(active)
+    expect(page.locator("#history tbody tr")).to_have_count(_history_len(hp))
+
+
+def test_switch_from_the_dashboard(server: HotmodelProcess, page: Page) -> None:
+    chat = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello dashboard"}], "max_tokens": 4},
+        headers={"x-session-id": "browser-demo"},
+        timeout=60,
+    )
+    assert chat.status_code == 200, chat.text
+    active, target = _other(server)
+    rows_before = _history_len(server)
+    _open(page, server, active)
+    expect(page.locator(f'#models tr[data-model="{active}"] .badge.active')).to_be_visible()
+    expect(page.locator("#logs")).to_contain_text("llama")
+    page.locator('#sessions tr[data-session="browser-demo"]').click()
+    expect(page.locator("#session-view .message.user")).to_contain_text("hello dashboard")
+
+    page.get_by_role("button", name=f"Switch to {target}", exact=True).click()
+
+    expect(page.locator("#active-model")).to_have_text(target)
+    new_row = page.locator(f'#history tbody tr[data-to="{target}"][data-outcome="ok"]').first
+    expect(page.locator("#history tbody tr")).to_have_count(rows_before + 1)
+    expect(page.locator("#history tbody tr").first).to_have_attribute("data-to", target)
+    expect(new_row.locator('svg.phase-bar rect[data-phase="load"]')).to_have_count(1)
+    expect(page.locator('#phases li[data-phase="load"].status-done')).to_be_visible()
+    expect(page.locator("#switch-message")).to_contain_text(f"active: {target}")
+    expect(page.locator(f'#models tr[data-model="{target}"] .badge.active')).to_be_visible()
+    expect(page.get_by_role("button", name=f"Switch to {target}", exact=True)).to_be_disabled()
+    expect(page.get_by_role("button", name=f"Switch to {active}", exact=True)).to_be_enabled()
+    shot = save_screenshot(page, "dashboard-switch.png")
+
+    assert server.status()["active_model"] == target  # the page did switch hotmodel
+    data = shot.read_bytes()
+    assert data.startswith(PNG) and len(data) > 20_000, (shot, len(data))
+
+
+def test_a_switch_made_elsewhere_shows_up_live(server: HotmodelProcess, page: Page) -> None:
+    active, target = _other(server)
+    rows_before = _history_len(server)
+    _open(page, server, active)
+    resp = httpx.post(server.base_url + "/admin/switch", json={"model": target}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    switch_id = resp.json()["id"]
+    # nothing on the page was touched: the feed brought it
+    expect(page.locator("#active-model")).to_have_text(target)
+    expect(page.locator("#history tbody tr")).to_have_count(rows_before + 1)
+    expect(page.locator("#history tbody tr").first).to_have_attribute("data-id", str(switch_id))
+    expect(page.locator("#progress-title")).to_have_text(f"#{switch_id} {active} → {target}")
+    expect(page.locator(f'#models tr[data-model="{target}"]')).to_have_attribute(
+        "data-status", "loaded"
+    )
+
+
+def test_gpu_memory_is_drawn_per_switch(server: HotmodelProcess, page: Page) -> None:
+    """No GPU here, so the chart's data is given to the page's own renderer."""
+    _open(page, server, _other(server)[0])
+    expect(page.locator("#gpu-chart")).to_contain_text("No GPU visible (probe: none)")
+    snap = {"source": "nvml", "used_mib": 0, "devices": []}
+    bars = page.evaluate(
+        """(snap) => {
+            const d = window.hotmodelDashboard;
+            const gpu = {before_unload: {...snap, used_mib: 5000}, after_unload: {...snap,
+                used_mib: 300}, after_settle: null, after_load: {...snap, used_mib: 2100}};
+            d.state.history.set(9999, {id: 9999, from: "a", to: "b", outcome: "ok",
+                total_ms: 10, phases: {load: 10}, gpu, started_at: null, policy: "x"});
+            d.renderHistory();
+            return [...document.querySelectorAll("#gpu-chart rect.gpu-bar")]
+                .map((r) => r.querySelector("title").textContent);
+        }""",
+        snap,
+    )
+    assert bars == [
+        "#9999 before_unload: 5000 MiB",
+        "#9999 after_unload: 300 MiB",
+        "#9999 after_load: 2100 MiB",
+    ]
+
+
+@pytest.fixture(scope="module")
+def secured(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
+) -> Iterator[HotmodelProcess]:
+    folder = tmp_path_factory.mktemp("dashboard-browser-keys")
+    tail = f'[security]\nadmin_keys = ["{ADMIN}"]\n'
+    hp = start_hotmodel(write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail))
+    yield hp
+    assert hp.stop() == 0, hp.output()
+
+
+def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, page: Page) -> None:
+    page.goto(secured.base_url + "/ui")
+    expect(page.locator("#key-prompt")).to_be_visible()
+    expect(page.locator("#dashboard")).to_be_hidden()  # nothing is shown without the key
+
+    page.locator("#key-input").fill("not-the-admin-key-0000")
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#key-error")).to_contain_text("valid API key")
+    expect(page.locator("#dashboard")).to_be_hidden()
+
+    page.locator("#key-input").fill(ADMIN)
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#key-prompt")).to_be_hidden()
+    expect(page.locator("#feed-state")).to_have_text("live")
+    expect(page.locator("#active-model")).to_have_text("tiny")
+    expect(page.locator("#logs")).to_contain_text("llama")
+    expect(page.locator("#sessions")).to_contain_text("No sessions yet.")
+    assert page.evaluate("sessionStorage.getItem('hotmodel.adminKey')") == ADMIN
+    page.reload()  # the key is kept for the tab: no second prompt
+    expect(page.locator("#active-model")).to_have_text("tiny")
+    expect(page.locator("#key-prompt")).to_be_hidden()
+    save_screenshot(page, "dashboard-keys.png")
