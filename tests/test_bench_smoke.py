@@ -128,3 +128,29 @@ def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> 
     table_rows = [line for line in block.splitlines() if line.startswith("| ")]
     assert len(table_rows) >= 30
     assert block.count("|" + " --- |" * 3) >= 8  # a header rule per table
+
+
+def test_gpu_bench_runs_and_reports_every_switch(tmp_path: Path) -> None:
+    """``scripts/bench_gpu.py`` on one round trip per policy. No GPU here: the snapshots
+    are empty and ``auto`` falls back to zero_overlap, which the rows must say."""
+    out = tmp_path / "gpu"
+    argv = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--rounds", "1"]
+    done = subprocess.run(
+        [*argv, "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("bench-gpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    switches = [r for r in rows if "to" in r]
+    assert [(r["policy"], r["to"]) for r in switches] == [
+        ("zero_overlap", "gemma3"),
+        ("zero_overlap", "smollm2"),
+        ("auto", "gemma3"),
+        ("auto", "smollm2"),
+    ]
+    for row in switches:
+        assert row["outcome"] == "ok", row
+        assert row["chosen"] == "zero_overlap", row
+        _positive(row["total_ms"], row["phases"]["load"])
+    assert all(r["reason"] == "auto: no GPU memory reading" for r in switches[2:])
+    assert "| zero_overlap (zero_overlap) | smollm2 → gemma3 |" in done.stdout

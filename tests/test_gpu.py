@@ -6,6 +6,7 @@ the NVML library object and an ``nvidia-smi`` executable that prints a sample.
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from hotmodel.control import gpu
 from hotmodel.control.gpu import (
     GpuDevice,
+    GpuSnapshot,
     NoGpu,
     NvidiaSmiProbe,
     NvmlProbe,
@@ -152,3 +154,56 @@ def test_settled(
     readings: list[int], before: int | None, baseline: int | None, expected: bool
 ) -> None:
     assert settled(readings, before, baseline, tolerance_mib=16) is expected
+
+
+class _Readings:
+    """A probe that reads the given used-MiB values in turn, then the last one forever."""
+
+    name = "fake"
+
+    def __init__(self, *used: int) -> None:
+        self.used = list(used)
+        self.reads = 0
+
+    def snapshot(self) -> GpuSnapshot:
+        value = self.used[min(self.reads, len(self.used) - 1)]
+        self.reads += 1
+        return GpuSnapshot((GpuDevice(0, "fake", value, 81559),), self.name)
+
+
+def _snap(used: int) -> GpuSnapshot:
+    return GpuSnapshot((GpuDevice(0, "fake", used, 81559),), "fake")
+
+
+def test_wait_settled_reads_until_memory_stops_falling() -> None:
+    """Another process holds memory (no return to the baseline): settled once two readings
+    after the fall agree; the reads start fast (the first after 10 ms), not every 100 ms."""
+    probe = _Readings(3000, 2400, 2400)
+    last, note = asyncio.run(
+        gpu.wait_settled(
+            probe, _snap(4000), before_mib=9000, baseline_mib=600, tolerance_mib=16, timeout=10
+        )
+    )
+    assert (last.used_mib, note, probe.reads) == (2400, None, 3)
+    assert gpu.SETTLE_POLL_FIRST_S <= 0.01
+
+
+def test_wait_settled_at_the_baseline_reads_nothing_more() -> None:
+    probe = _Readings(9999)
+    last, note = asyncio.run(
+        gpu.wait_settled(
+            probe, _snap(610), before_mib=9000, baseline_mib=600, tolerance_mib=16, timeout=10
+        )
+    )
+    assert (last.used_mib, note, probe.reads) == (610, None, 0)
+
+
+def test_wait_settled_gives_up_at_its_deadline_with_a_note() -> None:
+    probe = _Readings(9000)  # never falls
+    last, note = asyncio.run(
+        gpu.wait_settled(
+            probe, _snap(9000), before_mib=9000, baseline_mib=600, tolerance_mib=16, timeout=0.05
+        )
+    )
+    assert last.used_mib == 9000
+    assert note is not None and "settle_timeout_seconds" in note

@@ -9,8 +9,10 @@ import io
 import json
 import logging
 import threading
+import time
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -24,7 +26,7 @@ from hotmodel.api import metrics as metrics_module
 from hotmodel.api.errors import CatchUnexpected
 from hotmodel.api.metrics import GpuReader, Metrics, gpu_metrics
 from hotmodel.api.observe import AccessLine, Observe
-from hotmodel.api.record import Usage, has_text, incoming_request_id, usage_of
+from hotmodel.api.record import RequestRecord, Usage, has_text, incoming_request_id, usage_of
 from hotmodel.config import ServerConfig
 from hotmodel.control.gpu import GpuDevice, GpuSnapshot, NoGpu
 from hotmodel.logs import JsonFormatter, setup_logging
@@ -297,3 +299,22 @@ def test_gpu_memory_in_bytes_per_device() -> None:
         ("hotmodel_gpu_memory_total_bytes", "0", "A, B"): 2 * mib,
         ("hotmodel_gpu_memory_total_bytes", "1", "C"): 4 * mib,
     }
+
+
+def test_an_open_feed_is_counted_but_kept_out_of_the_duration_histogram() -> None:
+    """A dashboard keeps /admin/events open for hours: its length would swamp the latency
+    buckets, so it is counted as a request and not timed."""
+    m = Metrics()
+    now = time.perf_counter()
+    for route in ("/admin/events", "/admin/status"):
+        record = RequestRecord("id", "GET", route, now - 3600, route=route, status=200)
+        m.request_done(record, now)
+    samples = {
+        (s.name, s.labels.get("route")): s.value
+        for family in text_string_to_metric_families(generate_latest(m.registry).decode())
+        for s in family.samples
+    }
+    for route in ("/admin/events", "/admin/status"):
+        assert samples[("hotmodel_requests_total", route)] == 1
+    assert samples[("hotmodel_request_duration_seconds_count", "/admin/status")] == 1
+    assert ("hotmodel_request_duration_seconds_count", "/admin/events") not in samples

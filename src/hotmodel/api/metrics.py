@@ -46,6 +46,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SWITCH_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 # A method outside these is counted as "other" (a client can send any token).
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+# Feeds a client keeps open for as long as it watches: counted, but their length is
+# how long someone looked at the dashboard, which would swamp the duration histogram.
+OPEN_ENDED_ROUTES = frozenset({"/admin/events"})
 # How long a scrape waits for a GPU reading (nvidia-smi may take seconds); the read
 # goes on in its thread and the scrape shows the previous one.
 GPU_READ_TIMEOUT_S = 2.0
@@ -107,7 +110,7 @@ class Metrics:
         self._switch_metrics(r)
         self.state: StateCollector | None = None
         # label children, looked up once per label set (the sets are bounded: see observe.py)
-        self._by_request: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._by_request: dict[tuple[str, str, int], tuple[Counter, Histogram | None]] = {}
         self._by_model: dict[str, tuple[Histogram, Counter, Counter, Counter]] = {}
 
     def attach(self, runtime: Runtime) -> None:
@@ -159,10 +162,11 @@ class Metrics:
         if children is None:  # labels() takes a lock and builds a key: once per label set
             children = self._by_request[key] = (
                 self.requests.labels(key[0], method, str(key[2])),
-                self.request_seconds.labels(key[0]),
+                None if key[0] in OPEN_ENDED_ROUTES else self.request_seconds.labels(key[0]),
             )
         children[0].inc()
-        children[1].observe(total)
+        if children[1] is not None:
+            children[1].observe(total)
         upstream = record.upstream_seconds(now)
         if upstream is None:
             return

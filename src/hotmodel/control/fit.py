@@ -33,8 +33,10 @@ CACHE_BYTES = {
     "q5_0": 22 / 32,
     "q5_1": 24 / 32,
 }
-# compute buffers, CUDA context and the like, beyond weights and KV
-OVERHEAD_MIB = 256
+# Compute buffers, the CUDA context and the like, beyond weights and KV. Measured with
+# a CUDA 13 llama-server on an H200 (docs/performance.md, "GPU memory"): 784 MiB for
+# SmolLM2 and 699 MiB for Gemma-3-270M at ctx 4096, beyond weights + KV.
+OVERHEAD_MIB = 800
 
 # GGUF value types (gguf.h): fixed sizes, and 8 = string, 9 = array
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""GPU memory around switches: what each phase costs and what the GPU holds after it.
+
+    .venv/bin/python scripts/bench_gpu.py [--rounds N] [--out DIR]
+
+Needs a GPU and a llama-server built with CUDA (or another GPU backend) where
+`hotmodel setup` caches it, or on PATH. Starts `hotmodel serve` on the two demo
+models twice: with `[switch] policy = "zero_overlap"` and with `"auto"` (two
+models may be loaded; overlap is chosen when the free memory covers the target).
+Each run builds a short conversation, then switches SmolLM2 -> Gemma -> SmolLM2
+``--rounds`` times. Every switch report gives its phases (drain, unload, settle,
+load, replay, ...) and the four GPU snapshots (before the unload, after it, once
+settled, after the load); this prints them as a table and writes them as JSON.
+No GPU: the snapshots are empty and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from benchlib import ROOT, llama_cpp, machine, serving
+
+from hotmodel.control.gpu import detect_probe
+
+POLICIES = {
+    "zero_overlap": '[switch]\npolicy = "zero_overlap"\nreplay = true\n',
+    "auto": 'models_max = 2\n[switch]\npolicy = "auto"\nreplay = true\n',
+}
+PHASES = ("drain", "unload", "settle", "load", "replay")
+SNAPS = ("before_unload", "after_unload", "after_settle", "after_load")
+
+
+def _gpu_used(report: dict[str, Any]) -> dict[str, int | None]:
+    gpu = report.get("gpu") or {}
+    return {name: (gpu.get(name) or {}).get("used_mib") for name in SNAPS}
+
+
+def _used_now() -> int | None:
+    snap = detect_probe().snapshot()
+    return None if snap is None else snap.used_mib
+
+
+def run_policy(policy: str, rounds: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with serving(extra=POLICIES[policy]) as served, httpx.Client(timeout=300) as c:
+        base = served.base_url
+        chat = {
+            "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "session_id": "gpu-bench",
+        }
+        c.post(base + "/v1/chat/completions", json=chat).raise_for_status()
+        rows.append({"policy": policy, "smollm2_loaded_mib": _used_now()})
+        for _ in range(rounds):
+            for target in ("gemma3", "smollm2"):
+                report = c.post(base + "/admin/switch", json={"model": target}).json()
+                rows.append(
+                    {
+                        "policy": policy,
+                        "chosen": report.get("policy"),
+                        "reason": report.get("policy_reason"),
+                        "from": report.get("from"),
+                        "to": report.get("to"),
+                        "outcome": report.get("outcome"),
+                        "total_ms": report.get("total_ms"),
+                        "phases": report.get("phases"),
+                        "gpu_used_mib": _gpu_used(report),
+                        "report": report,
+                    }
+                )
+    return rows
+
+
+def _cell(value: float | int | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """p50 per policy and direction: phases in ms, GPU memory in MiB."""
+    head = ["policy (chosen)", "switch", "total ms", *(f"{p} ms" for p in PHASES)]
+    head += [f"{s} MiB" for s in SNAPS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    switches = [r for r in rows if "to" in r]
+    order = list(POLICIES)
+    keys = sorted(
+        {(r["policy"], r["from"], r["to"]) for r in switches},
+        key=lambda k: (order.index(k[0]), k[1], k[2]),
+    )
+    for policy, src, dst in keys:
+        group = [r for r in switches if (r["policy"], r["from"], r["to"]) == (policy, src, dst)]
+
+        def p50(values: list[float | int | None]) -> float | None:
+            known = [float(v) for v in values if v is not None]
+            return statistics.median(known) if known else None
+
+        chosen = "/".join(sorted({str(r["chosen"]) for r in group}))
+        cells = [
+            f"{policy} ({chosen})",
+            f"{src} → {dst}",
+            _cell(p50([r["total_ms"] for r in group])),
+        ]
+        cells += [_cell(p50([(r["phases"] or {}).get(p) for r in group])) for p in PHASES]
+        cells += [_cell(p50([r["gpu_used_mib"][s] for r in group])) for s in SNAPS]
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons = sorted({f"policy {r['policy']}, {r['reason']}" for r in switches if r["reason"]})
+    return "\n".join(lines + [""] + [f"- {reason}" for reason in reasons])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="round trips per policy")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = ap.parse_args()
+    now = datetime.datetime.now().astimezone()
+    rows: list[dict[str, Any]] = [{"no_model_mib": _used_now()}]
+    for policy in POLICIES:
+        print(f"[bench_gpu] {policy} ...", file=sys.stderr, flush=True)
+        rows += run_policy(policy, args.rounds)
+    result = {
+        "command": ".venv/bin/python scripts/bench_gpu.py",
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "llama_cpp": llama_cpp(),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-gpu-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"GPU memory in use before any llama-server: {_cell(rows[0]['no_model_mib'])} MiB")
+    print(table(rows))
+    print(f"[bench_gpu] results in {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
