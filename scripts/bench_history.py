@@ -40,14 +40,30 @@ async def fill(store_file: Path, sizes: tuple[int, ...] = SIZES) -> None:
                 await store.append("", f"h{n}", history, "smollm2", "")
 
 
-def outside_model_ms(c: httpx.Client, url: str, body: dict[str, Any]) -> float:
-    """One chat request's wall time minus llama-server's own prompt + predict time."""
+def own_ms(server_timing: str | None) -> float | None:
+    """hotmodel's own time from its ``Server-Timing`` header (``hotmodel;dur=MS, ...``)."""
+    for part in (server_timing or "").split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name == "hotmodel" and duration:
+            return float(duration)
+    return None
+
+
+def timed_turn(c: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, float | None]:
+    """One chat request: its wall time minus llama-server's own prompt + predict time,
+    and hotmodel's own time as its ``Server-Timing`` header says (None elsewhere)."""
     t0 = time.perf_counter()
     answer = c.post(url + "/v1/chat/completions", json=body)
     wall = (time.perf_counter() - t0) * 1000
     answer.raise_for_status()
     timings = answer.json()["timings"]
-    return float(wall - timings["prompt_ms"] - timings["predicted_ms"])
+    outside = float(wall - timings["prompt_ms"] - timings["predicted_ms"])
+    return outside, own_ms(answer.headers.get("server-timing"))
+
+
+def outside_model_ms(c: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    """One chat request's wall time minus llama-server's own prompt + predict time."""
+    return timed_turn(c, url, body)[0]
 
 
 def main() -> None:

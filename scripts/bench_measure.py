@@ -29,7 +29,7 @@ from bench_common import (
     rotate,
     stream_body,
 )
-from bench_history import fill, outside_model_ms
+from bench_history import fill, timed_turn
 from bench_proxy import RETRIES, plain_ms, stream_times
 from benchlib import summary
 
@@ -149,10 +149,12 @@ def throughput(paths: Paths, s: Settings) -> dict[str, Any]:
 
 def history(paths: Paths, store_file: Path, s: Settings) -> dict[str, Any]:
     """Time outside the model: wall time minus llama-server's prompt + predict time, for
-    requests without a session on each path and for hotmodel sessions of N stored messages."""
+    requests without a session on each path and for hotmodel sessions of N stored messages;
+    and hotmodel's own share of each (its ``Server-Timing`` header)."""
     asyncio.run(fill(store_file, s.history_sizes))
     names = (*PATHS, *(f"h{n}" for n in s.history_sizes))
     out: dict[str, list[float]] = {name: [] for name in names}
+    own: dict[str, list[float]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         client = {
             n: stack.enter_context(c) for n, c in zip(names, clients(len(names)), strict=True)
@@ -164,13 +166,19 @@ def history(paths: Paths, store_file: Path, s: Settings) -> dict[str, Any]:
                 else:
                     turn = {"role": "user", "content": f"turn {r}"}
                     url, body = paths.hotmodel, {**PLAIN, "messages": [turn], "session_id": name}
-                ms = outside_model_ms(client[name], url, body)
+                outside, hotmodel_ms = timed_turn(client[name], url, body)
                 if r:  # the first round warms connections and prompt caches
-                    out[name].append(ms)
+                    out[name].append(outside)
+                    if hotmodel_ms is not None:
+                        own[name].append(hotmodel_ms)
     return {
         "rounds": s.history_rounds,
         "no_session": {p: summary(out[p]) for p in PATHS},
         "stored_messages": {str(n): summary(out[f"h{n}"]) for n in s.history_sizes},
+        "hotmodel_own": {
+            "no_session": summary(own["hotmodel"]),
+            **{str(n): summary(own[f"h{n}"]) for n in s.history_sizes},
+        },
     }
 
 

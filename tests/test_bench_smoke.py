@@ -87,6 +87,8 @@ def _check_sections(s: dict[str, Any]) -> None:
     assert all(run["replay"]["prompt_tokens"] > 1 for run in s["replay_kv"]["raw"]["replay"])
     for size in ("0", "10"):
         _positive(s["history"]["stored_messages"][size]["p50_ms"])
+    for key in ("no_session", "0", "10"):  # read from hotmodel's Server-Timing header
+        _positive(s["history"]["hotmodel_own"][key]["p50_ms"])
     assert s["cache"]["turns_past_bound"] == 4  # 6 turns, bound 4 messages: turns 3 to 6
     assert 0 <= s["cache"]["share_of_turns_90_cached"] <= 1
     assert 0 <= s["cache"]["token_share_cached"] <= 1

@@ -318,3 +318,16 @@ def test_an_open_feed_is_counted_but_kept_out_of_the_duration_histogram() -> Non
         assert samples[("hotmodel_requests_total", route)] == 1
     assert samples[("hotmodel_request_duration_seconds_count", "/admin/status")] == 1
     assert ("hotmodel_request_duration_seconds_count", "/admin/events") not in samples
+
+
+def test_server_timing_splits_hotmodel_from_upstream() -> None:
+    """``Server-Timing`` gives a client hotmodel's own share of a request apart from
+    llama-server's: the whole time before the upstream call, then without the upstream."""
+    record = RequestRecord("id", "POST", "/v1/chat/completions", 100.0)
+    assert record.server_timing(100.004) == b"hotmodel;dur=4.000"
+    record.upstream_started, record.upstream_ended = 100.001, 100.011
+    assert record.server_timing(100.0125) == b"hotmodel;dur=2.500, upstream;dur=10.000"
+    with TestClient(_app(Metrics())) as client:
+        header = client.get("/ok").headers["server-timing"]
+    name, _, duration = header.partition(";dur=")
+    assert name == "hotmodel" and 0 <= float(duration) < 60_000

@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from hotmodel.api.validate import MAX_DEPTH, check_fields, check_messages, check_tree, parse_json
+from hotmodel.api.chat import parse_body
+from hotmodel.api.validate import (
+    MAX_DEPTH,
+    check_fields,
+    check_messages,
+    check_tree,
+    parse_json,
+    tree_needs_check,
+)
 from hotmodel.errors import InvalidRequestError
 
 U = {"role": "user", "content": "hi"}
@@ -39,6 +47,29 @@ def test_depth_and_surrogates_are_checked_without_recursion() -> None:
         check_tree({"messages": [{"role": "user", "content": "\ud800"}]})
     with pytest.raises(InvalidRequestError, match="lone surrogate"):
         check_tree({"\udfff": 1})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"a":' + b"[" * MAX_DEPTH + b"1" + b"]" * MAX_DEPTH + b"}", "nested too deeply"),
+        (b'{"messages":[{"role":"user","content":"\\ud800"}]}', "lone surrogate"),
+        (b'{"messages":[{"role":"user","content":"x\\uDFFFy"}]}', "lone surrogate"),
+        (b'{"\\udc00":1}', "lone surrogate"),
+    ],
+)
+def test_the_door_never_skips_the_tree_check_when_it_could_fail(body: bytes, message: str) -> None:
+    """parse_body walks the tree only when the raw bytes say it could fail: these must."""
+    assert tree_needs_check(body)
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_body(body)
+
+
+def test_plain_bodies_skip_the_walk_and_surrogate_pairs_pass() -> None:
+    assert not tree_needs_check(b'{"messages":[{"role":"user","content":"hi \xc3\xa9"}]}')
+    pair = b'{"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}'
+    assert tree_needs_check(pair)  # an escaped pair is looked at, and is fine
+    assert parse_body(pair)["messages"][0]["content"] == "\U0001f600"
 
 
 @pytest.mark.parametrize(

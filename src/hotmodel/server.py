@@ -212,6 +212,9 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
                 # and hotmodel.access writes the one line per request (api/observe.py)
                 log_config=None,
                 access_log=False,
+                # X-Forwarded-* would be believed from any local client by default (and
+                # is one more layer per request): hotmodel is what clients talk to.
+                proxy_headers=False,
                 timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
             )
         )

@@ -32,6 +32,7 @@ from hotmodel.api.validate import (
     check_tree,
     parse_json,
     read_body,
+    tree_needs_check,
 )
 from hotmodel.control.controller import Switch
 from hotmodel.control.traffic import Ticket
@@ -70,7 +71,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
     payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
-    check_tree(payload)
+    if tree_needs_check(body):
+        check_tree(payload)
     return payload
 
 

@@ -8,7 +8,9 @@ status, and when the answer is over counts it in
 ``hotmodel.access``. The route label is the route's template, found by a dict
 lookup for fixed paths (the chat path among them) and by matching the app's
 routes only for the others, so ids in paths and random 404s never become new
-series ("other" is anything no route matches).
+series ("other" is anything no route matches). Every answer also carries a
+``Server-Timing`` header: hotmodel's own time apart from llama-server's, so a
+client (or a benchmark) can see what the proxy costs without timing both.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Observe:
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                timing = (b"server-timing", record.server_timing(time.perf_counter()))
+                message = {**message, "headers": [*message.get("headers", ()), id_header, timing]}
             await send(message)
 
         try:

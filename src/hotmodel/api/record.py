@@ -121,6 +121,17 @@ class RequestRecord:
             return None
         return (self.upstream_ended or now) - self.upstream_started
 
+    def server_timing(self, now: float) -> bytes:
+        """The ``Server-Timing`` header's value when the answer starts: hotmodel's own time
+        so far and, once llama-server was asked, its time. A whole answer's upstream time
+        is complete here; a stream's is the time to its first bytes."""
+        total = now - self.started
+        upstream = self.upstream_seconds(now)
+        if upstream is None:
+            return f"hotmodel;dur={total * 1000:.3f}".encode()
+        own = max(0.0, total - upstream) * 1000
+        return f"hotmodel;dur={own:.3f}, upstream;dur={upstream * 1000:.3f}".encode()
+
 
 def record_of(scope: Scope) -> RequestRecord | None:
     """The request's record, when the :class:`~hotmodel.api.observe.Observe` middleware runs."""

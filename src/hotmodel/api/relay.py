@@ -80,7 +80,11 @@ async def read_unless_gone(upstream: Upstream, receive: Receive) -> bytes | None
 
     A client that leaves stops the read, so the upstream answer is closed and
     llama-server stops generating; nothing is stored for an answer nobody got.
+    llama-server sends a plain answer's headers only once it is generated, so its body
+    has usually arrived with them: then it is simply taken, with no watch to set up.
     """
+    if upstream.arrived():
+        return await upstream.read()
     reader = asyncio.ensure_future(upstream.read())
     watcher = asyncio.ensure_future(_disconnected(receive))
     try:

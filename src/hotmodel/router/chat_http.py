@@ -60,6 +60,10 @@ class Upstream:
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
+    def arrived(self) -> bool:
+        """Whether the whole body is already here (reading it cannot wait on llama-server)."""
+        return self._response.content.is_eof()
+
     async def read(self) -> bytes:
         with mapped_aiohttp(self._what, self._timeout, self._setting):
             return await self._response.read()

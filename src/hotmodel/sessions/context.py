@@ -70,9 +70,11 @@ def new_turns(stored: Sequence[Message], incoming: Sequence[Message]) -> list[Me
     repeats the end of ``stored`` is dropped, so nothing is stored twice.
     """
     turns = [m for m in incoming if m.get("role") != "system"]
-    stored_keys = [_key(m) for m in stored]
-    turn_keys = [_key(m) for m in turns]
-    for k in range(min(len(stored_keys), len(turn_keys)), 0, -1):
+    # an overlap is at most as long as the turns: only that end of ``stored`` is compared
+    n = min(len(stored), len(turns))
+    stored_keys = [_key(m) for m in stored[len(stored) - n :]]
+    turn_keys = [_key(m) for m in turns[:n]]
+    for k in range(n, 0, -1):
         if stored_keys[-k:] == turn_keys[:k]:
             return turns[k:]
     return turns
@@ -100,6 +102,16 @@ class Prompt:
         if not users:
             return [self.drop]
         return [i for i in users if i >= self.drop] or [users[-1]]
+
+    def chars_from(self) -> list[int]:
+        """``chars(self.messages(cut))`` for every ``cut`` (and one past the end), in one
+        pass: a bound then tries each cut without adding up the history again."""
+        sizes = [len(text_of(m)) for m in self.history]
+        out = [0] * (len(sizes) + 1)
+        for i in range(len(sizes) - 1, -1, -1):
+            out[i] = out[i + 1] + sizes[i]
+        pinned = chars(self.pinned)
+        return [pinned + n for n in out]
 
 
 def build_prompt(
@@ -133,12 +145,13 @@ def bound_messages_and_chars(prompt: Prompt, max_messages: int, max_chars: int) 
     """Raise ``prompt.drop`` until the history fits both bounds."""
     cuts = prompt.cut_points()
     need = max(prompt.drop, len(prompt.history) - max_messages)
+    size_from = prompt.chars_from()
     for cut in cuts:
-        if cut >= need and chars(prompt.messages(cut)) <= max_chars:
+        if cut >= need and size_from[cut] <= max_chars:
             prompt.drop = stable_cut(prompt, cuts, cut)
             return
     newest = cuts[-1]
-    size = chars(prompt.messages(newest))
+    size = size_from[newest]
     raise InvalidRequestError(
         f"the prompt does not fit: with only the newest turn it has {size}"
         f" characters and {len(prompt.history) - newest} message(s) "
@@ -152,9 +165,15 @@ async def bound_tokens(prompt: Prompt, budget: int, mode: str, count: TokenCount
     if budget <= 0:
         return
     cuts = prompt.cut_points()
+    size_from = prompt.chars_from()
 
-    def estimate(cut: int) -> int:
-        return estimate_tokens(prompt.messages(cut))
+    def estimate(cut: int) -> int:  # estimate_tokens(prompt.messages(cut)), from the sums
+        n_messages = len(prompt.pinned) + len(prompt.history) - cut
+        return (
+            math.ceil(size_from[cut] / _CHARS_PER_TOKEN)
+            + _TOKENS_PER_MESSAGE * n_messages
+            + _TOKENS_PER_PROMPT
+        )
 
     if mode == "estimate":
         fitting = next((c for c in cuts if estimate(c) <= budget), None)

@@ -25,8 +25,16 @@ class Covered:
 
     owner: str
     session_id: str
-    n_messages: int
-    messages_hash: str
+    messages: tuple[Message, ...]  # read-only, as every session message is
+
+    @property
+    def n_messages(self) -> int:
+        return len(self.messages)
+
+    @property
+    def messages_hash(self) -> str:
+        # Hashed when a snapshot is labelled, not on every turn: most turns are never saved.
+        return messages_hash(self.messages)
 
 
 class SlotLedger:
@@ -51,7 +59,7 @@ class SlotLedger:
         self, model: str, gen: int, owner: str, session_id: str, messages: Sequence[Message]
     ) -> None:
         if self._gen.get(model) == gen:
-            self._slots[model] = Covered(owner, session_id, len(messages), messages_hash(messages))
+            self._slots[model] = Covered(owner, session_id, tuple(messages))
 
     def forget(self, owner: str, session_id: str) -> None:
         """The session was deleted: no slot may be saved under its name any more."""

@@ -10,7 +10,9 @@ the thread that made them); the async methods hand work to it, so the event
 loop never waits on disk. Every ``sqlite3.Error`` becomes a :class:`StoreError`
 in :meth:`SessionStore._call`, the one place the store is entered. A session
 is created by its first stored turns (:meth:`SessionStore.append`), never by a
-read, so a request that is refused leaves no trace.
+read, so a request that is refused leaves no trace. The last messages of recently
+used sessions are also kept in memory (:mod:`hotmodel.sessions.cache`), so a
+turn's read costs the same at any history length and needs no query.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hotmodel.errors import StoreError
+from hotmodel.sessions.cache import WindowCache, cost
 
 _T = TypeVar("_T")
 
@@ -157,6 +160,8 @@ class SessionStore:
         self.path = path
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self.cache = WindowCache()
+        self._version = -1  # PRAGMA data_version when the cache was last known valid
 
     async def __aenter__(self) -> SessionStore:
         await self.open()
@@ -194,6 +199,7 @@ class SessionStore:
         self._executor = None
 
     def _close(self) -> None:
+        self.cache.clear()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -211,6 +217,14 @@ class SessionStore:
             raise StoreError("the session store is not open")
         return self._conn
 
+    def _fresh(self, db: sqlite3.Connection) -> None:
+        """Empty the cache if another connection committed since the last look (a tool or
+        a second process writing the file): only this connection's writes are cached."""
+        (version,) = db.execute("PRAGMA data_version").fetchone()
+        if version != self._version:
+            self.cache.clear()
+            self._version = version
+
     # --- queries (each runs on the store's thread) ---
 
     async def get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
@@ -220,6 +234,11 @@ class SessionStore:
 
     def _get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
         db = self._db()
+        self._fresh(db)
+        if last is not None:
+            cached = self.cache.get(owner, session_id, last)
+            if cached is not None:
+                return cached
         row = db.execute(
             "SELECT id, system_prompt, created_at, updated_at FROM sessions "
             "WHERE owner = ? AND id = ?",
@@ -233,7 +252,7 @@ class SessionStore:
             (owner, session_id, -1 if last is None else last),
         ).fetchall()
         msgs.reverse()
-        return Session(
+        session = Session(
             row[0],
             row[1],
             row[2],
@@ -242,6 +261,9 @@ class SessionStore:
             owner,
             msgs[0][0] if msgs else 0,  # seq counts from 0 without gaps
         )
+        if last is not None:  # a turn's window (a full read is an export: not kept)
+            self.cache.put(session, [cost(len(m)) for _, m, _, _ in msgs], last)
+        return session
 
     async def append(
         self,
@@ -253,41 +275,52 @@ class SessionStore:
     ) -> None:
         """Append turns atomically, creating the session if it is new; ``model`` is
         recorded on assistant turns, ``system_prompt`` on the session."""
+        await self._call(lambda: self._append(owner, session_id, messages, model, system_prompt))
 
-        def run() -> None:
-            db = self._db()
-            now = time.time()
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute(
-                    "INSERT INTO sessions (owner, id, system_prompt, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
-                    "system_prompt = excluded.system_prompt, updated_at = excluded.updated_at",
-                    (owner, session_id, system_prompt, now, now),
-                )
-                (last,) = db.execute(
-                    "SELECT COALESCE(MAX(seq), -1) FROM messages "
-                    "WHERE owner = ? AND session_id = ?",
-                    (owner, session_id),
-                ).fetchone()
-                db.executemany(
-                    "INSERT INTO messages (owner, session_id, seq, role, message, model, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            owner,
-                            session_id,
-                            last + 1 + i,
-                            str(m.get("role")),
-                            json.dumps(m),
-                            model if m.get("role") == "assistant" else None,
-                            now,
-                        )
-                        for i, m in enumerate(messages)
-                    ],
-                )
-
-        await self._call(run)
+    def _append(
+        self,
+        owner: str,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        model: str | None,
+        system_prompt: str,
+    ) -> None:
+        db = self._db()
+        now = time.time()
+        texts = [json.dumps(m) for m in messages]
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            self._fresh(db)  # under the write lock: no other commit can come in between
+            db.execute(
+                "INSERT INTO sessions (owner, id, system_prompt, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
+                "system_prompt = excluded.system_prompt, updated_at = excluded.updated_at",
+                (owner, session_id, system_prompt, now, now),
+            )
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE owner = ? AND session_id = ?",
+                (owner, session_id),
+            ).fetchone()
+            models = [model if m.get("role") == "assistant" else None for m in messages]
+            db.executemany(
+                "INSERT INTO messages (owner, session_id, seq, role, message, model, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (owner, session_id, last + 1 + i, str(m.get("role")), text, mm, now)
+                    for i, (m, text, mm) in enumerate(zip(messages, texts, models, strict=True))
+                ],
+            )
+        # committed: the cache gets what a read would decode (JSON's types, own objects)
+        stored = [
+            StoredMessage(json.loads(t), mm, now) for t, mm in zip(texts, models, strict=True)
+        ]
+        self.cache.appended(
+            (owner, session_id),
+            (system_prompt, now),
+            last + 1,
+            stored,
+            [cost(len(t)) for t in texts],
+        )
 
     async def list(self, owner: str) -> list[SessionSummary]:
         def run() -> list[SessionSummary]:
@@ -333,6 +366,7 @@ class SessionStore:
             cur = self._db().execute(
                 "DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id)
             )
+            self.cache.drop(owner, session_id)
             return cur.rowcount > 0
 
         return await self._call(run)
