@@ -7,6 +7,7 @@ a client sees (status, body shape, streaming) and on what the router reports.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -251,3 +252,44 @@ def test_router_log_file_gets_the_router_output(smol_server: HotmodelProcess) ->
         text = f.read()
     assert "=== hotmodel" in text
     assert "load_model" in text or "loaded" in text
+
+
+def test_the_chat_path_answers_like_every_other_route(smol_server: HotmodelProcess) -> None:
+    """The chat path skips Starlette's router (api/app.py, ChatFirst): its errors, other
+    methods on its path and its headers must read exactly as the rest of the app's."""
+    url = smol_server.base_url + "/v1/chat/completions"
+    err = _assert_openai_error(httpx.get(url), 405, "http_405")
+    assert err["message"] == "no route GET /v1/chat/completions"
+    bad = httpx.post(url, json={"messages": []}, headers={"x-request-id": "chat-path-1"})
+    assert _assert_openai_error(bad, 400, "invalid_request")["param"] == "messages"
+    assert bad.headers["x-request-id"] == "chat-path-1"
+    assert bad.headers["server-timing"].startswith("hotmodel;dur=")
+    wrong = httpx.post(url, json={"model": "nope", "messages": HELLO})
+    assert _assert_openai_error(wrong, 404, "model_not_found")["param"] == "model"
+    good = httpx.post(url, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert good.status_code == 200, good.text
+    timing = good.headers["server-timing"]
+    assert timing.startswith("hotmodel;dur=") and ", upstream;dur=" in timing
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(
+    smol_server: HotmodelProcess,
+) -> None:
+    """Half a body, then the connection closes: nothing is answered and nothing is logged
+    as an unexpected error (it is a 499 in the access log); the server goes on."""
+    host, port = smol_server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 500\r\n"
+            b"X-Request-Id: left-mid-body\r\n\r\n"
+            b'{"messages": [{"role": "user", '
+        )
+    deadline = time.monotonic() + 10
+    while "left-mid-body" not in smol_server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in smol_server.output().splitlines() if "left-mid-body" in line]
+    assert lines and all("499" in line for line in lines), lines
+    assert "unexpected error" not in smol_server.output()
+    resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json={"messages": HELLO})
+    assert resp.status_code == 200, resp.text

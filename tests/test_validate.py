@@ -56,6 +56,8 @@ def test_depth_and_surrogates_are_checked_without_recursion() -> None:
         (b'{"messages":[{"role":"user","content":"\\ud800"}]}', "lone surrogate"),
         (b'{"messages":[{"role":"user","content":"x\\uDFFFy"}]}', "lone surrogate"),
         (b'{"\\udc00":1}', "lone surrogate"),
+        (b'{"messages":[{"role":"user","content":"\xed\xa0\x80"}]}', "lone surrogate"),
+        ('{"a":"\ud800"}'.encode("utf-16-le", "surrogatepass"), "lone surrogate"),
     ],
 )
 def test_the_door_never_skips_the_tree_check_when_it_could_fail(body: bytes, message: str) -> None:

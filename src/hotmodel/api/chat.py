@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -31,7 +31,7 @@ from hotmodel.api.validate import (
     check_messages,
     check_tree,
     parse_json,
-    read_body,
+    read_asgi_body,
     tree_needs_check,
 )
 from hotmodel.control.controller import Switch
@@ -51,7 +51,6 @@ from hotmodel.sessions.reply import Message
 from hotmodel.sessions.service import Prepared, SessionRef
 
 ACTIVE_ALIAS = "active"
-_JSON = "application/json"
 # Renamed request fields: a clear 400 instead of a silent pass-through to llama-server.
 _RENAMED = {"preset": "system_prompt", "x-preset": "X-System-Prompt"}
 
@@ -76,30 +75,62 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def parse_chat(body: bytes, request: Request, services: Services) -> ChatRequest:
+# The request headers the chat path reads, picked in one pass over the raw list.
+_HEADERS = frozenset(
+    {b"x-session-id", b"x-system-prompt", b"accept", b"content-length", b"preset", b"x-preset"}
+)
+
+
+def chat_headers(scope: Scope) -> dict[str, str]:
+    """The headers :func:`parse_chat` needs (the first of each name, as Starlette's)."""
+    found: dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        name = name.lower()
+        if name in _HEADERS:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
+def parse_chat(
+    body: bytes, headers: Mapping[str, str], scope: Scope, services: Services
+) -> ChatRequest:
     payload = parse_body(body)
     if "messages" not in payload:
         raise InvalidRequestError("'messages' is required", param="messages")
     check_messages(payload["messages"], services.config.server.max_messages)
     check_fields(payload)
     for old, new in _RENAMED.items():
-        if old in payload or old in request.headers:
+        if old in payload or old in headers:
             raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
     body_session = payload.pop("session_id", None)
     body_prompt = payload.pop("system_prompt", None)
-    session_id = request.headers.get("x-session-id") or body_session
-    prompt = request.headers.get("x-system-prompt") or body_prompt
+    session_id = headers.get("x-session-id") or body_session
+    prompt = headers.get("x-system-prompt") or body_prompt
     session = None
     if session_id is not None:
-        session = services.sessions.check(session_id, prompt, owner_of(request.scope))
+        session = services.sessions.check(session_id, prompt, owner_of(scope))
     elif prompt is not None:
         raise InvalidRequestError(
             "'system_prompt' applies to a session: send X-Session-Id or session_id too",
             param="system_prompt",
         )
-    return ChatRequest(
-        payload, session, bool(payload.get("stream")), request.headers.get("accept", "*/*")
-    )
+    return ChatRequest(payload, session, bool(payload.get("stream")), headers.get("accept", "*/*"))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole JSON answer, sent as two ASGI messages (what Starlette's ``Response`` would
+    send, without building one per request)."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
+        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class ModelParkedError(Exception):
@@ -159,9 +190,13 @@ class ChatCompletions:
         self.s = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        body = await read_body(request, self.s.config.server.max_body_bytes)
-        chat = parse_chat(body, request, self.s)
+        headers = chat_headers(scope)
+        limit = self.s.config.server.max_body_bytes
+        try:
+            body = await read_asgi_body(receive, headers.get("content-length", ""), limit)
+        except ClientDisconnect:
+            return  # left while sending its request: no answer (a 499), no error to log
+        chat = parse_chat(body, headers, scope, self.s)
         record = record_of(scope) or RequestRecord.detached()
         record.stream = chat.stream
         if chat.session is not None:
@@ -172,7 +207,7 @@ class ChatCompletions:
 
     async def _answer(
         self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send
-    ) -> Response | None:
+    ) -> Response | Answer | None:
         """Forward ``chat``; relays a stream itself (None), else returns the answer to send.
 
         ``record`` gets the model, the upstream call's times and the token counts.
@@ -222,9 +257,7 @@ class ChatCompletions:
                 if prepared is not None:
                     with anyio.CancelScope(shield=True):
                         await self.s.sessions.complete(prepared, reply_of(data), model)
-                return Response(
-                    data, status_code=upstream.status_code, media_type=_JSON, headers=headers
-                )
+                return Answer(upstream.status_code, data, headers)
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")

@@ -103,24 +103,37 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+# Most answers start within this: for them no watch task is made at all (a task per
+# request, made and cancelled, was a visible part of hotmodel's per-request cost). A
+# client that leaves sooner is noticed this much later: llama-server has then done
+# at most this much work for nobody.
+WATCH_AFTER_S = 0.05
+
+
 class DisconnectWatch:
     """While armed (``with``), a client that disconnects cancels ``scope``.
 
     For the wait until llama-server's answer starts: a plain (non-streamed)
     answer starts only when the whole generation is done, and a client that
-    leaves meanwhile must stop it then, not minutes later.
+    leaves meanwhile must stop it then, not minutes later. The watching task is
+    made only once the wait has lasted :data:`WATCH_AFTER_S`.
     """
 
     def __init__(self, receive: Receive, scope: anyio.CancelScope) -> None:
         self._receive = receive
         self._scope = scope
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[None] | None = None
         self.gone = False
 
     def __enter__(self) -> DisconnectWatch:
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._arm)
+        return self
+
+    def _arm(self) -> None:
+        self._timer = None
         self._task = asyncio.ensure_future(_disconnected(self._receive))
         self._task.add_done_callback(self._fire)
-        return self
 
     def _fire(self, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -129,6 +142,8 @@ class DisconnectWatch:
         self._scope.cancel()
 
     def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None:
             self._task.cancel()  # no await: this may run inside a cancelled scope
 

@@ -21,7 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
 
@@ -54,17 +55,27 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length", "")
+    return await read_asgi_body(request.receive, request.headers.get("content-length", ""), limit)
+
+
+async def read_asgi_body(receive: Receive, declared: str, limit: int) -> bytes:
+    """:func:`read_body` on the ASGI messages themselves (``declared``: the Content-Length
+    header, or ''); a client that leaves raises Starlette's ``ClientDisconnect``."""
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(size, limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLargeError:
@@ -84,10 +95,17 @@ def _finite(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+
+
 def parse_json(body: bytes) -> Any:
-    """Decode a request body, refusing what JSON does not allow (or cannot be sent on)."""
+    """Decode a request body, refusing what JSON does not allow (or cannot be sent on).
+
+    As ``json.loads`` reads bytes (the encoding detected, surrogates let through for
+    :func:`check_tree` to refuse), with one decoder made once instead of per call.
+    """
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         raise InvalidRequestError(
             f"request body is nested too deeply (at most {MAX_DEPTH} levels)"
@@ -96,8 +114,9 @@ def parse_json(body: bytes) -> Any:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
 
 
-# A lone surrogate can only come from a JSON escape (the bytes are strict UTF-8).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A lone surrogate comes from a JSON escape, or from its UTF-8-like bytes (ED A0..BF),
+# which the decoder lets through as json.loads does.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def tree_needs_check(body: bytes) -> bool:
@@ -105,7 +124,8 @@ def tree_needs_check(body: bytes) -> bool:
     byte searches in C instead of a walk over every value of every request."""
     return (
         body.count(b"{") + body.count(b"[") >= MAX_DEPTH
-        or _SURROGATE_ESCAPE.search(body) is not None
+        or _SURROGATE.search(body) is not None
+        or json.detect_encoding(body) not in ("utf-8", "utf-8-sig")  # UTF-16/32: walk it
     )
 
 
