@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hotmodel.control.gpu import detect_probe
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss")
@@ -150,9 +152,12 @@ def test_gpu_bench_runs_and_reports_every_switch(tmp_path: Path) -> None:
         ("auto", "gemma3"),
         ("auto", "smollm2"),
     ]
+    gpu = detect_probe().snapshot() is not None  # a GPU here: auto may choose overlap
     for row in switches:
         assert row["outcome"] == "ok", row
-        assert row["chosen"] == "zero_overlap", row
+        assert row["chosen"] in (("zero_overlap", "overlap") if gpu else ("zero_overlap",)), row
         _positive(row["total_ms"], row["phases"]["load"])
-    assert all(r["reason"] == "auto: no GPU memory reading" for r in switches[2:])
+    for row in switches[2:]:
+        assert str(row["reason"]).startswith("auto: "), row
+        assert gpu or row["reason"] == "auto: no GPU memory reading", row
     assert "| zero_overlap (zero_overlap) | smollm2 → gemma3 |" in done.stdout

@@ -175,21 +175,56 @@ def _snap(used: int) -> GpuSnapshot:
     return GpuSnapshot((GpuDevice(0, "fake", used, 81559),), "fake")
 
 
-def test_wait_settled_reads_until_memory_stops_falling() -> None:
-    """Another process holds memory (no return to the baseline): settled once two readings
-    after the fall agree; the reads start fast (the first after 10 ms), not every 100 ms."""
-    probe = _Readings(3000, 2400, 2400)
+class _Clock:
+    """A fake monotonic clock that ``asyncio.sleep`` advances: pauses are recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        self.pauses: list[float] = []
+        monkeypatch.setattr("hotmodel.control.gpu.time.monotonic", lambda: self.now)
+        monkeypatch.setattr("hotmodel.control.gpu.asyncio.sleep", self.sleep)
+
+    async def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+def _settle(probe: _Readings, after_unload: int, timeout: float = 10) -> tuple[int, str | None]:
     last, note = asyncio.run(
         gpu.wait_settled(
-            probe, _snap(4000), before_mib=9000, baseline_mib=600, tolerance_mib=16, timeout=10
+            probe,
+            _snap(after_unload),
+            before_mib=9000,
+            baseline_mib=600,
+            tolerance_mib=16,
+            timeout=timeout,
         )
     )
-    assert (last.used_mib, note, probe.reads) == (2400, None, 3)
-    assert gpu.SETTLE_POLL_FIRST_S <= 0.01
+    return last.used_mib, note
+
+
+def test_wait_settled_reads_until_memory_stops_falling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds memory (no return to the baseline): settled once two readings
+    30 ms or more apart agree; the reads start after 10 ms and back off (not every 100 ms)."""
+    clock = _Clock(monkeypatch)
+    probe = _Readings(3000, 2400, 2400)
+    assert _settle(probe, 4000) == (2400, None)
+    assert probe.reads == 3
+    assert clock.pauses == [0.01, 0.02, 0.04]
+
+
+def test_a_short_pause_in_the_release_is_not_taken_for_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3000 MiB read twice 20 ms apart, then the release goes on: not settled at 3000."""
+    _Clock(monkeypatch)
+    probe = _Readings(3000, 3000, 2400, 2400)
+    assert _settle(probe, 4000) == (2400, None)
+    assert probe.reads == 4
 
 
 def test_wait_settled_at_the_baseline_reads_nothing_more() -> None:
-    probe = _Readings(9999)
+    probe = _Readings(9999)  # never read: at the baseline already
     last, note = asyncio.run(
         gpu.wait_settled(
             probe, _snap(610), before_mib=9000, baseline_mib=600, tolerance_mib=16, timeout=10

@@ -272,23 +272,25 @@ def test_the_chat_path_answers_like_every_other_route(smol_server: HotmodelProce
     assert timing.startswith("hotmodel;dur=") and ", upstream;dur=" in timing
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/switch"])
 def test_a_client_that_leaves_while_sending_its_body_is_no_error(
-    smol_server: HotmodelProcess,
+    smol_server: HotmodelProcess, path: str
 ) -> None:
     """Half a body, then the connection closes: nothing is answered and nothing is logged
     as an unexpected error (it is a 499 in the access log); the server goes on."""
     host, port = smol_server.base_url.removeprefix("http://").split(":")
+    rid = "left-mid-body-" + path.strip("/").replace("/", "-")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 500\r\n"
-            b"X-Request-Id: left-mid-body\r\n\r\n"
-            b'{"messages": [{"role": "user", '
+            f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 500\r\n"
+            + f"X-Request-Id: {rid}\r\n\r\n".encode()
+            + b'{"messages": [{"role": "user", '
         )
     deadline = time.monotonic() + 10
-    while "left-mid-body" not in smol_server.output() and time.monotonic() < deadline:
+    while rid not in smol_server.output() and time.monotonic() < deadline:
         time.sleep(0.05)
-    lines = [line for line in smol_server.output().splitlines() if "left-mid-body" in line]
+    lines = [line for line in smol_server.output().splitlines() if rid in line]
     assert lines and all("499" in line for line in lines), lines
     assert "unexpected error" not in smol_server.output()
     resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json={"messages": HELLO})

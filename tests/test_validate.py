@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from starlette.requests import ClientDisconnect
 
 from hotmodel.api.chat import parse_body
 from hotmodel.api.validate import (
@@ -13,9 +15,10 @@ from hotmodel.api.validate import (
     check_messages,
     check_tree,
     parse_json,
+    read_asgi_body,
     tree_needs_check,
 )
-from hotmodel.errors import InvalidRequestError
+from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
 
 U = {"role": "user", "content": "hi"}
 
@@ -148,3 +151,35 @@ def test_parameter_types(payload: dict[str, Any], param: str) -> None:
 def test_null_parameters_mean_the_default_and_extras_pass() -> None:
     check_fields({"temperature": None, "stream": None, "max_tokens": 5, "ignore_eos": True})
     check_fields({"temperature": 1, "top_p": 0.5, "stop": ["x"], "n_probs": "anything"})
+
+
+def _messages(*messages: dict[str, Any]) -> Any:
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0)
+
+    return receive
+
+
+def test_asgi_body_in_chunks_and_its_limits() -> None:
+    """Chunked (no Content-Length) bodies are joined; 413 as soon as the declared or the
+    received size passes the limit; a client that leaves mid-body is ClientDisconnect."""
+    chunks = _messages(
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+    )
+    assert asyncio.run(read_asgi_body(chunks, "", 10)) == b"abcd"
+    with pytest.raises(PayloadTooLargeError, match="11 or more"):
+        asyncio.run(read_asgi_body(_messages(), "11", 10))  # refused before any read
+    big = _messages(
+        {"type": "http.request", "body": b"x" * 8, "more_body": True},
+        {"type": "http.request", "body": b"x" * 8, "more_body": True},
+    )
+    with pytest.raises(PayloadTooLargeError, match="16 or more"):
+        asyncio.run(read_asgi_body(big, "", 10))
+    gone = _messages(
+        {"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}
+    )
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_asgi_body(gone, "", 10))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -88,8 +90,9 @@ class ChatFirst:
 
 
 class AnswerErrors:
-    """What the app's exception handler does for the chat path: a :class:`HotModelError`
-    raised before the answer started becomes its OpenAI-shaped answer."""
+    """What the app's exception handlers do, for the chat path: a :class:`HotModelError`
+    (or Starlette's ``HTTPException``) raised before the answer started becomes its
+    OpenAI-shaped answer."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -104,7 +107,12 @@ class AnswerErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except HotModelError as exc:
+        except (HotModelError, HTTPException) as exc:
             if started:
                 raise  # too late for an answer of its own: CatchUnexpected logs it
-            await hotmodel_error_response(exc)(scope, receive, send)
+            response: Response
+            if isinstance(exc, HotModelError):
+                response = hotmodel_error_response(exc)
+            else:
+                response = await on_http_error(Request(scope, receive), exc)
+            await response(scope, receive, send)

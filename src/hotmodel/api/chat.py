@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -192,10 +191,7 @@ class ChatCompletions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = chat_headers(scope)
         limit = self.s.config.server.max_body_bytes
-        try:
-            body = await read_asgi_body(receive, headers.get("content-length", ""), limit)
-        except ClientDisconnect:
-            return  # left while sending its request: no answer (a 499), no error to log
+        body = await read_asgi_body(receive, headers.get("content-length", ""), limit)
         chat = parse_chat(body, headers, scope, self.s)
         record = record_of(scope) or RequestRecord.detached()
         record.stream = chat.stream

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -95,7 +95,8 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 class CatchUnexpected:
-    """ASGI middleware: an exception nothing else handled becomes a generic 500.
+    """ASGI middleware: an exception nothing else handled becomes a generic 500 (a client
+    that left while sending its request is not one: no answer, nothing logged).
 
     Logged once here with the request's id (the one its access line and its
     ``X-Request-Id`` header carry), which the client also gets (Starlette's own
@@ -118,6 +119,8 @@ class CatchUnexpected:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left while sending its request: nobody to answer (a 499)
         except Exception:
             record = record_of(scope)  # the request's one id, made by the Observe middleware
             request_id = record.request_id if record is not None else new_request_id()

@@ -82,6 +82,9 @@ async def read_unless_gone(upstream: Upstream, receive: Receive) -> bytes | None
     llama-server stops generating; nothing is stored for an answer nobody got.
     llama-server sends a plain answer's headers only once it is generated, so its body
     has usually arrived with them: then it is simply taken, with no watch to set up.
+    (So a client that leaves in the last moments, or within the first
+    :data:`WATCH_AFTER_S` of a short answer, may have that answer stored in its session:
+    the turn happened; only the sending failed.)
     """
     if upstream.arrived():
         return await upstream.read()

@@ -193,6 +193,18 @@ def settled(
 # on a GPU shared with another process (measured on an H200). Start fast, back off.
 SETTLE_POLL_FIRST_S = 0.01
 SETTLE_POLL_MAX_S = 0.1
+# "Stopped falling" compares readings at least this far apart: two fast readings
+# inside a short pause of a release must not pass for the end of it.
+SETTLE_STABLE_S = 0.03
+
+
+def _stable_window(readings: Sequence[int], times: Sequence[float]) -> list[int]:
+    """The last reading, after the latest one taken :data:`SETTLE_STABLE_S` or more before
+    it (only the last when there is none): what :func:`settled` compares."""
+    for reading, at in zip(reversed(readings[:-1]), reversed(times[:-1]), strict=True):
+        if times[-1] - at >= SETTLE_STABLE_S:
+            return [reading, readings[-1]]
+    return [readings[-1]]
 
 
 async def wait_settled(
@@ -203,13 +215,16 @@ async def wait_settled(
     tolerance_mib: int,
     timeout: float,
 ) -> tuple[GpuSnapshot, str | None]:
-    """Read memory (every 10 ms, backing off to 100 ms) until :func:`settled` or ``timeout``
-    (``[switch] settle_timeout_seconds``); the last reading, and a note when it gave up."""
+    """Read memory (after 10 ms, backing off to every 100 ms) until :func:`settled` or
+    ``timeout`` (``[switch] settle_timeout_seconds``); the last reading, and a note when
+    it gave up. Back at the baseline ends the wait at once; "stopped falling" needs two
+    readings :data:`SETTLE_STABLE_S` apart."""
     readings = [after_unload.used_mib]
+    times = [time.monotonic()]
     last = after_unload
-    deadline = time.monotonic() + timeout
+    deadline = times[0] + timeout
     pause = SETTLE_POLL_FIRST_S
-    while not settled(readings, before_mib, baseline_mib, tolerance_mib):
+    while not settled(_stable_window(readings, times), before_mib, baseline_mib, tolerance_mib):
         if time.monotonic() >= deadline:
             return last, (
                 f"memory still at {readings[-1]} MiB after {timeout:g}s "
@@ -222,4 +237,5 @@ async def wait_settled(
             break
         last = snap
         readings.append(snap.used_mib)
+        times.append(time.monotonic())
     return last, None
