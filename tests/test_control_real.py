@@ -105,7 +105,7 @@ def test_two_concurrent_turns_on_one_session_are_both_stored_in_order(
     ("body", "status", "param"),
     [
         ({"model": "nope", "messages": HELLO}, 404, "model"),
-        ({"model": 42, "messages": HELLO}, 404, "model"),
+        ({"model": 42, "messages": HELLO}, 400, "model"),  # a type error, not a name
         (b"{not json", 400, None),
         (b"[]", 400, None),
         (b"[" * 100_000 + b"]" * 100_000, 400, None),

@@ -295,3 +295,50 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
     assert "unexpected error" not in smol_server.output()
     resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json={"messages": HELLO})
     assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({"model": 1}, [], "model"),
+        ({"max_tokens": 2**40}, [], "max_tokens"),
+        ({"max_completion_tokens": -2}, [], "max_completion_tokens"),
+        ({"n": 2}, [], "n"),
+        ({}, [("x-session-id", "a-1"), ("x-session-id", "b-2")], "x-session-id"),
+        ({"session_id": "c-3"}, [("x-session-id", "d-4")], "session_id"),
+        ({}, [("x-session-id", "")], "session_id"),
+    ],
+)
+def test_what_llama_server_would_misread_is_refused_at_the_door(
+    smol_server: HotmodelProcess, body: dict[str, Any], headers: list[tuple[str, str]], param: str
+) -> None:
+    """Found by a hostile pass on the demo: numbers llama-server reads as 32-bit (2**40
+    wrapped round to an odd upstream error), a choice count it does not do, a model that is
+    not a string (was a 404), and two different session names in one request (one was
+    silently kept)."""
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions",
+        json={"messages": HELLO, "max_tokens": 2, **body},
+        headers=headers,
+        timeout=60,
+    )
+    assert _assert_openai_error(resp, 400, "invalid_request")["param"] == param
+
+
+def test_http_edges_answer_in_openai_shape(smol_server: HotmodelProcess) -> None:
+    url = smol_server.base_url + "/v1/chat/completions"
+    resp = httpx.delete(url)
+    _assert_openai_error(resp, 405, "http_405")
+    assert resp.headers["allow"] == "POST"
+    slash = httpx.post(url + "/", json={"messages": HELLO}, headers={"host": "evil.example"})
+    _assert_openai_error(slash, 404, "not_found")  # not a 307 to the Host it was sent
+    digits = httpx.post(url, content=b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}")
+    err = _assert_openai_error(digits, 400, "invalid_request")
+    assert "too many digits" in err["message"] and "sys." not in err["message"]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    no_mmproj = httpx.post(
+        url, json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2}
+    )
+    assert _assert_openai_error(no_mmproj, 400, "upstream_error")["type"] == (
+        "invalid_request_error"
+    )

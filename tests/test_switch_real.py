@@ -6,6 +6,7 @@ model process and a real load of another.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -311,6 +312,36 @@ def test_auto_switch_on_a_request_for_another_preset(
             (None, "smollm2", "ok"),
         ]
         assert chat(hp, "nope").status_code == 404
+
+
+def test_auto_switch_requests_for_both_models_are_each_answered_by_their_model(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """A request for the other model, then 50 ms later one for the active model: each one
+    is answered by the model it named. (The first used to get a 409 "not active": its
+    switch finished, but the second's switch back closed the gate before it got in.)"""
+    with two_models(tmp_path, real_models, extra="auto = true") as hp:
+
+        async def ask(client: httpx.AsyncClient, model: str, delay: float) -> tuple[int, str]:
+            await asyncio.sleep(delay)
+            body = {
+                "model": model,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            resp = await client.post(hp.base_url + "/v1/chat/completions", json=body)
+            return resp.status_code, resp.json().get("model") or resp.text
+
+        async def rounds() -> list[tuple[int, str]]:
+            got: list[tuple[int, str]] = []
+            async with httpx.AsyncClient(timeout=120) as client:
+                for active, other in (("smollm2", "gemma3"), ("gemma3", "smollm2")):
+                    pair = await asyncio.gather(ask(client, other, 0), ask(client, active, 0.05))
+                    got += pair
+            return got
+
+        got = asyncio.run(rounds())
+        assert got == [(200, "gemma3"), (200, "smollm2"), (200, "smollm2"), (200, "gemma3")]
 
 
 def test_overlap_policy_loads_the_target_before_unloading(

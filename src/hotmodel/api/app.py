@@ -68,6 +68,9 @@ def create_app(runtime: Runtime) -> ASGIApp:
             HTTPException: on_http_error,
         },
     )
+    # "/v1/chat/completions/" is a 404, not a 307 to the same path on whatever host the
+    # client's Host header named
+    app.router.redirect_slashes = False
     fast = Observe(CatchUnexpected(RequireKeys(AnswerErrors(chat), keys=keys)), metrics=metrics)
     return ChatFirst(app, fast)
 

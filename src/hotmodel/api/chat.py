@@ -80,14 +80,32 @@ _HEADERS = frozenset(
 )
 
 
+# Two of these in one request could name two different sessions or prompts: refused.
+_ONE_ONLY = frozenset({"x-session-id", "x-system-prompt"})
+
+
 def chat_headers(scope: Scope) -> dict[str, str]:
     """The headers :func:`parse_chat` needs (the first of each name, as Starlette's)."""
     found: dict[str, str] = {}
     for name, value in scope.get("headers", ()):
         name = name.lower()
         if name in _HEADERS:
-            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            if key in _ONE_ONLY and found.get(key, text) != text:
+                raise InvalidRequestError(f"two different {key} headers", param=key)
+            found.setdefault(key, text)
     return found
+
+
+def _one_of(header: str | None, field: object, header_name: str, field_name: str) -> object:
+    """A value given as a header or a body field: the one given, refused when both differ."""
+    if header is None:
+        return field
+    if field is not None and field != header:
+        raise InvalidRequestError(
+            f"{header_name} and {field_name!r} differ; send one of them", param=field_name
+        )
+    return header
 
 
 def parse_chat(
@@ -103,8 +121,10 @@ def parse_chat(
             raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
     body_session = payload.pop("session_id", None)
     body_prompt = payload.pop("system_prompt", None)
-    session_id = headers.get("x-session-id") or body_session
-    prompt = headers.get("x-system-prompt") or body_prompt
+    session_id = _one_of(headers.get("x-session-id"), body_session, "X-Session-Id", "session_id")
+    prompt = _one_of(
+        headers.get("x-system-prompt"), body_prompt, "X-System-Prompt", "system_prompt"
+    )
     session = None
     if session_id is not None:
         session = services.sessions.check(session_id, prompt, owner_of(scope))

@@ -44,8 +44,9 @@ def error_response(
     return resp
 
 
-# llama-server answers 500 for a request it could not parse; the request was at fault.
-_PARSE_FAILURES = ("Failed to parse", "[json.exception.")
+# llama-server answers 500 for a request it could not parse, and for image or audio
+# parts sent to a model without a projector (mmproj): the request was at fault.
+_PARSE_FAILURES = ("Failed to parse", "[json.exception.", "input is not supported")
 _NOT_LOADED = "model is not loaded"
 
 
@@ -91,7 +92,10 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         if exc.status_code in (404, 405)
         else str(exc.detail)
     )
-    return error_response(exc.status_code, message, "invalid_request_error", code)
+    response = error_response(exc.status_code, message, "invalid_request_error", code)
+    for name, value in (exc.headers or {}).items():  # 405's Allow, for one
+        response.headers[name] = value
+    return response
 
 
 class CatchUnexpected:

@@ -28,9 +28,19 @@ from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
 
 MAX_DEPTH = 64
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Integers llama-server reads as 32-bit (a larger one wraps around); -1 means "no limit".
+# llama-server answers one choice per request.
+_INT32_MAX = 2**31 - 1
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "max_tokens": (-1, _INT32_MAX),
+    "max_completion_tokens": (-1, _INT32_MAX),
+    "n": (1, 1),
+    "top_logprobs": (0, 20),
+}
 # OpenAI chat parameters and the JSON types they must have (bool is not a number here).
 _NUMBER = (int, float)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
     "stream": (bool,),
     "max_tokens": (int,),
     "max_completion_tokens": (int,),
@@ -111,6 +121,8 @@ def parse_json(body: bytes) -> Any:
             f"request body is nested too deeply (at most {MAX_DEPTH} levels)"
         ) from None
     except ValueError as exc:  # includes UnicodeDecodeError
+        if "int_max_str_digits" in str(exc):  # Python's own advice is not the client's
+            raise InvalidRequestError("request body has a number with too many digits") from None
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
 
 
@@ -163,6 +175,11 @@ def check_fields(payload: dict[str, Any]) -> None:
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             kinds = " or ".join(_kind(t) for t in types)
             raise InvalidRequestError(f"'{name}' must be {kinds}", param=name)
+    for name, (low, high) in INT_RANGES.items():
+        value = payload.get(name)
+        if isinstance(value, int) and not low <= value <= high:
+            span = f"{low}" if low == high else f"from {low} to {high}"
+            raise InvalidRequestError(f"'{name}' must be {span}", param=name)
     stop = payload.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise InvalidRequestError("'stop' must be a string or an array of strings", param="stop")

@@ -162,6 +162,7 @@ class Controller:
                 self._pending -= 1
                 if self._last is job:
                     self._last = None
+            await _hand_over()
 
     async def _execute(self, job: _Job) -> None:
         job.started = True
@@ -197,3 +198,15 @@ class Controller:
             self._pending -= 1
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("hotmodel is shutting down"))
+
+
+async def _hand_over() -> None:
+    """Let the requests that waited for the command just finished take their tickets before
+    the next one closes the gate: a request whose switch has just been made must be answered
+    by that model, not lose its turn to a switch away queued behind it. A waiter wakes
+    through its shielded future (two callbacks), then takes a ticket without waiting."""
+    for _ in range(_HANDOVER_TURNS):
+        await asyncio.sleep(0)
+
+
+_HANDOVER_TURNS = 4
