@@ -2,8 +2,9 @@
 ``POST /admin/reload``.
 
 ``POST /admin/switch`` takes ``{"model": NAME}``. Plain, it answers the switch
-report when the switch is over (200 when the target is active, 500 when the
-switch failed; the report says what is active now). With ``"stream": true``
+report when the switch is over (200 when the target is active, 409 when
+generations outlived the drain deadline and nothing changed, 500 when the switch
+failed otherwise; the report says what is active now). With ``"stream": true``
 it answers server-sent events as the switch goes: one ``event: phase`` per
 step started/done/failed/skipped, then one ``event: report``. The switch is a
 command of the control loop, so a client that disconnects does not stop it.
@@ -30,8 +31,16 @@ from hotmodel.errors import HotModelError, InvalidRequestError
 from hotmodel.runtime import Runtime
 
 
+def report_status(report: SwitchReport) -> int:
+    """200 done; 409 when generations outlived the drain deadline (nothing was changed:
+    the server is fine, the switch conflicts with work in progress); 500 any other failure."""
+    if not report.failed:
+        return 200
+    return 409 if report.failed_phase == "drain" else 500
+
+
 def _report_response(report: SwitchReport) -> Response:
-    return JSONResponse(report.to_json(), status_code=500 if report.failed else 200)
+    return JSONResponse(report.to_json(), status_code=report_status(report))
 
 
 def status_body(runtime: Runtime) -> dict[str, Any]:

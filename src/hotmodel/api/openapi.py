@@ -31,6 +31,10 @@ def _answers(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
 
 
 _OBJECT = {"schema": {"type": "object"}}
+_FAILED_SWITCH = {
+    "description": "the failed switch's report (its error, failed_phase, what is active now)",
+    "content": {"application/json": _OBJECT},
+}
 _SESSION_ID = {
     "name": "session_id",
     "in": "path",
@@ -188,7 +192,11 @@ def _paths() -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": _answers(_OBJECT, 400, 401, 403, 404, 500, 503),
+                "responses": {
+                    **_answers(_OBJECT, 400, 401, 403, 404, 503),
+                    "409": _FAILED_SWITCH,  # generations outlived the drain: nothing changed
+                    "500": _FAILED_SWITCH,
+                },
             }
         },
     }

@@ -235,6 +235,7 @@ class Engine:
                 return
             report.outcome = Outcome.FAILED
             report.error = str(failure)
+            report.failed_phase = failure.step.value
             report.log_tail = failure.log_tail
             if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
                 await self._rollback(run)

@@ -73,6 +73,7 @@ class SwitchReport:
     policy_reason: str | None = None  # why policy "auto" chose this one
     outcome: Outcome = Outcome.RUNNING
     error: str | None = None
+    failed_phase: str | None = None  # the step that failed (``drain``: nothing changed)
     rolled_back: bool = False
     active_after: str | None = None
     total_ms: float = 0.0
@@ -99,6 +100,7 @@ class SwitchReport:
             "started_at": self.started_at,
             "outcome": self.outcome.value,
             "error": self.error,
+            "failed_phase": self.failed_phase,
             "rolled_back": self.rolled_back,
             "active_after": self.active_after,
             "total_ms": self.total_ms,
