@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from hotmodel.api.validate import (
     read_asgi_body,
     tree_needs_check,
 )
-from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
+from hotmodel.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 
 U = {"role": "user", "content": "hi"}
 
@@ -183,3 +184,17 @@ def test_asgi_body_in_chunks_and_its_limits() -> None:
     )
     with pytest.raises(ClientDisconnect):
         asyncio.run(read_asgi_body(gone, "", 10))
+
+
+def test_a_body_that_stops_coming_gets_a_408() -> None:
+    """Half a body, then nothing (the connection open): refused at the deadline, not held."""
+    sent = [{"type": "http.request", "body": b'{"messages": ', "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if sent:
+            return sent.pop(0)
+        await asyncio.Event().wait()  # the client sends nothing more
+        raise AssertionError("unreachable")
+
+    with pytest.raises(RequestTimeoutError, match=re.escape("within 0.05s (13 bytes came)")):
+        asyncio.run(read_asgi_body(receive, "500", 1000, timeout=0.05))

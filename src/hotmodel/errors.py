@@ -17,6 +17,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
     │   ├── PayloadTooLargeError     the body is over [server] max_body_bytes (413)
+    │   ├── RequestTimeoutError      the body did not arrive in time (408)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── SessionNotFoundError     no session has this id (404)
@@ -124,6 +125,10 @@ class PayloadTooLargeError(RequestError):
     """The request body is larger than the configured limit."""
 
 
+class RequestTimeoutError(RequestError):
+    """The client did not send its whole request body in time."""
+
+
 class ModelNotFoundError(RequestError):
     """The requested model is not one of the presets."""
 
@@ -188,6 +193,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
+    (RequestTimeoutError, HttpError(408, "invalid_request_error", "request_timeout")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
     (ConfigError, HttpError(400, "invalid_request_error", "invalid_config")),  # a reload's
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),

@@ -15,6 +15,7 @@ Unknown fields pass through untouched: llama-server has many extras.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -24,7 +25,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
-from hotmodel.errors import InvalidRequestError, PayloadTooLargeError
+from hotmodel.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 
 MAX_DEPTH = 64
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -68,24 +69,38 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await read_asgi_body(request.receive, request.headers.get("content-length", ""), limit)
 
 
-async def read_asgi_body(receive: Receive, declared: str, limit: int) -> bytes:
+# A client that announced a body and stops sending it would hold its connection and its
+# coroutine for ever (uvicorn's own timeouts cover only the time between requests).
+BODY_TIMEOUT_S = 60.0
+
+
+async def read_asgi_body(
+    receive: Receive, declared: str, limit: int, timeout: float = BODY_TIMEOUT_S
+) -> bytes:
     """:func:`read_body` on the ASGI messages themselves (``declared``: the Content-Length
-    header, or ''); a client that leaves raises Starlette's ``ClientDisconnect``."""
+    header, or ''); a client that leaves raises Starlette's ``ClientDisconnect``, one that
+    has not sent the whole body within ``timeout`` seconds gets a 408."""
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(size, limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout:g}s ({size} bytes came)"
+        ) from None
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLargeError:
