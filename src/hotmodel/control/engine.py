@@ -163,7 +163,9 @@ class Engine:
                 with contextlib.suppress(Exception):  # an observer must not break the loop
                     watcher(report)
             log.info(
-                "switch %s %s -> %s: %s in %.0f ms%s",
+                "%s %s %s -> %s: %s in %.0f ms%s",
+                # the stop's snapshot save is not a switch ("smollm2 -> smollm2" read as one)
+                report.policy if report.policy in ("snapshot", "recover") else "switch",
                 report.id,
                 report.from_model,
                 target,
