@@ -1,0 +1,163 @@
+"""What each step of a command does to the world: drain, unload, settle, check, restart,
+load, replay, and the KV snapshot's save and restore.
+
+:class:`StepEffects` is the part of the :class:`~hotmodel.control.engine.Engine` that
+calls out (the router, the router process, the traffic gate, the GPU probe, the snapshot
+store, the replay hook, all injected through ``ports.py``); the engine decides which step
+runs, in which order, and what a failure means. A step that cannot do its work raises
+:class:`~hotmodel.control.run.StepFailedError`, or returns a detail for its phase event
+(``"skipped"`` when it had nothing to do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from hotmodel.config import SwitchConfig
+from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
+from hotmodel.control.plan import Step
+from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
+from hotmodel.control.report import SwitchReport
+from hotmodel.control.run import Run, StepFailedError, summary
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
+
+
+class StepEffects:
+    """The steps' effects; the engine (its subclass) sets every attribute below."""
+
+    config: SwitchConfig
+    drain_timeout: float
+    router: RouterOps
+    gate: TrafficGate
+    gpu: GpuProbe
+    log_tail: Callable[[], str]
+    replay: Replayer | None
+    baseline_mib: int | None
+    process: ProcessOps | None
+    preflight: Callable[[str], None] | None
+    kv: KvOps | None
+
+    async def _kv_step(self, step: Step, run: Run) -> str | None:
+        """Save the leaving model's KV snapshot, or restore the arriving one's. A failure
+        costs speed, not correctness: a warning, and the replay reads everything."""
+        model = run.previous if step is Step.SAVE else run.target
+        if self.kv is None or model is None:
+            return "skipped"
+        try:
+            if step is Step.SAVE:
+                info = await self.kv.save(model)
+            else:
+                info = await self.kv.restore(model)
+        except Exception as exc:
+            run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
+            return f"failed: {exc}"
+        run.report.snapshot[step.value] = info
+        if info is None:
+            return "skipped"  # nothing to save, or no session to restore for
+        if step is Step.RESTORE and not info.get("restored"):
+            return str(info.get("reason"))
+        run.restored = step is Step.RESTORE
+        return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
+
+    def _verify_restore(self, run: Run, model: str) -> None:
+        """The replay after a restore must have found the restored tokens in the cache."""
+        restore, replay = run.report.snapshot.get("restore") or {}, run.report.replay or {}
+        cached, restored = replay.get("cache_tokens") or 0, int(restore.get("tokens") or 0)
+        restore["took"] = cached >= restored // 2
+        if not restore["took"] and self.kv is not None:
+            run.report.warnings.append(
+                f"the KV restore did not take (cache_n {cached} of {restored} restored "
+                "tokens); the replay read the whole conversation"
+            )
+            self.kv.discard(model, "its restore did not take")
+
+    async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
+        if close_gate:
+            self.gate.close()  # from here on, new requests wait for the switch
+        try:
+            result = await self.gate.drain_model(
+                model,
+                self.drain_timeout,
+                self.config.cancel_grace_seconds
+                if self.config.drain_timeout_action == "cancel"
+                else None,
+                f"cancelled: switching {model!r} -> {report.to_model!r}",
+            )
+        except SwitchError as exc:
+            raise StepFailedError(Step.DRAIN, str(exc)) from exc
+        report.drained, report.cancelled = result.drained, result.cancelled
+        return result.detail
+
+    async def _unload(self, report: SwitchReport, model: str) -> str | None:
+        if report.gpu.before_unload is None:
+            report.gpu.before_unload = await self._snapshot()
+        try:
+            unloaded = await self.router.unload(model, self.config.unload_timeout_seconds)
+        except HotModelError as exc:
+            raise StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
+        report.gpu.after_unload = await self._snapshot()
+        return None if unloaded else f"{model!r} was not loaded"
+
+    async def _settle(self, report: SwitchReport) -> str | None:
+        after_unload = report.gpu.after_unload
+        if self.config.settle_timeout_seconds <= 0 or after_unload is None:
+            return "skipped"
+        before = report.gpu.before_unload
+        report.gpu.after_settle, detail = await wait_settled(
+            self.gpu,
+            after_unload,
+            None if before is None else before.used_mib,
+            self.baseline_mib,
+            self.config.settle_tolerance_mib,
+            self.config.settle_timeout_seconds,
+        )
+        return detail
+
+    def _check(self, target: str) -> str | None:
+        if self.preflight is None:
+            return "skipped"
+        try:
+            self.preflight(target)
+        except HotModelError as exc:
+            raise StepFailedError(Step.CHECK, f"{exc}; nothing was changed") from exc
+        return None
+
+    async def _restart(self) -> str | None:
+        if self.process is None or (self.process.running and not self.process.stale):
+            return "skipped"  # only the model's child died: the router is fine
+        reloaded = self.process.stale
+        try:
+            await self.process.restart()
+        except HotModelError as exc:
+            raise StepFailedError(Step.RESTART, str(exc), self.log_tail() or None) from exc
+        return "the router reads the reloaded presets" if reloaded else None
+
+    async def _load(self, report: SwitchReport, target: str) -> tuple[bool, str | None]:
+        try:
+            loaded = await self.router.load(target, self.config.load_timeout_seconds)
+        except HotModelError as exc:
+            tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
+            raise StepFailedError(Step.LOAD, summary(exc), tail or None) from exc
+        report.gpu.after_load = await self._snapshot()
+        return loaded, None if loaded else f"{target!r} was loaded already"
+
+    async def _replay(self, report: SwitchReport, target: str) -> str | None:
+        if self.replay is None or not self.config.replay:
+            return "skipped"
+        try:
+            report.replay = await self.replay(target)
+        except HotModelError as exc:  # a failed prefill costs speed, not correctness
+            report.warnings.append(f"replay failed: {exc}")
+            return f"replay failed: {exc}"
+        if report.replay is None:
+            return "skipped"  # no session to replay
+        ms = report.replay.get("prompt_ms")
+        ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
+        return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"
+
+    async def _snapshot(self) -> GpuSnapshot | None:
+        if isinstance(self.gpu, NoGpu):
+            return None
+        return await asyncio.to_thread(self.gpu.snapshot)
