@@ -1,27 +1,27 @@
 """The app: routes, error handlers, and the middleware that catches the unexpected.
 
 Chat requests take a shorter way than the rest (:class:`ChatFirst`): the same
-three middlewares around the endpoint, without Starlette's router and its two
-exception layers, which every request would otherwise pass through twice (in,
-and with each message sent).
+three middlewares and the same exception handlers around the endpoint, without
+Starlette's router and its outer error layer, which every request would
+otherwise pass through twice (in, and with each message sent).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 from hotmodel.api.admin import admin_routes
 from hotmodel.api.auth import RequireKeys
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.api.errors import (
     CatchUnexpected,
-    hotmodel_error_response,
     on_hotmodel_error,
     on_http_error,
 )
@@ -36,6 +36,11 @@ from hotmodel.runtime import Runtime
 from hotmodel.security import KeySet
 
 CHAT_PATH = "/v1/chat/completions"
+# What an error raised by a route becomes: an answer in OpenAI's shape.
+HANDLERS: dict[Any, ExceptionHandler] = {
+    HotModelError: on_hotmodel_error,
+    HTTPException: on_http_error,
+}
 
 
 def create_app(runtime: Runtime) -> ASGIApp:
@@ -63,15 +68,15 @@ def create_app(runtime: Runtime) -> ASGIApp:
             Middleware(CatchUnexpected),
             Middleware(RequireKeys, keys=keys),
         ],
-        exception_handlers={
-            HotModelError: on_hotmodel_error,
-            HTTPException: on_http_error,
-        },
+        exception_handlers=dict(HANDLERS),
     )
     # "/v1/chat/completions/" is a 404, not a 307 to the same path on whatever host the
     # client's Host header named
     app.router.redirect_slashes = False
-    fast = Observe(CatchUnexpected(RequireKeys(AnswerErrors(chat), keys=keys)), metrics=metrics)
+    # the same middlewares and the same exception handlers (Starlette's own layer), without
+    # the router and its outer error layer
+    answered = ExceptionMiddleware(chat, handlers=dict(HANDLERS))
+    fast = Observe(CatchUnexpected(RequireKeys(answered, keys=keys)), metrics=metrics)
     return ChatFirst(app, fast)
 
 
@@ -90,32 +95,3 @@ class ChatFirst:
             await self.chat(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-
-class AnswerErrors:
-    """What the app's exception handlers do, for the chat path: a :class:`HotModelError`
-    (or Starlette's ``HTTPException``) raised before the answer started becomes its
-    OpenAI-shaped answer."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except (HotModelError, HTTPException) as exc:
-            if started:
-                raise  # too late for an answer of its own: CatchUnexpected logs it
-            response: Response
-            if isinstance(exc, HotModelError):
-                response = hotmodel_error_response(exc)
-            else:
-                response = await on_http_error(Request(scope, receive), exc)
-            await response(scope, receive, send)
