@@ -204,6 +204,17 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def serving_hotmodel(config: Path) -> Iterator[HotmodelProcess]:
+    """``hotmodel serve`` on ``config`` for a module's tests: it must stop cleanly after,
+    and leave no router process behind."""
+    hp = start_hotmodel(config)
+    yield hp
+    pids = hp.router_pids
+    assert hp.stop() == 0, hp.output()
+    assert_all_gone(pids)
+
+
+@contextlib.contextmanager
 def two_models(
     folder: Path,
     real_models: dict[str, Path],
@@ -244,8 +255,5 @@ def smol_server(
     config = write_config(
         folder, {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}, "smollm2"
     )
-    hp = start_hotmodel(config)
-    yield hp
-    pids = hp.router_pids
-    assert hp.stop() == 0, hp.output()
-    assert_all_gone(pids)
+    with serving_hotmodel(config) as hp:
+        yield hp

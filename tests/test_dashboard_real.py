@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from hotmodel.sse import SseEvent, SseParser
-from tests.conftest import HotmodelProcess, assert_all_gone, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
 
 ADMIN = "admin-key-dashboard-0000"
 CLIENT = "client-key-dashboard-000"
@@ -29,11 +29,8 @@ def server(
     config = write_config(
         folder, {"tiny": tiny_models["tiny"], "tiny2": tiny_models["tiny2"]}, "tiny"
     )
-    hp = start_hotmodel(config)
-    yield hp
-    pids = hp.router_pids
-    assert hp.stop() == 0, hp.output()
-    assert_all_gone(pids)
+    with serving_hotmodel(config) as hp:
+        yield hp
 
 
 class FeedReader:
@@ -197,9 +194,10 @@ def secured(
 ) -> Iterator[HotmodelProcess]:
     folder = tmp_path_factory.mktemp("dashboard-keys")
     tail = f'[security]\napi_keys = ["{CLIENT}"]\nadmin_keys = ["{ADMIN}"]\n'
-    hp = start_hotmodel(write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail))
-    yield hp
-    assert hp.stop() == 0, hp.output()
+    with serving_hotmodel(
+        write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail)
+    ) as hp:
+        yield hp
 
 
 def test_with_keys_the_page_is_open_and_its_data_needs_the_admin_key(

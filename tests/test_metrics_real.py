@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 ADMIN = "admin-key-metrics-000000"
@@ -238,9 +238,8 @@ def secured(
         "tiny",
         tail=f'[security]\napi_keys = ["{CLIENT}"]\nadmin_keys = ["{ADMIN}"]\n',
     )
-    hp = start_hotmodel(config)
-    yield hp
-    assert hp.stop() == 0, hp.output()
+    with serving_hotmodel(config) as hp:
+        yield hp
 
 
 def test_metrics_needs_the_admin_key_when_keys_are_set(secured: HotmodelProcess) -> None:

@@ -293,7 +293,9 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
     lines = [line for line in smol_server.output().splitlines() if rid in line]
     assert lines and all("499" in line for line in lines), lines
     assert "unexpected error" not in smol_server.output()
-    resp = httpx.post(smol_server.base_url + "/v1/chat/completions", json={"messages": HELLO})
+    resp = httpx.post(
+        smol_server.base_url + "/v1/chat/completions", json={"messages": HELLO}, timeout=60
+    )
     assert resp.status_code == 200, resp.text
 
 

@@ -17,7 +17,13 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser import browser_page, save_screenshot
-from tests.conftest import HotmodelProcess, assert_all_gone, start_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    assert_all_gone,
+    serving_hotmodel,
+    start_hotmodel,
+    write_config,
+)
 
 ADMIN = "admin-key-browser-00000"
 WAIT_MS = 60_000  # the bound on each wait for the page (a loaded CI machine is slow)
@@ -149,9 +155,10 @@ def secured(
 ) -> Iterator[HotmodelProcess]:
     folder = tmp_path_factory.mktemp("dashboard-browser-keys")
     tail = f'[security]\nadmin_keys = ["{ADMIN}"]\n'
-    hp = start_hotmodel(write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail))
-    yield hp
-    assert hp.stop() == 0, hp.output()
+    with serving_hotmodel(
+        write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail)
+    ) as hp:
+        yield hp
 
 
 def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, page: Page) -> None:
