@@ -4,6 +4,7 @@ percentiles, and a description of the machine."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import math
 import os
@@ -35,11 +36,20 @@ class Served:
     pid: int  # the hotmodel process (not its llama-server children)
 
 
+def demo_globals() -> dict[str, str]:
+    """The demo presets' shared ``[*]`` options (configs/demo.ini), so that a benchmark
+    loads its models the way the demo does."""
+    ini = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
+    ini.read_string("[top]\n" + (ROOT / "configs" / "demo.ini").read_text(encoding="utf-8"))
+    return dict(ini["*"]) if ini.has_section("*") else {}
+
+
 def write_demo_config(folder: Path, default: str = "smollm2", extra: str = "") -> Path:
     """hotmodel.toml + models.ini for the two cached demo models, on a free port."""
     models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
+    shared = "".join(f"{k} = {v}\n" for k, v in demo_globals().items())
     (folder / "models.ini").write_text(
-        "version = 1\n" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
+        f"version = 1\n[*]\n{shared}" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
     )
     path = folder / "hotmodel.toml"
     path.write_text(

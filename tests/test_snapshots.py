@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from hotmodel.config import load_config
-from hotmodel.control.snapshots import identity
+from hotmodel.control import snapshots
+from hotmodel.control.snapshots import Digests, identity
 from hotmodel.sessions.slots import SlotLedger, messages_hash
 from tests.conftest import write_config
 
@@ -59,3 +64,43 @@ def test_the_ledger_labels_what_a_slot_holds() -> None:
     ledger.cover("m", gen, "owner", "s1", messages)
     ledger.forget("owner", "s1")
     assert ledger.get("m") is None
+
+
+def test_a_digest_is_remembered_only_while_its_file_is_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = tmp_path / "kv-1.bin"
+    snap.write_bytes(b"a" * 4096)
+    digests = Digests()
+    reads: list[Path] = []
+    real = snapshots._sha256
+
+    def counting(path: Path) -> str:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(snapshots, "_sha256", counting)
+
+    def of() -> str:
+        return asyncio.run(digests.of(snap))
+
+    assert of() == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert of() == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert len(reads) == 1  # untouched: not read again
+    # a same-size overwrite with the old mtime put back: ctime still moved, so it is read again
+    st = snap.stat()
+    snap.write_bytes(b"b" * 4096)
+    os.utime(snap, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert of() == hashlib.sha256(b"b" * 4096).hexdigest()
+    with snap.open("r+b") as f:  # truncated
+        f.truncate(10)
+    assert of() == hashlib.sha256(b"b" * 10).hexdigest()
+    assert len(reads) == 3
+    digests.forget(snap)
+    snap.unlink()
+    try:
+        of()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a missing file has no digest")

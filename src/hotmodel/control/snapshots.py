@@ -11,7 +11,8 @@ messages still begin what would be sent for that session now; the replay that
 follows then re-reads only what was added meanwhile, and its ``cache_n``
 proves the restore took. Files are named by hotmodel (``kv-<random>.bin``),
 never from client input; each has a JSON sidecar, and its sha256 is checked
-before it is handed back to llama-server, so a truncated or corrupted file is
+before it is handed back to llama-server (:class:`Digests`: again only when the
+file changed since hotmodel last read it), so a truncated or corrupted file is
 refused instead of restored. The folder is kept under ``[switch]
 kv_snapshot_max_bytes`` (least recently used first).
 """
@@ -103,6 +104,39 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Digests:
+    """The sha256 of snapshot files, remembered while a file stays untouched.
+
+    Hashing a 68 MB snapshot costs ~40 ms on a 2-core CPU, on the switch-back's path.
+    A file hashed once (right after llama-server wrote it) is hashed again only when
+    its inode, size, mtime or ctime changed: any write or truncation moves them, and on
+    POSIX ctime cannot be set back, not even by ``os.utime``. Nothing is remembered
+    across restarts, so a snapshot is always hashed in full at its first restore there.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+
+    async def of(self, path: Path) -> str:
+        """``path``'s sha256 (OSError when it cannot be read)."""
+        key = _stat_key(path)
+        known = self._known.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        digest = await asyncio.to_thread(_sha256, path)
+        if _stat_key(path) == key:  # not changed while it was read
+            self._known[path] = (key, digest)
+        return digest
+
+    def forget(self, path: Path) -> None:
+        self._known.pop(path, None)
+
+
 class Snapshots:
     """The snapshot folder, and the save/restore steps the engine asks for (``KvOps``)."""
 
@@ -122,6 +156,7 @@ class Snapshots:
         self.dir = config.kv_dir
         self.timeout = config.switch.load_timeout_seconds
         self._restored: dict[str, Meta] = {}  # the snapshot last restored into each model
+        self.digests = Digests()
 
     # --- the folder ---
 
@@ -141,6 +176,7 @@ class Snapshots:
         partial.replace(side)
 
     def _delete_files(self, stem: str) -> None:
+        self.digests.forget(self.dir / f"{stem}.bin")
         for suffix in (".bin", ".json"):
             with contextlib.suppress(OSError):
                 (self.dir / f"{stem}{suffix}").unlink()
@@ -201,7 +237,7 @@ class Snapshots:
         path = self.dir / f"{stem}.bin"
         try:
             size = path.stat().st_size
-            digest = await asyncio.to_thread(_sha256, path)
+            digest = await self.digests.of(path)
         except OSError as exc:
             raise HotModelError(f"the saved snapshot {path} cannot be read: {exc}") from exc
         if await self.sessions.store.get(covered.owner, covered.session_id) is None:
@@ -285,7 +321,7 @@ class Snapshots:
         path = self.dir / meta.file
         try:
             intact = path.stat().st_size == meta.size and (
-                await asyncio.to_thread(_sha256, path) == meta.sha256
+                await self.digests.of(path) == meta.sha256
             )
         except OSError:
             intact = False
