@@ -300,6 +300,34 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\nzz\r\n{}\r\n0\r\n\r\n",
+    ],
+    ids=["request-line", "header", "chunk-size"],
+)
+def test_bytes_that_are_not_http_get_a_json_400(smol_server: HotmodelProcess, raw: bytes) -> None:
+    """uvicorn's parser refuses them before the app sees anything; its answer is in OpenAI's
+    error shape like every other, the connection closes, and the server goes on."""
+    host, port = smol_server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "http_400"
+    assert "HTTP/1.1" in error["message"]
+    assert httpx.get(smol_server.base_url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
     ("body", "headers", "param"),
     [
         ({"model": 1}, [], "model"),

@@ -27,6 +27,7 @@ from typing import Any
 import uvicorn
 
 from hotmodel.api.app import create_app
+from hotmodel.api.framing import HttpProtocol
 from hotmodel.config import Config
 from hotmodel.errors import HotModelError
 from hotmodel.runtime import Runtime
@@ -207,6 +208,7 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
             uvicorn.Config(
                 create_app(runtime),
                 lifespan="off",
+                http=HttpProtocol,  # httptools, with a JSON 400 for bytes that are not HTTP
                 log_level=config.server.log_level,
                 # uvicorn's loggers go to hotmodel's handler (text or JSON: hotmodel.logs),
                 # and hotmodel.access writes the one line per request (api/observe.py)
