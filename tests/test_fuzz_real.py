@@ -39,6 +39,7 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
     assert set(doc["paths"]) == {
         "/v1/chat/completions",
         "/v1/models",
+        "/v1/models/{model_id}",
         "/v1/sessions",
         "/v1/sessions/{session_id}",
         "/health",

@@ -219,6 +219,11 @@ def test_models_lists_presets_with_status_and_active(smol_server: HotmodelProces
     assert data["active"] == "smollm2"
     client = openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key="unused")
     assert {m.id for m in client.models.list()} == {"smollm2", "gemma3"}
+    # OpenAI's "retrieve model": a preset by id, the alias as the active one, else a 404
+    assert client.models.retrieve("gemma3").model_dump()["status"] == "unloaded"
+    assert client.models.retrieve("active").id == "smollm2"
+    missing = httpx.get(smol_server.base_url + "/v1/models/nope")
+    assert _assert_openai_error(missing, 404, "model_not_found")["param"] == "model"
 
 
 def test_health_and_admin_status(smol_server: HotmodelProcess) -> None:

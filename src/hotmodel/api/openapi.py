@@ -42,6 +42,13 @@ _SESSION_ID = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 128},
 }
 
+_MODEL_ID = {
+    "name": "model_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -142,6 +149,13 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
+        "/v1/models/{model_id}": {
+            "parameters": [_MODEL_ID],
+            "get": {
+                "summary": "one preset ('active': the active one)",
+                "responses": _answers(_OBJECT, 401, 404),
+            },
+        },
         "/v1/sessions": {
             "get": {"summary": "sessions, newest first", "responses": _answers(_OBJECT, 401)}
         },

@@ -1,4 +1,5 @@
-"""``GET /health`` and ``GET /v1/models``: what is loaded, and whether requests are served now."""
+"""``GET /health``, ``GET /v1/models`` and ``/v1/models/{id}``: what is loaded, and whether
+requests are served now."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from starlette.routing import Route
 from hotmodel.api.chat import ACTIVE_ALIAS
 from hotmodel.api.errors import RETRY_AFTER_S
 from hotmodel.control.report import SwitchState
-from hotmodel.errors import RouterError
+from hotmodel.errors import ModelNotFoundError, RouterError
 from hotmodel.presets import Preset
 from hotmodel.router.supervisor import RouterState
 from hotmodel.runtime import Runtime, ServiceState
@@ -77,13 +78,13 @@ def status_routes(runtime: Runtime) -> list[Route]:
             resp.headers["retry-after"] = RETRY_AFTER_S
         return resp
 
-    async def list_models(request: Request) -> Response:
+    async def model_objects() -> list[dict[str, object]]:
         try:
             states = {k: v.state.value for k, v in (await s.router.models()).items()}
         except RouterError:
             states = {}
         active = s.controller.active
-        data = [
+        return [
             {
                 "id": name,
                 "object": "model",
@@ -95,11 +96,27 @@ def status_routes(runtime: Runtime) -> list[Route]:
             }
             for name, preset in s.config.presets.models.items()
         ]
+
+    async def list_models(request: Request) -> Response:
+        data = await model_objects()
+        active = s.controller.active
         return JSONResponse(
             {"object": "list", "data": data, "active": active, "alias": ACTIVE_ALIAS}
         )
 
+    async def get_model(request: Request) -> Response:
+        """OpenAI's "retrieve model": one preset, or the active one for the alias."""
+        name = request.path_params["model_id"]
+        if name == ACTIVE_ALIAS and s.controller.active is not None:
+            name = s.controller.active
+        for model in await model_objects():
+            if model["id"] == name:
+                return JSONResponse(model)
+        known = ", ".join([ACTIVE_ALIAS, *s.config.presets.models])
+        raise ModelNotFoundError(f"model {name!r} is not a preset (known: {known})", "model")
+
     return [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     ]
