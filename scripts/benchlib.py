@@ -44,13 +44,16 @@ def demo_globals() -> dict[str, str]:
     return dict(ini["*"]) if ini.has_section("*") else {}
 
 
-def write_demo_config(folder: Path, default: str = "smollm2", extra: str = "") -> Path:
-    """hotmodel.toml + models.ini for the two cached demo models, on a free port."""
+def write_demo_config(
+    folder: Path, default: str = "smollm2", extra: str = "", shared: dict[str, str] | None = None
+) -> Path:
+    """hotmodel.toml + models.ini for the two cached demo models, on a free port; the
+    presets' ``[*]`` options are the demo's unless ``shared`` gives others."""
     models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
-    shared = "".join(f"{k} = {v}\n" for k, v in demo_globals().items())
-    (folder / "models.ini").write_text(
-        f"version = 1\n[*]\n{shared}" + "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
-    )
+    options = demo_globals() if shared is None else shared
+    shared_ini = "".join(f"{k} = {v}\n" for k, v in options.items())
+    entries = "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
+    (folder / "models.ini").write_text(f"version = 1\n[*]\n{shared_ini}{entries}")
     path = folder / "hotmodel.toml"
     path.write_text(
         f'[server]\nport = {free_port("127.0.0.1")}\nstate_dir = "state"\n'

@@ -15,11 +15,12 @@ from hotmodel.errors import InvalidRequestError, StoreError
 from hotmodel.sessions.context import (
     Message,
     Prompt,
+    Reconciled,
     bound_messages_and_chars,
     bound_tokens,
     build_prompt,
     estimate_tokens,
-    new_turns,
+    reconcile,
 )
 from hotmodel.sessions.reply import ReplyAssembler
 from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
@@ -31,6 +32,10 @@ def u(text: str) -> Message:
 
 def a(text: str) -> Message:
     return {"role": "assistant", "content": text}
+
+
+def _text(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
 
 
 SYS = {"role": "system", "content": "be brief"}
@@ -45,23 +50,50 @@ STORED = [u("hi"), a("hello"), u("how are you"), a("fine")]
         ([SYS, *STORED, u("next")], [u("next")]),  # ... with a system prompt
         ([u("how are you"), a("fine"), u("next")], [u("next")]),  # a window of the end
         ([u("hi"), u("next")], [u("hi"), u("next")]),  # no overlap: all new
+        ([u("hi")], [u("hi")]),  # a single message is a new turn, even a repeated one
+        # the client's copy of an answer, trimmed or as a list of text parts: the same message
+        ([u("hi"), a(" hello\n"), u("how are you"), a("fine "), u("next")], [u("next")]),
+        ([u("how are you"), {"role": "assistant", "content": [_text("fine")]}, u("x")], [u("x")]),
     ],
 )
 def test_new_turns(incoming: list[Message], expected: list[Message]) -> None:
-    assert new_turns(STORED, incoming) == expected
+    assert reconcile(STORED, incoming) == Reconciled(None, expected)
+
+
+@pytest.mark.parametrize(
+    ("incoming", "keep", "turns"),
+    [
+        # "regenerate": the conversation up to the last question again
+        ([u("hi"), a("hello"), u("how are you")], 3, []),
+        ([SYS, u("hi"), a("hello"), u("how are you")], 3, []),
+        # an edited question: the stored history is cut where the two part
+        ([u("hi"), a("hello"), u("how old are you")], 2, [u("how old are you")]),
+        # a client that keeps only the end of its conversation, regenerating
+        ([a("hello"), u("how are you")], 3, []),
+        # the whole conversation and a new question: nothing departs
+        ([u("hi"), a("hello"), u("how are you"), a("fine"), u("q")], None, [u("q")]),
+    ],
+)
+def test_a_resend_that_departs_from_the_stored_history_replaces_its_end(
+    incoming: list[Message], keep: int | None, turns: list[Message]
+) -> None:
+    assert reconcile(STORED, incoming) == Reconciled(keep, turns)
 
 
 def test_new_turns_retry_after_an_unanswered_turn() -> None:
     # the last stored turn is the user's (its answer was aborted): a retry adds nothing twice
-    assert new_turns([u("q")], [u("q")]) == []
+    assert reconcile([u("q")], [u("q")]) == Reconciled(None, [])
 
 
 def test_new_turns_compares_list_content() -> None:
-    parts = [{"type": "text", "text": "look"}]
-    assert new_turns(
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    assert reconcile(
         [{"role": "user", "content": parts}, a("ok")],
         [{"role": "user", "content": parts}, a("ok"), u("more")],
-    ) == [u("more")]
+    ) == Reconciled(None, [u("more")])
+    other = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "y"}}]
+    looked: Message = {"role": "user", "content": other}
+    assert reconcile([{"role": "user", "content": parts}], [looked]) == Reconciled(None, [looked])
 
 
 def _prompt(n_exchanges: int, size: int = 10) -> Prompt:

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from hotmodel.sessions.cache import WindowCache
-from hotmodel.sessions.context import Message, new_turns
+from hotmodel.sessions.context import Message, reconcile
 from hotmodel.sessions.store import Session, SessionStore, StoredMessage
 
 
@@ -67,6 +67,28 @@ def test_a_short_session_is_read_whole_from_the_cache(tmp_path: Path) -> None:
                 a("yes"),
             ]
             assert second.created_at == first.created_at and second.updated_at > first.updated_at
+
+    asyncio.run(scenario())
+
+
+def test_a_rewind_replaces_the_end_of_a_session_in_sqlite_and_in_the_cache(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    async def scenario() -> None:
+        async with SessionStore(path) as store:
+            await store.append("", "s", [u("hi"), a("hello"), u("q"), a("first")], "m", "")
+            assert await store.get("", "s", 10) is not None  # cached
+            # a regenerated answer: the stored one (seq 3) is replaced, in one transaction
+            await store.append("", "s", [a("second")], "m2", "", rewind=3)
+            cached = await store.get("", "s", 10)
+            async with SessionStore(path) as other:
+                read = await other.get("", "s", 10)
+            _same(cached, read)
+            assert read is not None
+            assert [m.message for m in read.messages] == [u("hi"), a("hello"), u("q"), a("second")]
+            assert read.messages[-1].model == "m2"
 
     asyncio.run(scenario())
 
@@ -163,7 +185,7 @@ def test_a_window_longer_than_the_cached_one_is_a_miss() -> None:
 
 def test_new_turns_compares_only_the_overlap_it_can_have() -> None:
     stored = [u(f"q{i}") if i % 2 == 0 else a(f"a{i}") for i in range(200)]
-    assert new_turns(stored, [u("next")]) == [u("next")]
-    assert new_turns(stored, [*stored[-3:], u("next")]) == [u("next")]
-    assert new_turns(stored, stored[-1:]) == []
-    assert new_turns(stored, [*stored, u("next")]) == [u("next")]
+    assert reconcile(stored, [u("next")]).turns == [u("next")]
+    assert reconcile(stored, [*stored[-3:], u("next")]).turns == [u("next")]
+    assert reconcile(stored, stored[-1:]).turns == []
+    assert reconcile(stored, [*stored, u("next")]).turns == [u("next")]

@@ -149,6 +149,28 @@ def test_full_resend_is_not_stored_twice(smol: HotmodelProcess) -> None:
     assert len(stored(smol, "resend-1")) == 4
 
 
+def test_a_regenerated_or_edited_resend_replaces_the_end_of_the_session(
+    smol: HotmodelProcess,
+) -> None:
+    """Found by a black-box pass: "regenerate" (the conversation up to the last question,
+    sent again) stored the whole conversation a second time, and the model read it twice;
+    so did a client whose copy of an answer was trimmed or sent as text parts."""
+    first = chat(smol, "regen", [u("One.")])["choices"][0]["message"]["content"]
+    asked = [u("One."), {"role": "assistant", "content": first}, u("Two.")]
+    second = chat(smol, "regen", asked)
+    again = chat(smol, "regen", asked, temperature=1.0, seed=7)  # regenerate
+    assert again["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
+    roles = [m["role"] for m in stored(smol, "regen")]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert stored(smol, "regen")[3]["content"] == again["choices"][0]["message"]["content"]
+    # the answer as text parts with whitespace around it: the same message, nothing doubled
+    parts = [{"type": "text", "text": f"  {first} "}]
+    edited = [u("One."), {"role": "assistant", "content": parts}, u("Three.")]
+    third = chat(smol, "regen", edited)
+    assert [m["content"] for m in stored(smol, "regen")][::2] == ["One.", "Three."]
+    assert third["usage"]["prompt_tokens"] < 2 * second["usage"]["prompt_tokens"] - 20
+
+
 def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:
     chat(smol, "abort-1", [u("Hello.")])
     body = {

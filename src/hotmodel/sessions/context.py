@@ -58,16 +58,46 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
     )
 
 
+def _content_key(content: object) -> str:
+    """Content as two copies of one message are compared: its text (a string, or a list
+    of text parts, as clients differ) without surrounding whitespace; anything else as
+    JSON."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content).strip()
+    return json.dumps(content, sort_keys=True)
+
+
 def _key(message: Message) -> tuple[str, str]:
-    return str(message.get("role")), json.dumps(message.get("content"), sort_keys=True)
+    return str(message.get("role")), _content_key(message.get("content"))
 
 
-def new_turns(stored: Sequence[Message], incoming: Sequence[Message]) -> list[Message]:
-    """The non-system messages of ``incoming`` that the session does not have yet.
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """How a request's messages meet the stored ones: ``keep`` stored messages stay (None:
+    all), then ``turns`` are new."""
 
-    Clients either send only their new turn or resend the whole (or the end
-    of the) conversation: the longest run at the start of ``incoming`` that
-    repeats the end of ``stored`` is dropped, so nothing is stored twice.
+    keep: int | None
+    turns: list[Message]
+
+
+def reconcile(stored: Sequence[Message], incoming: Sequence[Message]) -> Reconciled:
+    """What of ``incoming`` (its non-system messages) the session does not have yet.
+
+    Clients either send only their new turn or resend the whole (or the end of
+    the) conversation: the longest run at the start of ``incoming`` that repeats
+    the end of ``stored`` is dropped, so nothing is stored twice. A resend that
+    departs from what is stored (a regenerated answer: the conversation up to the
+    last question again; an edited question) is the client's conversation: when
+    at least two of its first messages repeat a stored run that goes on
+    differently, the stored history is cut where they part (``keep``) and the
+    rest of ``incoming`` follows. A single message is always a new turn.
     """
     turns = [m for m in incoming if m.get("role") != "system"]
     # an overlap is at most as long as the turns: only that end of ``stored`` is compared
@@ -76,8 +106,28 @@ def new_turns(stored: Sequence[Message], incoming: Sequence[Message]) -> list[Me
     turn_keys = [_key(m) for m in turns[:n]]
     for k in range(n, 0, -1):
         if stored_keys[-k:] == turn_keys[:k]:
-            return turns[k:]
-    return turns
+            return Reconciled(None, turns[k:])
+    if len(turns) >= 2:
+        parted = _parting(stored, turns)
+        if parted is not None:
+            at, matched = parted
+            return Reconciled(at, turns[matched:])
+    return Reconciled(None, turns)
+
+
+def _parting(stored: Sequence[Message], turns: Sequence[Message]) -> tuple[int, int] | None:
+    """Where a resend leaves the stored history: (stored messages kept, turns matched) for
+    the longest run of at least two (the latest of equals), else None."""
+    have = [_key(m) for m in stored]
+    want = [_key(m) for m in turns]
+    best: tuple[int, int] | None = None
+    for j in range(len(have) - 1, -1, -1):
+        length = 0
+        while length < len(want) and j + length < len(have) and have[j + length] == want[length]:
+            length += 1
+        if length >= 2 and (best is None or length > best[1]):
+            best = (j + length, length)
+    return best
 
 
 @dataclass

@@ -25,7 +25,7 @@ from hotmodel.sessions.context import (
     bound_messages_and_chars,
     bound_tokens,
     build_prompt,
-    new_turns,
+    reconcile,
 )
 from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.slots import SlotLedger
@@ -60,6 +60,7 @@ class Prepared:
     turns: list[Message]
     prompt: Prompt
     slot_gen: int = 0  # the slot ledger's generation of the request that carries it
+    rewind: int | None = None  # stored messages from this seq on are replaced by ``turns``
 
 
 class SessionService:
@@ -119,11 +120,14 @@ class SessionService:
             system_prompt = session.system_prompt
         else:
             system_prompt = self.config.session.default_system_prompt
-        turns = new_turns(stored, request_messages)
-        prompt = build_prompt(self._system(system_prompt), request_messages, stored, turns)
-        prompt.base = 0 if session is None else session.offset
+        met = reconcile(stored, request_messages)
+        kept = stored if met.keep is None else stored[: met.keep]
+        prompt = build_prompt(self._system(system_prompt), request_messages, kept, met.turns)
+        offset = 0 if session is None else session.offset
+        prompt.base = offset
         await self._bound(prompt, model)
-        return Prepared(ref.owner, ref.id, system_prompt, turns, prompt)
+        rewind = None if met.keep is None else offset + met.keep
+        return Prepared(ref.owner, ref.id, system_prompt, met.turns, prompt, rewind=rewind)
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
@@ -144,6 +148,7 @@ class SessionService:
             [*prepared.turns, reply],
             model,
             prepared.system_prompt,
+            rewind=prepared.rewind,
         )
         self.slots.cover(
             model,

@@ -272,10 +272,15 @@ class SessionStore:
         messages: Sequence[dict[str, Any]],
         model: str | None,
         system_prompt: str,
+        rewind: int | None = None,
     ) -> None:
         """Append turns atomically, creating the session if it is new; ``model`` is
-        recorded on assistant turns, ``system_prompt`` on the session."""
-        await self._call(lambda: self._append(owner, session_id, messages, model, system_prompt))
+        recorded on assistant turns, ``system_prompt`` on the session. With ``rewind``,
+        the stored messages from that seq on are deleted first, in the same transaction
+        (a client's resend that departs from the stored history replaces its end)."""
+        await self._call(
+            lambda: self._append(owner, session_id, messages, model, system_prompt, rewind)
+        )
 
     def _append(
         self,
@@ -284,6 +289,7 @@ class SessionStore:
         messages: Sequence[dict[str, Any]],
         model: str | None,
         system_prompt: str,
+        rewind: int | None = None,
     ) -> None:
         db = self._db()
         now = time.time()
@@ -297,6 +303,12 @@ class SessionStore:
                 "system_prompt = excluded.system_prompt, updated_at = excluded.updated_at",
                 (owner, session_id, system_prompt, now, now),
             )
+            if rewind is not None:
+                db.execute(
+                    "DELETE FROM messages WHERE owner = ? AND session_id = ? AND seq >= ?",
+                    (owner, session_id, rewind),
+                )
+                self.cache.drop(owner, session_id)  # its window ends with what was deleted
             (last,) = db.execute(
                 "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE owner = ? AND session_id = ?",
                 (owner, session_id),
