@@ -47,6 +47,8 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
         "/admin/status",
         "/admin/switches",
         "/admin/switch",
+        "/admin/reload",
+        "/openapi.json",
         "/admin/events",
         "/admin/logs",
         "/ui",

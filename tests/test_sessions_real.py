@@ -350,3 +350,9 @@ def test_session_api_and_cli(smol: HotmodelProcess) -> None:
     missing = httpx.delete(smol.base_url + "/v1/sessions/api-1")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "session_not_found"
+    # an id no session can have: the same 400 from GET and DELETE
+    for bad in ("h%C3%A9llo", "a%20b", "x" * 129, ""):
+        for method in ("GET", "DELETE"):
+            resp = httpx.request(method, smol.base_url + "/v1/sessions/" + bad)
+            assert resp.status_code == 400, (method, bad, resp.text)
+            assert resp.json()["error"]["param"] == "session_id"

@@ -547,9 +547,11 @@ def test_overlap_failed_load_keeps_the_old_model_active() -> None:
 
 def test_already_active_is_a_no_op() -> None:
     router = FakeRouter("a")
-    report = switch(_engine(router), "a")
+    engine = _engine(router)
+    report = switch(engine, "a")
     assert report.outcome is Outcome.ALREADY_ACTIVE
     assert router.calls == []
+    assert not engine.history  # kept out of GET /admin/switches: no-ops would push switches out
 
 
 def test_unknown_target() -> None:

@@ -210,6 +210,11 @@ def test_unknown_switch_target_is_404(switch_server: HotmodelProcess) -> None:
     assert resp.json()["error"]["code"] == "model_not_found"
     bad = httpx.post(switch_server.base_url + "/admin/switch", content=b"{")
     assert bad.status_code == 400
+    # the alias names the active model, as on /v1: a no-op, kept out of the history
+    before = httpx.get(switch_server.base_url + "/admin/switches").json()["data"]
+    same = httpx.post(switch_server.base_url + "/admin/switch", json={"model": "active"})
+    assert same.status_code == 200 and same.json()["outcome"] == "already_active"
+    assert httpx.get(switch_server.base_url + "/admin/switches").json()["data"] == before
 
 
 def test_cli_switch_shows_phases_and_exit_codes(on_smollm2: HotmodelProcess) -> None:

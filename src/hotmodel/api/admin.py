@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from hotmodel import __version__, sse
-from hotmodel.api.chat import parse_body
+from hotmodel.api.chat import ACTIVE_ALIAS, parse_body
 from hotmodel.api.status import health_status
 from hotmodel.api.validate import read_body
 from hotmodel.control.controller import Switch
@@ -102,6 +102,8 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         if "stream" in body and not isinstance(body["stream"], bool):
             raise InvalidRequestError("'stream' must be true or false", param="stream")
         target: str = body["model"]
+        if target == ACTIVE_ALIAS and s.controller.active is not None:
+            target = s.controller.active  # as on /v1: the alias names the active model
         s.controller.check_target(target)  # a 404 now, not an error event in the stream
         if not body.get("stream"):
             return _report_response(await s.controller.submit(Switch(target)))

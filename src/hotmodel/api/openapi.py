@@ -187,6 +187,13 @@ def _paths() -> dict[str, Any]:
         "/admin/switches": {
             "get": {"summary": "switch history", "responses": _answers(_OBJECT, 401, 403)}
         },
+        "/admin/reload": {
+            "post": {
+                "summary": "re-read the config files (400 invalid_config: nothing changed)",
+                "responses": _answers(_OBJECT, 400, 401, 403),
+            }
+        },
+        "/openapi.json": {"get": {"summary": "this document", "responses": _answers(_OBJECT)}},
         **_dashboard_paths(),
         "/admin/switch": {
             "post": {

@@ -31,6 +31,7 @@ def session_routes(sessions: SessionService, snapshots: Snapshots | None) -> lis
 
     async def get_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
+        sessions.check(session_id, None)  # an id no session can have: 400, as for DELETE
         session = await store.get(owner_of(request.scope), session_id)
         if session is None:
             raise SessionNotFoundError(f"no session {session_id!r}")

@@ -160,7 +160,9 @@ class Engine(StepEffects):
             if target is None and not report.failed:
                 self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
             self.current = None
-            self.history.append(report)
+            if report.outcome not in (Outcome.ALREADY_ACTIVE, Outcome.SKIPPED):
+                # a no-op must not push real switches out of the bounded history
+                self.history.append(report)
             for watcher in list(self.watchers):
                 with contextlib.suppress(Exception):  # an observer must not break the loop
                     watcher(report)
