@@ -332,6 +332,12 @@ def test_bytes_that_are_not_http_get_a_json_400(smol_server: HotmodelProcess, ra
     assert httpx.get(smol_server.base_url + "/health", timeout=10).status_code == 200
 
 
+def test_headers_over_64_kib_get_a_431(smol_server: HotmodelProcess) -> None:
+    resp = httpx.get(smol_server.base_url + "/health", headers={"x-big": "a" * 100_000})
+    assert _assert_openai_error(resp, 431, "request_header_too_large")
+    assert httpx.get(smol_server.base_url + "/health", timeout=10).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "param"),
     [

@@ -1,42 +1,143 @@
-"""uvicorn's HTTP/1.1 protocol, with its one answer of its own in OpenAI's error shape.
+"""uvicorn's HTTP/1.1 protocol, with its own answers in OpenAI's error shape and bounds on
+the request head.
 
-A request whose bytes are not HTTP/1.1 (a broken request line, header or chunk
-size) never reaches the app: uvicorn's parser refuses it and writes a plain-text
-400 itself. Every other error hotmodel answers is JSON in OpenAI's shape, so a
-client's error handling can read this one too. The connection is closed after
-it, as uvicorn does: the rest of the stream cannot be framed.
+What goes wrong before a request reaches the app is answered here, as JSON like
+every other error of hotmodel (uvicorn would write plain text, or nothing):
+
+- bytes that are not HTTP/1.1 (a broken request line, header or chunk size):
+  400, as uvicorn's parser refuses them;
+- a request line and headers over ``MAX_HEAD_BYTES``: 431 (httptools has no
+  limit of its own: a client could send megabytes of headers);
+- a request head that has not arrived ``HEAD_TIMEOUT_S`` after the connection
+  opened (or after its first byte, on a kept-alive connection): 408, or just the
+  close when not a byte of it came. A stalled body gets its 408 from the app
+  (``api/validate.py``); an idle kept-alive connection is closed by uvicorn.
+
+Each of them closes the connection: the rest of the stream cannot be framed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hotmodel.api.errors import error_body
+from hotmodel.api.validate import BODY_TIMEOUT_S
 
-BAD_FRAMING = json.dumps(
-    error_body(
-        "Invalid HTTP request: its bytes could not be parsed as HTTP/1.1 "
-        "(request line, header or chunked body)",
-        "invalid_request_error",
-        "http_400",
-    )
-).encode()
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = BODY_TIMEOUT_S
+
+
+def _answer(status: bytes, message: str, code: str) -> tuple[bytes, bytes]:
+    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
+    return b"HTTP/1.1 " + status + b"\r\n", body
+
+
+class HeadTooLargeError(Exception):
+    """Raised from a parser callback: httptools stops and reports a parser error."""
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; only its parser-error answer differs."""
+    """uvicorn's httptools protocol; only what happens before the app is called differs."""
+
+    head_timeout = HEAD_TIMEOUT_S
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._head_started = False
+        self._head_too_large = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    # --- the request head: its size and its deadline ---
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._head_started = True
+        if self._head_timer is None:  # the next request on a kept-alive connection
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._head_started = False
+        super().on_headers_complete()
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_head_bytes:
+            self._head_too_large = True
+            raise HeadTooLargeError
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head behind a running request: not yet
+            return
+        if not self._head_started:
+            self.transport.close()  # not a byte of a request: nothing to answer
+            return
+        self._refuse(
+            b"408 Request Timeout",
+            f"the request line and headers did not arrive within {self.head_timeout:g}s",
+            "request_timeout",
+        )
+
+    # --- uvicorn's own answer to what its parser refuses ---
 
     def send_400_response(self, msg: str) -> None:
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        if self._head_too_large:
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                f"the request line and headers are over {self.max_head_bytes} bytes",
+                "request_header_too_large",
+            )
+            return
+        self._refuse(
+            b"400 Bad Request",
+            "Invalid HTTP request: its bytes could not be parsed as HTTP/1.1 "
+            "(request line, header or chunked body)",
+            "http_400",
+        )
+
+    def _refuse(self, status: bytes, message: str, code: str) -> None:
+        """Answer in OpenAI's error shape, then close the connection."""
+        self._cancel_head_timer()
+        line, body = _answer(status, message, code)
+        head = [line]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
             b"content-type: application/json\r\n",
-            b"content-length: " + str(len(BAD_FRAMING)).encode("ascii") + b"\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
             b"connection: close\r\n\r\n",
-            BAD_FRAMING,
+            body,
         ]
         self.transport.write(b"".join(head))
         self.transport.close()
