@@ -165,7 +165,7 @@ def test_a_regenerated_or_edited_resend_replaces_the_end_of_the_session(
     assert stored(smol, "regen")[3]["content"] == again["choices"][0]["message"]["content"]
     # the answer as text parts with whitespace around it: the same message, nothing doubled
     parts = [{"type": "text", "text": f"  {first} "}]
-    edited = [u("One."), {"role": "assistant", "content": parts}, u("Three.")]
+    edited: list[dict[str, Any]] = [u("One."), {"role": "assistant", "content": parts}, u("Three.")]
     third = chat(smol, "regen", edited)
     assert [m["content"] for m in stored(smol, "regen")][::2] == ["One.", "Three."]
     assert third["usage"]["prompt_tokens"] < 2 * second["usage"]["prompt_tokens"] - 20
