@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
 
 WAIT_S = 30.0
 
@@ -179,6 +179,41 @@ def test_reload_presets_new_one_usable_active_one_reloaded(
         assert hp.status()["presets"] == ["tiny", "tiny2"]
     finally:
         assert hp.stop() == 0, hp.output()
+
+
+def test_a_preset_file_the_router_could_not_start_on_is_refused_whole(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Found by a new-user pass: an unknown key in the INI was accepted by a reload, the
+    active model was reloaded with it, and the router could not start again (no model,
+    every request 503). Now the key is named and nothing changes; so is a missing file
+    for the active model, which a reload loads again at once."""
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
+    ini = tmp_path / "models.ini"
+    good = ini.read_text()
+    hp = start_hotmodel(config)
+    try:
+        ini.write_text(good.replace("[tiny]", "[*]\nbogus-key = 3\n\n[tiny]"))
+        refused = _reload(hp)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_config"
+        assert "[*] bogus-key" in error["message"] and "no option 'bogus-key'" in error["message"]
+        ini.write_text(good.replace(f"model = {tiny_models['tiny']}", "model = nosuch.gguf"))
+        missing = _reload(hp)
+        assert missing.status_code == 400 and "model file not found" in missing.text
+        assert hp.status()["active_model"] == "tiny" and chat(hp).status_code == 200
+        # a flag's negation and the presets' own keys are llama-server's too
+        ini.write_text(good.replace("[tiny]", "[*]\nno-warmup = true\nstop-timeout = 5\n\n[tiny]"))
+        assert _reload(hp).status_code == 200
+        assert chat(hp).status_code == 200
+    finally:
+        assert hp.stop() == 0, hp.output()
+    # at start, the same key is a config error naming it (exit 3), not a router failure
+    ini.write_text(good.replace("[tiny]", "[tiny]\nbogus-key = 3"))
+    out = run_hotmodel("serve", "--config", str(config), timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "[tiny] bogus-key: llama-server has no option 'bogus-key'" in out.stderr
 
 
 def test_sighup_reloads(tmp_path: Path, tiny_models: dict[str, Path]) -> None:

@@ -291,3 +291,36 @@ def test_model_load_error_keeps_summary_and_log_tail_apart() -> None:
         "model 'm' failed to load (exit code 1)\n--- llama-server log tail ---\ngguf_init failed"
     )
     assert str(ModelLoadError("no tail")) == "no tail"
+
+
+def test_llama_server_help_gives_every_option_name_and_variable() -> None:
+    from hotmodel.router.options import parse_help
+
+    text = (
+        "----- common params -----\n"
+        "-h,    --help, --usage                  print usage and exit\n"
+        "-c,    --ctx-size N                     size of the prompt context\n"
+        "                                        (env: LLAMA_ARG_CTX_SIZE)\n"
+        "--spec-draft-hf, -hfd, --hf-repo-draft <user>/<model>[:quant]\n"
+        "                                        Same as --hf-repo-x (default: unused)\n"
+        "-fit,  --fit [on|off]                   whether to adjust unset arguments\n"
+    )
+    assert parse_help(text) == {
+        "h", "help", "usage", "c", "ctx-size", "LLAMA_ARG_CTX_SIZE",
+        "spec-draft-hf", "hfd", "hf-repo-draft", "fit",
+    }  # fmt: skip
+
+
+def test_preset_keys_are_checked_against_the_binarys_options(tmp_path: Path) -> None:
+    from hotmodel.errors import ConfigError
+    from hotmodel.presets import load_presets
+    from hotmodel.router.options import check_preset_keys
+
+    ini = tmp_path / "m.ini"
+    ini.write_text("version = 1\n[*]\nno-warmup = true\n[a]\nmodel = a.gguf\nc = 512\nzzz = 1\n")
+    presets = load_presets(ini)
+    known = frozenset({"model", "c", "warmup"})
+    with pytest.raises(ConfigError, match=r"m\.ini \[a\] zzz: llama-server has no option 'zzz'"):
+        check_preset_keys(presets, known)
+    check_preset_keys(presets, None)  # the help could not be read: llama-server decides
+    check_preset_keys(presets, known | {"zzz"})

@@ -41,6 +41,7 @@ from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvent, ModelEvents
 from hotmodel.router.lifecycle import ModelLifecycle
+from hotmodel.router.options import check_preset_keys, known_options
 from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
 from hotmodel.sessions.service import SessionService
@@ -137,6 +138,7 @@ class Runtime:
         cfg = self.config
         check_model_file(cfg.presets, cfg.router.default_model)
         binary = find_llama_server(cfg.router.llama_server)
+        check_preset_keys(cfg.presets, await asyncio.to_thread(known_options, binary))
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         port = cfg.router.port or free_port(cfg.router.host)
         http = await stack.enter_async_context(_http_client(cfg))

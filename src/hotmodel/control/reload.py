@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from hotmodel.config import Config, load_config
 from hotmodel.control.controller import Switch
 from hotmodel.errors import ConfigError
+from hotmodel.presets import check_model_file
+from hotmodel.router.options import check_preset_keys, known_options
 
 if TYPE_CHECKING:
     from hotmodel.runtime import Services
@@ -141,8 +143,13 @@ async def reload_config(services: Services) -> dict[str, Any]:
     old = services.config
     new = await asyncio.to_thread(load_config, old.path)
     new = new.with_server_overrides(**old.server_overrides)  # serve's flags still win
+    known = await asyncio.to_thread(known_options, services.supervisor.binary)
+    check_preset_keys(new.presets, known)  # else the router could not start on them
     controller = services.controller
     plan = plan_reload(old, new, controller.active)
+    if plan.reload_active and controller.active is not None:
+        # it is loaded again at once: a file that cannot be loaded is refused now
+        check_model_file(new.presets, controller.active)
     _apply(services, plan.config)
     result = plan.to_json()
     if plan.reload_active and controller.active is not None:

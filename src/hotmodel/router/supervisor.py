@@ -140,6 +140,10 @@ class RouterSupervisor:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def binary(self) -> Path:
+        return self._binary
+
+    @property
     def argv(self) -> list[str]:
         return router_argv(self._config, self._binary, self.presets_file, self.port)
 
