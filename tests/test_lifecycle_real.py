@@ -8,6 +8,7 @@ model process names its GGUF file).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -94,8 +95,37 @@ def test_a_second_ctrl_c_forces_the_exit_and_leaves_nothing(
         hp.proc.send_signal(signal.SIGINT)
         assert hp.stop(timeout=30) == 0, hp.output()  # far less than the 120 s grace
     assert "forcing the exit" in hp.output()
+    # a forced exit is not a crash: no recovery was started
+    assert "exited unexpectedly" not in hp.output() and "recover" not in hp.output()
     assert_all_gone(hp.router_pids)
     _assert_nothing_left(tmp_path)
+
+
+def test_a_stream_open_at_the_stop_deadline_ends_with_an_error_event(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """Found by a new-user pass: at the graceful deadline uvicorn cancelled the stream bare
+    (no last event, a traceback in the log). hotmodel now ends it itself, as a switch does."""
+    config = write_config(
+        tmp_path,
+        {"smollm2": _copy(real_models["smollm2"], tmp_path / "m")},
+        "smollm2",
+        server="shutdown_timeout_seconds = 1",
+    )
+    hp = start_hotmodel(config)
+    body = {"messages": HELLO, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    lines = []
+    with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 4:  # generating
+                hp.proc.send_signal(signal.SIGINT)
+    assert hp.stop(timeout=30) == 0, hp.output()
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "shutting_down", lines[-3:]
+    assert "Traceback" not in hp.output() and "Exception in ASGI" not in hp.output()
+    assert "ended 1 open request(s) at the stop deadline" in hp.output()
+    assert_all_gone(hp.router_pids)
 
 
 def test_stop_during_startup_leaves_nothing(

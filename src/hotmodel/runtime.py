@@ -260,7 +260,7 @@ class Runtime:
         """A forced exit: kill the router tree now, without waiting for anything
         (during start-up too: the supervisor is known from the moment it exists)."""
         if self._supervisor is not None:
-            self._supervisor.kill()
+            self._supervisor.kill(forced_exit=True)
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at

@@ -29,10 +29,15 @@ import uvicorn
 from hotmodel.api.app import create_app
 from hotmodel.api.framing import HttpProtocol
 from hotmodel.config import Config
+from hotmodel.control.traffic import SHUTTING_DOWN, TrafficGate
 from hotmodel.errors import HotModelError
 from hotmodel.runtime import Runtime
 
 log = logging.getLogger("hotmodel.server")
+
+# uvicorn's own graceful deadline comes this long after hotmodel's (which ends what is
+# open itself): time for the ended requests to send their last bytes
+GRACE_BACKSTOP_S = 2
 
 
 class ServeInterruptedError(HotModelError):
@@ -174,6 +179,16 @@ async def serve(config: Config) -> None:
                 await killer
 
 
+async def _end_open_requests(gate: TrafficGate, config: Config) -> None:
+    """At the stop's deadline, end the requests still open, as a switch's cancel does: a
+    stream gets a last SSE error event, a plain request a 503 ``shutting_down``. uvicorn
+    would cancel them bare a little later (a cut stream, a traceback in the log)."""
+    await asyncio.sleep(config.server.shutdown_timeout_seconds)
+    ended = gate.cancel(None, "hotmodel is shutting down", SHUTTING_DOWN)
+    if ended:
+        log.info("ended %d open request(s) at the stop deadline", ended)
+
+
 async def _kill_on_force(signals: _Signals, runtime: Runtime) -> None:
     while True:  # every further signal kills again (a router may be starting meanwhile)
         await signals.force.wait()
@@ -217,7 +232,10 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
                 # X-Forwarded-* would be believed from any local client by default (and
                 # is one more layer per request): hotmodel is what clients talk to.
                 proxy_headers=False,
-                timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds),
+                # hotmodel ends what is still open at its own deadline (_end_open_requests);
+                # uvicorn's, later, only backs it up
+                timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout_seconds)
+                + GRACE_BACKSTOP_S,
             )
         )
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
@@ -225,7 +243,11 @@ async def _serve(runtime: Runtime, sock: socket.socket, signals: _Signals) -> No
             await _first(asyncio.shield(serving), signals.stop.wait())
         services.feed.close()  # open dashboard streams end now, not at the graceful deadline
         server.should_exit = True
-        await _first(asyncio.shield(serving), signals.forced_wait())
+        ending = asyncio.create_task(_end_open_requests(services.gate, config), name="end-open")
+        try:
+            await _first(asyncio.shield(serving), signals.forced_wait())
+        finally:
+            ending.cancel()
         if not serving.done():
             server.force_exit = True
             serving.cancel()

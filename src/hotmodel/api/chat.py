@@ -34,13 +34,14 @@ from hotmodel.api.validate import (
     tree_needs_check,
 )
 from hotmodel.control.controller import Switch
-from hotmodel.control.traffic import Ticket
+from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     InvalidRequestError,
     ModelNotActiveError,
     ModelNotFoundError,
     RouterProtocolError,
     RouterUnavailableError,
+    ShuttingDownError,
     SwitchBusyError,
     SwitchCancelledError,
     SwitchFailedError,
@@ -276,6 +277,8 @@ class ChatCompletions:
                 return Answer(upstream.status_code, data, headers)
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
+            if ticket.cancel_code == SHUTTING_DOWN:
+                raise ShuttingDownError(ticket.cancel_reason or "hotmodel is shutting down")
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
 
     def _recorder(self, prepared: Prepared, model: str) -> OnReply:

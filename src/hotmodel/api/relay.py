@@ -193,5 +193,5 @@ async def _pump(
             log.warning("upstream stream broke: %s", exc)
             tail = sse_error(f"the router's stream broke: {exc}", "upstream_stream_error")
     if scope.cancelled_caught:
-        tail = sse_error(ticket.cancel_reason or "cancelled", "switch_cancelled")
+        tail = sse_error(ticket.cancel_reason or "cancelled", ticket.cancel_code)
     return tail

@@ -24,6 +24,9 @@ import anyio
 
 from hotmodel.errors import SwitchBusyError, SwitchError
 
+# the code a request cancelled by hotmodel's stop gets (a switch's: "switch_cancelled")
+SHUTTING_DOWN = "shutting_down"
+
 
 class Ticket:
     """One admitted request; ``model`` is set once the request's model is resolved."""
@@ -32,6 +35,7 @@ class Ticket:
         self.id = ticket_id
         self.model: str | None = None
         self.cancel_reason: str | None = None
+        self.cancel_code = "switch_cancelled"  # the error code the client gets
         self._scope: anyio.CancelScope | None = None
 
     def bind(self, scope: anyio.CancelScope) -> None:
@@ -40,8 +44,8 @@ class Ticket:
         if self.cancel_reason is not None:
             scope.cancel()
 
-    def cancel(self, reason: str) -> None:
-        self.cancel_reason = reason
+    def cancel(self, reason: str, code: str = "switch_cancelled") -> None:
+        self.cancel_reason, self.cancel_code = reason, code
         if self._scope is not None:
             self._scope.cancel()
 
@@ -201,9 +205,9 @@ class TrafficGate:
             )
         return Drained(drained, cancelled, f"cancelled {cancelled} request(s) after {timeout:g}s")
 
-    def cancel(self, models: set[str] | None, reason: str) -> int:
-        """Cancel the in-flight requests of ``models``; returns how many."""
+    def cancel(self, models: set[str] | None, reason: str, code: str = "switch_cancelled") -> int:
+        """Cancel the in-flight requests of ``models`` (None: all); returns how many."""
         tickets = self.inflight(models)
         for t in tickets:
-            t.cancel(reason)
+            t.cancel(reason, code)
         return len(tickets)

@@ -190,8 +190,9 @@ def tree(router: Router) -> list[psutil.Process]:
     return list(procs.values())
 
 
-def terminate_tree(router: Router, timeout: float) -> None:
-    """Terminate the router's tree; kill whatever outlives ``timeout``."""
+def terminate_tree(router: Router, timeout: float, why: str | None = None) -> None:
+    """Terminate the router's tree; kill whatever outlives ``timeout`` (``why``: what the
+    log says of it; by default that it outlived the stop deadline)."""
     procs = tree(router)
     if not procs:
         return
@@ -205,7 +206,7 @@ def terminate_tree(router: Router, timeout: float) -> None:
             p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
-        log.warning("process %s outlived the stop deadline; killing it", p.pid)
+        log.warning("process %s %s", p.pid, why or "outlived the stop deadline; killing it")
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=KILL_WAIT_S)

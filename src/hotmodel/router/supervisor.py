@@ -306,11 +306,14 @@ class RouterSupervisor:
         self._close_log()
         self.state = RouterState.STOPPED
 
-    def kill(self) -> None:
+    def kill(self, forced_exit: bool = False) -> None:
         """Kill the router and its children at once (a forced exit, or a hung router:
-        no grace, no waiting); the exit watcher then reports the exit as usual."""
+        no grace, no waiting). A hung router's exit is then reported as usual (the
+        watchdog brings it back); a forced exit's is no news: hotmodel is stopping."""
         if self._router is not None:
-            terminate_tree(self._router, 0)
+            if forced_exit:
+                self.state = RouterState.STOPPING
+            terminate_tree(self._router, 0, "killing it (a forced exit)" if forced_exit else None)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
