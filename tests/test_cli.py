@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hotmodel.cli import cli
-from hotmodel.cli.client import human_size, models_table
+from hotmodel.cli.client import active_line, human_size, models_table
 from hotmodel.cli.common import API_KEY_ENV, Target, proxy_url
 from hotmodel.cli.local import with_overrides
 from hotmodel.cli.sessions import transcript_line
@@ -376,13 +376,20 @@ def test_models_table_and_sizes() -> None:
         [
             {"id": "smollm2", "status": "loaded", "active": True, "size_bytes": 100_000_000},
             {"id": "remote", "status": "unloaded", "active": False, "size_bytes": None},
+            {"id": "napping", "status": "unloaded", "parked": True, "size_bytes": 1024},
         ]
     )
     assert rows == [
         "PRESET   STATUS    ACTIVE       SIZE",
         "smollm2  loaded    *        95.4 MiB",
         "remote   unloaded                  -",
+        "napping  unloaded  idle      1.0 KiB",
     ]
+    assert active_line({"active_model": "a", "parked_model": None}) == "a"
+    assert active_line({"active_model": None, "parked_model": "b"}).startswith(
+        "none (b was unloaded for idleness"
+    )
+    assert active_line({"active_model": None}) == "none"
     assert human_size(512) == "512 B"
     assert human_size(3 * 1024**3) == "3.0 GiB"
     assert human_size(5 * 1024**4) == "5120.0 GiB"

@@ -61,6 +61,12 @@ def test_idle_unload_then_next_request_loads_back(
         assert router_status(hp)["tiny"] == "unloaded"
         health = httpx.get(hp.base_url + "/health", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "idle"
+        # what a client sees: the parked model, as "active" names it (chat loads it back)
+        models = {m["id"]: m for m in httpx.get(hp.base_url + "/v1/models").json()["data"]}
+        assert models["tiny"]["parked"] is True and models["tiny2"]["parked"] is False
+        assert httpx.get(hp.base_url + "/v1/models/active").json()["id"] == "tiny"
+        shown = run_hotmodel("status", "--config", str(config))
+        assert "active model: none (tiny was unloaded for idleness" in shown.stdout, shown
         history = httpx.get(hp.base_url + "/admin/switches", timeout=5).json()["data"]
         assert history[0]["to"] is None and history[0]["outcome"] == "ok"
         assert history[0]["policy"] == "idle_unload"

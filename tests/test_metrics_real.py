@@ -178,6 +178,11 @@ def test_switch_counters_and_phase_histograms_move(served: HotmodelProcess) -> N
         )
     assert val(after, "hotmodel_active_model", model="gemma3") == 1
     assert val(after, "hotmodel_active_model", model="smollm2") == 0
+    # a load's progress events are not phases that ended (the documented statuses only)
+    statuses = {
+        dict(labels)["status"] for name, labels in after if name == "hotmodel_switch_phases_total"
+    }
+    assert statuses <= {"done", "failed", "skipped"}, statuses
 
 
 def _json_lines(hp: HotmodelProcess) -> list[dict[str, Any]]:

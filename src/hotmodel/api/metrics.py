@@ -193,7 +193,8 @@ class Metrics:
         """An engine watcher: every phase event, and every report when its command ends."""
         if isinstance(seen, SwitchReport):
             self._count_report(seen, phases=False)
-        elif seen.status is not PhaseStatus.STARTED:
+        elif seen.status not in (PhaseStatus.STARTED, PhaseStatus.PROGRESS):
+            # phases that ended; a load's progress events are not phases
             self.phases.labels(seen.phase, seen.status.value).inc()
             if seen.status is PhaseStatus.DONE and seen.ms is not None:
                 self.phase_seconds.labels(seen.phase).observe(seen.ms / 1000)

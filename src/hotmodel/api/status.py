@@ -83,7 +83,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
             states = {k: v.state.value for k, v in (await s.router.models()).items()}
         except RouterError:
             states = {}
-        active = s.controller.active
+        active, parked = s.controller.active, s.controller.engine.parked
         return [
             {
                 "id": name,
@@ -92,6 +92,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
                 "created": 0,
                 "status": states.get(name, "unknown"),
                 "active": name == active,
+                "parked": name == parked,  # unloaded for idleness: the next request loads it
                 "size_bytes": size_on_disk(preset),
             }
             for name, preset in s.config.presets.models.items()
@@ -107,8 +108,10 @@ def status_routes(runtime: Runtime) -> list[Route]:
     async def get_model(request: Request) -> Response:
         """OpenAI's "retrieve model": one preset, or the active one for the alias."""
         name = request.path_params["model_id"]
-        if name == ACTIVE_ALIAS and s.controller.active is not None:
-            name = s.controller.active
+        if name == ACTIVE_ALIAS:  # as chat reads it: the active model, else the parked one
+            name = s.controller.active or s.controller.engine.parked or ""
+            if not name:
+                raise ModelNotFoundError("no model is active (none is loaded)", "model")
         for model in await model_objects():
             if model["id"] == name:
                 return JSONResponse(model)

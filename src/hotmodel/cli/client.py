@@ -44,13 +44,24 @@ def status(target: Target, as_json: bool) -> None:
         f"uptime: {data.get('uptime_seconds')}s  url: {target.url}"
     )
     click.echo(
-        f"active model: {data.get('active_model')}  presets: {', '.join(data.get('presets', []))}"
+        f"active model: {active_line(data)}  presets: {', '.join(data.get('presets', []))}"
     )
     click.echo(
         f"router: pid {router.get('pid')}  state {router.get('state')}  "
         f"url {router.get('url')}  uptime {router.get('uptime_seconds')}s"
     )
     click.echo(f"router log: {router.get('log_file')}")
+
+
+def active_line(data: dict[str, Any]) -> str:
+    """The active model, or what stands in for it: an idle-unloaded model the next request
+    loads back, or none."""
+    active, parked = data.get("active_model"), data.get("parked_model")
+    if active:
+        return str(active)
+    if parked:
+        return f"none ({parked} was unloaded for idleness; the next request loads it)"
+    return "none"
 
 
 @click.command(short_help="List the models (presets): status, active, size on disk.")
@@ -74,7 +85,7 @@ def models_table(entries: list[dict[str, Any]]) -> list[str]:
         (
             str(m.get("id")),
             str(m.get("status", "unknown")),
-            "*" if m.get("active") else "",
+            "*" if m.get("active") else ("idle" if m.get("parked") else ""),
             human_size(m.get("size_bytes")),
         )
         for m in entries
