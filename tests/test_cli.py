@@ -318,6 +318,8 @@ def test_refused_keys_are_one_clear_line(canned: Canned) -> None:
     assert no_key.exit_code == 1
     assert "a valid API key is required (HTTP 401; the CLI sent no key)" in no_key.stderr
     assert f"set {API_KEY_ENV}" in no_key.stderr
+    wrong = CliRunner(env={API_KEY_ENV: "wrong"}).invoke(cli, ["models", "--url", canned.url])
+    assert f"(HTTP 401; the CLI sent the key in {API_KEY_ENV})" in wrong.stderr
     client_key = CliRunner(env={API_KEY_ENV: "client-1"}).invoke(
         cli, ["status", "--url", canned.url]
     )
@@ -523,3 +525,16 @@ def _wait_healthy(proc: subprocess.Popen[str], url: str, output: Path) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"not healthy in {START_DEADLINE_S}s:\n{output.read_text()}")
+
+
+def test_switch_progress_is_shown_once_per_value(capsys: pytest.CaptureFixture[str]) -> None:
+    from hotmodel.cli.client import _PhasePrinter
+
+    printer = _PhasePrinter(quiet=False)
+    printer.show({"phase": "load", "status": "started"})
+    for _ in range(2):  # the router sends a stage's 0% twice
+        printer.show({"phase": "load", "status": "progress", "detail": "text_model 0%"})
+    printer.show({"phase": "load", "status": "done", "ms": 12.5})
+    out = capsys.readouterr().out
+    assert out.count("text_model 0%") == 1, out
+    assert "done      12.5 ms" in out

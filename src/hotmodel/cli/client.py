@@ -43,9 +43,7 @@ def status(target: Target, as_json: bool) -> None:
         f"hotmodel {data.get('version')}  state: {data.get('state')}  "
         f"uptime: {data.get('uptime_seconds')}s  url: {target.url}"
     )
-    click.echo(
-        f"active model: {active_line(data)}  presets: {', '.join(data.get('presets', []))}"
-    )
+    click.echo(f"active model: {active_line(data)}  presets: {', '.join(data.get('presets', []))}")
     click.echo(
         f"router: pid {router.get('pid')}  state {router.get('state')}  "
         f"url {router.get('url')}  uptime {router.get('uptime_seconds')}s"
@@ -234,10 +232,16 @@ class _PhasePrinter:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.open_line = False
+        self.last_progress: Any = None  # the router repeats a stage's progress value
 
     def show(self, data: dict[str, Any]) -> None:
         if self.quiet:
             return
+        if data["status"] == "progress":
+            seen = (data["phase"], data.get("detail"))
+            if seen == self.last_progress:
+                return
+            self.last_progress = seen
         if data["status"] == "started":
             click.echo(f"  {data['phase']:<9} ...", nl=False)
             self.open_line = True

@@ -138,7 +138,8 @@ _CLIENT_OPTIONS = (
         "config_path",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="The config the server runs with (its address and keys). Optional with --url.",
+        help="The config the server runs with (its address and keys). Optional with --url "
+        "or --port.",
     ),
     click.option(
         "--url",
@@ -201,8 +202,24 @@ def transport_error(target: Target, exc: httpx.HTTPError, timeout: float) -> Cli
             "(is `hotmodel serve` running? started with --port?)"
         )
     if isinstance(exc, httpx.TimeoutException):
-        return CliError(f"{target.url} took the request but did not answer in {timeout:g} s")
+        return CliError(
+            f"{target.url} took the request but did not answer in {timeout:g} s (what it "
+            "started goes on: see `hotmodel status`)"
+        )
     return CliError(f"talking to {target.url} failed ({exc}): is it hotmodel? (see --url/--port)")
+
+
+def _sent_key(resp: httpx.Response) -> str:
+    """Which key the CLI sent that the server refused, and what to do about it."""
+    sent = resp.request.headers.get("authorization", "").removeprefix("Bearer ")
+    if not sent:
+        return f"the CLI sent no key): pass --config with the server's config, or set {API_KEY_ENV}"
+    if sent == os.environ.get(API_KEY_ENV):
+        return (
+            f"the CLI sent the key in {API_KEY_ENV}): set it to one of the server's keys, "
+            "or unset it to send the --config's"
+        )
+    return "the CLI sent the first key of --config's [security]): is it the server's config?"
 
 
 def answer(target: Target, resp: httpx.Response, method: str, path: str) -> dict[str, Any]:
@@ -228,11 +245,7 @@ def answer(target: Target, resp: httpx.Response, method: str, path: str) -> dict
             "(restart it with this version)"
         )
     if resp.status_code == 401:
-        sent = "a key" if resp.request.headers.get("authorization") else "no key"
-        raise CliError(
-            f"{message} (HTTP 401; the CLI sent {sent}): pass --config with the server's "
-            f"config, or set {API_KEY_ENV}"
-        )
+        raise CliError(f"{message} (HTTP 401; {_sent_key(resp)})")
     if resp.status_code == 403:
         raise CliError(
             f"{message} (HTTP 403): this command needs an admin key; pass --config with the "

@@ -57,7 +57,7 @@ class StepEffects:
         if info is None:
             return "skipped"  # nothing to save, or no session to restore for
         if step is Step.RESTORE and not info.get("restored"):
-            return str(info.get("reason"))
+            return f"skipped: {info.get('reason')}"  # nothing restored: the replay reads all
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 

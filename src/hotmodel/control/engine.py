@@ -253,8 +253,9 @@ class Engine(StepEffects):
         t = time.monotonic()
         detail = await self._do(step, run)
         ms = ms_since(t)
-        if detail == "skipped":
-            run.emit(step.value, PhaseStatus.SKIPPED)
+        if detail == "skipped" or (detail or "").startswith("skipped: "):
+            why = (detail or "").removeprefix("skipped").removeprefix(": ") or None
+            run.emit(step.value, PhaseStatus.SKIPPED, detail=why)
             return
         if step is not Step.ACTIVATE:
             run.report.phases[step.value] = ms
