@@ -72,18 +72,24 @@ def test_stop_leaves_no_llama_server(
     assert "stopped" in hp.output()
 
 
+def _serving_smollm2(
+    tmp_path: Path, real_models: dict[str, Path], shutdown_timeout: float
+) -> HotmodelProcess:
+    config = write_config(
+        tmp_path,
+        {"smollm2": _copy(real_models["smollm2"], tmp_path / "m")},
+        "smollm2",
+        server=f"shutdown_timeout_seconds = {shutdown_timeout}",
+    )
+    return start_hotmodel(config)
+
+
 def test_a_second_ctrl_c_forces_the_exit_and_leaves_nothing(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
     """A stream is open and the graceful shutdown would wait 120 s for it: the second
     SIGINT kills the router tree at once and hotmodel exits without waiting."""
-    config = write_config(
-        tmp_path,
-        {"smollm2": _copy(real_models["smollm2"], tmp_path / "m")},
-        "smollm2",
-        server="shutdown_timeout_seconds = 120",
-    )
-    hp = start_hotmodel(config)
+    hp = _serving_smollm2(tmp_path, real_models, shutdown_timeout=120)
     body = {"messages": HELLO, "max_tokens": 1500, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         next(r.iter_raw())  # generating
@@ -106,13 +112,7 @@ def test_a_stream_open_at_the_stop_deadline_ends_with_an_error_event(
 ) -> None:
     """Found by a new-user pass: at the graceful deadline uvicorn cancelled the stream bare
     (no last event, a traceback in the log). hotmodel now ends it itself, as a switch does."""
-    config = write_config(
-        tmp_path,
-        {"smollm2": _copy(real_models["smollm2"], tmp_path / "m")},
-        "smollm2",
-        server="shutdown_timeout_seconds = 1",
-    )
-    hp = start_hotmodel(config)
+    hp = _serving_smollm2(tmp_path, real_models, shutdown_timeout=1)
     body = {"messages": HELLO, "max_tokens": 3000, "stream": True, "ignore_eos": True}
     lines = []
     with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
