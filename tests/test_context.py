@@ -70,6 +70,14 @@ def test_new_turns(incoming: list[Message], expected: list[Message]) -> None:
         ([u("hi"), a("hello"), u("how old are you")], 2, [u("how old are you")]),
         # a client that keeps only the end of its conversation, regenerating
         ([a("hello"), u("how are you")], 3, []),
+        # an edited first question: the messages after it sit where they sat
+        (
+            [u("HI!"), a("hello"), u("how are you"), a("fine"), u("q")],
+            0,
+            [u("HI!"), a("hello"), u("how are you"), a("fine"), u("q")],
+        ),
+        # two new messages in a row, one of them equal to a stored one: new turns
+        ([u("x"), a("hello")], None, [u("x"), a("hello")]),
         # the whole conversation and a new question: nothing departs
         ([u("hi"), a("hello"), u("how are you"), a("fine"), u("q")], None, [u("q")]),
     ],

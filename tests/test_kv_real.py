@@ -167,3 +167,29 @@ def test_budget_settings_and_session_deletion(
         assert "over [switch] kv_snapshot_max_bytes = 1000" in small.output()
     finally:
         assert small.stop() == 0, small.output()
+
+
+def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folder_is_made(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """Found by a hostile pass: Gemma 3's restores never take here (sliding-window
+    attention keeps too little; llama-server re-reads the prompt), yet a multi-MB snapshot
+    was written at every switch; and with the snapshot folder deleted, no model loaded."""
+    config = kv_config(tmp_path, real_models)
+    hp = start_hotmodel(config)
+    try:
+        switch(hp, "gemma3")
+        chat(hp, "Name a colour.", session="g")
+        switch(hp, "smollm2")  # Gemma's slot is saved
+        back = switch(hp, "gemma3")
+        assert back["snapshot"]["restore"]["took"] is False, back
+        assert any("did not take" in w for w in back["warnings"])
+        again = switch(hp, "smollm2")
+        assert again["snapshot"]["save"]["saved"] is False
+        assert "did not take" in again["snapshot"]["save"]["reason"]
+        assert "save" not in again["phases"]  # a skipped phase
+        shutil.rmtree(tmp_path / "state" / "kv")
+        switch(hp, "gemma3")  # the folder is made again before the load
+        assert chat(hp, "And another?", session="g")["model"] == "gemma3"
+    finally:
+        assert hp.stop() == 0, hp.output()

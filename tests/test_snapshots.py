@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from hotmodel.config import load_config
 from hotmodel.control import snapshots
-from hotmodel.control.snapshots import Digests, identity
+from hotmodel.control.snapshots import Digests, Snapshots, identity
 from hotmodel.sessions.slots import SlotLedger, messages_hash
 from tests.conftest import write_config
 
@@ -104,3 +106,55 @@ def test_a_digest_is_remembered_only_while_its_file_is_untouched(
         pass
     else:
         raise AssertionError("a missing file has no digest")
+
+
+def _store(tmp_path: Path) -> Snapshots:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 64)
+    config = load_config(write_config(tmp_path, {"m": model}, "m", extra="kv_snapshots = true"))
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"binary")
+    # the router client and the session service are not reached by what is tested here
+    return Snapshots(config, binary, cast(Any, None), cast(Any, None), SlotLedger())
+
+
+def test_only_hotmodels_own_sidecars_are_read(tmp_path: Path) -> None:
+    """A sidecar that names another file (a path outside the folder, too) is not hotmodel's:
+    it is deleted, never counted, and the file it names is not touched."""
+    store = _store(tmp_path)
+    store.ensure_folder()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    good = {
+        "file": "kv-0123456789abcdef.bin", "model": "m", "owner": "", "session_id": "s",
+        "n_messages": 2, "messages_hash": "h", "identity": {}, "size": 3, "sha256": "x",
+        "tokens": 1, "created": 1.0, "used": 1.0,
+    }  # fmt: skip
+    (store.dir / "kv-0123456789abcdef.json").write_text(json.dumps(good))
+    (store.dir / "kv-0123456789abcdef.bin").write_bytes(b"abc")
+    (store.dir / "kv-evil.json").write_text(json.dumps({**good, "file": "../victim.txt"}))
+    (store.dir / "kv-fedcba9876543210.json").write_text(json.dumps({**good, "size": 10**9}))
+    assert store.stats() == {"count": 1, "bytes": 3}
+    assert sorted(p.name for p in store.dir.iterdir()) == [
+        "kv-0123456789abcdef.bin",
+        "kv-0123456789abcdef.json",
+    ]
+    assert victim.read_text() == "keep me"
+
+
+def test_a_deleted_folder_is_made_again_before_a_load(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.ensure_folder()
+    shutil.rmtree(store.dir)
+    store.ensure_folder()  # llama-server refuses to start with a --slot-save-path that is gone
+    assert store.dir.is_dir()
+
+
+def test_a_model_whose_restore_did_not_take_is_not_saved_again(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    gen = store.ledger.touch("m")
+    store.ledger.cover("m", gen, "", "s", [{"role": "user", "content": "hi"}])
+    store.discard("m", "its restore did not take")
+    saved = asyncio.run(store.save("m"))
+    assert saved is not None and saved["saved"] is False
+    assert "did not take" in saved["reason"] and "--swa-full" in saved["reason"]

@@ -677,6 +677,9 @@ class FakeKv:
     def discard(self, model: str, why: str) -> None:
         self.discarded.append(f"{model}: {why}")
 
+    def ensure_folder(self) -> None:
+        self.calls.append("folder")
+
 
 def test_plans_with_kv_snapshots() -> None:
     assert plan("zero_overlap", "a", "b", kv=True) == (
@@ -706,7 +709,7 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
 
     engine.replay = replay
     report = switch(engine, "b")
-    assert kv.calls == ["save a", "restore b"]
+    assert kv.calls == ["save a", "folder", "restore b"]  # the folder exists before a load
     assert router.calls == ["unload a", "load b"]
     assert order == ["replay b (active b)"]
     assert report.snapshot["save"]["tokens"] == 100

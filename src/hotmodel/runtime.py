@@ -251,8 +251,10 @@ class Runtime:
             async with asyncio.timeout(self.config.switch.load_timeout_seconds):
                 report = await controller.submit(Snapshot())
             saved = report.snapshot.get("save")
-            if saved:
+            if saved and saved.get("saved", True):
                 log.info("kept the KV of session %r (%s bytes)", saved["session"], saved["bytes"])
+            elif saved:
+                log.info("KV not kept at stop: %s", saved.get("reason"))
         except (TimeoutError, HotModelError) as exc:
             log.warning("could not keep the KV snapshot at stop: %s", exc)
 

@@ -58,6 +58,8 @@ class StepEffects:
             return "skipped"  # nothing to save, or no session to restore for
         if step is Step.RESTORE and not info.get("restored"):
             return f"skipped: {info.get('reason')}"  # nothing restored: the replay reads all
+        if step is Step.SAVE and info.get("saved") is False:
+            return f"skipped: {info.get('reason')}"
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 
@@ -128,6 +130,8 @@ class StepEffects:
         if self.process is None or (self.process.running and not self.process.stale):
             return "skipped"  # only the model's child died: the router is fine
         reloaded = self.process.stale
+        if self.kv is not None:
+            self.kv.ensure_folder()
         try:
             await self.process.restart()
         except HotModelError as exc:
@@ -135,6 +139,8 @@ class StepEffects:
         return "the router reads the reloaded presets" if reloaded else None
 
     async def _load(self, report: SwitchReport, target: str) -> tuple[bool, str | None]:
+        if self.kv is not None:
+            self.kv.ensure_folder()  # deleted meanwhile, llama-server would refuse to start
         try:
             loaded = await self.router.load(target, self.config.load_timeout_seconds)
         except HotModelError as exc:

@@ -54,5 +54,10 @@ class KvOps(Protocol):
         """Delete the snapshot last restored into ``model``: it proved useless."""
         ...
 
+    def ensure_folder(self) -> None:
+        """The folder llama-server is started with (``--slot-save-path``) exists: a model
+        does not load without it."""
+        ...
+
 
 Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]

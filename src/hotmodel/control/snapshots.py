@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from hotmodel.sessions.slots import SlotLedger, messages_hash
 log = logging.getLogger("hotmodel.control")
 
 _HEAD_BYTES = 1 << 20  # the GGUF header and metadata live at the start of the file
+_NAME = re.compile(r"kv-[0-9a-f]{16}")  # what save() names a snapshot: nothing else is read
 
 
 def _file_id(path: Path, head: bool) -> str:
@@ -156,7 +158,14 @@ class Snapshots:
         self.dir = config.kv_dir
         self.timeout = config.switch.load_timeout_seconds
         self._restored: dict[str, Meta] = {}  # the snapshot last restored into each model
+        # models whose restores do not take in this llama-server (Gemma 3's sliding-window
+        # attention keeps too little: it re-reads the prompt): not saved again this run
+        self._no_take: dict[str, str] = {}
         self.digests = Digests()
+
+    def ensure_folder(self) -> None:
+        with contextlib.suppress(OSError):  # else the load fails, saying why
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     # --- the folder ---
 
@@ -164,9 +173,13 @@ class Snapshots:
         metas = []
         for side in self.dir.glob("kv-*.json"):
             try:
-                metas.append(Meta(**json.loads(side.read_text(encoding="utf-8"))))
+                meta = Meta(**json.loads(side.read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError):
-                self._delete_files(side.stem)  # unreadable: of no use
+                meta = None
+            if meta is None or meta.file != f"{side.stem}.bin" or not _NAME.fullmatch(side.stem):
+                self._delete_files(side.stem)  # unreadable or not hotmodel's own: of no use
+                continue
+            metas.append(meta)
         return metas
 
     def _write(self, meta: Meta) -> None:
@@ -231,6 +244,8 @@ class Snapshots:
         covered = self.ledger.get(model)
         if covered is None or self.config.presets.models[model].model_path is None:
             return None  # nobody's slot, or a remote model whose weights cannot be checked
+        if model in self._no_take:
+            return {"saved": False, "reason": self._no_take[model]}
         stem = f"kv-{secrets.token_hex(8)}"
         t0 = time.monotonic()
         answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
@@ -323,6 +338,9 @@ class Snapshots:
             intact = path.stat().st_size == meta.size and (
                 await self.digests.of(path) == meta.sha256
             )
+        except FileNotFoundError:
+            self._delete(meta, "its file is gone")
+            return "snapshot refused: its file is gone"
         except OSError:
             intact = False
         if not intact:
@@ -331,7 +349,13 @@ class Snapshots:
         return None
 
     def discard(self, model: str, why: str) -> None:
-        """A restore that did not take: that snapshot is of no use."""
+        """A restore that did not take: that snapshot is of no use, and neither would the
+        next one of this model be (same binary, same settings): it is not saved again
+        until hotmodel restarts."""
         meta = self._restored.pop(model, None)
         if meta is not None:
             self._delete(meta, why)
+        self._no_take[model] = (
+            "not saved: a restore of this model did not take in this llama-server "
+            "(sliding-window attention keeps too little of the prompt; --swa-full keeps it)"
+        )

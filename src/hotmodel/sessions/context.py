@@ -87,7 +87,9 @@ class Reconciled:
     turns: list[Message]
 
 
-def reconcile(stored: Sequence[Message], incoming: Sequence[Message]) -> Reconciled:
+def reconcile(
+    stored: Sequence[Message], incoming: Sequence[Message], at_start: bool = True
+) -> Reconciled:
     """What of ``incoming`` (its non-system messages) the session does not have yet.
 
     Clients either send only their new turn or resend the whole (or the end of
@@ -97,7 +99,10 @@ def reconcile(stored: Sequence[Message], incoming: Sequence[Message]) -> Reconci
     last question again; an edited question) is the client's conversation: when
     at least two of its first messages repeat a stored run that goes on
     differently, the stored history is cut where they part (``keep``) and the
-    rest of ``incoming`` follows. A single message is always a new turn.
+    rest of ``incoming`` follows. An edited first question: when ``stored`` begins
+    the session (``at_start``) and at least two messages of ``incoming`` sit where
+    they sit in ``stored``, the history is cut at the first that differs. A single
+    message is always a new turn.
     """
     turns = [m for m in incoming if m.get("role") != "system"]
     # an overlap is at most as long as the turns: only that end of ``stored`` is compared
@@ -112,6 +117,11 @@ def reconcile(stored: Sequence[Message], incoming: Sequence[Message]) -> Reconci
         if parted is not None:
             at, matched = parted
             return Reconciled(at, turns[matched:])
+        if at_start:
+            same = [_key(a) == _key(b) for a, b in zip(stored, turns, strict=False)]
+            if sum(same) >= 2 and not all(same):
+                first = same.index(False)
+                return Reconciled(first, turns[first:])
     return Reconciled(None, turns)
 
 

@@ -120,7 +120,7 @@ class SessionService:
             system_prompt = session.system_prompt
         else:
             system_prompt = self.config.session.default_system_prompt
-        met = reconcile(stored, request_messages)
+        met = reconcile(stored, request_messages, session is None or session.offset == 0)
         kept = stored if met.keep is None else stored[: met.keep]
         prompt = build_prompt(self._system(system_prompt), request_messages, kept, met.turns)
         offset = 0 if session is None else session.offset
