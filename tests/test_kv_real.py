@@ -193,3 +193,33 @@ def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folde
         assert chat(hp, "And another?", session="g")["model"] == "gemma3"
     finally:
         assert hp.stop() == 0, hp.output()
+
+
+def test_an_auto_switch_restores_the_conversation_of_the_request_that_caused_it(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """Found by a hostile pass: with two clients, a request that switched back restored (or
+    replayed) the most recently used session, another client's, not its own."""
+    hp = start_hotmodel(kv_config(tmp_path, real_models, extra="auto = true"))
+
+    def turn(session: str, model: str, text: str) -> dict[str, Any]:
+        resp = httpx.post(
+            hp.base_url + "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": text}],
+                  "max_tokens": 4, "session_id": session},
+            timeout=300,
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+    try:
+        turn("p", "smollm2", FACTS)
+        turn("q", "gemma3", "Name a colour.")  # switches away; q is now the most recent
+        back = turn("p", "smollm2", "Which shelf is item7 on?")  # switches back, for p
+        report = httpx.get(hp.base_url + "/admin/switches").json()["data"][0]
+        assert report["to"] == "smollm2" and report["snapshot"]["restore"]["session"] == "p"
+        assert report["snapshot"]["restore"]["took"] is True, report
+        assert back["timings"]["cache_n"] > 400  # p's conversation was not read again
+    finally:
+        assert hp.stop() == 0, hp.output()

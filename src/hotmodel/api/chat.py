@@ -235,7 +235,9 @@ class ChatCompletions:
                 await stack.enter_async_context(
                     self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
-            ticket = await stack.enter_async_context(self.admitted(chat.payload.get("model")))
+            ticket = await stack.enter_async_context(
+                self.admitted(chat.payload.get("model"), chat.session)
+            )
             model = ticket.model
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
@@ -288,8 +290,11 @@ class ChatCompletions:
         return on_reply
 
     @contextlib.asynccontextmanager
-    async def admitted(self, requested: object) -> AsyncIterator[Ticket]:
-        """A ticket whose ``model`` is named; auto-switches first when that is enabled."""
+    async def admitted(
+        self, requested: object, session: SessionRef | None = None
+    ) -> AsyncIterator[Ticket]:
+        """A ticket whose ``model`` is named; auto-switches first when that is enabled (for
+        ``session``: its conversation is the one restored or replayed into the model)."""
         s, cfg = self.s, self.s.config.switch
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             try:
@@ -307,7 +312,8 @@ class ChatCompletions:
         # The ticket is returned before the switch: a switch drains in-flight tickets.
         try:
             async with asyncio.timeout(cfg.queue_timeout_seconds):
-                report = await s.controller.submit(Switch(target))
+                with s.sessions.preferring(target, session):
+                    report = await s.controller.submit(Switch(target))
         except TimeoutError:
             raise SwitchBusyError(
                 f"switching to {target!r} took longer than {cfg.queue_timeout_seconds:g}s "

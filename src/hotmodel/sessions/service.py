@@ -10,9 +10,11 @@ leaves the store as it was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,24 @@ class SessionService:
         self.locks = SessionLocks()
         self.slots = SlotLedger()
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
+        # (model, owner, session id): the session a switch to that model is for
+        self._prefer: tuple[str, str, str] | None = None
+
+    @contextlib.contextmanager
+    def preferring(self, model: str, ref: SessionRef | None) -> Iterator[None]:
+        """While a switch to ``model`` runs for a request on session ``ref``, that session
+        is the one restored or replayed into it, not the most recently used one (another
+        client's, when several share the server)."""
+        if ref is None:
+            yield
+            return
+        mine = (model, ref.owner, ref.id)
+        self._prefer = mine
+        try:
+            yield
+        finally:
+            if self._prefer == mine:
+                self._prefer = None
 
     def check(self, session_id: object, system_prompt: object, owner: str = "") -> SessionRef:
         """Validate the session fields of a request (400 naming the field)."""
@@ -159,8 +179,13 @@ class SessionService:
         )
 
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
-        """The most recently used session and its bounded context, as ``model`` counts it."""
-        session = await self.store.most_recent(self._window(0))
+        """The session a switch to ``model`` is for (:meth:`preferring`), else the most
+        recently used one, and its bounded context, as ``model`` counts it."""
+        if self._prefer is not None and self._prefer[0] == model:
+            _, owner, session_id = self._prefer
+            session = await self.store.get(owner, session_id, self._window(0))
+        else:
+            session = await self.store.most_recent(self._window(0))
         if session is None or not session.messages:
             return None
         stored = [m.message for m in session.messages]
