@@ -142,6 +142,15 @@ def test_only_hotmodels_own_sidecars_are_read(tmp_path: Path) -> None:
     assert victim.read_text() == "keep me"
 
 
+def test_a_snapshot_whose_sidecar_was_lost_does_not_escape_the_budget(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.ensure_folder()
+    orphan = store.dir / "kv-00000000000000aa.bin"
+    orphan.write_bytes(b"x" * 100)
+    store._budget()  # what every save ends with
+    assert not orphan.exists()
+
+
 def test_a_deleted_folder_is_made_again_before_a_load(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.ensure_folder()

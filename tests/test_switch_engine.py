@@ -739,6 +739,7 @@ def test_a_failed_save_is_a_warning_not_a_failed_switch() -> None:
     report = switch(engine, "b")
     assert report.outcome is Outcome.OK and engine.active == "b"
     assert report.warnings == ["KV snapshot save failed: slot save answered 500"]
+    assert report.snapshot["save"] == {"saved": False, "reason": "failed: slot save answered 500"}
 
 
 def test_the_snapshot_command_saves_and_changes_nothing() -> None:

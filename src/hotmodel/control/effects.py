@@ -52,6 +52,8 @@ class StepEffects:
                 info = await self.kv.restore(model)
         except Exception as exc:
             run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
+            done = "saved" if step is Step.SAVE else "restored"
+            run.report.snapshot[step.value] = {done: False, "reason": f"failed: {exc}"}
             return f"failed: {exc}"
         run.report.snapshot[step.value] = info
         if info is None:

@@ -231,6 +231,10 @@ class Snapshots:
     def _budget(self) -> None:
         limit = self.config.switch.kv_snapshot_max_bytes
         metas = sorted(self._metas(), key=lambda m: m.used)
+        known = {Path(m.file).stem for m in metas}
+        for path in self.dir.glob("kv-*.bin"):  # its sidecar lost: it would escape the budget
+            if path.stem not in known:
+                self._delete_files(path.stem)
         total = sum(m.size for m in metas)
         while metas and total > limit:
             oldest = metas.pop(0)
