@@ -4,7 +4,6 @@ percentiles, and a description of the machine."""
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from hotmodel.presets import Presets, load_presets
 from hotmodel.router import provision
 from hotmodel.router.supervisor import free_port
 
@@ -36,23 +36,30 @@ class Served:
     pid: int  # the hotmodel process (not its llama-server children)
 
 
+def demo_presets() -> Presets:
+    """The demo's presets (configs/demo.ini, paths resolved), so that a benchmark loads its
+    models the way the demo does."""
+    return load_presets(ROOT / "configs" / "demo.ini")
+
+
 def demo_globals() -> dict[str, str]:
-    """The demo presets' shared ``[*]`` options (configs/demo.ini), so that a benchmark
-    loads its models the way the demo does."""
-    ini = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
-    ini.read_string("[top]\n" + (ROOT / "configs" / "demo.ini").read_text(encoding="utf-8"))
-    return dict(ini["*"]) if ini.has_section("*") else {}
+    """The demo presets' shared ``[*]`` options."""
+    return dict(demo_presets().globals)
 
 
 def write_demo_config(
     folder: Path, default: str = "smollm2", extra: str = "", shared: dict[str, str] | None = None
 ) -> Path:
-    """hotmodel.toml + models.ini for the two cached demo models, on a free port; the
-    presets' ``[*]`` options are the demo's unless ``shared`` gives others."""
-    models = {m.key: provision.model_cache_path(m) for m in provision.DEMO_MODELS}
-    options = demo_globals() if shared is None else shared
+    """hotmodel.toml + models.ini for the two cached demo models, on a free port, with the
+    demo presets' options; the ``[*]`` ones are replaced by ``shared`` when given."""
+    demo = demo_presets()
+    options = dict(demo.globals) if shared is None else shared
     shared_ini = "".join(f"{k} = {v}\n" for k, v in options.items())
-    entries = "".join(f"[{k}]\nmodel = {v}\n" for k, v in models.items())
+    entries = ""
+    for m in provision.DEMO_MODELS:
+        own = demo.models[m.key].options if m.key in demo.models else {}
+        rest = "".join(f"{k} = {v}\n" for k, v in own.items() if k not in ("model", "m"))
+        entries += f"[{m.key}]\nmodel = {provision.model_cache_path(m)}\n{rest}"
     (folder / "models.ini").write_text(f"version = 1\n[*]\n{shared_ini}{entries}")
     path = folder / "hotmodel.toml"
     path.write_text(
