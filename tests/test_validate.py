@@ -198,3 +198,11 @@ def test_a_body_that_stops_coming_gets_a_408() -> None:
 
     with pytest.raises(RequestTimeoutError, match=re.escape("within 0.05s (13 bytes came)")):
         asyncio.run(read_asgi_body(receive, "500", 1000, timeout=0.05))
+
+
+def test_a_408_closes_the_connection() -> None:
+    """The body never arrived whole: what is left on the connection cannot be framed."""
+    from hotmodel.api.errors import hotmodel_error_response
+
+    resp = hotmodel_error_response(RequestTimeoutError("the request body did not arrive"))
+    assert resp.status_code == 408 and resp.headers["connection"] == "close"

@@ -41,6 +41,8 @@ def error_response(
     resp = JSONResponse(error_body(message, type_, code, param), status_code=status)
     if status == 503:
         resp.headers["retry-after"] = RETRY_AFTER_S
+    if status == 408:  # the request never arrived whole: the connection cannot be reused
+        resp.headers["connection"] = "close"
     return resp
 
 
