@@ -36,6 +36,7 @@ the boundary that calls the library, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -131,6 +132,11 @@ class RequestTimeoutError(RequestError):
 
 class ModelNotFoundError(RequestError):
     """The requested model is not one of the presets."""
+
+    @classmethod
+    def not_a_preset(cls, name: object, known: Iterable[str]) -> ModelNotFoundError:
+        """The one wording of it, with the names that would have been taken."""
+        return cls(f"model {name!r} is not a preset (known: {', '.join(known)})", param="model")
 
 
 class ModelNotActiveError(RequestError):

@@ -180,10 +180,7 @@ def resolve_model(
     if not isinstance(requested, str):
         raise ModelNotFoundError("'model' must be a string", param="model")
     if requested not in presets:
-        known = ", ".join([ACTIVE_ALIAS, *presets])
-        raise ModelNotFoundError(
-            f"model {requested!r} is not a preset (known: {known})", param="model"
-        )
+        raise ModelNotFoundError.not_a_preset(requested, [ACTIVE_ALIAS, *presets])
     raise ModelNotActiveError(
         f"model {requested!r} is a preset but not the active model ({active!r}); "
         "switch to it first (hotmodel switch / POST /admin/switch), enable "

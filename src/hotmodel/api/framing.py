@@ -30,11 +30,6 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = BODY_TIMEOUT_S
 
 
-def _answer(status: bytes, message: str, code: str) -> tuple[bytes, bytes]:
-    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
-    return b"HTTP/1.1 " + status + b"\r\n", body
-
-
 class HeadTooLargeError(Exception):
     """Raised from a parser callback: httptools stops and reports a parser error."""
 
@@ -129,8 +124,8 @@ class HttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: bytes, message: str, code: str) -> None:
         """Answer in OpenAI's error shape, then close the connection."""
         self._cancel_head_timer()
-        line, body = _answer(status, message, code)
-        head = [line]
+        body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [

@@ -115,8 +115,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
         for model in await model_objects():
             if model["id"] == name:
                 return JSONResponse(model)
-        known = ", ".join([ACTIVE_ALIAS, *s.config.presets.models])
-        raise ModelNotFoundError(f"model {name!r} is not a preset (known: {known})", "model")
+        raise ModelNotFoundError.not_a_preset(name, [ACTIVE_ALIAS, *s.config.presets.models])
 
     return [
         Route("/health", health, methods=["GET"]),

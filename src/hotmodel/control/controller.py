@@ -113,10 +113,7 @@ class Controller:
     def check_target(self, target: str) -> None:
         """Raise :class:`ModelNotFoundError` unless ``target`` is a preset."""
         if target not in self.presets:
-            known = ", ".join(sorted(self.presets))
-            raise ModelNotFoundError(
-                f"model {target!r} is not a preset (known: {known})", param="model"
-            )
+            raise ModelNotFoundError.not_a_preset(target, sorted(self.presets))
 
     async def submit(self, command: Command, listener: Listener | None = None) -> SwitchReport:
         """Queue ``command`` (or join the same outcome's) and await its report.

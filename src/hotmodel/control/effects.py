@@ -45,6 +45,7 @@ class StepEffects:
         model = run.previous if step is Step.SAVE else run.target
         if self.kv is None or model is None:
             return "skipped"
+        done = "saved" if step is Step.SAVE else "restored"  # the info's did-it field
         try:
             if step is Step.SAVE:
                 info = await self.kv.save(model)
@@ -52,15 +53,12 @@ class StepEffects:
                 info = await self.kv.restore(model)
         except Exception as exc:
             run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
-            done = "saved" if step is Step.SAVE else "restored"
             run.report.snapshot[step.value] = {done: False, "reason": f"failed: {exc}"}
             return f"failed: {exc}"
         run.report.snapshot[step.value] = info
         if info is None:
             return "skipped"  # nothing to save, or no session to restore for
-        if step is Step.RESTORE and not info.get("restored"):
-            return f"skipped: {info.get('reason')}"  # nothing restored: the replay reads all
-        if step is Step.SAVE and info.get("saved") is False:
+        if info.get(done) is False:  # nothing kept, or nothing restored: the replay reads all
             return f"skipped: {info.get('reason')}"
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"

@@ -44,6 +44,10 @@ log = logging.getLogger("hotmodel.control")
 
 _HEAD_BYTES = 1 << 20  # the GGUF header and metadata live at the start of the file
 _NAME = re.compile(r"kv-[0-9a-f]{16}")  # what save() names a snapshot: nothing else is read
+NO_TAKE = (
+    "not saved: a restore of this model did not take in this llama-server "
+    "(sliding-window attention keeps too little of the prompt; --swa-full keeps it)"
+)
 
 
 def _file_id(path: Path, head: bool) -> str:
@@ -160,7 +164,7 @@ class Snapshots:
         self._restored: dict[str, Meta] = {}  # the snapshot last restored into each model
         # models whose restores do not take in this llama-server (Gemma 3's sliding-window
         # attention keeps too little: it re-reads the prompt): not saved again this run
-        self._no_take: dict[str, str] = {}
+        self._no_take: set[str] = set()
         self.digests = Digests()
 
     def ensure_folder(self) -> None:
@@ -207,15 +211,19 @@ class Snapshots:
         and files without a sidecar."""
         if not self.dir.is_dir():
             return
-        known = {Path(m.file).stem for m in self._metas()}
-        for path in self.dir.glob("kv-*.bin"):
-            if path.stem not in known:
-                self._delete_files(path.stem)
+        self._drop_orphans(self._metas())
         for meta in self._metas():
             if meta.model not in self.config.presets.models:
                 self._delete(meta, "no such preset any more")
             elif (why := self._changed(meta)) is not None:
                 self._delete(meta, why)
+
+    def _drop_orphans(self, metas: Sequence[Meta]) -> None:
+        """Delete the snapshot files that no sidecar of ``metas`` names."""
+        known = {Path(m.file).stem for m in metas}
+        for path in self.dir.glob("kv-*.bin"):
+            if path.stem not in known:
+                self._delete_files(path.stem)
 
     def forget_session(self, owner: str, session_id: str) -> int:
         gone = [m for m in self._metas() if (m.owner, m.session_id) == (owner, session_id)]
@@ -231,10 +239,7 @@ class Snapshots:
     def _budget(self) -> None:
         limit = self.config.switch.kv_snapshot_max_bytes
         metas = sorted(self._metas(), key=lambda m: m.used)
-        known = {Path(m.file).stem for m in metas}
-        for path in self.dir.glob("kv-*.bin"):  # its sidecar lost: it would escape the budget
-            if path.stem not in known:
-                self._delete_files(path.stem)
+        self._drop_orphans(metas)  # a file whose sidecar was lost would escape the budget
         total = sum(m.size for m in metas)
         while metas and total > limit:
             oldest = metas.pop(0)
@@ -249,7 +254,7 @@ class Snapshots:
         if covered is None or self.config.presets.models[model].model_path is None:
             return None  # nobody's slot, or a remote model whose weights cannot be checked
         if model in self._no_take:
-            return {"saved": False, "reason": self._no_take[model]}
+            return {"saved": False, "reason": NO_TAKE}
         stem = f"kv-{secrets.token_hex(8)}"
         t0 = time.monotonic()
         answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
@@ -359,7 +364,4 @@ class Snapshots:
         meta = self._restored.pop(model, None)
         if meta is not None:
             self._delete(meta, why)
-        self._no_take[model] = (
-            "not saved: a restore of this model did not take in this llama-server "
-            "(sliding-window attention keeps too little of the prompt; --swa-full keeps it)"
-        )
+        self._no_take.add(model)

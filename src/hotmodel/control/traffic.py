@@ -24,7 +24,8 @@ import anyio
 
 from hotmodel.errors import SwitchBusyError, SwitchError
 
-# the code a request cancelled by hotmodel's stop gets (a switch's: "switch_cancelled")
+# the error code a cancelled request's client gets: by a switch, or by hotmodel's stop
+SWITCH_CANCELLED = "switch_cancelled"
 SHUTTING_DOWN = "shutting_down"
 
 
@@ -35,7 +36,7 @@ class Ticket:
         self.id = ticket_id
         self.model: str | None = None
         self.cancel_reason: str | None = None
-        self.cancel_code = "switch_cancelled"  # the error code the client gets
+        self.cancel_code = SWITCH_CANCELLED  # the error code the client gets
         self._scope: anyio.CancelScope | None = None
 
     def bind(self, scope: anyio.CancelScope) -> None:
@@ -44,7 +45,7 @@ class Ticket:
         if self.cancel_reason is not None:
             scope.cancel()
 
-    def cancel(self, reason: str, code: str = "switch_cancelled") -> None:
+    def cancel(self, reason: str, code: str = SWITCH_CANCELLED) -> None:
         self.cancel_reason, self.cancel_code = reason, code
         if self._scope is not None:
             self._scope.cancel()
@@ -205,7 +206,7 @@ class TrafficGate:
             )
         return Drained(drained, cancelled, f"cancelled {cancelled} request(s) after {timeout:g}s")
 
-    def cancel(self, models: set[str] | None, reason: str, code: str = "switch_cancelled") -> int:
+    def cancel(self, models: set[str] | None, reason: str, code: str = SWITCH_CANCELLED) -> int:
         """Cancel the in-flight requests of ``models`` (None: all); returns how many."""
         tickets = self.inflight(models)
         for t in tickets:

@@ -112,24 +112,26 @@ def reconcile(
     for k in range(n, 0, -1):
         if stored_keys[-k:] == turn_keys[:k]:
             return Reconciled(None, turns[k:])
-    if len(turns) >= 2:
-        parted = _parting(stored, turns)
+    if len(turns) >= 2:  # rarer: every message's key, once
+        have, want = [_key(m) for m in stored], [_key(m) for m in turns]
+        parted = _parting(have, want)
         if parted is not None:
             at, matched = parted
             return Reconciled(at, turns[matched:])
         if at_start:
-            same = [_key(a) == _key(b) for a, b in zip(stored, turns, strict=False)]
+            same = [a == b for a, b in zip(have, want, strict=False)]
             if sum(same) >= 2 and not all(same):
                 first = same.index(False)
                 return Reconciled(first, turns[first:])
     return Reconciled(None, turns)
 
 
-def _parting(stored: Sequence[Message], turns: Sequence[Message]) -> tuple[int, int] | None:
-    """Where a resend leaves the stored history: (stored messages kept, turns matched) for
-    the longest run of at least two (the latest of equals), else None."""
-    have = [_key(m) for m in stored]
-    want = [_key(m) for m in turns]
+def _parting(
+    have: Sequence[tuple[str, str]], want: Sequence[tuple[str, str]]
+) -> tuple[int, int] | None:
+    """Where a resend (``want``, message keys) leaves the stored history (``have``): (stored
+    messages kept, turns matched) for the longest run of at least two (the latest of
+    equals), else None."""
     best: tuple[int, int] | None = None
     for j in range(len(have) - 1, -1, -1):
         length = 0
