@@ -82,8 +82,15 @@ class NoRouter:
     async def load(self, model: str, timeout: float) -> bool:
         return False
 
-    async def unload(self, model: str, timeout: float) -> bool:
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
         return False
+
+    async def exited(self) -> None:
+        return None
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset()
 
 
 @contextlib.asynccontextmanager

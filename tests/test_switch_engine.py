@@ -51,6 +51,8 @@ class FakeRouter:
         self.load_started = asyncio.Event()
 
     async def load(self, model: str, timeout: float) -> bool:
+        if self.status[model] == "exiting":  # like the real one: its exit comes first
+            await self.exited()
         self.calls.append(f"load {model}")
         if self.status[model] == "loaded":
             return False
@@ -65,12 +67,22 @@ class FakeRouter:
         self.status[model] = "loaded"
         return True
 
-    async def unload(self, model: str, timeout: float) -> bool:
-        self.calls.append(f"unload {model}")
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        self.calls.append(f"unload {model}" + (" (background)" if background else ""))
         await asyncio.sleep(0)
         was = self.status[model] != "unloaded"
-        self.status[model] = "unloaded"
+        self.status[model] = "exiting" if background and was else "unloaded"
         return was
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset(m for m, status in self.status.items() if status == "exiting")
+
+    async def exited(self) -> None:
+        for model, status in self.status.items():
+            if status == "exiting":
+                self.calls.append(f"exited {model}")
+                self.status[model] = "unloaded"
 
 
 class FakeGpu:
@@ -250,6 +262,37 @@ def test_settle_gives_up_at_its_deadline_and_goes_on() -> None:
     assert "still at 7990 MiB" in settle_done[0].detail
     assert "[switch] settle_timeout_seconds" in settle_done[0].detail
     assert 250 <= report.phases["settle"] < 2000
+
+
+def test_without_device_memory_the_leaving_model_exits_while_the_next_loads() -> None:
+    router = FakeRouter("a")
+    engine = _engine(router)
+    engine.exit_in_background = True  # a CPU-only llama-server: nothing to settle
+    phases = Phases()
+    report = switch(engine, "b", phases)
+    assert report.outcome is Outcome.OK and engine.active == "b"
+    assert router.calls == ["unload a (background)", "load b"]
+    assert engine.router.exiting == {"a"}
+    assert ("unload", "done", "its process exits while the next model loads") in [
+        (e.phase, e.status.value, e.detail) for e in phases.events
+    ]
+    # the next command starts once it is gone (a loads while b exits)
+    assert switch(engine, "a").outcome is Outcome.OK
+    assert router.calls[2:] == ["exited a", "unload b (background)", "load a"]
+    # an unload to no model waits as before: nothing loads next
+    assert run(lambda c: c.submit(Unload()), engine).outcome is Outcome.OK
+    assert router.calls[5:] == ["exited b", "unload a"]
+    assert router.status["a"] == "unloaded"
+
+
+def test_a_failed_load_after_a_background_exit_rolls_back_after_that_exit() -> None:
+    router = FakeRouter("a", broken=frozenset({"b"}))
+    engine = _engine(router)
+    engine.exit_in_background = True
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED and report.rolled_back is True
+    assert engine.active == "a" and router.status["a"] == "loaded"
+    assert router.calls == ["unload a (background)", "load b", "unload b", "exited a", "load a"]
 
 
 def test_failed_load_rolls_back_to_the_previous_model() -> None:

@@ -68,10 +68,17 @@ def chat(server: HotmodelProcess, model: str = "active", **extra: Any) -> httpx.
 
 
 def loaded_models(server: HotmodelProcess) -> list[str]:
+    """The models resident on the router, once any leaving model's process is gone (on
+    a CPU-only llama-server it exits while the next model loads, for ~0.1 s)."""
     router = server.status()["router"]
     assert isinstance(router, dict)
-    data = httpx.get(router["url"] + "/models").json()["data"]
-    return [m["id"] for m in data if m["status"]["value"] in ("loaded", "loading")]
+    deadline = time.monotonic() + 10
+    while True:
+        data = httpx.get(router["url"] + "/models").json()["data"]
+        loaded = [m["id"] for m in data if m["status"]["value"] in ("loaded", "loading")]
+        if len(loaded) <= 1 or time.monotonic() > deadline:
+            return loaded
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -115,7 +122,7 @@ def test_switch_both_directions(on_smollm2: HotmodelProcess) -> None:
         assert answer.json()["model"] == target
         models = {m["id"]: m for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
         assert models[target]["active"] and models[target]["status"] == "loaded"
-        assert models[source]["status"] == "unloaded"
+        assert models[source]["status"] in ("unloaded", "unloading")  # its process exits
     history = httpx.get(server.base_url + "/admin/switches").json()["data"]
     assert [(r["from"], r["to"]) for r in history[:2]] == [
         ("gemma3", "smollm2"),
@@ -224,6 +231,9 @@ def test_cli_switch_shows_phases_and_exit_codes(on_smollm2: HotmodelProcess) -> 
     lines = out.stdout.splitlines()
     for phase in ("drain", "unload", "load"):
         assert any(line.strip().startswith(phase) and " done " in line for line in lines), lines
+    # this llama-server is a CPU-only build: no device memory to wait for
+    unload = next(line for line in lines if line.strip().startswith("unload"))
+    assert "its process exits while the next model loads" in unload, lines
     assert any(line.strip().startswith("settle") and "skipped" in line for line in lines)
     assert "switched smollm2 -> gemma3 in" in out.stdout
     assert "GPU memory: no GPU visible" in out.stdout

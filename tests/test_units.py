@@ -152,6 +152,53 @@ def test_wait_loaded_has_a_deadline() -> None:
         asyncio.run(client.wait_loaded("m", timeout=0.05))
 
 
+def test_a_background_unload_returns_at_once_and_a_load_waits_for_its_exit() -> None:
+    client, calls = _scripted_router(
+        [{}, {"value": "loaded"}, {"value": "unloaded"}, {}, {"value": "loaded"}]
+    )
+
+    async def main() -> None:
+        assert await client.unload("m", 5, background=True)
+        assert calls == ["POST /models/unload"]  # not waited for
+        assert client.exiting == {"m"}
+        await client.load("m", 5)  # the router would take m, still exiting, as loaded
+        assert client.exiting == frozenset()
+
+    asyncio.run(main())
+    assert calls == [
+        "POST /models/unload",
+        "GET /models",
+        "GET /models",  # unloaded: gone
+        "POST /models/load",
+        "GET /models",
+    ]
+
+
+def test_an_exit_not_seen_in_time_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    client, _ = _scripted_router([{}, {"value": "loaded"}])
+
+    async def main() -> None:
+        await client.unload("m", 0.05, background=True)
+        await client.exited()
+        await client.exited()  # forgotten once seen: nothing left to wait for
+
+    asyncio.run(main())
+    assert "model 'm': its unload was not seen to finish: model 'm' did not reach" in caplog.text
+    assert caplog.text.count("was not seen to finish") == 1
+
+
+def test_closing_stops_waiting_for_exits() -> None:
+    client, calls = _scripted_router([{}, {"value": "loaded"}])
+
+    async def main() -> None:
+        await client.unload("m", 60, background=True)
+        await asyncio.wait_for(client.aclose(), 1)
+        await client.exited()  # nothing is left
+
+    asyncio.run(main())
+    assert calls[0] == "POST /models/unload"
+
+
 def test_router_argv_is_derived_from_the_config(tmp_path: Path) -> None:
     (tmp_path / "m.ini").write_text("[a]\nmodel = a.gguf\n")
     (tmp_path / "c.toml").write_text(
@@ -183,6 +230,9 @@ def test_router_argv_is_derived_from_the_config(tmp_path: Path) -> None:
         "--flash-attn",
         "on",
     ]
+    # room for a leaving model's process to exit while the next one loads
+    spare = router_argv(cfg, Path("/bin/llama-server"), Path("/s/p.ini"), 4242, spare=True)
+    assert spare[spare.index("--models-max") + 1] == "3"
 
 
 def test_read_tail(tmp_path: Path) -> None:
@@ -291,6 +341,20 @@ def test_model_load_error_keeps_summary_and_log_tail_apart() -> None:
         "model 'm' failed to load (exit code 1)\n--- llama-server log tail ---\ngguf_init failed"
     )
     assert str(ModelLoadError("no tail")) == "no tail"
+
+
+def test_parse_devices_reads_llama_servers_list() -> None:
+    from hotmodel.router.options import parse_devices
+
+    assert parse_devices("load_backend: loaded CPU backend\nAvailable devices:\n  (none)\n") == ()
+    cuda = (
+        "ggml_cuda_init: found 2 CUDA devices:\nAvailable devices:\n"
+        "  CUDA0: NVIDIA H100 80GB HBM3 (81089 MiB, 80500 MiB free)\n"
+        "  CUDA1: NVIDIA H100 80GB HBM3 (81089 MiB, 80500 MiB free)\n"
+    )
+    assert parse_devices(cuda) == ("CUDA0", "CUDA1")
+    # an older binary without --list-devices: unknown, so treated as having a device
+    assert parse_devices("error: invalid argument: --list-devices\n") is None
 
 
 def test_llama_server_help_gives_every_option_name_and_variable() -> None:

@@ -30,7 +30,7 @@ from hotmodel.control.controller import Controller, Snapshot, Switch
 from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
 from hotmodel.control.fit import preset_need_mib
-from hotmodel.control.gpu import GpuProbe, detect_probe
+from hotmodel.control.gpu import GpuProbe, NoGpu, detect_probe
 from hotmodel.control.idle import IdleUnloader
 from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
@@ -41,7 +41,7 @@ from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvent, ModelEvents
 from hotmodel.router.lifecycle import ModelLifecycle
-from hotmodel.router.options import check_preset_keys, known_options
+from hotmodel.router.options import check_preset_keys, devices, known_options
 from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
 from hotmodel.sessions.service import SessionService
@@ -154,13 +154,19 @@ class Runtime:
         sessions = SessionService(cfg, store, router)
         gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
         baseline = await asyncio.to_thread(gpu.snapshot)  # before any model is loaded
-        supervisor = self._supervisor = RouterSupervisor(cfg, binary, router, port)
+        # a CPU-only llama-server has no device memory to wait for: a leaving model's
+        # process may exit while the next one loads (docs/architecture.md)
+        cpu_only = isinstance(gpu, NoGpu) and await asyncio.to_thread(devices, binary) == ()
+        supervisor = RouterSupervisor(cfg, binary, router, port, spare=cpu_only)
+        self._supervisor = supervisor
         # a router an earlier hotmodel left behind (kill -9) goes before ours starts
         await asyncio.to_thread(supervisor.pid_file.reap_stale, cfg.router.stop_timeout_seconds)
         await supervisor.start()
         stack.push_async_callback(supervisor.stop)
         events = ModelEvents(router)
         await stack.enter_async_context(_task(events.run(), "model-events"))
+        lifecycle = ModelLifecycle(router, events, supervisor.log_tail)
+        stack.push_async_callback(lifecycle.aclose)
         gate = TrafficGate()
         snapshots = None
         if cfg.switch.kv_snapshots:
@@ -169,7 +175,7 @@ class Runtime:
         engine = Engine(
             config=cfg.switch,
             drain_timeout=cfg.server.switch_drain_timeout_seconds,
-            router=ModelLifecycle(router, events, supervisor.log_tail),
+            router=lifecycle,
             gate=gate,
             gpu=gpu,
             log_tail=supervisor.log_tail,
@@ -182,6 +188,7 @@ class Runtime:
                 self.current_config.presets, target, self.current_config.router
             ),
             models_max=cfg.router.models_max,
+            exit_in_background=cpu_only,
         )
         feed = Feed()  # every phase, report and model event, for the dashboard
         engine.watchers.append(feed.watch)

@@ -84,6 +84,8 @@ def status_routes(runtime: Runtime) -> list[Route]:
         except RouterError:
             states = {}
         active, parked = s.controller.active, s.controller.engine.parked
+        for name in s.controller.engine.router.exiting:  # the router says loaded until it exits
+            states[name] = "unloading"
         return [
             {
                 "id": name,

@@ -92,15 +92,19 @@ class StepEffects:
         report.drained, report.cancelled = result.drained, result.cancelled
         return result.detail
 
-    async def _unload(self, report: SwitchReport, model: str) -> str | None:
+    async def _unload(self, report: SwitchReport, model: str, background: bool) -> str | None:
         if report.gpu.before_unload is None:
             report.gpu.before_unload = await self._snapshot()
         try:
-            unloaded = await self.router.unload(model, self.config.unload_timeout_seconds)
+            unloaded = await self.router.unload(
+                model, self.config.unload_timeout_seconds, background
+            )
         except HotModelError as exc:
             raise StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
         report.gpu.after_unload = await self._snapshot()
-        return None if unloaded else f"{model!r} was not loaded"
+        if not unloaded:
+            return f"{model!r} was not loaded"
+        return "its process exits while the next model loads" if background else None
 
     async def _settle(self, report: SwitchReport) -> str | None:
         after_unload = report.gpu.after_unload
@@ -129,6 +133,7 @@ class StepEffects:
     async def _restart(self) -> str | None:
         if self.process is None or (self.process.running and not self.process.stale):
             return "skipped"  # only the model's child died: the router is fine
+        await self.router.exited()
         reloaded = self.process.stale
         if self.kv is not None:
             self.kv.ensure_folder()

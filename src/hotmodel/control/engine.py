@@ -72,6 +72,7 @@ class Engine(StepEffects):
         kv: KvOps | None = None,
         estimate: Callable[[str], int | None] | None = None,
         models_max: int = 1,
+        exit_in_background: bool = False,
     ) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
@@ -86,6 +87,9 @@ class Engine(StepEffects):
         self.kv = kv
         self.estimate = estimate  # a model's memory need in MiB, for policy "auto"
         self.models_max = models_max
+        # no device memory to settle (a CPU-only llama-server): in a zero_overlap switch
+        # the leaving model's process exits while the next one loads
+        self.exit_in_background = exit_in_background
         self.active: str | None = None
         # unloaded for idleness: the next request loads it back
         self.parked: str | None = None
@@ -115,6 +119,7 @@ class Engine(StepEffects):
         model is then parked (the next request loads it back).
         ``reload``: load ``target`` again even if it is active (its preset changed).
         """
+        await self.router.exited()  # each command starts with no process on its way out
         if self.process is not None and not self.process.running and not save_only:
             recover = True  # the router is down: whatever was asked, it starts from nothing
         report = SwitchReport(
@@ -276,7 +281,10 @@ class Engine(StepEffects):
             return await self._drain(report, previous, close_gate=hold)
         if step is Step.UNLOAD:
             assert previous is not None
-            return await self._unload(report, previous)
+            background = (
+                self.exit_in_background and target is not None and report.policy == "zero_overlap"
+            )
+            return await self._unload(report, previous, background)
         if step is Step.SETTLE:
             return await self._settle(report)
         if step is Step.ACTIVATE:

@@ -18,8 +18,18 @@ class RouterOps(Protocol):
         """Load and wait for ``loaded``; False when it was running already."""
         ...
 
-    async def unload(self, model: str, timeout: float) -> bool:
-        """Unload and wait for ``unloaded``; False when it was not running."""
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        """Unload and wait for ``unloaded`` (``background``: leave that wait to
+        :meth:`exited`); False when it was not running."""
+        ...
+
+    async def exited(self) -> None:
+        """Wait for the models unloaded in the background to be gone (never raises)."""
+        ...
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        """The models unloaded in the background whose process has not exited yet."""
         ...
 
 

@@ -6,12 +6,18 @@ every router event (:class:`~hotmodel.router.events.ModelEvents`), with a slow
 poll as the safety net for a lost event, or a fast backoff poll when no feed
 is connected. ``success: true`` proves nothing: a bad GGUF is accepted and
 then ends ``unloaded`` with ``failed: true``.
+
+An unload may also be left to finish in the background (``background=True``):
+its process then exits while the next model loads. That model, if loaded
+again, waits for its exit first, and :meth:`ModelLifecycle.exited` waits for
+all of them (the engine calls it before each command).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,6 +25,8 @@ from hotmodel.errors import HotModelError, ModelLoadError, RouterError
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
 from hotmodel.router.models import ModelState, ModelStatus
+
+log = logging.getLogger("hotmodel.router")
 
 # GET /models is answered from the router's memory: polling it often is cheap
 # and keeps the time between "loaded" and our noticing it small.
@@ -44,23 +52,66 @@ class ModelLifecycle:
         self.client = client
         self.events = events
         self.log_tail = log_tail
+        # models asked to unload whose exit is awaited in the background
+        self._exits: dict[str, asyncio.Task[None]] = {}
 
     async def load(self, model: str, timeout: float) -> bool:
         """Load ``model`` and wait until it reads ``loaded``; False when it was running."""
+        await self.exited(model)  # the router would take a model on its way out as loaded
         with self._subscription() as changed:
             sent = await self.client.load(model)
             status = await self.wait_loaded(model, timeout, changed)
             self.client.set_direct(model, status.port)  # valid until it is unloaded
             return sent
 
-    async def unload(self, model: str, timeout: float) -> bool:
-        """Unload ``model`` and wait until it reads ``unloaded``; False when it was not running."""
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        """Unload ``model`` and wait until it reads ``unloaded`` (``background``: wait in a
+        task of its own, see :meth:`exited`); False when it was not running."""
+        await self.exited(model)
         self.client.drop_direct(model)  # from now on, nothing may reach it directly
         with self._subscription() as changed:
             if not await self.client.unload(model):
                 return False
+            if background:
+                self._exits[model] = asyncio.create_task(
+                    self._exit(model, timeout), name=f"exit-{model}"
+                )
+                return True
             await self.wait_unloaded(model, timeout, changed)
             return True
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        """The models unloaded in the background whose process has not exited yet."""
+        return frozenset(name for name, task in self._exits.items() if not task.done())
+
+    async def _exit(self, model: str, timeout: float) -> None:
+        with self._subscription() as changed:
+            await self.wait_unloaded(model, timeout, changed)
+
+    async def exited(self, model: str | None = None) -> None:
+        """Wait until the models unloaded in the background (``model``, or all) are gone.
+
+        Never raises: an exit that failed to be seen (the router's own stop timeout
+        kills the process) is logged, and what comes next finds out for itself.
+        """
+        for name, task in list(self._exits.items()):
+            if model is not None and name != model:
+                continue
+            try:
+                await asyncio.shield(task)  # a cancelled caller leaves the wait to others
+            except Exception as exc:
+                log.warning("model %r: its unload was not seen to finish: %s", name, exc)
+            if self._exits.get(name) is task:
+                del self._exits[name]
+
+    async def aclose(self) -> None:
+        """Stop waiting for exits (at shutdown: the router goes with everything in it)."""
+        tasks = list(self._exits.values())
+        self._exits.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @contextlib.contextmanager
     def _subscription(self) -> Iterator[asyncio.Event | None]:

@@ -1,5 +1,6 @@
-"""The options a llama-server binary takes, read from its ``--help``, and the presets'
-keys checked against them.
+"""What a llama-server binary offers: the options it takes, read from its ``--help``
+(the presets' keys are checked against them), and the devices it can use, read
+from its ``--list-devices``.
 
 A key llama-server does not know makes the router refuse the whole presets file
 when it starts (``option 'x' not recognized in preset '*'``): at ``serve`` that
@@ -10,6 +11,10 @@ an option's long or short name without dashes, its environment variable
 (``LLAMA_ARG_...``), or one of the presets' own keys (llama-server's
 ``tools/server/README.md``). When the help cannot be read, nothing is refused:
 llama-server still has the last word.
+
+A binary that lists no device (a CPU-only build) keeps its models in ordinary
+memory: a leaving model's process may then exit while the next one loads, as
+there is no device memory to wait for (``control/effects.py``).
 """
 
 from __future__ import annotations
@@ -44,20 +49,58 @@ def parse_help(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def parse_devices(text: str) -> tuple[str, ...] | None:
+    """The device names in ``--list-devices`` text (``()`` for "(none)"; None when the
+    text is not such a list). llama-server lists every device but the CPU, e.g.
+    ``  CUDA0: NVIDIA H100 (81000 MiB, 80000 MiB free)``."""
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Available devices:")
+    except StopIteration:
+        return None
+    names = []
+    for line in lines[start + 1 :]:
+        if line.strip() == "(none)":
+            return ()
+        name, colon, _ = line.strip().partition(":")
+        if line.startswith(" ") and colon and name:
+            names.append(name)
+    return tuple(names)
+
+
 def known_options(binary: Path) -> frozenset[str] | None:
     """What ``binary`` takes (None when its help cannot be read); read once per file."""
+    text = _output(binary, "--help")
+    if text is None:
+        log.warning("cannot read %s --help: preset keys are not checked", binary)
+        return None
+    names = parse_help(text)
+    if len(names) < 20:  # not llama-server's help: check nothing rather than everything
+        log.warning("%s --help lists no options: preset keys are not checked", binary)
+        return None
+    return names
+
+
+def devices(binary: Path) -> tuple[str, ...] | None:
+    """The devices ``binary`` can use besides the CPU (None when that cannot be read)."""
+    text = _output(binary, "--list-devices")
+    return None if text is None else parse_devices(text)
+
+
+def _output(binary: Path, flag: str) -> str | None:
+    """What ``binary flag`` prints (None when it cannot be run); run once per file."""
     try:
         st = binary.stat()
     except OSError:
         return None
-    return _read_help(str(binary), st.st_size, st.st_mtime_ns)
+    return _run(str(binary), st.st_size, st.st_mtime_ns, flag)
 
 
-@functools.lru_cache(maxsize=4)
-def _read_help(binary: str, size: int, mtime_ns: int) -> frozenset[str] | None:
+@functools.lru_cache(maxsize=8)
+def _run(binary: str, size: int, mtime_ns: int, flag: str) -> str | None:
     try:
         done = subprocess.run(
-            [binary, "--help"],
+            [binary, flag],
             capture_output=True,
             text=True,
             errors="replace",
@@ -65,13 +108,9 @@ def _read_help(binary: str, size: int, mtime_ns: int) -> frozenset[str] | None:
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("cannot read %s --help (%s): preset keys are not checked", binary, exc)
+        log.debug("%s %s: %s", binary, flag, exc)
         return None
-    names = parse_help(done.stdout + done.stderr)
-    if len(names) < 20:  # not llama-server's help: check nothing rather than everything
-        log.warning("%s --help lists no options: preset keys are not checked", binary)
-        return None
-    return names
+    return done.stdout + done.stderr
 
 
 def check_preset_keys(presets: Presets, known: frozenset[str] | None) -> None:

@@ -57,15 +57,22 @@ class RouterState(enum.Enum):
     FAILED = "failed"  # it exited and could not be restarted
 
 
-def router_argv(config: Config, binary: Path, presets_file: Path, port: int) -> list[str]:
-    """The router's command line, derived from ``[router]`` (pure; tested on its own)."""
+def router_argv(
+    config: Config, binary: Path, presets_file: Path, port: int, spare: bool = False
+) -> list[str]:
+    """The router's command line, derived from ``[router]`` (pure; tested on its own).
+
+    ``spare``: the router counts one model more than ``models_max``, for a model whose
+    process exits while the next one loads (hotmodel, not the router, decides what
+    loads: ``--no-models-autoload``).
+    """
     r = config.router
     return [
         str(binary),
         "--models-preset",
         str(presets_file),
         "--models-max",
-        str(r.models_max),
+        str(r.models_max + spare),
         "--no-models-autoload",
         "--host",
         r.host,
@@ -115,9 +122,11 @@ class RouterSupervisor:
         client: RouterClient,
         port: int,
         on_exit: Callable[[int], None] | None = None,
+        spare: bool = False,
     ) -> None:
         self._config = config
         self._binary = binary
+        self._spare = spare  # see router_argv
         self._client = client
         self.port = port
         self.on_exit = on_exit
@@ -145,7 +154,7 @@ class RouterSupervisor:
 
     @property
     def argv(self) -> list[str]:
-        return router_argv(self._config, self._binary, self.presets_file, self.port)
+        return router_argv(self._config, self._binary, self.presets_file, self.port, self._spare)
 
     def uptime(self) -> float | None:
         """Seconds since the router was spawned (None when it never was)."""
