@@ -375,3 +375,18 @@ def test_a_turn_reads_only_a_window_and_cuts_the_same(tmp_path: Path) -> None:
             assert prompts[0] == prompts[1]
 
     asyncio.run(scenario())
+
+
+def test_a_reply_continues_a_trailing_assistant_message_it_begins_with() -> None:
+    from hotmodel.sessions.context import continues
+
+    prefill = {"role": "assistant", "content": "The capital is"}
+    assert continues(prefill, {"role": "assistant", "content": "The capital is Paris."})
+    assert continues({"role": "assistant", "content": ""}, {"role": "assistant", "content": "x"})
+    parts = {"role": "assistant", "content": [{"type": "text", "text": " The capital is "}]}
+    assert continues(parts, {"role": "assistant", "content": "The capital is Paris."})
+    # a new answer (llama-server started with --no-prefill-assistant), a user turn, tool calls
+    assert not continues(prefill, {"role": "assistant", "content": "Paris."})
+    assert not continues({"role": "user", "content": ""}, {"role": "assistant", "content": "x"})
+    calls = {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}
+    assert not continues(calls, {"role": "assistant", "content": "x"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,43 @@ def test_a_regenerated_or_edited_resend_replaces_the_end_of_the_session(
     third = chat(smol, "regen", edited)
     assert [m["content"] for m in stored(smol, "regen")][::2] == ["One.", "Three."]
     assert third["usage"]["prompt_tokens"] < 2 * second["usage"]["prompt_tokens"] - 20
+
+
+def test_a_trailing_assistant_message_is_continued_and_stored_once(
+    smol: HotmodelProcess,
+) -> None:
+    """llama-server continues a trailing assistant message (a prefill) and answers with it
+    whole: the answer replaces that message. Found by a black-box pass: a resend of the
+    whole conversation, ending with the stored answer, stored a second answer in a row."""
+    first = chat(smol, "prefill", [u("One.")])["choices"][0]["message"]["content"]
+    resent = chat(smol, "prefill", [u("One."), {"role": "assistant", "content": first}])
+    answer = resent["choices"][0]["message"]["content"]
+    assert answer.startswith(first.strip())
+    assert [m["role"] for m in stored(smol, "prefill")] == ["user", "assistant"]
+    assert stored(smol, "prefill")[1]["content"] == answer
+    # a new turn that ends with the beginning of its answer, streamed
+    body = {
+        "messages": [u("Name a colour."), {"role": "assistant", "content": "A colour:"}],
+        "max_tokens": 6,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        smol.base_url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"x-session-id": "prefill"},
+    ) as resp:
+        assert resp.status_code == 200
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in resp.iter_lines()
+            if line.startswith("data: {") and json.loads(line[6:]).get("choices")
+        )
+    assert text.startswith("A colour:")
+    history = stored(smol, "prefill")
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[3]["content"] == text
 
 
 def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:

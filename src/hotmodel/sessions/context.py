@@ -78,6 +78,15 @@ def _key(message: Message) -> tuple[str, str]:
     return str(message.get("role")), _content_key(message.get("content"))
 
 
+def continues(last: Message, reply: Message) -> bool:
+    """Whether ``reply`` continues ``last``, the prompt's final message: llama-server
+    continues a trailing assistant message (a prefill, its default ``--prefill-assistant``)
+    and answers with that message whole, its beginning included."""
+    if last.get("role") != "assistant" or last.get("tool_calls"):
+        return False
+    return _content_key(reply.get("content")).startswith(_content_key(last.get("content")))
+
+
 @dataclass(frozen=True, slots=True)
 class Reconciled:
     """How a request's messages meet the stored ones: ``keep`` stored messages stay (None:

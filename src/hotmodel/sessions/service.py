@@ -27,6 +27,7 @@ from hotmodel.sessions.context import (
     bound_messages_and_chars,
     bound_tokens,
     build_prompt,
+    continues,
     reconcile,
 )
 from hotmodel.sessions.locks import SessionLocks
@@ -63,6 +64,7 @@ class Prepared:
     prompt: Prompt
     slot_gen: int = 0  # the slot ledger's generation of the request that carries it
     rewind: int | None = None  # stored messages from this seq on are replaced by ``turns``
+    stored_end: int = 0  # the seq after the last stored message the prompt holds
 
 
 class SessionService:
@@ -147,7 +149,15 @@ class SessionService:
         prompt.base = offset
         await self._bound(prompt, model)
         rewind = None if met.keep is None else offset + met.keep
-        return Prepared(ref.owner, ref.id, system_prompt, met.turns, prompt, rewind=rewind)
+        return Prepared(
+            ref.owner,
+            ref.id,
+            system_prompt,
+            met.turns,
+            prompt,
+            rewind=rewind,
+            stored_end=offset + len(kept),
+        )
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
@@ -162,21 +172,25 @@ class SessionService:
 
     async def complete(self, prepared: Prepared, reply: Message, model: str) -> None:
         """Store the request's new turns and the answer, in one transaction."""
+        turns, rewind, sent = prepared.turns, prepared.rewind, prepared.prompt.messages()
+        if sent and continues(sent[-1], reply):
+            # the answer holds the trailing assistant message whole: it replaces that
+            # message (a new turn, or the stored answer resent) instead of following it
+            sent = sent[:-1]
+            if turns:
+                turns = turns[:-1]
+            else:
+                rewind = prepared.stored_end - 1
         await self.store.append(
             prepared.owner,
             prepared.session_id,
-            [*prepared.turns, reply],
+            [*turns, reply],
             model,
             prepared.system_prompt,
-            rewind=prepared.rewind,
+            rewind=rewind,
         )
-        self.slots.cover(
-            model,
-            prepared.slot_gen,
-            prepared.owner,
-            prepared.session_id,
-            [*prepared.prompt.messages(), reply],
-        )
+        owner, session_id = prepared.owner, prepared.session_id
+        self.slots.cover(model, prepared.slot_gen, owner, session_id, [*sent, reply])
 
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
         """The session a switch to ``model`` is for (:meth:`preferring`), else the most
