@@ -172,6 +172,19 @@ def test_a_regenerated_or_edited_resend_replaces_the_end_of_the_session(
     assert third["usage"]["prompt_tokens"] < 2 * second["usage"]["prompt_tokens"] - 20
 
 
+def session_stream(
+    server: HotmodelProcess, session: str, messages: list[dict[str, Any]], **extra: Any
+) -> contextlib.AbstractContextManager[httpx.Response]:
+    """A streamed turn on ``session`` (read it inside the ``with``)."""
+    return httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        json={"messages": messages, "stream": True, **extra},
+        timeout=60,
+        headers={"x-session-id": session},
+    )
+
+
 def test_a_trailing_assistant_message_is_continued_and_stored_once(
     smol: HotmodelProcess,
 ) -> None:
@@ -185,18 +198,8 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
     assert [m["role"] for m in stored(smol, "prefill")] == ["user", "assistant"]
     assert stored(smol, "prefill")[1]["content"] == answer
     # a new turn that ends with the beginning of its answer, streamed
-    body = {
-        "messages": [u("Name a colour."), {"role": "assistant", "content": "A colour:"}],
-        "max_tokens": 6,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST",
-        smol.base_url + "/v1/chat/completions",
-        json=body,
-        timeout=60,
-        headers={"x-session-id": "prefill"},
-    ) as resp:
+    prefilled = [u("Name a colour."), {"role": "assistant", "content": "A colour:"}]
+    with session_stream(smol, "prefill", prefilled, max_tokens=6) as resp:
         assert resp.status_code == 200
         text = "".join(
             json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
@@ -211,19 +214,8 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
 
 def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:
     chat(smol, "abort-1", [u("Hello.")])
-    body = {
-        "messages": [u("Tell me a long story.")],
-        "max_tokens": 500,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST",
-        smol.base_url + "/v1/chat/completions",
-        json=body,
-        timeout=60,
-        headers={"x-session-id": "abort-1"},
-    ) as resp:
+    story = [u("Tell me a long story.")]
+    with session_stream(smol, "abort-1", story, max_tokens=500, ignore_eos=True) as resp:
         lines = resp.iter_lines()
         assert sum(1 for _ in zip(range(6), lines, strict=False)) == 6
         resp.close()
