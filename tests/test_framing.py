@@ -36,6 +36,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     if scope["path"] == "/slow":
         await asyncio.sleep(0.8)
+    if scope["path"] == "/stream":  # no length: uvicorn frames it itself
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"data: 1\n\n", b"", b"data: 2\n\n"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     answer = json.dumps({"path": scope["path"], "body": len(body)}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -129,3 +135,18 @@ def test_a_large_body_is_not_counted_as_head(port: int) -> None:
 def test_bytes_that_are_not_http_get_a_json_400(port: int) -> None:
     error = error_of(exchange(port, b"NOT HTTP\r\n\r\n")[0], b"400")
     assert error["code"] == "http_400" and "HTTP/1.1" in error["message"]
+
+
+def test_a_stream_to_an_http_10_client_ends_with_the_close_not_in_chunks(port: int) -> None:
+    answer, _ = exchange(port, b"GET /stream HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert body == b"data: 1\n\ndata: 2\n\n"
+    # HTTP/1.1 keeps its chunks (and the connection)
+    answer, _ = exchange(port, b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+    # a response with a length is sent as before, to both
+    answer, _ = exchange(port, b"POST /x HTTP/1.0\r\ncontent-length: 2\r\n\r\nab")
+    assert answer.endswith(b'{"path": "/x", "body": 2}') and b"content-length: 25" in answer

@@ -332,6 +332,27 @@ def test_bytes_that_are_not_http_get_a_json_400(smol_server: HotmodelProcess, ra
     assert httpx.get(smol_server.base_url + "/health", timeout=10).status_code == 200
 
 
+def test_an_http_10_client_gets_a_stream_it_can_read(smol_server: HotmodelProcess) -> None:
+    """HTTP/1.0 has no chunks: the stream's end is the connection's close (it came chunked)."""
+    host, port = smol_server.base_url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    )
+    request = (
+        f"POST /v1/chat/completions HTTP/1.0\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert b"transfer-encoding" not in head.lower()
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n"), events
+
+
 def test_headers_over_64_kib_get_a_431(smol_server: HotmodelProcess) -> None:
     resp = httpx.get(smol_server.base_url + "/health", headers={"x-big": "a" * 100_000})
     assert _assert_openai_error(resp, 431, "request_header_too_large")

@@ -14,14 +14,22 @@ every other error of hotmodel (uvicorn would write plain text, or nothing):
   (``api/validate.py``); an idle kept-alive connection is closed by uvicorn.
 
 Each of them closes the connection: the rest of the stream cannot be framed.
+
+And one thing after: uvicorn frames every response without a length (a stream)
+in chunks, which HTTP/1.0 does not have (an HTTP/1.0 client would read the
+chunk sizes as data). To an HTTP/1.0 request such a response is sent as it
+comes, and its end is the connection's close (HTTP/1.0 connections are not
+kept alive).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from hotmodel.api.errors import error_body
 from hotmodel.api.validate import BODY_TIMEOUT_S
@@ -73,6 +81,10 @@ class HttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._head_started = False
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope.get("http_version") == "1.0":
+            # the app is called on the loop's next turn: it gets this send
+            cycle.send = _close_delimited(cycle)  # type: ignore[method-assign,assignment]
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
@@ -136,3 +148,28 @@ class HttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head))
         self.transport.close()
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
+    """``cycle.send`` for an HTTP/1.0 request: a response without a length is not chunked;
+    the connection's close ends it (uvicorn closes it: no keep-alive for HTTP/1.0)."""
+    send = cycle.send
+    unframed = False
+
+    async def send_10(message: Any) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            unframed = (
+                not names & {b"content-length", b"transfer-encoding"}
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            )
+            if unframed:
+                cycle.chunked_encoding = False  # uvicorn would choose chunks
+        elif unframed and message["type"] == "http.response.body":
+            # uvicorn counts a length down to 0; this body's length is the rest
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    return send_10
