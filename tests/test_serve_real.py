@@ -304,6 +304,17 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
     assert resp.status_code == 200, resp.text
 
 
+def raw_exchange(server: HotmodelProcess, raw: bytes) -> bytes:
+    """Send ``raw`` on a connection of its own; what comes back until the server closes it."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -317,12 +328,7 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
 def test_bytes_that_are_not_http_get_a_json_400(smol_server: HotmodelProcess, raw: bytes) -> None:
     """uvicorn's parser refuses them before the app sees anything; its answer is in OpenAI's
     error shape like every other, the connection closes, and the server goes on."""
-    host, port = smol_server.base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(raw)
-        answer = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
-            answer += chunk
+    answer = raw_exchange(smol_server, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert b"content-type: application/json" in head.lower()
@@ -334,7 +340,6 @@ def test_bytes_that_are_not_http_get_a_json_400(smol_server: HotmodelProcess, ra
 
 def test_an_http_10_client_gets_a_stream_it_can_read(smol_server: HotmodelProcess) -> None:
     """HTTP/1.0 has no chunks: the stream's end is the connection's close (it came chunked)."""
-    host, port = smol_server.base_url.removeprefix("http://").split(":")
     body = json.dumps(
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
     )
@@ -342,11 +347,7 @@ def test_an_http_10_client_gets_a_stream_it_can_read(smol_server: HotmodelProces
         f"POST /v1/chat/completions HTTP/1.0\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n{body}"
     ).encode()
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
-            answer += chunk
+    answer = raw_exchange(smol_server, request)
     head, _, events = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert b"transfer-encoding" not in head.lower()
