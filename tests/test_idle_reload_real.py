@@ -222,6 +222,36 @@ def test_a_preset_file_the_router_could_not_start_on_is_refused_whole(
     assert "[tiny] bogus-key: llama-server has no option 'bogus-key'" in out.stderr
 
 
+def test_a_reload_whose_active_model_does_not_load_puts_the_previous_config_back(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Found by a hostile pass: a new preset whose file passes the check (it starts with
+    GGUF) but does not load left the new INI in force, and no model loaded. Now the
+    previous configuration comes back whole, and the model is loaded again with it."""
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
+    ini = tmp_path / "models.ini"
+    good = ini.read_text()
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + b"\xff" * 64)
+    hp = start_hotmodel(config)
+    try:
+        ini.write_text(good.replace(f"model = {tiny_models['tiny']}", f"model = {damaged}"))
+        body = _reload(hp).json()
+        assert body["switch"]["outcome"] == "failed", body
+        assert body["reverted"]["switch"]["outcome"] == "ok", body
+        assert hp.status()["active_model"] == "tiny" and chat(hp).status_code == 200
+        # the running configuration is the previous one: the good file changes nothing
+        ini.write_text(good)
+        assert _reload(hp).json()["changed"] is False
+        ini.write_text(good.replace(f"model = {tiny_models['tiny']}", f"model = {damaged}"))
+        out = run_hotmodel("reload", "--config", str(config), timeout=120)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "the previous configuration is in force again" in out.stdout
+        assert chat(hp).status_code == 200
+    finally:
+        assert hp.stop() == 0, hp.output()
+
+
 def test_sighup_reloads(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
     hp = start_hotmodel(config)

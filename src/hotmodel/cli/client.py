@@ -146,6 +146,13 @@ def print_reload(data: dict[str, Any]) -> None:
     if isinstance(data.get("switch"), dict):
         click.echo("the active model's preset changed; it was loaded again:")
         print_report(data["switch"])
+    reverted = data.get("reverted")
+    if isinstance(reverted, dict) and isinstance(reverted.get("switch"), dict):
+        click.echo(
+            "it did not load with its new preset: the previous configuration is in force "
+            "again, and the model was loaded with it:"
+        )
+        print_report(reverted["switch"])
     if data.get("note"):
         click.echo(f"note: {data['note']}")
 

@@ -6,7 +6,8 @@ needs a restart. :func:`reload_config` does it: the new files are parsed and
 validated first (a bad file changes nothing and says why), the live settings
 are swapped in one step (no await in between, so no request sees half of
 them), and the model set changes only through the control loop: the active
-model is loaded again only when its own preset changed; other presets reach
+model is loaded again only when its own preset changed (if that load fails, the
+previous configuration is put back whole); other presets reach
 the router at the next moment no model is loaded (llama-server reads its
 preset list once, at start, so the router restarts then, at almost no cost).
 """
@@ -153,8 +154,12 @@ async def reload_config(services: Services) -> dict[str, Any]:
     _apply(services, plan.config)
     result = plan.to_json()
     if plan.reload_active and controller.active is not None:
-        report = await controller.submit(Switch(controller.active, reload=True))
+        active = controller.active
+        report = await controller.submit(Switch(active, reload=True))
         result["switch"] = report.to_json()
+        if report.failed:
+            result["reverted"] = await _revert(services, old, active)
+            return result
     elif plan.presets_changed:
         result["note"] = (
             "the router reads the new presets at the next switch or unload "
@@ -167,6 +172,22 @@ async def reload_config(services: Services) -> dict[str, Any]:
         ", ".join(plan.presets_changed) or "-",
     )
     return result
+
+
+async def _revert(services: Services, old: Config, active: str) -> dict[str, Any]:
+    """The active model's new preset did not load (for a reason its file check cannot
+    see: a damaged GGUF, an option its load refuses): the configuration that worked is
+    put back whole, and the model loaded again with it."""
+    _apply(services, old)
+    back = await services.controller.submit(Switch(active, reload=True))
+    log.warning(
+        "config reload reverted: the new preset of %r did not load; the previous "
+        "configuration is in force again (loading %r with it: %s)",
+        active,
+        active,
+        back.outcome.value,
+    )
+    return {"switch": back.to_json()}
 
 
 def _apply(services: Services, config: Config) -> None:
