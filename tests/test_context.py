@@ -390,3 +390,21 @@ def test_a_reply_continues_a_trailing_assistant_message_it_begins_with() -> None
     assert not continues({"role": "user", "content": ""}, {"role": "assistant", "content": "x"})
     calls = {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}
     assert not continues(calls, {"role": "assistant", "content": "x"})
+    # llama-server joins a prefill's text parts with a blank line
+    two = {"role": "assistant", "content": [{"type": "text", "text": "The capital"}] * 2}
+    assert continues(two, {"role": "assistant", "content": "The capital\n\nThe capital is"})
+
+
+def test_an_empty_trailing_assistant_message_is_dropped() -> None:
+    from hotmodel.sessions.context import without_empty_prefill
+
+    q: dict[str, Any] = {"role": "user", "content": "Q"}
+    empty: object
+    for empty in ("", "  ", None, []):
+        assert without_empty_prefill([q, {"role": "assistant", "content": empty}]) == [q]
+    kept = [q, {"role": "assistant", "content": "A"}]
+    assert without_empty_prefill(kept) == kept
+    calls: list[dict[str, Any]] = [q, {"role": "assistant", "content": "", "tool_calls": [{}]}]
+    assert without_empty_prefill(calls) == calls
+    alone = [{"role": "assistant", "content": ""}]  # nothing would be left to send
+    assert without_empty_prefill(alone) == alone

@@ -210,6 +210,16 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
     history = stored(smol, "prefill")
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[3]["content"] == text
+    # a prefill in text parts (llama-server joins them with a blank line), an empty one
+    parts = [{"type": "text", "text": "The capital"}, {"type": "text", "text": " of Spain is"}]
+    spain = chat(smol, "prefill", [u("Capital of Spain?"), {"role": "assistant", "content": parts}])
+    empty = chat(smol, "prefill", [u("Capital of Italy?"), {"role": "assistant", "content": ""}])
+    history = stored(smol, "prefill")
+    assert [m["role"] for m in history] == ["user", "assistant"] * 4
+    assert history[5]["content"] == spain["choices"][0]["message"]["content"]
+    # without the empty message, the model's turn begins as usual (it wrote "assistant\n")
+    assert history[7]["content"] == empty["choices"][0]["message"]["content"]
+    assert not history[7]["content"].startswith("assistant")
 
 
 def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:

@@ -81,10 +81,29 @@ def _key(message: Message) -> tuple[str, str]:
 def continues(last: Message, reply: Message) -> bool:
     """Whether ``reply`` continues ``last``, the prompt's final message: llama-server
     continues a trailing assistant message (a prefill, its default ``--prefill-assistant``)
-    and answers with that message whole, its beginning included."""
+    and answers with that message whole, its beginning included (text parts joined by
+    blank lines, so whitespace is not compared)."""
     if last.get("role") != "assistant" or last.get("tool_calls"):
         return False
-    return _content_key(reply.get("content")).startswith(_content_key(last.get("content")))
+    return _bare(reply.get("content")).startswith(_bare(last.get("content")))
+
+
+def _bare(content: object) -> str:
+    return "".join(_content_key(content).split())
+
+
+def without_empty_prefill(messages: list[Message]) -> list[Message]:
+    """``messages`` without a final assistant message that says nothing: llama-server
+    would continue it without the assistant's turn header (the model then writes one
+    itself), where the client asked for an answer."""
+    last = messages[-1] if len(messages) > 1 else {}
+    if (
+        last.get("role") == "assistant"
+        and not last.get("tool_calls")
+        and not _bare(last.get("content"))
+    ):
+        return messages[:-1]
+    return messages
 
 
 @dataclass(frozen=True, slots=True)

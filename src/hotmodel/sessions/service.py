@@ -29,6 +29,7 @@ from hotmodel.sessions.context import (
     build_prompt,
     continues,
     reconcile,
+    without_empty_prefill,
 )
 from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.slots import SlotLedger
@@ -134,6 +135,7 @@ class SessionService:
     async def prepare(
         self, ref: SessionRef, request_messages: list[Message], model: str
     ) -> Prepared:
+        request_messages = without_empty_prefill(request_messages)
         session = await self.store.get(ref.owner, ref.id, self._window(len(request_messages)))
         stored = [] if session is None else [m.message for m in session.messages]
         if ref.system_prompt is not None:
