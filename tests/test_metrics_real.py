@@ -155,7 +155,7 @@ def test_switch_counters_and_phase_histograms_move(served: HotmodelProcess) -> N
     before = scrape(served)
     switch = served.base_url + "/admin/switch"
     failed = httpx.post(switch, json={"model": "garbage"}, timeout=120)
-    assert failed.status_code == 500 and failed.json()["outcome"] == "failed"
+    assert failed.status_code == 502 and failed.json()["outcome"] == "failed"
     good = httpx.post(switch, json={"model": "gemma3"}, timeout=120)
     assert good.status_code == 200, good.text
     report = good.json()

@@ -150,7 +150,7 @@ def test_stream_started_before_a_switch_finishes_on_the_old_model(
 def test_switch_to_a_broken_model_fails_and_rolls_back(on_smollm2: HotmodelProcess) -> None:
     server = on_smollm2
     status, report = switch(server, "broken")
-    assert status == 500
+    assert status == 502
     assert report["outcome"] == "failed"
     assert report["error"].startswith("model 'broken' failed to load (exit code")
     assert report["log_tail"]  # the router's own words about the bad file
@@ -172,7 +172,7 @@ def test_a_target_that_cannot_load_is_refused_before_the_model_is_touched(
     server = on_smollm2
     router_children = [p.pid for p in server.descendants()]
     status, report = switch(server, target)
-    assert status == 500
+    assert status == 502
     assert report["outcome"] == "failed" and reason in report["error"]
     assert "nothing was changed" in report["error"]
     assert report["rolled_back"] is False and set(report["phases"]) == set()

@@ -25,7 +25,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     ├── SwitchError                  a model switch did not complete
     │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
-    │   └── SwitchFailedError        a switch failed; carries its report (500)
+    │   └── SwitchFailedError        a switch failed; carries its report (502)
     ├── StoreError                   the session store cannot be opened or used (SQLite)
     ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
     └── ProvisionError               setting up llama-server or the models failed
@@ -204,7 +204,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ConfigError, HttpError(400, "invalid_request_error", "invalid_config")),  # a reload's
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
-    (SwitchFailedError, HttpError(500, "server_error", "switch_failed")),
+    (SwitchFailedError, HttpError(502, "server_error", "switch_failed")),
     (RouterTimeoutError, HttpError(504, "server_error", "upstream_timeout")),
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),

@@ -33,10 +33,11 @@ from hotmodel.runtime import Runtime
 
 def report_status(report: SwitchReport) -> int:
     """200 done; 409 when generations outlived the drain deadline (nothing was changed:
-    the server is fine, the switch conflicts with work in progress); 500 any other failure."""
+    the server is fine, the switch conflicts with work in progress); 502 any other failure
+    (the model could not be made to serve: a bad file, a failed load; not a bug of ours)."""
     if not report.failed:
         return 200
-    return 409 if report.failed_phase == "drain" else 500
+    return 409 if report.failed_phase == "drain" else 502
 
 
 def _report_response(report: SwitchReport) -> Response:

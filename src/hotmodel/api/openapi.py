@@ -216,7 +216,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     **_answers(_OBJECT, 400, 401, 403, 404, 503),
                     "409": _FAILED_SWITCH,  # generations outlived the drain: nothing changed
-                    "500": _FAILED_SWITCH,
+                    "502": _FAILED_SWITCH,
                 },
             }
         },
