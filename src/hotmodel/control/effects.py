@@ -6,7 +6,7 @@ calls out (the router, the router process, the traffic gate, the GPU probe, the 
 store, the replay hook, all injected through ``ports.py``); the engine decides which step
 runs, in which order, and what a failure means. A step that cannot do its work raises
 :class:`~hotmodel.control.run.StepFailedError`, or returns a detail for its phase event
-(``"skipped"`` when it had nothing to do).
+(a :class:`~hotmodel.control.run.Skipped` when it had nothing to do).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
 from hotmodel.control.plan import Step
 from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
 from hotmodel.control.report import SwitchReport
-from hotmodel.control.run import Run, StepFailedError, summary
+from hotmodel.control.run import SKIPPED, Detail, Run, Skipped, StepFailedError, summary
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
 
@@ -39,12 +39,12 @@ class StepEffects:
     preflight: Callable[[str], None] | None
     kv: KvOps | None
 
-    async def _kv_step(self, step: Step, run: Run) -> str | None:
+    async def _kv_step(self, step: Step, run: Run) -> Detail:
         """Save the leaving model's KV snapshot, or restore the arriving one's. A failure
         costs speed, not correctness: a warning, and the replay reads everything."""
         model = run.previous if step is Step.SAVE else run.target
         if self.kv is None or model is None:
-            return "skipped"
+            return SKIPPED
         done = "saved" if step is Step.SAVE else "restored"  # the info's did-it field
         try:
             if step is Step.SAVE:
@@ -57,9 +57,9 @@ class StepEffects:
             return f"failed: {exc}"
         run.report.snapshot[step.value] = info
         if info is None:
-            return "skipped"  # nothing to save, or no session to restore for
+            return SKIPPED  # nothing to save, or no session to restore for
         if info.get(done) is False:  # nothing kept, or nothing restored: the replay reads all
-            return f"skipped: {info.get('reason')}"
+            return Skipped(str(info.get("reason")))
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 
@@ -75,7 +75,7 @@ class StepEffects:
             )
             self.kv.discard(model, "its restore did not take")
 
-    async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> str | None:
+    async def _drain(self, report: SwitchReport, model: str, close_gate: bool) -> Detail:
         if close_gate:
             self.gate.close()  # from here on, new requests wait for the switch
         try:
@@ -92,7 +92,7 @@ class StepEffects:
         report.drained, report.cancelled = result.drained, result.cancelled
         return result.detail
 
-    async def _unload(self, report: SwitchReport, model: str, background: bool) -> str | None:
+    async def _unload(self, report: SwitchReport, model: str, background: bool) -> Detail:
         if report.gpu.before_unload is None:
             report.gpu.before_unload = await self._snapshot()
         try:
@@ -106,10 +106,10 @@ class StepEffects:
             return f"{model!r} was not loaded"
         return "its process exits while the next model loads" if background else None
 
-    async def _settle(self, report: SwitchReport) -> str | None:
+    async def _settle(self, report: SwitchReport) -> Detail:
         after_unload = report.gpu.after_unload
         if self.config.settle_timeout_seconds <= 0 or after_unload is None:
-            return "skipped"
+            return SKIPPED
         before = report.gpu.before_unload
         report.gpu.after_settle, detail = await wait_settled(
             self.gpu,
@@ -121,18 +121,18 @@ class StepEffects:
         )
         return detail
 
-    def _check(self, target: str) -> str | None:
+    def _check(self, target: str) -> Detail:
         if self.preflight is None:
-            return "skipped"
+            return SKIPPED
         try:
             self.preflight(target)
         except HotModelError as exc:
             raise StepFailedError(Step.CHECK, f"{exc}; nothing was changed") from exc
         return None
 
-    async def _restart(self) -> str | None:
+    async def _restart(self) -> Detail:
         if self.process is None or (self.process.running and not self.process.stale):
-            return "skipped"  # only the model's child died: the router is fine
+            return SKIPPED  # only the model's child died: the router is fine
         await self.router.exited()
         reloaded = self.process.stale
         if self.kv is not None:
@@ -143,7 +143,7 @@ class StepEffects:
             raise StepFailedError(Step.RESTART, str(exc), self.log_tail() or None) from exc
         return "the router reads the reloaded presets" if reloaded else None
 
-    async def _load(self, report: SwitchReport, target: str) -> tuple[bool, str | None]:
+    async def _load(self, report: SwitchReport, target: str) -> tuple[bool, Detail]:
         if self.kv is not None:
             self.kv.ensure_folder()  # deleted meanwhile, llama-server would refuse to start
         try:
@@ -154,16 +154,16 @@ class StepEffects:
         report.gpu.after_load = await self._snapshot()
         return loaded, None if loaded else f"{target!r} was loaded already"
 
-    async def _replay(self, report: SwitchReport, target: str) -> str | None:
+    async def _replay(self, report: SwitchReport, target: str) -> Detail:
         if self.replay is None or not self.config.replay:
-            return "skipped"
+            return SKIPPED
         try:
             report.replay = await self.replay(target)
         except HotModelError as exc:  # a failed prefill costs speed, not correctness
             report.warnings.append(f"replay failed: {exc}")
             return f"replay failed: {exc}"
         if report.replay is None:
-            return "skipped"  # no session to replay
+            return SKIPPED  # no session to replay
         ms = report.replay.get("prompt_ms")
         ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
         return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"

@@ -40,8 +40,11 @@ from hotmodel.control.report import (
     Watcher,
 )
 from hotmodel.control.run import (
+    SKIPPED,
     STEP_STATE,
+    Detail,
     Run,
+    Skipped,
     StepFailedError,
     ms_since,
     policy_label,
@@ -258,15 +261,14 @@ class Engine(StepEffects):
         t = time.monotonic()
         detail = await self._do(step, run)
         ms = ms_since(t)
-        if detail == "skipped" or (detail or "").startswith("skipped: "):
-            why = (detail or "").removeprefix("skipped").removeprefix(": ") or None
-            run.emit(step.value, PhaseStatus.SKIPPED, detail=why)
+        if isinstance(detail, Skipped):
+            run.emit(step.value, PhaseStatus.SKIPPED, detail=detail.why)
             return
         if step is not Step.ACTIVATE:
             run.report.phases[step.value] = ms
         run.emit(step.value, PhaseStatus.DONE, ms, detail)
 
-    async def _do(self, step: Step, run: Run) -> str | None:
+    async def _do(self, step: Step, run: Run) -> Detail:
         report, previous, target = run.report, run.previous, run.target
         if step is Step.RESTART:
             return await self._restart()
@@ -301,7 +303,7 @@ class Engine(StepEffects):
         # a model that stayed resident kept its cache; after a restore, the replay
         # reads only what was added since, and proves the restore took
         if not (run.replay or run.restored) or not run.loaded:
-            return "skipped"
+            return SKIPPED
         detail = await self._replay(report, target)
         if run.restored and report.replay is not None:
             self._verify_restore(run, target)

@@ -53,6 +53,18 @@ class Run:
                 listener(event)
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """What a step returns when it had nothing to do; ``why`` (if said) goes into its
+    phase event. Any other return is the detail of a step that was done."""
+
+    why: str | None = None
+
+
+SKIPPED = Skipped()
+Detail = str | Skipped | None
+
+
 class StepFailedError(Exception):
     def __init__(self, step: Step, message: str, log_tail: str | None = None) -> None:
         super().__init__(message)
