@@ -283,6 +283,10 @@ def test_without_device_memory_the_leaving_model_exits_while_the_next_loads() ->
     assert run(lambda c: c.submit(Unload()), engine).outcome is Outcome.OK
     assert router.calls[5:] == ["exited b", "unload a"]
     assert router.status["a"] == "unloaded"
+    # [switch] background_exit = false (two models' RAM would not fit): it is waited for
+    engine.config = dataclasses.replace(engine.config, background_exit=False)
+    assert switch(engine, "b").outcome is Outcome.OK and switch(engine, "c").outcome is Outcome.OK
+    assert router.calls[7:] == ["load b", "unload b", "load c"]
 
 
 def test_a_failed_load_after_a_background_exit_rolls_back_after_that_exit() -> None:

@@ -192,7 +192,11 @@ def test_closing_stops_waiting_for_exits() -> None:
 
     async def main() -> None:
         await client.unload("m", 60, background=True)
+        waiter = asyncio.create_task(client.exited())
+        await asyncio.sleep(0.05)
         await asyncio.wait_for(client.aclose(), 1)
+        await asyncio.wait_for(waiter, 1)  # a waiter is let go, not cancelled
+        assert client.exiting == frozenset()
         await client.exited()  # nothing is left
 
     asyncio.run(main())

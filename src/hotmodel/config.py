@@ -93,6 +93,9 @@ class SwitchConfig:
     unload_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0.001))
     settle_timeout_seconds: float = field(default=10.0, metadata=_meta(min=0))
     settle_tolerance_mib: int = field(default=64, metadata=_meta(min=0))
+    # a CPU-only llama-server (no device memory to settle): the leaving model's process
+    # exits while the next one loads; false waits for it (two models' RAM at once)
+    background_exit: bool = True
     gpu_probe: GpuProbeKind = "auto"
     queue_timeout_seconds: float = field(default=60.0, metadata=_meta(min=0))
     replay_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0.001))

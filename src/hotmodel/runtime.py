@@ -19,7 +19,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -83,6 +83,7 @@ class Services:
     idle: IdleUnloader
     snapshots: Snapshots | None  # None: [switch] kv_snapshots is off
     feed: Feed  # the dashboard's live events (GET /admin/events)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
 
 
 class Runtime:

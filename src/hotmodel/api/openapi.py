@@ -145,7 +145,7 @@ def _paths() -> dict[str, Any]:
                         "application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}
                     },
                 },
-                "responses": _answers(_OBJECT, 400, 401, 404, 408, 409, 413, 503, 504),
+                "responses": _answers(_OBJECT, 400, 401, 404, 408, 409, 413, 502, 503, 504),
             }
         },
         "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},

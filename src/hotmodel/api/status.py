@@ -84,8 +84,9 @@ def status_routes(runtime: Runtime) -> list[Route]:
         except RouterError:
             states = {}
         active, parked = s.controller.active, s.controller.engine.parked
-        for name in s.controller.engine.router.exiting:  # the router says loaded until it exits
-            states[name] = "unloading"
+        for name in s.controller.exiting:
+            if states.get(name) == "loaded":  # the router says so until its process is gone
+                states[name] = "unloading"
         return [
             {
                 "id": name,

@@ -147,12 +147,15 @@ def print_reload(data: dict[str, Any]) -> None:
         click.echo("the active model's preset changed; it was loaded again:")
         print_report(data["switch"])
     reverted = data.get("reverted")
-    if isinstance(reverted, dict) and isinstance(reverted.get("switch"), dict):
+    if isinstance(reverted, dict):
+        back = reverted.get("switch")
+        then = "and the model was loaded with it:" if back else f"({reverted.get('note')})"
         click.echo(
-            "it did not load with its new preset: the previous configuration is in force "
-            "again, and the model was loaded with it:"
+            "it did not load with its new preset: "
+            f"the previous configuration is in force again, {then}"
         )
-        print_report(reverted["switch"])
+        if isinstance(back, dict):
+            print_report(back)
     if data.get("note"):
         click.echo(f"note: {data['note']}")
 

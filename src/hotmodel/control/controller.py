@@ -106,6 +106,11 @@ class Controller:
         return self.engine.state
 
     @property
+    def exiting(self) -> frozenset[str]:
+        """Models unloaded by a switch whose process is still exiting (CPU-only)."""
+        return self.engine.router.exiting
+
+    @property
     def busy(self) -> bool:
         """A command is queued or running."""
         return self._pending > 0

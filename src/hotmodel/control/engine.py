@@ -157,7 +157,8 @@ class Engine(StepEffects):
                 policy = await self._policy(report, target, restart)
                 steps = plan(policy, self.active, target, self.kv is not None, restart)
                 parking = self.active if idle_after is not None else None
-                await self._execute(Run(report, listeners, self.active, target, replay), steps)
+                run = Run(report, listeners, self.active, target, replay, policy=policy)
+                await self._execute(run, steps)
                 if parking is not None and not report.failed and self.active is None:
                     self.parked = parking
         finally:
@@ -284,7 +285,10 @@ class Engine(StepEffects):
         if step is Step.UNLOAD:
             assert previous is not None
             background = (
-                self.exit_in_background and target is not None and report.policy == "zero_overlap"
+                self.exit_in_background
+                and self.config.background_exit  # live: a reload may turn it off
+                and target is not None
+                and run.policy == "zero_overlap"
             )
             return await self._unload(report, previous, background)
         if step is Step.SETTLE:

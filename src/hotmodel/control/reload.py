@@ -139,8 +139,15 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
 async def reload_config(services: Services) -> dict[str, Any]:
     """Re-read the config files and apply them; the answer of ``POST /admin/reload``.
 
-    Raises :class:`ConfigError` (nothing changed) when a file is invalid.
+    Raises :class:`ConfigError` (nothing changed) when a file is invalid. One reload
+    at a time (``POST /admin/reload`` and SIGHUP may race): a revert must put back the
+    configuration its own reload replaced.
     """
+    async with services.reload_lock:
+        return await _reload(services)
+
+
+async def _reload(services: Services) -> dict[str, Any]:
     old = services.config
     new = await asyncio.to_thread(load_config, old.path)
     new = new.with_server_overrides(**old.server_overrides)  # serve's flags still win
@@ -157,7 +164,9 @@ async def reload_config(services: Services) -> dict[str, Any]:
         active = controller.active
         report = await controller.submit(Switch(active, reload=True))
         result["switch"] = report.to_json()
-        if report.failed:
+        # a drain that outlived its deadline changed nothing: the model still serves
+        # its old preset, and the new one is tried at the next switch
+        if report.failed and report.failed_phase != "drain":
             result["reverted"] = await _revert(services, old, active)
             return result
     elif plan.presets_changed:
@@ -177,8 +186,11 @@ async def reload_config(services: Services) -> dict[str, Any]:
 async def _revert(services: Services, old: Config, active: str) -> dict[str, Any]:
     """The active model's new preset did not load (for a reason its file check cannot
     see: a damaged GGUF, an option its load refuses): the configuration that worked is
-    put back whole, and the model loaded again with it."""
+    put back whole, and the model loaded again with it, unless another switch (a
+    request's auto switch, queued meanwhile) has made another model active."""
     _apply(services, old)
+    if services.controller.active not in (None, active):
+        return {"note": f"{services.controller.active!r} is active now: nothing to load again"}
     back = await services.controller.submit(Switch(active, reload=True))
     log.warning(
         "config reload reverted: the new preset of %r did not load; the previous "

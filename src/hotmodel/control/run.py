@@ -41,6 +41,7 @@ class Run:
     replay: bool
     started: list[Step] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
+    policy: str | None = None  # the switch policy chosen for this run (None: a special command)
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
     restored: bool = False  # the RESTORE step brought a KV snapshot back
 

@@ -35,6 +35,8 @@ _POLL_MAX_S = 0.1
 # With the event feed connected, each event triggers a read at once; this
 # slower poll only guards against a lost event.
 _POLL_WITH_EVENTS_S = 0.25
+# a background exit's wait ends this long after its own deadline, whatever a read does
+_EXIT_SLACK_S = 5.0
 
 LOAD_SETTING = "[switch] load_timeout_seconds"
 UNLOAD_SETTING = "[switch] unload_timeout_seconds"
@@ -86,8 +88,11 @@ class ModelLifecycle:
         return frozenset(name for name, task in self._exits.items() if not task.done())
 
     async def _exit(self, model: str, timeout: float) -> None:
-        with self._subscription() as changed:
-            await self.wait_unloaded(model, timeout, changed)
+        # a hard bound: one read of a hung router could outlast the wait's own deadline,
+        # and every later command waits for this
+        async with asyncio.timeout(timeout + _EXIT_SLACK_S):
+            with self._subscription() as changed:
+                await self.wait_unloaded(model, timeout, changed)
 
     async def exited(self, model: str | None = None) -> None:
         """Wait until the models unloaded in the background (``model``, or all) are gone.
@@ -100,8 +105,13 @@ class ModelLifecycle:
                 continue
             try:
                 await asyncio.shield(task)  # a cancelled caller leaves the wait to others
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not task.cancelled() or (current is not None and current.cancelling()):
+                    raise  # the caller's own cancellation
             except Exception as exc:
-                log.warning("model %r: its unload was not seen to finish: %s", name, exc)
+                why = str(exc) or "the router did not say so in time"
+                log.warning("model %r: its unload was not seen to finish: %s", name, why)
             if self._exits.get(name) is task:
                 del self._exits[name]
 

@@ -70,11 +70,11 @@ def parse_devices(text: str) -> tuple[str, ...] | None:
 
 def known_options(binary: Path) -> frozenset[str] | None:
     """What ``binary`` takes (None when its help cannot be read); read once per file."""
-    text = _output(binary, "--help")
-    if text is None:
-        log.warning("cannot read %s --help: preset keys are not checked", binary)
+    out = _output(binary, "--help")
+    if isinstance(out, str):
+        log.warning("cannot read %s --help (%s): preset keys are not checked", binary, out)
         return None
-    names = parse_help(text)
+    names = parse_help(out[0] + out[1])
     if len(names) < 20:  # not llama-server's help: check nothing rather than everything
         log.warning("%s --help lists no options: preset keys are not checked", binary)
         return None
@@ -83,21 +83,22 @@ def known_options(binary: Path) -> frozenset[str] | None:
 
 def devices(binary: Path) -> tuple[str, ...] | None:
     """The devices ``binary`` can use besides the CPU (None when that cannot be read)."""
-    text = _output(binary, "--list-devices")
-    return None if text is None else parse_devices(text)
+    out = _output(binary, "--list-devices")
+    return None if isinstance(out, str) else parse_devices(out[0])  # the list is on stdout
 
 
-def _output(binary: Path, flag: str) -> str | None:
-    """What ``binary flag`` prints (None when it cannot be run); run once per file."""
+def _output(binary: Path, flag: str) -> tuple[str, str] | str:
+    """What ``binary flag`` prints (stdout, stderr), or why it could not be run; run
+    once per file."""
     try:
         st = binary.stat()
-    except OSError:
-        return None
+    except OSError as exc:
+        return str(exc)
     return _run(str(binary), st.st_size, st.st_mtime_ns, flag)
 
 
 @functools.lru_cache(maxsize=8)
-def _run(binary: str, size: int, mtime_ns: int, flag: str) -> str | None:
+def _run(binary: str, size: int, mtime_ns: int, flag: str) -> tuple[str, str] | str:
     try:
         done = subprocess.run(
             [binary, flag],
@@ -108,9 +109,8 @@ def _run(binary: str, size: int, mtime_ns: int, flag: str) -> str | None:
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("%s %s: %s", binary, flag, exc)
-        return None
-    return done.stdout + done.stderr
+        return str(exc)
+    return done.stdout, done.stderr
 
 
 def check_preset_keys(presets: Presets, known: frozenset[str] | None) -> None:

@@ -63,9 +63,9 @@ class Prepared:
     system_prompt: str
     turns: list[Message]
     prompt: Prompt
-    slot_gen: int = 0  # the slot ledger's generation of the request that carries it
+    stored_end: int  # the seq after the last stored message the prompt holds
     rewind: int | None = None  # stored messages from this seq on are replaced by ``turns``
-    stored_end: int = 0  # the seq after the last stored message the prompt holds
+    slot_gen: int = 0  # the slot ledger's generation of the request that carries it
 
 
 class SessionService:
@@ -157,8 +157,8 @@ class SessionService:
             system_prompt,
             met.turns,
             prompt,
-            rewind=rewind,
             stored_end=offset + len(kept),
+            rewind=rewind,
         )
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
