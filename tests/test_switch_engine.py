@@ -299,6 +299,31 @@ def test_a_failed_load_after_a_background_exit_rolls_back_after_that_exit() -> N
     assert router.calls == ["unload a (background)", "load b", "unload b", "exited a", "load a"]
 
 
+def test_a_reload_that_fails_is_taken_back_within_its_own_command() -> None:
+    """Found by a hostile pass: the switch back ran as a command of its own, after a
+    switch queued meanwhile (undoing it), and the requests held by the failed switch
+    were let in with no model (503) before it."""
+    router = FakeRouter("a", broken=frozenset({"a"}))  # a's new preset does not load
+    engine = _engine(router)
+    held: list[bool] = []
+
+    def revert() -> None:
+        held.append(not engine.gate.is_open)
+        router.broken.clear()  # the previous preset loads
+
+    async def scenario(c: Controller) -> tuple[SwitchReport, SwitchReport]:
+        first = c.post(Switch("a", reload=True, revert=revert))
+        queued = c.post(Switch("b"))  # given while the reload ran
+        return await first, await queued
+
+    report, later = run(scenario, engine)
+    assert report.failed and held == [True]  # the gate stayed closed for the revert
+    assert report.reverted is not None and report.reverted.outcome is Outcome.OK
+    assert later.outcome is Outcome.OK and engine.active == "b"  # the queued one ran last
+    assert router.calls[-3:] == ["load a", "unload a", "load b"]
+    assert engine.gate.is_open
+
+
 def test_failed_load_rolls_back_to_the_previous_model() -> None:
     router = FakeRouter("a", broken=frozenset({"b"}))
     engine = _engine(router)

@@ -135,9 +135,11 @@ def print_reload(data: dict[str, Any]) -> None:
     if not data.get("changed") and not (applied or restart or presets):
         click.echo("config unchanged: nothing to apply")
         return
+    reverted = data.get("reverted")
+    done = "tried, then taken back" if isinstance(reverted, dict) else "applied"
     for title, items in (
-        ("applied", applied),
-        ("presets changed", presets),
+        (done, applied),
+        (f"presets changed ({done})" if reverted else "presets changed", presets),
         ("need a restart of `hotmodel serve` to take effect", restart),
     ):
         if items:
@@ -146,18 +148,27 @@ def print_reload(data: dict[str, Any]) -> None:
     if isinstance(data.get("switch"), dict):
         click.echo("the active model's preset changed; it was loaded again:")
         print_report(data["switch"])
-    reverted = data.get("reverted")
     if isinstance(reverted, dict):
-        back = reverted.get("switch")
-        then = "and the model was loaded with it:" if back else f"({reverted.get('note')})"
-        click.echo(
-            "it did not load with its new preset: "
-            f"the previous configuration is in force again, {then}"
-        )
-        if isinstance(back, dict):
-            print_report(back)
+        _print_reverted(reverted)
     if data.get("note"):
         click.echo(f"note: {data['note']}")
+
+
+def _print_reverted(reverted: dict[str, Any]) -> None:
+    back = reverted.get("switch")
+    if not isinstance(back, dict):
+        click.echo(f"the reload was taken back: {reverted.get('note')}")
+        return
+    with_it = (
+        "and the model was loaded with it:"
+        if back.get("outcome") == "ok"
+        else "but the model did not load with it either:"
+    )
+    click.echo(
+        "it did not load with its new preset: "
+        f"the previous configuration is in force again, {with_it}"
+    )
+    print_report(back)
 
 
 def _setting(item: Any) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from hotmodel.control.engine import Engine
@@ -38,6 +38,9 @@ class Switch:
     target: str
     replay: bool = True
     reload: bool = False  # load it again even if active (a reload changed its preset)
+    # a reload's: put the previous configuration back if the switch fails; the switch
+    # back then runs in the same command (nothing queued meanwhile runs in between)
+    revert: Callable[[], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +174,7 @@ class Controller:
         command = job.command
         try:
             if isinstance(command, Switch):
-                report = await self.engine.run(
-                    command.target, job.listeners, command.replay, reload=command.reload
-                )
+                report = await self._switch(command, job.listeners)
             elif isinstance(command, Recover):
                 report = await self.engine.run(command.target, job.listeners, recover=True)
             elif isinstance(command, Snapshot):
@@ -188,6 +189,21 @@ class Controller:
             job.future.set_exception(exc)
         else:
             job.future.set_result(report)
+
+    async def _switch(self, command: Switch, listeners: list[Listener]) -> SwitchReport:
+        target, replay = command.target, command.replay
+        # with a revert to run, requests held by a failed switch wait for it too
+        hold = command.revert is not None
+        report = await self.engine.run(target, listeners, replay, reload=command.reload, hold=hold)
+        if command.revert is None or not report.failed:
+            return report
+        try:
+            command.revert()  # the configuration that worked is in force again
+            if not report.changed_nothing:
+                report.reverted = await self.engine.run(target, listeners, replay, reload=True)
+        finally:
+            self.engine.gate.open()  # held or not, requests are let go now
+        return report
 
     def close(self) -> None:
         """Take no more commands; every queued one fails with :class:`ShuttingDownError`.

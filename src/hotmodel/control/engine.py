@@ -112,6 +112,7 @@ class Engine(StepEffects):
         save_only: bool = False,
         idle_after: float | None = None,
         reload: bool = False,
+        hold: bool = False,
     ) -> SwitchReport:
         """Take the router to ``target`` (None: no model); the report says how it went.
 
@@ -121,6 +122,8 @@ class Engine(StepEffects):
         ``idle_after``: an idle unload, done only if no request came for that long; the
         model is then parked (the next request loads it back).
         ``reload``: load ``target`` again even if it is active (its preset changed).
+        ``hold``: if this run fails after it changed something, the gate stays closed
+        (the caller runs another at once: requests wait for that one).
         """
         await self.router.exited()  # each command starts with no process on its way out
         if self.process is not None and not self.process.running and not save_only:
@@ -162,7 +165,8 @@ class Engine(StepEffects):
                 if parking is not None and not report.failed and self.active is None:
                     self.parked = parking
         finally:
-            self.gate.open()
+            if not (hold and report.failed and not report.changed_nothing):
+                self.gate.open()
             report.active_after = self.active
             report.total_ms = ms_since(t0)
             self.state = SwitchState.IDLE if self.active is not None else SwitchState.FAILED

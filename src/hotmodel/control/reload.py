@@ -6,8 +6,9 @@ needs a restart. :func:`reload_config` does it: the new files are parsed and
 validated first (a bad file changes nothing and says why), the live settings
 are swapped in one step (no await in between, so no request sees half of
 them), and the model set changes only through the control loop: the active
-model is loaded again only when its own preset changed (if that load fails, the
-previous configuration is put back whole); other presets reach
+model is loaded again only when its own preset changed (if that switch fails,
+the previous configuration is put back whole, and the model loaded again with
+it in the same command); other presets reach
 the router at the next moment no model is loaded (llama-server reads its
 preset list once, at start, so the router restarts then, at almost no cost).
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotmodel.config import Config, load_config
 from hotmodel.control.controller import Switch
+from hotmodel.control.report import SwitchReport
 from hotmodel.errors import ConfigError
 from hotmodel.presets import check_model_file
 from hotmodel.router.options import check_preset_keys, known_options
@@ -158,16 +160,19 @@ async def _reload(services: Services) -> dict[str, Any]:
     if plan.reload_active and controller.active is not None:
         # it is loaded again at once: a file that cannot be loaded is refused now
         check_model_file(new.presets, controller.active)
+    parked = controller.engine.parked
+    if parked is not None and parked in plan.presets_changed:
+        check_model_file(new.presets, parked)  # the next request loads it
     _apply(services, plan.config)
     result = plan.to_json()
     if plan.reload_active and controller.active is not None:
-        active = controller.active
-        report = await controller.submit(Switch(active, reload=True))
+        # if it fails, the previous configuration comes back within the same command
+        revert = Switch(controller.active, reload=True, revert=lambda: _apply(services, old))
+        report = await controller.submit(revert)
         result["switch"] = report.to_json()
-        # a drain that outlived its deadline changed nothing: the model still serves
-        # its old preset, and the new one is tried at the next switch
-        if report.failed and report.failed_phase != "drain":
-            result["reverted"] = await _revert(services, old, active)
+        if report.failed:
+            result["reverted"] = _reverted(report)
+            log.warning("config reload reverted: %s", report.error)
             return result
     elif plan.presets_changed:
         result["note"] = (
@@ -183,23 +188,12 @@ async def _reload(services: Services) -> dict[str, Any]:
     return result
 
 
-async def _revert(services: Services, old: Config, active: str) -> dict[str, Any]:
-    """The active model's new preset did not load (for a reason its file check cannot
-    see: a damaged GGUF, an option its load refuses): the configuration that worked is
-    put back whole, and the model loaded again with it, unless another switch (a
-    request's auto switch, queued meanwhile) has made another model active."""
-    _apply(services, old)
-    if services.controller.active not in (None, active):
-        return {"note": f"{services.controller.active!r} is active now: nothing to load again"}
-    back = await services.controller.submit(Switch(active, reload=True))
-    log.warning(
-        "config reload reverted: the new preset of %r did not load; the previous "
-        "configuration is in force again (loading %r with it: %s)",
-        active,
-        active,
-        back.outcome.value,
-    )
-    return {"switch": back.to_json()}
+def _reverted(report: SwitchReport) -> dict[str, Any]:
+    """What the answer says of a reload whose switch failed: its configuration was
+    taken back, and the switch back to the previous one (or why there was none)."""
+    if report.reverted is not None:
+        return {"switch": report.reverted.to_json()}
+    return {"note": "nothing was changed: the previous configuration stays in force"}
 
 
 def _apply(services: Services, config: Config) -> None:

@@ -85,10 +85,18 @@ class SwitchReport:
     snapshot: dict[str, Any] = field(default_factory=dict)  # "save" / "restore" results
     warnings: list[str] = field(default_factory=list)
     log_tail: str | None = None
+    # a reload's switch that failed: the switch back under the previous configuration
+    # (its own report, kept in the history too; not part of this one's JSON)
+    reverted: SwitchReport | None = None
 
     @property
     def failed(self) -> bool:
         return self.outcome is Outcome.FAILED
+
+    @property
+    def changed_nothing(self) -> bool:
+        """It failed before touching the running model (its check, or its drain)."""
+        return self.failed and self.failed_phase in ("check", "drain")
 
     def to_json(self) -> dict[str, Any]:
         return {

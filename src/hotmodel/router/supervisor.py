@@ -138,6 +138,7 @@ class RouterSupervisor:
         self.pid_file = PidFile(config.server.state_dir / "router.pid")
         self.restarts = 0
         self._stale = False  # the presets changed since this router started
+        self._running_presets = config.presets  # what the running router read
         self._proc: subprocess.Popen[bytes] | None = None
         self._router: Router | None = None
         self._log_handle: IO[bytes] | None = None
@@ -174,6 +175,7 @@ class RouterSupervisor:
         if self._config.switch.kv_snapshots:
             self._config.kv_dir.mkdir(parents=True, exist_ok=True)
         self.presets_file.write_text(self._config.presets.render(), encoding="utf-8")
+        self._running_presets = self._config.presets
         self._stale = False
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = self.log_file.open("ab")
@@ -255,7 +257,8 @@ class RouterSupervisor:
         old ones until then (llama-server reads its preset list once, at start)."""
         if presets != self._config.presets:
             self._config = dataclasses.replace(self._config, presets=presets)
-            self._stale = True
+        # a reload taken back leaves the running router as good as new
+        self._stale = presets != self._running_presets
 
     async def restart(self) -> None:
         """Start the router again after it exited (or was killed as hung).
