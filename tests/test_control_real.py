@@ -148,6 +148,26 @@ def test_a_request_llama_server_cannot_parse_is_the_clients_400(server: Hotmodel
     assert error["type"] == "invalid_request_error" and "Failed to parse tools" in error["message"]
 
 
+def test_a_prompt_no_context_could_hold_is_refused_before_llama_server_reads_it(
+    server: HotmodelProcess,
+) -> None:
+    """llama-server tokenizes it all before it refuses (a 7 MB prompt: 2.3 s here, the
+    CPU taken from everyone); no tokenizer makes fewer than a token of 64 characters."""
+    text = "hello world, this is a long prompt. " * 20_000  # 720,000 characters
+    resp = post(server, {"messages": [{"role": "user", "content": text}], "max_tokens": 1})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    # hotmodel's own answer (llama-server's would be type exceed_context_size_error)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert error["type"] == "invalid_request_error" and "720000 characters" in error["message"]
+    # in text parts too; and a prompt that may fit is llama-server's to count
+    parts = [{"type": "text", "text": text}]
+    assert post(server, {"messages": [{"role": "user", "content": parts}]}).status_code == 400
+    long = post(server, {"messages": [{"role": "user", "content": text[:60_000]}]})
+    assert long.status_code == 400 and long.json()["error"]["code"] != "context_length_exceeded"
+    assert post(server, {"messages": HELLO, "max_tokens": 1}).status_code == 200
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(server: HotmodelProcess) -> None:
     host, port = server.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:

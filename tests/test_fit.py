@@ -77,3 +77,19 @@ def test_auto_overlaps_only_when_the_target_fits() -> None:
     no_gpu.models_max, no_gpu.estimate = 2, lambda m: 1
     report = switch(no_gpu, "b")
     assert report.policy == "zero_overlap" and "no GPU" in (report.policy_reason or "")
+
+
+def test_the_largest_context_of_the_presets(tmp_path: Path) -> None:
+    from hotmodel.config import RouterConfig
+    from hotmodel.control.fit import largest_context
+    from hotmodel.presets import load_presets
+
+    ini = tmp_path / "m.ini"
+    ini.write_text("[a]\nmodel = a.gguf\n[b]\nmodel = b.gguf\nctx-size = 8192\n")
+    router = RouterConfig(models_preset=ini, default_model="a", ctx_size=4096)
+    assert largest_context(load_presets(ini), router) == 8192
+    ini.write_text("[*]\nc = 1024\n[a]\nmodel = a.gguf\n")
+    assert largest_context(load_presets(ini), router) == 1024
+    # 0 is the model's own context, read from its GGUF: unknown here, so no bound
+    ini.write_text("[a]\nmodel = a.gguf\n[b]\nmodel = b.gguf\nctx-size = 0\n")
+    assert largest_context(load_presets(ini), router) is None

@@ -18,6 +18,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
     │   ├── PayloadTooLargeError     the body is over [server] max_body_bytes (413)
     │   ├── RequestTimeoutError      the body did not arrive in time (408)
+    │   ├── ContextLengthError       a prompt no model's context could hold (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── SessionNotFoundError     no session has this id (404)
@@ -130,6 +131,10 @@ class RequestTimeoutError(RequestError):
     """The client did not send its whole request body in time."""
 
 
+class ContextLengthError(RequestError):
+    """The prompt's text is too long for any preset's context, whatever the tokenizer."""
+
+
 class ModelNotFoundError(RequestError):
     """The requested model is not one of the presets."""
 
@@ -200,6 +205,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
     (RequestTimeoutError, HttpError(408, "invalid_request_error", "request_timeout")),
+    (ContextLengthError, HttpError(400, "invalid_request_error", "context_length_exceeded")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
     (ConfigError, HttpError(400, "invalid_request_error", "invalid_config")),  # a reload's
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),

@@ -28,12 +28,14 @@ from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
 from hotmodel.api.validate import (
     check_fields,
     check_messages,
+    check_prompt_length,
     check_tree,
     parse_json,
     read_asgi_body,
     tree_needs_check,
 )
 from hotmodel.control.controller import Switch
+from hotmodel.control.fit import largest_context
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     InvalidRequestError,
@@ -115,7 +117,9 @@ def parse_chat(
     payload = parse_body(body)
     if "messages" not in payload:
         raise InvalidRequestError("'messages' is required", param="messages")
-    check_messages(payload["messages"], services.config.server.max_messages)
+    config = services.config
+    check_messages(payload["messages"], config.server.max_messages)
+    check_prompt_length(payload["messages"], largest_context(config.presets, config.router))
     check_fields(payload)
     for old, new in _RENAMED.items():
         if old in payload or old in headers:

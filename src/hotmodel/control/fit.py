@@ -194,6 +194,27 @@ def _option(options: Mapping[str, str], *names: str) -> str | None:
     return next((options[n] for n in names if n in options), None)
 
 
+def preset_context(presets: Presets, name: str, router: RouterConfig) -> int | None:
+    """The context size (tokens) preset ``name`` is loaded with: its own ``ctx-size``
+    (its section, then ``[*]``), else ``[router]``'s; None when unknown or 0 (the
+    model's own, read from the GGUF by llama-server)."""
+    preset = presets.models.get(name)
+    if preset is None:
+        return None
+    ctx = _option({**presets.globals, **preset.options}, "ctx-size", "c")
+    try:
+        n = int(ctx) if ctx is not None else router.ctx_size
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def largest_context(presets: Presets, router: RouterConfig) -> int | None:
+    """The largest context any preset is loaded with (None when one is unknown)."""
+    sizes = [preset_context(presets, name, router) for name in presets.models]
+    return None if not sizes or None in sizes else max(s for s in sizes if s is not None)
+
+
 def preset_need_mib(presets: Presets, name: str, router: RouterConfig) -> int | None:
     """The memory preset ``name`` needs: its GGUF, with its own context and cache
     types where the INI sets them (its section, then ``[*]``), else ``[router]``'s."""
@@ -201,10 +222,8 @@ def preset_need_mib(presets: Presets, name: str, router: RouterConfig) -> int | 
     if preset is None or preset.model_path is None:
         return None
     options = {**presets.globals, **preset.options}
-    ctx = _option(options, "ctx-size", "c")
-    try:
-        ctx_n = int(ctx) if ctx is not None else router.ctx_size
-    except ValueError:
+    ctx_n = preset_context(presets, name, router)
+    if ctx_n is None:
         return None
     return estimate_mib(
         preset.model_path,
