@@ -160,11 +160,13 @@ def test_a_prompt_no_context_could_hold_is_refused_before_llama_server_reads_it(
     # hotmodel's own answer (llama-server's would be type exceed_context_size_error)
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert error["type"] == "invalid_request_error" and "720000 characters" in error["message"]
-    # in text parts too; and a prompt that may fit is llama-server's to count
+    # in text parts too
     parts = [{"type": "text", "text": text}]
     assert post(server, {"messages": [{"role": "user", "content": parts}]}).status_code == 400
+    # a prompt that may fit is llama-server's to count: its refusal gets OpenAI's code too
     long = post(server, {"messages": [{"role": "user", "content": text[:60_000]}]})
-    assert long.status_code == 400 and long.json()["error"]["code"] != "context_length_exceeded"
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    assert "exceeds the available context size" in long.json()["error"]["message"]
     assert post(server, {"messages": HELLO, "max_tokens": 1}).status_code == 200
 
 

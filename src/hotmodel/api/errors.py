@@ -11,6 +11,7 @@ and nothing internal (:class:`CatchUnexpected`).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -67,7 +68,19 @@ def upstream_error_response(status: int, body: bytes) -> JSONResponse:
             "router_unavailable",
         )
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    if _error_type(body) == "exceed_context_size_error":
+        # OpenAI's code for it: clients trim the conversation and retry on this one
+        return error_response(status, message, type_, "context_length_exceeded", "messages")
     return error_response(status, message, type_, "upstream_error")
+
+
+def _error_type(body: bytes) -> object:
+    """The ``error.type`` llama-server gave (None when there is none)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("type") if isinstance(error, dict) else None
 
 
 def sse_error(message: str, code: str) -> bytes:
