@@ -31,6 +31,7 @@ from hotmodel.errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
 )
+from hotmodel.sessions.context import chars
 
 MAX_DEPTH = 64
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -248,16 +249,10 @@ def check_prompt_length(messages: list[Any], context: int | None) -> None:
     if context is None:
         return
     limit = context * MAX_CHARS_PER_TOKEN
-    chars = 0
-    for message in messages:  # checked by check_messages already
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if p.get("type") == "text")
-    if chars > limit:
+    n = chars(messages)  # the messages are checked by check_messages already
+    if n > limit:
         raise ContextLengthError(
-            f"the messages hold {chars} characters of text: more than any model's context "
+            f"the messages hold {n} characters of text: more than any model's context "
             f"({context} tokens) can hold, whatever its tokenizer (at most {limit})",
             param="messages",
         )

@@ -167,8 +167,8 @@ async def _reload(services: Services) -> dict[str, Any]:
     result = plan.to_json()
     if plan.reload_active and controller.active is not None:
         # if it fails, the previous configuration comes back within the same command
-        revert = Switch(controller.active, reload=True, revert=lambda: _apply(services, old))
-        report = await controller.submit(revert)
+        command = Switch(controller.active, reload=True, revert=lambda: _apply(services, old))
+        report = await controller.submit(command)
         result["switch"] = report.to_json()
         if report.failed:
             result["reverted"] = _reverted(report)
