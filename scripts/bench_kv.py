@@ -97,9 +97,12 @@ def switch_back(
     ttft, timings = first_token(c, base, QUESTION, session)
     # to the first token: the switch back, then the turn's time to its first token
     total = (turn_started - t0) * 1000 + ttft
+    # the turn's cache_n proved the restore (or not): the report in the history says so
+    proven = c.get(base + "/admin/switches").json()["data"][0]
+    assert proven["id"] == back["id"], proven
     return {
         "saved": away["snapshot"].get("save"),
-        "restore": back["snapshot"].get("restore"),
+        "restore": proven["snapshot"].get("restore"),
         "replay": back["replay"],
         "phases": back["phases"],
         "switch_back_ms": round(switch_ms, 1),
@@ -142,15 +145,16 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     (folder / f"kv-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
     print(
-        "| switch back by | session tokens | load ms | restore ms | replay prompt_n | "
+        "| switch back by | session tokens | load ms | restore ms (took) | replay prompt_n | "
         "switch back ms | next turn first token ms | total ms | every round's total ms |"
     )
     print("|" + " --- |" * 9)
     for r in runs:
         restore = r["restore"] or {}
+        took = f" ({restore.get('took')})" if restore else ""
         print(
             f"| {r['mode']} | {r['session_tokens']} | {r['phases'].get('load')} | "
-            f"{restore.get('ms', '-')} | {(r['replay'] or {}).get('prompt_tokens')} | "
+            f"{restore.get('ms', '-')}{took} | {(r['replay'] or {}).get('prompt_tokens', '-')} | "
             f"{r['switch_back_ms']} | {r['next_turn_first_token_ms']} | {r['total_ms']} | "
             f"{', '.join(str(t) for t in r['rounds_total_ms'])} |"
         )

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,11 +160,53 @@ def test_a_deleted_folder_is_made_again_before_a_load(tmp_path: Path) -> None:
     assert store.dir.is_dir()
 
 
+def _restored(store: Snapshots, tokens: int = 100) -> tuple[Path, dict[str, Any]]:
+    """As if ``tokens`` of session ("", "s") had just been restored into model "m"."""
+    store.ensure_folder()
+    path = store.dir / "kv-00000000000000ab.bin"
+    path.write_bytes(b"kv")
+    meta = snapshots.Meta(
+        path.name, "m", "", "s", 1, "hash", {}, 2, "digest", tokens, time.time(), time.time()
+    )
+    store._write(meta)
+    info: dict[str, Any] = {"restored": True, "session": "s", "tokens": tokens, "took": None}
+    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info)
+    return path, info
+
+
+def test_the_sessions_next_turn_proves_a_restore(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, info = _restored(store)
+    store.turn_ended("m", 100, ("", "s"))
+    assert info["took"] is True and info["cache_tokens"] == 100 and path.exists()
+    store.turn_ended("m", 0, ("", "s"))  # only the first request after it proves anything
+    assert info["took"] is True and path.exists()
+
+
+def test_another_sessions_turn_cannot_tell(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, info = _restored(store)
+    store.turn_ended("m", 0, ("", "other"))
+    store.turn_ended("m", 0, ("", "s"))  # the slot holds another prompt by now
+    assert info["took"] is None and "not this session's" in info["unchecked"]
+    assert path.exists()
+
+
 def test_a_model_whose_restore_did_not_take_is_not_saved_again(tmp_path: Path) -> None:
     store = _store(tmp_path)
+    path, info = _restored(store, tokens=500)
+    assert store.proved("m", 3) is False  # the turn found 3 of 500 tokens in the cache
+    assert info["took"] is False and "cache_n 3 of 500" in info["reason"]
+    assert not path.exists() and store.stats()["count"] == 0
     gen = store.ledger.touch("m")
     store.ledger.cover("m", gen, "", "s", [{"role": "user", "content": "hi"}])
-    store.discard("m", "its restore did not take")
     saved = asyncio.run(store.save("m"))
     assert saved is not None and saved["saved"] is False
     assert "did not take" in saved["reason"] and "--swa-full" in saved["reason"]
+
+
+def test_a_model_that_leaves_has_nothing_left_to_prove(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, info = _restored(store)
+    assert asyncio.run(store.save("m")) is None  # unloaded (its slot held no session)
+    assert store.proved("m", 0) is None and info["took"] is None and path.exists()

@@ -20,13 +20,14 @@ from hotmodel.config import SwitchConfig
 from hotmodel.control.controller import Controller, Recover, Snapshot, Switch, Unload
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuDevice, GpuSnapshot
-from hotmodel.control.plan import Step, plan
+from hotmodel.control.plan import Step, beside_load, plan
 from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport, SwitchState
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import (
     ConfigError,
     ModelLoadError,
     ModelNotFoundError,
+    RouterError,
     ShuttingDownError,
     SwitchBusyError,
 )
@@ -728,26 +729,38 @@ def test_a_target_that_fails_its_check_changes_nothing() -> None:
 
 
 class FakeKv:
-    """Scripted KV snapshots: what save/restore answer, and what was discarded."""
+    """Scripted KV snapshots: what save/restore answer, and what was discarded. A save
+    waits for ``save_gate`` when one is set."""
 
     def __init__(self, restored_tokens: int = 100, fail_save: bool = False) -> None:
         self.restored_tokens = restored_tokens
         self.fail_save = fail_save
         self.calls: list[str] = []
         self.discarded: list[str] = []
+        self.save_gate: asyncio.Event | None = None
+        self.info: dict[str, Any] = {}
 
     async def save(self, model: str) -> dict[str, Any] | None:
         self.calls.append(f"save {model}")
+        if self.save_gate is not None:
+            await self.save_gate.wait()
         if self.fail_save:
             raise ModelLoadError("slot save answered 500")
+        self.calls.append(f"saved {model}")
         return {"session": "s", "tokens": 100, "bytes": 1000, "ms": 1.0}
 
     async def restore(self, model: str) -> dict[str, Any] | None:
         self.calls.append(f"restore {model}")
-        return {"restored": True, "session": "s", "tokens": self.restored_tokens, "bytes": 1000}
+        self.info = {"restored": True, "session": "s", "tokens": self.restored_tokens}
+        self.info["took"] = None
+        return self.info
 
-    def discard(self, model: str, why: str) -> None:
-        self.discarded.append(f"{model}: {why}")
+    def proved(self, model: str, cached: int) -> bool | None:
+        took = cached >= self.restored_tokens // 2
+        self.info["took"] = took
+        if not took:
+            self.discarded.append(f"{model}: its restore did not take")
+        return took
 
     def ensure_folder(self) -> None:
         self.calls.append("folder")
@@ -773,6 +786,29 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
     router, kv = FakeRouter("a"), FakeKv()
     engine = _engine(router)
     engine.kv = kv
+    replayed: list[str] = []
+
+    async def replay(model: str) -> dict[str, Any]:
+        replayed.append(model)
+        return {"prompt_tokens": 3, "cache_tokens": 100}
+
+    engine.replay = replay
+    phases = Phases()
+    report = switch(engine, "b", phases)
+    assert kv.calls == ["save a", "saved a", "folder", "restore b"]  # the folder, then a load
+    assert router.calls == ["unload a", "load b"]
+    assert report.snapshot["save"]["tokens"] == 100
+    # requests are let in at once: the next turn reads what was added, and proves it
+    assert replayed == [] and report.replay is None
+    assert ("replay", "skipped") in phases.pairs()
+    assert report.snapshot["restore"]["took"] is None
+    assert kv.proved("b", 100) is True and report.snapshot["restore"]["took"] is True
+
+
+def test_overlap_replays_a_restored_model_before_it_serves_and_that_proves_it() -> None:
+    kv = FakeKv()
+    engine = _engine(FakeRouter("a"), policy="overlap")
+    engine.kv = kv
     order: list[str] = []
 
     async def replay(model: str) -> dict[str, Any]:
@@ -781,16 +817,13 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
 
     engine.replay = replay
     report = switch(engine, "b")
-    assert kv.calls == ["save a", "folder", "restore b"]  # the folder exists before a load
-    assert router.calls == ["unload a", "load b"]
-    assert order == ["replay b (active b)"]
-    assert report.snapshot["save"]["tokens"] == 100
+    assert order == ["replay b (active a)"]  # the old model still serves meanwhile
     assert report.snapshot["restore"]["took"] is True and kv.discarded == []
 
 
 def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None:
     kv = FakeKv(restored_tokens=500)
-    engine = _engine(FakeRouter("a"))
+    engine = _engine(FakeRouter("a"), policy="overlap")
     engine.kv = kv
 
     async def replay(model: str) -> dict[str, Any]:
@@ -819,8 +852,100 @@ def test_the_snapshot_command_saves_and_changes_nothing() -> None:
     engine = _engine(router)
     engine.kv = kv
     report = run(lambda c: c.submit(Snapshot()), engine)
-    assert kv.calls == ["save a"] and router.calls == []
+    assert kv.calls == ["save a", "saved a"] and router.calls == []
     assert report.outcome is Outcome.OK and engine.active == "a"
+
+
+def test_steps_beside_the_load() -> None:
+    steps = plan("zero_overlap", "a", "b", kv=True)
+    assert beside_load(steps, True) == (Step.SAVE, Step.UNLOAD, Step.SETTLE)
+    assert beside_load(steps, False) == ()  # device memory to settle: in order
+    assert beside_load(plan("zero_overlap", "a", "b"), True) == ()  # nothing to save
+    assert beside_load(plan("overlap", "a", "b", kv=True), True) == ()  # saved after
+    assert beside_load(plan("zero_overlap", "a", None, kv=True), True) == ()  # no load
+    assert beside_load(plan("zero_overlap", "a", "b", kv=True, restart=True), True) == ()
+    assert beside_load(plan("zero_overlap", "a", "a", kv=True), True, same_model=True) == ()
+
+
+def test_a_reload_saves_and_unloads_the_model_before_loading_it_again() -> None:
+    router = FakeRouter("a")
+    engine, kv = _beside_engine(router)
+    assert kv.save_gate is not None
+    kv.save_gate.set()
+    report = run(lambda c: c.submit(Switch("a", reload=True)), engine)
+    assert report.outcome is Outcome.OK and router.status["a"] == "loaded"
+    assert router.calls == ["unload a (background)", "exited a", "load a"]
+
+
+def _beside_engine(router: FakeRouter) -> tuple[Engine, FakeKv]:
+    engine, kv = _engine(router), FakeKv()
+    engine.kv, engine.exit_in_background = kv, True
+    kv.save_gate = asyncio.Event()
+    return engine, kv
+
+
+def test_without_device_memory_the_leaving_model_is_saved_while_the_next_loads() -> None:
+    router = FakeRouter("a")
+    engine, kv = _beside_engine(router)
+    phases = Phases()
+
+    async def scenario(controller: Controller) -> tuple[list[str], SwitchState, SwitchReport]:
+        pending = controller.post(Switch("b"), phases)
+        assert kv.save_gate is not None
+        try:
+            await router.load_started.wait()  # b loads while a's save has not finished
+            seen = (list(kv.calls), engine.state)
+        finally:
+            kv.save_gate.set()
+        return (*seen, await pending)
+
+    calls, state, report = run(scenario, engine)
+    assert calls == ["folder", "save a"] and state is SwitchState.LOADING
+    assert report.outcome is Outcome.OK and engine.active == "b"
+    assert kv.calls == ["folder", "save a", "saved a", "restore b"]  # restored after both
+    assert router.calls == ["load b", "unload a (background)"]
+    assert {"save", "unload", "load", "restore"} <= set(report.phases)
+
+
+def test_a_load_that_fails_beside_a_save_waits_for_it_then_rolls_back() -> None:
+    router = FakeRouter("a", broken=frozenset({"b"}))
+    engine, kv = _beside_engine(router)
+    assert kv.save_gate is not None
+    kv.save_gate.set()
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED and report.rolled_back is True
+    assert engine.active == "a" and router.status["a"] == "loaded"
+    assert "saved a" in kv.calls  # the save was not cut short by the failed load
+    assert router.calls[-3:] == ["unload b", "exited a", "load a"]
+
+
+def test_an_unload_that_fails_beside_the_load_rolls_the_switch_back() -> None:
+    router = FakeRouter("a")
+    engine, kv = _beside_engine(router)
+    assert kv.save_gate is not None
+    kv.save_gate.set()
+
+    unload = router.unload
+
+    async def refuse(model: str, timeout: float, background: bool = False) -> bool:
+        if model == "a":
+            raise RouterError("the router refused the unload")
+        return await unload(model, timeout, background)
+
+    router.unload = refuse  # type: ignore[method-assign]
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED and report.failed_phase == "unload"
+    assert engine.active == "a" and router.status["b"] == "unloaded"
+
+
+def test_a_switch_past_its_deadline_stops_the_save_beside_the_load() -> None:
+    router = FakeRouter("a")
+    engine, kv = _beside_engine(router)
+    engine.config = dataclasses.replace(engine.config, switch_timeout_seconds=0.2)
+    router.load_gate = asyncio.Event()  # neither the load nor the save ever ends
+    report = switch(engine, "b")
+    assert report.outcome is Outcome.FAILED and "switch_timeout_seconds" in (report.error or "")
+    assert "saved a" not in kv.calls and engine.active == "a"
 
 
 class FakeProcess:

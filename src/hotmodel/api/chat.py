@@ -269,6 +269,7 @@ class ChatCompletions:
                 if chat.stream:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
                     await relay(upstream, ticket, receive, send, headers, on_reply, record)
+                    self._turn_ended(model, chat.session, record)
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
@@ -277,12 +278,19 @@ class ChatCompletions:
                 if prepared is not None:
                     with anyio.CancelScope(shield=True):
                         await self.s.sessions.complete(prepared, reply_of(data), model)
+                self._turn_ended(model, chat.session, record)
                 return Answer(upstream.status_code, data, headers)
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             if ticket.cancel_code == SHUTTING_DOWN:
                 raise ShuttingDownError(ticket.cancel_reason or "hotmodel is shutting down")
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
+
+    def _turn_ended(self, model: str, session: SessionRef | None, record: RequestRecord) -> None:
+        """The first answer after a KV restore proves it (its ``cache_n``)."""
+        if self.s.snapshots is not None and record.usage is not None:
+            ref = None if session is None else (session.owner, session.id)
+            self.s.snapshots.turn_ended(model, record.usage.cached, ref)
 
     def _recorder(self, prepared: Prepared, model: str) -> OnReply:
         async def on_reply(reply: Message) -> None:

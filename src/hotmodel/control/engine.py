@@ -29,7 +29,7 @@ from hotmodel.config import SwitchConfig
 from hotmodel.control.effects import StepEffects
 from hotmodel.control.fit import choose_policy, free_mib
 from hotmodel.control.gpu import GpuProbe, NoGpu
-from hotmodel.control.plan import Policy, Step, plan, plan_recovery
+from hotmodel.control.plan import Policy, Step, beside_load, plan, plan_recovery
 from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
 from hotmodel.control.report import (
     Listener,
@@ -54,6 +54,8 @@ from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError
 
 log = logging.getLogger("hotmodel.control")
+
+RESTORED_SKIP = "the restored KV holds the conversation; the next turn proves it"
 
 
 class Engine(StepEffects):
@@ -231,13 +233,22 @@ class Engine(StepEffects):
 
     async def _execute_steps(self, run: Run, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
+        same = run.previous == run.target
+        beside = beside_load(steps, self._exits_in_background(run), same)
         try:
             try:
                 async with asyncio.timeout(deadline):
                     for step in steps:
+                        if step in beside:
+                            if run.beside is None:
+                                run.beside = asyncio.create_task(self._beside(run, beside))
+                            continue
                         run.started.append(step)
                         await self._step(step, run)
+                        if step is Step.LOAD:
+                            await self._join_beside(run)
             except TimeoutError:
+                await self._end_beside(run, cancel=True)
                 raise StepFailedError(
                     run.started[-1],
                     f"the switch did not finish within {deadline:g}s "
@@ -245,6 +256,7 @@ class Engine(StepEffects):
                 ) from None
             run.report.outcome = Outcome.OK
         except StepFailedError as failure:
+            await self._end_beside(run, cancel=False)  # the rollback must see what it did
             run.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
             report = run.report
             if Step.ACTIVATE in run.started[:-1]:
@@ -258,9 +270,36 @@ class Engine(StepEffects):
             report.log_tail = failure.log_tail
             if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
                 await self._rollback(run)
+        finally:
+            await self._end_beside(run, cancel=True)  # cancelled: it must not outlive the run
 
-    async def _step(self, step: Step, run: Run) -> None:
-        if step in STEP_STATE:
+    async def _beside(self, run: Run, steps: tuple[Step, ...]) -> None:
+        """Run ``steps`` while the main lane loads the target (see ``beside_load``)."""
+        for step in steps:
+            run.started.append(step)
+            await self._step(step, run, lane=False)
+
+    async def _join_beside(self, run: Run) -> None:
+        """Wait for the steps beside the load: their failure is this step's."""
+        task, run.beside = run.beside, None
+        if task is not None:
+            await task
+
+    async def _end_beside(self, run: Run, cancel: bool) -> None:
+        """After a failure (or a cancellation): stop (``cancel``) or wait for the steps
+        beside the load; a failure of theirs becomes a warning beside the first one."""
+        task, run.beside = run.beside, None
+        if task is None:
+            return
+        if cancel:
+            task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            run.report.warnings.append(str(exc))
+
+    async def _step(self, step: Step, run: Run, lane: bool = True) -> None:
+        """Run one step; ``lane``: the main one, whose step is the engine's state."""
+        if lane and step in STEP_STATE:
             self.state = STEP_STATE[step]
         run.emit(step.value, PhaseStatus.STARTED)
         t = time.monotonic()
@@ -288,13 +327,7 @@ class Engine(StepEffects):
             return await self._drain(report, previous, close_gate=hold)
         if step is Step.UNLOAD:
             assert previous is not None
-            background = (
-                self.exit_in_background
-                and self.config.background_exit  # live: a reload may turn it off
-                and target is not None
-                and run.policy == "zero_overlap"
-            )
-            return await self._unload(report, previous, background)
+            return await self._unload(report, previous, self._exits_in_background(run))
         if step is Step.SETTLE:
             return await self._settle(report)
         if step is Step.ACTIVATE:
@@ -312,10 +345,23 @@ class Engine(StepEffects):
         # reads only what was added since, and proves the restore took
         if not (run.replay or run.restored) or not run.loaded:
             return SKIPPED
+        if run.restored and Step.ACTIVATE in run.started:
+            # requests are let in: the replay would only hold up the next turn, which
+            # reads what was added as well, and whose cache_n proves the restore
+            return Skipped(RESTORED_SKIP)
         detail = await self._replay(report, target)
         if run.restored and report.replay is not None:
             self._verify_restore(run, target)
         return detail
+
+    def _exits_in_background(self, run: Run) -> bool:
+        """Whether the leaving model's process exits while the target loads."""
+        return (
+            self.exit_in_background
+            and self.config.background_exit  # live: a reload may turn it off
+            and run.target is not None
+            and run.policy == "zero_overlap"
+        )
 
     async def _rollback(self, run: Run) -> None:
         """After a failed unload/load: the target must not stay resident (a load was

@@ -88,6 +88,26 @@ def _plan(policy: Policy, current: str | None, target: str | None) -> tuple[Step
     )
 
 
+def beside_load(
+    steps: tuple[Step, ...], exits_in_background: bool, same_model: bool = False
+) -> tuple[Step, ...]:
+    """The steps of ``steps`` that run while the target loads instead of before it.
+
+    When the leaving model's process exits in the background (a CPU-only
+    llama-server: no device memory to wait for), the load does not need it gone:
+    its KV snapshot is saved, and it is unloaded, while the next model loads (the
+    router has a spare place for it). Without a snapshot to save there is nothing
+    to gain (the unload is one request); a router restart needs no model loaded;
+    and a model loaded again (a reload) must be gone before it loads.
+    """
+    if not exits_in_background or same_model or Step.RESTART in steps:
+        return ()
+    if Step.SAVE not in steps or Step.LOAD not in steps:
+        return ()
+    start, load = steps.index(Step.SAVE), steps.index(Step.LOAD)
+    return steps[start:load]
+
+
 def plan_recovery(kv: bool = False) -> tuple[Step, ...]:
     """After the router or the model's child died: nothing is resident any more, so
     start the router if it is down, load the model again, let requests in, replay."""

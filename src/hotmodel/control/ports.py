@@ -60,8 +60,9 @@ class KvOps(Protocol):
         """Bring back the most recent session's snapshot (``restored``: whether it did)."""
         ...
 
-    def discard(self, model: str, why: str) -> None:
-        """Delete the snapshot last restored into ``model``: it proved useless."""
+    def proved(self, model: str, cached: int) -> bool | None:
+        """The restored session's first request on ``model`` (the replay) found ``cached``
+        prompt tokens in the cache: whether the restore took (None: none waits)."""
         ...
 
     def ensure_folder(self) -> None:

@@ -5,6 +5,7 @@ Split from ``engine.py`` so that the engine module holds only the step logic.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Run:
     policy: str | None = None  # the switch policy chosen for this run (None: a special command)
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
     restored: bool = False  # the RESTORE step brought a KV snapshot back
+    beside: asyncio.Task[None] | None = None  # the steps running while the target loads
 
     def emit(
         self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None

@@ -7,14 +7,16 @@ same (:func:`identity`: the GGUF file's size, mtime and a hash of its first MiB,
 the llama-server binary, ctx size, cache types, slots, extra arguments and the
 model's preset options). It is labelled with the session whose prompt it
 holds and a hash of the exact messages it covers, and restored only when those
-messages still begin what would be sent for that session now; the replay that
-follows then re-reads only what was added meanwhile, and its ``cache_n``
-proves the restore took. Files are named by hotmodel (``kv-<random>.bin``),
-never from client input; each has a JSON sidecar, and its sha256 is checked
-before it is handed back to llama-server (:class:`Digests`: again only when the
-file changed since hotmodel last read it), so a truncated or corrupted file is
-refused instead of restored. The folder is kept under ``[switch]
-kv_snapshot_max_bytes`` (least recently used first).
+messages still begin what would be sent for that session now. The first
+request on the model after it (that session's next turn, or a replay before
+the model serves) then reads only what was added meanwhile, and its ``cache_n``
+proves the restore took (:meth:`Snapshots.proved`). Files are named by
+hotmodel (``kv-<random>.bin``), never from client input; each has a JSON
+sidecar, and its sha256 is checked before it is handed back to llama-server
+(:class:`Digests`: again only when the file changed since hotmodel last read
+it), so a truncated or corrupted file is refused instead of restored. The
+folder is kept under ``[switch] kv_snapshot_max_bytes`` (least recently used
+first).
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ class Meta:
     used: float
 
 
+@dataclass(slots=True)
+class Unproved:
+    """A restore whose ``cache_n`` has not been seen yet."""
+
+    meta: Meta
+    owner: str
+    session_id: str
+    info: dict[str, Any]  # the switch report's restore entry: the verdict is written in it
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -161,7 +173,8 @@ class Snapshots:
         self.ledger = ledger
         self.dir = config.kv_dir
         self.timeout = config.switch.load_timeout_seconds
-        self._restored: dict[str, Meta] = {}  # the snapshot last restored into each model
+        # per model, the restore the first request after it proves (or not)
+        self._unproved: dict[str, Unproved] = {}
         # models whose restores do not take in this llama-server (Gemma 3's sliding-window
         # attention keeps too little: it re-reads the prompt): not saved again this run
         self._no_take: set[str] = set()
@@ -251,6 +264,7 @@ class Snapshots:
     async def save(self, model: str) -> dict[str, Any] | None:
         """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
         covered = self.ledger.get(model)
+        self._unproved.pop(model, None)  # it leaves: no request on it will prove anything
         if covered is None or self.config.presets.models[model].model_path is None:
             return None  # nobody's slot, or a remote model whose weights cannot be checked
         if model in self._no_take:
@@ -299,6 +313,7 @@ class Snapshots:
         """After ``model`` is loaded: bring back the most recent session's snapshot for it,
         when it is valid and still begins what would be sent now."""
         gen = self.ledger.touch(model)  # a freshly loaded model's slot is empty
+        self._unproved.pop(model, None)
         found = await self.sessions.replay_prompt(model)
         if found is None:
             return None
@@ -322,15 +337,17 @@ class Snapshots:
             return {"restored": False, "reason": f"llama-server refused it: {exc}"}
         meta.used = time.time()
         self._write(meta)
-        self._restored[model] = meta
         self.ledger.cover(model, gen, session.owner, session.id, messages[: meta.n_messages])
-        return {
+        info = {
             "restored": True,
             "session": session.id,
             "tokens": int(answer.get("n_restored") or 0),
             "bytes": meta.size,
             "ms": round((time.monotonic() - t0) * 1000, 1),
+            "took": None,  # not known until a request on the model shows its cache_n
         }
+        self._unproved[model] = Unproved(meta, session.owner, session.id, info)
+        return info
 
     async def _refuse(self, meta: Meta, messages: Sequence[Message]) -> str | None:
         """Why ``meta`` must not be restored now (None: it may)."""
@@ -357,11 +374,41 @@ class Snapshots:
             return "snapshot refused: its file is truncated or corrupted"
         return None
 
-    def discard(self, model: str, why: str) -> None:
-        """A restore that did not take: that snapshot is of no use, and neither would the
-        next one of this model be (same binary, same settings): it is not saved again
-        until hotmodel restarts."""
-        meta = self._restored.pop(model, None)
-        if meta is not None:
-            self._delete(meta, why)
-        self._no_take.add(model)
+    def turn_ended(self, model: str, cached: int, session: tuple[str, str] | None) -> None:
+        """A chat request on ``model`` ended, ``cached`` of its prompt tokens from
+        llama-server's cache (``timings.cache_n``); ``session`` is whose turn it was
+        (owner, id; None: no session's). The first one after a restore proves it when it
+        is that session's turn; another session's request cannot tell, and the verdict
+        stays unknown."""
+        pending = self._unproved.get(model)
+        if pending is None:
+            return
+        if session == (pending.owner, pending.session_id):
+            self.proved(model, cached)
+            return
+        del self._unproved[model]
+        pending.info["unchecked"] = "the first request after it was not this session's"
+
+    def proved(self, model: str, cached: int) -> bool | None:
+        """The restored session's first request on ``model`` found ``cached`` prompt tokens
+        in the cache: whether the restore took (None: no restore waits for its proof).
+
+        A restore that did not take (a known upstream bug class: success reported, cache
+        empty; here, Gemma 3's sliding window) is of no use, and neither would the model's
+        next snapshot be (same binary, same settings): it is deleted, and the model is not
+        saved again until hotmodel restarts. The request that found out read the whole
+        conversation itself: that is the replay this falls back to.
+        """
+        pending = self._unproved.pop(model, None)
+        if pending is None:
+            return None
+        restored = int(pending.info.get("tokens") or 0)
+        took = cached >= restored // 2
+        pending.info["took"], pending.info["cache_tokens"] = took, cached
+        if not took:
+            why = f"its restore did not take (cache_n {cached} of {restored} restored tokens)"
+            pending.info["reason"] = why
+            log.warning("KV snapshot of %s for session %r: %s", model, pending.session_id, why)
+            self._delete(pending.meta, why)
+            self._no_take.add(model)
+        return took
