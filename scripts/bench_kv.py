@@ -4,9 +4,10 @@
     .venv/bin/python scripts/bench_kv.py [--items 290] [--rounds 3] [--pause 0]
 
 For each mode (``kv``: [switch] kv_snapshots = true; ``replay``: false), start
-`hotmodel serve` (SmolLM2 + Gemma), build one session of about 2,600 tokens on
-SmolLM2 (one long user turn: --items facts), then --rounds times: switch to
-Gemma, and measure from the start of the switch back to SmolLM2 to the first
+`hotmodel serve` (SmolLM2 + Gemma; both at once) and build one session of about
+2,600 tokens on SmolLM2 (one long user turn: --items facts); then --rounds times,
+the modes in turn (each one first in every other round): switch to Gemma, and
+measure from the start of the switch back to SmolLM2 to the first
 token of the next turn (streamed): the switch itself (load included) plus the
 turn's time to first token. Prints a Markdown table (the median round of each
 mode); writes every round to bench-results/kv-<timestamp>.json.
@@ -21,6 +22,7 @@ import time
 from typing import Any
 
 import httpx
+from bench_common import rotate
 from benchlib import ROOT, machine, serving
 
 
@@ -116,19 +118,36 @@ def kv_extra(kv: bool) -> str:
     return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true"
 
 
-def _run(kv: bool, items: int, rounds: int, pause: float) -> dict[str, Any]:
-    with serving(extra=kv_extra(kv)) as served, httpx.Client(timeout=900, trust_env=False) as c:
-        tokens = build_session(c, served.base_url, facts(items))
-        backs = [switch_back(c, served.base_url, pause=pause) for _ in range(rounds)]
+MODES = {"kv restore": True, "replay": False}
+
+
+def _summary(mode: str, tokens: int, backs: list[dict[str, Any]]) -> dict[str, Any]:
     median = statistics.median_low(b["total_ms"] for b in backs)
     typical = next(b for b in backs if b["total_ms"] == median)
     return {
-        "mode": "kv restore" if kv else "replay",
+        "mode": mode,
         "session_tokens": tokens,
         **typical,  # the median round
         "rounds_total_ms": [b["total_ms"] for b in backs],
         "rounds": backs,
     }
+
+
+def _run(items: int, rounds: int, pause: float) -> list[dict[str, Any]]:
+    """Both modes served at once, their rounds interleaved (each mode first in turn), so
+    that a slower stretch of a shared machine weighs on both alike."""
+    with (
+        serving(extra=kv_extra(True)) as kv,
+        serving(extra=kv_extra(False)) as replay,
+        httpx.Client(timeout=900, trust_env=False) as c,
+    ):
+        base = {"kv restore": kv.base_url, "replay": replay.base_url}
+        tokens = {mode: build_session(c, base[mode], facts(items)) for mode in MODES}
+        backs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+        for i in range(rounds):
+            for mode in rotate(tuple(MODES), i):
+                backs[mode].append(switch_back(c, base[mode], pause=pause))
+    return [_summary(mode, tokens[mode], backs[mode]) for mode in MODES]
 
 
 def main() -> None:
@@ -139,7 +158,7 @@ def main() -> None:
         "--pause", type=float, default=0.0, help="seconds on Gemma before switching back"
     )
     args = ap.parse_args()
-    runs = [_run(kv, args.items, args.rounds, args.pause) for kv in (True, False)]
+    runs = _run(args.items, args.rounds, args.pause)
     out = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "runs": runs}
     folder = ROOT / "bench-results"
     folder.mkdir(exist_ok=True)

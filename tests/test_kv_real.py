@@ -4,6 +4,7 @@ changed GGUF, other settings or a damaged file are refused and replay is used.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,23 @@ def chat(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     data: dict[str, Any] = resp.json()
     return data
+
+
+def streamed(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, Any]:
+    """A streamed turn, read to its end; its final ``timings``."""
+    body = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 4,
+        "session_id": session,
+        "stream": True,
+    }
+    timings: dict[str, Any] = {}
+    with httpx.stream("POST", hp.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                timings = json.loads(line[6:]).get("timings") or timings
+    return timings
 
 
 def switch(hp: HotmodelProcess, model: str) -> dict[str, Any]:
@@ -71,9 +89,18 @@ def test_switching_back_and_restarting_restore_the_conversation(
         assert restore["restored"] is True and restore["tokens"] == saved["tokens"], back
         assert restore["took"] is None  # not known before a request shows its cache_n
         assert back["replay"] is None  # nothing re-read: the next turn reads what is new
-        nxt = chat(hp, "Which shelf is item7 on?")
-        assert nxt["timings"]["cache_n"] >= saved["tokens"]
-        assert nxt["timings"]["prompt_n"] < 40  # only the new turn was read
+        # away and back again with no turn between: the snapshots are kept, not rewritten
+        twice = switch(hp, "gemma3")
+        assert twice["snapshot"]["save"]["saved"] is False, twice
+        assert "unchanged since its restore" in twice["snapshot"]["save"]["reason"]
+        assert twice["snapshot"]["restore"]["restored"] is True  # Gemma's, saved on the way
+        back = switch(hp, "smollm2")
+        assert "unchanged" in back["snapshot"]["save"]["reason"]
+        assert back["snapshot"]["restore"]["tokens"] == saved["tokens"], back
+        nxt = streamed(hp, "Which shelf is item7 on?")
+        assert nxt["cache_n"] >= saved["tokens"]
+        assert nxt["prompt_n"] < 40  # only the new turn was read
+        # proven by then: the stream ends after its proof is recorded
         proven = last_switch(hp)["snapshot"]["restore"]
         assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
         status = hp.status()["kv_snapshots"]

@@ -170,7 +170,9 @@ def _restored(store: Snapshots, tokens: int = 100) -> tuple[Path, dict[str, Any]
     )
     store._write(meta)
     info: dict[str, Any] = {"restored": True, "session": "s", "tokens": tokens, "took": None}
-    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info)
+    gen = store.ledger.touch("m")
+    store.ledger.cover("m", gen, "", "s", [{"role": "user", "content": "hi"}])
+    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info, store.ledger.get("m"))
     return path, info
 
 
@@ -208,5 +210,16 @@ def test_a_model_whose_restore_did_not_take_is_not_saved_again(tmp_path: Path) -
 def test_a_model_that_leaves_has_nothing_left_to_prove(tmp_path: Path) -> None:
     store = _store(tmp_path)
     path, info = _restored(store)
+    store.ledger.touch("m")  # a request that was not a session's turn
     assert asyncio.run(store.save("m")) is None  # unloaded (its slot held no session)
     assert store.proved("m", 0) is None and info["took"] is None and path.exists()
+
+
+def test_a_slot_untouched_since_its_restore_is_not_saved_again(tmp_path: Path) -> None:
+    """Switching away and back with no turn in between: the snapshot on disk still holds
+    what the slot holds, so it is kept rather than written again."""
+    store = _store(tmp_path)
+    path, _ = _restored(store)
+    kept = asyncio.run(store.save("m"))  # the client is never reached
+    assert kept is not None and kept["saved"] is False and "unchanged" in kept["reason"]
+    assert path.exists() and store.stats()["count"] == 1

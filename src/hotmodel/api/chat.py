@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
@@ -268,8 +269,9 @@ class ChatCompletions:
                     return upstream_error_response(upstream.status_code, error)
                 if chat.stream:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
-                    await relay(upstream, ticket, receive, send, headers, on_reply, record)
-                    self._turn_ended(model, chat.session, record)
+                    session = chat.session
+                    ended = functools.partial(self._turn_ended, model, session, record)
+                    await relay(upstream, ticket, receive, send, headers, on_reply, record, ended)
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:

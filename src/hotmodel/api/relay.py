@@ -40,11 +40,14 @@ async def relay(
     headers: Mapping[str, str],
     on_reply: OnReply | None = None,
     record: RequestRecord | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> None:
     """Relay ``upstream`` to the client until it ends, breaks, is cancelled or the client leaves.
 
     ``record`` gets the time of the first generated text and, from the last
-    chunks, the token counts.
+    chunks, the token counts. ``on_end`` runs when the upstream answer is over,
+    before the client's stream ends: what it records is there once the client has
+    the whole answer.
     """
     raw_headers = [
         (k.encode("latin-1"), v.encode("latin-1"))
@@ -68,6 +71,8 @@ async def relay(
                 }
             )
             tail = await _pump(upstream, ticket, send, on_reply, record or RequestRecord.detached())
+            if on_end is not None:
+                on_end()
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:
             pass  # the client went away while we were sending

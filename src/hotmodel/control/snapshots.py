@@ -40,7 +40,7 @@ from hotmodel.presets import PATH_KEYS
 from hotmodel.router.client import RouterClient
 from hotmodel.sessions.context import Message
 from hotmodel.sessions.service import SessionService
-from hotmodel.sessions.slots import SlotLedger, messages_hash
+from hotmodel.sessions.slots import Covered, SlotLedger, messages_hash
 
 log = logging.getLogger("hotmodel.control")
 
@@ -115,6 +115,7 @@ class Unproved:
     owner: str
     session_id: str
     info: dict[str, Any]  # the switch report's restore entry: the verdict is written in it
+    covered: Covered | None  # the slot's label the restore wrote (the same object: untouched)
 
 
 def _sha256(path: Path) -> str:
@@ -264,11 +265,13 @@ class Snapshots:
     async def save(self, model: str) -> dict[str, Any] | None:
         """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
         covered = self.ledger.get(model)
-        self._unproved.pop(model, None)  # it leaves: no request on it will prove anything
+        restored = self._unproved.pop(model, None)  # no request on it will prove anything
         if covered is None or self.config.presets.models[model].model_path is None:
             return None  # nobody's slot, or a remote model whose weights cannot be checked
         if model in self._no_take:
             return {"saved": False, "reason": NO_TAKE}
+        if restored is not None and covered is restored.covered:
+            return self._kept(restored.meta)  # no request since its restore
         stem = f"kv-{secrets.token_hex(8)}"
         t0 = time.monotonic()
         answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
@@ -309,6 +312,17 @@ class Snapshots:
             "ms": round((time.monotonic() - t0) * 1000, 1),
         }
 
+    def _kept(self, meta: Meta) -> dict[str, Any]:
+        """The slot holds what ``meta``'s file holds: that file is kept, not written again."""
+        meta.used = time.time()
+        self._write(meta)
+        return {
+            "saved": False,
+            "reason": "unchanged since its restore: that snapshot is kept",
+            "session": meta.session_id,
+            "tokens": meta.tokens,
+        }
+
     async def restore(self, model: str) -> dict[str, Any] | None:
         """After ``model`` is loaded: bring back the most recent session's snapshot for it,
         when it is valid and still begins what would be sent now."""
@@ -346,7 +360,8 @@ class Snapshots:
             "ms": round((time.monotonic() - t0) * 1000, 1),
             "took": None,  # not known until a request on the model shows its cache_n
         }
-        self._unproved[model] = Unproved(meta, session.owner, session.id, info)
+        covered = self.ledger.get(model)
+        self._unproved[model] = Unproved(meta, session.owner, session.id, info, covered)
         return info
 
     async def _refuse(self, meta: Meta, messages: Sequence[Message]) -> str | None:
