@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -160,44 +161,85 @@ def test_a_deleted_folder_is_made_again_before_a_load(tmp_path: Path) -> None:
     assert store.dir.is_dir()
 
 
+HELD = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+NEXT = [*HELD, {"role": "user", "content": "And?"}]  # the session's next turn, as sent
+
+
 def _restored(store: Snapshots, tokens: int = 100) -> tuple[Path, dict[str, Any]]:
-    """As if ``tokens`` of session ("", "s") had just been restored into model "m"."""
+    """As if ``tokens`` of session ("", "s") (the messages HELD) had just been restored
+    into model "m"."""
     store.ensure_folder()
     path = store.dir / "kv-00000000000000ab.bin"
     path.write_bytes(b"kv")
     meta = snapshots.Meta(
-        path.name, "m", "", "s", 1, "hash", {}, 2, "digest", tokens, time.time(), time.time()
+        path.name, "m", "", "s", 2, messages_hash(HELD), {}, 2, "d", tokens, time.time(), 0
     )
     store._write(meta)
     info: dict[str, Any] = {"restored": True, "session": "s", "tokens": tokens, "took": None}
     gen = store.ledger.touch("m")
-    store.ledger.cover("m", gen, "", "s", [{"role": "user", "content": "hi"}])
-    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info, store.ledger.get("m"))
+    covered = store.ledger.cover("m", gen, "", "s", HELD)
+    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info, gen, covered)
     return path, info
+
+
+def _turn(store: Snapshots, cached: int, **change: Any) -> snapshots.Turn:
+    """The next request on "m": session s's next turn unless ``change`` says otherwise."""
+    gen = store.ledger.touch("m")
+    fields: dict[str, Any] = {"session": ("", "s"), "sent": NEXT, "cached": cached} | change
+    return snapshots.Turn("m", gen, **fields)
 
 
 def test_the_sessions_next_turn_proves_a_restore(tmp_path: Path) -> None:
     store = _store(tmp_path)
     path, info = _restored(store)
-    store.turn_ended("m", 100, ("", "s"))
+    store.turn_ended(_turn(store, 100))
     assert info["took"] is True and info["cache_tokens"] == 100 and path.exists()
-    store.turn_ended("m", 0, ("", "s"))  # only the first request after it proves anything
+    store.turn_ended(_turn(store, 0))  # only the first request after it proves anything
     assert info["took"] is True and path.exists()
 
 
-def test_another_sessions_turn_cannot_tell(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"session": ("", "other")}, "not this session's"),
+        ({"session": None, "sent": None}, "not this session's"),
+        ({"cache_prompt": False}, "cache_prompt: false"),
+        ({"sent": [{"role": "system", "content": "Be a pirate."}, *NEXT]}, "no longer begins"),
+        ({"sent": NEXT[1:]}, "no longer begins"),  # trimmed
+    ],
+)
+def test_a_request_that_cannot_tell_leaves_the_verdict_unknown(
+    tmp_path: Path, change: dict[str, Any], why: str
+) -> None:
+    """A low cache_n from any of these says nothing about the restore: never a false
+    "did not take" (which would delete the snapshot and stop saving that model)."""
     store = _store(tmp_path)
     path, info = _restored(store)
-    store.turn_ended("m", 0, ("", "other"))
-    store.turn_ended("m", 0, ("", "s"))  # the slot holds another prompt by now
-    assert info["took"] is None and "not this session's" in info["unchecked"]
+    store.turn_ended(_turn(store, 0, **change))
+    assert info["took"] is None and why in info["unchecked"], info
+    assert path.exists() and "m" not in store._no_take
+
+
+def test_a_turn_with_another_request_on_the_slot_around_it_cannot_tell(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, info = _restored(store)
+    lost = store.ledger.touch("m")  # a request that never ended with an answer (it broke)
+    assert lost
+    store.turn_ended(_turn(store, 0))
+    assert info["took"] is None and "another request" in info["unchecked"]
+    # ... and one that started after the turn but before it ended
+    path, info = _restored(store)
+    turn = _turn(store, 0)
+    store.ledger.touch("m")
+    store.turn_ended(turn)
+    assert info["took"] is None and "another request" in info["unchecked"]
     assert path.exists()
 
 
 def test_a_model_whose_restore_did_not_take_is_not_saved_again(tmp_path: Path) -> None:
     store = _store(tmp_path)
     path, info = _restored(store, tokens=500)
-    assert store.proved("m", 3) is False  # the turn found 3 of 500 tokens in the cache
+    store.turn_ended(_turn(store, 3))  # the turn found 3 of 500 tokens in the cache
     assert info["took"] is False and "cache_n 3 of 500" in info["reason"]
     assert not path.exists() and store.stats()["count"] == 0
     gen = store.ledger.touch("m")
@@ -212,7 +254,14 @@ def test_a_model_that_leaves_has_nothing_left_to_prove(tmp_path: Path) -> None:
     path, info = _restored(store)
     store.ledger.touch("m")  # a request that was not a session's turn
     assert asyncio.run(store.save("m")) is None  # unloaded (its slot held no session)
-    assert store.proved("m", 0) is None and info["took"] is None and path.exists()
+    assert store.proved("m", 0, "s") is None and info["took"] is None and path.exists()
+
+
+def test_a_replay_of_another_session_cannot_tell(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, info = _restored(store)
+    assert store.proved("m", 0, "other") is None and "another session's" in info["unchecked"]
+    assert path.exists()
 
 
 def test_a_slot_untouched_since_its_restore_is_not_saved_again(tmp_path: Path) -> None:
@@ -223,3 +272,32 @@ def test_a_slot_untouched_since_its_restore_is_not_saved_again(tmp_path: Path) -
     kept = asyncio.run(store.save("m"))  # the client is never reached
     assert kept is not None and kept["saved"] is False and "unchanged" in kept["reason"]
     assert path.exists() and store.stats()["count"] == 1
+
+
+class _SavingClient:
+    """llama-server's slot save, as far as the snapshot store sees it: the file appears."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.calls: list[str] = []
+
+    async def slot(self, model: str, action: str, filename: str, timeout: float) -> dict[str, int]:
+        self.calls.append(action)
+        (self.folder / filename).write_bytes(b"fresh kv")
+        return {"n_saved": 40}
+
+
+def test_a_restored_snapshot_whose_file_went_is_saved_anew(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    path, _ = _restored(store)
+    path.unlink()  # deleted from outside since its restore
+    client = _SavingClient(store.dir)
+    store.client = cast(Any, client)
+    store.sessions = cast(Any, SimpleNamespace(store=SimpleNamespace(get=_any_session)))
+    saved = asyncio.run(store.save("m"))
+    assert client.calls == ["save"] and saved is not None and saved["tokens"] == 40
+    assert store.stats() == {"count": 1, "bytes": len(b"fresh kv")}
+
+
+async def _any_session(owner: str, session_id: str) -> object:
+    return object()  # the session still exists

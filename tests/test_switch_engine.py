@@ -755,7 +755,9 @@ class FakeKv:
         self.info["took"] = None
         return self.info
 
-    def proved(self, model: str, cached: int) -> bool | None:
+    def proved(self, model: str, cached: int, session_id: str | None) -> bool | None:
+        if session_id != "s":
+            return None
         took = cached >= self.restored_tokens // 2
         self.info["took"] = took
         if not took:
@@ -802,7 +804,7 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
     assert replayed == [] and report.replay is None
     assert ("replay", "skipped") in phases.pairs()
     assert report.snapshot["restore"]["took"] is None
-    assert kv.proved("b", 100) is True and report.snapshot["restore"]["took"] is True
+    assert kv.proved("b", 100, "s") is True and report.snapshot["restore"]["took"] is True
 
 
 def test_overlap_replays_a_restored_model_before_it_serves_and_that_proves_it() -> None:
@@ -813,7 +815,7 @@ def test_overlap_replays_a_restored_model_before_it_serves_and_that_proves_it() 
 
     async def replay(model: str) -> dict[str, Any]:
         order.append(f"replay {model} (active {engine.active})")
-        return {"prompt_tokens": 3, "cache_tokens": 100}
+        return {"session": "s", "prompt_tokens": 3, "cache_tokens": 100}
 
     engine.replay = replay
     report = switch(engine, "b")
@@ -827,7 +829,7 @@ def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None
     engine.kv = kv
 
     async def replay(model: str) -> dict[str, Any]:
-        return {"prompt_tokens": 520, "cache_tokens": 0}  # nothing came from the cache
+        return {"session": "s", "prompt_tokens": 520, "cache_tokens": 0}  # none from the cache
 
     engine.replay = replay
     report = switch(engine, "b")
@@ -907,16 +909,38 @@ def test_without_device_memory_the_leaving_model_is_saved_while_the_next_loads()
     assert {"save", "unload", "load", "restore"} <= set(report.phases)
 
 
-def test_a_load_that_fails_beside_a_save_waits_for_it_then_rolls_back() -> None:
+def test_a_load_that_fails_beside_a_save_lets_it_end_and_keeps_the_model_loaded() -> None:
     router = FakeRouter("a", broken=frozenset({"b"}))
     engine, kv = _beside_engine(router)
-    assert kv.save_gate is not None
-    kv.save_gate.set()
+    phases = Phases()
+
+    async def scenario(controller: Controller) -> tuple[list[str], SwitchReport]:
+        pending = controller.post(Switch("b"), phases)
+        assert kv.save_gate is not None
+        try:
+            await phases.reached("load", PhaseStatus.FAILED)  # while a's save runs
+            seen = list(kv.calls)
+        finally:
+            kv.save_gate.set()
+        return seen, await pending
+
+    seen, report = run(scenario, engine)
+    assert seen == ["folder", "save a"]
+    assert report.outcome is Outcome.FAILED and report.failed_phase == "load"
+    assert "saved a" in kv.calls  # the save ended: its snapshot is kept
+    assert router.calls == ["load b", "unload b"]  # a was never unloaded: it keeps its KV
+    assert engine.active == "a" and router.status["a"] == "loaded"
+    assert "unload" not in report.phases
+
+
+def test_a_rollback_that_loads_the_previous_model_again_restores_its_snapshot() -> None:
+    router = FakeRouter("a", broken=frozenset({"b"}))
+    engine, kv = _engine(router), FakeKv()
+    engine.kv = kv
     report = switch(engine, "b")
     assert report.outcome is Outcome.FAILED and report.rolled_back is True
-    assert engine.active == "a" and router.status["a"] == "loaded"
-    assert "saved a" in kv.calls  # the save was not cut short by the failed load
-    assert router.calls[-3:] == ["unload b", "exited a", "load a"]
+    assert kv.calls == ["save a", "saved a", "folder", "restore a"]
+    assert report.snapshot["rollback_restore"]["restored"] is True
 
 
 def test_an_unload_that_fails_beside_the_load_rolls_the_switch_back() -> None:
@@ -945,7 +969,26 @@ def test_a_switch_past_its_deadline_stops_the_save_beside_the_load() -> None:
     router.load_gate = asyncio.Event()  # neither the load nor the save ever ends
     report = switch(engine, "b")
     assert report.outcome is Outcome.FAILED and "switch_timeout_seconds" in (report.error or "")
+    assert report.failed_phase == "load"  # the main lane's step, not the save beside it
     assert "saved a" not in kv.calls and engine.active == "a"
+
+
+def test_a_stopped_control_loop_leaves_no_step_running_beside_the_load() -> None:
+    router = FakeRouter("a")
+    engine, kv = _beside_engine(router)
+    router.load_gate = asyncio.Event()  # neither the load nor the save ends
+
+    async def main() -> list[asyncio.Task[Any]]:
+        async with control(engine) as controller:
+            controller.post(Switch("b"))
+            await router.load_started.wait()
+            await asyncio.sleep(0)
+            assert kv.calls[-1] == "save a"
+        # the loop was cancelled mid-switch (a shutdown): nothing beside it goes on
+        tasks = asyncio.all_tasks()
+        return [t for t in tasks if getattr(t.get_coro(), "__qualname__", "") == "Engine._beside"]
+
+    assert asyncio.run(main()) == []
 
 
 class FakeProcess:

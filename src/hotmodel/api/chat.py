@@ -37,6 +37,7 @@ from hotmodel.api.validate import (
 )
 from hotmodel.control.controller import Switch
 from hotmodel.control.fit import largest_context
+from hotmodel.control.snapshots import Turn
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     InvalidRequestError,
@@ -269,8 +270,7 @@ class ChatCompletions:
                     return upstream_error_response(upstream.status_code, error)
                 if chat.stream:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
-                    session = chat.session
-                    ended = functools.partial(self._turn_ended, model, session, record)
+                    ended = functools.partial(self._turn_ended, chat, model, gen, record)
                     await relay(upstream, ticket, receive, send, headers, on_reply, record, ended)
                     return None
                 data = await read_unless_gone(upstream, receive)
@@ -280,7 +280,7 @@ class ChatCompletions:
                 if prepared is not None:
                     with anyio.CancelScope(shield=True):
                         await self.s.sessions.complete(prepared, reply_of(data), model)
-                self._turn_ended(model, chat.session, record)
+                self._turn_ended(chat, model, gen, record)
                 return Answer(upstream.status_code, data, headers)
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
@@ -288,11 +288,21 @@ class ChatCompletions:
                 raise ShuttingDownError(ticket.cancel_reason or "hotmodel is shutting down")
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
 
-    def _turn_ended(self, model: str, session: SessionRef | None, record: RequestRecord) -> None:
-        """The first answer after a KV restore proves it (its ``cache_n``)."""
-        if self.s.snapshots is not None and record.usage is not None:
-            ref = None if session is None else (session.owner, session.id)
-            self.s.snapshots.turn_ended(model, record.usage.cached, ref)
+    def _turn_ended(self, chat: ChatRequest, model: str, gen: int, record: RequestRecord) -> None:
+        """The first answer after a KV restore may prove it (its ``cache_n``)."""
+        if self.s.snapshots is None or record.usage is None:
+            return
+        session = chat.session
+        self.s.snapshots.turn_ended(
+            Turn(
+                model,
+                gen,
+                None if session is None else (session.owner, session.id),
+                None if session is None else chat.payload["messages"],
+                record.usage.cached,
+                chat.payload.get("cache_prompt") is not False,
+            )
+        )
 
     def _recorder(self, prepared: Prepared, model: str) -> OnReply:
         async def on_reply(reply: Message) -> None:

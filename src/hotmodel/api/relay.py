@@ -72,7 +72,10 @@ async def relay(
             )
             tail = await _pump(upstream, ticket, send, on_reply, record or RequestRecord.detached())
             if on_end is not None:
-                on_end()
+                try:
+                    on_end()
+                except Exception:  # what it records must not cut the client's answer
+                    log.exception("recording the end of a streamed answer failed")
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:
             pass  # the client went away while we were sending

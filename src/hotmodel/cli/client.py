@@ -248,35 +248,41 @@ def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
 
 class _PhasePrinter:
     """``  load      ... done     704.5 ms``: a phase's line is opened when it starts and
-    closed when it ends, so a long load shows what is being waited for."""
+    closed when it ends, so a long load shows what is being waited for. A phase that
+    runs beside another (a CPU-only switch saves the leaving model while the next one
+    loads) ends the open line first, and its own news gets a line of its own."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.open_line = False
+        self.open_phase: str | None = None  # whose line waits for its end
         self.last_progress: Any = None  # the router repeats a stage's progress value
 
     def show(self, data: dict[str, Any]) -> None:
         if self.quiet:
             return
+        phase = data["phase"]
         if data["status"] == "progress":
-            seen = (data["phase"], data.get("detail"))
+            seen = (phase, data.get("detail"))
             if seen == self.last_progress:
                 return
             self.last_progress = seen
+        if self.open_phase not in (None, phase):
+            click.echo("")  # that phase's end comes later, on a line of its own
+            self.open_phase = None
         if data["status"] == "started":
-            click.echo(f"  {data['phase']:<9} ...", nl=False)
-            self.open_line = True
+            click.echo(f"  {phase:<9} ...", nl=False)
+            self.open_phase = phase
             return
-        head = "" if self.open_line else f"  {data['phase']:<9} ..."
+        head = "" if self.open_phase == phase else f"  {phase:<9} ..."
         ms = f" {data['ms']:>9.1f} ms" if data.get("ms") is not None else ""
         detail = f"  ({data['detail']})" if data.get("detail") else ""
         click.echo(f"{head} {data['status']}{ms}{detail}")
-        self.open_line = False
+        self.open_phase = None
 
     def close(self) -> None:
-        if self.open_line:
+        if self.open_phase is not None:
             click.echo("")
-            self.open_line = False
+            self.open_phase = None
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -63,11 +63,24 @@ class StepEffects:
         run.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 
+    async def _restore_previous(self, report: SwitchReport, model: str) -> None:
+        """A rollback loaded ``model`` again, its slot empty: the snapshot saved on its way
+        out comes back (``snapshot.rollback_restore``), and the slot's old label goes, so
+        an empty slot is never saved under it."""
+        if self.kv is None:
+            return
+        try:
+            info = await self.kv.restore(model)
+        except Exception as exc:
+            info = {"restored": False, "reason": f"failed: {exc}"}
+        if info is not None:
+            report.snapshot["rollback_restore"] = info
+
     def _verify_restore(self, run: Run, model: str) -> None:
         """The replay after a restore must have found the restored tokens in the cache."""
         replay = run.report.replay or {}
-        cached = int(replay.get("cache_tokens") or 0)
-        if self.kv is not None and self.kv.proved(model, cached) is False:
+        cached, session = int(replay.get("cache_tokens") or 0), replay.get("session")
+        if self.kv is not None and self.kv.proved(model, cached, session) is False:
             restore = run.report.snapshot.get("restore") or {}
             run.report.warnings.append(
                 f"the KV restore did not take (cache_n {cached} of {restore.get('tokens')} "

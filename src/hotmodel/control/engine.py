@@ -233,6 +233,7 @@ class Engine(StepEffects):
 
     async def _execute_steps(self, run: Run, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
+        ends = asyncio.get_running_loop().time() + deadline
         same = run.previous == run.target
         beside = beside_load(steps, self._exits_in_background(run), same)
         try:
@@ -243,21 +244,24 @@ class Engine(StepEffects):
                             if run.beside is None:
                                 run.beside = asyncio.create_task(self._beside(run, beside))
                             continue
+                        run.step = step
                         run.started.append(step)
                         await self._step(step, run)
                         if step is Step.LOAD:
-                            await self._join_beside(run)
+                            await run.join_beside()
             except TimeoutError:
-                await self._end_beside(run, cancel=True)
+                await run.end_beside()
                 raise StepFailedError(
-                    run.started[-1],
+                    run.step or run.started[-1],  # None: a step beside the load was joined
                     f"the switch did not finish within {deadline:g}s "
                     "([switch] switch_timeout_seconds)",
                 ) from None
             run.report.outcome = Outcome.OK
         except StepFailedError as failure:
-            await self._end_beside(run, cancel=False)  # the rollback must see what it did
             run.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
+            # the rollback must see what the steps beside the load did: the one running
+            # ends (a save is kept), none starts (the previous model stays loaded)
+            await run.end_beside(max(0.0, ends - asyncio.get_running_loop().time()))
             report = run.report
             if Step.ACTIVATE in run.started[:-1]:
                 # the target already serves: what failed after it is a warning
@@ -271,31 +275,15 @@ class Engine(StepEffects):
             if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
                 await self._rollback(run)
         finally:
-            await self._end_beside(run, cancel=True)  # cancelled: it must not outlive the run
+            await run.end_beside()  # cancelled: nothing may outlive the run
 
     async def _beside(self, run: Run, steps: tuple[Step, ...]) -> None:
         """Run ``steps`` while the main lane loads the target (see ``beside_load``)."""
         for step in steps:
+            if run.beside_stopped:
+                return
             run.started.append(step)
             await self._step(step, run, lane=False)
-
-    async def _join_beside(self, run: Run) -> None:
-        """Wait for the steps beside the load: their failure is this step's."""
-        task, run.beside = run.beside, None
-        if task is not None:
-            await task
-
-    async def _end_beside(self, run: Run, cancel: bool) -> None:
-        """After a failure (or a cancellation): stop (``cancel``) or wait for the steps
-        beside the load; a failure of theirs becomes a warning beside the first one."""
-        task, run.beside = run.beside, None
-        if task is None:
-            return
-        if cancel:
-            task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            run.report.warnings.append(str(exc))
 
     async def _step(self, step: Step, run: Run, lane: bool = True) -> None:
         """Run one step; ``lane``: the main one, whose step is the engine's state."""
@@ -378,6 +366,8 @@ class Engine(StepEffects):
                 report.rolled_back = await self.router.load(
                     previous, self.config.load_timeout_seconds
                 )
+                if report.rolled_back:
+                    await self._restore_previous(report, previous)
             self.active = previous
             status, detail = PhaseStatus.DONE, f"active: {self.active!r}"
         except HotModelError as exc:

@@ -60,9 +60,10 @@ class KvOps(Protocol):
         """Bring back the most recent session's snapshot (``restored``: whether it did)."""
         ...
 
-    def proved(self, model: str, cached: int) -> bool | None:
-        """The restored session's first request on ``model`` (the replay) found ``cached``
-        prompt tokens in the cache: whether the restore took (None: none waits)."""
+    def proved(self, model: str, cached: int, session_id: str | None) -> bool | None:
+        """The replay right after a restore (of ``session_id``'s conversation) found
+        ``cached`` prompt tokens in the cache: whether the restore took (None: none waits,
+        or the replay was another session's)."""
         ...
 
     def ensure_folder(self) -> None:

@@ -201,6 +201,8 @@ def _apply(services: Services, config: Config) -> None:
     services.config = config
     services.sessions.config = config
     services.watchdog.config = config
+    if services.snapshots is not None:
+        services.snapshots.config = config  # a preset's options count in its snapshots' identity
     engine = services.controller.engine
     engine.config = config.switch
     engine.drain_timeout = config.server.switch_drain_timeout_seconds

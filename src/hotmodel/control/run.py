@@ -45,7 +45,42 @@ class Run:
     policy: str | None = None  # the switch policy chosen for this run (None: a special command)
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
     restored: bool = False  # the RESTORE step brought a KV snapshot back
+    step: Step | None = None  # the main lane's step now (None: waiting for the one beside)
     beside: asyncio.Task[None] | None = None  # the steps running while the target loads
+    beside_stopped: bool = False  # no further step beside the load may start
+
+    async def join_beside(self) -> None:
+        """Wait for the steps beside the load (see ``plan.beside_load``): their failure is
+        the main lane's."""
+        task = self.beside
+        if task is None:
+            return
+        self.step = None
+        try:
+            await task
+        finally:
+            if task.done():
+                self.beside = None
+
+    async def end_beside(self, wait: float = 0.0) -> None:
+        """Stop the steps beside the load: none starts any more, and the one running may
+        end within ``wait`` seconds, else it is cancelled; a failure of theirs becomes a
+        warning (after a first failure, or a cancellation)."""
+        task = self.beside
+        if task is None:
+            return
+        self.beside_stopped = True
+        try:
+            if wait > 0:
+                await asyncio.wait([task], timeout=wait)
+            task.cancel()
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()  # the caller's own cancellation: its finally waits for this one
+            raise
+        self.beside = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.report.warnings.append(str(exc))
 
     def emit(
         self, phase: str, status: PhaseStatus, ms: float | None = None, detail: str | None = None

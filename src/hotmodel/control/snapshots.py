@@ -115,7 +115,34 @@ class Unproved:
     owner: str
     session_id: str
     info: dict[str, Any]  # the switch report's restore entry: the verdict is written in it
+    gen: int  # the slot ledger's generation of the restore: the next request's is gen + 1
     covered: Covered | None  # the slot's label the restore wrote (the same object: untouched)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A chat request on a model that ended with an answer: the proof of a restore, or not."""
+
+    model: str
+    gen: int  # the slot ledger's generation of the request
+    session: tuple[str, str] | None  # (owner, id); None: no session's request
+    sent: Sequence[Message] | None  # the messages sent (a session's turn)
+    cached: int  # prompt tokens llama-server took from its cache (timings.cache_n)
+    cache_prompt: bool = True  # False: the client told llama-server not to use its cache
+
+
+def _unprovable(pending: Unproved, turn: Turn, latest: int) -> str | None:
+    """Why ``turn`` cannot tell whether ``pending`` took (None: its cache_n can)."""
+    if turn.session != (pending.owner, pending.session_id):
+        return "the first request after it was not this session's"
+    if turn.gen != pending.gen + 1 or latest != turn.gen:
+        return "another request used the model's slot around this session's next turn"
+    if not turn.cache_prompt:
+        return "the next turn told llama-server not to use its cache (cache_prompt: false)"
+    n, sent = pending.meta.n_messages, turn.sent or ()
+    if len(sent) < n or messages_hash(sent[:n]) != pending.meta.messages_hash:
+        return "the next turn's prompt no longer begins with what it holds (trimmed, or edited)"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -173,13 +200,16 @@ class Snapshots:
         self.sessions = sessions
         self.ledger = ledger
         self.dir = config.kv_dir
-        self.timeout = config.switch.load_timeout_seconds
         # per model, the restore the first request after it proves (or not)
         self._unproved: dict[str, Unproved] = {}
         # models whose restores do not take in this llama-server (Gemma 3's sliding-window
         # attention keeps too little: it re-reads the prompt): not saved again this run
         self._no_take: set[str] = set()
         self.digests = Digests()
+
+    @property
+    def _timeout(self) -> float:
+        return self.config.switch.load_timeout_seconds  # live: a reload may change it
 
     def ensure_folder(self) -> None:
         with contextlib.suppress(OSError):  # else the load fails, saying why
@@ -266,15 +296,16 @@ class Snapshots:
         """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
         covered = self.ledger.get(model)
         restored = self._unproved.pop(model, None)  # no request on it will prove anything
-        if covered is None or self.config.presets.models[model].model_path is None:
-            return None  # nobody's slot, or a remote model whose weights cannot be checked
+        preset = self.config.presets.models.get(model)
+        if covered is None or preset is None or preset.model_path is None:
+            return None  # nobody's slot, or a model whose weights cannot be checked
         if model in self._no_take:
             return {"saved": False, "reason": NO_TAKE}
-        if restored is not None and covered is restored.covered:
+        if restored is not None and covered is restored.covered and self._intact(restored.meta):
             return self._kept(restored.meta)  # no request since its restore
         stem = f"kv-{secrets.token_hex(8)}"
         t0 = time.monotonic()
-        answer = await self.client.slot(model, "save", f"{stem}.bin", self.timeout)
+        answer = await self.client.slot(model, "save", f"{stem}.bin", self._timeout)
         path = self.dir / f"{stem}.bin"
         try:
             size = path.stat().st_size
@@ -312,6 +343,13 @@ class Snapshots:
             "ms": round((time.monotonic() - t0) * 1000, 1),
         }
 
+    def _intact(self, meta: Meta) -> bool:
+        """``meta``'s file is still there, at its size (its sha256 is read at a restore)."""
+        try:
+            return (self.dir / meta.file).stat().st_size == meta.size
+        except OSError:
+            return False
+
     def _kept(self, meta: Meta) -> dict[str, Any]:
         """The slot holds what ``meta``'s file holds: that file is kept, not written again."""
         meta.used = time.time()
@@ -346,12 +384,14 @@ class Snapshots:
             return {"restored": False, "reason": refused}
         t0 = time.monotonic()
         try:
-            answer = await self.client.slot(model, "restore", meta.file, self.timeout)
+            answer = await self.client.slot(model, "restore", meta.file, self._timeout)
         except HotModelError as exc:
             return {"restored": False, "reason": f"llama-server refused it: {exc}"}
         meta.used = time.time()
         self._write(meta)
-        self.ledger.cover(model, gen, session.owner, session.id, messages[: meta.n_messages])
+        covered = self.ledger.cover(
+            model, gen, session.owner, session.id, messages[: meta.n_messages]
+        )
         info = {
             "restored": True,
             "session": session.id,
@@ -360,8 +400,7 @@ class Snapshots:
             "ms": round((time.monotonic() - t0) * 1000, 1),
             "took": None,  # not known until a request on the model shows its cache_n
         }
-        covered = self.ledger.get(model)
-        self._unproved[model] = Unproved(meta, session.owner, session.id, info, covered)
+        self._unproved[model] = Unproved(meta, session.owner, session.id, info, gen, covered)
         return info
 
     async def _refuse(self, meta: Meta, messages: Sequence[Message]) -> str | None:
@@ -389,24 +428,35 @@ class Snapshots:
             return "snapshot refused: its file is truncated or corrupted"
         return None
 
-    def turn_ended(self, model: str, cached: int, session: tuple[str, str] | None) -> None:
-        """A chat request on ``model`` ended, ``cached`` of its prompt tokens from
-        llama-server's cache (``timings.cache_n``); ``session`` is whose turn it was
-        (owner, id; None: no session's). The first one after a restore proves it when it
-        is that session's turn; another session's request cannot tell, and the verdict
-        stays unknown."""
-        pending = self._unproved.get(model)
+    def turn_ended(self, turn: Turn) -> None:
+        """A chat request ended with an answer. The first one after a restore proves it
+        when it is the restored session's next turn, nothing ran beside it on the slot,
+        and its prompt still begins with what the snapshot holds; otherwise the verdict
+        stays unknown (``unchecked`` says why), never a false "did not take"."""
+        pending = self._unproved.pop(turn.model, None)
         if pending is None:
             return
-        if session == (pending.owner, pending.session_id):
-            self.proved(model, cached)
+        why = _unprovable(pending, turn, self.ledger.latest(turn.model))
+        if why is not None:
+            pending.info["unchecked"] = why
             return
-        del self._unproved[model]
-        pending.info["unchecked"] = "the first request after it was not this session's"
+        self._verdict(turn.model, pending, turn.cached)
 
-    def proved(self, model: str, cached: int) -> bool | None:
-        """The restored session's first request on ``model`` found ``cached`` prompt tokens
-        in the cache: whether the restore took (None: no restore waits for its proof).
+    def proved(self, model: str, cached: int, session_id: str | None) -> bool | None:
+        """The replay right after the restore (the overlap policy: before the model
+        serves) prefilled ``session_id``'s conversation and found ``cached`` prompt
+        tokens in the cache: whether the restore took (None: none waits, or that replay
+        was another session's and cannot tell)."""
+        pending = self._unproved.pop(model, None)
+        if pending is None:
+            return None
+        if session_id != pending.session_id:
+            pending.info["unchecked"] = "the replay after it was another session's"
+            return None
+        return self._verdict(model, pending, cached)
+
+    def _verdict(self, model: str, pending: Unproved, cached: int) -> bool:
+        """Whether ``pending`` took, from the ``cache_n`` of a request that can tell.
 
         A restore that did not take (a known upstream bug class: success reported, cache
         empty; here, Gemma 3's sliding window) is of no use, and neither would the model's
@@ -414,9 +464,6 @@ class Snapshots:
         saved again until hotmodel restarts. The request that found out read the whole
         conversation itself: that is the replay this falls back to.
         """
-        pending = self._unproved.pop(model, None)
-        if pending is None:
-            return None
         restored = int(pending.info.get("tokens") or 0)
         took = cached >= restored // 2
         pending.info["took"], pending.info["cache_tokens"] = took, cached

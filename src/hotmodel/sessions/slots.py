@@ -55,11 +55,20 @@ class SlotLedger:
         self._slots[model] = None
         return self._gen[model]
 
+    def latest(self, model: str) -> int:
+        """The generation of the last request that started on ``model`` (0: none yet)."""
+        return self._gen.get(model, 0)
+
     def cover(
         self, model: str, gen: int, owner: str, session_id: str, messages: Sequence[Message]
-    ) -> None:
-        if self._gen.get(model) == gen:
-            self._slots[model] = Covered(owner, session_id, tuple(messages))
+    ) -> Covered | None:
+        """Label ``model``'s slot with what request ``gen`` sent, unless another request
+        started since; the label, or None when it was not written."""
+        if self._gen.get(model) != gen:
+            return None
+        covered = Covered(owner, session_id, tuple(messages))
+        self._slots[model] = covered
+        return covered
 
     def forget(self, owner: str, session_id: str) -> None:
         """The session was deleted: no slot may be saved under its name any more."""
