@@ -84,30 +84,44 @@ def build_session(c: httpx.Client, base: str, text: str, session: str = "bench")
 
 
 def switch_back(
-    c: httpx.Client, base: str, session: str = "bench", pause: float = 0.0
+    c: httpx.Client, base: str, session: str = "bench", pause: float = 0.0, auto: bool = False
 ) -> dict[str, Any]:
     """Switch away to Gemma (not timed), wait ``pause`` seconds (the time spent with the
-    other model), then time the switch back to SmolLM2 and the next turn's first token."""
+    other model), then time the switch back to SmolLM2 and the next turn's first token:
+    ``POST /admin/switch``, then the turn; ``auto``: the turn itself, naming SmolLM2
+    (``[switch] auto``: a chat UI's model picker), switches back."""
     away = c.post(base + "/admin/switch", json={"model": "gemma3"}).json()
     assert away["outcome"] == "ok", away
     time.sleep(pause)
     t0 = time.perf_counter()
-    back = c.post(base + "/admin/switch", json={"model": "smollm2"}).json()
-    switch_ms = (time.perf_counter() - t0) * 1000
-    assert back["outcome"] == "ok", back
-    turn_started = time.perf_counter()
-    ttft, timings = first_token(c, base, QUESTION, session)
-    # to the first token: the switch back, then the turn's time to its first token
-    total = (turn_started - t0) * 1000 + ttft
+    if auto:
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "session_id": session,
+        }
+        total, timings = first_token_of(c, base, body)
+        ttft = switch_ms = None  # one request: its switch and its turn are not apart
+    else:
+        back = c.post(base + "/admin/switch", json={"model": "smollm2"}).json()
+        switch_ms = round((time.perf_counter() - t0) * 1000, 1)
+        assert back["outcome"] == "ok", back
+        turn_started = time.perf_counter()
+        ttft, timings = first_token(c, base, QUESTION, session)
+        # to the first token: the switch back, then the turn's time to its first token
+        total = (turn_started - t0) * 1000 + ttft
     # the turn's cache_n proved the restore (or not): the report in the history says so
-    proven = c.get(base + "/admin/switches").json()["data"][0]
-    assert proven["id"] == back["id"], proven
+    back = c.get(base + "/admin/switches").json()["data"][0]
+    assert back["to"] == "smollm2" and back["outcome"] == "ok", back
     return {
         "saved": away["snapshot"].get("save"),
-        "restore": proven["snapshot"].get("restore"),
+        "restore": back["snapshot"].get("restore"),
         "replay": back["replay"],
         "phases": back["phases"],
-        "switch_back_ms": round(switch_ms, 1),
+        "switch_back_ms": switch_ms,
         "next_turn_first_token_ms": ttft,
         "next_turn_timings": {k: timings.get(k) for k in ("prompt_n", "cache_n", "prompt_ms")},
         "total_ms": round(total, 1),
@@ -115,7 +129,7 @@ def switch_back(
 
 
 def kv_extra(kv: bool) -> str:
-    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true"
+    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true\nauto = true"
 
 
 MODES = {"kv restore": True, "replay": False}
@@ -133,7 +147,7 @@ def _summary(mode: str, tokens: int, backs: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-def _run(items: int, rounds: int, pause: float) -> list[dict[str, Any]]:
+def _run(items: int, rounds: int, pause: float, auto: bool) -> list[dict[str, Any]]:
     """Both modes served at once, their rounds interleaved (each mode first in turn), so
     that a slower stretch of a shared machine weighs on both alike."""
     with (
@@ -146,7 +160,7 @@ def _run(items: int, rounds: int, pause: float) -> list[dict[str, Any]]:
         backs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for i in range(rounds):
             for mode in rotate(tuple(MODES), i):
-                backs[mode].append(switch_back(c, base[mode], pause=pause))
+                backs[mode].append(switch_back(c, base[mode], pause=pause, auto=auto))
     return [_summary(mode, tokens[mode], backs[mode]) for mode in MODES]
 
 
@@ -157,8 +171,11 @@ def main() -> None:
     ap.add_argument(
         "--pause", type=float, default=0.0, help="seconds on Gemma before switching back"
     )
+    ap.add_argument(
+        "--auto", action="store_true", help="the next turn itself switches back ([switch] auto)"
+    )
     args = ap.parse_args()
-    runs = _run(args.items, args.rounds, args.pause)
+    runs = _run(args.items, args.rounds, args.pause, args.auto)
     out = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "runs": runs}
     folder = ROOT / "bench-results"
     folder.mkdir(exist_ok=True)
