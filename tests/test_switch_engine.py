@@ -907,6 +907,10 @@ def test_without_device_memory_the_leaving_model_is_saved_while_the_next_loads()
     assert kv.calls == ["folder", "save a", "saved a", "restore b"]  # restored after both
     assert router.calls == ["load b", "unload a (background)"]
     assert {"save", "unload", "load", "restore"} <= set(report.phases)
+    starts = report.phase_starts  # where each ran, for the dashboard's bar
+    assert set(starts) == set(report.phases)
+    assert starts["load"] <= starts["save"] <= starts["unload"] <= starts["restore"]
+    assert report.to_json()["phase_starts"] == starts
 
 
 def test_a_load_that_fails_beside_a_save_lets_it_end_and_keeps_the_model_loaded() -> None:

@@ -183,3 +183,28 @@ def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, pag
     expect(page.locator("#active-model")).to_have_text("tiny")
     expect(page.locator("#key-prompt")).to_be_hidden()
     save_screenshot(page, "dashboard-keys.png")
+
+
+def test_phases_that_ran_beside_the_load_get_a_lane_of_their_own(
+    server: HotmodelProcess, page: Page
+) -> None:
+    """A CPU-only switch saves and unloads the leaving model while the next one loads: the
+    bar draws each phase where it ran (``phase_starts``), those beside the load below it."""
+    _open(page, server, _other(server)[0])
+    rects = page.evaluate(
+        """() => {
+            const d = window.hotmodelDashboard;
+            d.state.history.set(9998, {id: 9998, from: "a", to: "b", outcome: "ok",
+                total_ms: 200, phases: {load: 180, save: 25, unload: 2, restore: 12},
+                phase_starts: {load: 0.3, save: 0.5, unload: 26, restore: 181},
+                gpu: {}, started_at: null, policy: "zero_overlap"});
+            d.renderHistory();
+            const row = document.querySelector('#history tbody tr[data-id="9998"]');
+            return [...row.querySelectorAll("svg.phase-bar rect")].map((r) => [
+                r.dataset.phase, r.dataset.lane, Number(r.getAttribute("x"))]);
+        }"""
+    )
+    lanes = {phase: lane for phase, lane, _ in rects}
+    assert lanes == {"load": "main", "save": "beside", "unload": "beside", "restore": "main"}
+    x = {phase: at for phase, _, at in rects}
+    assert x["load"] < x["save"] < x["unload"] < x["restore"], rects

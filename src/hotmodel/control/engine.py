@@ -298,6 +298,7 @@ class Engine(StepEffects):
             return
         if step is not Step.ACTIVATE:
             run.report.phases[step.value] = ms
+            run.report.phase_starts[step.value] = round((t - run.t0) * 1000, 1)
         run.emit(step.value, PhaseStatus.DONE, ms, detail)
 
     async def _do(self, step: Step, run: Run) -> Detail:
@@ -359,6 +360,7 @@ class Engine(StepEffects):
         self.state = SwitchState.RECOVERING if recovering else SwitchState.ROLLING_BACK
         run.emit("rollback", PhaseStatus.STARTED)
         t = time.monotonic()
+        report.phase_starts["rollback"] = round((t - run.t0) * 1000, 1)
         try:
             if target is not None and Step.LOAD in run.started:
                 await self.router.unload(target, self.config.unload_timeout_seconds)

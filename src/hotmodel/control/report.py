@@ -78,6 +78,9 @@ class SwitchReport:
     active_after: str | None = None
     total_ms: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    # ms from the command's start to each phase's start: phases may overlap (a CPU-only
+    # switch saves and unloads the leaving model beside the next one's load)
+    phase_starts: dict[str, float] = field(default_factory=dict)
     gpu: GpuSnapshots = field(default_factory=GpuSnapshots)
     drained: int = 0
     cancelled: int = 0
@@ -113,6 +116,7 @@ class SwitchReport:
             "active_after": self.active_after,
             "total_ms": self.total_ms,
             "phases": dict(self.phases),
+            "phase_starts": dict(self.phase_starts),
             "gpu": self.gpu.to_json(),
             "drained": self.drained,
             "cancelled": self.cancelled,

@@ -48,6 +48,7 @@ class Run:
     step: Step | None = None  # the main lane's step now (None: waiting for the one beside)
     beside: asyncio.Task[None] | None = None  # the steps running while the target loads
     beside_stopped: bool = False  # no further step beside the load may start
+    t0: float = field(default_factory=time.monotonic)  # when it began (phase starts count from)
 
     async def join_beside(self) -> None:
         """Wait for the steps beside the load (see ``plan.beside_load``): their failure is

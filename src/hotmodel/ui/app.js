@@ -166,7 +166,7 @@
   function renderHistory() {
     const reports = [...state.history.values()].sort((a, b) => b.id - a.id);
     const scale = Math.max(0, ...reports.map((r) => Math.max(
-      r.total_ms || 0, Object.values(r.phases || {}).reduce((a, b) => a + b, 0),
+      r.total_ms || 0, r.phase_starts ? 0 : Object.values(r.phases || {}).reduce((a, b) => a + b, 0),
     )));
     $("history").tBodies[0].replaceChildren(...reports.map((r) => el("tr", {
       dataset: { id: r.id, to: r.to ?? "", outcome: r.outcome },
@@ -178,7 +178,7 @@
       el("td", { class: "mono", text: `${r.from ?? "none"} → ${r.to ?? "none"}` }),
       el("td", {}, [el("span", { class: `badge ${r.outcome}`, text: r.outcome })]),
       el("td", { class: "num", text: charts.fmtMs(r.total_ms) }),
-      el("td", {}, [charts.phaseBar(r.phases || {}, scale)]),
+      el("td", {}, [charts.phaseBar(r.phases || {}, scale, r.phase_starts)]),
     ])));
     renderGpu();
   }

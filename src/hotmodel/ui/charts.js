@@ -51,23 +51,37 @@ window.hotmodelCharts = (() => {
     });
   }
 
-  // One report's phases as a stacked horizontal bar; `scale` is the longest total shown,
-  // so that bars of different switches compare.
-  function phaseBar(phases, scale) {
+  // One report's phases as a horizontal bar; `scale` is the longest total shown, so that
+  // bars of different switches compare. With `starts` (ms from the command's start) each
+  // phase is drawn where it ran, and one that ran beside another (a CPU-only switch saves
+  // and unloads the leaving model while the next one loads) goes in a thin lane below;
+  // without them (older reports) the phases are stacked one after another.
+  function phaseBar(phases, scale, starts) {
     const width = 400;
     const bar = svg("svg", {
       class: "phase-bar", viewBox: `0 0 ${width} 16`, preserveAspectRatio: "none",
       role: "img", "aria-label": "phase timings",
     });
+    const px = (ms) => (scale > 0 ? (ms / scale) * width : 0);
+    const timed = starts && PHASES.every((p) => typeof phases[p] !== "number"
+      || typeof starts[p] === "number");
+    const order = PHASES.filter((p) => typeof phases[p] === "number");
+    if (timed) order.sort((a, b) => starts[a] - starts[b]);
     let x = 0;
-    for (const phase of PHASES) {
+    let mainEnd = 0; // where the main lane's last phase ended (ms)
+    for (const phase of order) {
       const ms = phases[phase];
-      if (typeof ms !== "number") continue;
-      const w = scale > 0 ? (ms / scale) * width : 0;
+      const at = timed ? starts[phase] : null;
+      const beside = timed && at < mainEnd - 0.5;
+      if (timed && !beside) mainEnd = at + ms;
+      const left = timed ? px(at) : x;
+      const w = px(ms);
       bar.append(svg("rect", {
-        x: x.toFixed(2), y: 1, width: Math.max(w, ms > 0 ? 1 : 0).toFixed(2), height: 14,
+        x: left.toFixed(2), y: beside ? 11 : 1,
+        width: Math.max(w, ms > 0 ? 1 : 0).toFixed(2), height: beside ? 4 : 14,
         fill: COLORS[phase] || "#888", "data-phase": phase,
-      }, [title(`${phase}: ${fmtMs(ms)}`)]));
+        "data-lane": beside ? "beside" : "main",
+      }, [title(`${phase}: ${fmtMs(ms)}${beside ? " (alongside another phase)" : ""}`)]));
       x += w;
     }
     return bar;
