@@ -37,7 +37,7 @@ def report_status(report: SwitchReport) -> int:
     (the model could not be made to serve: a bad file, a failed load; not a bug of ours)."""
     if not report.failed:
         return 200
-    return 409 if report.failed_phase == "drain" else 502
+    return 409 if report.drain_timed_out else 502
 
 
 def _report_response(report: SwitchReport) -> Response:

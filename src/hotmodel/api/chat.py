@@ -340,8 +340,7 @@ class ChatCompletions:
                 f"switching to {target!r} took longer than {cfg.queue_timeout_seconds:g}s "
                 "([switch] queue_timeout_seconds); it goes on, try again later"
             ) from None
-        if report.failed and report.failed_phase == "drain":
-            # nothing changed: generations on the active model outlived the drain deadline
+        if report.drain_timed_out:  # nothing changed: generations outlived the deadline
             raise SwitchBusyError(f"switching to {target!r} must wait: {report.error}")
         if report.failed:
             raise SwitchFailedError(f"switching to {target!r} failed: {report.error}", report)

@@ -97,6 +97,12 @@ class SwitchReport:
         return self.outcome is Outcome.FAILED
 
     @property
+    def drain_timed_out(self) -> bool:
+        """It failed at its drain: generations on the active model outlived the deadline,
+        and nothing was changed (the switch must wait, it did not break anything)."""
+        return self.failed and self.failed_phase == "drain"
+
+    @property
     def changed_nothing(self) -> bool:
         """It failed before touching the running model (its check, or its drain)."""
         return self.failed and self.failed_phase in ("check", "drain")
