@@ -178,7 +178,7 @@ def _restored(store: Snapshots, tokens: int = 100) -> tuple[Path, dict[str, Any]
     info: dict[str, Any] = {"restored": True, "session": "s", "tokens": tokens, "took": None}
     gen = store.ledger.touch("m")
     covered = store.ledger.cover("m", gen, "", "s", HELD)
-    store._unproved["m"] = snapshots.Unproved(meta, "", "s", info, gen, covered)
+    store._unproved["m"] = snapshots.Unproved(meta, info, gen, covered)
     return path, info
 
 

@@ -11,7 +11,6 @@ and nothing internal (:class:`CatchUnexpected`).
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -23,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hotmodel import sse
 from hotmodel.api.record import new_request_id, record_of
 from hotmodel.errors import HotModelError, http_error_for
-from hotmodel.router.models import error_message
+from hotmodel.router.models import error_of
 
 log = logging.getLogger("hotmodel.api")
 
@@ -56,7 +55,7 @@ _NOT_LOADED = "model is not loaded"
 def upstream_error_response(status: int, body: bytes) -> JSONResponse:
     """An error answer of the router, re-shaped as OpenAI's (its status kept, except a
     500 that only says the request could not be parsed: that is the client's 400)."""
-    message = error_message(body)
+    message, upstream_type = error_of(body)
     if status == 500 and any(marker in message for marker in _PARSE_FAILURES):
         status = 400
     if status == 400 and message == _NOT_LOADED:
@@ -68,19 +67,10 @@ def upstream_error_response(status: int, body: bytes) -> JSONResponse:
             "router_unavailable",
         )
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    if _error_type(body) == "exceed_context_size_error":
+    if upstream_type == "exceed_context_size_error":
         # OpenAI's code for it: clients trim the conversation and retry on this one
         return error_response(status, message, type_, "context_length_exceeded", "messages")
     return error_response(status, message, type_, "upstream_error")
-
-
-def _error_type(body: bytes) -> object:
-    """The ``error.type`` llama-server gave (None when there is none)."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return None
-    return error.get("type") if isinstance(error, dict) else None
 
 
 def sse_error(message: str, code: str) -> bytes:

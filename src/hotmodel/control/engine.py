@@ -233,12 +233,12 @@ class Engine(StepEffects):
 
     async def _execute_steps(self, run: Run, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
-        ends = asyncio.get_running_loop().time() + deadline
+        ends = asyncio.get_running_loop().time() + deadline  # the timeout's, and the wait's
         same = run.previous == run.target
         beside = beside_load(steps, self._exits_in_background(run), same)
         try:
             try:
-                async with asyncio.timeout(deadline):
+                async with asyncio.timeout_at(ends):
                     for step in steps:
                         if step in beside:
                             if run.beside is None:
@@ -290,6 +290,7 @@ class Engine(StepEffects):
         if lane and step in STEP_STATE:
             self.state = STEP_STATE[step]
         run.emit(step.value, PhaseStatus.STARTED)
+        started = ms_since(run.t0)
         t = time.monotonic()
         detail = await self._do(step, run)
         ms = ms_since(t)
@@ -298,7 +299,7 @@ class Engine(StepEffects):
             return
         if step is not Step.ACTIVATE:
             run.report.phases[step.value] = ms
-            run.report.phase_starts[step.value] = round((t - run.t0) * 1000, 1)
+            run.report.phase_starts[step.value] = started
         run.emit(step.value, PhaseStatus.DONE, ms, detail)
 
     async def _do(self, step: Step, run: Run) -> Detail:
@@ -359,8 +360,8 @@ class Engine(StepEffects):
         recovering = report.policy == "recover"
         self.state = SwitchState.RECOVERING if recovering else SwitchState.ROLLING_BACK
         run.emit("rollback", PhaseStatus.STARTED)
+        report.phase_starts["rollback"] = ms_since(run.t0)
         t = time.monotonic()
-        report.phase_starts["rollback"] = round((t - run.t0) * 1000, 1)
         try:
             if target is not None and Step.LOAD in run.started:
                 await self.router.unload(target, self.config.unload_timeout_seconds)

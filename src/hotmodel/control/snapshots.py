@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hotmodel.config import Config
+from hotmodel.control.run import ms_since
 from hotmodel.errors import HotModelError
 from hotmodel.presets import PATH_KEYS
 from hotmodel.router.client import RouterClient
@@ -111,9 +112,7 @@ class Meta:
 class Unproved:
     """A restore whose ``cache_n`` has not been seen yet."""
 
-    meta: Meta
-    owner: str
-    session_id: str
+    meta: Meta  # whose session it holds, too
     info: dict[str, Any]  # the switch report's restore entry: the verdict is written in it
     gen: int  # the slot ledger's generation of the restore: the next request's is gen + 1
     covered: Covered | None  # the slot's label the restore wrote (the same object: untouched)
@@ -133,7 +132,7 @@ class Turn:
 
 def _unprovable(pending: Unproved, turn: Turn, latest: int) -> str | None:
     """Why ``turn`` cannot tell whether ``pending`` took (None: its cache_n can)."""
-    if turn.session != (pending.owner, pending.session_id):
+    if turn.session != (pending.meta.owner, pending.meta.session_id):
         return "the first request after it was not this session's"
     if turn.gen != pending.gen + 1 or latest != turn.gen:
         return "another request used the model's slot around this session's next turn"
@@ -340,7 +339,7 @@ class Snapshots:
             "session": meta.session_id,
             "tokens": meta.tokens,
             "bytes": size,
-            "ms": round((time.monotonic() - t0) * 1000, 1),
+            "ms": ms_since(t0),
         }
 
     def _intact(self, meta: Meta) -> bool:
@@ -397,10 +396,10 @@ class Snapshots:
             "session": session.id,
             "tokens": int(answer.get("n_restored") or 0),
             "bytes": meta.size,
-            "ms": round((time.monotonic() - t0) * 1000, 1),
+            "ms": ms_since(t0),
             "took": None,  # not known until a request on the model shows its cache_n
         }
-        self._unproved[model] = Unproved(meta, session.owner, session.id, info, gen, covered)
+        self._unproved[model] = Unproved(meta, info, gen, covered)
         return info
 
     async def _refuse(self, meta: Meta, messages: Sequence[Message]) -> str | None:
@@ -450,7 +449,7 @@ class Snapshots:
         pending = self._unproved.pop(model, None)
         if pending is None:
             return None
-        if session_id != pending.session_id:
+        if session_id != pending.meta.session_id:
             pending.info["unchecked"] = "the replay after it was another session's"
             return None
         return self._verdict(model, pending, cached)
@@ -470,7 +469,7 @@ class Snapshots:
         if not took:
             why = f"its restore did not take (cache_n {cached} of {restored} restored tokens)"
             pending.info["reason"] = why
-            log.warning("KV snapshot of %s for session %r: %s", model, pending.session_id, why)
+            log.warning("KV snapshot of %s for session %r: %s", model, pending.meta.session_id, why)
             self._delete(pending.meta, why)
             self._no_take.add(model)
         return took

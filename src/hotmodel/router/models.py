@@ -3,7 +3,8 @@
 ``GET /models`` answers one entry per preset with ``status.value`` one of
 :class:`ModelState`; a child that exited on its own adds ``failed`` and
 ``exit_code``. :func:`error_message` reads the message out of any error
-answer, llama-server's JSON shape or the router's plain-text lines.
+answer, llama-server's JSON shape or the router's plain-text lines
+(:func:`error_of`: its ``error.type`` too).
 """
 
 from __future__ import annotations
@@ -78,14 +79,20 @@ def _port_from_args(args: list[Any]) -> int | None:
 
 def error_message(body: bytes) -> str:
     """The message of an error answer, whether llama-server's JSON shape or plain text."""
+    return error_of(body)[0]
+
+
+def error_of(body: bytes) -> tuple[str, object]:
+    """An error answer's message, and the ``error.type`` llama-server gave (None when
+    there is none), read in one parse."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body.decode("utf-8", errors="replace").strip()[:500] or "(empty answer)"
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    return json.dumps(data)[:500]
+        return body.decode("utf-8", errors="replace").strip()[:500] or "(empty answer)", None
+    err = data.get("error") if isinstance(data, dict) else None
+    type_ = err.get("type") if isinstance(err, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"]), type_
+    if isinstance(err, str):
+        return err, None
+    return json.dumps(data)[:500], type_
