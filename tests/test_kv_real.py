@@ -259,3 +259,33 @@ def test_an_auto_switch_restores_the_conversation_of_the_request_that_caused_it(
         assert back["timings"]["cache_n"] > 400  # p's conversation was not read again
     finally:
         assert hp.stop() == 0, hp.output()
+
+
+def test_a_failed_switch_loads_the_previous_model_again_with_its_conversation(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """The previous model was unloaded (no background exit: the load waits for it), the
+    next one's file passes the GGUF check but does not load: the rollback loads the
+    previous model again and restores the snapshot saved on its way out."""
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + b"\xff" * 64)
+    config = write_config(
+        tmp_path,
+        {"smollm2": real_models["smollm2"], "broken": damaged},
+        "smollm2",
+        extra="kv_snapshots = true\nbackground_exit = false",
+    )
+    hp = start_hotmodel(config)
+    try:
+        chat(hp, FACTS)
+        failed = httpx.post(hp.base_url + "/admin/switch", json={"model": "broken"}, timeout=300)
+        assert failed.status_code == 502, failed.text
+        report = failed.json()
+        assert report["rolled_back"] is True and report["active_after"] == "smollm2", report
+        back = report["snapshot"]["rollback_restore"]
+        assert back["restored"] is True and back["tokens"] > 400, report
+        nxt = chat(hp, "Which shelf is item7 on?")
+        assert nxt["timings"]["cache_n"] > 400  # the conversation was not read again
+        assert last_switch(hp)["snapshot"]["rollback_restore"]["took"] is True
+    finally:
+        assert hp.stop() == 0, hp.output()
