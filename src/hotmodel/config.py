@@ -29,6 +29,7 @@ GpuProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
 TokenCountMode = Literal["estimate", "exact", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+AutoAccess = Literal["any", "admin"]
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
@@ -50,6 +51,12 @@ class ServerConfig:
     shutdown_timeout_seconds: float = field(default=5.0, metadata=_meta(min=0))
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_meta(min=1024))
     max_messages: int = field(default=2048, metadata=_meta(min=1))
+    # Host names besides the loopback names and ``host`` itself that requests may name in
+    # their Host header (DNS rebinding: a page whose name points at 127.0.0.1 is refused)
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins (``scheme://host[:port]``) of web pages that may call this server from a
+    # browser: they pass the cross-site check and get CORS headers. Empty: no CORS at all.
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,8 @@ class SwitchConfig:
 
     policy: SwitchPolicy = "zero_overlap"
     auto: bool = False
+    # who may cause an auto switch when keys are set: any key, or only an admin key
+    auto_access: AutoAccess = "any"
     replay: bool = True
     drain_timeout_action: DrainTimeoutAction = "fail"
     load_timeout_seconds: float = field(default=120.0, metadata=_meta(min=0.001))
@@ -121,6 +130,11 @@ class SessionConfig:
     default_system_prompt: str = ""
     queue_timeout_seconds: float = field(default=600.0, metadata=_meta(min=0))
     store_file: Path | None = None
+    # bounds on what the store keeps: sessions per API key (one owner when keys are off),
+    # messages stored per session (0 = no bound), and days a session is kept unused (0 = ever)
+    max_sessions_per_key: int = field(default=1000, metadata=_meta(min=0))
+    max_stored_messages: int = field(default=10000, metadata=_meta(min=0))
+    retention_days: float = field(default=0.0, metadata=_meta(min=0))
 
 
 @dataclass(frozen=True, slots=True)
