@@ -190,17 +190,53 @@ def test_budget_settings_and_session_deletion(
         assert "KV settings changed" in again.output()
     finally:
         assert again.stop() == 0, again.output()
-    # a budget smaller than one snapshot keeps none
+    # a snapshot larger than the whole budget is not kept, and evicts nothing
     kv_config(tmp_path, real_models, extra="kv_snapshot_max_bytes = 1000")
     small = start_hotmodel(config)
     try:
         chat(small, FACTS, session="third")
-        switch(small, "gemma3")
+        saved = switch(small, "gemma3")["snapshot"]["save"]
+        assert saved["saved"] is False and saved["kept"] is False and saved["evicted"] == []
+        assert "more than [switch] kv_snapshot_max_bytes = 1000" in saved["reason"], saved
         status = small.status()["kv_snapshots"]
         assert isinstance(status, dict) and status["count"] == 0
-        assert "over [switch] kv_snapshot_max_bytes = 1000" in small.output()
     finally:
         assert small.stop() == 0, small.output()
+
+
+def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_it(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """Found by a hostile pass: with room for one snapshot, switching a -> b -> a saved b's
+    by deleting a's, then replayed a's conversation in full; and a lowered budget waited
+    for the next save."""
+    config = kv_config(tmp_path, real_models)
+    hp = start_hotmodel(config)
+    try:
+        chat(hp, FACTS)
+        first = switch(hp, "gemma3")["snapshot"]["save"]  # smollm2's
+        assert first["kept"] is True and first["evicted"] == [], first
+        second = switch(hp, "smollm2")["snapshot"]["save"]  # gemma3's
+        sizes = (first["bytes"], second["bytes"])
+        limit = max(sizes) + min(sizes) // 2  # room for either (a few turns more), not both
+        kv_config(tmp_path, real_models, extra=f"kv_snapshot_max_bytes = {limit}")
+        reloaded = httpx.post(hp.base_url + "/admin/reload", timeout=60).json()
+        assert "switch.kv_snapshot_max_bytes" in reloaded["applied"], reloaded
+        status = hp.status()["kv_snapshots"]
+        assert isinstance(status, dict) and status["count"] == 1  # at once, not at a save
+        assert f"over [switch] kv_snapshot_max_bytes = {limit}" in hp.output()
+        chat(hp, "Which shelf is item7 on?")  # smollm2's slot moves on
+        away = switch(hp, "gemma3")  # gemma3's snapshot went at the reload: it replays
+        assert away["snapshot"]["save"]["kept"] is True, away
+        back = switch(hp, "smollm2")
+        saved, restore = back["snapshot"]["save"], back["snapshot"]["restore"]
+        assert saved["kept"] is False and saved["evicted"] == [], saved
+        assert "the snapshot restored next (smollm2, session 'kv')" in saved["reason"]
+        assert restore["restored"] is True, back
+        nxt = chat(hp, "And item9?")
+        assert nxt["timings"]["cache_n"] > 400 and nxt["timings"]["prompt_n"] < 40
+    finally:
+        assert hp.stop() == 0, hp.output()
 
 
 def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folder_is_made(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from hotmodel.config import load_config
-from hotmodel.control import snapshots
+from hotmodel.control import reload, snapshots
 from hotmodel.control.snapshots import Digests, Snapshots, identity
 from hotmodel.sessions.slots import SlotLedger, messages_hash
 from tests.conftest import write_config
@@ -110,10 +111,12 @@ def test_a_digest_is_remembered_only_while_its_file_is_untouched(
         raise AssertionError("a missing file has no digest")
 
 
-def _store(tmp_path: Path) -> Snapshots:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 64)
-    config = load_config(write_config(tmp_path, {"m": model}, "m", extra="kv_snapshots = true"))
+def _store(tmp_path: Path, models: tuple[str, ...] = ("m",), extra: str = "") -> Snapshots:
+    files = {name: tmp_path / f"{name}.gguf" for name in models}
+    for file in files.values():
+        file.write_bytes(b"GGUF" + b"\0" * 64)
+    extra = "kv_snapshots = true\n" + extra
+    config = load_config(write_config(tmp_path, files, models[0], extra=extra))
     binary = tmp_path / "llama-server"
     binary.write_bytes(b"binary")
     # the router client and the session service are not reached by what is tested here
@@ -149,7 +152,7 @@ def test_a_snapshot_whose_sidecar_was_lost_does_not_escape_the_budget(tmp_path: 
     store.ensure_folder()
     orphan = store.dir / "kv-00000000000000aa.bin"
     orphan.write_bytes(b"x" * 100)
-    store._budget()  # what every save ends with
+    store.apply_budget()  # what start, a reload and every save do
     assert not orphan.exists()
 
 
@@ -301,3 +304,154 @@ def test_a_restored_snapshot_whose_file_went_is_saved_anew(tmp_path: Path) -> No
 
 async def _any_session(owner: str, session_id: str) -> object:
     return object()  # the session still exists
+
+
+# --- the budget ([switch] kv_snapshot_max_bytes) ---
+
+
+def _budgeted(tmp_path: Path, limit: int, prefer: tuple[str, str, str] | None = None) -> Snapshots:
+    """Models "a" and "b" under a budget of ``limit`` bytes; every save writes 8 bytes, and
+    session ("", "s") is the most recently used one (``prefer``: the switch is for that)."""
+    store = _store(tmp_path, ("a", "b"), f"kv_snapshot_max_bytes = {limit}")
+    store.ensure_folder()
+    store.client = cast(Any, _SavingClient(store.dir))
+
+    async def most_recent(last: int | None = None) -> object:
+        return SimpleNamespace(owner="", id="s")
+
+    found = SimpleNamespace(get=_any_session, most_recent=most_recent)
+    store.sessions = cast(Any, SimpleNamespace(store=found, _prefer=prefer))
+    return store
+
+
+def _snap(store: Snapshots, model: str, session: str, used: float, size: int = 8) -> Path:
+    """A valid snapshot of ``session``'s messages HELD in ``model``, last used at ``used``."""
+    path = store.dir / f"kv-{os.urandom(8).hex()}.bin"
+    path.write_bytes(b"k" * size)
+    ident = identity(store.config, store.binary, model)
+    meta = snapshots.Meta(
+        path.name, model, "", session, 2, messages_hash(HELD), ident, size, "d", 10, used, used
+    )
+    store._write(meta)
+    return path
+
+
+def _save(store: Snapshots, model: str, restoring: str | None) -> dict[str, Any]:
+    """Switch away from ``model``, whose slot holds session s, to ``restoring``."""
+    store.ledger.cover(model, store.ledger.touch(model), "", "s", HELD)
+    info = asyncio.run(store.save(model, restoring))
+    assert info is not None
+    return info
+
+
+def _held(store: Snapshots) -> list[tuple[str, str]]:
+    return sorted((m.model, m.session_id) for m in store._metas())
+
+
+def test_the_snapshot_restored_next_is_never_evicted_to_make_room(tmp_path: Path) -> None:
+    """Room for one: switching a -> b -> a, b's save gives way to a's snapshot (restored
+    next) instead of evicting it; the report says so, and that nothing was evicted."""
+    store = _budgeted(tmp_path, 10)
+    a_file = _snap(store, "a", "s", used=1.0)
+    saved = _save(store, "b", restoring="a")
+    assert saved["saved"] is False and saved["kept"] is False and saved["evicted"] == []
+    assert "beside the 8 of the snapshot restored next (a, session 's')" in saved["reason"]
+    assert "kv_snapshot_max_bytes = 10" in saved["reason"] and saved["bytes"] == 8
+    assert a_file.exists() and _held(store) == [("a", "s")]
+    assert sorted(p.name for p in store.dir.iterdir()) == [a_file.name, f"{a_file.stem}.json"]
+    # going elsewhere (no restore of a next), the least recently used one goes as before
+    gone = _save(store, "b", restoring=None)
+    assert gone["kept"] is True and "saved" not in gone
+    assert gone["evicted"] == [{"model": "a", "session": "s", "bytes": 8}]
+    assert not a_file.exists() and _held(store) == [("b", "s")]
+
+
+@pytest.mark.parametrize(
+    ("prefer", "evicted"),
+    [(None, "t"), (("a", "", "t"), "s")],  # the most recent session; the switch's own
+)
+def test_the_session_restored_next_is_the_one_whose_snapshot_stays(
+    tmp_path: Path, prefer: tuple[str, str, str] | None, evicted: str
+) -> None:
+    store = _budgeted(tmp_path, 16, prefer)
+    _snap(store, "a", "t", used=1.0)  # the least recently used one
+    _snap(store, "a", "s", used=2.0)
+    saved = _save(store, "b", restoring="a")
+    assert saved["kept"] is True
+    assert saved["evicted"] == [{"model": "a", "session": evicted, "bytes": 8}]
+    assert ("a", evicted) not in _held(store) and ("b", "s") in _held(store)
+
+
+def test_a_snapshot_larger_than_the_budget_is_not_kept_and_evicts_nothing(
+    tmp_path: Path,
+) -> None:
+    store = _budgeted(tmp_path, 7)
+    older = _snap(store, "b", "s", used=1.0, size=4)  # the same session's, from before
+    other = _snap(store, "a", "t", used=2.0, size=3)
+    saved = _save(store, "b", restoring=None)
+    assert saved["saved"] is False and saved["kept"] is False and saved["evicted"] == []
+    assert saved["reason"] == ("not kept: 8 bytes, more than [switch] kv_snapshot_max_bytes = 7"), (
+        saved
+    )
+    assert older.exists() and other.exists() and _held(store) == [("a", "t"), ("b", "s")]
+    assert len(list(store.dir.glob("kv-*.bin"))) == 2  # the new file is gone
+
+
+def test_a_kept_save_replaces_its_sessions_older_snapshot_and_evicts_by_use(
+    tmp_path: Path,
+) -> None:
+    store = _budgeted(tmp_path, 16)
+    old = _snap(store, "b", "s", used=3.0)  # superseded, not evicted
+    _snap(store, "a", "t", used=1.0)
+    _snap(store, "a", "u", used=2.0)
+    saved = _save(store, "b", restoring="a")  # a's snapshot of s: none to protect
+    assert saved["kept"] is True and not old.exists()
+    assert saved["evicted"] == [{"model": "a", "session": "t", "bytes": 8}]
+    assert _held(store) == [("a", "u"), ("b", "s")] and store.stats()["bytes"] == 16
+
+
+def test_a_lowered_budget_applies_at_start(tmp_path: Path) -> None:
+    store = _budgeted(tmp_path, 10)
+    newest = _snap(store, "a", "s", used=3.0)
+    _snap(store, "b", "s", used=1.0)
+    _snap(store, "a", "t", used=2.0)
+    store.prune()  # what start does, right after it opens the folder
+    assert _held(store) == [("a", "s")] and newest.exists()
+    assert store.stats() == {"count": 1, "bytes": 8}
+
+
+def test_a_reload_applies_a_lowered_budget_at_once(tmp_path: Path) -> None:
+    store = _budgeted(tmp_path, 100)
+    _snap(store, "a", "t", used=1.0)
+    _snap(store, "b", "s", used=2.0)
+    config = dataclasses.replace(
+        store.config,
+        switch=dataclasses.replace(store.config.switch, kv_snapshot_max_bytes=8),
+    )
+    engine = SimpleNamespace(config=None, drain_timeout=None)
+    services = SimpleNamespace(
+        config=None,
+        sessions=SimpleNamespace(config=None),
+        watchdog=SimpleNamespace(config=None),
+        snapshots=store,
+        controller=SimpleNamespace(engine=engine, presets=None),
+        supervisor=SimpleNamespace(use_presets=lambda presets: None),
+    )
+    reload._apply(cast(Any, services), config)
+    assert store.config is config and _held(store) == [("b", "s")]
+
+
+def test_a_save_in_flight_is_not_an_orphan_to_a_budget_run_beside_it(tmp_path: Path) -> None:
+    """A reload's budget may run while llama-server writes a snapshot (no sidecar yet)."""
+    store = _budgeted(tmp_path, 100)
+    client = _SavingClient(store.dir)
+
+    async def slot(model: str, action: str, filename: str, timeout: float) -> dict[str, int]:
+        answer = await _SavingClient.slot(client, model, action, filename, timeout)
+        store.apply_budget()
+        assert (store.dir / filename).exists()
+        return answer
+
+    store.client = cast(Any, SimpleNamespace(slot=slot))
+    saved = _save(store, "b", restoring="a")
+    assert saved["kept"] is True and _held(store) == [("b", "s")]

@@ -740,7 +740,7 @@ class FakeKv:
         self.save_gate: asyncio.Event | None = None
         self.info: dict[str, Any] = {}
 
-    async def save(self, model: str) -> dict[str, Any] | None:
+    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
         self.calls.append(f"save {model}")
         if self.save_gate is not None:
             await self.save_gate.wait()

@@ -48,7 +48,7 @@ class StepEffects:
         done = "saved" if step is Step.SAVE else "restored"  # the info's did-it field
         try:
             if step is Step.SAVE:
-                info = await self.kv.save(model)
+                info = await self.kv.save(model, run.target)  # run.target's is kept
             else:
                 info = await self.kv.restore(model)
         except Exception as exc:

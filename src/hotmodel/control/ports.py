@@ -52,8 +52,9 @@ class ProcessOps(Protocol):
 class KvOps(Protocol):
     """KV snapshots of a model's slot."""
 
-    async def save(self, model: str) -> dict[str, Any] | None:
-        """Keep ``model``'s slot; None when it holds no session's prompt."""
+    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
+        """Keep ``model``'s slot; None when it holds no session's prompt. ``restoring``:
+        the model the same command restores next, whose snapshot is not evicted for it."""
         ...
 
     async def restore(self, model: str) -> dict[str, Any] | None:

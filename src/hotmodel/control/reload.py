@@ -43,7 +43,7 @@ _LIVE = {
     "router": frozenset({"idle_unload_seconds", "watchdog_interval_seconds", "watchdog_failures"}),
 }
 _RESTART = {
-    "switch": frozenset({"kv_snapshots", "kv_snapshot_max_bytes", "gpu_probe", "history"}),
+    "switch": frozenset({"kv_snapshots", "gpu_probe", "history"}),
     "session": frozenset({"store_file"}),
 }
 
@@ -203,6 +203,7 @@ def _apply(services: Services, config: Config) -> None:
     services.watchdog.config = config
     if services.snapshots is not None:
         services.snapshots.config = config  # a preset's options count in its snapshots' identity
+        services.snapshots.apply_budget()  # a lowered kv_snapshot_max_bytes applies now
     engine = services.controller.engine
     engine.config = config.switch
     engine.drain_timeout = config.server.switch_drain_timeout_seconds

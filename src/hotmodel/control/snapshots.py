@@ -16,7 +16,9 @@ sidecar, and its sha256 is checked before it is handed back to llama-server
 (:class:`Digests`: again only when the file changed since hotmodel last read
 it), so a truncated or corrupted file is refused instead of restored. The
 folder is kept under ``[switch] kv_snapshot_max_bytes`` (least recently used
-first).
+first; at start and at a reload too), except that the snapshot a switch restores
+next is never evicted to make room for the one it saves: that one gives way
+instead, as does a snapshot larger than the whole budget (:meth:`Snapshots._keep`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,31 @@ class Turn:
     cache_prompt: bool = True  # False: the client told llama-server not to use its cache
 
 
+def _key(meta: Meta) -> tuple[str, str, str]:
+    """Whose snapshot ``meta`` is: (model, owner, session id); one of each is kept."""
+    return (meta.model, meta.owner, meta.session_id)
+
+
+def _entry(meta: Meta) -> dict[str, Any]:
+    """How a report names a snapshot: its model, session and size."""
+    return {"model": meta.model, "session": meta.session_id, "bytes": meta.size}
+
+
+def _over_budget(metas: Sequence[Meta], limit: int, keep: Sequence[Meta] = ()) -> list[Meta]:
+    """The snapshots of ``metas`` to evict, least recently used first, until they fit in
+    ``limit`` bytes; none of ``keep`` (which the caller made sure fit) is among them."""
+    kept = {m.file for m in keep}
+    total = sum(m.size for m in metas)
+    evicted = []
+    for meta in sorted(metas, key=lambda m: m.used):
+        if total <= limit:
+            break
+        if meta.file not in kept:
+            evicted.append(meta)
+            total -= meta.size
+    return evicted
+
+
 def _unprovable(pending: Unproved, turn: Turn, latest: int) -> str | None:
     """Why ``turn`` cannot tell whether ``pending`` took (None: its cache_n can)."""
     if turn.session != (pending.meta.owner, pending.meta.session_id):
@@ -204,6 +231,8 @@ class Snapshots:
         # models whose restores do not take in this llama-server (Gemma 3's sliding-window
         # attention keeps too little: it re-reads the prompt): not saved again this run
         self._no_take: set[str] = set()
+        # the files being saved now (no sidecar yet): not orphans, whatever runs meanwhile
+        self._saving: set[str] = set()
         self.digests = Digests()
 
     @property
@@ -260,10 +289,11 @@ class Snapshots:
                 self._delete(meta, "no such preset any more")
             elif (why := self._changed(meta)) is not None:
                 self._delete(meta, why)
+        self.apply_budget()  # a budget lowered while hotmodel was stopped
 
     def _drop_orphans(self, metas: Sequence[Meta]) -> None:
         """Delete the snapshot files that no sidecar of ``metas`` names."""
-        known = {Path(m.file).stem for m in metas}
+        known = {Path(m.file).stem for m in metas} | self._saving
         for path in self.dir.glob("kv-*.bin"):
             if path.stem not in known:
                 self._delete_files(path.stem)
@@ -279,20 +309,68 @@ class Snapshots:
         changed = [reason for reason, value in now.items() if meta.identity.get(reason) != value]
         return None if not changed else f"{', '.join(changed)} changed"
 
-    def _budget(self) -> None:
-        limit = self.config.switch.kv_snapshot_max_bytes
-        metas = sorted(self._metas(), key=lambda m: m.used)
+    def apply_budget(self) -> list[dict[str, Any]]:
+        """Bring the folder under ``[switch] kv_snapshot_max_bytes`` now, least recently
+        used first (at start, and when a reload changed it); what was evicted."""
+        if not self.dir.is_dir():
+            return []
+        metas = self._metas()
         self._drop_orphans(metas)  # a file whose sidecar was lost would escape the budget
-        total = sum(m.size for m in metas)
-        while metas and total > limit:
-            oldest = metas.pop(0)
-            total -= oldest.size
-            self._delete(oldest, f"over [switch] kv_snapshot_max_bytes = {limit}")
+        return self._evict(_over_budget(metas, self.config.switch.kv_snapshot_max_bytes))
+
+    def _evict(self, metas: Sequence[Meta]) -> list[dict[str, Any]]:
+        limit = self.config.switch.kv_snapshot_max_bytes
+        for meta in metas:
+            self._delete(meta, f"over [switch] kv_snapshot_max_bytes = {limit}")
+        return [_entry(m) for m in metas]
+
+    async def _restore_key(self, model: str | None) -> tuple[str, str, str] | None:
+        """Whose snapshot ``restore(model)`` will look for (None: no restore follows):
+        the session the switch is for, else the most recently used one."""
+        if model is None:
+            return None
+        prefer = self.sessions._prefer  # the choice SessionService.replay_prompt makes
+        if prefer is not None and prefer[0] == model:
+            return prefer
+        session = await self.sessions.store.most_recent(1)  # who, not what: one message
+        return None if session is None else (model, session.owner, session.id)
+
+    async def _keep(self, meta: Meta, restoring: str | None) -> dict[str, Any]:
+        """Keep the snapshot ``meta`` just saved (its sidecar not written yet) within the
+        budget, and say what was kept and evicted. The snapshot the command restores next
+        (``restoring``'s) is never evicted for it: when both do not fit, this one gives
+        way, as does one larger than the whole budget; either evicts nothing."""
+        limit = self.config.switch.kv_snapshot_max_bytes
+        wanted = await self._restore_key(restoring)
+        metas = self._metas()
+        self._drop_orphans(metas)
+        others = [m for m in metas if _key(m) != _key(meta)]  # the rest are superseded
+        nxt = max((m for m in others if _key(m) == wanted), key=lambda m: m.created, default=None)
+        keep = [meta] if nxt is None else [meta, nxt]
+        why = None
+        if meta.size > limit:
+            why = f"{meta.size} bytes, more than [switch] kv_snapshot_max_bytes = {limit}"
+        elif nxt is not None and meta.size + nxt.size > limit:
+            why = (
+                f"{meta.size} bytes beside the {nxt.size} of the snapshot restored next "
+                f"({nxt.model}, session {nxt.session_id!r}) exceed "
+                f"[switch] kv_snapshot_max_bytes = {limit}"
+            )
+        if why is not None:
+            log.info("not keeping the KV snapshot of %s: %s", meta.model, why)
+            self._delete_files(Path(meta.file).stem)
+            return {"saved": False, "kept": False, "reason": f"not kept: {why}", "evicted": []}
+        self._write(meta)
+        for old in metas:
+            if _key(old) == _key(meta):
+                self._delete(old, "superseded by a newer snapshot")
+        return {"kept": True, "evicted": self._evict(_over_budget([*others, meta], limit, keep))}
 
     # --- the steps ---
 
-    async def save(self, model: str) -> dict[str, Any] | None:
-        """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it."""
+    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
+        """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it.
+        ``restoring``: the model the same command restores next (see :meth:`_keep`)."""
         covered = self.ledger.get(model)
         restored = self._unproved.pop(model, None)  # no request on it will prove anything
         preset = self.config.presets.models.get(model)
@@ -303,6 +381,16 @@ class Snapshots:
         if restored is not None and covered is restored.covered and self._intact(restored.meta):
             return self._kept(restored.meta)  # no request since its restore
         stem = f"kv-{secrets.token_hex(8)}"
+        self._saving.add(stem)
+        try:
+            return await self._save_as(stem, model, covered, restoring)
+        finally:
+            self._saving.discard(stem)
+
+    async def _save_as(
+        self, stem: str, model: str, covered: Covered, restoring: str | None
+    ) -> dict[str, Any] | None:
+        """Save ``model``'s slot, which holds ``covered``, as ``stem``."""
         t0 = time.monotonic()
         answer = await self.client.slot(model, "save", f"{stem}.bin", self._timeout)
         path = self.dir / f"{stem}.bin"
@@ -329,18 +417,9 @@ class Snapshots:
             created=now,
             used=now,
         )
-        self._write(meta)
-        for old in self._metas():
-            same = (old.model, old.owner, old.session_id) == (model, meta.owner, meta.session_id)
-            if same and old.file != meta.file:
-                self._delete(old, "superseded by a newer snapshot")
-        self._budget()
-        return {
-            "session": meta.session_id,
-            "tokens": meta.tokens,
-            "bytes": size,
-            "ms": ms_since(t0),
-        }
+        kept = await self._keep(meta, restoring)
+        info = {"session": meta.session_id, "tokens": meta.tokens, "bytes": size}
+        return {**info, "ms": ms_since(t0), **kept}
 
     def _intact(self, meta: Meta) -> bool:
         """``meta``'s file is still there, at its size (its sha256 is read at a restore)."""
