@@ -18,6 +18,7 @@ from aiohttp import web
 from hotmodel import sse
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import (
+    ModelUnavailableError,
     RouterError,
     RouterTimeoutError,
     RouterUnavailableError,
@@ -245,8 +246,13 @@ def test_session_lock_wait_is_bounded() -> None:
     asyncio.run(scenario())
 
 
-def test_chat_goes_to_the_model_directly_and_falls_back_to_the_router() -> None:
+def test_chat_goes_to_the_model_directly_and_a_dead_port_is_the_models_loss() -> None:
+    """A model's own server whose port refuses connections is gone (a crash: an unload
+    drops the port first): 503 ``model_unavailable``, the port forgotten, the loss
+    reported (the watchdog loads the model again); the router is not asked, as it
+    would answer "proxy error" until it notices the exit."""
     seen: list[str] = []
+    lost: list[str] = []
 
     def answering(name: str) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -262,13 +268,19 @@ def test_chat_goes_to_the_model_directly_and_falls_back_to_the_router() -> None:
     async def scenario() -> None:
         async with serving(answering("router")) as router_url, ChatHttp(5) as chat_http:
             client = _chat_client(router_url, chat_http, direct=True)
+            client.on_model_lost = lost.append
             assert await ask(client) == {"ok": "router"}  # port unknown: the router
             async with serving(answering("child")) as child_url:
                 client.set_direct("m", int(child_url.rsplit(":", 1)[1]))
                 assert await ask(client) == {"ok": "child"}  # straight to the model's server
-            # it died (its port refuses): the router, and the port is forgotten
-            assert await ask(client) == {"ok": "router"}
-            assert client.direct == {}
+            # it died (its port refuses): the model is unavailable, its port forgotten
+            with pytest.raises(ModelUnavailableError) as info:
+                await ask(client)
+            assert http_error_for(info.value).status == 503
+            assert child_url.rsplit(":", 1)[1] not in info.value.public  # the log's
+            assert child_url.rsplit(":", 1)[1] in str(info.value)
+            assert client.direct == {} and lost == ["m"]
+            assert await ask(client) == {"ok": "router"}  # until it is loaded again
             client.set_direct("m", 4001)
             client.drop_direct("m")  # an unload begins: nothing may reach it directly
             assert await ask(client) == {"ok": "router"}
@@ -278,3 +290,4 @@ def test_chat_goes_to_the_model_directly_and_falls_back_to_the_router() -> None:
 
     asyncio.run(scenario())
     assert seen == ["router", "child", "router", "router"]
+    assert lost == ["m"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.config import load_config
-from hotmodel.control.controller import Controller
+from hotmodel.control.controller import Controller, Recover
 from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
 from hotmodel.control.gpu import NoGpu
@@ -32,6 +33,7 @@ from hotmodel.control.watchdog import Watchdog
 from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvents
+from hotmodel.router.models import ModelState, ModelStatus
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from hotmodel.runtime import Services
 from hotmodel.sessions.service import SessionService
@@ -290,5 +292,69 @@ def test_a_client_leaving_before_the_answer_starts_stops_llama_server(tmp_path: 
         assert client.sent == []
         assert await upstream.was_closed()  # the connection was closed: llama-server stops
         assert await s.store.get("", "s1") is None
+
+    _run(tmp_path, scenario)
+
+
+def test_a_stream_whose_answer_cannot_be_stored_says_so_before_its_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses the write for real (SQLite's ``query_only``: it holds as root,
+    where a read-only folder would not). The error event comes before ``data: [DONE]``
+    (a client stops reading there); it says what failed, not where the store is."""
+
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        client = Client(STREAM)
+        task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
+        await upstream.requested.wait()  # the session was read: now its writes fail
+        await s.store._call(lambda: s.store._db().execute("PRAGMA query_only = ON"))
+        upstream.finish.set()
+        await asyncio.wait_for(task, 5)
+        text = client.text()
+        error_at, done_at = text.find('"code": "store_error"'), text.find("data: [DONE]")
+        assert 0 <= error_at < done_at, text
+        assert text.endswith("data: [DONE]\n\n"), text  # nothing after it
+        assert "the session store could not be read or written" in text
+        assert str(tmp_path) not in text and "sqlite3" not in text  # the log's, below
+        assert client.sent[-1]["more_body"] is False
+        assert await s.store.get("", "s1") is None  # nothing was stored
+
+    with caplog.at_level(logging.WARNING, "hotmodel.api"):
+        _run(tmp_path, scenario)
+    (logged,) = [r.getMessage() for r in caplog.records if "store" in r.getMessage()]
+    assert str(tmp_path / "s.sqlite3") in logged and "request id" in logged
+
+
+def test_a_dead_port_found_by_chat_is_confirmed_with_the_router_then_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router reads the model ``loaded`` for a moment after its process died (it
+    sees the exit within ~50 ms; a recovery then would find it "already running"): the
+    watchdog asks again until it reads ``unloaded``, then posts one Recover."""
+
+    async def scenario(s: Services, upstream: Upstream) -> None:
+        states = [ModelState.LOADED, ModelState.LOADED, ModelState.UNLOADED]
+        asked: list[ModelState] = []
+        posted: list[object] = []
+
+        async def models() -> dict[str, ModelStatus]:
+            asked.append(states[min(len(asked), len(states) - 1)])
+            return {"m": ModelStatus("m", asked[-1])}
+
+        monkeypatch.setattr(s.router, "models", models)
+        monkeypatch.setattr(s.controller, "post", lambda command, *_: posted.append(command))
+        lost = s.router.on_model_lost  # the watchdog set it
+        assert lost is not None
+        lost("other")  # not the active model: nothing
+        lost("m")
+        lost("m")  # one confirmation at a time
+        for _ in range(100):
+            if posted:
+                break
+            await asyncio.sleep(0.01)
+        assert posted == [Recover("m")] and asked == states
+        assert s.watchdog.recoveries == 1
+        s.gate.begin_recovery()  # what the Recover command would do, then open it
+        s.gate.open()
 
     _run(tmp_path, scenario)

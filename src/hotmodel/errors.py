@@ -13,6 +13,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── RouterUnavailableError   the router cannot be reached (connect failure, broken answer)
     │   ├── RouterTimeoutError       the router was reached but did not answer in time (504)
     │   ├── RouterProtocolError      the router answered something we cannot use
+    │   ├── ModelUnavailableError    the model's own process is gone; it is loaded again (503)
     │   └── ModelLoadError           a model ended `failed` or missed its load deadline
     ├── RequestError                 an HTTP client sent something we refuse (maps to 4xx)
     │   ├── InvalidRequestError      malformed JSON, missing or wrong fields (400)
@@ -33,6 +34,12 @@ the boundary that calls the library, with ``raise ... from exc``.
 
 ``http_error_for`` maps any of them to the HTTP status and OpenAI error
 ``type``/``code`` used by the proxy, so that mapping lives in one place.
+
+Each error has a public message (``public``: what failed, in a user's words,
+which is all an HTTP client is sent) and may carry a private ``detail``: the
+library's exception text, addresses, paths. ``str()`` gives both, for the
+server log and the admin reports; ``api/errors.py`` sends only ``public`` and
+logs the detail once, with the request's id.
 """
 
 from __future__ import annotations
@@ -42,7 +49,30 @@ from dataclasses import dataclass
 
 
 class HotModelError(Exception):
-    """Base of every error hotmodel raises on purpose."""
+    """Base of every error hotmodel raises on purpose.
+
+    ``detail`` is for the server log only (never sent to a client): the foreign
+    exception's text, an address, a path.
+    """
+
+    def __init__(self, *args: object, detail: str | None = None) -> None:
+        super().__init__(*args)
+        self.detail = detail
+
+    @property
+    def public(self) -> str:
+        """The message a client may read (no detail)."""
+        return str(self.args[0]) if self.args else type(self).__name__
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+def detail_of(exc: BaseException) -> str:
+    """A library's error as the server log shows it: its type, and its text if it has one."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class ConfigError(HotModelError):
@@ -95,6 +125,11 @@ class RouterProtocolError(RouterError):
     """The router answered with something hotmodel cannot use."""
 
 
+class ModelUnavailableError(RouterError):
+    """The loaded model's own llama-server process is gone (it crashed, or was killed);
+    the control loop loads it again, so a client is asked to retry (503)."""
+
+
 class ModelLoadError(RouterError):
     """A model load ended ``failed`` or did not reach ``loaded`` in time.
 
@@ -109,6 +144,10 @@ class ModelLoadError(RouterError):
         super().__init__(message)
         self.summary = summary
         self.log_tail = log_tail
+
+    @property
+    def public(self) -> str:
+        return self.summary  # the log tail may name files: the server log has it
 
 
 class RequestError(HotModelError):
@@ -179,8 +218,8 @@ class SwitchCancelledError(SwitchError):
 class SwitchFailedError(SwitchError):
     """A switch failed; ``report`` says how far it got and what is active now."""
 
-    def __init__(self, message: str, report: object = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report: object = None, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
         self.report = report
 
 
@@ -212,6 +251,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
     (SwitchFailedError, HttpError(502, "server_error", "switch_failed")),
     (RouterTimeoutError, HttpError(504, "server_error", "upstream_timeout")),
+    (ModelUnavailableError, HttpError(503, "server_error", "model_unavailable")),
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),
     (StoreError, HttpError(500, "server_error", "store_error")),

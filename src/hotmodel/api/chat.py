@@ -200,7 +200,7 @@ def reply_of(data: bytes) -> Message:
     try:
         message = json.loads(data)["choices"][0]["message"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RouterProtocolError(f"the router's answer has no message: {exc!r}") from exc
+        raise RouterProtocolError("the router's answer has no message", detail=repr(exc)) from exc
     if not isinstance(message, dict):
         raise RouterProtocolError("the router's answer has no message object")
     return {k: v for k, v in message.items() if v is not None}
@@ -267,7 +267,7 @@ class ChatCompletions:
                 if upstream.status_code >= 400:
                     error = await upstream.read()
                     record.upstream_done(error)
-                    return upstream_error_response(upstream.status_code, error)
+                    return upstream_error_response(upstream.status_code, error, record.request_id)
                 if chat.stream:
                     on_reply = None if prepared is None else self._recorder(prepared, model)
                     ended = functools.partial(self._turn_ended, chat, model, gen, record)
@@ -343,7 +343,11 @@ class ChatCompletions:
         if report.drain_timed_out:  # nothing changed: generations outlived the deadline
             raise SwitchBusyError(f"switching to {target!r} must wait: {report.error}")
         if report.failed:
-            raise SwitchFailedError(f"switching to {target!r} failed: {report.error}", report)
+            raise SwitchFailedError(
+                f"switching to {target!r} failed at its {report.failed_phase} step",
+                report,
+                detail=report.error,  # may name files and addresses: for the server log
+            )
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             ticket.model = self._resolve(requested)
             yield ticket

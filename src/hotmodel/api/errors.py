@@ -3,10 +3,13 @@
 The shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 hotmodel's own errors are mapped by :func:`~hotmodel.errors.http_error_for`;
-Starlette's (unknown route, wrong method) keep their status; an answer of the
-router with an error status keeps its status. Anything unexpected is logged
-once, with a request id, and the client gets a generic 500 carrying that id
-and nothing internal (:class:`CatchUnexpected`).
+a client reads only their public message (what failed, in a user's words):
+their ``detail`` (a library's exception text, an address, a path) is logged
+here, once, with the request's id, which the message then names
+(:func:`public_message`). Starlette's errors (unknown route, wrong method)
+keep their status; an answer of the router with an error status keeps its
+status. Anything unexpected is logged once, with a request id, and the client
+gets a generic 500 carrying that id and nothing internal (:class:`CatchUnexpected`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotmodel import sse
 from hotmodel.api.record import new_request_id, record_of
-from hotmodel.errors import HotModelError, http_error_for
+from hotmodel.errors import HotModelError, detail_of, http_error_for
 from hotmodel.router.models import error_of
 
 log = logging.getLogger("hotmodel.api")
@@ -50,21 +53,41 @@ def error_response(
 # parts sent to a model without a projector (mmproj): the request was at fault.
 _PARSE_FAILURES = ("Failed to parse", "[json.exception.", "input is not supported")
 _NOT_LOADED = "model is not loaded"
+# The router's answer when it could not reach the model's process (it died, and the
+# router has not seen the exit yet): a plain-text 500 "proxy error: ...".
+_PROXY_ERROR = "proxy error:"
 
 
-def upstream_error_response(status: int, body: bytes) -> JSONResponse:
+def _model_gone(status: int, message: str) -> bool:
+    """Whether the router said the model's own process is not there (not the client's
+    fault, nor an error of the request: the watchdog loads it again)."""
+    not_running = message.startswith("model name=") and message.endswith(" is not running")
+    not_loaded = status == 400 and (message == _NOT_LOADED or not_running)
+    return not_loaded or (status == 500 and message.startswith(_PROXY_ERROR))
+
+
+def upstream_error_response(
+    status: int, body: bytes, request_id: str | None = None
+) -> JSONResponse:
     """An error answer of the router, re-shaped as OpenAI's (its status kept, except a
-    500 that only says the request could not be parsed: that is the client's 400)."""
+    500 that only says the request could not be parsed: that is the client's 400, and
+    an answer that says the model's process is gone: a 503 ``model_unavailable``)."""
     message, upstream_type = error_of(body)
     if status == 500 and any(marker in message for marker in _PARSE_FAILURES):
         status = 400
-    if status == 400 and message == _NOT_LOADED:
-        # not the client's fault: the model's process died (the watchdog brings it back)
+    if _model_gone(status, message):
+        log.warning(
+            "the router answered %d %r: the model's process is gone (request id %s)",
+            status,
+            message,
+            request_id,
+        )
         return error_response(
             503,
-            f"the model is not running right now ({message}); retry shortly",
+            "the model's process is not running right now (it is being loaded again); "
+            "retry shortly",
             "server_error",
-            "router_unavailable",
+            "model_unavailable",
         )
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
     if upstream_type == "exceed_context_size_error":
@@ -78,15 +101,34 @@ def sse_error(message: str, code: str) -> bytes:
     return sse.encode(error_body(message, "server_error", code))
 
 
-def hotmodel_error_response(exc: HotModelError) -> JSONResponse:
+def public_message(exc: HotModelError, request_id: str | None, context: str = "") -> str:
+    """What a client is told of ``exc`` (after ``context``, when given): its public
+    message. What only the server may read (its ``detail``, or the foreign error it
+    was raised from) is logged here, once, with ``request_id``, which the message
+    then names."""
+    text = f"{context}: {exc.public}" if context else exc.public
+    cause = exc.__cause__
+    hidden = exc.detail or (
+        detail_of(cause) if cause is not None and not isinstance(cause, HotModelError) else None
+    )
+    if not hidden:
+        return text
+    request_id = request_id or new_request_id()  # a request with no record: tests only
+    log.warning("%s (request id %s): %s", text, request_id, hidden)
+    return f"{text} (request id {request_id}; the server log has the details)"
+
+
+def hotmodel_error_response(exc: HotModelError, request_id: str | None = None) -> JSONResponse:
     mapped = http_error_for(exc)
     param = getattr(exc, "param", None)
-    return error_response(mapped.status, str(exc), mapped.type, mapped.code, param)
+    message = public_message(exc, request_id)
+    return error_response(mapped.status, message, mapped.type, mapped.code, param)
 
 
 async def on_hotmodel_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HotModelError)
-    return hotmodel_error_response(exc)
+    record = record_of(request.scope)  # the request's one id, made by the Observe middleware
+    return hotmodel_error_response(exc, record.request_id if record is not None else None)
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -6,7 +6,10 @@ llama-server stops generating. The request's ticket cancels the relay when a
 switch must end it: the client then gets a last SSE error event, as it does
 when the router's stream breaks. A complete answer is handed to ``on_reply``
 (shielded from cancellation) before the chunk that ends it is sent, so a
-client that reads its session right after the stream finds the answer there.
+client that reads its session right after the stream finds the answer there;
+when that fails (the store cannot be written), the error event goes just
+before the upstream's ``data: [DONE]`` (:class:`ErrorBeforeDone`): a client
+stops reading at ``[DONE]``, and would never see an error sent after it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 from starlette.types import Receive, Send
 
-from hotmodel.api.errors import sse_error
+from hotmodel.api.errors import public_message, sse_error
 from hotmodel.api.record import RequestRecord, has_text
 from hotmodel.control.traffic import Ticket
 from hotmodel.errors import HotModelError, RouterError
@@ -29,6 +32,7 @@ from hotmodel.sessions.reply import Message, ReplyAssembler
 log = logging.getLogger("hotmodel.api")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+DONE = b"data: [DONE]"
 OnReply = Callable[[Message], Awaitable[None]]
 
 
@@ -159,6 +163,53 @@ class DisconnectWatch:
             self._task.cancel()  # no await: this may run inside a cancelled scope
 
 
+class ErrorBeforeDone:
+    """Puts an error event into a relayed stream just before its ``data: [DONE]`` line.
+
+    Chunks go through :meth:`feed`; while the event is pending, bytes that may be
+    the beginning of a ``[DONE]`` line cut across reads are held back until the
+    next chunk says. :meth:`end` gives what is left when the stream ends (the
+    event itself, if no ``[DONE]`` came).
+    """
+
+    def __init__(self, event: bytes) -> None:
+        self.event = event
+        self._held = b""
+        self._line_start = False  # whether the bytes before ``_held`` ended a line
+        self._placed = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._placed:
+            return chunk
+        data, self._held = self._held + chunk, b""
+        at = self._done_at(data)
+        if at >= 0:
+            self._placed = True
+            return data[:at] + self.event + data[at:]
+        keep = next((k for k in range(len(DONE) - 1, 0, -1) if data.endswith(DONE[:k])), 0)
+        out, self._held = data[: len(data) - keep], data[len(data) - keep :]
+        if out:
+            self._line_start = out.endswith((b"\n", b"\r"))
+        return out
+
+    def _done_at(self, data: bytes) -> int:
+        """Where a ``data: [DONE]`` line starts in ``data`` (-1: none; the same text
+        inside a JSON string, as generated text, is not one)."""
+        at = data.find(DONE)
+        while at >= 0 and not (
+            data[at - 1 : at] in (b"\n", b"\r") or (at == 0 and self._line_start)
+        ):
+            at = data.find(DONE, at + 1)
+        return at
+
+    def end(self) -> bytes:
+        held, self._held = self._held, b""
+        if self._placed:
+            return held
+        self._placed = True
+        return held + self.event
+
+
 async def _pump(
     upstream: Upstream,
     ticket: Ticket,
@@ -175,6 +226,7 @@ async def _pump(
     """
     tail = b""
     assembler = ReplyAssembler() if on_reply is not None else None
+    failed: ErrorBeforeDone | None = None  # the answer was not stored: the client is told
     waiting = True  # for the first generated text
     last3 = last2 = last = b""
     with anyio.CancelScope() as scope:
@@ -186,20 +238,28 @@ async def _pump(
                     reply = assembler.message()
                     if reply is not None:
                         assembler = None
-                        try:
-                            with anyio.CancelScope(shield=True):
-                                await on_reply(reply)
-                        except HotModelError as exc:  # the answer goes on; the client is told
-                            log.error("storing a streamed answer failed: %s", exc)
-                            tail = sse_error(f"the answer was not stored: {exc}", "store_error")
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        failed = await _store(on_reply, reply, record.request_id)
+                out = chunk if failed is None else failed.feed(chunk)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
                 if waiting and has_text(chunk):
                     record.first_token, waiting = time.perf_counter(), False
                 last3, last2, last = last2, last, chunk
             record.upstream_done(b"".join((last3, last2, last)))
         except RouterError as exc:
-            log.warning("upstream stream broke: %s", exc)
-            tail = sse_error(f"the router's stream broke: {exc}", "upstream_stream_error")
+            message = public_message(exc, record.request_id, "the router's stream broke")
+            tail = sse_error(message, "upstream_stream_error")
     if scope.cancelled_caught:
         tail = sse_error(ticket.cancel_reason or "cancelled", ticket.cancel_code)
-    return tail
+    return tail if failed is None else failed.end() + tail
+
+
+async def _store(on_reply: OnReply, reply: Message, request_id: str) -> ErrorBeforeDone | None:
+    """Store a complete streamed answer (shielded); when that fails, the error event
+    that the client's stream is to carry before its ``[DONE]``."""
+    try:
+        with anyio.CancelScope(shield=True):
+            await on_reply(reply)
+    except HotModelError as exc:  # the answer goes on; the client is told
+        message = public_message(exc, request_id, "the answer was not stored in the session")
+        return ErrorBeforeDone(sse_error(message, "store_error"))
+    return None

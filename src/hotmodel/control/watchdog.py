@@ -3,14 +3,19 @@
 The watchdog decides nothing itself: it posts a ``Recover`` command to the
 control loop, which restarts the router if it is down and loads the model
 again (both idempotent, so a spurious command costs a moment, not a model).
-Three signals lead there:
+Four signals lead there:
 
 - the router process exited while running (the supervisor's exit watcher);
 - the router's event feed says the active model went ``unloaded`` while no
   command is running (its child crashed; the router does not restart it);
 - the router stopped answering ``/health``: ``[router] watchdog_failures``
   checks in a row, ``watchdog_interval_seconds`` apart, fail while its process
-  lives; the watchdog then kills it, and the exit watcher takes over.
+  lives; the watchdog then kills it, and the exit watcher takes over;
+- a chat request found the active model's own server refusing connections
+  (``RouterClient.on_model_lost``): the router is asked at once, and again
+  every 50 ms for up to :data:`CONFIRM_S`, until it too reads the model
+  ``unloaded`` (it sees a child's exit within ~50 ms; a recovery started
+  before that would find the model "already running" and load nothing).
 
 The traffic gate is closed at once on a crash, so requests that arrive before
 the command runs wait for the recovery instead of failing.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from hotmodel.config import Config
 from hotmodel.control.controller import Controller, Recover
@@ -31,6 +37,11 @@ from hotmodel.router.models import ModelState
 from hotmodel.router.supervisor import RouterSupervisor
 
 log = logging.getLogger("hotmodel.control")
+
+# How long a lost model's server is confirmed with the router before the next probe
+# is left to decide.
+CONFIRM_S = 2.0
+CONFIRM_EVERY_S = 0.05
 
 
 class Watchdog:
@@ -48,6 +59,8 @@ class Watchdog:
         self.controller = controller
         self.gate = gate
         self.recoveries = 0
+        self._confirming: asyncio.Task[None] | None = None
+        router.on_model_lost = self.model_lost  # chat's direct path reports a dead port
 
     @property
     def enabled(self) -> bool:
@@ -88,17 +101,37 @@ class Watchdog:
         ):
             self._recover(f"the model process of {active!r} ended on its own")
 
-    async def _check_active_model(self) -> None:
-        """The backstop for a child that died while a command ran (its event was ignored)."""
+    async def _check_active_model(self) -> bool:
+        """The backstop for a child that died while a command ran (its event was ignored);
+        True when it asked for a recovery."""
         active = self.controller.active
         if active is None or self.controller.busy:
-            return
+            return False
         try:
             status = (await self.router.models()).get(active)
         except HotModelError:
-            return  # the health probe decides about an unreachable router
+            return False  # the health probe decides about an unreachable router
         if status is not None and status.state is ModelState.UNLOADED and not self.controller.busy:
             self._recover(f"the model process of {active!r} is gone")
+            return True
+        return False
+
+    def model_lost(self, model: str) -> None:
+        """A chat request found ``model``'s own server refusing connections: confirm it
+        with the router and recover (unless a recovery or another command comes first)."""
+        if not self.enabled or model != self.controller.active or self._confirming is not None:
+            return
+        self._confirming = asyncio.get_running_loop().create_task(self._confirm_lost(model))
+
+    async def _confirm_lost(self, model: str) -> None:
+        try:
+            deadline = time.monotonic() + CONFIRM_S
+            while self.controller.active == model and not self.controller.busy:
+                if await self._check_active_model() or time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(CONFIRM_EVERY_S)
+        finally:
+            self._confirming = None
 
     async def run(self) -> None:
         """Probe ``/health`` until cancelled (the runtime owns this task)."""

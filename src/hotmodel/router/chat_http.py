@@ -16,33 +16,41 @@ names the setting that bounds it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 
 import aiohttp
 
-from hotmodel.errors import RouterTimeoutError, RouterUnavailableError
+from hotmodel.errors import RouterTimeoutError, RouterUnavailableError, detail_of
 
 CONNECT_TIMEOUT_S = 5.0
 
 
 @contextlib.contextmanager
 def mapped_aiohttp(what: str, timeout: float, setting: str) -> Iterator[None]:
-    """Translate aiohttp's errors raised inside into hotmodel's hierarchy."""
+    """Translate aiohttp's errors raised inside into hotmodel's hierarchy.
+
+    The message says what failed in words a client can read; aiohttp's own text
+    (the address, the OS error) is the error's ``detail``, for the server log.
+    """
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
-        raise RouterUnavailableError(f"{what}: llama-server did not accept a connection") from exc
+        raise RouterUnavailableError(
+            f"{what}: llama-server did not accept a connection", detail=detail_of(exc)
+        ) from exc
     except TimeoutError as exc:  # aiohttp's socket read timeout is a TimeoutError
         raise RouterTimeoutError(
-            f"{what}: llama-server did not answer within {timeout:g}s ({setting})"
+            f"{what}: llama-server did not answer within {timeout:g}s ({setting})",
+            detail=detail_of(exc),
         ) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise RouterUnavailableError(f"{what}: llama-server could not be reached ({exc})") from exc
-    except aiohttp.ClientError as exc:
-        detail = str(exc) or type(exc).__name__
         raise RouterUnavailableError(
-            f"{what}: the connection to llama-server broke ({detail})"
+            f"{what}: llama-server could not be reached", detail=detail_of(exc)
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise RouterUnavailableError(
+            f"{what}: the connection to llama-server broke", detail=detail_of(exc)
         ) from exc
 
 
@@ -80,8 +88,9 @@ class Upstream:
 class ChatHttp:
     """One pooled aiohttp session (kept-alive connections) for the chat data path."""
 
-    def __init__(self, request_timeout: float) -> None:
+    def __init__(self, request_timeout: float, headers: Mapping[str, str] | None = None) -> None:
         self.request_timeout = request_timeout
+        self._headers = dict(headers or {})  # llama-server's key (Authorization)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ChatHttp:
@@ -94,6 +103,7 @@ class ChatHttp:
             auto_decompress=False,  # bytes are relayed as llama-server sent them
             trust_env=False,
             skip_auto_headers=("User-Agent",),
+            headers=self._headers,
         )
         return self
 

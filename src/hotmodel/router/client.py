@@ -16,7 +16,8 @@ first to decide whether to act.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -24,14 +25,18 @@ import anyio
 import httpx
 
 from hotmodel.errors import (
+    ModelUnavailableError,
     RouterError,
     RouterProtocolError,
     RouterTimeoutError,
     RouterUnavailableError,
+    detail_of,
 )
 from hotmodel.router.chat_http import ChatHttp, Upstream, mapped_aiohttp
 from hotmodel.router.models import ModelStatus, error_message, parse_models
 from hotmodel.sse import SseEvent, SseParser
+
+log = logging.getLogger("hotmodel.router")
 
 # Control calls (GET /models, load/unload commands, tokenizer) are answered
 # from the router's memory or a short computation; this bounds them.
@@ -53,22 +58,37 @@ def mapped(what: str, timeout: float, setting: str) -> Iterator[None]:
     ``what`` names the call ("POST /v1/chat/completions"), ``timeout`` and
     ``setting`` the bound and where it is configured, so a timeout says which
     limit was hit rather than "could not be reached".
+
+    The message says what failed in words a client can read; httpx's own text
+    (the address, the OS error) is the error's ``detail``, for the server log.
     """
     try:
         yield
     except httpx.ConnectTimeout as exc:
-        raise RouterUnavailableError(f"{what}: the router did not accept a connection") from exc
+        raise RouterUnavailableError(
+            f"{what}: the router did not accept a connection", detail=_where(exc)
+        ) from exc
     except httpx.TimeoutException as exc:
         raise RouterTimeoutError(
-            f"{what}: llama-server did not answer within {timeout:g}s ({setting})"
+            f"{what}: llama-server did not answer within {timeout:g}s ({setting})",
+            detail=_where(exc),
         ) from exc
     except httpx.ConnectError as exc:
-        raise RouterUnavailableError(f"{what}: the router could not be reached ({exc})") from exc
-    except httpx.HTTPError as exc:
-        detail = str(exc) or type(exc).__name__
         raise RouterUnavailableError(
-            f"{what}: the connection to the router broke ({detail})"
+            f"{what}: the router could not be reached", detail=_where(exc)
         ) from exc
+    except httpx.HTTPError as exc:
+        raise RouterUnavailableError(
+            f"{what}: the connection to the router broke", detail=_where(exc)
+        ) from exc
+
+
+def _where(exc: httpx.HTTPError) -> str:
+    """httpx's error and the URL it was for (its text rarely names the address)."""
+    try:
+        return f"{detail_of(exc)} ({exc.request.method} {exc.request.url})"
+    except RuntimeError:  # no request attached
+        return detail_of(exc)
 
 
 async def send(
@@ -109,6 +129,8 @@ class RouterClient:
         # each time) and adds a hop; the model's server keeps connections alive.
         self.direct_enabled = direct
         self.direct: dict[str, str] = {}
+        # Told when a model's own server refuses connections (the watchdog sets it).
+        self.on_model_lost: Callable[[str], None] | None = None
 
     def set_direct(self, model: str, port: int | None) -> None:
         """``model`` is loaded and listens on ``port`` (None: unknown, use the router)."""
@@ -120,6 +142,20 @@ class RouterClient:
 
     def drop_direct(self, model: str) -> None:
         self.direct.pop(model, None)
+
+    def _lost(self, model: str, exc: BaseException) -> ModelUnavailableError:
+        """``model``'s own server refused a connection: forget its port, say so."""
+        self.drop_direct(model)
+        if self.on_model_lost is not None:
+            try:
+                self.on_model_lost(model)
+            except Exception:  # the client's answer must not depend on it
+                log.exception("reporting the loss of %r's process failed", model)
+        return ModelUnavailableError(
+            f"the process of model {model!r} is not running (it ended unexpectedly); "
+            "it is being loaded again, retry shortly",
+            detail=detail_of(exc),
+        )
 
     async def _request(
         self,
@@ -151,7 +187,9 @@ class RouterClient:
         try:
             data = resp.json()
         except ValueError as exc:
-            raise RouterProtocolError(f"POST {path} answered invalid JSON: {exc}") from exc
+            raise RouterProtocolError(
+                f"POST {path} answered invalid JSON", detail=detail_of(exc)
+            ) from exc
         if not isinstance(data, dict):
             raise RouterProtocolError(f"POST {path} answered {str(data)[:200]}")
         return data
@@ -175,7 +213,9 @@ class RouterClient:
         try:
             return parse_models(resp.json())
         except ValueError as exc:
-            raise RouterProtocolError(f"GET /models answered invalid JSON: {exc}") from exc
+            raise RouterProtocolError(
+                "GET /models answered invalid JSON", detail=detail_of(exc)
+            ) from exc
 
     async def load(self, model: str) -> bool:
         """Ask the router to load ``model``; False when it is already running (success)."""
@@ -230,26 +270,28 @@ class RouterClient:
     ) -> AsyncIterator[Upstream]:
         """Send a chat completion; yields the open answer, closed on exit on every path.
 
-        To ``model``'s own server when its port is known, else (or when that
-        server cannot be reached) through the router. Closing an answer whose
-        body was not read to the end closes its connection, which is how
-        llama-server learns to stop generating.
+        To ``model``'s own server when its port is known, else through the
+        router. A model's server whose port refuses connections is gone (its
+        process crashed or was killed: an unload drops the port first): that is
+        a :class:`ModelUnavailableError` (503), the port is forgotten and
+        ``on_model_lost`` is told, so that the model is loaded again (the
+        router, asked instead, would answer "proxy error" until it notices the
+        exit). Closing an answer whose body was not read to the end closes its
+        connection, which is how llama-server learns to stop generating.
         """
         what = "POST /v1/chat/completions"
         if self._chat_http is None:
             raise RuntimeError("RouterClient.chat needs a ChatHttp")  # a bug: runtime gives one
         post, path = self._chat_http.post, "/v1/chat/completions"
         direct = self.direct.get(model) if model is not None else None
-        response = None
-        if direct is not None:
-            with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
+        with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
+            if direct is None or model is None:
+                response = await post(self.base_url + path, body, accept)
+            else:
                 try:
                     response = await post(direct + path, body, accept)
-                except aiohttp.ClientConnectorError:  # gone (a crash, an unload): ask the router
-                    self.drop_direct(model or "")
-        if response is None:
-            with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
-                response = await post(self.base_url + path, body, accept)
+                except aiohttp.ClientConnectorError as exc:
+                    raise self._lost(model, exc) from exc
         upstream = Upstream(response, what, self.request_timeout, REQUEST_SETTING)
         try:
             yield upstream

@@ -188,7 +188,9 @@ class SessionStore:
             conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the session store {self.path}: {exc}") from exc
+            raise StoreError(
+                "the session store could not be opened", detail=f"{self.path}: {exc}"
+            ) from exc
         self._conn = conn
 
     async def close(self) -> None:
@@ -210,7 +212,10 @@ class SessionStore:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
         except sqlite3.Error as exc:
-            raise StoreError(f"the session store {self.path} failed: {exc}") from exc
+            raise StoreError(  # the path is for the server log only
+                "the session store could not be read or written",
+                detail=f"the SQLite file {self.path} failed: {exc}",
+            ) from exc
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
