@@ -23,7 +23,9 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── SessionNotFoundError     no session has this id (404)
-    │   └── SessionBusyError         another request on the session outlived the wait (409)
+    │   ├── SessionBusyError         another request on the session outlived the wait (409)
+    │   ├── SessionLimitError        a new session past [session] max_sessions_per_key (409)
+    │   └── SessionFullError         a turn past [session] max_stored_messages (409)
     ├── SwitchError                  a model switch did not complete
     │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
@@ -195,6 +197,35 @@ class SessionBusyError(RequestError):
     """Another request on the same session is still running past the wait bound."""
 
 
+class SessionLimitError(RequestError):
+    """A request would create a session past ``[session] max_sessions_per_key``."""
+
+    @classmethod
+    def reached(cls, limit: int) -> SessionLimitError:
+        """The one wording of it: the bound, and how to make room."""
+        return cls(
+            f"no new session: {limit} sessions are stored for this API key, the bound "
+            "([session] max_sessions_per_key); delete one (DELETE /v1/sessions/{id}, or "
+            "`hotmodel sessions delete ID`) to make room, or go on with an existing one",
+            param="session_id",
+        )
+
+
+class SessionFullError(RequestError):
+    """A turn would make a session store more than ``[session] max_stored_messages``."""
+
+    @classmethod
+    def over(cls, session_id: str, total: int, limit: int) -> SessionFullError:
+        """The one wording of it: the bound, and what to do instead."""
+        return cls(
+            f"session {session_id!r} is full: this turn would store {total} messages, over "
+            f"the bound of {limit} ([session] max_stored_messages); nothing was stored. "
+            "Start a new session (export this one first with GET /v1/sessions/{id} if "
+            "needed), or delete it (DELETE /v1/sessions/{id}) to free its id",
+            param="session_id",
+        )
+
+
 class ShuttingDownError(HotModelError):
     """hotmodel is stopping: no new switch or command is taken."""
 
@@ -242,6 +273,8 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
+    (SessionLimitError, HttpError(409, "invalid_request_error", "session_limit_reached")),
+    (SessionFullError, HttpError(409, "invalid_request_error", "session_full")),
     (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
     (RequestTimeoutError, HttpError(408, "invalid_request_error", "request_timeout")),
     (ContextLengthError, HttpError(400, "invalid_request_error", "context_length_exceeded")),

@@ -44,6 +44,7 @@ from hotmodel.router.lifecycle import ModelLifecycle
 from hotmodel.router.options import check_preset_keys, devices, known_options
 from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
+from hotmodel.sessions.retention import Retention
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
 
@@ -205,6 +206,9 @@ class Runtime:
         await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
         idle = IdleUnloader(lambda: self.current_config.router, gate, controller)
         await stack.enter_async_context(_task(idle.run(), "idle-unload"))
+        await sessions.warn_missing_prompts()  # a stored session's prompt gone from the config
+        retention = Retention(lambda: self.current_config.session, sessions, snapshots)
+        await stack.enter_async_context(_task(retention.run(), "session-retention"))
         return Services(
             config=cfg,
             router=router,

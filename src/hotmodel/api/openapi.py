@@ -41,6 +41,22 @@ _SESSION_ID = {
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": 128},
 }
+_PAGE = [
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "sessions per page",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "description": "a session id (a page's last_id): the page after it",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    },
+]
 
 _MODEL_ID = {
     "name": "model_id",
@@ -157,7 +173,12 @@ def _paths() -> dict[str, Any]:
             },
         },
         "/v1/sessions": {
-            "get": {"summary": "sessions, newest first", "responses": _answers(_OBJECT, 401)}
+            "get": {
+                "summary": "sessions, most recently used first (ties by id), a page at a time "
+                "(has_more, first_id, last_id)",
+                "parameters": _PAGE,
+                "responses": _answers(_OBJECT, 400, 401),
+            }
         },
         "/v1/sessions/{session_id}": {
             "parameters": [_SESSION_ID],

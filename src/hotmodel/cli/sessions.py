@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import click
 
 from hotmodel.cli.common import Target, call, client_command, echo_json
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON answer.")
+PAGE = 1000  # sessions asked for per request (the server's largest page)
 
 
 @click.group(short_help="List, show (export) or delete sessions.")
@@ -37,7 +38,7 @@ def _path(session_id: str) -> str:
 @_json_option
 def sessions_list(target: Target, as_json: bool) -> None:
     """List sessions, most recently used first."""
-    data = call(target, "GET", "/v1/sessions", admin=False).get("data") or []
+    data = list_all(target)
     if as_json:
         echo_json(data)
         return
@@ -48,6 +49,20 @@ def sessions_list(target: Target, as_json: bool) -> None:
             f"{s['id']}  {s['messages']} message(s)  "
             f"system prompt: {s['system_prompt'] or '-'}  last used {_when(s['updated_at'])}"
         )
+
+
+def list_all(target: Target) -> list[dict[str, Any]]:
+    """Every session: the server's pages, followed to the end (the first is the plain
+    list, the default page; an older server answers it whole, without has_more)."""
+    data: list[dict[str, Any]] = []
+    path = "/v1/sessions"
+    while True:
+        page = call(target, "GET", path, admin=False)
+        data += page.get("data") or []
+        last = page.get("last_id")
+        if not page.get("has_more") or not isinstance(last, str):
+            return data
+        path = f"/v1/sessions?{urlencode({'limit': PAGE, 'after': last})}"
 
 
 @sessions.command("show")

@@ -157,6 +157,7 @@ async def _reload(services: Services) -> dict[str, Any]:
     check_preset_keys(new.presets, known)  # else the router could not start on them
     controller = services.controller
     plan = plan_reload(old, new, controller.active)
+    await services.sessions.check_dropped_prompts(new)  # stored sessions still use it
     if plan.reload_active and controller.active is not None:
         # it is loaded again at once: a file that cannot be loaded is refused now
         check_model_file(new.presets, controller.active)

@@ -5,21 +5,30 @@
 the turns once the answer is complete, and replays the most recently used
 session into a freshly loaded model so the next turn hits its prompt cache.
 Nothing is written before an answer is complete: a refused or failed request
-leaves the store as it was.
+leaves the store as it was. The store's bounds (``[session]
+max_sessions_per_key``, ``max_stored_messages``) are checked before anything
+is sent to llama-server, and again when the turn is stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hotmodel.config import Config
-from hotmodel.errors import InvalidRequestError
+from hotmodel.errors import (
+    ConfigError,
+    InvalidRequestError,
+    SessionFullError,
+    SessionLimitError,
+)
 from hotmodel.router.client import RouterClient
 from hotmodel.sessions.context import (
     Message,
@@ -33,7 +42,9 @@ from hotmodel.sessions.context import (
 )
 from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.slots import SlotLedger
-from hotmodel.sessions.store import Session, SessionStore
+from hotmodel.sessions.store import Limits, Session, SessionStore
+
+log = logging.getLogger("hotmodel.sessions")
 
 MAX_SESSION_ID = 128
 SESSION_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_SESSION_ID}}}")
@@ -66,6 +77,12 @@ class Prepared:
     stored_end: int  # the seq after the last stored message the prompt holds
     rewind: int | None = None  # stored messages from this seq on are replaced by ``turns``
     slot_gen: int = 0  # the slot ledger's generation of the request that carries it
+
+
+class ForgetsSessions(Protocol):
+    """What keeps files for a session (the KV snapshots): told when it is deleted."""
+
+    def forget_session(self, owner: str, session_id: str) -> int: ...
 
 
 class SessionService:
@@ -146,8 +163,9 @@ class SessionService:
             system_prompt = self.config.session.default_system_prompt
         met = reconcile(stored, request_messages, session is None or session.offset == 0)
         kept = stored if met.keep is None else stored[: met.keep]
-        prompt = build_prompt(self._system(system_prompt), request_messages, kept, met.turns)
         offset = 0 if session is None else session.offset
+        await self._check_room(ref, session, offset + len(kept) + _adds(met.turns, kept))
+        prompt = build_prompt(self._system(system_prompt), request_messages, kept, met.turns)
         prompt.base = offset
         await self._bound(prompt, model)
         rewind = None if met.keep is None else offset + met.keep
@@ -160,6 +178,20 @@ class SessionService:
             stored_end=offset + len(kept),
             rewind=rewind,
         )
+
+    def limits(self) -> Limits:
+        cfg = self.config.session
+        return Limits(cfg.max_sessions_per_key, cfg.max_stored_messages)
+
+    async def _check_room(self, ref: SessionRef, session: Session | None, total: int) -> None:
+        """Refuse a turn past the store's bounds (409) before anything is sent: a new
+        session past the owner's count, or a session that would hold ``total`` messages."""
+        limits = self.limits()
+        new = session is None and limits.sessions
+        if new and await self.store.owned(ref.owner) >= limits.sessions:
+            raise SessionLimitError.reached(limits.sessions)
+        if limits.messages and total > limits.messages:
+            raise SessionFullError.over(ref.id, total, limits.messages)
 
     async def _bound(self, prompt: Prompt, model: str) -> None:
         cfg = self.config.session
@@ -190,9 +222,67 @@ class SessionService:
             model,
             prepared.system_prompt,
             rewind=rewind,
+            limits=self.limits(),
         )
         owner, session_id = prepared.owner, prepared.session_id
         self.slots.cover(model, prepared.slot_gen, owner, session_id, [*sent, reply])
+
+    async def delete(
+        self,
+        owner: str,
+        session_id: str,
+        kv: ForgetsSessions | None,
+        unused_before: float | None = None,
+    ) -> bool:
+        """Delete a session (not in the middle of a turn) with its KV snapshots; with
+        ``unused_before``, only if it was not used since (retention)."""
+        key = SessionRef(session_id, None, owner).lock_key
+        async with self.locks.hold(key, self.config.session.queue_timeout_seconds):
+            deleted = await self.store.delete(owner, session_id, unused_before)
+            if deleted or unused_before is None:
+                self.slots.forget(owner, session_id)  # no slot is saved under its name again
+                if kv is not None:  # its KV goes with it
+                    await asyncio.to_thread(kv.forget_session, owner, session_id)
+        return deleted
+
+    def prompt_missing(self, session: Session) -> bool:
+        """Whether the session names a system prompt the config no longer defines (its
+        turns then go without one)."""
+        return bool(session.system_prompt) and session.system_prompt not in (
+            self.config.system_prompts
+        )
+
+    async def warn_missing_prompts(self) -> dict[str, int]:
+        """At start: log each system prompt that stored sessions use but the config lacks."""
+        missing = {
+            name: n
+            for name, n in (await self.store.prompt_use()).items()
+            if name not in self.config.system_prompts
+        }
+        for name, n in sorted(missing.items()):
+            log.warning(
+                "%d stored session(s) use system prompt %r, which the config no longer "
+                "defines: their turns go without it until [system_prompts.%s] is back",
+                n,
+                name,
+                name,
+            )
+        return missing
+
+    async def check_dropped_prompts(self, new: Config) -> None:
+        """Refuse (ConfigError) a config that drops a system prompt stored sessions use."""
+        dropped = set(self.config.system_prompts) - set(new.system_prompts)
+        if not dropped:
+            return
+        use = await self.store.prompt_use()
+        for name in sorted(dropped):
+            if use.get(name):
+                raise ConfigError(
+                    new.path,
+                    f"drops system prompt {name!r}, which {use[name]} stored session(s) "
+                    "use; keep it, or delete those sessions first (hotmodel sessions delete ID)",
+                    section=f"system_prompts.{name}",
+                )
 
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
         """The session a switch to ``model`` is for (:meth:`preferring`), else the most
@@ -234,3 +324,11 @@ class SessionService:
             "prompt_ms": timings.get("prompt_ms"),
             "wall_ms": round((time.monotonic() - t0) * 1000, 1),
         }
+
+
+def _adds(turns: list[Message], kept: list[Message]) -> int:
+    """How many messages storing ``turns`` and their answer adds after ``kept``: the answer
+    to a trailing assistant message (a prefill) replaces it (see :meth:`complete`)."""
+    last = (turns or kept or [{}])[-1]
+    replaced = last.get("role") == "assistant" and not last.get("tool_calls")
+    return len(turns) + (0 if replaced else 1)

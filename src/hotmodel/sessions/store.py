@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hotmodel.errors import StoreError
+from hotmodel.errors import SessionFullError, SessionLimitError, StoreError
 from hotmodel.sessions.cache import WindowCache, cost
 
 _T = TypeVar("_T")
@@ -85,6 +86,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages_v3 RENAME TO messages;
     CREATE INDEX sessions_by_use ON sessions(updated_at);
     """,
+    # GET /v1/sessions pages through one owner's sessions, most recently used first
+    # (ties by id): each page is a range of this index, at any depth.
+    "CREATE INDEX sessions_by_owner_use ON sessions(owner, updated_at DESC, id);",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -115,6 +119,32 @@ class SessionSummary:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of an owner's sessions, and whether more follow it."""
+
+    sessions: list[SessionSummary]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one owner may keep (0: no bound): sessions, and messages per session."""
+
+    sessions: int = 0
+    messages: int = 0
+
+
+# One owner's sessions with their message counts (seq counts from 0 without gaps: the
+# count is the last seq + 1, read from the primary key, not counted row by row).
+_SUMMARIES = (
+    "SELECT s.id, s.system_prompt, s.created_at, s.updated_at, "
+    "(SELECT COALESCE(MAX(m.seq) + 1, 0) FROM messages m "
+    "WHERE m.owner = s.owner AND m.session_id = s.id) "
+    "FROM sessions s WHERE s.owner = ? "
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +308,19 @@ class SessionStore:
         model: str | None,
         system_prompt: str,
         rewind: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         """Append turns atomically, creating the session if it is new; ``model`` is
         recorded on assistant turns, ``system_prompt`` on the session. With ``rewind``,
         the stored messages from that seq on are deleted first, in the same transaction
-        (a client's resend that departs from the stored history replaces its end)."""
+        (a client's resend that departs from the stored history replaces its end).
+        Past ``limits`` nothing is written (:class:`SessionLimitError`,
+        :class:`SessionFullError`): checked under the write lock, so two new sessions
+        at once cannot both take the last place."""
         await self._call(
-            lambda: self._append(owner, session_id, messages, model, system_prompt, rewind)
+            lambda: self._append(
+                owner, session_id, messages, model, system_prompt, rewind, limits or Limits()
+            )
         )
 
     def _append(
@@ -294,7 +330,8 @@ class SessionStore:
         messages: Sequence[dict[str, Any]],
         model: str | None,
         system_prompt: str,
-        rewind: int | None = None,
+        rewind: int | None,
+        limits: Limits,
     ) -> None:
         db = self._db()
         now = time.time()
@@ -302,6 +339,7 @@ class SessionStore:
         with db:
             db.execute("BEGIN IMMEDIATE")
             self._fresh(db)  # under the write lock: no other commit can come in between
+            self._check_room(db, (owner, session_id), len(messages), rewind, limits)
             db.execute(
                 "INSERT INTO sessions (owner, id, system_prompt, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
@@ -339,20 +377,96 @@ class SessionStore:
             [cost(len(t)) for t in texts],
         )
 
+    @staticmethod
+    def _check_room(
+        db: sqlite3.Connection,
+        key: tuple[str, str],
+        adding: int,
+        rewind: int | None,
+        limits: Limits,
+    ) -> None:
+        """Raise if appending ``adding`` messages (after ``rewind``) passes ``limits``."""
+        (stored,) = db.execute(
+            "SELECT MAX(seq) + 1 FROM messages WHERE owner = ? AND session_id = ?", key
+        ).fetchone()
+        if limits.sessions and stored is None:
+            found = db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?", key).fetchone()
+            (owned,) = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?", key[:1]
+            ).fetchone()
+            if found is None and owned >= limits.sessions:  # a new session: is there room?
+                raise SessionLimitError.reached(limits.sessions)
+        total = ((stored or 0) if rewind is None else rewind) + adding
+        if limits.messages and total > limits.messages:
+            raise SessionFullError.over(key[1], total, limits.messages)
+
     async def list(self, owner: str) -> list[SessionSummary]:
-        def run() -> list[SessionSummary]:
+        """Every session of ``owner``, most recently used first."""
+        found = await self.page(owner, None)
+        return [] if found is None else found.sessions
+
+    async def page(self, owner: str, limit: int | None, after: str | None = None) -> Page | None:
+        """Up to ``limit`` (None: all) of ``owner``'s sessions, most recently used first
+        (ties by id), from the one after the session ``after``; None when ``after`` is not
+        one of ``owner``'s sessions. Each query is a range of ``sessions_by_owner_use``."""
+        return await self._call(lambda: self._page(owner, limit, after))
+
+    def _page(self, owner: str, limit: int | None, after: str | None) -> Page | None:
+        db = self._db()
+        want = -1 if limit is None else limit + 1  # one more says whether more follow
+        newest = "ORDER BY s.updated_at DESC, s.id LIMIT ?"
+        if after is None:
+            rows = db.execute(_SUMMARIES + newest, (owner, want)).fetchall()
+        else:
+            mark = db.execute(
+                "SELECT updated_at FROM sessions WHERE owner = ? AND id = ?", (owner, after)
+            ).fetchone()
+            if mark is None:
+                return None
+            rows = db.execute(  # its ties first (same time, later ids), then older ones
+                _SUMMARIES + "AND s.updated_at = ? AND s.id > ? ORDER BY s.id LIMIT ?",
+                (owner, mark[0], after, want),
+            ).fetchall()
+            if want < 0 or len(rows) < want:
+                rest = -1 if want < 0 else want - len(rows)
+                rows += db.execute(
+                    _SUMMARIES + "AND s.updated_at < ? " + newest, (owner, mark[0], rest)
+                ).fetchall()
+        more = limit is not None and len(rows) > limit
+        return Page([SessionSummary(*r) for r in rows[:limit]], more)
+
+    async def owned(self, owner: str) -> int:
+        """How many sessions ``owner`` has."""
+
+        def run() -> int:
+            db = self._db()
+            (n,) = db.execute("SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)).fetchone()
+            return int(n)
+
+        return await self._call(run)
+
+    async def unused_since(self, cutoff: float) -> tuple[tuple[str, str], ...]:
+        """(owner, id) of every session last used before ``cutoff`` (a time.time())."""
+
+        def run() -> tuple[tuple[str, str], ...]:
             rows = (
                 self._db()
-                .execute(
-                    "SELECT s.id, s.system_prompt, s.created_at, s.updated_at, COUNT(m.seq) "
-                    "FROM sessions s LEFT JOIN messages m "
-                    "ON m.owner = s.owner AND m.session_id = s.id WHERE s.owner = ? "
-                    "GROUP BY s.owner, s.id ORDER BY s.updated_at DESC",
-                    (owner,),
-                )
+                .execute("SELECT owner, id FROM sessions WHERE updated_at < ?", (cutoff,))
                 .fetchall()
             )
-            return [SessionSummary(*r) for r in rows]
+            return tuple((str(o), str(i)) for o, i in rows)
+
+        return await self._call(run)
+
+    async def prompt_use(self) -> dict[str, int]:
+        """How many sessions (of every owner) use each system prompt, by name."""
+
+        def run() -> dict[str, int]:
+            rows = self._db().execute(
+                "SELECT system_prompt, COUNT(*) FROM sessions WHERE system_prompt != '' "
+                "GROUP BY system_prompt"
+            )
+            return {str(name): int(n) for name, n in rows}
 
         return await self._call(run)
 
@@ -378,10 +492,14 @@ class SessionStore:
 
         return await self._call(run)
 
-    async def delete(self, owner: str, session_id: str) -> bool:
+    async def delete(self, owner: str, session_id: str, unused_before: float | None = None) -> bool:
+        """Delete the session (its messages go with it); with ``unused_before``, only if it
+        was last used before that time (retention: not one used meanwhile)."""
+
         def run() -> bool:
             cur = self._db().execute(
-                "DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id)
+                "DELETE FROM sessions WHERE owner = ? AND id = ? AND updated_at < ?",
+                (owner, session_id, math.inf if unused_before is None else unused_before),
             )
             self.cache.drop(owner, session_id)
             return cur.rowcount > 0
