@@ -8,7 +8,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,7 @@ import httpx
 import psutil
 
 from hotmodel.router.models import ModelState, parse_models
+from hotmodel.router.supervisor import backend_key
 
 PATHS = ("child", "router", "hotmodel")
 MB = 1024 * 1024
@@ -102,6 +103,9 @@ class Paths:
     child: str  # the loaded model's own llama-server process
     router: str  # the router hotmodel runs, asked directly
     hotmodel: str
+    # llama-server answers only hotmodel's key (read from the router's environment:
+    # this benchmark runs as the same user); hotmodel without keys ignores the header
+    auth: dict[str, str] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
         return str(getattr(self, name))
@@ -111,12 +115,19 @@ def find_paths(base: str, model: str = "smollm2") -> Paths:
     """The router's URL from hotmodel's ``/admin/status``, and the port of ``model``'s
     own process from the router's ``GET /models`` (its ``status.args``)."""
     with httpx.Client(timeout=10, trust_env=False) as c:
-        router = str(c.get(base + "/admin/status").json()["router"]["url"])
-        status = parse_models(c.get(router + "/models").json()).get(model)
+        info = c.get(base + "/admin/status").json()["router"]
+        router, auth = str(info["url"]), router_auth(int(info["pid"]))
+        status = parse_models(c.get(router + "/models", headers=auth).json()).get(model)
     if status is None or status.state is not ModelState.LOADED or status.port is None:
         raise RuntimeError(f"{model} is not loaded on the router at {router}: {status}")
     host = router.rsplit(":", 1)[0]
-    return Paths(child=f"{host}:{status.port}", router=router, hotmodel=base)
+    return Paths(child=f"{host}:{status.port}", router=router, hotmodel=base, auth=auth)
+
+
+def router_auth(router_pid: int) -> dict[str, str]:
+    """The header hotmodel's llama-server demands (its key, from the router's environment)."""
+    key = backend_key(router_pid)
+    return {} if key is None else {"authorization": f"Bearer {key}"}
 
 
 def rotate(names: tuple[str, ...], i: int) -> tuple[str, ...]:
@@ -126,9 +137,11 @@ def rotate(names: tuple[str, ...], i: int) -> tuple[str, ...]:
     return names[k:] + names[:k]
 
 
-def clients(n: int = len(PATHS), timeout: float = 120) -> list[httpx.Client]:
-    """One keep-alive client per path."""
-    return [httpx.Client(timeout=timeout, trust_env=False) for _ in range(n)]
+def clients(
+    n: int = len(PATHS), timeout: float = 120, auth: dict[str, str] | None = None
+) -> list[httpx.Client]:
+    """One keep-alive client per path, each sending ``auth`` (``Paths.auth``)."""
+    return [httpx.Client(timeout=timeout, trust_env=False, headers=auth) for _ in range(n)]
 
 
 class RssSampler:

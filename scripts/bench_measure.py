@@ -43,7 +43,9 @@ def proxy(paths: Paths, s: Settings) -> dict[str, Any]:
     stream = stream_body(s.stream_tokens)
     RETRIES.clear()
     with contextlib.ExitStack() as stack:
-        client = {p: stack.enter_context(c) for p, c in zip(PATHS, clients(), strict=True)}
+        client = {
+            p: stack.enter_context(c) for p, c in zip(PATHS, clients(auth=paths.auth), strict=True)
+        }
         for _ in range(5):  # warm every path, its connection and the prompt cache
             for p in PATHS:
                 plain_ms(client[p], paths.url(p), PLAIN)
@@ -109,7 +111,10 @@ async def _warm(group: list[httpx.AsyncClient], url: str) -> None:
 
 
 async def _level(paths: Paths, n: int, s: Settings) -> dict[str, Any]:
-    group = {p: [httpx.AsyncClient(timeout=120, trust_env=False) for _ in range(n)] for p in PATHS}
+    group = {
+        p: [httpx.AsyncClient(timeout=120, trust_env=False, headers=paths.auth) for _ in range(n)]
+        for p in PATHS
+    }
     done = dict.fromkeys(PATHS, 0)
     seconds = dict.fromkeys(PATHS, 0.0)
     errors: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
@@ -157,7 +162,8 @@ def history(paths: Paths, store_file: Path, s: Settings) -> dict[str, Any]:
     own: dict[str, list[float]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         client = {
-            n: stack.enter_context(c) for n, c in zip(names, clients(len(names)), strict=True)
+            n: stack.enter_context(c)
+            for n, c in zip(names, clients(len(names), auth=paths.auth), strict=True)
         }
         for r in range(s.history_rounds + 1):
             for name in rotate(names, r):

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import httpx
+from bench_common import router_auth
 from benchlib import ROOT, machine, serving, summary
 
 RETRIES: dict[str, int] = {}
@@ -83,7 +84,8 @@ def main() -> None:
     with serving(default=args.model) as served:
         startup_ms = (time.perf_counter() - t0) * 1000
         base = served.base_url
-        router = httpx.get(base + "/admin/status").json()["router"]["url"]
+        info = httpx.get(base + "/admin/status").json()["router"]
+        router, auth = info["url"], router_auth(int(info["pid"]))
         body = {
             "model": args.model,
             "messages": [{"role": "user", "content": "Hi"}],
@@ -100,7 +102,7 @@ def main() -> None:
             )
         }
         with (
-            httpx.Client(timeout=60, trust_env=False) as c1,
+            httpx.Client(timeout=60, trust_env=False, headers=auth) as c1,
             httpx.Client(timeout=60, trust_env=False) as c2,
         ):
             for _ in range(10):  # warm both paths and the prompt cache

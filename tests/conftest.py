@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from hotmodel.router import provision
-from hotmodel.router.supervisor import free_port
+from hotmodel.router.supervisor import backend_key, free_port
 from tests.tiny_gguf import write_broken_model, write_tiny_model
 
 START_DEADLINE_S = 60.0
@@ -123,6 +123,14 @@ class HotmodelProcess:
     def status(self) -> dict[str, object]:
         data: dict[str, object] = httpx.get(self.base_url + "/admin/status", timeout=5).json()
         return data
+
+    def router_auth(self) -> dict[str, str]:
+        """The header llama-server (router and model processes) demands: hotmodel's key."""
+        router = self.status()["router"]
+        assert isinstance(router, dict)
+        key = backend_key(int(router["pid"]))
+        assert key, "the router has no LLAMA_API_KEY in its environment"
+        return {"authorization": f"Bearer {key}"}
 
     def descendants(self) -> list[psutil.Process]:
         try:

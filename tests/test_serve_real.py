@@ -28,7 +28,12 @@ def _router_url(server: HotmodelProcess) -> str:
 
 
 def _slots_busy(server: HotmodelProcess) -> bool:
-    slots = httpx.get(_router_url(server) + "/slots", params={"model": "smollm2"}, timeout=5)
+    slots = httpx.get(
+        _router_url(server) + "/slots",
+        params={"model": "smollm2"},
+        headers=server.router_auth(),
+        timeout=5,
+    )
     assert slots.status_code == 200, slots.text
     return any(s.get("is_processing") for s in slots.json())
 
@@ -287,7 +292,7 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_error(
     rid = "left-mid-body-" + path.strip("/").replace("/", "-")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode()
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
             + b"Content-Type: application/json\r\nContent-Length: 500\r\n"
             + f"X-Request-Id: {rid}\r\n\r\n".encode()
             + b'{"messages": [{"role": "user", '
@@ -319,8 +324,8 @@ def raw_exchange(server: HotmodelProcess, raw: bytes) -> bytes:
     "raw",
     [
         b"NOT HTTP AT ALL\r\n\r\n",
-        b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad\x01Header: y\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
         b"\r\nzz\r\n{}\r\n0\r\n\r\n",
     ],
     ids=["request-line", "header", "chunk-size"],
@@ -393,8 +398,10 @@ def test_http_edges_answer_in_openai_shape(smol_server: HotmodelProcess) -> None
     resp = httpx.delete(url)
     _assert_openai_error(resp, 405, "http_405")
     assert resp.headers["allow"] == "POST"
-    slash = httpx.post(url + "/", json={"messages": HELLO}, headers={"host": "evil.example"})
+    slash = httpx.post(url + "/", json={"messages": HELLO}, headers={"host": "localhost"})
     _assert_openai_error(slash, 404, "not_found")  # not a 307 to the Host it was sent
+    rebound = httpx.post(url + "/", json={"messages": HELLO}, headers={"host": "evil.example"})
+    _assert_openai_error(rebound, 400, "host_not_allowed")  # nor served under another name
     digits = httpx.post(url, content=b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}")
     err = _assert_openai_error(digits, 400, "invalid_request")
     assert "too many digits" in err["message"] and "sys." not in err["message"]

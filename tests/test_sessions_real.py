@@ -74,12 +74,14 @@ def exact_tokens(server: HotmodelProcess, model: str, messages: list[dict[str, A
     """The prompt size as the model's own template and tokenizer see it."""
     router = server.status()["router"]
     assert isinstance(router, dict)
-    url = router["url"]
+    url, auth = router["url"], server.router_auth()
     prompt = httpx.post(
-        url + "/apply-template", json={"model": model, "messages": messages}
+        url + "/apply-template", json={"model": model, "messages": messages}, headers=auth
     ).json()["prompt"]
     tokens = httpx.post(
-        url + "/tokenize", json={"model": model, "content": prompt, "add_special": True}
+        url + "/tokenize",
+        json={"model": model, "content": prompt, "add_special": True},
+        headers=auth,
     ).json()["tokens"]
     return len(tokens)
 

@@ -74,7 +74,7 @@ def loaded_models(server: HotmodelProcess) -> list[str]:
     assert isinstance(router, dict)
     deadline = time.monotonic() + 10
     while True:
-        data = httpx.get(router["url"] + "/models").json()["data"]
+        data = httpx.get(router["url"] + "/models", headers=server.router_auth()).json()["data"]
         loaded = [m["id"] for m in data if m["status"]["value"] in ("loaded", "loading")]
         if len(loaded) <= 1 or time.monotonic() > deadline:
             return loaded

@@ -22,6 +22,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── ContextLengthError       a prompt no model's context could hold (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
+    │   ├── AutoSwitchForbiddenError a client key asked for a switch it may not cause (403)
     │   ├── SessionNotFoundError     no session has this id (404)
     │   ├── SessionBusyError         another request on the session outlived the wait (409)
     │   ├── SessionLimitError        a new session past [session] max_sessions_per_key (409)
@@ -31,6 +32,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
     │   └── SwitchFailedError        a switch failed; carries its report (502)
     ├── StoreError                   the session store cannot be opened or used (SQLite)
+    ├── SlotBusyError                another API key's request held the slot too long (503)
     ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
     └── ProvisionError               setting up llama-server or the models failed
 
@@ -226,6 +228,14 @@ class SessionFullError(RequestError):
         )
 
 
+class AutoSwitchForbiddenError(RequestError):
+    """A client key named another model while ``[switch] auto_access = "admin"``."""
+
+
+class SlotBusyError(HotModelError):
+    """Another API key's request held the model's slot past the wait bound (503)."""
+
+
 class ShuttingDownError(HotModelError):
     """hotmodel is stopping: no new switch or command is taken."""
 
@@ -271,6 +281,7 @@ class HttpError:
 _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
+    (AutoSwitchForbiddenError, HttpError(403, "invalid_request_error", "auto_switch_forbidden")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (SessionLimitError, HttpError(409, "invalid_request_error", "session_limit_reached")),
@@ -287,6 +298,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelUnavailableError, HttpError(503, "server_error", "model_unavailable")),
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),
+    (SlotBusyError, HttpError(503, "server_error", "slot_busy")),
     (StoreError, HttpError(500, "server_error", "store_error")),
 )
 _INTERNAL = HttpError(500, "server_error", "internal_error")

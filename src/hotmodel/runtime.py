@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -37,6 +38,7 @@ from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import HotModelError, ModelLoadError
 from hotmodel.presets import check_model_file
+from hotmodel.private import make_private, private_umask
 from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvent, ModelEvents
@@ -97,6 +99,9 @@ class Runtime:
         self._stack = contextlib.AsyncExitStack()
         self._services: Services | None = None
         self._supervisor: RouterSupervisor | None = None  # as soon as it exists: kill_router()
+        # what llama-server demands of every request, made anew at each start, never logged:
+        # no other local process can reach the router or a model past hotmodel's keys
+        self.backend_key = secrets.token_urlsafe(32)
 
     @property
     def current_config(self) -> Config:
@@ -141,10 +146,25 @@ class Runtime:
         check_model_file(cfg.presets, cfg.router.default_model)
         binary = find_llama_server(cfg.router.llama_server)
         check_preset_keys(cfg.presets, await asyncio.to_thread(known_options, binary))
-        cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.keys.client and not cfg.keys.admin:
+            log.warning(
+                "[security] sets client keys and no admin key: /admin/* (and the dashboard) "
+                "refuse every request until admin_keys is set and hotmodel restarts"
+            )
+        private_umask()  # from here on, every state file is the user's alone
+        store_file = cfg.session_store_file
+        own = [
+            cfg.router_log_file,
+            store_file,
+            *(store_file.with_name(store_file.name + x) for x in ("-wal", "-shm")),
+        ]
+        await asyncio.to_thread(make_private, cfg.server.state_dir, own)
         port = cfg.router.port or free_port(cfg.router.host)
-        http = await stack.enter_async_context(_http_client(cfg))
-        chat_http = await stack.enter_async_context(ChatHttp(cfg.server.request_timeout_seconds))
+        auth = {"Authorization": f"Bearer {self.backend_key}"}  # llama-server answers only us
+        http = await stack.enter_async_context(_http_client(cfg, auth))
+        chat_http = await stack.enter_async_context(
+            ChatHttp(cfg.server.request_timeout_seconds, auth)
+        )
         router = RouterClient(
             http,
             f"http://{_url_host(cfg.router.host)}:{port}",
@@ -159,7 +179,9 @@ class Runtime:
         # a CPU-only llama-server has no device memory to wait for: a leaving model's
         # process may exit while the next one loads (docs/architecture.md)
         cpu_only = isinstance(gpu, NoGpu) and await asyncio.to_thread(devices, binary) == ()
-        supervisor = RouterSupervisor(cfg, binary, router, port, spare=cpu_only)
+        supervisor = RouterSupervisor(
+            cfg, binary, router, port, spare=cpu_only, api_key=self.backend_key
+        )
         self._supervisor = supervisor
         # a router an earlier hotmodel left behind (kill -9) goes before ours starts
         await asyncio.to_thread(supervisor.pid_file.reap_stale, cfg.router.stop_timeout_seconds)
@@ -280,10 +302,11 @@ class Runtime:
         return time.monotonic() - self.started_at
 
 
-def _http_client(cfg: Config) -> httpx.AsyncClient:
+def _http_client(cfg: Config, headers: Mapping[str, str]) -> httpx.AsyncClient:
     """One pooled client for every call to the router; no overall timeout because
     generations may stream for minutes (per-call timeouts apply)."""
     return httpx.AsyncClient(
+        headers=headers,
         timeout=httpx.Timeout(cfg.server.request_timeout_seconds, connect=5.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         trust_env=False,

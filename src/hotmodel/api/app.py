@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 from hotmodel.api.admin import admin_routes
 from hotmodel.api.auth import RequireKeys
+from hotmodel.api.browser import GuardBrowsers
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.api.errors import (
     CatchUnexpected,
@@ -31,6 +32,7 @@ from hotmodel.api.openapi import openapi_routes
 from hotmodel.api.sessions import session_routes
 from hotmodel.api.status import status_routes
 from hotmodel.api.ui import ui_routes
+from hotmodel.config import ServerConfig
 from hotmodel.errors import HotModelError
 from hotmodel.runtime import Runtime
 from hotmodel.security import KeySet
@@ -53,6 +55,9 @@ def create_app(runtime: Runtime) -> ASGIApp:
     def keys() -> KeySet:
         return services.config.keys  # asked per request: a reload may change them
 
+    def server() -> ServerConfig:
+        return services.config.server  # allowed hosts and origins, as keys
+
     app = Starlette(
         routes=[
             Route(CHAT_PATH, chat, methods=["POST"]),
@@ -66,6 +71,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
         middleware=[
             Middleware(Observe, metrics=metrics),  # outermost: sees every answer, 500s too
             Middleware(CatchUnexpected),
+            Middleware(GuardBrowsers, server=server),  # before keys: a page has none
             Middleware(RequireKeys, keys=keys),
         ],
         exception_handlers=dict(HANDLERS),
@@ -76,7 +82,8 @@ def create_app(runtime: Runtime) -> ASGIApp:
     # the same middlewares and the same exception handlers (Starlette's own layer), without
     # the router and its outer error layer
     answered = ExceptionMiddleware(chat, handlers=dict(HANDLERS))
-    fast = Observe(CatchUnexpected(RequireKeys(answered, keys=keys)), metrics=metrics)
+    door = GuardBrowsers(RequireKeys(answered, keys=keys), server=server)
+    fast = Observe(CatchUnexpected(door), metrics=metrics)
     return ChatFirst(app, fast)
 
 

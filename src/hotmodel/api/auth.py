@@ -17,6 +17,7 @@ from hotmodel.api.errors import error_response
 from hotmodel.security import Access, KeySet, fingerprint
 
 OWNER = "owner"
+ACCESS = "access"
 # Scrapers send a bearer token too; what is loaded and how busy it is is admin business.
 METRICS_PATH = "/metrics"
 
@@ -25,6 +26,12 @@ def owner_of(scope: Scope) -> str:
     """The fingerprint of the key a request came with ('' when keys are off)."""
     state = scope.get("state") or {}
     return str(state.get(OWNER, ""))
+
+
+def came_with_admin_key(scope: Scope) -> bool:
+    """Whether the request carried a valid admin key (false when keys are off)."""
+    state = scope.get("state") or {}
+    return state.get(ACCESS) is Access.ADMIN
 
 
 class RequireKeys:
@@ -36,7 +43,20 @@ class RequireKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys = self.current()
-        if scope["type"] != "http" or not keys.enabled:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _authorizations(scope) > 1:
+            # which one would count is a proxy's guess against ours: refuse, keys or not
+            response = error_response(
+                400,
+                "send one Authorization header, not several",
+                "invalid_request_error",
+                "multiple_authorization_headers",
+            )
+            await response(scope, receive, send)
+            return
+        if not keys.enabled:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
@@ -68,8 +88,13 @@ class RequireKeys:
             await response(scope, receive, send)
             return
         assert presented is not None
-        scope.setdefault("state", {})[OWNER] = fingerprint(presented)
+        state = scope.setdefault("state", {})
+        state[OWNER], state[ACCESS] = fingerprint(presented), access
         await self.app(scope, receive, send)
+
+
+def _authorizations(scope: Scope) -> int:
+    return sum(1 for name, _ in scope.get("headers", []) if name == b"authorization")
 
 
 def _bearer(scope: Scope) -> str | None:

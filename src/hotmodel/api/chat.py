@@ -22,7 +22,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hotmodel.api.auth import owner_of
+from hotmodel.api.auth import came_with_admin_key, owner_of
 from hotmodel.api.errors import upstream_error_response
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
@@ -40,6 +40,7 @@ from hotmodel.control.fit import largest_context
 from hotmodel.control.snapshots import Turn
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
+    AutoSwitchForbiddenError,
     InvalidRequestError,
     ModelNotActiveError,
     ModelNotFoundError,
@@ -67,6 +68,8 @@ class ChatRequest:
     session: SessionRef | None
     stream: bool
     accept: str
+    owner: str = ""  # the API key's fingerprint ('' when keys are off)
+    admin: bool = False  # it came with an admin key
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -140,7 +143,10 @@ def parse_chat(
             "'system_prompt' applies to a session: send X-Session-Id or session_id too",
             param="system_prompt",
         )
-    return ChatRequest(payload, session, bool(payload.get("stream")), headers.get("accept", "*/*"))
+    stream, accept = bool(payload.get("stream")), headers.get("accept", "*/*")
+    return ChatRequest(
+        payload, session, stream, accept, owner_of(scope), came_with_admin_key(scope)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +245,7 @@ class ChatCompletions:
                     self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
             ticket = await stack.enter_async_context(
-                self.admitted(chat.payload.get("model"), chat.session)
+                self.admitted(chat.payload.get("model"), chat.session, chat.admin)
             )
             model = ticket.model
             assert model is not None  # admitted() names it
@@ -253,6 +259,7 @@ class ChatCompletions:
                 )
                 chat.payload["messages"] = prepared.prompt.messages()
                 headers["x-session-id"] = prepared.session_id
+            await stack.enter_async_context(self._own_slot(chat, model))
             body = json.dumps(chat.payload, ensure_ascii=False).encode()
             gen = self.s.sessions.slots.touch(model)  # a session's turn labels it once complete
             if prepared is not None:
@@ -288,6 +295,23 @@ class ChatCompletions:
                 raise ShuttingDownError(ticket.cancel_reason or "hotmodel is shutting down")
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
 
+    @contextlib.asynccontextmanager
+    async def _own_slot(self, chat: ChatRequest, model: str) -> AsyncIterator[None]:
+        """Hold the key's slot on ``model`` for this request; the prompt cache is reused
+        only when the slot holds this key's own prompt (sessions/tenants.py)."""
+        tenants = self.s.sessions.tenants
+        timeout = self.s.config.session.queue_timeout_seconds
+        async with tenants.use(model, chat.owner, timeout) as reuse:
+            if not reuse:
+                chat.payload["cache_prompt"] = False
+            if self.s.config.keys.enabled:
+                pinned = tenants.pinned(chat.owner)
+                if pinned is None:
+                    chat.payload.pop("id_slot", None)  # one slot: nothing to choose
+                else:
+                    chat.payload["id_slot"] = pinned  # never another key's slot
+            yield
+
     def _turn_ended(self, chat: ChatRequest, model: str, gen: int, record: RequestRecord) -> None:
         """The first answer after a KV restore may prove it (its ``cache_n``)."""
         if self.s.snapshots is None or record.usage is None:
@@ -312,10 +336,11 @@ class ChatCompletions:
 
     @contextlib.asynccontextmanager
     async def admitted(
-        self, requested: object, session: SessionRef | None = None
+        self, requested: object, session: SessionRef | None = None, admin: bool = False
     ) -> AsyncIterator[Ticket]:
         """A ticket whose ``model`` is named; auto-switches first when that is enabled (for
-        ``session``: its conversation is the one restored or replayed into the model)."""
+        ``session``: its conversation is the one restored or replayed into the model), and
+        allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
         s, cfg = self.s, self.s.config.switch
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             try:
@@ -324,6 +349,7 @@ class ChatCompletions:
                 if not cfg.auto:
                     raise
                 assert isinstance(requested, str)  # "not active" is said only of a preset
+                self._may_switch(admin, requested)
                 target = requested
             except ModelParkedError as parked:
                 target = parked.model  # unloaded for idleness: the request loads it back
@@ -351,6 +377,14 @@ class ChatCompletions:
         async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
             ticket.model = self._resolve(requested)
             yield ticket
+
+    def _may_switch(self, admin: bool, target: str) -> None:
+        if self.s.config.keys.enabled and self.s.config.switch.auto_access == "admin" and not admin:
+            raise AutoSwitchForbiddenError(
+                f"model {target!r} is not the active model, and only an admin key may switch "
+                "([switch] auto_access = \"admin\"); send model 'active' or ask an admin",
+                param="model",
+            )
 
     def _resolve(self, requested: object) -> str:
         self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code

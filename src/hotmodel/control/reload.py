@@ -38,7 +38,14 @@ log = logging.getLogger("hotmodel.reload")
 # [server] and [router] are mostly process settings: there the live keys are listed.
 _LIVE = {
     "server": frozenset(
-        {"log_level", "switch_drain_timeout_seconds", "max_body_bytes", "max_messages"}
+        {
+            "log_level",
+            "switch_drain_timeout_seconds",
+            "max_body_bytes",
+            "max_messages",
+            "allowed_hosts",
+            "allowed_origins",
+        }
     ),
     "router": frozenset({"idle_unload_seconds", "watchdog_interval_seconds", "watchdog_failures"}),
 }
@@ -97,7 +104,16 @@ def _section(old: Any, new: Any, name: str) -> tuple[Any, list[str], list[str]]:
 
 def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
     """Compare the running ``old`` with ``new``; raise ConfigError for a change that
-    cannot be applied to the running model set (the active preset removed)."""
+    cannot be applied to the running model set (the active preset removed), or that
+    would lock every ``/admin`` route (client keys and no admin key) until a restart."""
+    if new.keys.client and not new.keys.admin:
+        raise ConfigError(
+            new.path,
+            "client keys without an admin key would lock /admin (this reload included) "
+            "until a restart; add admin_keys (or admin_keys_file, HOTMODEL_ADMIN_KEYS)",
+            section="security",
+            key="admin_keys",
+        )
     if active is not None and active not in new.presets.models:
         raise ConfigError(
             new.presets.path,
@@ -116,6 +132,8 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
         applied.append("system_prompts")
     if old.keys != new.keys:
         applied.append("security.keys")  # the names only: never the keys
+    if old.keys.enabled != new.keys.enabled:
+        restart.append("router.cache_ram")  # llama-server's prompt cache in RAM (tenants.py)
     before, after = old.presets.models, new.presets.models
     presets_changed = sorted(
         name for name in set(before) | set(after) if before.get(name) != after.get(name)

@@ -467,6 +467,7 @@ class Snapshots:
             return {"restored": False, "reason": f"llama-server refused it: {exc}"}
         meta.used = time.time()
         self._write(meta)
+        self.sessions.tenants.wrote(model, session.owner)  # the slot holds this key's prompt
         covered = self.ledger.cover(
             model, gen, session.owner, session.id, messages[: meta.n_messages]
         )

@@ -317,17 +317,23 @@ class RouterClient:
         return len(tokens["tokens"])
 
     async def prefill(
-        self, model: str, messages: Sequence[Mapping[str, Any]], timeout: float, setting: str
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        timeout: float,
+        setting: str,
+        cache: bool = True,
     ) -> dict[str, Any]:
         """Evaluate ``messages`` on ``model`` (a 1-token answer) so its prompt cache holds them.
 
+        ``cache``: reuse what the slot holds (false when another API key's prompt is there).
         Returns llama-server's ``timings`` (``prompt_n``, ``prompt_ms``, ...).
         """
         body = {
             "model": model,
             "messages": list(messages),
             "max_tokens": 1,
-            "cache_prompt": True,
+            "cache_prompt": cache,
             "temperature": 0,
         }
         answer = await self._post_json("/v1/chat/completions", body, timeout, setting)

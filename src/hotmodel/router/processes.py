@@ -28,7 +28,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -125,7 +125,9 @@ def _tie_to_this_process(proc: subprocess.Popen[bytes]) -> None:
         log.warning("could not tie the router to hotmodel's life (job object): %s", exc)
 
 
-def spawn(argv: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log_file: IO[bytes], cwd: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start the router in its own session / process group, tied to hotmodel's life.
 
     Its own group means a terminal's Ctrl-C reaches hotmodel only, which then
@@ -140,7 +142,13 @@ def spawn(argv: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[b
         if _SET_PDEATHSIG is not None:
             extra["preexec_fn"] = _SET_PDEATHSIG
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, **extra
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        **extra,
     )
     _tie_to_this_process(proc)
     return proc

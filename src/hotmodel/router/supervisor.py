@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from hotmodel.config import Config
 from hotmodel.errors import RouterBinaryError, RouterError, RouterExitedError, RouterStartError
 from hotmodel.presets import Presets
@@ -45,6 +47,7 @@ from hotmodel.router.processes import KILL_WAIT_S, PidFile, Router, spawn, termi
 log = logging.getLogger("hotmodel.supervisor")
 
 _HEALTH_POLL_S = 0.05
+API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's --api-key, read from the environment
 _RESTART_BACKOFF_MAX_S = 10.0
 
 
@@ -88,7 +91,21 @@ def router_argv(
         r.cache_type_v,
         *(["--slot-save-path", str(config.kv_dir)] if config.switch.kv_snapshots else []),
         *r.extra_args,
+        # with keys, several tenants share the model: llama-server's host-memory prompt
+        # cache could bring one key's prompt back for another's (sessions/tenants.py).
+        # Last, so that extra_args cannot turn it back on.
+        *(["--cache-ram", "0"] if config.keys.enabled else []),
     ]
+
+
+def backend_key(router_pid: int) -> str | None:
+    """The key a running router (hotmodel's, by pid) demands, read from its environment:
+    for tools of the same user (benchmarks, tests) that compare with llama-server direct.
+    None when the process is gone, has no key, or is another user's."""
+    try:
+        return psutil.Process(router_pid).environ().get(API_KEY_ENV)
+    except psutil.Error:
+        return None
 
 
 def free_port(host: str) -> int:
@@ -123,8 +140,13 @@ class RouterSupervisor:
         port: int,
         on_exit: Callable[[int], None] | None = None,
         spare: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self._config = config
+        # the key llama-server (router and every model process) demands of each request:
+        # handed over in the environment, which the router passes to its children and
+        # no other user can read (never on the command line, which every user can)
+        self._env = None if api_key is None else {**os.environ, API_KEY_ENV: api_key}
         self._binary = binary
         self._spare = spare  # see router_argv
         self._client = client
@@ -183,7 +205,7 @@ class RouterSupervisor:
         self._log_handle.write(f"\n=== hotmodel {stamp}: {' '.join(self.argv)}\n".encode())
         self._log_handle.flush()
         try:
-            self._proc = spawn(self.argv, self._log_handle, self.presets_file.parent)
+            self._proc = spawn(self.argv, self._log_handle, self.presets_file.parent, self._env)
         except OSError as exc:
             self._close_log()
             self.state = RouterState.STOPPED
@@ -293,7 +315,8 @@ class RouterSupervisor:
         if self.state in (RouterState.EXITED, RouterState.FAILED):
             raise RouterExitedError(
                 f"the llama-server router exited with code {self.exit_code} "
-                f"and is {self.state.value} (log: {self.log_file})"
+                f"and is {self.state.value}",
+                detail=f"log: {self.log_file}",  # a path: for the server log only
             )
         if self.state is not RouterState.RUNNING:
             raise RouterExitedError(f"the llama-server router is {self.state.value}")

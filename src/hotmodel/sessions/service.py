@@ -43,6 +43,7 @@ from hotmodel.sessions.context import (
 from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.slots import SlotLedger
 from hotmodel.sessions.store import Limits, Session, SessionStore
+from hotmodel.sessions.tenants import SlotTenants
 
 log = logging.getLogger("hotmodel.sessions")
 
@@ -92,6 +93,7 @@ class SessionService:
         self.router = router
         self.locks = SessionLocks()
         self.slots = SlotLedger()
+        self.tenants = SlotTenants(config.router.parallel)  # whose prompt each slot holds
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
         # (model, owner, session id): the session a switch to that model is for
         self._prefer: tuple[str, str, str] | None = None
@@ -306,14 +308,13 @@ class SessionService:
         if found is None:
             return None
         session, prompt = found
-        gen = self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
-        t0 = time.monotonic()
-        timings = await self.router.prefill(
-            model,
-            prompt.messages(),
-            self.config.switch.replay_timeout_seconds,
-            REPLAY_SETTING,
-        )
+        timeout = self.config.switch.replay_timeout_seconds
+        async with self.tenants.use(model, session.owner, timeout) as reuse:
+            gen = self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
+            t0 = time.monotonic()
+            timings = await self.router.prefill(
+                model, prompt.messages(), timeout, REPLAY_SETTING, cache=reuse
+            )
         self.slots.cover(model, gen, session.owner, session.id, prompt.messages())
         return {
             "session": session.id,
