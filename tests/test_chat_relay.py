@@ -28,6 +28,7 @@ from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
 from hotmodel.control.gpu import NoGpu
 from hotmodel.control.idle import IdleUnloader
+from hotmodel.control.scheduler import Rules, Scheduler
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
 from hotmodel.router.chat_http import ChatHttp
@@ -110,6 +111,7 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
     engine.active = "m"
     controller = Controller(engine, ["m"])
     async with SessionStore(tmp_path / "s.sqlite3") as store:
+        sessions = SessionService(config, store, router)
         yield Services(
             config=config,
             router=router,
@@ -117,13 +119,16 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
             events=ModelEvents(router),
             controller=controller,
             gate=gate,
-            sessions=SessionService(config, store, router),
+            sessions=sessions,
             store=store,
             gpu=NoGpu(),
             watchdog=Watchdog(config, supervisor, router, controller, gate),
             idle=IdleUnloader(lambda: config.router, gate, controller),
             snapshots=None,
             feed=Feed(),
+            scheduler=Scheduler(
+                controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8, sessions.preferring
+            ),
         )
     await http.aclose()
     await stack.aclose()

@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from hotmodel.api.browser import host_name, refusal
-from hotmodel.config import ServerConfig
-from hotmodel.errors import SlotBusyError
+from hotmodel.api.browser import host_name, read_headers, refusal
+from hotmodel.config import ServerConfig, parse_config
+from hotmodel.errors import ConfigError, SlotBusyError
 from hotmodel.private import make_private
+from hotmodel.security import load_keys
 from hotmodel.sessions.tenants import SlotTenants
 
 T = TypeVar("T")
@@ -105,10 +106,21 @@ def test_bodies_must_be_json(content_type: str, expected: str | None) -> None:
     assert code("POST", chunked) == expected
 
 
-def test_no_body_needs_no_content_type() -> None:
+def test_no_body_needs_no_content_type_but_a_named_one_must_be_json() -> None:
     assert code("POST", {"content-length": "0"}) is None
     assert code("POST", {}) is None
+    assert code("POST", {"content-type": "text/plain"}) == "unsupported_media_type"
     assert code("DELETE", {"content-length": "5", "content-type": "text/plain"}) is None
+
+
+@pytest.mark.parametrize("name", [b"host", b"origin", b"content-type", b"sec-fetch-site"])
+def test_a_header_the_door_reads_twice_is_refused(name: bytes) -> None:
+    raw = [(name, b"localhost"), (b"x-other", b"1"), (name.upper(), b"127.0.0.1")]
+    headers, twice = read_headers(raw)
+    assert twice == name.decode()
+    found = refusal("GET", headers, SERVER, twice)
+    assert found is not None and (found.status, found.code) == (400, "duplicate_header")
+    assert read_headers([(b"accept", b"a"), (b"accept", b"b")])[1] is None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -197,6 +209,10 @@ def test_state_left_wide_open_is_narrowed(tmp_path: Path) -> None:
     store.write_text("x")
     store.chmod(0o644)
     (state / "kv").chmod(0o755)
+    script = state / "tools" / "run.sh"  # not ours: its owner keeps what it had
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
     outside = tmp_path / "router.log"
     outside.write_text("log")
     outside.chmod(0o666)
@@ -205,3 +221,29 @@ def test_state_left_wide_open_is_narrowed(tmp_path: Path) -> None:
     assert stat.S_IMODE((state / "kv").stat().st_mode) == 0o700
     assert stat.S_IMODE(store.stat().st_mode) == 0o600
     assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+    assert stat.S_IMODE(script.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_a_key_file_others_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "admin.keys"
+    keys.write_text("an-admin-key-0000000000\n")
+    keys.chmod(0o644)
+    load_keys({"admin_keys_file": "admin.keys"}, tmp_path / "hotmodel.toml", environ={})
+    assert "chmod 600" in caplog.text and str(keys) in caplog.text
+    caplog.clear()
+    keys.chmod(0o600)
+    load_keys({"admin_keys_file": "admin.keys"}, tmp_path / "hotmodel.toml", environ={})
+    assert "chmod 600" not in caplog.text
+
+
+@pytest.mark.parametrize("args", [["-np", "2"], ["--parallel", "2"], ["--parallel=2"]])
+def test_the_slot_count_is_set_in_one_place(tmp_path: Path, args: list[str]) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    (tmp_path / "m.ini").write_text(f"[m]\nmodel = {model}\n")
+    raw = {"router": {"models_preset": "m.ini", "default_model": "m", "extra_args": args}}
+    with pytest.raises(ConfigError, match="extra_args"):
+        parse_config(raw, tmp_path / "hotmodel.toml")

@@ -51,6 +51,9 @@ class ServerConfig:
     shutdown_timeout_seconds: float = field(default=5.0, metadata=_meta(min=0))
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_meta(min=1024))
     max_messages: int = field(default=2048, metadata=_meta(min=1))
+    # max_tokens for a chat request that sets none (max_tokens, max_completion_tokens,
+    # n_predict): no request holds a model forever (0: llama-server's own default)
+    default_max_tokens: int = field(default=4096, metadata=_meta(min=0))
     # Host names besides the loopback names and ``host`` itself that requests may name in
     # their Host header (DNS rebinding: a page whose name points at 127.0.0.1 is refused)
     allowed_hosts: tuple[str, ...] = ()
@@ -96,6 +99,13 @@ class SwitchConfig:
     auto: bool = False
     # who may cause an auto switch when keys are set: any key, or only an admin key
     auto_access: AutoAccess = "any"
+    # the scheduler (control/scheduler.py): a waiter of another model waits at most this
+    # long while the loaded one keeps busy; the loaded one keeps its turn while its next
+    # request comes within linger_seconds, and stays at least min_resident_seconds
+    max_wait_seconds: float = field(default=10.0, metadata=_meta(min=0))
+    linger_seconds: float = field(default=0.5, metadata=_meta(min=0))
+    min_resident_seconds: float = field(default=0.0, metadata=_meta(min=0))
+    max_queue: int = field(default=256, metadata=_meta(min=1))
     replay: bool = True
     drain_timeout_action: DrainTimeoutAction = "fail"
     load_timeout_seconds: float = field(default=120.0, metadata=_meta(min=0.001))
@@ -219,7 +229,15 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             )
     keys = load_keys(security, path)
     parallel_args = {"-np", "--parallel"}
-    if switch.kv_snapshots and (router.parallel != 1 or parallel_args & set(router.extra_args)):
+    if parallel_args & {a.split("=", 1)[0] for a in router.extra_args}:
+        raise ConfigError(
+            path,
+            "set the slot count with [router] parallel, not in extra_args (hotmodel pins "
+            "each API key to a slot and needs to know how many there are)",
+            section="router",
+            key="extra_args",
+        )
+    if switch.kv_snapshots and router.parallel != 1:
         raise ConfigError(
             path,
             "kv_snapshots needs [router] parallel = 1 (only then is it known which slot "
@@ -235,14 +253,17 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             key="policy",
         )
     presets = load_presets(router.models_preset)
-    if switch.kv_snapshots:
+    if switch.kv_snapshots or keys.enabled:
+        # snapshots need one slot per model; keys need to know the slots (each key is
+        # pinned to one, sessions/tenants.py)
+        why = "[switch] kv_snapshots (one slot per model)" if switch.kv_snapshots else "API keys"
         for section, options in [("*", presets.globals)] + [
             (m.name, m.options) for m in presets.models.values()
         ]:
             if {"parallel", "np"} & set(options):
                 raise ConfigError(
                     presets.path,
-                    "a slot count per preset breaks [switch] kv_snapshots (one slot per model)",
+                    f"a slot count per preset breaks {why}; use [router] parallel",
                     section=section,
                     key="parallel",
                 )

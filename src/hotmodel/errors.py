@@ -33,6 +33,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   └── SwitchFailedError        a switch failed; carries its report (502)
     ├── StoreError                   the session store cannot be opened or used (SQLite)
     ├── SlotBusyError                another API key's request held the slot too long (503)
+    ├── QueueFullError               [switch] max_queue requests already wait (429)
     ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
     └── ProvisionError               setting up llama-server or the models failed
 
@@ -232,6 +233,22 @@ class AutoSwitchForbiddenError(RequestError):
     """A client key named another model while ``[switch] auto_access = "admin"``."""
 
 
+class QueueFullError(HotModelError):
+    """``[switch] max_queue`` requests already wait for a model (429, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @classmethod
+    def over(cls, limit: int, retry_after: float) -> QueueFullError:
+        return cls(
+            f"{limit} requests already wait for a model to be loaded ([switch] max_queue); "
+            f"retry in about {retry_after:.0f} s",
+            retry_after,
+        )
+
+
 class SlotBusyError(HotModelError):
     """Another API key's request held the model's slot past the wait bound (503)."""
 
@@ -299,6 +316,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),
     (SlotBusyError, HttpError(503, "server_error", "slot_busy")),
+    (QueueFullError, HttpError(429, "server_error", "queue_full")),
     (StoreError, HttpError(500, "server_error", "store_error")),
 )
 _INTERNAL = HttpError(500, "server_error", "internal_error")

@@ -3,10 +3,11 @@
 On POSIX, hotmodel runs with umask 077 from the moment its runtime starts, so
 every file it or llama-server creates (the session store and its WAL, KV
 snapshots and their sidecars, logs, the pid file, the rendered presets) is
-0600 and every folder 0700; what an older version left with wider modes is
-narrowed at start. On Windows the state folder's ACL is replaced by one that
-grants the current user alone full control, inherited by everything created
-in it (``icacls``, which every Windows has; no shell involved).
+0600 and every folder 0700; what an older version left readable by others is
+narrowed at start (group and others lose every right; the owner keeps its
+own). On Windows the state folder's ACL is replaced by one that grants the
+current user alone full control, inherited by everything created in it
+(``icacls``, which every Windows has; no shell involved).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from pathlib import Path
 log = logging.getLogger("hotmodel.private")
 
 PRIVATE_UMASK = 0o077
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 
 def private_umask() -> None:
@@ -53,9 +52,9 @@ def _narrow(path: Path) -> None:
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
             return  # a link's target is not ours to change
-        wanted = DIR_MODE if stat.S_ISDIR(info.st_mode) else FILE_MODE
-        if stat.S_IMODE(info.st_mode) & ~wanted:
-            path.chmod(stat.S_IMODE(info.st_mode) & wanted)
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:  # only what others may do goes: the owner keeps what it had
+            path.chmod(mode & ~0o077)
     except OSError as exc:  # another user's file in our folder: say so, go on
         log.warning("could not make %s private: %s", path, exc)
 

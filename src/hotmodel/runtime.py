@@ -33,6 +33,7 @@ from hotmodel.control.feed import Feed
 from hotmodel.control.fit import preset_need_mib
 from hotmodel.control.gpu import GpuProbe, NoGpu, detect_probe
 from hotmodel.control.idle import IdleUnloader
+from hotmodel.control.scheduler import Rules, Scheduler
 from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.control.watchdog import Watchdog
@@ -86,6 +87,7 @@ class Services:
     idle: IdleUnloader
     snapshots: Snapshots | None  # None: [switch] kv_snapshots is off
     feed: Feed  # the dashboard's live events (GET /admin/events)
+    scheduler: Scheduler  # per-model queues: when to switch, for whom
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
 
 
@@ -228,6 +230,15 @@ class Runtime:
         await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
         idle = IdleUnloader(lambda: self.current_config.router, gate, controller)
         await stack.enter_async_context(_task(idle.run(), "idle-unload"))
+        scheduler = Scheduler(
+            controller,
+            gate,
+            lambda: _rules(self.current_config),
+            lambda: self.current_config.switch.max_queue,
+            sessions.preferring,
+        )
+        engine.watchers.append(scheduler.poke)  # an admin's switch may serve a queue
+        await stack.enter_async_context(_task(scheduler.run(), "scheduler"))
         await sessions.warn_missing_prompts()  # a stored session's prompt gone from the config
         retention = Retention(lambda: self.current_config.session, sessions, snapshots)
         await stack.enter_async_context(_task(retention.run(), "session-retention"))
@@ -243,6 +254,7 @@ class Runtime:
             gpu=gpu,
             watchdog=watchdog,
             idle=idle,
+            scheduler=scheduler,
             snapshots=snapshots,
             feed=feed,
         )
@@ -300,6 +312,11 @@ class Runtime:
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
+
+
+def _rules(config: Config) -> Rules:
+    s = config.switch
+    return Rules(s.max_wait_seconds, s.linger_seconds, s.min_resident_seconds)
 
 
 def _http_client(cfg: Config, headers: Mapping[str, str]) -> httpx.AsyncClient:

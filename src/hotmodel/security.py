@@ -16,13 +16,17 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hotmodel.errors import ConfigError
+
+log = logging.getLogger("hotmodel.security")
 
 API_KEYS_ENV = "HOTMODEL_API_KEYS"
 ADMIN_KEYS_ENV = "HOTMODEL_ADMIN_KEYS"
@@ -74,6 +78,8 @@ def load_keys(
     env = os.environ if environ is None else environ
     client = [*_listed(table, "api_keys", path), *_from_file(table, "api_keys_file", path)]
     admin = [*_listed(table, "admin_keys", path), *_from_file(table, "admin_keys_file", path)]
+    if table.get("api_keys") or table.get("admin_keys"):
+        warn_if_shared(path)
     client += [k.strip() for k in env.get(API_KEYS_ENV, "").split(",") if k.strip()]
     admin += [k.strip() for k in env.get(ADMIN_KEYS_ENV, "").split(",") if k.strip()]
     for key in (*client, *admin):
@@ -110,7 +116,26 @@ def _from_file(table: Mapping[str, Any], name: str, path: Path) -> list[str]:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, f"cannot read {file}: {exc}", section="security", key=name) from exc
+    warn_if_shared(file)
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def warn_if_shared(file: Path) -> None:
+    """Keys in a file other users may read are theirs too: say so (as ssh does), once per
+    load. POSIX only (a Windows file's ACL is not a mode)."""
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(file.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "%s holds API keys and other users may read it (mode %s): chmod 600 %s",
+            file,
+            oct(mode),
+            file,
+        )
 
 
 KNOWN_KEYS = frozenset({"api_keys", "admin_keys", "api_keys_file", "admin_keys_file"})

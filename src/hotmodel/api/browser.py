@@ -12,10 +12,12 @@ browser. Three checks stop it, before keys and before any route:
   (the same host and port as its ``Host``) nor in ``[server]
   allowed_origins`` gets 403 ``origin_not_allowed``; so does a write whose
   ``Sec-Fetch-Site`` says another site sent it.
-- **Content type**: a body on a POST/PUT/PATCH must be JSON
-  (``application/json`` or ``application/*+json``, or no type named), else
-  415 ``unsupported_media_type``: the content types a page may send without
-  a preflight (``text/plain``, forms) are not JSON.
+- **Content type**: a POST/PUT/PATCH must name JSON (``application/json`` or
+  ``application/*+json``) or no type at all, else 415
+  ``unsupported_media_type``: the content types a page may send without a
+  preflight (``text/plain``, forms) are not JSON.
+- **One of each**: ``Host``, ``Origin``, ``Content-Type`` or ``Sec-Fetch-Site``
+  sent twice gets 400 ``duplicate_header``.
 
 CORS is off unless ``[server] allowed_origins`` lists origins; for those,
 Starlette's ``CORSMiddleware`` answers preflights and adds the headers. The
@@ -26,7 +28,7 @@ decisions are pure (:func:`refusal`), read from the config on every request
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -42,6 +44,7 @@ _ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+_ONCE = frozenset({"host", "origin", "content-type", "sec-fetch-site"})
 CORS_HEADERS = ["authorization", "content-type", "x-session-id", "x-system-prompt"]
 CORS_EXPOSED = ["x-request-id", "server-timing", "retry-after"]
 
@@ -104,8 +107,14 @@ def _content_type_ok(content_type: str) -> bool:
     )
 
 
-def refusal(method: str, headers: dict[str, str], server: ServerConfig) -> Refusal | None:
-    """Why this request is refused at the door (None: it passes). Pure."""
+def refusal(
+    method: str, headers: dict[str, str], server: ServerConfig, twice: str | None = None
+) -> Refusal | None:
+    """Why this request is refused at the door (None: it passes). Pure. ``twice``: a
+    header the door reads that came more than once (which one counts would be a proxy's
+    guess against ours)."""
+    if twice is not None:
+        return Refusal(400, f"send one {twice} header, not several", "duplicate_header")
     host = headers.get("host", "")
     if host and not host_allowed(host_name(host), server):
         return Refusal(
@@ -125,11 +134,7 @@ def refusal(method: str, headers: dict[str, str], server: ServerConfig) -> Refus
     fetch_site = headers.get("sec-fetch-site", "")
     if origin is None and method in _WRITES and fetch_site in ("cross-site", "same-site"):
         return Refusal(403, "requests from another site's page are refused", "origin_not_allowed")
-    if (
-        method in _WITH_BODY
-        and _has_body(headers)
-        and not _content_type_ok(headers.get("content-type", ""))
-    ):
+    if method in _WITH_BODY and not _content_type_ok(headers.get("content-type", "")):
         return Refusal(
             415,
             "the body must be JSON (Content-Type: application/json)",
@@ -138,11 +143,16 @@ def refusal(method: str, headers: dict[str, str], server: ServerConfig) -> Refus
     return None
 
 
-def _has_body(headers: dict[str, str]) -> bool:
-    length = headers.get("content-length")
-    if length is not None:
-        return length.strip() not in ("0", "")
-    return "transfer-encoding" in headers
+def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:
+    """The headers by name, and the first of :data:`_ONCE` that came more than once."""
+    headers: dict[str, str] = {}
+    twice = None
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if twice is None and name in _ONCE and name in headers:
+            twice = name
+        headers[name] = value.decode("latin-1")
+    return headers, twice
 
 
 class GuardBrowsers:
@@ -158,8 +168,8 @@ class GuardBrowsers:
             await self.app(scope, receive, send)
             return
         server = self.server()
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        refused = refusal(scope["method"], headers, server)
+        headers, twice = read_headers(scope.get("headers", []))
+        refused = refusal(scope["method"], headers, server, twice)
         if refused is not None:
             response = error_response(
                 refused.status, refused.message, "invalid_request_error", refused.code

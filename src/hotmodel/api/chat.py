@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -35,7 +36,6 @@ from hotmodel.api.validate import (
     read_asgi_body,
     tree_needs_check,
 )
-from hotmodel.control.controller import Switch
 from hotmodel.control.fit import largest_context
 from hotmodel.control.snapshots import Turn
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
@@ -47,9 +47,7 @@ from hotmodel.errors import (
     RouterProtocolError,
     RouterUnavailableError,
     ShuttingDownError,
-    SwitchBusyError,
     SwitchCancelledError,
-    SwitchFailedError,
 )
 from hotmodel.runtime import Services
 from hotmodel.sessions.reply import Message
@@ -88,6 +86,8 @@ _HEADERS = frozenset(
 )
 
 
+# What a client may bound its answer with; with none, [server] default_max_tokens applies.
+_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
 # Two of these in one request could name two different sessions or prompts: refused.
 _ONE_ONLY = frozenset({"x-session-id", "x-system-prompt"})
 
@@ -126,6 +126,9 @@ def parse_chat(
     check_messages(payload["messages"], config.server.max_messages)
     check_prompt_length(payload["messages"], largest_context(config.presets, config.router))
     check_fields(payload)
+    bound = config.server.default_max_tokens
+    if bound and all(payload.get(k) is None for k in _LENGTH_FIELDS):
+        payload["max_tokens"] = bound  # no request holds the model forever
     for old, new in _RENAMED.items():
         if old in payload or old in headers:
             raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
@@ -245,7 +248,7 @@ class ChatCompletions:
                     self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
             ticket = await stack.enter_async_context(
-                self.admitted(chat.payload.get("model"), chat.session, chat.admin)
+                self.admitted(chat.payload.get("model"), receive, chat.session, chat.admin)
             )
             model = ticket.model
             assert model is not None  # admitted() names it
@@ -301,10 +304,13 @@ class ChatCompletions:
         only when the slot holds this key's own prompt (sessions/tenants.py)."""
         tenants = self.s.sessions.tenants
         timeout = self.s.config.session.queue_timeout_seconds
+        keys = self.s.config.keys.enabled
         async with tenants.use(model, chat.owner, timeout) as reuse:
-            if not reuse:
+            if not reuse or (keys and self.s.supervisor.ram_cache_shared):
+                # another key's prompt is in the slot, or (keys set by a reload, until a
+                # restart) llama-server's RAM cache could bring one back
                 chat.payload["cache_prompt"] = False
-            if self.s.config.keys.enabled:
+            if keys:
                 pinned = tenants.pinned(chat.owner)
                 if pinned is None:
                     chat.payload.pop("id_slot", None)  # one slot: nothing to choose
@@ -336,47 +342,40 @@ class ChatCompletions:
 
     @contextlib.asynccontextmanager
     async def admitted(
-        self, requested: object, session: SessionRef | None = None, admin: bool = False
+        self,
+        requested: object,
+        receive: Receive,
+        session: SessionRef | None = None,
+        admin: bool = False,
     ) -> AsyncIterator[Ticket]:
         """A ticket whose ``model`` is named; auto-switches first when that is enabled (for
         ``session``: its conversation is the one restored or replayed into the model), and
         allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
         s, cfg = self.s, self.s.config.switch
-        async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
-            try:
-                ticket.model = self._resolve(requested)
-            except ModelNotActiveError:
-                if not cfg.auto:
-                    raise
-                assert isinstance(requested, str)  # "not active" is said only of a preset
-                self._may_switch(admin, requested)
-                target = requested
-            except ModelParkedError as parked:
-                target = parked.model  # unloaded for idleness: the request loads it back
-            else:
-                yield ticket
-                return
-        # The ticket is returned before the switch: a switch drains in-flight tickets.
-        try:
-            async with asyncio.timeout(cfg.queue_timeout_seconds):
-                with s.sessions.preferring(target, session):
-                    report = await s.controller.submit(Switch(target))
-        except TimeoutError:
-            raise SwitchBusyError(
-                f"switching to {target!r} took longer than {cfg.queue_timeout_seconds:g}s "
-                "([switch] queue_timeout_seconds); it goes on, try again later"
-            ) from None
-        if report.drain_timed_out:  # nothing changed: generations outlived the deadline
-            raise SwitchBusyError(f"switching to {target!r} must wait: {report.error}")
-        if report.failed:
-            raise SwitchFailedError(
-                f"switching to {target!r} failed at its {report.failed_phase} step",
-                report,
-                detail=report.error,  # may name files and addresses: for the server log
-            )
-        async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
-            ticket.model = self._resolve(requested)
-            yield ticket
+        deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
+        while True:
+            async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
+                try:
+                    ticket.model = self._resolve(requested)
+                except ModelNotActiveError:
+                    if not cfg.auto:
+                        raise
+                    assert isinstance(requested, str)  # "not active" is said only of a preset
+                    self._may_switch(admin, requested)
+                    target = requested
+                except ModelParkedError as parked:
+                    target = parked.model  # unloaded for idleness: the request loads it back
+                else:
+                    yield ticket
+                    return
+            # The ticket is returned before the wait: a switch drains in-flight tickets. The
+            # request waits in its model's queue; the scheduler switches for the whole queue
+            # (and if another switch came first, the request waits again, within its bound).
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            with anyio.CancelScope() as cancel, DisconnectWatch(receive, cancel) as watch:
+                await s.scheduler.wait_for(target, session, left)
+            if watch.gone:
+                raise ClientDisconnect()  # it left while it waited: nobody to answer (a 499)
 
     def _may_switch(self, admin: bool, target: str) -> None:
         if self.s.config.keys.enabled and self.s.config.switch.auto_access == "admin" and not admin:

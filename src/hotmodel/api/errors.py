@@ -15,6 +15,7 @@ gets a generic 500 carrying that id and nothing internal (:class:`CatchUnexpecte
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -122,7 +123,11 @@ def hotmodel_error_response(exc: HotModelError, request_id: str | None = None) -
     mapped = http_error_for(exc)
     param = getattr(exc, "param", None)
     message = public_message(exc, request_id)
-    return error_response(mapped.status, message, mapped.type, mapped.code, param)
+    response = error_response(mapped.status, message, mapped.type, mapped.code, param)
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int | float):  # 429 queue_full: when a retry likely succeeds
+        response.headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 async def on_hotmodel_error(request: Request, exc: Exception) -> Response:

@@ -285,6 +285,19 @@ class StateCollector(Collector):
             "Chat requests admitted and not finished",
             len(s.gate.inflight()),
         )
+        queued = GaugeMetricFamily(
+            "hotmodel_queue_waiting", "Requests waiting for a model to be loaded", labels=["model"]
+        )
+        oldest = GaugeMetricFamily(
+            "hotmodel_queue_oldest_wait_seconds",
+            "How long the oldest request waiting for a model has waited",
+            labels=["model"],
+        )
+        for name, queue in s.scheduler.status().items():
+            queued.add_metric([name], queue["waiting"])
+            oldest.add_metric([name], queue["oldest_wait_s"])
+        yield queued
+        yield oldest
         if self.sessions is not None:
             yield _gauge("hotmodel_sessions", "Sessions in the store", self.sessions)
         yield _gauge(

@@ -43,6 +43,7 @@ _LIVE = {
             "switch_drain_timeout_seconds",
             "max_body_bytes",
             "max_messages",
+            "default_max_tokens",
             "allowed_hosts",
             "allowed_origins",
         }

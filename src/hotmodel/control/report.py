@@ -71,6 +71,8 @@ class SwitchReport:
     policy: str
     started_at: str
     policy_reason: str | None = None  # why policy "auto" chose this one
+    reason: str | None = None  # why the scheduler switched ("batch: 5 waiting for ...")
+    expected_ms: float | None = None  # the load time it expected (measured before)
     outcome: Outcome = Outcome.RUNNING
     error: str | None = None
     failed_phase: str | None = None  # the step that failed (``drain``: nothing changed)
@@ -114,6 +116,8 @@ class SwitchReport:
             "to": self.to_model,
             "policy": self.policy,
             "policy_reason": self.policy_reason,
+            "reason": self.reason,
+            "expected_ms": self.expected_ms,
             "started_at": self.started_at,
             "outcome": self.outcome.value,
             "error": self.error,

@@ -76,6 +76,18 @@ class TrafficGate:
         self._held: list[asyncio.Future[Ticket]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._last_activity = time.monotonic()  # a request admitted or completed
+        # told when a request is admitted or completes (the scheduler decides again)
+        self.on_change: Callable[[], None] | None = None
+
+    @property
+    def last_activity(self) -> float:
+        """When a request was last admitted or completed (monotonic seconds)."""
+        return self._last_activity
+
+    def _changed(self) -> None:
+        self._last_activity = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
 
     def idle_for(self) -> float:
         """Seconds since a request was last admitted or completed (0 while any is in flight)."""
@@ -107,7 +119,7 @@ class TrafficGate:
     def _issue(self) -> Ticket:
         ticket = Ticket(next(self._ids))
         self._inflight[ticket.id] = ticket
-        self._last_activity = time.monotonic()
+        self._changed()
         return ticket
 
     async def _enter(self, timeout: float) -> Ticket:
@@ -135,7 +147,7 @@ class TrafficGate:
         """The request is complete (idempotent)."""
         if self._inflight.pop(ticket.id, None) is None:
             return
-        self._last_activity = time.monotonic()
+        self._changed()
         still_waiting = []
         for done, fut in self._waiters:
             if fut.done():

@@ -323,6 +323,7 @@ class RouterClient:
         timeout: float,
         setting: str,
         cache: bool = True,
+        slot: int | None = None,
     ) -> dict[str, Any]:
         """Evaluate ``messages`` on ``model`` (a 1-token answer) so its prompt cache holds them.
 
@@ -334,6 +335,7 @@ class RouterClient:
             "messages": list(messages),
             "max_tokens": 1,
             "cache_prompt": cache,
+            **({} if slot is None else {"id_slot": slot}),
             "temperature": 0,
         }
         answer = await self._post_json("/v1/chat/completions", body, timeout, setting)

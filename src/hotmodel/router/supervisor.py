@@ -176,6 +176,12 @@ class RouterSupervisor:
         return self._binary
 
     @property
+    def ram_cache_shared(self) -> bool:
+        """llama-server keeps prompts in RAM across slots (``--cache-ram``, on unless keys
+        were set at start): with keys set later by a reload, no request may reuse a cache."""
+        return not self._config.keys.enabled
+
+    @property
     def argv(self) -> list[str]:
         return router_argv(self._config, self._binary, self.presets_file, self.port, self._spare)
 

@@ -313,7 +313,12 @@ class SessionService:
             gen = self.slots.touch(model)  # until the prefill is complete, the slot is nobody's
             t0 = time.monotonic()
             timings = await self.router.prefill(
-                model, prompt.messages(), timeout, REPLAY_SETTING, cache=reuse
+                model,
+                prompt.messages(),
+                timeout,
+                REPLAY_SETTING,
+                cache=reuse,
+                slot=self.tenants.pinned(session.owner),  # the slot its turns will use
             )
         self.slots.cover(model, gen, session.owner, session.id, prompt.messages())
         return {

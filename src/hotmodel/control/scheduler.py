@@ -1,0 +1,281 @@
+"""The scheduler: requests for another model wait in that model's queue, and one switch
+admits them all.
+
+Requests for the loaded model are admitted at once. A request for another
+preset (``[switch] auto``) joins that preset's queue instead of causing a
+switch of its own. The decision of when to switch, and to which model, is the
+pure :func:`decide`, asked again whenever something changes (a request joins
+a queue or leaves it, a request on the loaded model starts or ends, a switch
+ends) or a deadline it named comes. It switches:
+
+- at once when no model is loaded;
+- when a waiter has waited ``[switch] max_wait_seconds`` (the fairness bound:
+  a client that keeps its own model busy cannot starve the others);
+- when the loaded model has had no request in flight for ``[switch]
+  linger_seconds`` (a client looping on its model keeps it: the gap between
+  two of its requests is shorter) and has been loaded ``[switch]
+  min_resident_seconds``.
+
+It picks the model whose oldest waiter has waited longest, each further
+waiter counting :data:`BATCH_BONUS_S` and the model's measured load time
+counting against it (a cheap switch first when waits are close); a waiter
+past the fairness bound always goes first. The switch it asks for is an
+ordinary command of the control loop (which drains the loaded model and holds
+new requests meanwhile); when it ends, every waiter of that model is released
+at once, or gets the switch's error. A waiter whose client leaves is removed
+at once; past ``[switch] max_queue`` waiters a request is refused with 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from hotmodel.control.controller import Controller, Switch
+from hotmodel.control.report import SwitchReport
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import QueueFullError, SwitchBusyError, SwitchFailedError
+from hotmodel.sessions.service import SessionRef
+
+log = logging.getLogger("hotmodel.scheduler")
+
+BATCH_BONUS_S = 0.5  # each waiter beyond the first counts as this much more waiting
+DEFAULT_LOAD_S = 1.0  # a model whose load was never measured
+_HANDOVER_TURNS = 8  # loop turns for released waiters to be admitted before deciding again
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The ``[switch]`` settings the decision reads."""
+
+    max_wait: float
+    linger: float
+    min_resident: float
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """One model's queue, as the decision sees it."""
+
+    count: int
+    oldest: float  # when its oldest waiter joined (clock seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the decision reads: the loaded model's traffic and the queues."""
+
+    now: float
+    active: str | None
+    busy: bool  # a request on the loaded model is in flight
+    last_request: float  # when a request on it last started or ended
+    resident_since: float  # when it became the loaded model
+    queues: Mapping[str, Waiting]  # models other than the loaded one, with waiters
+    load_s: Mapping[str, float] = field(default_factory=dict)  # measured load times
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    target: str | None  # switch to this model now (None: not now)
+    reason: str = ""
+    wake_at: float | None = None  # decide again then, if nothing happens before
+
+
+def decide(view: View, rules: Rules) -> Decision:
+    """When to switch and to which model (pure: the table of cases is in the tests)."""
+    if not view.queues:
+        return Decision(None)
+    now = view.now
+    overdue = {m: q for m, q in view.queues.items() if now - q.oldest >= rules.max_wait}
+    if overdue:
+        target = min(overdue, key=lambda m: (overdue[m].oldest, m))
+        return Decision(target, "max_wait: " + _describe(target, view.queues[target], now))
+    target = max(view.queues, key=lambda m: (_urgency(view, m), m))
+    queue = view.queues[target]
+    if view.active is None:
+        return Decision(target, "no model loaded: " + _describe(target, queue, now))
+    fair_at = min(q.oldest for q in view.queues.values()) + rules.max_wait
+    if view.busy:
+        return Decision(None, wake_at=fair_at)
+    free_at = max(view.last_request + rules.linger, view.resident_since + rules.min_resident)
+    if now >= free_at:
+        return Decision(target, "batch: " + _describe(target, queue, now))
+    return Decision(None, wake_at=min(free_at, fair_at))
+
+
+def _urgency(view: View, model: str) -> float:
+    queue = view.queues[model]
+    load = view.load_s.get(model, DEFAULT_LOAD_S)
+    return (view.now - queue.oldest) + BATCH_BONUS_S * (queue.count - 1) - load
+
+
+def _describe(model: str, queue: Waiting, now: float) -> str:
+    return f"{queue.count} waiting for {model}, oldest {now - queue.oldest:.1f} s"
+
+
+@dataclass(eq=False)
+class _Waiter:
+    model: str
+    since: float
+    session: SessionRef | None  # the switch is for this request's conversation
+    done: asyncio.Future[None]
+
+
+class Scheduler:
+    """The queues, and the task that turns :func:`decide` into switches."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        gate: TrafficGate,
+        rules: Callable[[], Rules],
+        max_queue: Callable[[], int],
+        prefer: Callable[[str, SessionRef | None], contextlib.AbstractContextManager[None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._controller = controller
+        self._gate = gate
+        self._rules = rules
+        self._max_queue = max_queue
+        self._prefer = prefer  # the session a switch is for (sessions.preferring)
+        self._clock = clock
+        self._waiters: list[_Waiter] = []
+        self._changed = asyncio.Event()
+        self._resident: tuple[str | None, float] = (None, clock())
+        self.load_s: dict[str, float] = {}  # measured, per model
+        gate.on_change = self._changed.set
+
+    def poke(self, *_: object) -> None:
+        """Something changed outside (a switch someone else asked for ended): decide again."""
+        self._changed.set()
+
+    def queues(self) -> dict[str, Waiting]:
+        """Every model with waiters: how many, and since when the oldest waits."""
+        out: dict[str, Waiting] = {}
+        for w in self._waiters:
+            q = out.get(w.model)
+            out[w.model] = Waiting(1, w.since) if q is None else Waiting(q.count + 1, q.oldest)
+        return out
+
+    def status(self) -> dict[str, dict[str, float | int]]:
+        """Per model: waiting, and the oldest wait in seconds (``/admin/status``)."""
+        now = self._clock()
+        return {
+            m: {"waiting": q.count, "oldest_wait_s": round(now - q.oldest, 3)}
+            for m, q in self.queues().items()
+        }
+
+    async def wait_for(self, model: str, session: SessionRef | None, timeout: float) -> None:
+        """Wait in ``model``'s queue until a switch to it ends; raises that switch's error,
+        :class:`SwitchBusyError` past ``timeout``, :class:`QueueFullError` at once when
+        ``[switch] max_queue`` requests already wait."""
+        limit = self._max_queue()
+        if len(self._waiters) >= limit:
+            raise QueueFullError.over(limit, self._retry_after(model))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(model, self._clock(), session, done)
+        self._waiters.append(waiter)
+        self._changed.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await done
+        except TimeoutError:
+            raise SwitchBusyError(
+                f"waited {timeout:g}s for {model!r} to be loaded ([switch] "
+                "queue_timeout_seconds); try again later"
+            ) from None
+        finally:
+            if waiter in self._waiters:  # a client that left, or the timeout
+                self._waiters.remove(waiter)
+                self._changed.set()
+
+    def _retry_after(self, model: str) -> float:
+        """Seconds until a new waiter of ``model`` would likely be served: a switch per
+        model queued before it, each its measured load time."""
+        models = {w.model for w in self._waiters} | {model}
+        return sum(self.load_s.get(m, DEFAULT_LOAD_S) for m in models) + self._rules().linger
+
+    def view(self) -> View:
+        now, active = self._clock(), self._controller.active
+        if active != self._resident[0]:
+            self._resident = (active, now)
+        busy = bool(active is not None and self._gate.inflight({active}))
+        queues = {m: q for m, q in self.queues().items() if m != active}
+        return View(
+            now=now,
+            active=active,
+            busy=busy,
+            last_request=self._gate.last_activity,
+            resident_since=self._resident[1],
+            queues=queues,
+            load_s=dict(self.load_s),
+        )
+
+    async def run(self) -> None:
+        """Decide, switch, release; until cancelled (the runtime owns this task)."""
+        while True:
+            self._release_active()
+            decision = decide(self.view(), self._rules())
+            if decision.target is None:
+                await self._sleep_until(decision.wake_at)
+                continue
+            await self._switch(decision.target, decision.reason)
+
+    def _release_active(self) -> None:
+        """Waiters of a model that is loaded (a switch someone else asked for) go now."""
+        active = self._controller.active
+        for w in [w for w in self._waiters if w.model == active]:
+            self._waiters.remove(w)
+            if not w.done.done():
+                w.done.set_result(None)
+
+    async def _sleep_until(self, wake_at: float | None) -> None:
+        self._changed.clear()
+        timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+
+    async def _switch(self, target: str, reason: str) -> None:
+        batch = [w for w in self._waiters if w.model == target]
+        session = next((w.session for w in batch if w.session is not None), None)
+        expected_ms = round(self.load_s.get(target, DEFAULT_LOAD_S) * 1000, 1)
+        log.info("switching to %s (%s)", target, reason)
+        try:
+            with self._prefer(target, session):
+                report = await self._controller.submit(Switch(target))
+        except Exception as exc:  # the loop is shutting down, or a bug: waiters hear it
+            self._fail(target, exc)
+            return
+        report.reason, report.expected_ms = reason, expected_ms
+        self._learn(target, report)
+        if report.drain_timed_out:  # nothing changed: generations outlived the deadline
+            self._fail(
+                target, SwitchBusyError(f"switching to {target!r} must wait: {report.error}")
+            )
+        elif report.failed:
+            error = SwitchFailedError(
+                f"switching to {target!r} failed at its {report.failed_phase}", report
+            )
+            self._fail(target, error)
+        else:
+            self._release_active()
+            for _ in range(_HANDOVER_TURNS):  # the released requests take their tickets
+                await asyncio.sleep(0)
+
+    def _learn(self, target: str, report: SwitchReport) -> None:
+        load_ms = report.phases.get("load")
+        if load_ms and not report.failed:
+            old = self.load_s.get(target)
+            new = load_ms / 1000
+            self.load_s[target] = new if old is None else 0.75 * old + 0.25 * new  # EWMA
+
+    def _fail(self, target: str, exc: BaseException) -> None:
+        for w in [w for w in self._waiters if w.model == target]:
+            self._waiters.remove(w)
+            if not w.done.done():
+                w.done.set_exception(exc)

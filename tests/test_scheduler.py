@@ -1,0 +1,231 @@
+"""The scheduler's decision (``control/scheduler.decide``) against a table of cases, and
+its queues driven synchronously with a recording controller: no router, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from hotmodel.control.report import Outcome, SwitchReport
+from hotmodel.control.scheduler import Decision, Rules, Scheduler, View, Waiting, decide
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import QueueFullError, SwitchBusyError, SwitchFailedError
+
+RULES = Rules(max_wait=10.0, linger=0.5, min_resident=0.0)
+
+
+def view(**changes: Any) -> View:
+    base: dict[str, Any] = {
+        "now": 100.0,
+        "active": "a",
+        "busy": False,
+        "last_request": 90.0,
+        "resident_since": 50.0,
+        "queues": {},
+        "load_s": {},
+    }
+    return View(**{**base, **changes})
+
+
+CASES: list[tuple[str, View, Rules, Decision]] = [
+    ("nobody waits", view(), RULES, Decision(None)),
+    (
+        "no model loaded: at once",
+        view(active=None, queues={"b": Waiting(1, 99.9)}),
+        RULES,
+        Decision("b", "no model loaded: 1 waiting for b, oldest 0.1 s"),
+    ),
+    (
+        "the loaded model is busy: wait, wake at the fairness bound",
+        view(busy=True, last_request=99.9, queues={"b": Waiting(2, 95.0)}),
+        RULES,
+        Decision(None, wake_at=105.0),
+    ),
+    (
+        "the loaded model just answered: its client may come back within the linger",
+        view(last_request=99.8, queues={"b": Waiting(1, 99.0)}),
+        RULES,
+        Decision(None, wake_at=100.3),
+    ),
+    (
+        "the loaded model is idle past the linger: the batch goes",
+        view(last_request=99.0, queues={"b": Waiting(3, 98.0)}),
+        RULES,
+        Decision("b", "batch: 3 waiting for b, oldest 2.0 s"),
+    ),
+    (
+        "fairness: a waiter at max_wait goes even while the loaded model is busy",
+        view(busy=True, last_request=100.0, queues={"b": Waiting(1, 90.0)}),
+        RULES,
+        Decision("b", "max_wait: 1 waiting for b, oldest 10.0 s"),
+    ),
+    (
+        "min_resident keeps a model loaded that just came",
+        view(resident_since=99.0, last_request=99.0, queues={"b": Waiting(1, 99.0)}),
+        Rules(10.0, 0.5, 5.0),
+        Decision(None, wake_at=104.0),
+    ),
+    (
+        "... but not past the fairness bound",
+        view(resident_since=99.0, last_request=99.0, queues={"b": Waiting(1, 89.0)}),
+        Rules(10.0, 0.5, 30.0),
+        Decision("b", "max_wait: 1 waiting for b, oldest 11.0 s"),
+    ),
+    (
+        "the oldest waiter's model first",
+        view(queues={"b": Waiting(1, 95.0), "c": Waiting(1, 97.0)}, load_s={"b": 1, "c": 1}),
+        RULES,
+        Decision("b", "batch: 1 waiting for b, oldest 5.0 s"),
+    ),
+    (
+        "more waiters count: 4 waiting for c beat 1 a second longer for b",
+        view(queues={"b": Waiting(1, 96.0), "c": Waiting(4, 97.0)}, load_s={"b": 1, "c": 1}),
+        RULES,
+        Decision("c", "batch: 4 waiting for c, oldest 3.0 s"),
+    ),
+    (
+        "a cheap load wins when waits are close",
+        view(queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)}, load_s={"b": 3, "c": 0.2}),
+        RULES,
+        Decision("c", "batch: 1 waiting for c, oldest 3.5 s"),
+    ),
+    (
+        "starvation: of two overdue queues the older goes, whatever their size",
+        view(busy=True, queues={"b": Waiting(1, 80.0), "c": Waiting(9, 85.0)}),
+        RULES,
+        Decision("b", "max_wait: 1 waiting for b, oldest 20.0 s"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "seen", "rules", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_decide(name: str, seen: View, rules: Rules, expected: Decision) -> None:
+    assert decide(seen, rules) == expected
+
+
+class Clock:
+    """The scheduler's clock, moved by hand (from the gate's own: monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingController:
+    """Records the switches asked for; each ends as the test says."""
+
+    def __init__(self) -> None:
+        self.active: str | None = "a"
+        self.asked: list[str] = []
+        self.fail: set[str] = set()
+        self.reports: list[SwitchReport] = []
+
+    async def submit(self, command: Any) -> SwitchReport:
+        self.asked.append(command.target)
+        report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
+        report.phases["load"] = 400.0
+        if command.target in self.fail:
+            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "load", "no"
+        else:
+            report.outcome = Outcome.OK
+            self.active = command.target
+        self.reports.append(report)
+        return report
+
+
+@contextlib.contextmanager
+def no_preference(model: str, session: object) -> Iterator[None]:
+    yield
+
+
+def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:
+    return Scheduler(
+        controller,  # type: ignore[arg-type]
+        TrafficGate(),
+        lambda: RULES,
+        lambda: max_queue,
+        no_preference,
+        clock,
+    )
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_one_switch_admits_the_whole_queue_and_a_failed_load_fails_only_its_own() -> None:
+    async def scenario() -> tuple[list[str], list[BaseException | None]]:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock)
+        controller.fail.add("c")
+        waits = [asyncio.create_task(sched.wait_for(m, None, 60)) for m in "bbbc"]
+        await _settle()
+        assert sched.status() == {
+            "b": {"waiting": 3, "oldest_wait_s": 0.0},
+            "c": {"waiting": 1, "oldest_wait_s": 0.0},
+        }
+        clock.now += 1  # the loaded model has been idle past the linger
+        loop = asyncio.create_task(sched.run())
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        return controller.asked, results
+
+    asked, results = asyncio.run(scenario())
+    assert asked == ["b", "c"]  # three waiters of b, one switch
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], SwitchFailedError)
+
+
+def test_a_waiter_that_leaves_is_dropped_at_once_and_the_queue_is_bounded() -> None:
+    async def scenario() -> None:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock, max_queue=2)
+        first = asyncio.create_task(sched.wait_for("b", None, 60))
+        second = asyncio.create_task(sched.wait_for("b", None, 60))
+        await _settle()
+        with pytest.raises(QueueFullError) as full:
+            await sched.wait_for("c", None, 60)
+        assert full.value.retry_after > 0
+        first.cancel()  # its client left
+        await _settle()
+        assert sched.status()["b"]["waiting"] == 1
+        with pytest.raises(SwitchBusyError):
+            await sched.wait_for("c", None, 0.01)  # room again; bounded by its timeout
+        second.cancel()
+        await _settle()
+        assert sched.status() == {}
+        assert controller.asked == []  # nothing ran the loop: no switch was made
+
+    asyncio.run(scenario())
+
+
+def test_the_measured_load_time_is_learnt_and_the_report_says_why_and_what_was_expected() -> None:
+    async def scenario() -> tuple[Scheduler, RecordingController]:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock)
+        waiter = asyncio.create_task(sched.wait_for("b", None, 60))
+        await _settle()
+        clock.now += 1
+        loop = asyncio.create_task(sched.run())
+        await waiter
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        return sched, controller
+
+    sched, controller = asyncio.run(scenario())
+    assert sched.load_s == {"b": 0.4}
+    report = controller.reports[0]
+    assert report.reason == "batch: 1 waiting for b, oldest 1.0 s"
+    assert report.expected_ms == 1000.0  # nothing measured yet: the default
+    assert report.to_json()["reason"] == report.reason

@@ -1,0 +1,112 @@
+"""The scheduler against the real router, SmolLM2 and Gemma (issue 21's two judged
+scenarios, and its backpressure): requests for another model wait in its queue, one switch
+serves the whole queue, and nobody waits past the fairness bound plus one switch."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import HotmodelProcess, two_models
+
+MAX_WAIT_S = 10.0
+
+
+def ask(hp: HotmodelProcess, model: str) -> tuple[int, float]:
+    t0 = time.monotonic()
+    resp = httpx.post(
+        hp.base_url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        timeout=120,
+    )
+    return resp.status_code, time.monotonic() - t0
+
+
+def switches(hp: HotmodelProcess) -> list[dict[str, Any]]:
+    reports: list[dict[str, Any]] = httpx.get(hp.base_url + "/admin/switches").json()["data"]
+    return [r for r in reports if r["outcome"] == "ok" and r["from"] is not None]
+
+
+def test_two_clients_looping_on_their_own_models_share_switches(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    with two_models(
+        tmp_path, real_models, extra=f"auto = true\nmax_wait_seconds = {MAX_WAIT_S}"
+    ) as hp:
+        before = len(switches(hp))
+
+        def loop(model: str) -> list[tuple[int, float]]:
+            return [ask(hp, model) for _ in range(6)]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(loop, ["smollm2", "gemma3"]))
+        made = switches(hp)[: len(switches(hp)) - before]
+        assert all(code == 200 for run in runs for code, _ in run), runs
+        assert len(made) <= 4, [r["reason"] for r in made]
+        assert all(r["reason"] for r in made), made  # each says why
+        longest_switch_s = max(r["total_ms"] for r in made) / 1000
+        waits = [took for run in runs for _, took in run]
+        assert max(waits) <= MAX_WAIT_S + longest_switch_s + 5.0, (waits, longest_switch_s)
+
+
+def test_a_burst_alternating_between_two_models_costs_one_switch(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    with two_models(tmp_path, real_models, extra="auto = true") as hp:
+        before = len(switches(hp))
+        models = ["smollm2", "gemma3"] * 6
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda m: ask(hp, m), models))
+        assert all(code == 200 for code, _ in results), results
+        made = switches(hp)[: len(switches(hp)) - before]
+        assert [r["to"] for r in made] == ["gemma3"], [(r["to"], r["reason"]) for r in made]
+        assert made[0]["reason"].startswith(("batch: 6 waiting for gemma3", "max_wait"))
+        assert made[0]["expected_ms"] > 0
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_is_visible(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    # the loaded model stays a minute: waiters for Gemma stay queued
+    extra = "auto = true\nmin_resident_seconds = 60\nmax_wait_seconds = 60\nmax_queue = 2"
+    with two_models(tmp_path, real_models, extra=extra, server="default_max_tokens = 3") as hp:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(ask, hp, "gemma3") for _ in range(2)]
+            deadline = time.monotonic() + 30
+            queues: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                queues = httpx.get(hp.base_url + "/admin/status").json()["queues"]
+                if queues.get("gemma3", {}).get("waiting") == 2:
+                    break
+                time.sleep(0.05)
+            assert queues["gemma3"]["waiting"] == 2, queues
+            metrics = httpx.get(hp.base_url + "/metrics").text
+            assert 'hotmodel_queue_waiting{model="gemma3"} 2.0' in metrics
+            full = httpx.post(
+                hp.base_url + "/v1/chat/completions",
+                json={"model": "gemma3", "messages": [{"role": "user", "content": "Hi"}]},
+                timeout=30,
+            )
+            assert full.status_code == 429, full.text
+            assert full.json()["error"]["code"] == "queue_full"
+            assert int(full.headers["retry-after"]) >= 1
+            # the loaded model is served at once meanwhile; a request with no bound of its
+            # own gets [server] default_max_tokens
+            unbounded = httpx.post(
+                hp.base_url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Tell me a long story."}]},
+                timeout=60,
+            )
+            assert unbounded.status_code == 200, unbounded.text
+            assert unbounded.json()["usage"]["completion_tokens"] <= 3
+            # an admin switch releases the waiters
+            switched = httpx.post(
+                hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
+            )
+            assert switched.status_code == 200, switched.text
+            assert [w.result()[0] for w in waiting] == [200, 200]
+        assert httpx.get(hp.base_url + "/admin/status").json()["queues"] == {}
