@@ -14,7 +14,9 @@ throughput (8 and 64 clients), switch (against the router's own unload + load),
 replay_kv (switching back to a conversation: KV restore, replay, bare router),
 history (time outside the model against 0 / 10 / 1,000 / 10,000 stored
 messages), cache (prompt-cache reuse over a long conversation at its bound),
-rss (hotmodel's own memory, idle and under load). Each target of the
+rss (hotmodel's own memory, idle and under load), scheduling (closed-loop
+clients over two models: one switch per request against the scheduler's
+queues). Each target of the
 performance issue is reported as met or not, never asserted.
 
 Writes bench-results/bench-<timestamp>.json (or --out DIR) and, for a full run
@@ -39,12 +41,22 @@ import httpx
 from bench_common import PLAIN, RssSampler, Settings, find_paths, idle_rss_mb
 from bench_measure import history, proxy, rss, throughput
 from bench_report import markdown, replace_block, targets
+from bench_sched import scheduling
 from bench_switching import cache, replay_kv, switch
 from benchlib import ROOT, llama_cpp, machine, serving
 
 from hotmodel.router import provision
 
-SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss")
+SECTIONS = (
+    "proxy",
+    "throughput",
+    "switch",
+    "replay_kv",
+    "history",
+    "cache",
+    "rss",
+    "scheduling",
+)
 # measured on one `hotmodel serve`, in this order (switch before history: a switch
 # replays the most recent session, and history creates sessions)
 ON_MAIN_SERVE = ("proxy", "throughput", "switch", "history", "rss")
@@ -137,6 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sections["replay_kv"] = _timed("replay_kv", replay_kv, s)
     if "cache" in args.sections:
         sections["cache"] = _timed("cache", cache, s)
+    if "scheduling" in args.sections:
+        sections["scheduling"] = _timed("scheduling", scheduling, s)
     ordered = {name: sections[name] for name in SECTIONS if name in sections}
     json_path = args.out / f"bench-{now.strftime('%Y%m%d-%H%M%S')}.json"
     return {

@@ -53,6 +53,8 @@ class Settings:
     cache_max_messages: int
     rss_seconds: float
     rss_clients: int
+    sched_clients: tuple[int, ...]  # closed-loop clients over two models
+    sched_seconds: float  # per way and client count
 
     @classmethod
     def full(cls) -> Settings:
@@ -71,6 +73,8 @@ class Settings:
             cache_max_messages=64,
             rss_seconds=5.0,
             rss_clients=64,
+            sched_clients=(2, 4),
+            sched_seconds=30.0,
         )
 
     @classmethod
@@ -90,6 +94,8 @@ class Settings:
             cache_max_messages=4,
             rss_seconds=1.0,
             rss_clients=4,
+            sched_clients=(2,),
+            sched_seconds=3.0,
         )
 
     def to_json(self) -> dict[str, Any]:

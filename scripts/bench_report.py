@@ -322,6 +322,36 @@ def _rss_md(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _scheduling_md(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for way, levels in r["ways"].items():
+        for clients, m in levels.items():
+            lat = m["latency"]
+            rows.append(
+                [
+                    way,
+                    clients,
+                    _n(m["requests_per_min"], 1),
+                    _n(m["switches_per_min"], 1),
+                    _n(lat["p50_ms"], 0),
+                    _n(lat["p99_ms"], 0),
+                    _n(lat["max_ms"], 0),
+                ]
+            )
+    return [
+        "### Scheduling: closed-loop clients over two models",
+        "",
+        f"Each client loops on its own model (SmolLM2 or Gemma, alternately), {r['seconds']:g} s "
+        "per row; `per_request`: `max_wait_seconds = 0` (a switch for every request for the "
+        "other model, as before the scheduler), `scheduler`: the defaults.",
+        "",
+        *_table(
+            ["way", "clients", "requests/min", "switches/min", "p50 ms", "p99 ms", "max ms"],
+            rows,
+        ),
+    ]
+
+
 SECTIONS_MD: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "proxy": _proxy_md,
     "throughput": _throughput_md,
@@ -330,6 +360,7 @@ SECTIONS_MD: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "history": _history_md,
     "cache": _cache_md,
     "rss": _rss_md,
+    "scheduling": _scheduling_md,
 }
 
 

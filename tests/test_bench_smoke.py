@@ -21,7 +21,7 @@ from hotmodel.control.gpu import detect_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss")
+SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss", "scheduling")
 PATHS = ("child", "router", "hotmodel")
 
 
@@ -96,6 +96,10 @@ def _check_sections(s: dict[str, Any]) -> None:
     assert 0 <= s["cache"]["token_share_cached"] <= 1
     rss = s["rss"]
     _positive(rss["idle_start_mb"], rss["idle_after_load_mb"], rss["peak_under_load_mb"])
+    for way in ("per_request", "scheduler"):
+        sched = s["scheduling"]["ways"][way]["2"]
+        _positive(sched["requests"], sched["requests_per_min"], sched["latency"]["p50_ms"])
+        assert sched["switches"] >= 0
 
 
 def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> None:
