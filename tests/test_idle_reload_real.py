@@ -70,6 +70,13 @@ def test_idle_unload_then_next_request_loads_back(
         history = httpx.get(hp.base_url + "/admin/switches", timeout=5).json()["data"]
         assert history[0]["to"] is None and history[0]["outcome"] == "ok"
         assert history[0]["policy"] == "idle_unload"
+        # parked stays parked: reading every status route loads nothing, not even after
+        # the scheduler's linger has passed
+        for path in ("/metrics", "/health", "/v1/models", "/admin/status", "/admin/switches"):
+            assert httpx.get(hp.base_url + path, timeout=5).status_code == 200
+        time.sleep(1.0)
+        assert router_status(hp)["tiny"] == "unloaded"
+        assert hp.status()["parked_model"] == "tiny" and hp.status()["queues"] == {}
         # the next request loads the parked model back and is answered
         reply = chat(hp)
         assert reply.status_code == 200, reply.text

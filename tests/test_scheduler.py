@@ -125,13 +125,16 @@ class RecordingController:
         self.active: str | None = "a"
         self.asked: list[str] = []
         self.fail: set[str] = set()
+        self.busy: set[str] = set()  # switches to these fail at their drain
         self.reports: list[SwitchReport] = []
 
     async def submit(self, command: Any) -> SwitchReport:
         self.asked.append(command.target)
         report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
         report.phases["load"] = 400.0
-        if command.target in self.fail:
+        if command.target in self.busy:
+            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "drain", "busy"
+        elif command.target in self.fail:
             report.outcome, report.failed_phase, report.error = Outcome.FAILED, "load", "no"
         else:
             report.outcome = Outcome.OK
@@ -229,3 +232,26 @@ def test_the_measured_load_time_is_learnt_and_the_report_says_why_and_what_was_e
     assert report.reason == "batch: 1 waiting for b, oldest 1.0 s"
     assert report.expected_ms == 1000.0  # nothing measured yet: the default
     assert report.to_json()["reason"] == report.reason
+
+
+def test_a_switch_that_cannot_drain_keeps_its_waiters_and_tries_again() -> None:
+    async def scenario() -> list[str]:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock)
+        controller.busy.add("b")
+        waiter = asyncio.create_task(sched.wait_for("b", None, 60))
+        await _settle()
+        clock.now += 1
+        loop = asyncio.create_task(sched.run())
+        await _settle()
+        assert not waiter.done() and sched.status()["b"]["waiting"] == 1
+        controller.busy.clear()  # the long generation ended
+        sched.poke()
+        await _settle()
+        await waiter  # served by the second try
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        return controller.asked
+
+    assert asyncio.run(scenario()) == ["b", "b"]

@@ -45,6 +45,7 @@ log = logging.getLogger("hotmodel.scheduler")
 
 BATCH_BONUS_S = 0.5  # each waiter beyond the first counts as this much more waiting
 DEFAULT_LOAD_S = 1.0  # a model whose load was never measured
+RETRY_AFTER_DRAIN_S = 1.0  # a switch that could not drain is tried again after this
 _HANDOVER_TURNS = 8  # loop turns for released waiters to be admitted before deciding again
 
 
@@ -253,10 +254,13 @@ class Scheduler:
             return
         report.reason, report.expected_ms = reason, expected_ms
         self._learn(target, report)
-        if report.drain_timed_out:  # nothing changed: generations outlived the deadline
-            self._fail(
-                target, SwitchBusyError(f"switching to {target!r} must wait: {report.error}")
-            )
+        if report.drain_timed_out:
+            # nothing changed: generations on the loaded model outlived the drain deadline.
+            # The waiters keep their place (each within its own bound); the next decision
+            # tries again.
+            log.warning("switching to %s must wait: %s", target, report.error)
+            self._changed.clear()  # not at once again: the generations run on meanwhile
+            await self._sleep_until(self._clock() + RETRY_AFTER_DRAIN_S)
         elif report.failed:
             error = SwitchFailedError(
                 f"switching to {target!r} failed at its {report.failed_phase}", report
