@@ -255,3 +255,47 @@ def test_a_switch_that_cannot_drain_keeps_its_waiters_and_tries_again() -> None:
         return controller.asked
 
     assert asyncio.run(scenario()) == ["b", "b"]
+
+
+def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> None:
+    async def scenario() -> None:
+        controller, clock = RecordingController(), Clock()
+        gate = TrafficGate()
+        sched = Scheduler(
+            controller,  # type: ignore[arg-type]
+            gate,
+            lambda: Rules(max_wait=10.0, linger=0.5, min_resident=0.0),
+            lambda: 8,
+            no_preference,
+            clock,
+            slots=lambda: 1,
+        )
+        async with gate.admit(1) as first:
+            first.model = "a"
+            assert sched.admits("a")  # nobody waits for another model: no bound
+            async with gate.admit(1) as second:
+                second.model = "a"
+                assert sched.admits("a")
+                other = asyncio.create_task(sched.wait_for("b", None, 60))
+                await _settle()
+                assert not sched.admits("a")  # b waits: a's slot is taken twice over
+        async with gate.admit(1) as third:
+            third.model = "a"
+            assert sched.admits("a")  # one in flight: within its slot
+        queued = asyncio.create_task(sched.wait_for("a", None, 60))
+        await _settle()
+        async with gate.admit(1) as fourth:
+            fourth.model = "a"
+            assert not sched.admits("a")  # behind a's own waiter
+            loop = asyncio.create_task(sched.run())
+            await _settle()
+            assert not queued.done()  # its slot is still taken
+        sched.poke()
+        await _settle()
+        await queued  # the slot came free: released, in line
+        loop.cancel()
+        other.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+
+    asyncio.run(scenario())

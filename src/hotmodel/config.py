@@ -52,7 +52,7 @@ class ServerConfig:
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_meta(min=1024))
     max_messages: int = field(default=2048, metadata=_meta(min=1))
     # max_tokens for a chat request that sets none (max_tokens, max_completion_tokens,
-    # n_predict): no request holds a model forever (0: llama-server's own default)
+    # n_predict) on a preset with no n-predict of its own: no request holds a model forever
     default_max_tokens: int = field(default=4096, metadata=_meta(min=0))
     # Host names besides the loopback names and ``host`` itself that requests may name in
     # their Host header (DNS rebinding: a page whose name points at 127.0.0.1 is refused)

@@ -34,6 +34,13 @@ class Presets:
     globals: Mapping[str, str]
     models: Mapping[str, Preset]
 
+    def bounds_generation(self, name: str) -> bool:
+        """Whether preset ``name`` (or ``[*]``) sets llama-server's own default answer length
+        (``n-predict``), which then applies to a request that sets none."""
+        preset = self.models.get(name)
+        own = preset.options if preset is not None else {}
+        return any(k in options for options in (own, self.globals) for k in _PREDICT_KEYS)
+
     def render(self) -> str:
         """The INI text handed to llama-server, with every path made absolute.
 
@@ -68,6 +75,9 @@ PATH_KEYS = frozenset(
 _MODEL_KEYS = ("model", "m")
 _REMOTE_KEYS = ("hf-repo", "hf", "hfr", "model-url", "mu", "docker-repo", "dr")
 _TOP_SECTION = "hotmodel:top"
+
+
+_PREDICT_KEYS = ("n-predict", "n_predict", "predict", "n")
 
 
 def resolve_path(base: Path, value: Path) -> Path:

@@ -236,6 +236,7 @@ class Runtime:
             lambda: _rules(self.current_config),
             lambda: self.current_config.switch.max_queue,
             sessions.preferring,
+            slots=lambda: self.current_config.router.parallel,
         )
         engine.watchers.append(scheduler.poke)  # an admin's switch may serve a queue
         await stack.enter_async_context(_task(scheduler.run(), "scheduler"))

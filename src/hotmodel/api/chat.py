@@ -126,9 +126,6 @@ def parse_chat(
     check_messages(payload["messages"], config.server.max_messages)
     check_prompt_length(payload["messages"], largest_context(config.presets, config.router))
     check_fields(payload)
-    bound = config.server.default_max_tokens
-    if bound and all(payload.get(k) is None for k in _LENGTH_FIELDS):
-        payload["max_tokens"] = bound  # no request holds the model forever
     for old, new in _RENAMED.items():
         if old in payload or old in headers:
             raise InvalidRequestError(f"{old!r} was renamed {new!r}", param=old)
@@ -166,6 +163,14 @@ class Answer:
         raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         await send({"type": "http.response.body", "body": self.body})
+
+
+class _SlotsTakenError(Exception):
+    """The loaded model's slots are taken while another model's requests wait."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
 
 
 class ModelParkedError(Exception):
@@ -254,6 +259,7 @@ class ChatCompletions:
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
             record.model = model
+            self._bound_length(chat.payload, model)
             prepared = None
             headers: dict[str, str] = {}
             if chat.session is not None:
@@ -297,6 +303,15 @@ class ChatCompletions:
             if ticket.cancel_code == SHUTTING_DOWN:
                 raise ShuttingDownError(ticket.cancel_reason or "hotmodel is shutting down")
             raise SwitchCancelledError(ticket.cancel_reason or "cancelled by a switch")
+
+    def _bound_length(self, payload: dict[str, Any], model: str) -> None:
+        """No request holds the model forever: one that sets no length gets the preset's
+        ``n-predict`` (llama-server applies it), else ``[server] default_max_tokens``."""
+        bound = self.s.config.server.default_max_tokens
+        if not bound or any(payload.get(k) is not None for k in _LENGTH_FIELDS):
+            return
+        if not self.s.config.presets.bounds_generation(model):
+            payload["max_tokens"] = bound
 
     @contextlib.asynccontextmanager
     async def _own_slot(self, chat: ChatRequest, model: str) -> AsyncIterator[None]:
@@ -353,10 +368,15 @@ class ChatCompletions:
         allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
         s, cfg = self.s, self.s.config.switch
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
+        released = False  # the scheduler let it go: it is admitted, as its batch
         while True:
             async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
                 try:
                     ticket.model = self._resolve(requested)
+                    if not (released or s.scheduler.admits(ticket.model)):
+                        # others wait for another model: it waits for a free slot, in
+                        # line, so a switch for them drains no more than the slots
+                        raise _SlotsTakenError(ticket.model)
                 except ModelNotActiveError:
                     if not cfg.auto:
                         raise
@@ -365,6 +385,8 @@ class ChatCompletions:
                     target = requested
                 except ModelParkedError as parked:
                     target = parked.model  # unloaded for idleness: the request loads it back
+                except _SlotsTakenError as full:
+                    target = full.model
                 else:
                     yield ticket
                     return
@@ -376,6 +398,7 @@ class ChatCompletions:
                 await s.scheduler.wait_for(target, session, left)
             if watch.gone:
                 raise ClientDisconnect()  # it left while it waited: nobody to answer (a 499)
+            released = True
 
     def _may_switch(self, admin: bool, target: str) -> None:
         if self.s.config.keys.enabled and self.s.config.switch.auto_access == "admin" and not admin:

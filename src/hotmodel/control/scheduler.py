@@ -137,6 +137,7 @@ class Scheduler:
         max_queue: Callable[[], int],
         prefer: Callable[[str, SessionRef | None], contextlib.AbstractContextManager[None]],
         clock: Callable[[], float] = time.monotonic,
+        slots: Callable[[], int] = lambda: 1,
     ) -> None:
         self._controller = controller
         self._gate = gate
@@ -144,6 +145,7 @@ class Scheduler:
         self._max_queue = max_queue
         self._prefer = prefer  # the session a switch is for (sessions.preferring)
         self._clock = clock
+        self._slots = slots  # requests one model serves at once ([router] parallel)
         self._waiters: list[_Waiter] = []
         self._changed = asyncio.Event()
         self._resident: tuple[str | None, float] = (None, clock())
@@ -216,20 +218,37 @@ class Scheduler:
             load_s=dict(self.load_s),
         )
 
+    def admits(self, model: str) -> bool:
+        """Whether a new request for ``model``, the loaded one (its ticket counted in
+        flight), goes upstream now. Always, while no other model waits; else only within
+        the model's slots (``[router] parallel``) and behind its own waiters, so that a
+        switch for the others drains at most that many generations."""
+        if not self._waiters:
+            return True
+        if any(w.model == model for w in self._waiters):
+            return False
+        return len(self._gate.inflight({model})) <= self._slots()
+
     async def run(self) -> None:
         """Decide, switch, release; until cancelled (the runtime owns this task)."""
         while True:
-            self._release_active()
             decision = decide(self.view(), self._rules())
             if decision.target is None:
+                self._release_active(limit=True)
                 await self._sleep_until(decision.wake_at)
                 continue
             await self._switch(decision.target, decision.reason)
 
-    def _release_active(self) -> None:
-        """Waiters of a model that is loaded (a switch someone else asked for) go now."""
+    def _release_active(self, limit: bool = False) -> None:
+        """Waiters of the loaded model go: all of them after a switch to it (one switch
+        admits its whole queue), else (``limit``) as many as it has free slots while
+        other models wait, all when none does."""
         active = self._controller.active
-        for w in [w for w in self._waiters if w.model == active]:
+        mine = [w for w in self._waiters if w.model == active]
+        if limit and any(w.model != active for w in self._waiters):
+            busy = len(self._gate.inflight({active})) if active is not None else 0
+            mine = mine[: max(0, self._slots() - busy)]
+        for w in mine:
             self._waiters.remove(w)
             if not w.done.done():
                 w.done.set_result(None)
