@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from bench_common import Settings
 from benchlib import serving, summary
+from prometheus_client.parser import text_string_to_metric_families
 
 MODELS = ("smollm2", "gemma3")
 WAYS = {  # [switch] lines of each way's config
@@ -42,8 +43,18 @@ def _client(base: str, model: str, until: float) -> list[float]:
 
 
 def _switches(base: str) -> int:
-    data = httpx.get(base + "/admin/switches", timeout=30).json()["data"]
-    return sum(1 for r in data if r["outcome"] == "ok" and r["from"] is not None)
+    """Commands that changed the loaded model so far (``/metrics``: the history of
+    ``/admin/switches`` keeps only the last ``[switch] history`` reports)."""
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "hotmodel_switches"
+            for sample in family.samples
+            if sample.name == "hotmodel_switches_total" and sample.labels["outcome"] == "ok"
+        )
+    )
 
 
 def _run(base: str, clients: int, seconds: float) -> dict[str, Any]:
