@@ -319,8 +319,11 @@ def _budgeted(tmp_path: Path, limit: int, prefer: tuple[str, str, str] | None = 
     async def most_recent(last: int | None = None) -> object:
         return SimpleNamespace(owner="", id="s")
 
+    def preferred(model: str) -> tuple[str, str] | None:
+        return (prefer[1], prefer[2]) if prefer is not None and prefer[0] == model else None
+
     found = SimpleNamespace(get=_any_session, most_recent=most_recent)
-    store.sessions = cast(Any, SimpleNamespace(store=found, _prefer=prefer))
+    store.sessions = cast(Any, SimpleNamespace(store=found, preferred=preferred))
     return store
 
 

@@ -329,9 +329,9 @@ class Snapshots:
         the session the switch is for, else the most recently used one."""
         if model is None:
             return None
-        prefer = self.sessions._prefer  # the choice SessionService.replay_prompt makes
-        if prefer is not None and prefer[0] == model:
-            return prefer
+        preferred = self.sessions.preferred(model)  # as SessionService.replay_prompt
+        if preferred is not None:
+            return (model, *preferred)
         session = await self.sessions.store.most_recent(1)  # who, not what: one message
         return None if session is None else (model, session.owner, session.id)
 

@@ -286,12 +286,19 @@ class SessionService:
                     section=f"system_prompts.{name}",
                 )
 
+    def preferred(self, model: str) -> tuple[str, str] | None:
+        """(owner, session id) of the session a running switch to ``model`` is for
+        (:meth:`preferring`); None: the most recently used one."""
+        if self._prefer is not None and self._prefer[0] == model:
+            return self._prefer[1], self._prefer[2]
+        return None
+
     async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
         """The session a switch to ``model`` is for (:meth:`preferring`), else the most
         recently used one, and its bounded context, as ``model`` counts it."""
-        if self._prefer is not None and self._prefer[0] == model:
-            _, owner, session_id = self._prefer
-            session = await self.store.get(owner, session_id, self._window(0))
+        preferred = self.preferred(model)
+        if preferred is not None:
+            session = await self.store.get(*preferred, self._window(0))
         else:
             session = await self.store.most_recent(self._window(0))
         if session is None or not session.messages:
