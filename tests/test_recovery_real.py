@@ -147,34 +147,35 @@ def test_a_crashed_model_child_is_loaded_again(tiny_server: HotmodelProcess) -> 
     assert len(_model_children(router["pid"])) == 1
 
 
-def test_a_request_right_after_the_models_process_is_killed_is_a_503_to_retry(
+def test_a_request_right_after_the_models_process_is_killed_waits_for_the_recovery(
     tiny_server: HotmodelProcess,
 ) -> None:
-    """The request sent at once after the ``kill -9`` finds the model's port closed
-    while the router still counts it loaded (it sees the exit within ~50 ms, and
-    answered a 500 "proxy error" meanwhile: 4 of 5 such requests were 500s). Now: a
-    503 ``model_unavailable`` with ``Retry-After``, naming no address (the server log
-    has it, with the request id); the model is loaded again, the next request 200."""
+    """The request sent at once after the ``kill -9`` finds the model's port closed (it
+    sent nothing): it waits for the recovery the watchdog starts and is sent again, so
+    the client gets its answer (issue 21: a crash does not reach the client). Were the
+    recovery quicker still than the request, a 503 ``model_unavailable`` with
+    ``Retry-After`` naming no address would be the answer."""
     hp = tiny_server
+    answered = 0
     with httpx.Client(timeout=60) as client:
         for _ in range(4):
             assert _post(client, hp).status_code == 200  # its connection is kept alive
             (child,) = _model_children(_router(hp)["pid"])
             child.kill()
             resp = _post(client, hp)
-            if resp.status_code != 200:  # a recovery that was quicker still than this
+            if resp.status_code == 200:
+                answered += 1
+            else:
                 assert resp.status_code == 503 and resp.headers["retry-after"], resp.text
                 error = resp.json()["error"]
                 assert error["code"] in ("model_unavailable", "router_unavailable"), error
                 assert "127.0.0.1" not in error["message"], error
-                request_id = resp.headers["x-request-id"]
-                assert f"request id {request_id}" in error["message"]
-                assert request_id in hp.output()  # the address went there
             deadline = time.monotonic() + 30
             while _post(client, hp).status_code != 200:
                 assert time.monotonic() < deadline, hp.output()
                 time.sleep(0.05)
-    assert "Cannot connect to host 127.0.0.1" in hp.output()
+    assert answered >= 1, hp.output()
+    assert "the request waits for the recovery" in hp.output()
 
 
 def _post(client: httpx.Client, hp: HotmodelProcess) -> httpx.Response:

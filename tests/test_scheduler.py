@@ -14,7 +14,7 @@ import pytest
 from hotmodel.control.report import Outcome, SwitchReport
 from hotmodel.control.scheduler import Decision, Rules, Scheduler, View, Waiting, decide
 from hotmodel.control.traffic import TrafficGate
-from hotmodel.errors import QueueFullError, SwitchBusyError, SwitchFailedError
+from hotmodel.errors import QueueFullError, ShuttingDownError, SwitchBusyError, SwitchFailedError
 
 RULES = Rules(max_wait=10.0, linger=0.5, min_resident=0.0)
 
@@ -125,14 +125,15 @@ class RecordingController:
         self.active: str | None = "a"
         self.asked: list[str] = []
         self.fail: set[str] = set()
-        self.busy: set[str] = set()  # switches to these fail at their drain
+        self.undrained: set[str] = set()  # switches to these fail at their drain
+        self.busy = False  # no command queued or running between switches
         self.reports: list[SwitchReport] = []
 
     async def submit(self, command: Any) -> SwitchReport:
         self.asked.append(command.target)
         report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
         report.phases["load"] = 400.0
-        if command.target in self.busy:
+        if command.target in self.undrained:
             report.outcome, report.failed_phase, report.error = Outcome.FAILED, "drain", "busy"
         elif command.target in self.fail:
             report.outcome, report.failed_phase, report.error = Outcome.FAILED, "load", "no"
@@ -149,10 +150,12 @@ def no_preference(model: str, session: object) -> Iterator[None]:
 
 
 def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:
+    """A scheduler that switches as soon as the loaded model is idle (no linger: the
+    clock here moves only by hand)."""
     return Scheduler(
         controller,  # type: ignore[arg-type]
         TrafficGate(),
-        lambda: RULES,
+        lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
         lambda: max_queue,
         no_preference,
         clock,
@@ -238,17 +241,15 @@ def test_a_switch_that_cannot_drain_keeps_its_waiters_and_tries_again() -> None:
     async def scenario() -> list[str]:
         controller, clock = RecordingController(), Clock()
         sched = scheduler(controller, clock)
-        controller.busy.add("b")
+        controller.undrained.add("b")
         waiter = asyncio.create_task(sched.wait_for("b", None, 60))
         await _settle()
         clock.now += 1
         loop = asyncio.create_task(sched.run())
         await _settle()
         assert not waiter.done() and sched.status()["b"]["waiting"] == 1
-        controller.busy.clear()  # the long generation ended
-        sched.poke()
-        await _settle()
-        await waiter  # served by the second try
+        controller.undrained.clear()  # the long generation ended
+        await waiter  # served by the second try, a second later
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
@@ -299,3 +300,33 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
             await loop
 
     asyncio.run(scenario())
+
+
+def test_waiters_hear_of_a_stop_and_other_models_tickets_do_not_hold_the_loaded_one() -> None:
+    async def scenario() -> BaseException | None:
+        controller, clock = RecordingController(), Clock()
+        sched = Scheduler(
+            controller,  # type: ignore[arg-type]
+            TrafficGate(),
+            lambda: Rules(max_wait=60.0, linger=0.5, min_resident=0.0),
+            lambda: 8,
+            no_preference,
+            clock,
+        )
+        gate = sched._gate
+        async with gate.admit(1) as ticket:  # a request for b: its ticket, briefly
+            pass
+        assert gate.last_served("a") is None  # ... is no activity of the loaded model
+        async with gate.admit(1) as ticket:
+            ticket.model = "a"
+        assert gate.last_served("a") is not None
+        waiter = asyncio.create_task(sched.wait_for("b", None, 60))
+        loop = asyncio.create_task(sched.run())
+        await _settle()
+        loop.cancel()  # hotmodel stops
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
+        return outcome
+
+    assert isinstance(asyncio.run(scenario()), ShuttingDownError)

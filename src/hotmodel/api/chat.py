@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from hotmodel.api.auth import came_with_admin_key, owner_of
@@ -44,6 +46,7 @@ from hotmodel.errors import (
     InvalidRequestError,
     ModelNotActiveError,
     ModelNotFoundError,
+    ModelUnavailableError,
     RouterProtocolError,
     RouterUnavailableError,
     ShuttingDownError,
@@ -86,6 +89,11 @@ _HEADERS = frozenset(
 )
 
 
+log = logging.getLogger("hotmodel.chat")
+
+# How long a request whose connection llama-server refused waits to see a recovery begin
+# (the watchdog confirms a dead model process within 2 s; a dead router at once).
+RECOVERY_NOTICE_S = 3.0
 # What a client may bound its answer with; with none, [server] default_max_tokens applies.
 _LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
 # Two of these in one request could name two different sessions or prompts: refused.
@@ -165,6 +173,14 @@ class Answer:
         await send({"type": "http.response.body", "body": self.body})
 
 
+class _RefusedError(Exception):
+    """llama-server refused the request's connection: nothing was sent upstream."""
+
+    def __init__(self, error: ModelUnavailableError | RouterUnavailableError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _SlotsTakenError(Exception):
     """The loaded model's slots are taken while another model's requests wait."""
 
@@ -235,9 +251,37 @@ class ChatCompletions:
         record.stream = chat.stream
         if chat.session is not None:
             record.session = chat.session.id
-        response = await self._answer(chat, record, receive, send)
+        response = await self._answer_or_retry(chat, record, receive, send)
         if response is not None:  # sent after the ticket and the session lock are returned
             await response(scope, receive, send)
+
+    async def _answer_or_retry(
+        self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send
+    ) -> Response | Answer | None:
+        """:meth:`_answer`; when llama-server refused the connection (the model's process or
+        the router died: nothing was sent) and a recovery begins, the request waits for
+        it (re-admitted through the gate, which the recovery holds) and is sent again once.
+        Without a recovery (none configured), the 503 with ``Retry-After`` stands."""
+        started = False
+
+        async def tracking(message: AsgiMessage) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        original = dict(chat.payload)  # a session's prompt replaces its messages: undo that
+        try:
+            return await self._answer(chat, record, receive, tracking)
+        except _RefusedError as refused:
+            if started or not await self.s.gate.recovery_begins(RECOVERY_NOTICE_S):
+                raise refused.error from refused.error.__cause__  # the address: for the log
+        log.info("llama-server refused the connection; the request waits for the recovery")
+        chat.payload.clear()
+        chat.payload.update(original)
+        try:
+            return await self._answer(chat, record, receive, send)
+        except _RefusedError as again:
+            raise again.error from again.error.__cause__
 
     async def _answer(
         self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send
@@ -277,9 +321,12 @@ class ChatCompletions:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
                 record.upstream_start()
                 with DisconnectWatch(receive, scope) as watch:  # until the answer starts
-                    upstream = await stack.enter_async_context(
-                        self.s.router.chat(body, chat.accept, model)
-                    )
+                    try:
+                        upstream = await stack.enter_async_context(
+                            self.s.router.chat(body, chat.accept, model)
+                        )
+                    except (ModelUnavailableError, RouterUnavailableError) as exc:
+                        raise _RefusedError(exc) from exc  # nothing sent: it may be resent
                 if upstream.status_code >= 400:
                     error = await upstream.read()
                     record.upstream_done(error)
@@ -369,11 +416,15 @@ class ChatCompletions:
         s, cfg = self.s, self.s.config.switch
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
         released = False  # the scheduler let it go: it is admitted, as its batch
+        # a request that names no model takes whichever is loaded: it never waits for a slot
+        # of one model (a switch away would tie it to that model)
+        named = requested not in (None, "", ACTIVE_ALIAS)
         while True:
-            async with s.gate.admit(cfg.queue_timeout_seconds) as ticket:
+            left = max(0.001, deadline - asyncio.get_running_loop().time())
+            async with s.gate.admit(left) as ticket:
                 try:
                     ticket.model = self._resolve(requested)
-                    if not (released or s.scheduler.admits(ticket.model)):
+                    if named and not (released or s.scheduler.admits(ticket.model)):
                         # others wait for another model: it waits for a free slot, in
                         # line, so a switch for them drains no more than the slots
                         raise _SlotsTakenError(ticket.model)

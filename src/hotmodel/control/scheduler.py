@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from hotmodel.control.controller import Controller, Switch
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.traffic import TrafficGate
-from hotmodel.errors import QueueFullError, SwitchBusyError, SwitchFailedError
+from hotmodel.errors import (
+    QueueFullError,
+    ShuttingDownError,
+    SwitchBusyError,
+    SwitchFailedError,
+)
 from hotmodel.sessions.service import SessionRef
 
 log = logging.getLogger("hotmodel.scheduler")
@@ -148,7 +153,8 @@ class Scheduler:
         self._slots = slots  # requests one model serves at once ([router] parallel)
         self._waiters: list[_Waiter] = []
         self._changed = asyncio.Event()
-        self._resident: tuple[str | None, float] = (None, clock())
+        self._resident: tuple[str | None, float] = (controller.active, clock())
+        self._released_for = controller.active  # the model whose whole queue was let go
         self.load_s: dict[str, float] = {}  # measured, per model
         gate.on_change = self._changed.set
 
@@ -212,7 +218,7 @@ class Scheduler:
             now=now,
             active=active,
             busy=busy,
-            last_request=self._gate.last_activity,
+            last_request=self._last_served(active),
             resident_since=self._resident[1],
             queues=queues,
             load_s=dict(self.load_s),
@@ -229,9 +235,30 @@ class Scheduler:
             return False
         return len(self._gate.inflight({model})) <= self._slots()
 
+    def _last_served(self, active: str | None) -> float:
+        """When the loaded model last answered a request (else: since it is loaded)."""
+        served = None if active is None else self._gate.last_served(active)
+        return max(served or 0.0, self._resident[1])
+
     async def run(self) -> None:
-        """Decide, switch, release; until cancelled (the runtime owns this task)."""
+        """Decide, switch, release; until cancelled (the runtime owns this task). Waiters
+        still queued when it ends hear that hotmodel is stopping."""
+        try:
+            await self._loop()
+        finally:
+            self._fail_all(ShuttingDownError("hotmodel is shutting down"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for w in self._waiters:
+            if not w.done.done():
+                w.done.set_exception(exc)
+        self._waiters.clear()
+
+    async def _loop(self) -> None:
         while True:
+            if self._controller.busy:  # a recovery or someone's switch: decide after it
+                await self._sleep_until(None)
+                continue
             decision = decide(self.view(), self._rules())
             if decision.target is None:
                 self._release_active(limit=True)
@@ -241,10 +268,12 @@ class Scheduler:
 
     def _release_active(self, limit: bool = False) -> None:
         """Waiters of the loaded model go: all of them after a switch to it (one switch
-        admits its whole queue), else (``limit``) as many as it has free slots while
-        other models wait, all when none does."""
+        admits its whole queue, whoever asked for it), else (``limit``) as many as it has
+        free slots while other models wait, all when none does."""
         active = self._controller.active
         mine = [w for w in self._waiters if w.model == active]
+        if active != self._released_for:
+            self._released_for, limit = active, False  # a new model: its whole queue
         if limit and any(w.model != active for w in self._waiters):
             busy = len(self._gate.inflight({active})) if active is not None else 0
             mine = mine[: max(0, self._slots() - busy)]
@@ -278,8 +307,7 @@ class Scheduler:
             # The waiters keep their place (each within its own bound); the next decision
             # tries again.
             log.warning("switching to %s must wait: %s", target, report.error)
-            self._changed.clear()  # not at once again: the generations run on meanwhile
-            await self._sleep_until(self._clock() + RETRY_AFTER_DRAIN_S)
+            await asyncio.sleep(RETRY_AFTER_DRAIN_S)  # the generations run on meanwhile
         elif report.failed:
             error = SwitchFailedError(
                 f"switching to {target!r} failed at its {report.failed_phase}", report

@@ -78,11 +78,19 @@ class TrafficGate:
         self._last_activity = time.monotonic()  # a request admitted or completed
         # told when a request is admitted or completes (the scheduler decides again)
         self.on_change: Callable[[], None] | None = None
+        self._served: dict[str, float] = {}  # per model: when a request of it last ended
+        # set while a recovery holds the gate closed (chat: a refused connection waits)
+        self._recovery = asyncio.Event()
 
     @property
     def last_activity(self) -> float:
         """When a request was last admitted or completed (monotonic seconds)."""
         return self._last_activity
+
+    def last_served(self, model: str) -> float | None:
+        """When a request resolved to ``model`` last ended (None: none yet). A request
+        for another model takes a ticket too, briefly: it does not count here."""
+        return self._served.get(model)
 
     def _changed(self) -> None:
         self._last_activity = time.monotonic()
@@ -147,6 +155,8 @@ class TrafficGate:
         """The request is complete (idempotent)."""
         if self._inflight.pop(ticket.id, None) is None:
             return
+        if ticket.model is not None:
+            self._served[ticket.model] = time.monotonic()
         self._changed()
         still_waiting = []
         for done, fut in self._waiters:
@@ -161,17 +171,32 @@ class TrafficGate:
     def close(self, for_recovery: bool = False) -> None:
         self._open = False
         self._recovering = self._recovering or for_recovery
+        if for_recovery:
+            self._recovery.set()
+
+    async def recovery_begins(self, timeout: float) -> bool:
+        """Wait until a recovery closes the gate (True), at most ``timeout`` (False)."""
+        if self._recovering or self._recovery.is_set():
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._recovery.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def begin_recovery(self) -> None:
         """A recovery starts: it holds the gate closed now, and opens it when it ends."""
         self._open = False
         self._recovering = False
+        self._recovery.set()
 
     def open(self) -> None:
         """Let requests in, unless a recovery is pending: a switch that fails because the
         router died must not release requests before the recovery has run."""
         if not self._recovering:
             self._open = True
+            self._recovery.clear()
         held, self._held = self._held, []
         for fut in held:
             if not fut.done():
