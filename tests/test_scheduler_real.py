@@ -94,6 +94,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_is_visible(
             assert full.status_code == 429, full.text
             assert full.json()["error"]["code"] == "queue_full"
             assert int(full.headers["retry-after"]) >= 1
+            assert full.headers["x-ratelimit-limit"] == "2"
+            assert full.headers["x-ratelimit-waiting"] == "2"
             # the loaded model is served at once meanwhile; a request with no bound of its
             # own gets [server] default_max_tokens
             unbounded = httpx.post(

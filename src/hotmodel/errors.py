@@ -236,9 +236,11 @@ class AutoSwitchForbiddenError(RequestError):
 class QueueFullError(HotModelError):
     """``[switch] max_queue`` requests already wait for a model (429, with Retry-After)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, limit: int = 0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # capacity hints, as llama-swap's fair-share scheduler sends them
+        self.headers = {"x-ratelimit-limit": str(limit), "x-ratelimit-waiting": str(limit)}
 
     @classmethod
     def over(cls, limit: int, retry_after: float) -> QueueFullError:
@@ -246,6 +248,7 @@ class QueueFullError(HotModelError):
             f"{limit} requests already wait for a model to be loaded ([switch] max_queue); "
             f"retry in about {retry_after:.0f} s",
             retry_after,
+            limit,
         )
 
 

@@ -46,7 +46,13 @@ _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _ONCE = frozenset({"host", "origin", "content-type", "sec-fetch-site"})
 CORS_HEADERS = ["authorization", "content-type", "x-session-id", "x-system-prompt"]
-CORS_EXPOSED = ["x-request-id", "server-timing", "retry-after"]
+CORS_EXPOSED = [
+    "x-request-id",
+    "server-timing",
+    "retry-after",
+    "x-ratelimit-limit",
+    "x-ratelimit-waiting",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,6 +127,8 @@ def hotmodel_error_response(exc: HotModelError, request_id: str | None = None) -
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float):  # 429 queue_full: when a retry likely succeeds
         response.headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    for name, value in getattr(exc, "headers", {}).items():  # its capacity hints
+        response.headers[name] = value
     return response
 
 
