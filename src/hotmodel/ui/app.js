@@ -105,7 +105,10 @@
       return el("tr", { dataset: { model: name, status: model.status }, class: isActive ? "active" : "" }, [
         el("td", { class: "mono", text: name }),
         el("td", {}, [el("span", { class: `badge ${model.status}`, text: model.status })]),
-        el("td", {}, [isActive ? el("span", { class: "badge active", text: "active" }) : null]),
+        el("td", {}, [
+          isActive ? el("span", { class: "badge active", text: "active" }) : null,
+          queued(name),
+        ]),
         el("td", {}, [el("button", {
           type: "button", text: "Switch", "aria-label": `Switch to ${name}`,
           disabled: isActive || busy(), onclick: () => switchTo(name),
@@ -113,6 +116,16 @@
       ]);
     });
     $("models").tBodies[0].replaceChildren(...rows);
+  }
+
+  // The scheduler's queue for a model (requests waiting for it to be loaded), if any.
+  function queued(name) {
+    const queue = state.status && state.status.queues ? state.status.queues[name] : null;
+    if (!queue) return null;
+    return el("span", {
+      class: "badge loading",
+      text: `${queue.waiting} waiting, oldest ${queue.oldest_wait_s.toFixed(1)} s`,
+    });
   }
 
   function startProgress(id, from, to) {
