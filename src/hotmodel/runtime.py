@@ -265,7 +265,7 @@ class Runtime:
         Without preload the model is parked: the first request loads it."""
         model = self.config.router.default_model
         if not self.config.router.preload:
-            self.services.controller.engine.parked = model
+            self.services.controller.park(model)
             log.info("default model %r is loaded by the first request ([router] preload)", model)
             return
         log.info("loading default model %r", model)

@@ -53,7 +53,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         "state": runtime.state.value,
         "health": health_status(runtime),
         "active_model": s.controller.active,
-        "parked_model": s.controller.engine.parked,  # unloaded for idleness / not preloaded
+        "parked_model": s.controller.parked,  # unloaded for idleness / not preloaded
         "uptime_seconds": round(runtime.uptime(), 3),
         "config": str(s.config.path),
         "presets": list(s.config.presets.models),
@@ -71,7 +71,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
             "restarts": sup.restarts,
             "recoveries": s.watchdog.recoveries,
         },
-        "switch": s.controller.engine.status(),
+        "switch": s.controller.status(),
         "in_flight": len(s.gate.inflight()),
         # per model: requests waiting for it to be loaded, and the oldest one's wait
         "queues": s.scheduler.status(),
@@ -126,7 +126,7 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         return JSONResponse(await reload_config(s))
 
     async def switches(request: Request) -> Response:
-        history = s.controller.engine.history
+        history = s.controller.history
         return JSONResponse({"data": [r.to_json() for r in reversed(history)]})
 
     return [

@@ -461,5 +461,7 @@ class ChatCompletions:
 
     def _resolve(self, requested: object) -> str:
         self.s.supervisor.ensure_running()  # a dead router: say so, with its exit code
-        engine = self.s.controller.engine
-        return resolve_model(requested, engine.active, self.s.config.presets.models, engine.parked)
+        controller = self.s.controller
+        return resolve_model(
+            requested, controller.active, self.s.config.presets.models, controller.parked
+        )

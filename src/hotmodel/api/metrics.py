@@ -117,10 +117,10 @@ class Metrics:
         """Read ``runtime``'s state at each scrape and count its engine's commands."""
         self.state = StateCollector(runtime)
         self.registry.register(self.state)
-        engine = runtime.services.controller.engine
-        for report in engine.history:  # the first load happened before this app existed
+        controller = runtime.services.controller
+        for report in controller.history:  # the first load happened before this app existed
             self._count_report(report, phases=True)
-        engine.watchers.append(self.watch)
+        controller.watch(self.watch)
 
     def _switch_metrics(self, r: CollectorRegistry) -> None:
         self.switches = Counter(

@@ -41,7 +41,7 @@ def health_status(runtime: Runtime) -> str:
     if not s.gate.is_open:
         return "switching"
     if s.controller.active is None:
-        return "idle" if s.controller.engine.parked is not None else "unavailable"
+        return "idle" if s.controller.parked is not None else "unavailable"
     return "ok"
 
 
@@ -70,7 +70,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
             "active_model": s.controller.active,
             "switching": s.controller.busy,
             "switch_state": s.controller.state.value,
-            "parked_model": s.controller.engine.parked,
+            "parked_model": s.controller.parked,
         }
         served = status in ("ok", "idle")
         resp = JSONResponse(body, status_code=200 if served else 503)
@@ -83,7 +83,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
             states = {k: v.state.value for k, v in (await s.router.models()).items()}
         except RouterError:
             states = {}
-        active, parked = s.controller.active, s.controller.engine.parked
+        active, parked = s.controller.active, s.controller.parked
         for name in s.controller.exiting:
             if states.get(name) == "loaded":  # the router says so until its process is gone
                 states[name] = "unloading"
@@ -112,7 +112,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
         """OpenAI's "retrieve model": one preset, or the active one for the alias."""
         name = request.path_params["model_id"]
         if name == ACTIVE_ALIAS:  # as chat reads it: the active model, else the parked one
-            name = s.controller.active or s.controller.engine.parked or ""
+            name = s.controller.active or s.controller.parked or ""
             if not name:
                 raise ModelNotFoundError("no model is active (none is loaded)", "model")
         for model in await model_objects():

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from hotmodel.control.engine import Engine
-from hotmodel.control.report import Listener, SwitchReport, SwitchState
+from hotmodel.control.report import Listener, SwitchReport, SwitchState, Watcher
 from hotmodel.errors import ModelNotFoundError, ShuttingDownError
 
 log = logging.getLogger("hotmodel.control")
@@ -107,6 +108,31 @@ class Controller:
     @property
     def state(self) -> SwitchState:
         return self.engine.state
+
+    @property
+    def parked(self) -> str | None:
+        """The model unloaded for idleness (or not preloaded): the next request loads it."""
+        return self.engine.parked
+
+    @property
+    def history(self) -> Sequence[SwitchReport]:
+        """The last ``[switch] history`` reports, oldest first (read-only)."""
+        return tuple(self.engine.history)
+
+    def status(self) -> dict[str, Any]:
+        """The control loop's state for ``/admin/status``."""
+        return self.engine.status()
+
+    def watch(self, watcher: Watcher) -> None:
+        """``watcher`` sees every command's phases and reports from now on."""
+        self.engine.watchers.append(watcher)
+
+    def park(self, model: str) -> None:
+        """At start without preload: no model is loaded, and ``model`` is parked (the first
+        request loads it). Before any command runs, so nothing races it."""
+        if self._pending or self.engine.active is not None:
+            raise RuntimeError("park() is for the start, before any command")
+        self.engine.parked = model
 
     @property
     def exiting(self) -> frozenset[str]:
