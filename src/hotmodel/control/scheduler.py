@@ -249,10 +249,19 @@ class Scheduler:
             self._fail_all(ShuttingDownError("hotmodel is shutting down"))
 
     def _fail_all(self, exc: BaseException) -> None:
-        for w in self._waiters:
-            if not w.done.done():
+        self._settle(list(self._waiters), exc)
+
+    def _settle(self, waiters: list[_Waiter], exc: BaseException | None = None) -> None:
+        """Take ``waiters`` off the queue: released (``exc`` None), or failed with ``exc``
+        (one that gave up meanwhile is only removed)."""
+        for w in waiters:
+            self._waiters.remove(w)
+            if w.done.done():
+                continue
+            if exc is None:
+                w.done.set_result(None)
+            else:
                 w.done.set_exception(exc)
-        self._waiters.clear()
 
     async def _loop(self) -> None:
         while True:
@@ -277,10 +286,7 @@ class Scheduler:
         if limit and any(w.model != active for w in self._waiters):
             busy = len(self._gate.inflight({active})) if active is not None else 0
             mine = mine[: max(0, self._slots() - busy)]
-        for w in mine:
-            self._waiters.remove(w)
-            if not w.done.done():
-                w.done.set_result(None)
+        self._settle(mine)
 
     async def _sleep_until(self, wake_at: float | None) -> None:
         self._changed.clear()
@@ -326,7 +332,4 @@ class Scheduler:
             self.load_s[target] = new if old is None else 0.75 * old + 0.25 * new  # EWMA
 
     def _fail(self, target: str, exc: BaseException) -> None:
-        for w in [w for w in self._waiters if w.model == target]:
-            self._waiters.remove(w)
-            if not w.done.done():
-                w.done.set_exception(exc)
+        self._settle([w for w in self._waiters if w.model == target], exc)

@@ -82,11 +82,6 @@ class TrafficGate:
         # set while a recovery holds the gate closed (chat: a refused connection waits)
         self._recovery = asyncio.Event()
 
-    @property
-    def last_activity(self) -> float:
-        """When a request was last admitted or completed (monotonic seconds)."""
-        return self._last_activity
-
     def last_served(self, model: str) -> float | None:
         """When a request resolved to ``model`` last ended (None: none yet). A request
         for another model takes a ticket too, briefly: it does not count here."""
