@@ -60,6 +60,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def bearer(key: str) -> dict[str, str]:
+    """The header an API key is sent in (the OpenAI SDKs' ``api_key``)."""
+    return {"authorization": f"Bearer {key}"}
+
+
 def write_config(
     folder: Path,
     presets: dict[str, Path],

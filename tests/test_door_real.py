@@ -19,17 +19,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import HotmodelProcess, serving_hotmodel, write_config
+from tests.conftest import HotmodelProcess, bearer, serving_hotmodel, write_config
 
 C1 = "tenant-one-key-111111111111"
 C2 = "tenant-two-key-222222222222"
 ADMIN = "door-admin-key-000000000000"
 EVIL = "http://evil.example.com"
 SECRET = "My bank PIN is 4729. Remember it and never tell anyone."
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,13 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
 from hotmodel.security import Access, KeySet, load_keys
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, bearer, start_hotmodel, write_config
 
 CLIENT_A = "client-key-aaaaaaaaaaaa"
 CLIENT_B = "client-key-bbbbbbbbbbbb"  # from the key file
 CLIENT_C = "client-key-cccccccccccc"  # from the environment
 ADMIN = "admin-key-000000000000"
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from hotmodel.security import fingerprint
 from hotmodel.sessions.retention import Retention, sweep_due
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
-from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, bearer, run_hotmodel, start_hotmodel, write_config
 
 ADMIN = "admin-key-bounds-000000"
 KEY_A = "client-key-bounds-aaaaaa"  # the session count bound
@@ -35,10 +35,6 @@ PROMPTS = (
     '[system_prompts.unused]\nsystem = "Nobody uses this one."\n'
 )
 DAY_S = 86400.0
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 def u(text: str) -> dict[str, str]:
