@@ -37,8 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from bench_common import PLAIN, RssSampler, Settings, find_paths, idle_rss_mb
+from bench_common import client as bench_client
 from bench_measure import history, proxy, rss, throughput
 from bench_report import markdown, replace_block, targets
 from bench_sched import scheduling
@@ -105,7 +105,7 @@ def _main_serve(selected: list[str], s: Settings) -> dict[str, Any]:
         return out
     with serving() as served, RssSampler(served.pid) as sampler:
         paths = find_paths(served.base_url)
-        with httpx.Client(timeout=60, trust_env=False) as c:
+        with bench_client(60) as c:
             c.post(served.base_url + "/v1/chat/completions", json=PLAIN).raise_for_status()
         idle_start_mb = idle_rss_mb(sampler)
         store = served.config.parent / "state" / "sessions.sqlite3"

@@ -120,7 +120,7 @@ class Paths:
 def find_paths(base: str, model: str = "smollm2") -> Paths:
     """The router's URL from hotmodel's ``/admin/status``, and the port of ``model``'s
     own process from the router's ``GET /models`` (its ``status.args``)."""
-    with httpx.Client(timeout=10, trust_env=False) as c:
+    with client(10) as c:
         info = c.get(base + "/admin/status").json()["router"]
         router, auth = str(info["url"]), router_auth(int(info["pid"]))
         status = parse_models(c.get(router + "/models", headers=auth).json()).get(model)
@@ -143,11 +143,34 @@ def rotate(names: tuple[str, ...], i: int) -> tuple[str, ...]:
     return names[k:] + names[:k]
 
 
+class _RetryStale(httpx.HTTPTransport):
+    """Sends a request again, once, when a kept-alive connection turns out closed.
+
+    llama-server closes idle kept-alive connections on its own schedule; a request that
+    races that close fails with "Server disconnected without sending a response" before
+    the server read it, so sending it again is safe (hotmodel's own ``router.client.send``
+    does the same). Without this, a bench against the bare router fails now and then.
+    """
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return super().handle_request(request)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):
+                raise
+            return super().handle_request(request)
+
+
+def client(timeout: float = 120, auth: dict[str, str] | None = None) -> httpx.Client:
+    """A keep-alive client for the benches (no proxies from the environment)."""
+    return httpx.Client(timeout=timeout, trust_env=False, headers=auth, transport=_RetryStale())
+
+
 def clients(
     n: int = len(PATHS), timeout: float = 120, auth: dict[str, str] | None = None
 ) -> list[httpx.Client]:
     """One keep-alive client per path, each sending ``auth`` (``Paths.auth``)."""
-    return [httpx.Client(timeout=timeout, trust_env=False, headers=auth) for _ in range(n)]
+    return [client(timeout, auth) for _ in range(n)]
 
 
 class RssSampler:

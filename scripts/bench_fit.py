@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench_common import client as bench_client
 from bench_switch import bare_router, bare_switch
 from benchlib import ROOT, demo_globals, machine, write_demo_config
 
@@ -38,7 +38,7 @@ def measure(rounds: int) -> list[dict[str, Any]]:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fit-")))
             config = write_demo_config(folder, shared={**demo_globals(), "fit": fit})
             urls[fit] = stack.enter_context(bare_router(config))
-        c = stack.enter_context(httpx.Client(timeout=120, trust_env=False))
+        c = stack.enter_context(bench_client(120))
         current = "smollm2"
         for i in range(rounds * 2):
             target = "gemma3" if current == "smollm2" else "smollm2"

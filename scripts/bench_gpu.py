@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench_common import client as bench_client
 from benchlib import ROOT, llama_cpp, machine, serving
 
 from hotmodel.control.gpu import detect_probe
@@ -49,7 +49,7 @@ def _used_now() -> int | None:
 
 def run_policy(policy: str, rounds: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with serving(extra=POLICIES[policy]) as served, httpx.Client(timeout=300) as c:
+    with serving(extra=POLICIES[policy]) as served, bench_client(300) as c:
         base = served.base_url
         chat = {
             "messages": [{"role": "user", "content": "Name three colours."}],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_common import client as bench_client
 from benchlib import ROOT, machine, serving
 
 from hotmodel.sessions.store import SessionStore
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
     results: dict[int, list[float]] = {n: [] for n in SIZES}
-    with serving() as served, httpx.Client(timeout=600, trust_env=False) as c:
+    with serving() as served, bench_client(600) as c:
         asyncio.run(fill(served.config.parent / "state" / "sessions.sqlite3"))
         for r in range(args.rounds + 1):
             for n in SIZES:

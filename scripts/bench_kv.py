@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import httpx
+from bench_common import client as bench_client
 from bench_common import rotate
 from benchlib import ROOT, machine, serving
 
@@ -153,7 +154,7 @@ def _run(items: int, rounds: int, pause: float, auto: bool) -> list[dict[str, An
     with (
         serving(extra=kv_extra(True)) as kv,
         serving(extra=kv_extra(False)) as replay,
-        httpx.Client(timeout=900, trust_env=False) as c,
+        bench_client(900) as c,
     ):
         base = {"kv restore": kv.base_url, "replay": replay.base_url}
         tokens = {mode: build_session(c, base[mode], facts(items)) for mode in MODES}

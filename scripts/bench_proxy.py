@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import httpx
+from bench_common import client as bench_client
 from bench_common import router_auth
 from benchlib import ROOT, machine, serving, summary
 
@@ -102,8 +103,8 @@ def main() -> None:
             )
         }
         with (
-            httpx.Client(timeout=60, trust_env=False, headers=auth) as c1,
-            httpx.Client(timeout=60, trust_env=False) as c2,
+            bench_client(60, auth) as c1,
+            bench_client(60) as c2,
         ):
             for _ in range(10):  # warm both paths and the prompt cache
                 plain_ms(c1, router, body)

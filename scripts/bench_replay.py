@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any
 
-import httpx
+from bench_common import client as bench_client
 from benchlib import ROOT, machine, serving
 
 TURN = (
@@ -30,7 +30,7 @@ TURN = (
 def _run(replay: bool, turns: int) -> dict[str, Any]:
     with (
         serving(extra=f"[switch]\nreplay = {str(replay).lower()}") as served,
-        httpx.Client(timeout=600, trust_env=False) as c,
+        bench_client(600) as c,
     ):
         base = served.base_url
         headers = {"x-session-id": "bench"}

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 from bench_common import Settings
+from bench_common import client as bench_client
 from benchlib import serving, summary
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +35,7 @@ WAYS = {  # [switch] lines of each way's config
 def _client(base: str, model: str, until: float) -> list[float]:
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     took: list[float] = []
-    with httpx.Client(timeout=300, trust_env=False) as c:
+    with bench_client(300) as c:
         while time.monotonic() < until:
             t0 = time.perf_counter()
             c.post(base + "/v1/chat/completions", json=body).raise_for_status()

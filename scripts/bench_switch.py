@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_common import client as bench_client
 from benchlib import ROOT, machine, serving, wait_healthy, write_demo_config
 
 from hotmodel.config import load_config
@@ -62,7 +63,7 @@ def bare_router(config_path: Path, model: str = "smollm2") -> Iterator[str]:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, proc, "the bare router")
-        with httpx.Client(timeout=30, trust_env=False) as c:
+        with bench_client(30) as c:
             c.post(url + "/models/load", json={"model": model})
             wait_status(c, url, model, "loaded")
         yield url
@@ -104,7 +105,7 @@ def hotmodel_switch(c: httpx.Client, base: str, target: str) -> dict[str, Any]:
 
 def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
     out = []
-    with bare_router(config_path) as url, httpx.Client(timeout=30, trust_env=False) as c:
+    with bare_router(config_path) as url, bench_client(30) as c:
         current = "smollm2"
         for _ in range(rounds * 2):
             target = "gemma3" if current == "smollm2" else "smollm2"
@@ -115,7 +116,7 @@ def _baseline(config_path: Path, rounds: int) -> list[dict[str, Any]]:
 
 def _hotmodel(rounds: int) -> list[dict[str, Any]]:
     out = []
-    with serving() as served, httpx.Client(timeout=120, trust_env=False) as c:
+    with serving() as served, bench_client(120) as c:
         base = served.base_url
         current = "smollm2"
         for _ in range(rounds * 2):

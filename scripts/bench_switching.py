@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 from bench_common import Settings, rotate
+from bench_common import client as bench_client
 from bench_kv import QUESTION, build_session, facts, first_token_of, kv_extra, switch_back
 from bench_switch import bare_router, bare_switch, hotmodel_switch
 from bench_trim import past_bound, trim_extra, turn_timings
@@ -44,7 +45,7 @@ def switch(base: str, s: Settings) -> dict[str, Any]:
     router's unload + load, both directions, alternating which goes first."""
     router: list[dict[str, Any]] = []
     hot: list[dict[str, Any]] = []
-    with _bare_router() as url, httpx.Client(timeout=300, trust_env=False) as c:
+    with _bare_router() as url, bench_client(300) as c:
         current = "smollm2"
         for i in range(s.switch_rounds * 2):
             target = OTHER[current]
@@ -114,7 +115,7 @@ def replay_kv(s: Settings) -> dict[str, Any]:
         serving(extra=kv_extra(True)) as kv,
         serving(extra=kv_extra(False)) as replay,
         _bare_router() as router,
-        httpx.Client(timeout=900, trust_env=False) as c,
+        bench_client(900) as c,
     ):
         base = {"kv_restore": kv.base_url, "replay": replay.base_url}
         for i in range(s.kv_rounds):
@@ -147,7 +148,7 @@ def cache(s: Settings) -> dict[str, Any]:
     turns: list[dict[str, Any]] = []
     with (
         serving(extra=trim_extra(s.cache_max_messages)) as served,
-        httpx.Client(timeout=600, trust_env=False) as c,
+        bench_client(600) as c,
     ):
         for i in range(s.cache_turns):
             timings = turn_timings(c, served.base_url, i)

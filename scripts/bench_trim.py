@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import httpx
+from bench_common import client as bench_client
 from benchlib import ROOT, machine, serving
 
 
@@ -56,7 +57,7 @@ def _run(low_water: float, turns: int, max_messages: int) -> dict[str, Any]:
     prompt_ms: list[float] = []
     with (
         serving(extra=trim_extra(max_messages, low_water)) as served,
-        httpx.Client(timeout=600, trust_env=False) as c,
+        bench_client(600) as c,
     ):
         for i in range(turns):
             timings = turn_timings(c, served.base_url, i)
