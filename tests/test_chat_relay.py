@@ -23,7 +23,8 @@ from aiohttp import web
 
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.config import load_config
-from hotmodel.control.controller import Controller, Recover
+from hotmodel.control.commands import Recover
+from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
 from hotmodel.control.gpu import NoGpu
@@ -122,13 +123,11 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
             sessions=sessions,
             store=store,
             gpu=NoGpu(),
-            watchdog=Watchdog(config, supervisor, router, controller, gate),
+            watchdog=Watchdog(config, supervisor, router, controller),
             idle=IdleUnloader(lambda: config.router, gate, controller),
             snapshots=None,
             feed=Feed(),
-            scheduler=Scheduler(
-                controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8, sessions.preferring
-            ),
+            scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
         )
     await http.aclose()
     await stack.aclose()

@@ -103,7 +103,8 @@ def test_kill_9_of_the_router_is_recovered_and_requests_wait(tiny_server: Hotmod
     assert_all_gone([p.pid for p in old_children])  # the old model child did not linger
     history = httpx.get(hp.base_url + "/admin/switches").json()["data"]
     recovery = history[0]
-    assert (recovery["policy"], recovery["to"], recovery["outcome"]) == ("recover", "tiny", "ok")
+    seen = (recovery["policy"], recovery["to"], recovery["outcome"])
+    assert seen == ("recover", "tiny", "ok"), history  # the whole history when it fails
     assert recovery["replay"]["session"] == "kept"
     session = httpx.get(hp.base_url + "/v1/sessions/kept").json()
     assert len(session["messages"]) == 2  # nothing complete was lost

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from hotmodel.control.commands import Switch
 from hotmodel.control.report import Outcome, SwitchReport
 from hotmodel.control.scheduler import Decision, Rules, Scheduler, View, Waiting, decide
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import QueueFullError, ShuttingDownError, SwitchBusyError, SwitchFailedError
+from hotmodel.sessions.service import SessionRef
 
 RULES = Rules(max_wait=10.0, linger=0.5, min_resident=0.0)
 
@@ -124,6 +125,7 @@ class RecordingController:
     def __init__(self) -> None:
         self.active: str | None = "a"
         self.asked: list[str] = []
+        self.commands: list[Any] = []
         self.fail: set[str] = set()
         self.undrained: set[str] = set()  # switches to these fail at their drain
         self.busy = False  # no command queued or running between switches
@@ -131,6 +133,7 @@ class RecordingController:
 
     async def submit(self, command: Any) -> SwitchReport:
         self.asked.append(command.target)
+        self.commands.append(command)
         report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
         report.phases["load"] = 400.0
         if command.target in self.undrained:
@@ -144,11 +147,6 @@ class RecordingController:
         return report
 
 
-@contextlib.contextmanager
-def no_preference(model: str, session: object) -> Iterator[None]:
-    yield
-
-
 def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:
     """A scheduler that switches as soon as the loaded model is idle (no linger: the
     clock here moves only by hand)."""
@@ -157,7 +155,6 @@ def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8)
         TrafficGate(),
         lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
         lambda: max_queue,
-        no_preference,
         clock,
     )
 
@@ -190,6 +187,33 @@ def test_one_switch_admits_the_whole_queue_and_a_failed_load_fails_only_its_own(
     assert asked == ["b", "c"]  # three waiters of b, one switch
     assert results[:3] == [None, None, None]
     assert isinstance(results[3], SwitchFailedError)
+
+
+def test_the_switch_command_carries_the_conversation_it_is_for() -> None:
+    """The session to restore or replay travels in the Switch itself: no shared state
+    that a later request could overwrite while the switch runs."""
+
+    async def scenario() -> list[Any]:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock)
+        mine = SessionRef("chat-1", None, owner="k1")
+        waits = [
+            asyncio.create_task(sched.wait_for("b", None, 60)),
+            asyncio.create_task(sched.wait_for("b", mine, 60)),
+            asyncio.create_task(sched.wait_for("b", SessionRef("chat-2", None), 60)),
+        ]
+        await _settle()
+        clock.now += 1
+        loop = asyncio.create_task(sched.run())
+        await asyncio.gather(*waits)
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        return controller.commands
+
+    commands = asyncio.run(scenario())
+    assert commands == [Switch("b")]
+    assert commands[0].session == SessionRef("chat-1", None, owner="k1")  # the oldest's
 
 
 def test_a_waiter_that_leaves_is_dropped_at_once_and_the_queue_is_bounded() -> None:
@@ -267,7 +291,6 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
             gate,
             lambda: Rules(max_wait=10.0, linger=0.5, min_resident=0.0),
             lambda: 8,
-            no_preference,
             clock,
             slots=lambda: 1,
         )
@@ -310,7 +333,6 @@ def test_waiters_hear_of_a_stop_and_other_models_tickets_do_not_hold_the_loaded_
             TrafficGate(),
             lambda: Rules(max_wait=60.0, linger=0.5, min_resident=0.0),
             lambda: 8,
-            no_preference,
             clock,
         )
         gate = sched._gate

@@ -16,8 +16,9 @@ from typing import Any, cast
 import pytest
 
 from hotmodel.config import load_config
-from hotmodel.control import reload, snapshots
+from hotmodel.control import snapshots
 from hotmodel.control.snapshots import Digests, Snapshots, identity
+from hotmodel.sessions.service import SessionRef
 from hotmodel.sessions.slots import SlotLedger, messages_hash
 from tests.conftest import write_config
 
@@ -309,9 +310,9 @@ async def _any_session(owner: str, session_id: str) -> object:
 # --- the budget ([switch] kv_snapshot_max_bytes) ---
 
 
-def _budgeted(tmp_path: Path, limit: int, prefer: tuple[str, str, str] | None = None) -> Snapshots:
+def _budgeted(tmp_path: Path, limit: int) -> Snapshots:
     """Models "a" and "b" under a budget of ``limit`` bytes; every save writes 8 bytes, and
-    session ("", "s") is the most recently used one (``prefer``: the switch is for that)."""
+    session ("", "s") is the most recently used one."""
     store = _store(tmp_path, ("a", "b"), f"kv_snapshot_max_bytes = {limit}")
     store.ensure_folder()
     store.client = cast(Any, _SavingClient(store.dir))
@@ -319,11 +320,8 @@ def _budgeted(tmp_path: Path, limit: int, prefer: tuple[str, str, str] | None = 
     async def most_recent(last: int | None = None) -> object:
         return SimpleNamespace(owner="", id="s")
 
-    def preferred(model: str) -> tuple[str, str] | None:
-        return (prefer[1], prefer[2]) if prefer is not None and prefer[0] == model else None
-
     found = SimpleNamespace(get=_any_session, most_recent=most_recent)
-    store.sessions = cast(Any, SimpleNamespace(store=found, preferred=preferred))
+    store.sessions = cast(Any, SimpleNamespace(store=found))
     return store
 
 
@@ -339,10 +337,13 @@ def _snap(store: Snapshots, model: str, session: str, used: float, size: int = 8
     return path
 
 
-def _save(store: Snapshots, model: str, restoring: str | None) -> dict[str, Any]:
-    """Switch away from ``model``, whose slot holds session s, to ``restoring``."""
+def _save(
+    store: Snapshots, model: str, restoring: str | None, session: SessionRef | None = None
+) -> dict[str, Any]:
+    """Switch away from ``model``, whose slot holds session s, to ``restoring`` (for
+    ``session``'s conversation, else the most recent one)."""
     store.ledger.cover(model, store.ledger.touch(model), "", "s", HELD)
-    info = asyncio.run(store.save(model, restoring))
+    info = asyncio.run(store.save(model, restoring, session))
     assert info is not None
     return info
 
@@ -371,15 +372,15 @@ def test_the_snapshot_restored_next_is_never_evicted_to_make_room(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("prefer", "evicted"),
-    [(None, "t"), (("a", "", "t"), "s")],  # the most recent session; the switch's own
+    [(None, "t"), (SessionRef("t", None), "s")],  # the most recent session; the switch's own
 )
 def test_the_session_restored_next_is_the_one_whose_snapshot_stays(
-    tmp_path: Path, prefer: tuple[str, str, str] | None, evicted: str
+    tmp_path: Path, prefer: SessionRef | None, evicted: str
 ) -> None:
-    store = _budgeted(tmp_path, 16, prefer)
+    store = _budgeted(tmp_path, 16)
     _snap(store, "a", "t", used=1.0)  # the least recently used one
     _snap(store, "a", "s", used=2.0)
-    saved = _save(store, "b", restoring="a")
+    saved = _save(store, "b", restoring="a", session=prefer)
     assert saved["kept"] is True
     assert saved["evicted"] == [{"model": "a", "session": evicted, "bytes": 8}]
     assert ("a", evicted) not in _held(store) and ("b", "s") in _held(store)
@@ -431,16 +432,7 @@ def test_a_reload_applies_a_lowered_budget_at_once(tmp_path: Path) -> None:
         store.config,
         switch=dataclasses.replace(store.config.switch, kv_snapshot_max_bytes=8),
     )
-    engine = SimpleNamespace(config=None, drain_timeout=None)
-    services = SimpleNamespace(
-        config=None,
-        sessions=SimpleNamespace(config=None),
-        watchdog=SimpleNamespace(config=None),
-        snapshots=store,
-        controller=SimpleNamespace(engine=engine, presets=None),
-        supervisor=SimpleNamespace(use_presets=lambda presets: None),
-    )
-    reload._apply(cast(Any, services), config)
+    store.configure(config)  # what the reload's Reconfigure command does to the snapshots
     assert store.config is config and _held(store) == [("b", "s")]
 
 

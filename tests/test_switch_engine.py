@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import pytest
 
-from hotmodel.config import SwitchConfig
-from hotmodel.control.controller import Controller, Recover, Snapshot, Switch, Unload
+from hotmodel.config import Config, SwitchConfig, load_config
+from hotmodel.control.commands import Recover, Snapshot, Switch, Unload
+from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
 from hotmodel.control.gpu import GpuDevice, GpuSnapshot
 from hotmodel.control.plan import Step, beside_load, plan
@@ -31,6 +33,9 @@ from hotmodel.errors import (
     ShuttingDownError,
     SwitchBusyError,
 )
+from hotmodel.presets import Presets
+from hotmodel.sessions.service import SessionRef
+from tests.conftest import write_config
 
 _T = TypeVar("_T")
 
@@ -300,29 +305,68 @@ def test_a_failed_load_after_a_background_exit_rolls_back_after_that_exit() -> N
     assert router.calls == ["unload a (background)", "load b", "unload b", "exited a", "load a"]
 
 
-def test_a_reload_that_fails_is_taken_back_within_its_own_command() -> None:
+def test_a_reload_that_fails_is_taken_back_within_its_own_command(tmp_path: Path) -> None:
     """Found by a hostile pass: the switch back ran as a command of its own, after a
     switch queued meanwhile (undoing it), and the requests held by the failed switch
-    were let in with no model (503) before it."""
+    were let in with no model (503) before it. The engine's settings change only in
+    the loop: the reload's while it runs, the previous ones for the switch back."""
     router = FakeRouter("a", broken=frozenset({"a"}))  # a's new preset does not load
     engine = _engine(router)
-    held: list[bool] = []
+    old = load_config(write_config(tmp_path / "old", {"a": tmp_path / "a.gguf"}, "a"))
+    new = load_config(
+        write_config(
+            tmp_path / "new",
+            {"a": tmp_path / "a.gguf", "b": tmp_path / "b.gguf"},
+            "a",
+            extra="unload_timeout_seconds = 77",
+        )
+    )
+    seen: list[tuple[bool, float]] = []
 
     def revert() -> None:
-        held.append(not engine.gate.is_open)
+        seen.append((engine.gate.is_open, engine.config.unload_timeout_seconds))
         router.broken.clear()  # the previous preset loads
 
-    async def scenario(c: Controller) -> tuple[SwitchReport, SwitchReport]:
-        first = c.post(Switch("a", reload=True, revert=revert))
+    async def scenario(c: Controller) -> tuple[SwitchReport | None, SwitchReport]:
+        first = asyncio.create_task(c.reconfigure(new, old, "a", revert))
+        await asyncio.sleep(0)
+        assert c.presets == {"a", "b"}  # a command posted from now on may name b
         queued = c.post(Switch("b"))  # given while the reload ran
         return await first, await queued
 
     report, later = run(scenario, engine)
-    assert report.failed and held == [True]  # the gate stayed closed for the revert
+    assert report is not None and report.failed
+    # the gate stayed closed for the revert, and the previous settings were back
+    assert seen == [(False, old.switch.unload_timeout_seconds)]
     assert report.reverted is not None and report.reverted.outcome is Outcome.OK
     assert later.outcome is Outcome.OK and engine.active == "b"  # the queued one ran last
     assert router.calls[-3:] == ["load a", "unload a", "load b"]
     assert engine.gate.is_open
+
+
+def test_a_reload_changes_the_engine_between_two_runs_never_during_one(tmp_path: Path) -> None:
+    router = FakeRouter("a")
+    router.load_gate = asyncio.Event()
+    engine = _engine(router)
+    old = load_config(write_config(tmp_path / "old", {"a": tmp_path / "a.gguf"}, "a"))
+    extra = "unload_timeout_seconds = 77"
+    new = load_config(write_config(tmp_path / "new", {"a": tmp_path / "a.gguf"}, "a", extra=extra))
+
+    async def scenario(c: Controller) -> tuple[float, float, SwitchReport | None]:
+        switching = c.post(Switch("b"))
+        await router.load_started.wait()
+        reloading = asyncio.create_task(c.reconfigure(new, old))
+        await asyncio.sleep(0.01)
+        during = engine.config.unload_timeout_seconds  # the running switch keeps its own
+        assert router.load_gate is not None
+        router.load_gate.set()
+        await switching
+        answer = await reloading
+        return during, engine.config.unload_timeout_seconds, answer
+
+    during, after, answer = run(scenario, engine)
+    assert during != 77 and after == 77
+    assert answer is None  # nothing was loaded again
 
 
 def test_failed_load_rolls_back_to_the_previous_model() -> None:
@@ -468,7 +512,7 @@ def test_requests_wait_at_the_gate_and_are_admitted_at_activation() -> None:
         replaying = asyncio.Event()
         release_replay = asyncio.Event()
 
-        async def slow_replay(model: str) -> dict[str, Any]:
+        async def slow_replay(model: str, session: SessionRef | None) -> dict[str, Any]:
             replaying.set()
             await release_replay.wait()
             return {"prompt_tokens": 1}
@@ -637,7 +681,7 @@ def test_first_load_is_a_command_without_replay() -> None:
     engine = _engine(router, active=None)
     seen: list[str] = []
 
-    async def replay(model: str) -> dict[str, Any]:
+    async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         seen.append(model)
         return {}
 
@@ -652,7 +696,7 @@ def test_replay_hook_runs_after_the_load() -> None:
     engine = _engine(router)
     seen: list[tuple[str, list[str], str | None]] = []
 
-    async def replay(model: str) -> dict[str, Any]:
+    async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         seen.append((model, list(router.calls), engine.active))
         return {"prompt_n": 42}
 
@@ -740,7 +784,9 @@ class FakeKv:
         self.save_gate: asyncio.Event | None = None
         self.info: dict[str, Any] = {}
 
-    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
+    async def save(
+        self, model: str, restoring: str | None = None, session: SessionRef | None = None
+    ) -> dict[str, Any] | None:
         self.calls.append(f"save {model}")
         if self.save_gate is not None:
             await self.save_gate.wait()
@@ -749,8 +795,8 @@ class FakeKv:
         self.calls.append(f"saved {model}")
         return {"session": "s", "tokens": 100, "bytes": 1000, "ms": 1.0}
 
-    async def restore(self, model: str) -> dict[str, Any] | None:
-        self.calls.append(f"restore {model}")
+    async def restore(self, model: str, session: SessionRef | None = None) -> dict[str, Any] | None:
+        self.calls.append(f"restore {model}" + ("" if session is None else f" for {session.id}"))
         self.info = {"restored": True, "session": "s", "tokens": self.restored_tokens}
         self.info["took"] = None
         return self.info
@@ -766,6 +812,9 @@ class FakeKv:
 
     def ensure_folder(self) -> None:
         self.calls.append("folder")
+
+    def configure(self, config: Config) -> None:
+        self.calls.append("configure")
 
 
 def test_plans_with_kv_snapshots() -> None:
@@ -790,7 +839,7 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
     engine.kv = kv
     replayed: list[str] = []
 
-    async def replay(model: str) -> dict[str, Any]:
+    async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         replayed.append(model)
         return {"prompt_tokens": 3, "cache_tokens": 100}
 
@@ -813,7 +862,7 @@ def test_overlap_replays_a_restored_model_before_it_serves_and_that_proves_it() 
     engine.kv = kv
     order: list[str] = []
 
-    async def replay(model: str) -> dict[str, Any]:
+    async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         order.append(f"replay {model} (active {engine.active})")
         return {"session": "s", "prompt_tokens": 3, "cache_tokens": 100}
 
@@ -828,7 +877,7 @@ def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None
     engine = _engine(FakeRouter("a"), policy="overlap")
     engine.kv = kv
 
-    async def replay(model: str) -> dict[str, Any]:
+    async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         return {"session": "s", "prompt_tokens": 520, "cache_tokens": 0}  # none from the cache
 
     engine.replay = replay
@@ -1005,6 +1054,9 @@ class FakeProcess:
         self.restarts += 1
         self.running = True
         self.stale = False
+
+    def use_presets(self, presets: Presets) -> None:
+        self.stale = True
 
 
 def test_a_crash_during_a_recovery_gets_a_recovery_of_its_own() -> None:

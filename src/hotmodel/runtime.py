@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 
 from hotmodel.config import Config
-from hotmodel.control.controller import Controller, Snapshot, Switch
+from hotmodel.control.commands import Snapshot, Switch
+from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
 from hotmodel.control.fit import preset_need_mib
@@ -217,15 +218,15 @@ class Runtime:
             exit_in_background=cpu_only,
         )
         feed = Feed()  # every phase, report and model event, for the dashboard
-        engine.watchers.append(feed.watch)
-        events.listeners.append(feed.model_event)
         controller = Controller(engine, cfg.presets.models)
-        events.listeners.append(_progress_to(engine))
+        controller.watch(feed.watch)
+        events.listeners.append(feed.model_event)
+        events.listeners.append(_progress_to(controller))
         await stack.enter_async_context(_task(controller.run(), "control-loop"))
         stack.callback(controller.close)  # on the way out: first refuse new commands
         if snapshots is not None:  # ... but before that, keep the conversation's KV
             stack.push_async_callback(self._save_on_close, controller)
-        watchdog = Watchdog(cfg, supervisor, router, controller, gate)
+        watchdog = Watchdog(cfg, supervisor, router, controller)
         supervisor.on_exit, events.on_event = watchdog.router_exited, watchdog.model_event
         await stack.enter_async_context(_task(watchdog.run(), "watchdog"))
         idle = IdleUnloader(lambda: self.current_config.router, gate, controller)
@@ -235,10 +236,9 @@ class Runtime:
             gate,
             lambda: _rules(self.current_config),
             lambda: self.current_config.switch.max_queue,
-            sessions.preferring,
             slots=lambda: self.current_config.router.parallel,
         )
-        engine.watchers.append(scheduler.poke)  # an admin's switch may serve a queue
+        controller.watch(scheduler.poke)  # an admin's switch may serve a queue
         await stack.enter_async_context(_task(scheduler.run(), "scheduler"))
         await sessions.warn_missing_prompts()  # a stored session's prompt gone from the config
         retention = Retention(lambda: self.current_config.session, sessions, snapshots)
@@ -343,12 +343,12 @@ async def _task(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asy
             await task
 
 
-def _progress_to(engine: Engine) -> Callable[[ModelEvent], None]:
-    """The router's load progress, as progress events of the engine's LOAD step."""
+def _progress_to(controller: Controller) -> Callable[[ModelEvent], None]:
+    """The router's load progress, as progress events of the running LOAD step."""
 
     def listener(event: ModelEvent) -> None:
         if event.progress is not None:
-            engine.load_progress(event.model, event.progress, event.stage)
+            controller.load_progress(event.model, event.progress, event.stage)
 
     return listener
 

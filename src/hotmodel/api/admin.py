@@ -24,7 +24,7 @@ from hotmodel import __version__, sse
 from hotmodel.api.chat import ACTIVE_ALIAS, parse_body
 from hotmodel.api.status import health_status
 from hotmodel.api.validate import read_body
-from hotmodel.control.controller import Switch
+from hotmodel.control.commands import Switch
 from hotmodel.control.reload import reload_config
 from hotmodel.control.report import SwitchEvent, SwitchReport
 from hotmodel.errors import HotModelError, InvalidRequestError

@@ -10,10 +10,12 @@ so commands always take effect in the order they were given. The command runs
 in the loop's task, so a caller that goes away (a client disconnect) cannot
 stop it half-way.
 
-Commands today: :class:`Switch` (also the first load of the default model at
-start, and the rollback inside it), :class:`Unload` and :class:`Recover`
-(after the router or the model's child died). A config reload applies its
-live settings at once and changes the model set only through these commands.
+The commands are in ``commands.py``: :class:`Switch` (also the first load of the
+default model at start), :class:`Unload`, :class:`Recover` (after the router or
+the model's child died), :class:`Snapshot` (at stop) and :class:`Reconfigure` (a
+config reload: what the engine reads changes between two runs, never during one).
+Everything else reads the loop's state through the controller's read-only
+properties; the watchdog asks for a recovery through :meth:`Controller.recover`.
 """
 
 from __future__ import annotations
@@ -22,53 +24,23 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from hotmodel.config import Config
+from hotmodel.control.commands import (
+    Command,
+    EngineCommand,
+    Reconfigure,
+    Recover,
+    Snapshot,
+    Switch,
+    Unload,
+)
 from hotmodel.control.engine import Engine
 from hotmodel.control.report import Listener, SwitchReport, SwitchState, Watcher
-from hotmodel.errors import ModelNotFoundError, ShuttingDownError
+from hotmodel.errors import HotModelError, ModelNotFoundError, ShuttingDownError
 
 log = logging.getLogger("hotmodel.control")
-
-
-@dataclass(frozen=True, slots=True)
-class Switch:
-    """Make ``target`` the active model. ``replay=False`` skips the session prefill
-    (the first load at start, where no conversation is waiting)."""
-
-    target: str
-    replay: bool = True
-    reload: bool = False  # load it again even if active (a reload changed its preset)
-    # a reload's: put the previous configuration back if the switch fails; the switch
-    # back then runs in the same command (nothing queued meanwhile runs in between)
-    revert: Callable[[], None] | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Unload:
-    """Unload the active model: afterwards no model is loaded. ``idle_after``: an idle
-    unload, done only if no request came for that many seconds; the model is parked
-    and the next request loads it back."""
-
-    idle_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Recover:
-    """The router or the model's child died: restart the router if it is down, then load
-    ``target`` again and replay the most recent session (None: no model was loaded, so
-    only the router comes back)."""
-
-    target: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Keep the active model's KV snapshot, change nothing (at stop, so that the next
-    start finds the conversation in the cache)."""
-
-
-Command = Switch | Unload | Recover | Snapshot
 
 
 def _outcome(command: Command) -> tuple[str, ...]:
@@ -79,13 +51,15 @@ def _outcome(command: Command) -> tuple[str, ...]:
         return ("recover",)
     if isinstance(command, Snapshot):
         return ("snapshot",)
+    if isinstance(command, Reconfigure):
+        return ("reconfigure", str(id(command)))  # each reload is its own
     return ("unload",) if isinstance(command, Unload) and command.idle_after is None else ("idle",)
 
 
 @dataclass
 class _Job:
     command: Command
-    future: asyncio.Future[SwitchReport]
+    future: asyncio.Future[SwitchReport | None]  # None: a Reconfigure that loaded nothing
     listeners: list[Listener] = field(default_factory=list)
     started: bool = False
 
@@ -123,9 +97,35 @@ class Controller:
         """The control loop's state for ``/admin/status``."""
         return self.engine.status()
 
+    @property
+    def loading(self) -> str | None:
+        """The model the running command brings in (None: none runs, or it loads none)."""
+        current = self.engine.current
+        return None if current is None else current.to_model
+
     def watch(self, watcher: Watcher) -> None:
         """``watcher`` sees every command's phases and reports from now on."""
         self.engine.watchers.append(watcher)
+
+    def load_progress(self, model: str, value: float, stage: str | None) -> None:
+        """The router's load progress of ``model`` (its event feed), for the LOAD step."""
+        self.engine.load_progress(model, value, stage)
+
+    def recover(self) -> str | None:
+        """The router or the active model's process died: hold new requests at once (they
+        wait for the recovery instead of failing) and queue a :class:`Recover` of the
+        model that was active, or that the running command was bringing in; that model
+        (None: only the router comes back). Raises :class:`ShuttingDownError` at stop."""
+        target = self.active or self.loading
+        gate = self.engine.gate
+        gate.close(for_recovery=True)
+        try:
+            self.post(Recover(target))
+        except HotModelError:
+            gate.begin_recovery()  # nothing will recover: let the held requests go
+            gate.open()
+            raise
+        return target
 
     def park(self, model: str) -> None:
         """At start without preload: no model is loaded, and ``model`` is parked (the first
@@ -149,16 +149,44 @@ class Controller:
         if target not in self.presets:
             raise ModelNotFoundError.not_a_preset(target, sorted(self.presets))
 
-    async def submit(self, command: Command, listener: Listener | None = None) -> SwitchReport:
+    async def submit(
+        self, command: EngineCommand, listener: Listener | None = None
+    ) -> SwitchReport:
         """Queue ``command`` (or join the same outcome's) and await its report.
 
         Cancelling the caller does not cancel the command: it belongs to the loop.
         """
         return await asyncio.shield(self.post(command, listener))
 
+    async def reconfigure(
+        self,
+        config: Config,
+        previous: Config,
+        reload: str | None = None,
+        revert: Callable[[], None] | None = None,
+    ) -> SwitchReport | None:
+        """A config reload (see :class:`Reconfigure`); the report of the load again of
+        ``reload``, if asked. Commands posted from now on are checked against the new
+        presets (they run after it)."""
+        command = Reconfigure(config, previous, reload, revert)
+        names = self.presets
+        self.presets = frozenset(config.presets.models)
+        try:
+            return await asyncio.shield(self._post(command))
+        except ShuttingDownError:
+            self.presets = names
+            raise
+
     def post(
-        self, command: Command, listener: Listener | None = None
+        self, command: EngineCommand, listener: Listener | None = None
     ) -> asyncio.Future[SwitchReport]:
+        """Queue ``command`` without waiting for it (see :meth:`_post`); every engine
+        command ends with a report."""
+        return cast("asyncio.Future[SwitchReport]", self._post(command, listener))
+
+    def _post(
+        self, command: Command, listener: Listener | None = None
+    ) -> asyncio.Future[SwitchReport | None]:
         """Queue ``command`` without waiting for it.
 
         It joins the newest job instead when that has the same outcome: nothing is
@@ -199,14 +227,10 @@ class Controller:
         job.started = True
         command = job.command
         try:
-            if isinstance(command, Switch):
-                report = await self._switch(command, job.listeners)
-            elif isinstance(command, Recover):
-                report = await self.engine.run(command.target, job.listeners, recover=True)
-            elif isinstance(command, Snapshot):
-                report = await self.engine.run(self.engine.active, job.listeners, save_only=True)
+            if isinstance(command, Reconfigure):
+                report = await self._reconfigure(command, job.listeners)
             else:
-                report = await self.engine.run(None, job.listeners, idle_after=command.idle_after)
+                report = await self.engine.run(command, job.listeners)
         except asyncio.CancelledError:
             job.future.set_exception(ShuttingDownError("hotmodel stopped during the switch"))
             raise
@@ -216,17 +240,25 @@ class Controller:
         else:
             job.future.set_result(report)
 
-    async def _switch(self, command: Switch, listeners: list[Listener]) -> SwitchReport:
-        target, replay = command.target, command.replay
-        # with a revert to run, requests held by a failed switch wait for it too
-        hold = command.revert is not None
-        report = await self.engine.run(target, listeners, replay, reload=command.reload, hold=hold)
-        if command.revert is None or not report.failed:
+    async def _reconfigure(
+        self, command: Reconfigure, listeners: list[Listener]
+    ) -> SwitchReport | None:
+        self.engine.configure(command.config)
+        if command.reload is None or command.reload != self.engine.active:
+            return None  # (a switch since the reload read it: the next load reads the preset)
+        again = Switch(command.reload, reload=True)
+        # if it fails, requests held by it wait for the switch back too
+        report = await self.engine.run(again, listeners, hold=True)
+        if not report.failed:
             return report
         try:
-            command.revert()  # the configuration that worked is in force again
+            previous = command.previous  # the configuration that worked is in force again
+            self.engine.configure(previous)
+            self.presets = frozenset(previous.presets.models)
+            if command.revert is not None:
+                command.revert()
             if not report.changed_nothing:
-                report.reverted = await self.engine.run(target, listeners, replay, reload=True)
+                report.reverted = await self.engine.run(again, listeners)
         finally:
             self.engine.gate.open()  # held or not, requests are let go now
         return report

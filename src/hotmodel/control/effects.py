@@ -22,6 +22,7 @@ from hotmodel.control.report import SwitchReport
 from hotmodel.control.run import SKIPPED, Detail, Run, Skipped, StepFailedError, summary
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
+from hotmodel.sessions.service import SessionRef
 
 
 class StepEffects:
@@ -48,9 +49,9 @@ class StepEffects:
         done = "saved" if step is Step.SAVE else "restored"  # the info's did-it field
         try:
             if step is Step.SAVE:
-                info = await self.kv.save(model, run.target)  # run.target's is kept
+                info = await self.kv.save(model, run.target, run.session)  # run.target's is kept
             else:
-                info = await self.kv.restore(model)
+                info = await self.kv.restore(model, run.session)
         except Exception as exc:
             run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
             run.report.snapshot[step.value] = {done: False, "reason": f"failed: {exc}"}
@@ -166,11 +167,13 @@ class StepEffects:
         report.gpu.after_load = await self._snapshot()
         return loaded, None if loaded else f"{target!r} was loaded already"
 
-    async def _replay(self, report: SwitchReport, target: str) -> Detail:
+    async def _replay(
+        self, report: SwitchReport, target: str, session: SessionRef | None
+    ) -> Detail:
         if self.replay is None or not self.config.replay:
             return SKIPPED
         try:
-            report.replay = await self.replay(target)
+            report.replay = await self.replay(target, session)
         except HotModelError as exc:  # a failed prefill costs speed, not correctness
             report.warnings.append(f"replay failed: {exc}")
             return f"replay failed: {exc}"

@@ -25,7 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from hotmodel.config import SwitchConfig
+from hotmodel.config import Config, SwitchConfig
+from hotmodel.control.commands import EngineCommand, Recover, Snapshot, Switch, Unload
 from hotmodel.control.effects import StepEffects
 from hotmodel.control.fit import choose_policy, free_mib
 from hotmodel.control.gpu import GpuProbe, NoGpu
@@ -106,93 +107,119 @@ class Engine(StepEffects):
         self._ids = itertools.count(1)
 
     async def run(
-        self,
-        target: str | None,
-        listeners: list[Listener],
-        replay: bool = True,
-        recover: bool = False,
-        save_only: bool = False,
-        idle_after: float | None = None,
-        reload: bool = False,
-        hold: bool = False,
+        self, command: EngineCommand, listeners: list[Listener], hold: bool = False
     ) -> SwitchReport:
-        """Take the router to ``target`` (None: no model); the report says how it went.
+        """Carry out ``command``; the report says how it went.
 
-        ``recover``: the router or the model's child died, so nothing is resident;
-        restart the router if needed and load ``target`` (no drain, no rollback).
-        ``save_only``: keep the active model's KV snapshot, change nothing (at stop).
-        ``idle_after``: an idle unload, done only if no request came for that long; the
-        model is then parked (the next request loads it back).
-        ``reload``: load ``target`` again even if it is active (its preset changed).
-        ``hold``: if this run fails after it changed something, the gate stays closed
-        (the caller runs another at once: requests wait for that one).
+        :class:`Recover` (also any command but a :class:`Snapshot` while the router is
+        down): nothing is resident; restart the router if needed and load the target (no
+        drain, no rollback). :class:`Snapshot`: keep the active model's KV snapshot,
+        change nothing. :class:`Unload` with ``idle_after``: done only if no request came
+        for that long; the model is then parked. ``hold``: if this run fails after it
+        changed something, the gate stays closed (the caller runs another at once:
+        requests wait for that one).
         """
         await self.router.exited()  # each command starts with no process on its way out
-        if self.process is not None and not self.process.running and not save_only:
-            recover = True  # the router is down: whatever was asked, it starts from nothing
+        snapshot = isinstance(command, Snapshot)
+        down = self.process is not None and not self.process.running and not snapshot
+        recover = isinstance(command, Recover) or down
+        idle_after = command.idle_after if isinstance(command, Unload) else None
+        target = _target(command, self.active)
         report = SwitchReport(
             id=next(self._ids),
             from_model=self.active,
             to_model=target,
-            policy=policy_label(self.config.policy, recover, save_only, idle_after),
+            policy=policy_label(self.config.policy, recover, snapshot, idle_after),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.current = report
         t0 = time.monotonic()
         try:
-            if recover:
-                self.state = SwitchState.RECOVERING
-                self.gate.begin_recovery()  # requests wait for it, bounded like a switch
-                self.active = None
-                steps = plan_recovery(kv=self.kv is not None)
-                if target is None:  # nothing was loaded: only the router comes back
-                    steps = (Step.RESTART,)
-                await self._execute(Run(report, listeners, None, target, replay), steps)
-            elif save_only:
-                run = Run(report, listeners, self.active, self.active, replay=False)
-                await self._execute(run, (Step.SAVE,) if self.kv and self.active else ())
-            elif idle_after is not None and (
-                self.active is None or self.gate.idle_for() < idle_after
-            ):
-                report.outcome = Outcome.SKIPPED  # a request came meanwhile
-            elif target == self.active and not reload:
-                report.outcome = Outcome.ALREADY_ACTIVE
-            else:
-                restart = self.process is not None and self.process.stale
-                policy = await self._policy(report, target, restart)
-                steps = plan(policy, self.active, target, self.kv is not None, restart)
-                parking = self.active if idle_after is not None else None
-                run = Run(report, listeners, self.active, target, replay, policy=policy)
-                await self._execute(run, steps)
-                if parking is not None and not report.failed and self.active is None:
-                    self.parked = parking
+            await self._dispatch(command, report, listeners, recover)
         finally:
             if not (hold and report.failed and not report.changed_nothing):
                 self.gate.open()
-            report.active_after = self.active
-            report.total_ms = ms_since(t0)
-            self.state = SwitchState.IDLE if self.active is not None else SwitchState.FAILED
-            if target is None and not report.failed:
-                self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
-            self.current = None
-            if report.outcome not in (Outcome.ALREADY_ACTIVE, Outcome.SKIPPED):
-                # a no-op must not push real switches out of the bounded history
-                self.history.append(report)
-            for watcher in list(self.watchers):
-                with contextlib.suppress(Exception):  # an observer must not break the loop
-                    watcher(report)
-            log.info(
-                "%s %s %s -> %s: %s in %.0f ms%s",
-                # the stop's snapshot save is not a switch ("smollm2 -> smollm2" read as one)
-                report.policy if report.policy in ("snapshot", "recover") else "switch",
-                report.id,
-                report.from_model,
-                target,
-                report.outcome.value,
-                report.total_ms,
-                f" ({report.error})" if report.error else "",
-            )
+            self._finish(report, target, t0)
         return report
+
+    async def _dispatch(
+        self,
+        command: EngineCommand,
+        report: SwitchReport,
+        listeners: list[Listener],
+        recover: bool,
+    ) -> None:
+        target, session = report.to_model, None
+        replay = True
+        if isinstance(command, Switch):
+            replay, session = command.replay, command.session
+        if recover:
+            self.state = SwitchState.RECOVERING
+            self.gate.begin_recovery()  # requests wait for it, bounded like a switch
+            self.active = None
+            steps = plan_recovery(kv=self.kv is not None)
+            if target is None:  # nothing was loaded: only the router comes back
+                steps = (Step.RESTART,)
+            await self._execute(Run(report, listeners, None, target, replay), steps)
+        elif isinstance(command, Snapshot):
+            run = Run(report, listeners, self.active, self.active, replay=False)
+            await self._execute(run, (Step.SAVE,) if self.kv and self.active else ())
+        elif (
+            isinstance(command, Unload)
+            and command.idle_after is not None
+            and (self.active is None or self.gate.idle_for() < command.idle_after)
+        ):
+            report.outcome = Outcome.SKIPPED  # a request came meanwhile
+        elif target == self.active and not (isinstance(command, Switch) and command.reload):
+            report.outcome = Outcome.ALREADY_ACTIVE
+        else:
+            restart = self.process is not None and self.process.stale
+            policy = await self._policy(report, target, restart)
+            steps = plan(policy, self.active, target, self.kv is not None, restart)
+            idle = isinstance(command, Unload) and command.idle_after is not None
+            parking = self.active if idle else None
+            run = Run(
+                report, listeners, self.active, target, replay, policy=policy, session=session
+            )
+            await self._execute(run, steps)
+            if parking is not None and not report.failed and self.active is None:
+                self.parked = parking
+
+    def _finish(self, report: SwitchReport, target: str | None, t0: float) -> None:
+        """The run is over: the report's last fields, the history, the watchers, the log."""
+        report.active_after = self.active
+        report.total_ms = ms_since(t0)
+        self.state = SwitchState.IDLE if self.active is not None else SwitchState.FAILED
+        if target is None and not report.failed:
+            self.state = SwitchState.IDLE  # unloaded on purpose: nothing failed
+        self.current = None
+        if report.outcome not in (Outcome.ALREADY_ACTIVE, Outcome.SKIPPED):
+            # a no-op must not push real switches out of the bounded history
+            self.history.append(report)
+        for watcher in list(self.watchers):
+            with contextlib.suppress(Exception):  # an observer must not break the loop
+                watcher(report)
+        log.info(
+            "%s %s %s -> %s: %s in %.0f ms%s",
+            # the stop's snapshot save is not a switch ("smollm2 -> smollm2" read as one)
+            report.policy if report.policy in ("snapshot", "recover") else "switch",
+            report.id,
+            report.from_model,
+            target,
+            report.outcome.value,
+            report.total_ms,
+            f" ({report.error})" if report.error else "",
+        )
+
+    def configure(self, config: Config) -> None:
+        """What a config reload changes for the engine (the controller calls this between
+        two runs: a run reads one configuration from start to end)."""
+        self.config = config.switch
+        self.drain_timeout = config.server.switch_drain_timeout_seconds
+        if self.process is not None:
+            self.process.use_presets(config.presets)
+        if self.kv is not None:
+            self.kv.configure(config)
 
     async def _policy(self, report: SwitchReport, target: str | None, restart: bool) -> Policy:
         """The policy of this switch: the configured one, or what "auto" finds fits."""
@@ -339,7 +366,7 @@ class Engine(StepEffects):
             # requests are let in: the replay would only hold up the next turn, which
             # reads what was added as well, and whose cache_n proves the restore
             return Skipped(RESTORED_SKIP)
-        detail = await self._replay(report, target)
+        detail = await self._replay(report, target, run.session)
         if run.restored and report.replay is not None:
             self._verify_restore(run, target)
         return detail
@@ -386,3 +413,10 @@ class Engine(StepEffects):
             "active": self.active,
             "current": None if self.current is None else self.current.to_json(),
         }
+
+
+def _target(command: EngineCommand, active: str | None) -> str | None:
+    """The model the command leaves loaded (None: none)."""
+    if isinstance(command, Switch | Recover):
+        return command.target
+    return active if isinstance(command, Snapshot) else None

@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable
 
 from hotmodel.config import RouterConfig
-from hotmodel.control.controller import Controller, Unload
+from hotmodel.control.commands import Unload
+from hotmodel.control.controller import Controller
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError
 

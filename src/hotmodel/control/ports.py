@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from hotmodel.config import Config
+from hotmodel.presets import Presets
+from hotmodel.sessions.service import SessionRef
+
 
 class RouterOps(Protocol):
     """Load and unload, idempotent, awaited to the end."""
@@ -48,17 +52,30 @@ class ProcessOps(Protocol):
         """Start the router again (bounded attempts); RouterError when it cannot."""
         ...
 
+    def use_presets(self, presets: Presets) -> None:
+        """A reload's presets: the router reads them at its next restart."""
+        ...
+
 
 class KvOps(Protocol):
     """KV snapshots of a model's slot."""
 
-    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
+    async def save(
+        self, model: str, restoring: str | None = None, session: SessionRef | None = None
+    ) -> dict[str, Any] | None:
         """Keep ``model``'s slot; None when it holds no session's prompt. ``restoring``:
-        the model the same command restores next, whose snapshot is not evicted for it."""
+        the model the same command restores next (for ``session``, else the most recent
+        one), whose snapshot is not evicted for it."""
         ...
 
-    async def restore(self, model: str) -> dict[str, Any] | None:
-        """Bring back the most recent session's snapshot (``restored``: whether it did)."""
+    async def restore(self, model: str, session: SessionRef | None = None) -> dict[str, Any] | None:
+        """Bring back ``session``'s snapshot (None: the most recently used session's);
+        ``restored`` says whether it did."""
+        ...
+
+    def configure(self, config: Config) -> None:
+        """A reload's configuration (a preset's options count in a snapshot's identity;
+        a lowered budget applies at once)."""
         ...
 
     def proved(self, model: str, cached: int, session_id: str | None) -> bool | None:
@@ -73,4 +90,5 @@ class KvOps(Protocol):
         ...
 
 
-Replayer = Callable[[str], Awaitable[dict[str, Any] | None]]
+# prefill ``session``'s conversation (None: the most recently used one) into the model
+Replayer = Callable[[str, SessionRef | None], Awaitable[dict[str, Any] | None]]

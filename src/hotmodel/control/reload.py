@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hotmodel.config import Config, load_config
-from hotmodel.control.controller import Switch
 from hotmodel.control.report import SwitchReport
 from hotmodel.errors import ConfigError
 from hotmodel.presets import check_model_file
@@ -180,15 +179,18 @@ async def _reload(services: Services) -> dict[str, Any]:
     if plan.reload_active and controller.active is not None:
         # it is loaded again at once: a file that cannot be loaded is refused now
         check_model_file(new.presets, controller.active)
-    parked = controller.engine.parked
+    parked = controller.parked
     if parked is not None and parked in plan.presets_changed:
         check_model_file(new.presets, parked)  # the next request loads it
     _apply(services, plan.config)
     result = plan.to_json()
-    if plan.reload_active and controller.active is not None:
-        # if it fails, the previous configuration comes back within the same command
-        command = Switch(controller.active, reload=True, revert=lambda: _apply(services, old))
-        report = await controller.submit(command)
+    reload = controller.active if plan.reload_active else None
+    # the engine takes its part between two runs; if the active model's load again
+    # fails, the previous configuration comes back within the same command
+    report = await controller.reconfigure(
+        plan.config, old, reload, revert=lambda: _apply(services, old)
+    )
+    if report is not None:
         result["switch"] = report.to_json()
         if report.failed:
             result["reverted"] = _reverted(report)
@@ -217,16 +219,10 @@ def _reverted(report: SwitchReport) -> dict[str, Any]:
 
 
 def _apply(services: Services, config: Config) -> None:
-    """Swap the live settings in, all at once (no await: no request sees half of them)."""
+    """Swap the live settings outside the control loop in, all at once (no await: no
+    request sees half of them); the loop's own (the engine's settings, the router's
+    presets, the snapshots') change through its ``Reconfigure`` command."""
     services.config = config
     services.sessions.config = config
     services.watchdog.config = config
-    if services.snapshots is not None:
-        services.snapshots.config = config  # a preset's options count in its snapshots' identity
-        services.snapshots.apply_budget()  # a lowered kv_snapshot_max_bytes applies now
-    engine = services.controller.engine
-    engine.config = config.switch
-    engine.drain_timeout = config.server.switch_drain_timeout_seconds
-    services.controller.presets = frozenset(config.presets.models)
-    services.supervisor.use_presets(config.presets)
     logging.getLogger().setLevel(config.server.log_level.upper())

@@ -20,6 +20,7 @@ from hotmodel.control.report import (
     Watcher,
 )
 from hotmodel.errors import HotModelError, ModelLoadError
+from hotmodel.sessions.service import SessionRef
 
 STEP_STATE = {
     Step.RESTART: SwitchState.RECOVERING,
@@ -43,6 +44,7 @@ class Run:
     started: list[Step] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
     policy: str | None = None  # the switch policy chosen for this run (None: a special command)
+    session: SessionRef | None = None  # the conversation it is for (None: the most recent)
     loaded: bool = False  # the LOAD step really loaded (the target was not resident)
     restored: bool = False  # the RESTORE step brought a KV snapshot back
     step: Step | None = None  # the main lane's step now (None: waiting for the one beside)

@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from hotmodel.control.controller import Controller, Switch
+from hotmodel.control.commands import Switch
+from hotmodel.control.controller import Controller
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import (
@@ -140,7 +141,6 @@ class Scheduler:
         gate: TrafficGate,
         rules: Callable[[], Rules],
         max_queue: Callable[[], int],
-        prefer: Callable[[str, SessionRef | None], contextlib.AbstractContextManager[None]],
         clock: Callable[[], float] = time.monotonic,
         slots: Callable[[], int] = lambda: 1,
     ) -> None:
@@ -148,7 +148,6 @@ class Scheduler:
         self._gate = gate
         self._rules = rules
         self._max_queue = max_queue
-        self._prefer = prefer  # the session a switch is for (sessions.preferring)
         self._clock = clock
         self._slots = slots  # requests one model serves at once ([router] parallel)
         self._waiters: list[_Waiter] = []
@@ -301,8 +300,7 @@ class Scheduler:
         expected_ms = round(self.load_s.get(target, DEFAULT_LOAD_S) * 1000, 1)
         log.info("switching to %s (%s)", target, reason)
         try:
-            with self._prefer(target, session):
-                report = await self._controller.submit(Switch(target))
+            report = await self._controller.submit(Switch(target, session=session))
         except Exception as exc:  # the loop is shutting down, or a bug: waiters hear it
             self._fail(target, exc)
             return

@@ -42,7 +42,7 @@ from hotmodel.errors import HotModelError
 from hotmodel.presets import PATH_KEYS
 from hotmodel.router.client import RouterClient
 from hotmodel.sessions.context import Message
-from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.service import SessionRef, SessionService
 from hotmodel.sessions.slots import Covered, SlotLedger, messages_hash
 
 log = logging.getLogger("hotmodel.control")
@@ -309,6 +309,12 @@ class Snapshots:
         changed = [reason for reason, value in now.items() if meta.identity.get(reason) != value]
         return None if not changed else f"{', '.join(changed)} changed"
 
+    def configure(self, config: Config) -> None:
+        """A reload's configuration: a preset's options count in a snapshot's identity,
+        and a lowered ``kv_snapshot_max_bytes`` applies at once."""
+        self.config = config
+        self.apply_budget()
+
     def apply_budget(self) -> list[dict[str, Any]]:
         """Bring the folder under ``[switch] kv_snapshot_max_bytes`` now, least recently
         used first (at start, and when a reload changed it); what was evicted."""
@@ -324,24 +330,27 @@ class Snapshots:
             self._delete(meta, f"over [switch] kv_snapshot_max_bytes = {limit}")
         return [_entry(m) for m in metas]
 
-    async def _restore_key(self, model: str | None) -> tuple[str, str, str] | None:
-        """Whose snapshot ``restore(model)`` will look for (None: no restore follows):
-        the session the switch is for, else the most recently used one."""
+    async def _restore_key(
+        self, model: str | None, session: SessionRef | None
+    ) -> tuple[str, str, str] | None:
+        """Whose snapshot ``restore(model, session)`` will look for (None: no restore
+        follows): ``session``'s, else the most recently used one's."""
         if model is None:
             return None
-        preferred = self.sessions.preferred(model)  # as SessionService.replay_prompt
-        if preferred is not None:
-            return (model, *preferred)
-        session = await self.sessions.store.most_recent(1)  # who, not what: one message
-        return None if session is None else (model, session.owner, session.id)
+        if session is not None:  # as SessionService.replay_prompt
+            return (model, session.owner, session.id)
+        recent = await self.sessions.store.most_recent(1)  # who, not what: one message
+        return None if recent is None else (model, recent.owner, recent.id)
 
-    async def _keep(self, meta: Meta, restoring: str | None) -> dict[str, Any]:
+    async def _keep(
+        self, meta: Meta, restoring: str | None, session: SessionRef | None
+    ) -> dict[str, Any]:
         """Keep the snapshot ``meta`` just saved (its sidecar not written yet) within the
         budget, and say what was kept and evicted. The snapshot the command restores next
         (``restoring``'s) is never evicted for it: when both do not fit, this one gives
         way, as does one larger than the whole budget; either evicts nothing."""
         limit = self.config.switch.kv_snapshot_max_bytes
-        wanted = await self._restore_key(restoring)
+        wanted = await self._restore_key(restoring, session)
         metas = self._metas()
         self._drop_orphans(metas)
         others = [m for m in metas if _key(m) != _key(meta)]  # the rest are superseded
@@ -368,9 +377,12 @@ class Snapshots:
 
     # --- the steps ---
 
-    async def save(self, model: str, restoring: str | None = None) -> dict[str, Any] | None:
+    async def save(
+        self, model: str, restoring: str | None = None, session: SessionRef | None = None
+    ) -> dict[str, Any] | None:
         """Before ``model`` is unloaded: keep its slot, if a session's prompt is in it.
-        ``restoring``: the model the same command restores next (see :meth:`_keep`)."""
+        ``restoring``: the model the same command restores next, for ``session`` (see
+        :meth:`_keep`)."""
         covered = self.ledger.get(model)
         restored = self._unproved.pop(model, None)  # no request on it will prove anything
         preset = self.config.presets.models.get(model)
@@ -383,12 +395,16 @@ class Snapshots:
         stem = f"kv-{secrets.token_hex(8)}"
         self._saving.add(stem)
         try:
-            return await self._save_as(stem, model, covered, restoring)
+            return await self._save_as(stem, model, covered, (restoring, session))
         finally:
             self._saving.discard(stem)
 
     async def _save_as(
-        self, stem: str, model: str, covered: Covered, restoring: str | None
+        self,
+        stem: str,
+        model: str,
+        covered: Covered,
+        restoring: tuple[str | None, SessionRef | None],
     ) -> dict[str, Any] | None:
         """Save ``model``'s slot, which holds ``covered``, as ``stem``."""
         t0 = time.monotonic()
@@ -417,7 +433,7 @@ class Snapshots:
             created=now,
             used=now,
         )
-        kept = await self._keep(meta, restoring)
+        kept = await self._keep(meta, *restoring)
         info = {"session": meta.session_id, "tokens": meta.tokens, "bytes": size}
         return {**info, "ms": ms_since(t0), **kept}
 
@@ -439,20 +455,21 @@ class Snapshots:
             "tokens": meta.tokens,
         }
 
-    async def restore(self, model: str) -> dict[str, Any] | None:
-        """After ``model`` is loaded: bring back the most recent session's snapshot for it,
-        when it is valid and still begins what would be sent now."""
+    async def restore(self, model: str, session: SessionRef | None = None) -> dict[str, Any] | None:
+        """After ``model`` is loaded: bring back ``session``'s snapshot for it (None: the
+        most recently used session's), when it is valid and still begins what would be
+        sent now."""
         gen = self.ledger.touch(model)  # a freshly loaded model's slot is empty
         self._unproved.pop(model, None)
-        found = await self.sessions.replay_prompt(model)
+        found = await self.sessions.replay_prompt(model, session)
         if found is None:
             return None
-        session, prompt = found
+        stored, prompt = found
         messages = prompt.messages()
         candidates = [
             m
             for m in self._metas()
-            if (m.model, m.owner, m.session_id) == (model, session.owner, session.id)
+            if (m.model, m.owner, m.session_id) == (model, stored.owner, stored.id)
         ]
         if not candidates:
             return {"restored": False, "reason": "no snapshot of this session for this model"}
@@ -467,13 +484,13 @@ class Snapshots:
             return {"restored": False, "reason": f"llama-server refused it: {exc}"}
         meta.used = time.time()
         self._write(meta)
-        self.sessions.tenants.wrote(model, session.owner)  # the slot holds this key's prompt
+        self.sessions.tenants.wrote(model, stored.owner)  # the slot holds this key's prompt
         covered = self.ledger.cover(
-            model, gen, session.owner, session.id, messages[: meta.n_messages]
+            model, gen, stored.owner, stored.id, messages[: meta.n_messages]
         )
         info = {
             "restored": True,
-            "session": session.id,
+            "session": stored.id,
             "tokens": int(answer.get("n_restored") or 0),
             "bytes": meta.size,
             "ms": ms_since(t0),

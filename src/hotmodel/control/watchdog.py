@@ -17,8 +17,9 @@ Four signals lead there:
   ``unloaded`` (it sees a child's exit within ~50 ms; a recovery started
   before that would find the model "already running" and load nothing).
 
-The traffic gate is closed at once on a crash, so requests that arrive before
-the command runs wait for the recovery instead of failing.
+The controller holds new requests at once on a crash (``Controller.recover``),
+so requests that arrive before the command runs wait for the recovery instead
+of failing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import logging
 import time
 
 from hotmodel.config import Config
-from hotmodel.control.controller import Controller, Recover
-from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.controller import Controller
 from hotmodel.errors import HotModelError
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvent
@@ -51,13 +51,11 @@ class Watchdog:
         supervisor: RouterSupervisor,
         router: RouterClient,
         controller: Controller,
-        gate: TrafficGate,
     ) -> None:
         self.config = config
         self.supervisor = supervisor
         self.router = router
         self.controller = controller
-        self.gate = gate
         self.recoveries = 0
         self._confirming: asyncio.Task[None] | None = None
         router.on_model_lost = self.model_lost  # chat's direct path reports a dead port
@@ -66,24 +64,14 @@ class Watchdog:
     def enabled(self) -> bool:
         return self.config.router.restart_attempts > 0
 
-    def _target(self) -> str | None:
-        """The model to bring back: the active one, or the one a running command was
-        bringing in (None when none was loaded, e.g. after an unload)."""
-        current = self.controller.engine.current
-        return self.controller.active or (current.to_model if current is not None else None)
-
     def _recover(self, why: str) -> None:
         if not self.enabled:
             return
-        target = self._target()
-        log.warning("%s: recovering %r", why, target)
-        self.gate.close(for_recovery=True)
         try:
-            self.controller.post(Recover(target))
+            target = self.controller.recover()  # holds new requests for the recovery
         except HotModelError:  # shutting down: nothing to recover
-            self.gate.begin_recovery()
-            self.gate.open()
             return
+        log.warning("%s: recovering %r", why, target)
         self.recoveries += 1
 
     def router_exited(self, code: int) -> None:

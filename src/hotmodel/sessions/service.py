@@ -13,12 +13,10 @@ is sent to llama-server, and again when the turn is stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,24 +93,6 @@ class SessionService:
         self.slots = SlotLedger()
         self.tenants = SlotTenants(config.router.parallel)  # whose prompt each slot holds
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
-        # (model, owner, session id): the session a switch to that model is for
-        self._prefer: tuple[str, str, str] | None = None
-
-    @contextlib.contextmanager
-    def preferring(self, model: str, ref: SessionRef | None) -> Iterator[None]:
-        """While a switch to ``model`` runs for a request on session ``ref``, that session
-        is the one restored or replayed into it, not the most recently used one (another
-        client's, when several share the server)."""
-        if ref is None:
-            yield
-            return
-        mine = (model, ref.owner, ref.id)
-        self._prefer = mine
-        try:
-            yield
-        finally:
-            if self._prefer == mine:
-                self._prefer = None
 
     def check(self, session_id: object, system_prompt: object, owner: str = "") -> SessionRef:
         """Validate the session fields of a request (400 naming the field)."""
@@ -286,19 +266,14 @@ class SessionService:
                     section=f"system_prompts.{name}",
                 )
 
-    def preferred(self, model: str) -> tuple[str, str] | None:
-        """(owner, session id) of the session a running switch to ``model`` is for
-        (:meth:`preferring`); None: the most recently used one."""
-        if self._prefer is not None and self._prefer[0] == model:
-            return self._prefer[1], self._prefer[2]
-        return None
-
-    async def replay_prompt(self, model: str) -> tuple[Session, Prompt] | None:
-        """The session a switch to ``model`` is for (:meth:`preferring`), else the most
-        recently used one, and its bounded context, as ``model`` counts it."""
-        preferred = self.preferred(model)
-        if preferred is not None:
-            session = await self.store.get(*preferred, self._window(0))
+    async def replay_prompt(
+        self, model: str, prefer: SessionRef | None = None
+    ) -> tuple[Session, Prompt] | None:
+        """The session a switch to ``model`` is for (``prefer``, the request's that caused
+        it), else the most recently used one, and its bounded context, as ``model``
+        counts it."""
+        if prefer is not None:
+            session = await self.store.get(prefer.owner, prefer.id, self._window(0))
         else:
             session = await self.store.most_recent(self._window(0))
         if session is None or not session.messages:
@@ -309,9 +284,10 @@ class SessionService:
         await self._bound(prompt, model)
         return session, prompt
 
-    async def replay(self, model: str) -> dict[str, Any] | None:
-        """Prefill the most recently used session's bounded context into ``model``."""
-        found = await self.replay_prompt(model)
+    async def replay(self, model: str, prefer: SessionRef | None = None) -> dict[str, Any] | None:
+        """Prefill ``prefer``'s (else the most recently used session's) bounded context
+        into ``model``."""
+        found = await self.replay_prompt(model, prefer)
         if found is None:
             return None
         session, prompt = found
