@@ -1,4 +1,4 @@
-"""The scheduler's decision (``control/scheduler.decide``) against a table of cases, and
+"""The scheduler's decision (``control/decide.py``) against a table of cases, and
 its queues driven synchronously with a recording controller: no router, no sleeps."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from hotmodel.control.decide import Decision, Rules, View, Waiting, decide
 from hotmodel.control.report import Outcome, SwitchReport
-from hotmodel.control.scheduler import Decision, Rules, Scheduler, View, Waiting, decide
+from hotmodel.control.scheduler import Scheduler
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import QueueFullError, ShuttingDownError, SwitchBusyError, SwitchFailedError
 

@@ -32,10 +32,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from hotmodel.control.controller import Controller, Switch
+from hotmodel.control.decide import DEFAULT_LOAD_S, Decision, Rules, View, Waiting, decide
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import (
@@ -46,81 +47,13 @@ from hotmodel.errors import (
 )
 from hotmodel.sessions.service import SessionRef
 
+# the pure decision lives in control/decide.py; its types are this module's API too
+__all__ = ["Decision", "Rules", "Scheduler", "View", "Waiting", "decide"]
+
 log = logging.getLogger("hotmodel.scheduler")
 
-BATCH_BONUS_S = 0.5  # each waiter beyond the first counts as this much more waiting
-DEFAULT_LOAD_S = 1.0  # a model whose load was never measured
 RETRY_AFTER_DRAIN_S = 1.0  # a switch that could not drain is tried again after this
 _HANDOVER_TURNS = 8  # loop turns for released waiters to be admitted before deciding again
-
-
-@dataclass(frozen=True, slots=True)
-class Rules:
-    """The ``[switch]`` settings the decision reads."""
-
-    max_wait: float
-    linger: float
-    min_resident: float
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """One model's queue, as the decision sees it."""
-
-    count: int
-    oldest: float  # when its oldest waiter joined (clock seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    """What the decision reads: the loaded model's traffic and the queues."""
-
-    now: float
-    active: str | None
-    busy: bool  # a request on the loaded model is in flight
-    last_request: float  # when a request on it last started or ended
-    resident_since: float  # when it became the loaded model
-    queues: Mapping[str, Waiting]  # models other than the loaded one, with waiters
-    load_s: Mapping[str, float] = field(default_factory=dict)  # measured load times
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    target: str | None  # switch to this model now (None: not now)
-    reason: str = ""
-    wake_at: float | None = None  # decide again then, if nothing happens before
-
-
-def decide(view: View, rules: Rules) -> Decision:
-    """When to switch and to which model (pure: the table of cases is in the tests)."""
-    if not view.queues:
-        return Decision(None)
-    now = view.now
-    overdue = {m: q for m, q in view.queues.items() if now - q.oldest >= rules.max_wait}
-    if overdue:
-        target = min(overdue, key=lambda m: (overdue[m].oldest, m))
-        return Decision(target, "max_wait: " + _describe(target, view.queues[target], now))
-    target = max(view.queues, key=lambda m: (_urgency(view, m), m))
-    queue = view.queues[target]
-    if view.active is None:
-        return Decision(target, "no model loaded: " + _describe(target, queue, now))
-    fair_at = min(q.oldest for q in view.queues.values()) + rules.max_wait
-    if view.busy:
-        return Decision(None, wake_at=fair_at)
-    free_at = max(view.last_request + rules.linger, view.resident_since + rules.min_resident)
-    if now >= free_at:
-        return Decision(target, "batch: " + _describe(target, queue, now))
-    return Decision(None, wake_at=min(free_at, fair_at))
-
-
-def _urgency(view: View, model: str) -> float:
-    queue = view.queues[model]
-    load = view.load_s.get(model, DEFAULT_LOAD_S)
-    return (view.now - queue.oldest) + BATCH_BONUS_S * (queue.count - 1) - load
-
-
-def _describe(model: str, queue: Waiting, now: float) -> str:
-    return f"{queue.count} waiting for {model}, oldest {now - queue.oldest:.1f} s"
 
 
 @dataclass(eq=False)
