@@ -296,9 +296,7 @@ class ChatCompletions:
                 await stack.enter_async_context(
                     self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
-            ticket = await stack.enter_async_context(
-                self.admitted(chat.payload.get("model"), receive, chat.session, chat.admin)
-            )
+            ticket = await stack.enter_async_context(self.admitted(chat, receive))
             model = ticket.model
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
@@ -403,19 +401,16 @@ class ChatCompletions:
         return on_reply
 
     @contextlib.asynccontextmanager
-    async def admitted(
-        self,
-        requested: object,
-        receive: Receive,
-        session: SessionRef | None = None,
-        admin: bool = False,
-    ) -> AsyncIterator[Ticket]:
+    async def admitted(self, chat: ChatRequest, receive: Receive) -> AsyncIterator[Ticket]:
         """A ticket whose ``model`` is named; auto-switches first when that is enabled (for
-        ``session``: its conversation is the one restored or replayed into the model), and
-        allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
+        the chat's session: its conversation is the one restored or replayed into the
+        model), and allowed to this caller (``[switch] auto_access``: its key's access);
+        a queued request has its key's priority (``[security] key_priorities``)."""
         s, cfg = self.s, self.s.config.switch
+        requested, admin = chat.payload.get("model"), chat.admin
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
         released = False  # the scheduler let it go: it is admitted, as its batch
+        since: float | None = None  # when it first joined a queue: it keeps its place
         # a request that names no model takes whichever is loaded: it never waits for a slot
         # of one model (a switch away would tie it to that model)
         named = requested not in (None, "", ACTIVE_ALIAS)
@@ -445,8 +440,10 @@ class ChatCompletions:
             # request waits in its model's queue; the scheduler switches for the whole queue
             # (and if another switch came first, the request waits again, within its bound).
             left = max(0.0, deadline - asyncio.get_running_loop().time())
+            since = s.scheduler.now() if since is None else since
+            priority = s.config.keys.priority(chat.owner)
             with anyio.CancelScope() as cancel, DisconnectWatch(receive, cancel) as watch:
-                await s.scheduler.wait_for(target, session, left)
+                await s.scheduler.wait_for(target, chat.session, left, priority, since)
             if watch.gone:
                 raise ClientDisconnect()  # it left while it waited: nobody to answer (a 499)
             released = True

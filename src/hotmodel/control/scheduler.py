@@ -16,10 +16,13 @@ ends) or a deadline it named comes. It switches:
   two of its requests is shorter) and has been loaded ``[switch]
   min_resident_seconds``.
 
-It picks the model whose oldest waiter has waited longest, each further
-waiter counting :data:`BATCH_BONUS_S` and the model's measured load time
-counting against it (a cheap switch first when waits are close); a waiter
-past the fairness bound always goes first. The switch it asks for is an
+It picks the model whose lead waiter has waited longest, its priority (the
+preset's ``priority`` plus its API key's, ``[security] key_priorities``)
+counting ``[switch] aging_seconds`` a point, each further waiter counting
+:data:`BATCH_BONUS_S`, and the switch's cost (measured load, and replay unless a
+KV snapshot saves it) counting against it; a waiter past the fairness bound
+always goes first (``control/decide.py``). Within a queue, waiters go in the
+same order: highest priority plus wait first. The switch it asks for is an
 ordinary command of the control loop (which drains the loaded model and holds
 new requests meanwhile); when it ends, every waiter of that model is released
 at once, or gets the switch's error. A waiter whose client leaves is removed
@@ -36,7 +39,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hotmodel.control.controller import Controller, Switch
-from hotmodel.control.decide import DEFAULT_LOAD_S, Decision, Rules, View, Waiting, decide
+from hotmodel.control.decide import (
+    DEFAULT_LOAD_S,
+    Decision,
+    Rules,
+    View,
+    Waiting,
+    cost_s,
+    decide,
+)
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import (
@@ -62,6 +73,16 @@ class _Waiter:
     since: float
     session: SessionRef | None  # the switch is for this request's conversation
     done: asyncio.Future[None]
+    priority: int = 0  # its preset's plus its API key's
+
+    def rank(self, aging: float) -> float:
+        """Its place in line (lower goes first): when it joined, a priority point moving it
+        ``aging`` seconds earlier."""
+        return self.since - aging * self.priority
+
+
+def _no_snapshot(model: str, session: SessionRef) -> bool:
+    return False
 
 
 class Scheduler:
@@ -75,7 +96,9 @@ class Scheduler:
         max_queue: Callable[[], int],
         prefer: Callable[[str, SessionRef | None], contextlib.AbstractContextManager[None]],
         clock: Callable[[], float] = time.monotonic,
-        slots: Callable[[], int] = lambda: 1,
+        slots: Callable[[str], int] = lambda model: 1,
+        priority: Callable[[str], int] = lambda model: 0,
+        snapshot: Callable[[str, SessionRef], bool] = _no_snapshot,
     ) -> None:
         self._controller = controller
         self._gate = gate
@@ -83,43 +106,72 @@ class Scheduler:
         self._max_queue = max_queue
         self._prefer = prefer  # the session a switch is for (sessions.preferring)
         self._clock = clock
-        self._slots = slots  # requests one model serves at once ([router] parallel)
+        self._slots = slots  # requests a model serves at once (its np, [router] parallel)
+        self._priority = priority  # a preset's priority
+        self._snapshot = snapshot  # whether a session has a KV snapshot for a model
         self._waiters: list[_Waiter] = []
         self._changed = asyncio.Event()
         self._resident: tuple[str | None, float] = (controller.active, clock())
         self._released_for = controller.active  # the model whose whole queue was let go
         self.load_s: dict[str, float] = {}  # measured, per model
+        self.replay_s: dict[str, float] = {}  # measured, per model (without a restore)
         gate.on_change = self._changed.set
 
     def poke(self, *_: object) -> None:
         """Something changed outside (a switch someone else asked for ended): decide again."""
         self._changed.set()
 
+    def now(self) -> float:
+        """The scheduler's clock (a waiter that waits again keeps its first ``since``)."""
+        return self._clock()
+
+    def _in_line(self, model: str) -> list[_Waiter]:
+        """``model``'s waiters in the order they go: by priority and wait."""
+        aging = self._rules().aging
+        return sorted((w for w in self._waiters if w.model == model), key=lambda w: w.rank(aging))
+
     def queues(self) -> dict[str, Waiting]:
-        """Every model with waiters: how many, and since when the oldest waits."""
+        """Every model with waiters: how many, since when the oldest waits, and its lead
+        waiter (the first it would let go)."""
         out: dict[str, Waiting] = {}
-        for w in self._waiters:
-            q = out.get(w.model)
-            out[w.model] = Waiting(1, w.since) if q is None else Waiting(q.count + 1, q.oldest)
+        for model in dict.fromkeys(w.model for w in self._waiters):
+            line = self._in_line(model)
+            lead = line[0]
+            oldest = min(w.since for w in line)
+            out[model] = Waiting(len(line), oldest, lead.priority, lead.since)
         return out
 
     def status(self) -> dict[str, dict[str, float | int]]:
         """Per model: waiting, and the oldest wait in seconds (``/admin/status``)."""
         now = self._clock()
         return {
-            m: {"waiting": q.count, "oldest_wait_s": round(now - q.oldest, 3)}
+            m: {
+                "waiting": q.count,
+                "oldest_wait_s": round(now - q.oldest, 3),
+                "lead_priority": q.priority,
+            }
             for m, q in self.queues().items()
         }
 
-    async def wait_for(self, model: str, session: SessionRef | None, timeout: float) -> None:
+    async def wait_for(
+        self,
+        model: str,
+        session: SessionRef | None,
+        timeout: float,
+        priority: int = 0,
+        since: float | None = None,
+    ) -> None:
         """Wait in ``model``'s queue until a switch to it ends; raises that switch's error,
         :class:`SwitchBusyError` past ``timeout``, :class:`QueueFullError` at once when
-        ``[switch] max_queue`` requests already wait."""
+        ``[switch] max_queue`` requests already wait. ``priority``: its API key's (the
+        preset's is added); ``since``: when it first joined a queue (a request that waits
+        again, another switch having come first, keeps its place: :meth:`now`)."""
         limit = self._max_queue()
         if len(self._waiters) >= limit:
             raise QueueFullError.over(limit, self._retry_after(model))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(model, self._clock(), session, done)
+        joined = self._clock() if since is None else since
+        waiter = _Waiter(model, joined, session, done, self._priority(model) + priority)
         self._waiters.append(waiter)
         self._changed.set()
         try:
@@ -155,18 +207,28 @@ class Scheduler:
             resident_since=self._resident[1],
             queues=queues,
             load_s=dict(self.load_s),
+            replay_s=dict(self.replay_s),
+            snapshot_for=frozenset(m for m in queues if self._has_snapshot(m)),
         )
+
+    def _session_for(self, model: str) -> SessionRef | None:
+        """The conversation a switch to ``model`` is for: its first waiter's with one."""
+        return next((w.session for w in self._in_line(model) if w.session is not None), None)
+
+    def _has_snapshot(self, model: str) -> bool:
+        session = self._session_for(model)
+        return session is not None and self._snapshot(model, session)
 
     def admits(self, model: str) -> bool:
         """Whether a new request for ``model``, the loaded one (its ticket counted in
         flight), goes upstream now. Always, while no other model waits; else only within
-        the model's slots (``[router] parallel``) and behind its own waiters, so that a
-        switch for the others drains at most that many generations."""
+        the model's slots (its preset's ``np``, else ``[router] parallel``) and behind its
+        own waiters, so that a switch for the others drains at most that many generations."""
         if not self._waiters:
             return True
         if any(w.model == model for w in self._waiters):
             return False
-        return len(self._gate.inflight({model})) <= self._slots()
+        return len(self._gate.inflight({model})) <= self._slots(model)
 
     def _last_served(self, active: str | None) -> float:
         """When the loaded model last answered a request (else: since it is loaded)."""
@@ -211,14 +273,17 @@ class Scheduler:
     def _release_active(self, limit: bool = False) -> None:
         """Waiters of the loaded model go: all of them after a switch to it (one switch
         admits its whole queue, whoever asked for it), else (``limit``) as many as it has
-        free slots while other models wait, all when none does."""
+        free slots while other models wait (the first in line: by priority and wait), all
+        when none does."""
         active = self._controller.active
-        mine = [w for w in self._waiters if w.model == active]
+        if active is None:
+            return
+        mine = self._in_line(active)
         if active != self._released_for:
             self._released_for, limit = active, False  # a new model: its whole queue
         if limit and any(w.model != active for w in self._waiters):
-            busy = len(self._gate.inflight({active})) if active is not None else 0
-            mine = mine[: max(0, self._slots() - busy)]
+            busy = len(self._gate.inflight({active}))
+            mine = mine[: max(0, self._slots(active) - busy)]
         self._settle(mine)
 
     async def _sleep_until(self, wake_at: float | None) -> None:
@@ -229,9 +294,8 @@ class Scheduler:
                 await self._changed.wait()
 
     async def _switch(self, target: str, reason: str) -> None:
-        batch = [w for w in self._waiters if w.model == target]
-        session = next((w.session for w in batch if w.session is not None), None)
-        expected_ms = round(self.load_s.get(target, DEFAULT_LOAD_S) * 1000, 1)
+        session = self._session_for(target)
+        expected_ms = round(cost_s(self.view(), target) * 1000, 1)  # a snapshot saves the replay
         log.info("switching to %s (%s)", target, reason)
         try:
             with self._prefer(target, session):
@@ -258,11 +322,20 @@ class Scheduler:
                 await asyncio.sleep(0)
 
     def _learn(self, target: str, report: SwitchReport) -> None:
-        load_ms = report.phases.get("load")
-        if load_ms and not report.failed:
-            old = self.load_s.get(target)
-            new = load_ms / 1000
-            self.load_s[target] = new if old is None else 0.75 * old + 0.25 * new  # EWMA
+        if report.failed:
+            return
+        _ewma(self.load_s, target, report.phases.get("load"))
+        restored = (report.snapshot.get("restore") or {}).get("restored")
+        if not restored:  # the whole replay: what a snapshot would have saved
+            _ewma(self.replay_s, target, report.phases.get("replay"))
 
     def _fail(self, target: str, exc: BaseException) -> None:
         self._settle([w for w in self._waiters if w.model == target], exc)
+
+
+def _ewma(learnt: dict[str, float], model: str, ms: float | None) -> None:
+    """Fold a measured duration (ms) into ``learnt`` (seconds, a moving average)."""
+    if not ms:
+        return
+    old, new = learnt.get(model), ms / 1000
+    learnt[model] = new if old is None else 0.75 * old + 0.25 * new
