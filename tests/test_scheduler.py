@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hotmodel.api.queued import EarlyStream
 from hotmodel.control.decide import (
     DEFAULT_LOAD_S,
     DEFAULT_REPLAY_S,
@@ -22,7 +23,7 @@ from hotmodel.control.decide import (
     decide,
 )
 from hotmodel.control.report import Outcome, SwitchReport
-from hotmodel.control.scheduler import Scheduler
+from hotmodel.control.scheduler import Position, Scheduler
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import QueueFullError, ShuttingDownError, SwitchBusyError, SwitchFailedError
 from hotmodel.sessions.service import SessionRef
@@ -524,3 +525,54 @@ def test_a_requeued_waiter_keeps_its_place() -> None:
         await _stop(loop)
 
     asyncio.run(scenario())
+
+
+def test_a_waiter_is_told_its_place_when_it_moves_up() -> None:
+    async def scenario() -> list[str]:
+        controller, clock = RecordingController(), Clock()
+        sched = scheduler(controller, clock)
+        told: list[str] = []
+
+        async def tell(where: Position) -> None:
+            told.append(str(where))
+
+        first = asyncio.create_task(sched.wait_for("b", None, 60))
+        await _settle()
+        clock.now += 1.5
+        second = asyncio.create_task(sched.wait_for("b", None, 60, tell=tell))
+        await _settle()
+        first.cancel()  # its client left: the second moves up
+        await _settle()
+        clock.now += 1
+        loop = asyncio.create_task(sched.run())
+        await second  # released by the switch: the wait ends
+        await _stop(loop)
+        return told
+
+    assert asyncio.run(scenario()) == [
+        "queued 2 of 2 for b, waited 0.0 s",
+        "queued 1 of 1 for b, waited 0.0 s",
+    ]
+
+
+def test_an_early_stream_ends_with_an_error_event_instead_of_a_second_head() -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        early = EarlyStream(send, {"x-session-id": "s"})
+        await early.tell(Position("b", 1, 3, 2.0))
+        await early.send({"type": "http.response.start", "status": 503, "headers": []})
+        await early.send({"type": "http.response.body", "body": b'{"error": {"code": "x"}}'})
+        return sent
+
+    start, comment, end = asyncio.run(scenario())
+    assert start["status"] == 200 and (b"x-session-id", b"s") in start["headers"]
+    assert comment["body"] == b": queued 1 of 3 for b, waited 2.0 s\n\n"
+    assert end == {
+        "type": "http.response.body",
+        "body": b'data: {"error": {"code": "x"}}\n\n',
+        "more_body": False,
+    }

@@ -26,7 +26,8 @@ from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from hotmodel.api.auth import came_with_admin_key, owner_of
-from hotmodel.api.errors import upstream_error_response
+from hotmodel.api.errors import hotmodel_error_response, upstream_error_response
+from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
 from hotmodel.api.validate import (
@@ -43,6 +44,7 @@ from hotmodel.control.snapshots import Turn
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     AutoSwitchForbiddenError,
+    HotModelError,
     InvalidRequestError,
     ModelNotActiveError,
     ModelNotFoundError,
@@ -71,6 +73,7 @@ class ChatRequest:
     accept: str
     owner: str = ""  # the API key's fingerprint ('' when keys are off)
     admin: bool = False  # it came with an admin key
+    early: EarlyStream | None = None  # a stream: told its place while it waits in a queue
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -251,7 +254,16 @@ class ChatCompletions:
         record.stream = chat.stream
         if chat.session is not None:
             record.session = chat.session.id
-        response = await self._answer_or_retry(chat, record, receive, send)
+        if chat.stream:
+            session = {} if chat.session is None else {"x-session-id": chat.session.id}
+            chat.early = EarlyStream(send, session)
+            send = chat.early.send
+        try:
+            response = await self._answer_or_retry(chat, record, receive, send)
+        except HotModelError as exc:
+            if chat.early is None or not chat.early.started:
+                raise  # answered with its status, as any error
+            response = hotmodel_error_response(exc, record.request_id)  # the last event
         if response is not None:  # sent after the ticket and the session lock are returned
             await response(scope, receive, send)
 
@@ -442,8 +454,9 @@ class ChatCompletions:
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             since = s.scheduler.now() if since is None else since
             priority = s.config.keys.priority(chat.owner)
+            tell = None if chat.early is None else chat.early.tell
             with anyio.CancelScope() as cancel, DisconnectWatch(receive, cancel) as watch:
-                await s.scheduler.wait_for(target, chat.session, left, priority, since)
+                await s.scheduler.wait_for(target, chat.session, left, priority, since, tell)
             if watch.gone:
                 raise ClientDisconnect()  # it left while it waited: nobody to answer (a 499)
             released = True

@@ -26,7 +26,8 @@ same order: highest priority plus wait first. The switch it asks for is an
 ordinary command of the control loop (which drains the loaded model and holds
 new requests meanwhile); when it ends, every waiter of that model is released
 at once, or gets the switch's error. A waiter whose client leaves is removed
-at once; past ``[switch] max_queue`` waiters a request is refused with 429.
+at once; past ``[switch] max_queue`` waiters a request is refused with 429. A waiter
+may be told its :class:`Position` when it changes (a stream shows it to its client).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from hotmodel.control.controller import Controller, Switch
@@ -65,6 +66,25 @@ log = logging.getLogger("hotmodel.scheduler")
 
 RETRY_AFTER_DRAIN_S = 1.0  # a switch that could not drain is tried again after this
 _HANDOVER_TURNS = 8  # loop turns for released waiters to be admitted before deciding again
+POSITION_EVERY_S = 5.0  # a waiter told its position hears it at least this often
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a waiter stands: ``place`` of ``waiting`` in ``model``'s line (1 goes first)."""
+
+    model: str
+    place: int
+    waiting: int
+    waited_s: float
+
+    def __str__(self) -> str:
+        return (
+            f"queued {self.place} of {self.waiting} for {self.model}, waited {self.waited_s:.1f} s"
+        )
+
+
+Tell = Callable[[Position], Awaitable[None]]
 
 
 @dataclass(eq=False)
@@ -74,6 +94,7 @@ class _Waiter:
     session: SessionRef | None  # the switch is for this request's conversation
     done: asyncio.Future[None]
     priority: int = 0  # its preset's plus its API key's
+    moved: asyncio.Future[None] | None = None  # resolved when the queues change
 
     def rank(self, aging: float) -> float:
         """Its place in line (lower goes first): when it joined, a priority point moving it
@@ -160,12 +181,14 @@ class Scheduler:
         timeout: float,
         priority: int = 0,
         since: float | None = None,
+        tell: Tell | None = None,
     ) -> None:
         """Wait in ``model``'s queue until a switch to it ends; raises that switch's error,
         :class:`SwitchBusyError` past ``timeout``, :class:`QueueFullError` at once when
         ``[switch] max_queue`` requests already wait. ``priority``: its API key's (the
         preset's is added); ``since``: when it first joined a queue (a request that waits
-        again, another switch having come first, keeps its place: :meth:`now`)."""
+        again, another switch having come first, keeps its place: :meth:`now`); ``tell``
+        hears its :class:`Position` when it changes, and every :data:`POSITION_EVERY_S`."""
         limit = self._max_queue()
         if len(self._waiters) >= limit:
             raise QueueFullError.over(limit, self._retry_after(model))
@@ -174,9 +197,10 @@ class Scheduler:
         waiter = _Waiter(model, joined, session, done, self._priority(model) + priority)
         self._waiters.append(waiter)
         self._changed.set()
+        self._moved()
         try:
             async with asyncio.timeout(timeout):
-                await done
+                await (done if tell is None else self._telling(waiter, tell))
         except TimeoutError:
             raise SwitchBusyError(
                 f"waited {timeout:g}s for {model!r} to be loaded ([switch] "
@@ -186,6 +210,41 @@ class Scheduler:
             if waiter in self._waiters:  # a client that left, or the timeout
                 self._waiters.remove(waiter)
                 self._changed.set()
+                self._moved()
+
+    def position(self, waiter: _Waiter) -> Position | None:
+        """Where ``waiter`` stands (None: it left the queue)."""
+        line = self._in_line(waiter.model)
+        if waiter not in line:
+            return None
+        waited = self._clock() - waiter.since
+        return Position(waiter.model, line.index(waiter) + 1, len(line), waited)
+
+    async def _telling(self, waiter: _Waiter, tell: Tell) -> None:
+        """Wait until ``waiter`` is let go (or fails), telling its position meanwhile."""
+        loop = asyncio.get_running_loop()
+        told: tuple[int, int] | None = None
+        told_at = loop.time()
+        while not waiter.done.done():
+            waiter.moved = loop.create_future()  # before reading: no change goes unseen
+            where = self.position(waiter)
+            if where is not None and (
+                (where.place, where.waiting) != told or loop.time() - told_at >= POSITION_EVERY_S
+            ):
+                await tell(where)
+                told, told_at = (where.place, where.waiting), loop.time()
+            await asyncio.wait(
+                {waiter.done, waiter.moved},
+                timeout=POSITION_EVERY_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        waiter.done.result()  # the switch's error, if it failed
+
+    def _moved(self) -> None:
+        """The queues changed: every waiter told its position looks again."""
+        for w in self._waiters:
+            if w.moved is not None and not w.moved.done():
+                w.moved.set_result(None)
 
     def _retry_after(self, model: str) -> float:
         """Seconds until a new waiter of ``model`` would likely be served: a switch per
@@ -249,6 +308,7 @@ class Scheduler:
     def _settle(self, waiters: list[_Waiter], exc: BaseException | None = None) -> None:
         """Take ``waiters`` off the queue: released (``exc`` None), or failed with ``exc``
         (one that gave up meanwhile is only removed)."""
+        self._moved()  # those left see their place move up
         for w in waiters:
             self._waiters.remove(w)
             if w.done.done():
