@@ -167,3 +167,7 @@ def test_a_streaming_waiter_sees_its_place_then_an_answer_the_openai_sdk_parses(
             chunks = streamed.result(timeout=120)
         assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
         assert chunks[0].model
+        status = httpx.get(hp.base_url + "/admin/status").json()
+        # measured by the scheduler's own switches (an admin's are not learnt from)
+        assert isinstance(status["load_seconds"], dict)
+        assert isinstance(status["replay_seconds"], dict)
