@@ -11,6 +11,7 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
 from hotmodel.presets import load_presets
+from hotmodel.security import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,3 +221,88 @@ def test_every_deadline_is_configurable(tmp_path: Path) -> None:
         cfg.switch.switch_timeout_seconds,
     ) == (7.0, 1.0, 30.0)
     assert cfg.session.queue_timeout_seconds == 9.0
+
+
+KEY = "a-client-key-of-some-length"
+KEY_FP = "0f2c7d3b0f1ba6d1c1e4f1d2"  # no configured key's
+SECURITY = f'[security]\napi_keys = ["{KEY}"]\n'
+
+
+def test_priorities_per_preset_and_per_key_and_aging(tmp_path: Path) -> None:
+    ini = INI.replace("[small]\n", "[small]\npriority = 3\n") + "priority = -2\n"
+    toml = (
+        MINIMAL
+        + "[switch]\naging_seconds = 2\n"
+        + f'[security]\napi_keys = ["{KEY}"]\n'
+        + f'[security.key_priorities]\n"{fingerprint(KEY)}" = 5\n'
+    )
+    cfg = load_config(_write(tmp_path, toml, ini))
+    assert cfg.switch.aging_seconds == 2.0
+    assert cfg.presets.models["small"].priority == 3
+    assert cfg.presets.models["big"].priority == -2
+    assert cfg.keys.priority(fingerprint(KEY)) == 5
+    assert cfg.keys.priority("someone-else") == 0
+    # hotmodel's own key never reaches llama-server
+    assert "priority =" not in cfg.presets.render()
+    assert "priority" not in cfg.presets.models["small"].options
+
+
+def test_a_global_priority_is_every_preset_default(tmp_path: Path) -> None:
+    ini = INI.replace("[*]\n", "[*]\npriority = 1\n").replace("[big]\n", "[big]\npriority = 0\n")
+    cfg = load_config(_write(tmp_path, MINIMAL, ini))
+    assert cfg.presets.models["small"].priority == 1
+    assert cfg.presets.models["big"].priority == 0
+    assert "priority =" not in cfg.presets.render()
+
+
+@pytest.mark.parametrize(
+    ("toml", "ini", "where", "expected"),
+    [
+        (MINIMAL, INI.replace("[big]\n", "[big]\npriority = high\n"), "ini", "[big] priority"),
+        (MINIMAL, INI.replace("[*]\n", "[*]\npriority = 1.5\n"), "ini", "[*] priority"),
+        (
+            MINIMAL + SECURITY + "key_priorities = 3\n",
+            INI,
+            "toml",
+            "[security] key_priorities: expected a table",
+        ),
+        (
+            MINIMAL + SECURITY + f'[security.key_priorities]\n"{KEY}" = 1\n',
+            INI,
+            "toml",
+            f"[security.key_priorities] {KEY}: expected a key's fingerprint",
+        ),
+        (
+            MINIMAL
+            + f'[security]\napi_keys = ["{KEY}"]\n[security.key_priorities]\n{KEY_FP} = 1\n',
+            INI,
+            "toml",
+            f"[security.key_priorities] {KEY_FP}: no configured key has this fingerprint",
+        ),
+        (MINIMAL + "[switch]\naging_seconds = -1\n", INI, "toml", "[switch] aging_seconds"),
+    ],
+)
+def test_bad_priorities_name_file_section_and_key(
+    tmp_path: Path, toml: str, ini: str, where: str, expected: str
+) -> None:
+    path = _write(tmp_path, toml, ini)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    named = tmp_path / "models.ini" if where == "ini" else path
+    assert str(info.value).startswith(str(named) + " "), str(info.value)
+    assert expected in str(info.value)
+
+
+def test_a_bad_key_priority_value_is_named(tmp_path: Path) -> None:
+    fp = fingerprint(KEY)
+    toml = MINIMAL + SECURITY + f'[security.key_priorities]\n{fp} = "hi"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, toml))
+    assert f"[security.key_priorities] {fp}: expected an integer, got 'hi'" in str(info.value)
+
+
+def test_a_preset_slot_count_wins_over_the_router_one(tmp_path: Path) -> None:
+    ini = INI.replace("[small]\n", "[small]\nnp = 3\n")
+    cfg = load_config(_write(tmp_path, MINIMAL + "parallel = 2\n", ini))
+    assert cfg.presets.slots("small", cfg.router.parallel) == 3
+    assert cfg.presets.slots("big", cfg.router.parallel) == 2

@@ -112,3 +112,62 @@ def test_a_full_queue_answers_429_with_retry_after_and_is_visible(
             assert switched.status_code == 200, switched.text
             assert [w.result()[0] for w in waiting] == [200, 200]
         assert httpx.get(hp.base_url + "/admin/status").json()["queues"] == {}
+
+
+def test_a_streaming_waiter_sees_its_place_then_an_answer_the_openai_sdk_parses(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    import openai
+
+    # the loaded model stays a minute: a request for Gemma waits in its queue until the
+    # admin switch below
+    extra = "auto = true\nmin_resident_seconds = 60\nmax_wait_seconds = 60"
+    with two_models(tmp_path, real_models, extra=extra) as hp:
+        body = {
+            "model": "gemma3",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", hp.base_url + "/v1/chat/completions", json=body, timeout=120
+        ) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            lines = resp.iter_lines()
+            first = next(lines)
+            assert first.startswith(": queued 1 of 1 for gemma3, waited "), first
+            switched = httpx.post(
+                hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
+            )
+            assert switched.status_code == 200, switched.text
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]", rest
+        # the same kind of stream, read by the openai SDK: comments are skipped
+        client = openai.OpenAI(base_url=hp.base_url + "/v1", api_key="none", max_retries=0)
+        httpx.post(hp.base_url + "/admin/switch", json={"model": "smollm2"}, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            streamed = pool.submit(
+                lambda: list(
+                    client.chat.completions.create(
+                        model="gemma3",
+                        messages=[{"role": "user", "content": "Hi"}],
+                        max_tokens=3,
+                        stream=True,
+                    )
+                )
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                queues = httpx.get(hp.base_url + "/admin/status").json()["queues"]
+                if queues.get("gemma3", {}).get("waiting") == 1:
+                    break
+                time.sleep(0.05)
+            httpx.post(hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120)
+            chunks = streamed.result(timeout=120)
+        assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+        assert chunks[0].model
+        status = httpx.get(hp.base_url + "/admin/status").json()
+        # measured by the scheduler's own switches (an admin's are not learnt from)
+        assert isinstance(status["load_seconds"], dict)
+        assert isinstance(status["replay_seconds"], dict)

@@ -450,3 +450,16 @@ def test_a_save_in_flight_is_not_an_orphan_to_a_budget_run_beside_it(tmp_path: P
     store.client = cast(Any, SimpleNamespace(slot=slot))
     saved = _save(store, "b", restoring="a")
     assert saved["kept"] is True and _held(store) == [("b", "s")]
+
+
+def test_the_scheduler_asks_whether_a_session_has_a_snapshot_for_a_model(tmp_path: Path) -> None:
+    store = _store(tmp_path, ("a", "b"))
+    assert not store.has("a", "", "s")  # no folder yet
+    store.ensure_folder()
+    path = _snap(store, "a", "s", used=1.0)
+    assert store.has("a", "", "s")  # the write is seen at once
+    assert not store.has("b", "", "s") and not store.has("a", "", "t")
+    assert not store.has("a", "other-key", "s")  # another key's session of that id
+    store.forget_session("", "s")  # its session deleted: the snapshot goes
+    assert not path.exists()
+    assert not store.has("a", "", "s")

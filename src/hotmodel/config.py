@@ -106,6 +106,10 @@ class SwitchConfig:
     linger_seconds: float = field(default=0.5, metadata=_meta(min=0))
     min_resident_seconds: float = field(default=0.0, metadata=_meta(min=0))
     max_queue: int = field(default=256, metadata=_meta(min=1))
+    # priorities (a preset's ``priority``, [security] key_priorities) and aging: a waiter
+    # gains one priority point per aging_seconds waited (so one point is worth that much
+    # waiting; 0: priorities are ignored)
+    aging_seconds: float = field(default=5.0, metadata=_meta(min=0))
     replay: bool = True
     drain_timeout_action: DrainTimeoutAction = "fail"
     load_timeout_seconds: float = field(default=120.0, metadata=_meta(min=0.001))

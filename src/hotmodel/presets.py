@@ -21,8 +21,11 @@ class Preset:
     """One model section of the INI presets file."""
 
     name: str
-    options: Mapping[str, str]
+    options: Mapping[str, str]  # llama-server's own keys only (hotmodel's are taken out)
     model_path: Path | None
+    # the scheduler's priority for requests waiting for this model (hotmodel's own key:
+    # never passed to llama-server); ``[*] priority`` is the default
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,17 @@ class Presets:
         preset = self.models.get(name)
         own = preset.options if preset is not None else {}
         return any(k in options for options in (own, self.globals) for k in _PREDICT_KEYS)
+
+    def slots(self, name: str, default: int) -> int:
+        """How many requests preset ``name`` serves at once: its own ``parallel``/``np``,
+        else ``[*]``'s, else ``default`` (``[router] parallel``, hotmodel's ``--parallel``)."""
+        preset = self.models.get(name)
+        for options in (preset.options if preset is not None else {}, self.globals):
+            for key in _SLOT_KEYS:
+                value = options.get(key, "")
+                if value.strip().isdigit() and int(value) > 0:
+                    return int(value)
+        return default
 
     def render(self) -> str:
         """The INI text handed to llama-server, with every path made absolute.
@@ -78,6 +92,8 @@ _TOP_SECTION = "hotmodel:top"
 
 
 _PREDICT_KEYS = ("n-predict", "n_predict", "predict", "n")
+_SLOT_KEYS = ("parallel", "np")
+PRIORITY_KEY = "priority"  # hotmodel's own preset key: taken out of what llama-server reads
 
 
 def resolve_path(base: Path, value: Path) -> Path:
@@ -110,24 +126,44 @@ def load_presets(path: Path) -> Presets:
     base = path.parent
     top = dict(parser[_TOP_SECTION])
     global_opts: dict[str, str] = {}
-    models: dict[str, Preset] = {}
+    found: dict[str, tuple[dict[str, str], Path | None, int | None]] = {}
+    default_priority = 0
     for name in parser.sections():
         if name == _TOP_SECTION:
             continue
         options = {k: _resolve_option(base, k, v) for k, v in parser[name].items()}
+        priority = _priority(options, path, name)
         if name == "*":
-            global_opts = options
+            global_opts, default_priority = options, priority or 0
             continue
         model_key = next((k for k in _MODEL_KEYS if k in options), None)
         if model_key is None and not any(k in options for k in _REMOTE_KEYS):
             raise ConfigError(
                 path, "a preset needs a 'model' path (or an hf-repo)", section=name, key="model"
             )
-        model_path = Path(options[model_key]) if model_key else None
-        models[name] = Preset(name=name, options=options, model_path=model_path)
-    if not models:
+        found[name] = (options, Path(options[model_key]) if model_key else None, priority)
+    if not found:
         raise ConfigError(path, "no model presets defined")
+    # [*] may come after the presets: its priority is the default of every one
+    models = {
+        name: Preset(name, options, model, default_priority if own is None else own)
+        for name, (options, model, own) in found.items()
+    }
     return Presets(path=path, top=top, globals=global_opts, models=models)
+
+
+def _priority(options: dict[str, str], path: Path, section: str) -> int | None:
+    """Take hotmodel's ``priority`` out of a section's options (llama-server does not know
+    it): an integer, None when the section sets none."""
+    raw = options.pop(PRIORITY_KEY, None)
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(
+            path, f"expected an integer, got {raw!r}", section=section, key=PRIORITY_KEY
+        ) from None
 
 
 def _resolve_option(base: Path, key: str, value: str) -> str:

@@ -49,7 +49,7 @@ from hotmodel.router.options import check_preset_keys, devices, known_options
 from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
 from hotmodel.sessions.retention import Retention
-from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.service import SessionRef, SessionService
 from hotmodel.sessions.store import SessionStore
 
 log = logging.getLogger("hotmodel.runtime")
@@ -236,7 +236,9 @@ class Runtime:
             gate,
             lambda: _rules(self.current_config),
             lambda: self.current_config.switch.max_queue,
-            slots=lambda: self.current_config.router.parallel,
+            slots=lambda model: _slots(self.current_config, model),
+            priority=lambda model: _preset_priority(self.current_config, model),
+            snapshot=_snapshot_query(snapshots),
         )
         controller.watch(scheduler.poke)  # an admin's switch may serve a queue
         await stack.enter_async_context(_task(scheduler.run(), "scheduler"))
@@ -317,7 +319,24 @@ class Runtime:
 
 def _rules(config: Config) -> Rules:
     s = config.switch
-    return Rules(s.max_wait_seconds, s.linger_seconds, s.min_resident_seconds)
+    return Rules(s.max_wait_seconds, s.linger_seconds, s.min_resident_seconds, s.aging_seconds)
+
+
+def _slots(config: Config, model: str) -> int:
+    """Requests ``model`` serves at once: its preset's np, else ``[router] parallel``."""
+    return config.presets.slots(model, config.router.parallel)
+
+
+def _preset_priority(config: Config, model: str) -> int:
+    preset = config.presets.models.get(model)
+    return 0 if preset is None else preset.priority
+
+
+def _snapshot_query(snapshots: Snapshots | None) -> Callable[[str, SessionRef], bool]:
+    """Whether a session has a KV snapshot for a model (the scheduler weighs it)."""
+    if snapshots is None:
+        return lambda model, session: False
+    return lambda model, session: snapshots.has(model, session.owner, session.id)
 
 
 def _http_client(cfg: Config, headers: Mapping[str, str]) -> httpx.AsyncClient:

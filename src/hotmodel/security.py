@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,13 @@ def fingerprint(key: str) -> str:
 class KeySet:
     client: tuple[str, ...] = field(default=(), repr=False)
     admin: tuple[str, ...] = field(default=(), repr=False)
+    # (fingerprint, priority): the scheduler's priority of a key's waiting requests
+    # (``[security] key_priorities``); a key not named has 0
+    priorities: tuple[tuple[str, int], ...] = ()
+
+    def priority(self, owner: str) -> int:
+        """The priority of requests sent with the key whose fingerprint is ``owner``."""
+        return next((p for fp, p in self.priorities if fp == owner), 0)
 
     @property
     def enabled(self) -> bool:
@@ -94,7 +102,39 @@ def load_keys(
                 "every API key must be at least 16 printable ASCII characters without spaces",
                 section="security",
             )
-    return KeySet(tuple(dict.fromkeys(client)), tuple(dict.fromkeys(admin)))
+    client, admin = list(dict.fromkeys(client)), list(dict.fromkeys(admin))
+    priorities = _priorities(table, {fingerprint(k) for k in (*client, *admin)}, path)
+    return KeySet(tuple(client), tuple(admin), priorities)
+
+
+def _priorities(
+    table: Mapping[str, Any], known: set[str], path: Path
+) -> tuple[tuple[str, int], ...]:
+    """``[security] key_priorities``: a key's fingerprint (so that the key itself need not
+    be written again, wherever it comes from) to an integer priority."""
+    value = table.get(PRIORITIES, {})
+    if not isinstance(value, dict):
+        raise ConfigError(
+            path,
+            "expected a table of key fingerprints to integers",
+            section="security",
+            key=PRIORITIES,
+        )
+    section = f"security.{PRIORITIES}"
+    for name, priority in value.items():
+        if not _FINGERPRINT.fullmatch(name):
+            raise ConfigError(
+                path,
+                "expected a key's fingerprint: the first 24 hex digits of its SHA-256 "
+                "(printf %s KEY | sha256sum | cut -c1-24), never the key itself",
+                section=section,
+                key=name,
+            )
+        if name not in known:
+            raise ConfigError(path, "no configured key has this fingerprint", section, name)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(path, f"expected an integer, got {priority!r}", section, name)
+    return tuple(value.items())
 
 
 def _listed(table: Mapping[str, Any], name: str, path: Path) -> list[str]:
@@ -138,4 +178,6 @@ def warn_if_shared(file: Path) -> None:
         )
 
 
-KNOWN_KEYS = frozenset({"api_keys", "admin_keys", "api_keys_file", "admin_keys_file"})
+PRIORITIES = "key_priorities"
+_FINGERPRINT = re.compile(r"[0-9a-f]{24}")
+KNOWN_KEYS = frozenset({"api_keys", "admin_keys", "api_keys_file", "admin_keys_file", PRIORITIES})

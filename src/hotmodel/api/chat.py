@@ -26,7 +26,8 @@ from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from hotmodel.api.auth import came_with_admin_key, owner_of
-from hotmodel.api.errors import upstream_error_response
+from hotmodel.api.errors import hotmodel_error_response, upstream_error_response
+from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
 from hotmodel.api.validate import (
@@ -43,6 +44,7 @@ from hotmodel.control.snapshots import Turn
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     AutoSwitchForbiddenError,
+    HotModelError,
     InvalidRequestError,
     ModelNotActiveError,
     ModelNotFoundError,
@@ -71,6 +73,7 @@ class ChatRequest:
     accept: str
     owner: str = ""  # the API key's fingerprint ('' when keys are off)
     admin: bool = False  # it came with an admin key
+    early: EarlyStream | None = None  # a stream: told its place while it waits in a queue
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -251,7 +254,16 @@ class ChatCompletions:
         record.stream = chat.stream
         if chat.session is not None:
             record.session = chat.session.id
-        response = await self._answer_or_retry(chat, record, receive, send)
+        if chat.stream:
+            session = {} if chat.session is None else {"x-session-id": chat.session.id}
+            chat.early = EarlyStream(send, session)
+            send = chat.early.send
+        try:
+            response = await self._answer_or_retry(chat, record, receive, send)
+        except HotModelError as exc:
+            if chat.early is None or not chat.early.started:
+                raise  # answered with its status, as any error
+            response = hotmodel_error_response(exc, record.request_id)  # the last event
         if response is not None:  # sent after the ticket and the session lock are returned
             await response(scope, receive, send)
 
@@ -296,9 +308,7 @@ class ChatCompletions:
                 await stack.enter_async_context(
                     self.s.sessions.locks.hold(chat.session.lock_key, timeout)
                 )
-            ticket = await stack.enter_async_context(
-                self.admitted(chat.payload.get("model"), receive, chat.session, chat.admin)
-            )
+            ticket = await stack.enter_async_context(self.admitted(chat, receive))
             model = ticket.model
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
@@ -403,19 +413,16 @@ class ChatCompletions:
         return on_reply
 
     @contextlib.asynccontextmanager
-    async def admitted(
-        self,
-        requested: object,
-        receive: Receive,
-        session: SessionRef | None = None,
-        admin: bool = False,
-    ) -> AsyncIterator[Ticket]:
+    async def admitted(self, chat: ChatRequest, receive: Receive) -> AsyncIterator[Ticket]:
         """A ticket whose ``model`` is named; auto-switches first when that is enabled (for
-        ``session``: its conversation is the one restored or replayed into the model), and
-        allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
+        the chat's session: its conversation is the one restored or replayed into the
+        model), and allowed to this caller (``[switch] auto_access``: its key's access);
+        a queued request has its key's priority (``[security] key_priorities``)."""
         s, cfg = self.s, self.s.config.switch
+        requested, admin = chat.payload.get("model"), chat.admin
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
         released = False  # the scheduler let it go: it is admitted, as its batch
+        since: float | None = None  # when it first joined a queue: it keeps its place
         # a request that names no model takes whichever is loaded: it never waits for a slot
         # of one model (a switch away would tie it to that model)
         named = requested not in (None, "", ACTIVE_ALIAS)
@@ -445,8 +452,11 @@ class ChatCompletions:
             # request waits in its model's queue; the scheduler switches for the whole queue
             # (and if another switch came first, the request waits again, within its bound).
             left = max(0.0, deadline - asyncio.get_running_loop().time())
+            since = s.scheduler.now() if since is None else since
+            priority = s.config.keys.priority(chat.owner)
+            tell = None if chat.early is None else chat.early.tell
             with anyio.CancelScope() as cancel, DisconnectWatch(receive, cancel) as watch:
-                await s.scheduler.wait_for(target, session, left)
+                await s.scheduler.wait_for(target, chat.session, left, priority, since, tell)
             if watch.gone:
                 raise ClientDisconnect()  # it left while it waited: nobody to answer (a 499)
             released = True

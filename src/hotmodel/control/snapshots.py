@@ -233,6 +233,9 @@ class Snapshots:
         self._no_take: set[str] = set()
         # the files being saved now (no sidecar yet): not orphans, whatever runs meanwhile
         self._saving: set[str] = set()
+        # whose snapshots the folder holds, (model, owner, session id): read again after
+        # a change (the scheduler asks on every decision)
+        self._index: set[tuple[str, str, str]] | None = None
         self.digests = Digests()
 
     @property
@@ -258,17 +261,26 @@ class Snapshots:
             metas.append(meta)
         return metas
 
+    def has(self, model: str, owner: str, session_id: str) -> bool:
+        """Whether a snapshot of this session for ``model`` is kept (cheap: no file is read
+        unless the folder changed since the last question)."""
+        if self._index is None:
+            self._index = {_key(m) for m in self._metas()} if self.dir.is_dir() else set()
+        return (model, owner, session_id) in self._index
+
     def _write(self, meta: Meta) -> None:
         side = self.dir / f"{Path(meta.file).stem}.json"
         partial = side.with_suffix(".partial")
         partial.write_text(json.dumps(asdict(meta)), encoding="utf-8")
         partial.replace(side)
+        self._index = None  # after the change: an index read meanwhile is read again
 
     def _delete_files(self, stem: str) -> None:
         self.digests.forget(self.dir / f"{stem}.bin")
         for suffix in (".bin", ".json"):
             with contextlib.suppress(OSError):
                 (self.dir / f"{stem}{suffix}").unlink()
+        self._index = None
 
     def _delete(self, meta: Meta, why: str) -> None:
         log.info("deleting KV snapshot %s (%s): %s", meta.file, meta.model, why)
