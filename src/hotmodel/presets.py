@@ -4,6 +4,12 @@ Each section is a *preset*: one model llama-server can load, keys being its
 command-line arguments without dashes. Relative paths resolve against the
 INI's folder (llama-server alone would resolve them against its working
 directory), and every error names the file and the section.
+
+A few keys are hotmodel's own (:data:`HOTMODEL_KEYS`): they are taken out of the
+preset's options here, so the file rendered for the router never carries them
+(llama-server would refuse a key it does not know). ``resident = true`` marks a
+*companion*: a model loaded at start that stays loaded beside whichever model
+the switches move (``control/residents.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ class Preset:
     name: str
     options: Mapping[str, str]
     model_path: Path | None
+    # loaded at start and kept beside the switched model; never a switch target
+    resident: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,11 @@ class Presets:
     top: Mapping[str, str]
     globals: Mapping[str, str]
     models: Mapping[str, Preset]
+
+    @property
+    def residents(self) -> tuple[str, ...]:
+        """The presets marked ``resident = true``, in file order."""
+        return tuple(name for name, preset in self.models.items() if preset.resident)
 
     def bounds_generation(self, name: str) -> bool:
         """Whether preset ``name`` (or ``[*]``) sets llama-server's own default answer length
@@ -75,6 +88,10 @@ PATH_KEYS = frozenset(
 _MODEL_KEYS = ("model", "m")
 _REMOTE_KEYS = ("hf-repo", "hf", "hfr", "model-url", "mu", "docker-repo", "dr")
 _TOP_SECTION = "hotmodel:top"
+RESIDENT_KEY = "resident"
+# hotmodel's own preset keys: read here, never handed to llama-server
+HOTMODEL_KEYS = frozenset({RESIDENT_KEY})
+_BOOLEANS = {"true": True, "false": False}
 
 
 _PREDICT_KEYS = ("n-predict", "n_predict", "predict", "n")
@@ -116,18 +133,36 @@ def load_presets(path: Path) -> Presets:
             continue
         options = {k: _resolve_option(base, k, v) for k, v in parser[name].items()}
         if name == "*":
+            if RESIDENT_KEY in options:
+                raise ConfigError(
+                    path,
+                    "resident applies to one preset's own section, not to [*]",
+                    section=name,
+                    key=RESIDENT_KEY,
+                )
             global_opts = options
             continue
+        resident = _flag(path, name, options.pop(RESIDENT_KEY, "false"))
         model_key = next((k for k in _MODEL_KEYS if k in options), None)
         if model_key is None and not any(k in options for k in _REMOTE_KEYS):
             raise ConfigError(
                 path, "a preset needs a 'model' path (or an hf-repo)", section=name, key="model"
             )
         model_path = Path(options[model_key]) if model_key else None
-        models[name] = Preset(name=name, options=options, model_path=model_path)
+        models[name] = Preset(name, options, model_path, resident)
     if not models:
         raise ConfigError(path, "no model presets defined")
     return Presets(path=path, top=top, globals=global_opts, models=models)
+
+
+def _flag(path: Path, section: str, value: str) -> bool:
+    """``resident``'s value: true or false (any case), else a ConfigError naming it."""
+    flag = _BOOLEANS.get(value.strip().lower())
+    if flag is None:
+        raise ConfigError(
+            path, f"expected true or false, got {value!r}", section=section, key=RESIDENT_KEY
+        )
+    return flag
 
 
 def _resolve_option(base: Path, key: str, value: str) -> str:

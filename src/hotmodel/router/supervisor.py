@@ -67,15 +67,17 @@ def router_argv(
 
     ``spare``: the router counts one model more than ``models_max``, for a model whose
     process exits while the next one loads (hotmodel, not the router, decides what
-    loads: ``--no-models-autoload``).
+    loads: ``--no-models-autoload``). Each resident preset (``resident = true``) counts
+    one more: ``[router] models_max`` counts the switched models only.
     """
     r = config.router
+    residents = len(config.presets.residents)
     return [
         str(binary),
         "--models-preset",
         str(presets_file),
         "--models-max",
-        str(r.models_max + spare),
+        str(r.models_max + spare + residents),
         "--no-models-autoload",
         "--host",
         r.host,
