@@ -414,6 +414,16 @@ class ChatCompletions:
         ``session``: its conversation is the one restored or replayed into the model), and
         allowed to this caller (``[switch] auto_access``; ``admin``: it sent an admin key)."""
         s, cfg = self.s, self.s.config.switch
+        residents = s.controller.residents
+        if isinstance(requested, str) and requested in residents.names:
+            # a resident is served beside the scheduler: no queue, no switch, and a switch
+            # of the active model (its closed gate) does not hold it
+            async with s.gate.admit(cfg.queue_timeout_seconds, beside=True) as ticket:
+                s.supervisor.ensure_running()
+                residents.check_ready(requested)  # a 503 while it is not loaded
+                ticket.model = requested
+                yield ticket
+            return
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
         released = False  # the scheduler let it go: it is admitted, as its batch
         # a request that names no model takes whichever is loaded: it never waits for a slot

@@ -11,22 +11,26 @@ in the loop's task, so a caller that goes away (a client disconnect) cannot
 stop it half-way.
 
 Commands today: :class:`Switch` (also the first load of the default model at
-start, and the rollback inside it), :class:`Unload` and :class:`Recover`
-(after the router or the model's child died). A config reload applies its
-live settings at once and changes the model set only through these commands.
+start, and the rollback inside it), :class:`Unload`, :class:`Recover`
+(after the router or the model's child died) and :class:`SyncResidents` (the
+resident models, ``residents.py``: loaded at start, after a reload, after a
+command that restarted the router). A config reload applies its live settings
+at once and changes the model set only through these commands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hotmodel.control.engine import Engine
-from hotmodel.control.report import Listener, SwitchReport, SwitchState, Watcher
-from hotmodel.errors import ModelNotFoundError, ShuttingDownError
+from hotmodel.control.report import Listener, Outcome, SwitchReport, SwitchState, Watcher
+from hotmodel.control.residents import Residents
+from hotmodel.errors import ModelNotFoundError, ModelResidentError, ShuttingDownError
 
 log = logging.getLogger("hotmodel.control")
 
@@ -68,7 +72,15 @@ class Snapshot:
     start finds the conversation in the cache)."""
 
 
-Command = Switch | Unload | Recover | Snapshot
+@dataclass(frozen=True, slots=True)
+class SyncResidents:
+    """Load every resident model that is not loaded, unload those no longer configured;
+    ``lost``: this one's process ended on its own (load it again)."""
+
+    lost: str | None = None
+
+
+Command = Switch | Unload | Recover | Snapshot | SyncResidents
 
 
 def _outcome(command: Command) -> tuple[str, ...]:
@@ -79,6 +91,8 @@ def _outcome(command: Command) -> tuple[str, ...]:
         return ("recover",)
     if isinstance(command, Snapshot):
         return ("snapshot",)
+    if isinstance(command, SyncResidents):
+        return ("residents", command.lost or "")
     return ("unload",) if isinstance(command, Unload) and command.idle_after is None else ("idle",)
 
 
@@ -93,9 +107,13 @@ class _Job:
 class Controller:
     """The one writer of the router's model set: a queue and the task that drains it."""
 
-    def __init__(self, engine: Engine, presets: Collection[str]) -> None:
+    def __init__(
+        self, engine: Engine, presets: Collection[str], residents: Residents | None = None
+    ) -> None:
         self.engine = engine
         self.presets = frozenset(presets)
+        # the models loaded beside the active one (none: an empty set, never loaded)
+        self.residents = residents or Residents(engine.router)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._last: _Job | None = None  # the newest job, queued or running, until it ends
         self._pending = 0  # jobs queued or running
@@ -145,9 +163,16 @@ class Controller:
         return self._pending > 0
 
     def check_target(self, target: str) -> None:
-        """Raise :class:`ModelNotFoundError` unless ``target`` is a preset."""
+        """Raise :class:`ModelNotFoundError` unless ``target`` is a preset, and
+        :class:`ModelResidentError` when it is a resident one (never switched to)."""
         if target not in self.presets:
             raise ModelNotFoundError.not_a_preset(target, sorted(self.presets))
+        if target in self.residents.names:
+            raise ModelResidentError(
+                f"model {target!r} is resident (resident = true): it stays loaded beside the "
+                "active model and is served directly; it is not a switch target",
+                param="model",
+            )
 
     async def submit(self, command: Command, listener: Listener | None = None) -> SwitchReport:
         """Queue ``command`` (or join the same outcome's) and await its report.
@@ -205,8 +230,12 @@ class Controller:
                 report = await self.engine.run(command.target, job.listeners, recover=True)
             elif isinstance(command, Snapshot):
                 report = await self.engine.run(self.engine.active, job.listeners, save_only=True)
+            elif isinstance(command, SyncResidents):
+                report = await self._sync_residents(command.lost)
             else:
                 report = await self.engine.run(None, job.listeners, idle_after=command.idle_after)
+            if _restarted(report):  # the router took every resident with it: back they come
+                await self.residents.sync(self.engine.config, restarted=True)
         except asyncio.CancelledError:
             job.future.set_exception(ShuttingDownError("hotmodel stopped during the switch"))
             raise
@@ -231,6 +260,18 @@ class Controller:
             self.engine.gate.open()  # held or not, requests are let go now
         return report
 
+    async def _sync_residents(self, lost: str | None) -> SwitchReport:
+        """A report of its own (not a switch: kept out of the history), failed when a
+        resident could not be loaded."""
+        report = SwitchReport(0, None, None, "residents", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if lost is not None and not self.residents.lost(lost):
+            report.outcome = Outcome.SKIPPED  # not loaded by us: nothing was lost
+            return report
+        errors = await self.residents.sync(self.engine.config)
+        report.outcome = Outcome.FAILED if errors else Outcome.OK
+        report.error = "; ".join(errors) or None
+        return report
+
     def close(self) -> None:
         """Take no more commands; every queued one fails with :class:`ShuttingDownError`.
 
@@ -242,6 +283,14 @@ class Controller:
             self._pending -= 1
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("hotmodel is shutting down"))
+
+
+def _restarted(report: SwitchReport) -> bool:
+    """Whether the command started the router again (its RESTART step was done), or the
+    switch back of a reverted reload did."""
+    return "restart" in report.phases or (
+        report.reverted is not None and "restart" in report.reverted.phases
+    )
 
 
 async def _hand_over() -> None:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hotmodel.config import Config, load_config
-from hotmodel.control.controller import Switch
+from hotmodel.control.controller import Switch, SyncResidents
 from hotmodel.control.report import SwitchReport
+from hotmodel.control.residents import residents_to_load
 from hotmodel.errors import ConfigError
 from hotmodel.presets import check_model_file
 from hotmodel.router.options import check_preset_keys, known_options
@@ -121,6 +122,13 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
             "is the active model and cannot be removed by a reload; switch to another model first",
             section=active,
         )
+    if active is not None and new.presets.models[active].resident:
+        raise ConfigError(
+            new.presets.path,
+            "is the active model and cannot become resident; switch to another model first",
+            section=active,
+            key="resident",
+        )
     applied: list[str] = []
     restart: list[str] = []
     sections: dict[str, Any] = {}
@@ -183,9 +191,12 @@ async def _reload(services: Services) -> dict[str, Any]:
     parked = controller.engine.parked
     if parked is not None and parked in plan.presets_changed:
         check_model_file(new.presets, parked)  # the next request loads it
+    # a resident added or edited: the router must read the new presets, so the active
+    # model is loaded again (the router restarts meanwhile, the residents come back after)
+    reload_active = plan.reload_active or bool(residents_to_load(old.presets, new.presets))
     _apply(services, plan.config)
     result = plan.to_json()
-    if plan.reload_active and controller.active is not None:
+    if reload_active and controller.active is not None:
         # if it fails, the previous configuration comes back within the same command
         command = Switch(controller.active, reload=True, revert=lambda: _apply(services, old))
         report = await controller.submit(command)
@@ -199,6 +210,9 @@ async def _reload(services: Services) -> dict[str, Any]:
             "the router reads the new presets at the next switch or unload "
             "(llama-server reads its preset list at start)"
         )
+    if old.presets.residents or new.presets.residents:  # removed ones unload, failed ones retry
+        await controller.submit(SyncResidents())
+        result["residents"] = controller.residents.status()
     log.info(
         "config reloaded: applied %s; needs a restart: %s; presets changed: %s",
         ", ".join(plan.applied) or "-",
@@ -228,5 +242,6 @@ def _apply(services: Services, config: Config) -> None:
     engine.config = config.switch
     engine.drain_timeout = config.server.switch_drain_timeout_seconds
     services.controller.presets = frozenset(config.presets.models)
+    services.controller.residents.names = frozenset(config.presets.residents)
     services.supervisor.use_presets(config.presets)
     logging.getLogger().setLevel(config.server.log_level.upper())

@@ -282,6 +282,12 @@ class RouterSupervisor:
         """The router runs with presets that :meth:`use_presets` has since replaced."""
         return self._stale
 
+    def runs_preset(self, name: str) -> bool:
+        """Whether the running router read preset ``name`` as it is configured now (a
+        reload may have added or edited it since: the router reads its list at start)."""
+        now = self._config.presets.models.get(name)
+        return now is not None and self._running_presets.models.get(name) == now
+
     def use_presets(self, presets: Presets) -> None:
         """The next start renders ``presets`` (a reload); the running router knows the
         old ones until then (llama-server reads its preset list once, at start)."""
