@@ -200,6 +200,7 @@ class Runtime:
             cfg.presets.residents,
             preflight=lambda name: check_model_file(self.current_config.presets, name),
             current=supervisor.runs_preset,
+            generation=lambda: supervisor.restarts,
         )
         snapshots = None
         if cfg.switch.kv_snapshots:

@@ -53,6 +53,7 @@ class ResidentState(enum.Enum):
 class Resident:
     state: ResidentState
     error: str | None = None
+    router: int = 0  # which start of the router it was loaded into (a restart ends it)
 
 
 class Residents:
@@ -64,20 +65,27 @@ class Residents:
         names: Collection[str] = (),
         preflight: Callable[[str], None] | None = None,
         current: Callable[[str], bool] = lambda name: True,
+        generation: Callable[[], int] = lambda: 0,
     ) -> None:
         self.router = router
         self.names = frozenset(names)  # configured; a reload replaces them, a sync applies
         self.preflight = preflight  # the GGUF can be read (presets.check_model_file)
         # whether the running router read this preset as configured now
         self.current = current
+        # how many times the router was started again: one loaded into an earlier router is
+        # gone, even before the sync after the restart says so
+        self.generation = generation
         self._states: dict[str, Resident] = {}
 
     def state(self, name: str) -> Resident | None:
-        return self._states.get(name)
+        resident = self._states.get(name)
+        if resident is None or resident.state is not ResidentState.LOADED:
+            return resident
+        return resident if resident.router == self.generation() else Resident(ResidentState.LOST)
 
     def status(self) -> dict[str, str]:
         """Per resident, its state (``/admin/status``, the dashboard)."""
-        out = {name: self._states.get(name, Resident(ResidentState.LOADING)) for name in self.names}
+        out = {name: self.state(name) or Resident(ResidentState.LOADING) for name in self.names}
         return {name: r.state.value for name, r in sorted(out.items())}
 
     def unloaded(self) -> tuple[str, ...]:
@@ -85,7 +93,7 @@ class Residents:
         are loaded later, beside whichever model is active then)."""
         loaded = ResidentState.LOADED
         return tuple(
-            n for n in sorted(self.names) if getattr(self._states.get(n), "state", None) != loaded
+            n for n in sorted(self.names) if getattr(self.state(n), "state", None) != loaded
         )
 
     def errors(self) -> dict[str, str]:
@@ -94,7 +102,7 @@ class Residents:
 
     def check_ready(self, name: str) -> None:
         """Raise :class:`ResidentUnavailableError` (503) unless resident ``name`` is loaded."""
-        resident = self._states.get(name)
+        resident = self.state(name)
         if resident is not None and resident.state is ResidentState.LOADED:
             return
         if resident is None or resident.state is ResidentState.LOADING:
@@ -110,7 +118,7 @@ class Residents:
     def lost(self, name: str) -> bool:
         """Its process ended without a command asking (a crash): True when it was loaded,
         so that a sync loads it again."""
-        resident = self._states.get(name)
+        resident = self.state(name)
         if resident is None or resident.state is not ResidentState.LOADED:
             return False
         self._states[name] = Resident(ResidentState.LOST)
@@ -133,7 +141,7 @@ class Residents:
         if restarted:
             self._states = {n: Resident(ResidentState.LOST) for n in self._states}
         for name in sorted(self.names):
-            resident = self._states.get(name)
+            resident = self.state(name)
             if resident is not None and resident.state is ResidentState.LOADED:
                 continue
             error = await self._load(name, config)
@@ -160,6 +168,6 @@ class Residents:
             except HotModelError as again:
                 log.warning("resident %r: unloading after its failed load: %s", name, again)
             return f"resident {name!r} failed to load: {error}"
-        self._states[name] = Resident(ResidentState.LOADED)
+        self._states[name] = Resident(ResidentState.LOADED, router=self.generation())
         log.info("resident %r loaded", name)
         return None
