@@ -6,6 +6,8 @@ file's metadata gives (layers, KV heads, key/value lengths) times the context
 and the cache types. :func:`choose_policy` is the pure decision: overlap
 (load the target, then unload the old) only when the GPU's free memory covers
 that estimate plus a margin; zero_overlap otherwise, and always without a GPU.
+The estimate counts the resident companions not loaded now as well
+(:func:`need_beside_residents`): a loaded one is in the GPU's reading already.
 """
 
 from __future__ import annotations
