@@ -182,3 +182,24 @@ def test_a_resident_answers_while_a_switch_holds_the_active_models_requests(
     finally:
         code = hp.stop()
     assert code == 0, hp.output()
+
+
+def test_a_resident_that_fails_to_load_is_shown_and_refused_and_the_rest_works(
+    tmp_path: Path, real_models: dict[str, Path], tiny_models: dict[str, Path], llama_server: Path
+) -> None:
+    broken = {**tiny_models, "tiny": tiny_models["garbage"]}  # a GGUF llama.cpp cannot load
+    hp = start_hotmodel(_config(tmp_path, real_models, broken))
+    try:
+        status = hp.status()
+        assert status["residents"] == {"companion": "failed"}, status
+        assert "companion" in status["resident_errors"]  # type: ignore[operator]
+        refused = chat(hp, "companion")
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "resident_unavailable"
+        assert "failed to load" in refused.json()["error"]["message"]
+        assert chat(hp, "smollm2").status_code == 200
+        switched = httpx.post(hp.base_url + "/admin/switch", json={"model": "tiny2"}, timeout=120)
+        assert switched.status_code == 200, switched.text
+    finally:
+        code = hp.stop()
+    assert code == 0, hp.output()
