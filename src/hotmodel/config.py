@@ -280,6 +280,15 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             section="router",
             key="default_model",
         )
+    if presets.models[router.default_model].resident:
+        raise ConfigError(
+            path,
+            f"{router.default_model!r} is resident (resident = true in "
+            f"{router.models_preset}): a resident stays loaded beside the switched model "
+            "and cannot be the default (switched) model",
+            section="router",
+            key="default_model",
+        )
     return Config(
         path=path,
         server=server,

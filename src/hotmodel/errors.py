@@ -135,6 +135,11 @@ class ModelUnavailableError(RouterError):
     the control loop loads it again, so a client is asked to retry (503)."""
 
 
+class ResidentUnavailableError(ModelUnavailableError):
+    """A resident model (``resident = true``) is not loaded: its load failed, or it is being
+    loaded (again). The message says which; the rest of hotmodel works (503)."""
+
+
 class ModelLoadError(RouterError):
     """A model load ended ``failed`` or did not reach ``loaded`` in time.
 
@@ -186,6 +191,11 @@ class ModelNotFoundError(RequestError):
     def not_a_preset(cls, name: object, known: Iterable[str]) -> ModelNotFoundError:
         """The one wording of it, with the names that would have been taken."""
         return cls(f"model {name!r} is not a preset (known: {', '.join(known)})", param="model")
+
+
+class ModelResidentError(RequestError):
+    """A switch named a resident model: it stays loaded beside the active one and is
+    served directly, never switched to."""
 
 
 class ModelNotActiveError(RequestError):
@@ -302,6 +312,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
     (AutoSwitchForbiddenError, HttpError(403, "invalid_request_error", "auto_switch_forbidden")),
+    (ModelResidentError, HttpError(400, "invalid_request_error", "model_resident")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),
     (SessionBusyError, HttpError(409, "invalid_request_error", "session_busy")),
     (SessionLimitError, HttpError(409, "invalid_request_error", "session_limit_reached")),
@@ -315,6 +326,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SwitchCancelledError, HttpError(503, "server_error", "switch_cancelled")),
     (SwitchFailedError, HttpError(502, "server_error", "switch_failed")),
     (RouterTimeoutError, HttpError(504, "server_error", "upstream_timeout")),
+    (ResidentUnavailableError, HttpError(503, "server_error", "resident_unavailable")),
     (ModelUnavailableError, HttpError(503, "server_error", "model_unavailable")),
     (RouterError, HttpError(503, "server_error", "router_unavailable")),
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),

@@ -4,6 +4,12 @@ Each section is a *preset*: one model llama-server can load, keys being its
 command-line arguments without dashes. Relative paths resolve against the
 INI's folder (llama-server alone would resolve them against its working
 directory), and every error names the file and the section.
+
+A few keys are hotmodel's own (:data:`HOTMODEL_KEYS`): they are taken out of the
+preset's options here, so the file rendered for the router never carries them
+(llama-server would refuse a key it does not know). ``resident = true`` marks a
+*companion*: a model loaded at start that stays loaded beside whichever model
+the switches move (``control/residents.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class Preset:
     # the scheduler's priority for requests waiting for this model (hotmodel's own key:
     # never passed to llama-server); ``[*] priority`` is the default
     priority: int = 0
+    # loaded at start and kept beside the switched model; never a switch target
+    resident: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,11 @@ class Presets:
     top: Mapping[str, str]
     globals: Mapping[str, str]
     models: Mapping[str, Preset]
+
+    @property
+    def residents(self) -> tuple[str, ...]:
+        """The presets marked ``resident = true``, in file order."""
+        return tuple(name for name, preset in self.models.items() if preset.resident)
 
     def bounds_generation(self, name: str) -> bool:
         """Whether preset ``name`` (or ``[*]``) sets llama-server's own default answer length
@@ -89,6 +102,10 @@ PATH_KEYS = frozenset(
 _MODEL_KEYS = ("model", "m")
 _REMOTE_KEYS = ("hf-repo", "hf", "hfr", "model-url", "mu", "docker-repo", "dr")
 _TOP_SECTION = "hotmodel:top"
+RESIDENT_KEY = "resident"
+# hotmodel's own preset keys: read here, never handed to llama-server
+HOTMODEL_KEYS = frozenset({RESIDENT_KEY})
+_BOOLEANS = {"true": True, "false": False}
 
 
 _PREDICT_KEYS = ("n-predict", "n_predict", "predict", "n")
@@ -126,7 +143,7 @@ def load_presets(path: Path) -> Presets:
     base = path.parent
     top = dict(parser[_TOP_SECTION])
     global_opts: dict[str, str] = {}
-    found: dict[str, tuple[dict[str, str], Path | None, int | None]] = {}
+    found: dict[str, tuple[dict[str, str], Path | None, int | None, bool]] = {}
     default_priority = 0
     for name in parser.sections():
         if name == _TOP_SECTION:
@@ -134,20 +151,29 @@ def load_presets(path: Path) -> Presets:
         options = {k: _resolve_option(base, k, v) for k, v in parser[name].items()}
         priority = _priority(options, path, name)
         if name == "*":
+            if RESIDENT_KEY in options:
+                raise ConfigError(
+                    path,
+                    "resident applies to one preset's own section, not to [*]",
+                    section=name,
+                    key=RESIDENT_KEY,
+                )
             global_opts, default_priority = options, priority or 0
             continue
+        resident = _flag(path, name, options.pop(RESIDENT_KEY, "false"))
         model_key = next((k for k in _MODEL_KEYS if k in options), None)
         if model_key is None and not any(k in options for k in _REMOTE_KEYS):
             raise ConfigError(
                 path, "a preset needs a 'model' path (or an hf-repo)", section=name, key="model"
             )
-        found[name] = (options, Path(options[model_key]) if model_key else None, priority)
+        model_path = Path(options[model_key]) if model_key else None
+        found[name] = (options, model_path, priority, resident)
     if not found:
         raise ConfigError(path, "no model presets defined")
     # [*] may come after the presets: its priority is the default of every one
     models = {
-        name: Preset(name, options, model, default_priority if own is None else own)
-        for name, (options, model, own) in found.items()
+        name: Preset(name, options, model, default_priority if own is None else own, resident)
+        for name, (options, model, own, resident) in found.items()
     }
     return Presets(path=path, top=top, globals=global_opts, models=models)
 
@@ -164,6 +190,16 @@ def _priority(options: dict[str, str], path: Path, section: str) -> int | None:
         raise ConfigError(
             path, f"expected an integer, got {raw!r}", section=section, key=PRIORITY_KEY
         ) from None
+
+
+def _flag(path: Path, section: str, value: str) -> bool:
+    """``resident``'s value: true or false (any case), else a ConfigError naming it."""
+    flag = _BOOLEANS.get(value.strip().lower())
+    if flag is None:
+        raise ConfigError(
+            path, f"expected true or false, got {value!r}", section=section, key=RESIDENT_KEY
+        )
+    return flag
 
 
 def _resolve_option(base: Path, key: str, value: str) -> str:

@@ -27,13 +27,14 @@ from typing import Any
 import httpx
 
 from hotmodel.config import Config
-from hotmodel.control.commands import Snapshot, Switch
+from hotmodel.control.commands import Snapshot, Switch, SyncResidents
 from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
 from hotmodel.control.feed import Feed
-from hotmodel.control.fit import preset_need_mib
+from hotmodel.control.fit import need_beside_residents
 from hotmodel.control.gpu import GpuProbe, NoGpu, detect_probe
 from hotmodel.control.idle import IdleUnloader
+from hotmodel.control.residents import Residents
 from hotmodel.control.scheduler import Rules, Scheduler
 from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
@@ -195,6 +196,13 @@ class Runtime:
         lifecycle = ModelLifecycle(router, events, supervisor.log_tail)
         stack.push_async_callback(lifecycle.aclose)
         gate = TrafficGate()
+        residents = Residents(
+            lifecycle,
+            cfg.presets.residents,
+            preflight=lambda name: check_model_file(self.current_config.presets, name),
+            current=supervisor.runs_preset,
+            generation=lambda: supervisor.restarts,
+        )
         snapshots = None
         if cfg.switch.kv_snapshots:
             snapshots = Snapshots(cfg, binary, router, sessions, sessions.slots)
@@ -211,14 +219,19 @@ class Runtime:
             process=supervisor,
             preflight=lambda target: check_model_file(self.current_config.presets, target),
             kv=snapshots,
-            estimate=lambda target: preset_need_mib(
-                self.current_config.presets, target, self.current_config.router
+            # the target's, and the residents' that are not loaded now (a loaded one is
+            # in the GPU's reading already)
+            estimate=lambda target: need_beside_residents(
+                self.current_config.presets,
+                target,
+                self.current_config.router,
+                residents.unloaded(),
             ),
             models_max=cfg.router.models_max,
             exit_in_background=cpu_only,
         )
         feed = Feed()  # every phase, report and model event, for the dashboard
-        controller = Controller(engine, cfg.presets.models)
+        controller = Controller(engine, cfg.presets.models, residents)
         controller.watch(feed.watch)
         events.listeners.append(feed.model_event)
         events.listeners.append(_progress_to(controller))
@@ -264,8 +277,12 @@ class Runtime:
 
     async def _load_default(self) -> None:
         """The first load is a command like any other: the control loop does it.
-        Without preload the model is parked: the first request loads it."""
+        Without preload the model is parked: the first request loads it. The residents
+        are loaded first, by a command of their own: one that fails is logged and shown
+        (``/admin/status``), and hotmodel starts all the same."""
         model = self.config.router.default_model
+        if self.config.presets.residents:
+            self.services.controller.post(SyncResidents())
         if not self.config.router.preload:
             self.services.controller.park(model)
             log.info("default model %r is loaded by the first request ([router] preload)", model)

@@ -57,6 +57,9 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         "uptime_seconds": round(runtime.uptime(), 3),
         "config": str(s.config.path),
         "presets": list(s.config.presets.models),
+        # the models loaded beside the active one (resident = true), and why one is not
+        "residents": s.controller.residents.status(),
+        "resident_errors": s.controller.residents.errors(),
         "router": {
             "pid": sup.pid,
             "state": sup.state.value,

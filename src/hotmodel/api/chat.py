@@ -420,6 +420,16 @@ class ChatCompletions:
         a queued request has its key's priority (``[security] key_priorities``)."""
         s, cfg = self.s, self.s.config.switch
         requested, admin = chat.payload.get("model"), chat.admin
+        residents = s.controller.residents
+        if isinstance(requested, str) and requested in residents.names:
+            # a resident is served beside the scheduler: no queue, no switch, and a switch
+            # of the active model (its closed gate) does not hold it
+            async with s.gate.admit(cfg.queue_timeout_seconds, beside=True) as ticket:
+                s.supervisor.ensure_running()
+                residents.check_ready(requested)  # a 503 while it is not loaded
+                ticket.model = requested
+                yield ticket
+            return
         deadline = asyncio.get_running_loop().time() + cfg.queue_timeout_seconds
         released = False  # the scheduler let it go: it is admitted, as its batch
         since: float | None = None  # when it first joined a queue: it keeps its place

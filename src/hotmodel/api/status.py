@@ -84,6 +84,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
         except RouterError:
             states = {}
         active, parked = s.controller.active, s.controller.parked
+        residents = s.controller.residents.names
         for name in s.controller.exiting:
             if states.get(name) == "loaded":  # the router says so until its process is gone
                 states[name] = "unloading"
@@ -96,6 +97,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
                 "status": states.get(name, "unknown"),
                 "active": name == active,
                 "parked": name == parked,  # unloaded for idleness: the next request loads it
+                "resident": name in residents,  # loaded beside the active one, never switched
                 "size_bytes": size_on_disk(preset),
             }
             for name, preset in s.config.presets.models.items()

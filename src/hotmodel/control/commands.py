@@ -67,5 +67,14 @@ class Reconfigure:
     revert: Callable[[], None] | None = field(default=None, compare=False)
 
 
-EngineCommand = Switch | Unload | Recover | Snapshot
-Command = EngineCommand | Reconfigure
+@dataclass(frozen=True, slots=True)
+class SyncResidents:
+    """Load every resident model (``resident = true``) that is not loaded, unload those
+    no longer configured; ``lost``: this one's process ended on its own (load it again)."""
+
+    lost: str | None = None
+
+
+EngineCommand = Switch | Unload | Recover | Snapshot  # what ``Engine.run`` takes
+Reporting = EngineCommand | SyncResidents  # every command that ends with a report
+Command = Reporting | Reconfigure

@@ -13,7 +13,9 @@ stop it half-way.
 The commands are in ``commands.py``: :class:`Switch` (also the first load of the
 default model at start), :class:`Unload`, :class:`Recover` (after the router or
 the model's child died), :class:`Snapshot` (at stop) and :class:`Reconfigure` (a
-config reload: what the engine reads changes between two runs, never during one).
+config reload: what the engine reads changes between two runs, never during one)
+and :class:`SyncResidents` (the resident models, ``residents.py``: loaded at start,
+after a reload, after a command that restarted the router).
 Everything else reads the loop's state through the controller's read-only
 properties; the watchdog asks for a recovery through :meth:`Controller.recover`.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -29,16 +32,23 @@ from typing import Any, cast
 from hotmodel.config import Config
 from hotmodel.control.commands import (
     Command,
-    EngineCommand,
     Reconfigure,
     Recover,
+    Reporting,
     Snapshot,
     Switch,
+    SyncResidents,
     Unload,
 )
 from hotmodel.control.engine import Engine
-from hotmodel.control.report import Listener, SwitchReport, SwitchState, Watcher
-from hotmodel.errors import HotModelError, ModelNotFoundError, ShuttingDownError
+from hotmodel.control.report import Listener, Outcome, SwitchReport, SwitchState, Watcher
+from hotmodel.control.residents import Residents
+from hotmodel.errors import (
+    HotModelError,
+    ModelNotFoundError,
+    ModelResidentError,
+    ShuttingDownError,
+)
 
 log = logging.getLogger("hotmodel.control")
 
@@ -53,6 +63,8 @@ def _outcome(command: Command) -> tuple[str, ...]:
         return ("snapshot",)
     if isinstance(command, Reconfigure):
         return ("reconfigure", str(id(command)))  # each reload is its own
+    if isinstance(command, SyncResidents):
+        return ("residents", command.lost or "")
     return ("unload",) if isinstance(command, Unload) and command.idle_after is None else ("idle",)
 
 
@@ -67,9 +79,13 @@ class _Job:
 class Controller:
     """The one writer of the router's model set: a queue and the task that drains it."""
 
-    def __init__(self, engine: Engine, presets: Collection[str]) -> None:
+    def __init__(
+        self, engine: Engine, presets: Collection[str], residents: Residents | None = None
+    ) -> None:
         self.engine = engine
         self.presets = frozenset(presets)
+        # the models loaded beside the active one (none: an empty set, never loaded)
+        self.residents = residents or Residents(engine.router)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._last: _Job | None = None  # the newest job, queued or running, until it ends
         self._pending = 0  # jobs queued or running
@@ -145,13 +161,18 @@ class Controller:
         return self._pending > 0
 
     def check_target(self, target: str) -> None:
-        """Raise :class:`ModelNotFoundError` unless ``target`` is a preset."""
+        """Raise :class:`ModelNotFoundError` unless ``target`` is a preset, and
+        :class:`ModelResidentError` when it is a resident one (never switched to)."""
         if target not in self.presets:
             raise ModelNotFoundError.not_a_preset(target, sorted(self.presets))
+        if target in self.residents.names:
+            raise ModelResidentError(
+                f"model {target!r} is resident (resident = true): it stays loaded beside the "
+                "active model and is served directly; it is not a switch target",
+                param="model",
+            )
 
-    async def submit(
-        self, command: EngineCommand, listener: Listener | None = None
-    ) -> SwitchReport:
+    async def submit(self, command: Reporting, listener: Listener | None = None) -> SwitchReport:
         """Queue ``command`` (or join the same outcome's) and await its report.
 
         Cancelling the caller does not cancel the command: it belongs to the loop.
@@ -178,7 +199,7 @@ class Controller:
             raise
 
     def post(
-        self, command: EngineCommand, listener: Listener | None = None
+        self, command: Reporting, listener: Listener | None = None
     ) -> asyncio.Future[SwitchReport]:
         """Queue ``command`` without waiting for it (see :meth:`_post`); every engine
         command ends with a report."""
@@ -229,8 +250,13 @@ class Controller:
         try:
             if isinstance(command, Reconfigure):
                 report = await self._reconfigure(command, job.listeners)
+            elif isinstance(command, SyncResidents):
+                report = await self._sync_residents(command.lost)
             else:
                 report = await self.engine.run(command, job.listeners)
+            if report is not None and _restarted(report):
+                # the router took every resident with it: back they come
+                await self.residents.sync(self.engine.config, restarted=True)
         except asyncio.CancelledError:
             job.future.set_exception(ShuttingDownError("hotmodel stopped during the switch"))
             raise
@@ -244,6 +270,17 @@ class Controller:
         self, command: Reconfigure, listeners: list[Listener]
     ) -> SwitchReport | None:
         self.engine.configure(command.config)
+        self.residents.names = frozenset(command.config.presets.residents)
+        report = await self._load_again(command, listeners)
+        if command.config.presets.residents or command.previous.presets.residents:
+            await self.residents.sync(self.engine.config)  # removed ones go, failed ones retry
+        return report
+
+    async def _load_again(
+        self, command: Reconfigure, listeners: list[Listener]
+    ) -> SwitchReport | None:
+        """A reload's load again of the active model; if it fails, the previous
+        configuration comes back and the model is loaded again with it."""
         if command.reload is None or command.reload != self.engine.active:
             return None  # (a switch since the reload read it: the next load reads the preset)
         again = Switch(command.reload, reload=True)
@@ -255,12 +292,25 @@ class Controller:
             previous = command.previous  # the configuration that worked is in force again
             self.engine.configure(previous)
             self.presets = frozenset(previous.presets.models)
+            self.residents.names = frozenset(previous.presets.residents)
             if command.revert is not None:
                 command.revert()
             if not report.changed_nothing:
                 report.reverted = await self.engine.run(again, listeners)
         finally:
             self.engine.gate.open()  # held or not, requests are let go now
+        return report
+
+    async def _sync_residents(self, lost: str | None) -> SwitchReport:
+        """A report of its own (not a switch: kept out of the history), failed when a
+        resident could not be loaded."""
+        report = SwitchReport(0, None, None, "residents", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if lost is not None and not self.residents.lost(lost):
+            report.outcome = Outcome.SKIPPED  # not loaded by us: nothing was lost
+            return report
+        errors = await self.residents.sync(self.engine.config)
+        report.outcome = Outcome.FAILED if errors else Outcome.OK
+        report.error = "; ".join(errors) or None
         return report
 
     def close(self) -> None:
@@ -274,6 +324,14 @@ class Controller:
             self._pending -= 1
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("hotmodel is shutting down"))
+
+
+def _restarted(report: SwitchReport) -> bool:
+    """Whether the command started the router again (its RESTART step was done), or the
+    switch back of a reverted reload did."""
+    return "restart" in report.phases or (
+        report.reverted is not None and "restart" in report.reverted.phases
+    )
 
 
 async def _hand_over() -> None:

@@ -6,12 +6,14 @@ file's metadata gives (layers, KV heads, key/value lengths) times the context
 and the cache types. :func:`choose_policy` is the pure decision: overlap
 (load the target, then unload the old) only when the GPU's free memory covers
 that estimate plus a margin; zero_overlap otherwise, and always without a GPU.
+The estimate counts the resident companions not loaded now as well
+(:func:`need_beside_residents`): a loaded one is in the GPU's reading already.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -213,6 +215,16 @@ def largest_context(presets: Presets, router: RouterConfig) -> int | None:
     """The largest context any preset is loaded with (None when one is unknown)."""
     sizes = [preset_context(presets, name, router) for name in presets.models]
     return None if not sizes or None in sizes else max(s for s in sizes if s is not None)
+
+
+def need_beside_residents(
+    presets: Presets, name: str, router: RouterConfig, residents: Collection[str]
+) -> int | None:
+    """What loading ``name`` must find free: its own need, plus that of the ``residents``
+    not loaded now (a loaded one is in the GPU's reading already); None when one is
+    unknown."""
+    needs = [preset_need_mib(presets, n, router) for n in (name, *residents)]
+    return None if None in needs else sum(n for n in needs if n is not None)
 
 
 def preset_need_mib(presets: Presets, name: str, router: RouterConfig) -> int | None:

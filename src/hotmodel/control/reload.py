@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotmodel.config import Config, load_config
 from hotmodel.control.report import SwitchReport
+from hotmodel.control.residents import residents_to_load
 from hotmodel.errors import ConfigError
 from hotmodel.presets import check_model_file
 from hotmodel.router.options import check_preset_keys, known_options
@@ -120,6 +121,13 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
             "is the active model and cannot be removed by a reload; switch to another model first",
             section=active,
         )
+    if active is not None and new.presets.models[active].resident:
+        raise ConfigError(
+            new.presets.path,
+            "is the active model and cannot become resident; switch to another model first",
+            section=active,
+            key="resident",
+        )
     applied: list[str] = []
     restart: list[str] = []
     sections: dict[str, Any] = {}
@@ -182,9 +190,12 @@ async def _reload(services: Services) -> dict[str, Any]:
     parked = controller.parked
     if parked is not None and parked in plan.presets_changed:
         check_model_file(new.presets, parked)  # the next request loads it
+    # a resident added or edited: the router must read the new presets, so the active
+    # model is loaded again (the router restarts meanwhile, the residents come back after)
+    reload_active = plan.reload_active or bool(residents_to_load(old.presets, new.presets))
     _apply(services, plan.config)
     result = plan.to_json()
-    reload = controller.active if plan.reload_active else None
+    reload = controller.active if reload_active else None
     # the engine takes its part between two runs; if the active model's load again
     # fails, the previous configuration comes back within the same command
     report = await controller.reconfigure(
@@ -201,6 +212,8 @@ async def _reload(services: Services) -> dict[str, Any]:
             "the router reads the new presets at the next switch or unload "
             "(llama-server reads its preset list at start)"
         )
+    if old.presets.residents or new.presets.residents:  # synced by the Reconfigure command
+        result["residents"] = controller.residents.status()
     log.info(
         "config reloaded: applied %s; needs a restart: %s; presets changed: %s",
         ", ".join(plan.applied) or "-",

@@ -111,9 +111,11 @@ class TrafficGate:
         ]
 
     @contextlib.asynccontextmanager
-    async def admit(self, timeout: float) -> AsyncIterator[Ticket]:
-        """A ticket for the ``async with`` block, returned when the block ends, however."""
-        ticket = await self._enter(timeout)
+    async def admit(self, timeout: float, beside: bool = False) -> AsyncIterator[Ticket]:
+        """A ticket for the ``async with`` block, returned when the block ends, however.
+        ``beside``: a request for a resident model, which no switch touches: a switch's
+        closed gate does not hold it (a recovery's does: the router is coming back)."""
+        ticket = await self._enter(timeout, beside)
         try:
             yield ticket
         finally:
@@ -125,9 +127,9 @@ class TrafficGate:
         self._changed()
         return ticket
 
-    async def _enter(self, timeout: float) -> Ticket:
+    async def _enter(self, timeout: float, beside: bool = False) -> Ticket:
         """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
-        if self._open:
+        if self._open or (beside and not self._recovery.is_set()):
             return self._issue()
         held: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         self._held.append(held)

@@ -25,10 +25,12 @@ of failing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 from hotmodel.config import Config
+from hotmodel.control.commands import SyncResidents
 from hotmodel.control.controller import Controller
 from hotmodel.errors import HotModelError
 from hotmodel.router.client import RouterClient
@@ -81,6 +83,15 @@ class Watchdog:
     def model_event(self, event: ModelEvent) -> None:
         """The event feed's callback: an unload nobody asked for is a crashed child."""
         active = self.controller.active
+        if (
+            event.model in self.controller.residents.names
+            and event.state is ModelState.UNLOADED
+            and not self.controller.busy
+            and self.enabled
+        ):  # a resident's child: the control loop loads it again if it was loaded
+            with contextlib.suppress(HotModelError):  # shutting down: nothing to bring back
+                self.controller.post(SyncResidents(lost=event.model))
+            return
         if (
             active is not None
             and event.model == active

@@ -67,15 +67,17 @@ def router_argv(
 
     ``spare``: the router counts one model more than ``models_max``, for a model whose
     process exits while the next one loads (hotmodel, not the router, decides what
-    loads: ``--no-models-autoload``).
+    loads: ``--no-models-autoload``). Each resident preset (``resident = true``) counts
+    one more: ``[router] models_max`` counts the switched models only.
     """
     r = config.router
+    residents = len(config.presets.residents)
     return [
         str(binary),
         "--models-preset",
         str(presets_file),
         "--models-max",
-        str(r.models_max + spare),
+        str(r.models_max + spare + residents),
         "--no-models-autoload",
         "--host",
         r.host,
@@ -279,6 +281,12 @@ class RouterSupervisor:
     def stale(self) -> bool:
         """The router runs with presets that :meth:`use_presets` has since replaced."""
         return self._stale
+
+    def runs_preset(self, name: str) -> bool:
+        """Whether the running router read preset ``name`` as it is configured now (a
+        reload may have added or edited it since: the router reads its list at start)."""
+        now = self._config.presets.models.get(name)
+        return now is not None and self._running_presets.models.get(name) == now
 
     def use_presets(self, presets: Presets) -> None:
         """The next start renders ``presets`` (a reload); the running router knows the

@@ -102,14 +102,17 @@
     const rows = names.map((name) => {
       const model = state.models.get(name) || { id: name, status: "unknown" };
       const isActive = name === active;
+      // a resident stays loaded beside the active model: it is never switched to
+      const resident = state.status && state.status.residents ? state.status.residents[name] : undefined;
       return el("tr", { dataset: { model: name, status: model.status }, class: isActive ? "active" : "" }, [
         el("td", { class: "mono", text: name }),
         el("td", {}, [el("span", { class: `badge ${model.status}`, text: model.status })]),
         el("td", {}, [
           isActive ? el("span", { class: "badge active", text: "active" }) : null,
+          resident !== undefined ? el("span", { class: "badge resident", text: `resident: ${resident}` }) : null,
           queued(name),
         ]),
-        el("td", {}, [el("button", {
+        el("td", {}, [resident !== undefined ? null : el("button", {
           type: "button", text: "Switch", "aria-label": `Switch to ${name}`,
           disabled: isActive || busy(), onclick: () => switchTo(name),
         })]),
