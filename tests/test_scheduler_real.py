@@ -171,3 +171,33 @@ def test_a_streaming_waiter_sees_its_place_then_an_answer_the_openai_sdk_parses(
         # measured by the scheduler's own switches (an admin's are not learnt from)
         assert isinstance(status["load_seconds"], dict)
         assert isinstance(status["replay_seconds"], dict)
+
+
+def test_no_more_requests_go_upstream_than_the_model_serves(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """Issue 21's flood: with one slot, 5 concurrent generations put 2 upstream (its slot
+    and one queued in llama-server) and hold 3 in hotmodel; all answer."""
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Count to fifty."}],
+        "max_tokens": 48,
+        "ignore_eos": True,
+    }
+    with two_models(tmp_path, real_models, router="parallel = 1") as hp:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            sent = [
+                pool.submit(
+                    httpx.post, hp.base_url + "/v1/chat/completions", json=body, timeout=300
+                )
+                for _ in range(5)
+            ]
+            seen: set[int] = set()
+            while not all(f.done() for f in sent):
+                status = httpx.get(hp.base_url + "/admin/status").json()
+                seen.add(status["upstream_waiting"].get("smollm2", 0))
+                assert status["in_flight"] <= 5
+            answers = [f.result() for f in sent]
+        assert [a.status_code for a in answers] == [200] * 5
+        assert max(seen) == 3, seen  # 5 - (1 slot + 1 queued in llama-server)
+        assert httpx.get(hp.base_url + "/admin/status").json()["upstream_waiting"] == {}

@@ -38,6 +38,7 @@ from hotmodel.control.residents import Residents
 from hotmodel.control.scheduler import Rules, Scheduler
 from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.upstream import UpstreamSlots
 from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import HotModelError, ModelLoadError
 from hotmodel.presets import check_model_file
@@ -90,6 +91,8 @@ class Services:
     snapshots: Snapshots | None  # None: [switch] kv_snapshots is off
     feed: Feed  # the dashboard's live events (GET /admin/events)
     scheduler: Scheduler  # per-model queues: when to switch, for whom
+    # what goes upstream at once, per model (its slots + 1)
+    upstream: UpstreamSlots = field(default_factory=UpstreamSlots)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
 
 
@@ -271,6 +274,7 @@ class Runtime:
             watchdog=watchdog,
             idle=idle,
             scheduler=scheduler,
+            upstream=UpstreamSlots(lambda model: _slots(self.current_config, model)),
             snapshots=snapshots,
             feed=feed,
         )

@@ -76,6 +76,8 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         },
         "switch": s.controller.status(),
         "in_flight": len(s.gate.inflight()),
+        # per model: admitted requests waiting for a place upstream (its slots + 1)
+        "upstream_waiting": s.upstream.status(),
         # per model: requests waiting for it to be loaded, and the oldest one's wait
         "queues": s.scheduler.status(),
         "load_seconds": {m: round(v, 3) for m, v in s.scheduler.load_s.items()},

@@ -331,6 +331,8 @@ class ChatCompletions:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
                 record.upstream_start()
                 with DisconnectWatch(receive, scope) as watch:  # until the answer starts
+                    # no more upstream at once than the model serves (control/upstream.py)
+                    await stack.enter_async_context(self.s.upstream.hold(model))
                     try:
                         upstream = await stack.enter_async_context(
                             self.s.router.chat(body, chat.accept, model)
