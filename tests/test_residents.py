@@ -286,3 +286,22 @@ def run_with(controller: Controller, scenario: Callable[[Controller], Awaitable[
                 await task
 
     return asyncio.run(main())
+
+
+def test_a_residents_requests_do_not_keep_the_switched_model_from_its_idle_unload() -> None:
+    async def scenario() -> tuple[float, float, float]:
+        gate = TrafficGate()
+        async with gate.admit(1) as chat:
+            chat.model = "a"
+            busy = gate.idle_for()
+        await asyncio.sleep(0.05)
+        async with gate.admit(1, beside=True) as embed:
+            embed.model = "embed"
+            while_embedding = gate.idle_for()
+        after = gate.idle_for()
+        return busy, while_embedding, after
+
+    busy, while_embedding, after = asyncio.run(scenario())
+    assert busy == 0.0  # a chat request in flight: not idle
+    assert while_embedding >= 0.05  # the resident's request is not activity
+    assert after >= while_embedding  # nor is its end

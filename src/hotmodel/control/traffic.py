@@ -35,6 +35,9 @@ class Ticket:
     def __init__(self, ticket_id: int) -> None:
         self.id = ticket_id
         self.model: str | None = None
+        # a resident model's request: no switch waits for it, and it is not activity
+        # that keeps the switched model from its idle unload
+        self.beside = False
         self.cancel_reason: str | None = None
         self.cancel_code = SWITCH_CANCELLED  # the error code the client gets
         self._scope: anyio.CancelScope | None = None
@@ -87,14 +90,17 @@ class TrafficGate:
         for another model takes a ticket too, briefly: it does not count here."""
         return self._served.get(model)
 
-    def _changed(self) -> None:
-        self._last_activity = time.monotonic()
+    def _changed(self, activity: bool = True) -> None:
+        if activity:
+            self._last_activity = time.monotonic()
         if self.on_change is not None:
             self.on_change()
 
     def idle_for(self) -> float:
-        """Seconds since a request was last admitted or completed (0 while any is in flight)."""
-        if self._inflight:
+        """Seconds since a request was last admitted or completed (0 while any is in flight);
+        a resident model's requests do not count (its traffic does not keep the switched
+        model loaded)."""
+        if any(not t.beside for t in self._inflight.values()):
             return 0.0
         return time.monotonic() - self._last_activity
 
@@ -116,21 +122,23 @@ class TrafficGate:
         ``beside``: a request for a resident model, which no switch touches: a switch's
         closed gate does not hold it (a recovery's does: the router is coming back)."""
         ticket = await self._enter(timeout, beside)
+        ticket.beside = beside  # (one held through a recovery was issued as any other)
         try:
             yield ticket
         finally:
             self._leave(ticket)
 
-    def _issue(self) -> Ticket:
+    def _issue(self, beside: bool = False) -> Ticket:
         ticket = Ticket(next(self._ids))
+        ticket.beside = beside
         self._inflight[ticket.id] = ticket
-        self._changed()
+        self._changed(activity=not beside)
         return ticket
 
     async def _enter(self, timeout: float, beside: bool = False) -> Ticket:
         """Admit a request, waiting up to ``timeout`` seconds while the gate is closed."""
         if self._open or (beside and not self._recovery.is_set()):
-            return self._issue()
+            return self._issue(beside)
         held: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         self._held.append(held)
         try:
@@ -154,7 +162,7 @@ class TrafficGate:
             return
         if ticket.model is not None:
             self._served[ticket.model] = time.monotonic()
-        self._changed()
+        self._changed(activity=not ticket.beside)
         still_waiting = []
         for done, fut in self._waiters:
             if fut.done():
