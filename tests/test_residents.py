@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -20,6 +21,7 @@ from hotmodel.control.report import Outcome, SwitchReport
 from hotmodel.control.residents import Residents, residents_to_load
 from hotmodel.control.scheduler import Decision, Scheduler, View, Waiting, decide
 from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import (
     ConfigError,
     ModelResidentError,
@@ -27,6 +29,7 @@ from hotmodel.errors import (
     SwitchBusyError,
 )
 from hotmodel.presets import load_presets
+from hotmodel.router.models import ModelState
 from hotmodel.router.supervisor import router_argv
 from tests.test_scheduler import RULES, Clock, RecordingController
 from tests.test_switch_engine import FakeProcess, FakeRouter, _engine
@@ -305,3 +308,31 @@ def test_a_residents_requests_do_not_keep_the_switched_model_from_its_idle_unloa
     assert busy == 0.0  # a chat request in flight: not idle
     assert while_embedding >= 0.05  # the resident's request is not activity
     assert after >= while_embedding  # nor is its end
+
+
+def test_the_health_probe_notices_a_resident_that_died_while_a_command_ran() -> None:
+    """Its event came while a switch ran (ignored then): the next probe finds it unloaded
+    in the router's list and the loop loads it again; the active model is left alone."""
+    router = FakeRouter("a", models=("a", "b", "c", "embed"))
+    listed = {"a": ModelState.LOADED, "embed": ModelState.UNLOADED}
+
+    class Listing:
+        on_model_lost: Any = None
+
+        async def models(self) -> dict[str, Any]:
+            return {m: SimpleNamespace(state=s) for m, s in listed.items()}
+
+    async def scenario(controller: Controller) -> tuple[bool, list[str]]:
+        await controller.submit(SyncResidents())
+        router.status["embed"] = "unloaded"  # it crashed while a command ran
+        config = SimpleNamespace(router=SimpleNamespace(restart_attempts=1))
+        dog = Watchdog(config, None, Listing(), controller)  # type: ignore[arg-type]
+        asked = await dog._check_active_model()
+        await controller.submit(SyncResidents())  # runs after what the probe posted
+        return asked, list(router.calls)
+
+    controller = _controller(router)
+    asked, calls = run_with(controller, scenario)
+    assert asked is False  # no recovery: the active model is fine
+    assert calls == ["load embed", "load embed"]  # loaded at start, then again
+    assert controller.residents.status() == {"embed": "loaded"}

@@ -32,6 +32,7 @@ import time
 from hotmodel.config import Config
 from hotmodel.control.commands import SyncResidents
 from hotmodel.control.controller import Controller
+from hotmodel.control.residents import ResidentState
 from hotmodel.errors import HotModelError
 from hotmodel.router.client import RouterClient
 from hotmodel.router.events import ModelEvent
@@ -101,16 +102,27 @@ class Watchdog:
             self._recover(f"the model process of {active!r} ended on its own")
 
     async def _check_active_model(self) -> bool:
-        """The backstop for a child that died while a command ran (its event was ignored);
-        True when it asked for a recovery."""
-        active = self.controller.active
-        if active is None or self.controller.busy:
+        """The backstop for a child that died while a command ran (its event was ignored),
+        the active model's or a resident's; True when it asked for a recovery."""
+        if self.controller.busy:
             return False
         try:
-            status = (await self.router.models()).get(active)
+            models = await self.router.models()
         except HotModelError:
             return False  # the health probe decides about an unreachable router
-        if status is not None and status.state is ModelState.UNLOADED and not self.controller.busy:
+        if self.controller.busy:
+            return False  # a command began meanwhile: what it reads is its own
+        residents = self.controller.residents
+        for name in sorted(residents.names):
+            status, state = models.get(name), residents.state(name)
+            loaded = state is not None and state.state is ResidentState.LOADED
+            gone = status is not None and status.state is ModelState.UNLOADED
+            if loaded and gone and self.enabled:
+                with contextlib.suppress(HotModelError):  # shutting down: nothing to bring back
+                    self.controller.post(SyncResidents(lost=name))
+        active = self.controller.active
+        status = None if active is None else models.get(active)
+        if status is not None and status.state is ModelState.UNLOADED:
             self._recover(f"the model process of {active!r} is gone")
             return True
         return False
