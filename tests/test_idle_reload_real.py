@@ -46,12 +46,15 @@ def router_status(hp: HotmodelProcess) -> dict[str, str]:
 def test_idle_unload_then_next_request_loads_back(
     tmp_path: Path, tiny_models: dict[str, Path]
 ) -> None:
+    presets = {"tiny": tiny_models["tiny"], "tiny2": tiny_models["tiny2"]}
     config = write_config(
         tmp_path,
-        {"tiny": tiny_models["tiny"], "tiny2": tiny_models["tiny2"]},
+        {**presets, "embed": tiny_models["tiny"]},
         "tiny",
         router="idle_unload_seconds = 1",
     )
+    ini = tmp_path / "models.ini"  # a resident companion beside the switched model
+    ini.write_text(ini.read_text() + "resident = true\n")  # the last section: embed
     hp = start_hotmodel(config)
     try:
         assert chat(hp).status_code == 200
@@ -74,8 +77,12 @@ def test_idle_unload_then_next_request_loads_back(
         # the scheduler's linger has passed
         for path in ("/metrics", "/health", "/v1/models", "/admin/status", "/admin/switches"):
             assert httpx.get(hp.base_url + path, timeout=5).status_code == 200
+        # ... nor does the resident's traffic, served meanwhile
+        for _ in range(3):
+            assert chat(hp, "embed").status_code == 200
         time.sleep(1.0)
         assert router_status(hp)["tiny"] == "unloaded"
+        assert router_status(hp)["embed"] == "loaded"
         assert hp.status()["parked_model"] == "tiny" and hp.status()["queues"] == {}
         # the next request loads the parked model back and is answered
         reply = chat(hp)
