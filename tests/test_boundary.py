@@ -141,7 +141,7 @@ def test_an_unreachable_router_is_unavailable() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    with pytest.raises(RouterUnavailableError, match="GET /models: the router could not be"):
+    with pytest.raises(RouterUnavailableError, match="GET /models: llama-server could not be"):
         asyncio.run(_client(handler).models())
 
 

@@ -88,13 +88,13 @@ def test_an_unreachable_llama_server_is_said_in_words_and_its_address_logged(
         async with httpx.AsyncClient() as http:
             await RouterClient(http, f"http://127.0.0.1:{port}").models()
 
-    for scenario, words in ((chat, "llama-server could not be reached"), (control, "router")):
+    for scenario in (chat, control):  # the same words, whichever library (router/boundary.py)
         caplog.clear()
         with pytest.raises(RouterUnavailableError) as info:
             asyncio.run(scenario())
         with caplog.at_level(logging.WARNING, "hotmodel.api"):
             message = _body(hotmodel_error_response(info.value, "rid7"))["message"]
-        assert words in message and "could not be reached" in message
+        assert "llama-server could not be reached" in message
         assert str(port) not in message and "127.0.0.1" not in message
         assert "request id rid7" in message
         (logged,) = caplog.records

@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from hotmodel.config import load_config
-from hotmodel.control import snapshots
+from hotmodel.control import snapshot_folder, snapshot_proof
 from hotmodel.control.snapshots import Digests, Snapshots, identity
 from hotmodel.sessions.service import SessionRef
 from hotmodel.sessions.slots import SlotLedger, messages_hash
@@ -79,13 +79,13 @@ def test_a_digest_is_remembered_only_while_its_file_is_untouched(
     snap.write_bytes(b"a" * 4096)
     digests = Digests()
     reads: list[Path] = []
-    real = snapshots._sha256
+    real = snapshot_folder._sha256
 
     def counting(path: Path) -> str:
         reads.append(path)
         return real(path)
 
-    monkeypatch.setattr(snapshots, "_sha256", counting)
+    monkeypatch.setattr(snapshot_folder, "_sha256", counting)
 
     def of() -> str:
         return asyncio.run(digests.of(snap))
@@ -175,22 +175,22 @@ def _restored(store: Snapshots, tokens: int = 100) -> tuple[Path, dict[str, Any]
     store.ensure_folder()
     path = store.dir / "kv-00000000000000ab.bin"
     path.write_bytes(b"kv")
-    meta = snapshots.Meta(
+    meta = snapshot_folder.Meta(
         path.name, "m", "", "s", 2, messages_hash(HELD), {}, 2, "d", tokens, time.time(), 0
     )
-    store._write(meta)
+    store.folder.write(meta)
     info: dict[str, Any] = {"restored": True, "session": "s", "tokens": tokens, "took": None}
     gen = store.ledger.touch("m")
     covered = store.ledger.cover("m", gen, "", "s", HELD)
-    store._unproved["m"] = snapshots.Unproved(meta, info, gen, covered)
+    store.proofs.unproved["m"] = snapshot_proof.Unproved(meta, info, gen, covered)
     return path, info
 
 
-def _turn(store: Snapshots, cached: int, **change: Any) -> snapshots.Turn:
+def _turn(store: Snapshots, cached: int, **change: Any) -> snapshot_proof.Turn:
     """The next request on "m": session s's next turn unless ``change`` says otherwise."""
     gen = store.ledger.touch("m")
     fields: dict[str, Any] = {"session": ("", "s"), "sent": NEXT, "cached": cached} | change
-    return snapshots.Turn("m", gen, **fields)
+    return snapshot_proof.Turn("m", gen, **fields)
 
 
 def test_the_sessions_next_turn_proves_a_restore(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_a_request_that_cannot_tell_leaves_the_verdict_unknown(
     path, info = _restored(store)
     store.turn_ended(_turn(store, 0, **change))
     assert info["took"] is None and why in info["unchecked"], info
-    assert path.exists() and "m" not in store._no_take
+    assert path.exists() and "m" not in store.proofs.no_take
 
 
 def test_a_turn_with_another_request_on_the_slot_around_it_cannot_tell(tmp_path: Path) -> None:
@@ -330,10 +330,10 @@ def _snap(store: Snapshots, model: str, session: str, used: float, size: int = 8
     path = store.dir / f"kv-{os.urandom(8).hex()}.bin"
     path.write_bytes(b"k" * size)
     ident = identity(store.config, store.binary, model)
-    meta = snapshots.Meta(
+    meta = snapshot_folder.Meta(
         path.name, model, "", session, 2, messages_hash(HELD), ident, size, "d", 10, used, used
     )
-    store._write(meta)
+    store.folder.write(meta)
     return path
 
 
@@ -349,7 +349,7 @@ def _save(
 
 
 def _held(store: Snapshots) -> list[tuple[str, str]]:
-    return sorted((m.model, m.session_id) for m in store._metas())
+    return sorted((m.model, m.session_id) for m in store.folder.metas())
 
 
 def test_the_snapshot_restored_next_is_never_evicted_to_make_room(tmp_path: Path) -> None:

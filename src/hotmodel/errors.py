@@ -1,8 +1,9 @@
 """The one exception hierarchy of hotmodel.
 
 Every error hotmodel raises on purpose is a ``HotModelError``; library errors
-(httpx, OSError from process spawning, tomllib) are translated into these at
-the boundary that calls the library, with ``raise ... from exc``.
+(httpx and aiohttp in ``router/boundary.py``, OSError from process spawning,
+tomllib) are translated into these at the boundary that calls the library,
+with ``raise ... from exc``.
 
     HotModelError
     ├── ConfigError                  a config file is missing, unreadable or invalid
@@ -11,6 +12,7 @@ the boundary that calls the library, with ``raise ... from exc``.
     │   ├── RouterStartError         the router did not become healthy before its deadline
     │   ├── RouterExitedError        the router process exited while it was needed
     │   ├── RouterUnavailableError   the router cannot be reached (connect failure, broken answer)
+    │   │   └── RouterRefusedError   no connection could be made: nothing was sent (may be resent)
     │   ├── RouterTimeoutError       the router was reached but did not answer in time (504)
     │   ├── RouterProtocolError      the router answered something we cannot use
     │   ├── ModelUnavailableError    the model's own process is gone; it is loaded again (503)
@@ -120,6 +122,11 @@ class RouterExitedError(RouterError):
 
 class RouterUnavailableError(RouterError):
     """The router could not be reached."""
+
+
+class RouterRefusedError(RouterUnavailableError):
+    """No connection to llama-server could be made (refused, unreachable): it never saw
+    the request, so the caller may send it again once llama-server is back."""
 
 
 class RouterTimeoutError(RouterError):

@@ -19,19 +19,48 @@ import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from hotmodel.config import Config, load_config
+from hotmodel.control.controller import Controller
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.residents import residents_to_load
+from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import ConfigError
 from hotmodel.presets import check_model_file
 from hotmodel.router.options import check_preset_keys, known_options
-
-if TYPE_CHECKING:
-    from hotmodel.runtime import Services
+from hotmodel.sessions.service import SessionService
 
 log = logging.getLogger("hotmodel.reload")
+
+
+class _Binary(Protocol):
+    @property
+    def binary(self) -> Path: ...
+
+
+class Reloadable(Protocol):
+    """What a reload reads and swaps: ``runtime.Services`` is one. Declared here, so
+    that control/ needs nothing from the runtime above it (no arrow up)."""
+
+    config: Config  # swapped whole by a reload
+
+    @property
+    def reload_lock(self) -> asyncio.Lock: ...
+
+    @property
+    def supervisor(self) -> _Binary: ...
+
+    @property
+    def controller(self) -> Controller: ...
+
+    @property
+    def sessions(self) -> SessionService: ...
+
+    @property
+    def watchdog(self) -> Watchdog: ...
+
 
 # Per section, the keys whose change needs a restart (they shape a process, a socket,
 # a file or an object built once at start); every other key is applied at once.
@@ -164,7 +193,7 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
     )
 
 
-async def reload_config(services: Services) -> dict[str, Any]:
+async def reload_config(services: Reloadable) -> dict[str, Any]:
     """Re-read the config files and apply them; the answer of ``POST /admin/reload``.
 
     Raises :class:`ConfigError` (nothing changed) when a file is invalid. One reload
@@ -175,7 +204,7 @@ async def reload_config(services: Services) -> dict[str, Any]:
         return await _reload(services)
 
 
-async def _reload(services: Services) -> dict[str, Any]:
+async def _reload(services: Reloadable) -> dict[str, Any]:
     old = services.config
     new = await asyncio.to_thread(load_config, old.path)
     new = new.with_server_overrides(**old.server_overrides)  # serve's flags still win
@@ -231,7 +260,7 @@ def _reverted(report: SwitchReport) -> dict[str, Any]:
     return {"note": "nothing was changed: the previous configuration stays in force"}
 
 
-def _apply(services: Services, config: Config) -> None:
+def _apply(services: Reloadable, config: Config) -> None:
     """Swap the live settings outside the control loop in, all at once (no await: no
     request sees half of them); the loop's own (the engine's settings, the router's
     presets, the snapshots') change through its ``Reconfigure`` command."""

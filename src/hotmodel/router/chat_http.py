@@ -8,63 +8,38 @@ control calls (load, unload, /models, tokenize, slots) stay on httpx in
 ``client.py``, where a millisecond does not matter and MockTransport keeps
 their tests simple.
 
-:func:`mapped_aiohttp` is this client's one error boundary (the twin of
-``client.mapped``): aiohttp's exceptions become hotmodel's, and a timeout
-names the setting that bounds it.
+:class:`ChatHttp` and :class:`Upstream` touch aiohttp only inside
+:func:`~hotmodel.router.boundary.boundary`, the same one the control calls use:
+aiohttp's exceptions become hotmodel's, with the same wording as httpx's, and a
+timeout names the setting that bounds it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
 import aiohttp
 
-from hotmodel.errors import RouterTimeoutError, RouterUnavailableError, detail_of
+from hotmodel.router.boundary import boundary, stale
 
 CONNECT_TIMEOUT_S = 5.0
-
-
-@contextlib.contextmanager
-def mapped_aiohttp(what: str, timeout: float, setting: str) -> Iterator[None]:
-    """Translate aiohttp's errors raised inside into hotmodel's hierarchy.
-
-    The message says what failed in words a client can read; aiohttp's own text
-    (the address, the OS error) is the error's ``detail``, for the server log.
-    """
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise RouterUnavailableError(
-            f"{what}: llama-server did not accept a connection", detail=detail_of(exc)
-        ) from exc
-    except TimeoutError as exc:  # aiohttp's socket read timeout is a TimeoutError
-        raise RouterTimeoutError(
-            f"{what}: llama-server did not answer within {timeout:g}s ({setting})",
-            detail=detail_of(exc),
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise RouterUnavailableError(
-            f"{what}: llama-server could not be reached", detail=detail_of(exc)
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise RouterUnavailableError(
-            f"{what}: the connection to llama-server broke", detail=detail_of(exc)
-        ) from exc
+CHAT_PATH = "/v1/chat/completions"
+CHAT = f"POST {CHAT_PATH}"
+REQUEST_SETTING = "[server] request_timeout_seconds"
 
 
 class Upstream:
-    """An open answer of llama-server; its body is read through mapped errors."""
+    """An open answer of llama-server; its body is read inside the boundary."""
 
-    def __init__(self, response: aiohttp.ClientResponse, what: str, timeout: float, setting: str):
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
         self.status_code = response.status
         self._response = response
-        self._what, self._timeout, self._setting = what, timeout, setting
+        self._timeout = timeout
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, chunk by chunk (never buffered)."""
-        with mapped_aiohttp(self._what, self._timeout, self._setting):
+        with boundary(CHAT, self._timeout, REQUEST_SETTING):
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
@@ -73,7 +48,7 @@ class Upstream:
         return self._response.content.is_eof()
 
     async def read(self) -> bytes:
-        with mapped_aiohttp(self._what, self._timeout, self._setting):
+        with boundary(CHAT, self._timeout, REQUEST_SETTING):
             return await self._response.read()
 
     def close(self) -> None:
@@ -117,23 +92,27 @@ class ChatHttp:
             await self._session.close()
             self._session = None
 
-    async def post(self, url: str, body: bytes, accept: str) -> aiohttp.ClientResponse:
-        """POST ``body``; retried once when a kept-alive connection turns out closed.
+    async def post(self, url: str, body: bytes, accept: str) -> Upstream:
+        """POST ``body`` (a chat completion); the open answer. Retried once when a
+        kept-alive connection turns out closed.
 
         llama-server closes idle kept-alive connections without notice, and a
         model's server that exited leaves its pooled connections dead: a
         request on such a connection fails before any answer arrives (the
         server disconnected, or the body could not be written), so llama-server
         never ran it, and it is sent again on a fresh connection (which, to a
-        server that is gone, fails to connect: the caller's cue to ask the
+        server that is gone, fails to connect: a
+        :class:`~hotmodel.errors.RouterRefusedError`, the caller's cue to ask the
         router instead).
         """
         if self._session is None:
             raise RuntimeError("ChatHttp is used outside its 'async with'")  # a bug
         headers = {"content-type": "application/json", "accept": accept}
-        try:
-            return await self._session.post(url, data=body, headers=headers)
-        except aiohttp.ClientConnectorError:
-            raise  # no connection was made: nothing to retry on another one
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await self._session.post(url, data=body, headers=headers)
+        with boundary(CHAT, self.request_timeout, REQUEST_SETTING):
+            try:
+                response = await self._session.post(url, data=body, headers=headers)
+            except aiohttp.ClientError as exc:
+                if not stale(exc):
+                    raise
+                response = await self._session.post(url, data=body, headers=headers)
+        return Upstream(response, self.request_timeout)

@@ -1,12 +1,13 @@
-"""The one boundary to llama-server: every HTTP call hotmodel makes to the router is here.
+"""Every HTTP call hotmodel makes to llama-server goes through :class:`RouterClient`.
 
 Chat pass-through (plain and streamed), template + tokenize, prefill, model
 load/unload/list, the ``/models/sse`` feed and ``/health``. Every call site
-runs inside :func:`mapped`, the one place where httpx errors become
-:mod:`hotmodel.errors` (as httpx maps httpcore's errors in one place), and the
-message names what was being done and the setting that bounds it. The chat
-data path alone goes over aiohttp (``chat_http.py``, with its own
-``mapped_aiohttp``): it costs less than half of httpx's CPU per request.
+runs inside :func:`~hotmodel.router.boundary.boundary`, the one place where
+httpx's and aiohttp's errors become :mod:`hotmodel.errors`, and the message
+names what was being done and the setting that bounds it. The chat data path
+alone goes over aiohttp (``chat_http.py``): it costs less than half of httpx's
+CPU per request; it goes to the loaded model's own server when its port is
+known, else to the router.
 
 Load and unload are idempotent: loading a model that is already running, or
 unloading one that is not, is success, so no caller has to read the state
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-import aiohttp
 import anyio
 import httpx
 
@@ -28,11 +28,11 @@ from hotmodel.errors import (
     ModelUnavailableError,
     RouterError,
     RouterProtocolError,
-    RouterTimeoutError,
-    RouterUnavailableError,
+    RouterRefusedError,
     detail_of,
 )
-from hotmodel.router.chat_http import ChatHttp, Upstream, mapped_aiohttp
+from hotmodel.router.boundary import boundary, stale
+from hotmodel.router.chat_http import CHAT_PATH, ChatHttp, Upstream
 from hotmodel.router.models import ModelStatus, error_message, parse_models
 from hotmodel.sse import SseEvent, SseParser
 
@@ -44,51 +44,10 @@ CONTROL_TIMEOUT_S = 10.0
 CONTROL_SETTING = "hotmodel's fixed 10 s bound on router control calls"
 # How long /health may take before the router counts as not answering.
 HEALTH_TIMEOUT_S = 2.0
-REQUEST_SETTING = "[server] request_timeout_seconds"
 
 # llama-server's answers that mean "already so" for an idempotent command.
 _ALREADY_RUNNING = "model is already running"
 _NOT_RUNNING = "model is not running"
-
-
-@contextlib.contextmanager
-def mapped(what: str, timeout: float, setting: str) -> Iterator[None]:
-    """Translate httpx errors raised inside into hotmodel's hierarchy (the one place).
-
-    ``what`` names the call ("POST /v1/chat/completions"), ``timeout`` and
-    ``setting`` the bound and where it is configured, so a timeout says which
-    limit was hit rather than "could not be reached".
-
-    The message says what failed in words a client can read; httpx's own text
-    (the address, the OS error) is the error's ``detail``, for the server log.
-    """
-    try:
-        yield
-    except httpx.ConnectTimeout as exc:
-        raise RouterUnavailableError(
-            f"{what}: the router did not accept a connection", detail=_where(exc)
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise RouterTimeoutError(
-            f"{what}: llama-server did not answer within {timeout:g}s ({setting})",
-            detail=_where(exc),
-        ) from exc
-    except httpx.ConnectError as exc:
-        raise RouterUnavailableError(
-            f"{what}: the router could not be reached", detail=_where(exc)
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise RouterUnavailableError(
-            f"{what}: the connection to the router broke", detail=_where(exc)
-        ) from exc
-
-
-def _where(exc: httpx.HTTPError) -> str:
-    """httpx's error and the URL it was for (its text rarely names the address)."""
-    try:
-        return f"{detail_of(exc)} ({exc.request.method} {exc.request.url})"
-    except RuntimeError:  # no request attached
-        return detail_of(exc)
 
 
 async def send(
@@ -103,9 +62,9 @@ async def send(
     """
     try:
         return await http.send(request, stream=stream)
-    except httpx.RemoteProtocolError as exc:
-        if "without sending a response" not in str(exc):
-            raise  # the router read the request: sending it again could run it twice
+    except httpx.HTTPError as exc:
+        if not stale(exc):
+            raise  # the router may have read the request: sending it again could run it twice
         return await http.send(request, stream=stream)
 
 
@@ -143,7 +102,7 @@ class RouterClient:
     def drop_direct(self, model: str) -> None:
         self.direct.pop(model, None)
 
-    def _lost(self, model: str, exc: BaseException) -> ModelUnavailableError:
+    def _lost(self, model: str, exc: RouterRefusedError) -> ModelUnavailableError:
         """``model``'s own server refused a connection: forget its port, say so."""
         self.drop_direct(model)
         if self.on_model_lost is not None:
@@ -154,7 +113,7 @@ class RouterClient:
         return ModelUnavailableError(
             f"the process of model {model!r} is not running (it ended unexpectedly); "
             "it is being loaded again, retry shortly",
-            detail=detail_of(exc),
+            detail=exc.detail,
         )
 
     async def _request(
@@ -169,7 +128,7 @@ class RouterClient:
         request = self._http.build_request(
             method, self.base_url + path, json=json_body, timeout=timeout
         )
-        with mapped(f"{method} {path}", timeout, setting):
+        with boundary(f"{method} {path}", timeout, setting):
             return await send(self._http, request)
 
     async def _post_json(
@@ -244,7 +203,7 @@ class RouterClient:
         request = self._http.build_request(
             "GET", self.base_url + "/models/sse", timeout=httpx.Timeout(5.0, read=None)
         )
-        with mapped("GET /models/sse", 5.0, CONTROL_SETTING):
+        with boundary("GET /models/sse", 5.0, CONTROL_SETTING):
             resp = await send(self._http, request, stream=True)
         try:
             if resp.status_code != 200:
@@ -252,7 +211,7 @@ class RouterClient:
 
             async def events() -> AsyncIterator[SseEvent]:
                 parser = SseParser()
-                with mapped("GET /models/sse", 5.0, CONTROL_SETTING):
+                with boundary("GET /models/sse", 5.0, CONTROL_SETTING):
                     async for chunk in resp.aiter_raw():
                         for event in parser.feed(chunk):
                             yield event
@@ -279,20 +238,16 @@ class RouterClient:
         exit). Closing an answer whose body was not read to the end closes its
         connection, which is how llama-server learns to stop generating.
         """
-        what = "POST /v1/chat/completions"
         if self._chat_http is None:
             raise RuntimeError("RouterClient.chat needs a ChatHttp")  # a bug: runtime gives one
-        post, path = self._chat_http.post, "/v1/chat/completions"
         direct = self.direct.get(model) if model is not None else None
-        with mapped_aiohttp(what, self.request_timeout, REQUEST_SETTING):
-            if direct is None or model is None:
-                response = await post(self.base_url + path, body, accept)
-            else:
-                try:
-                    response = await post(direct + path, body, accept)
-                except aiohttp.ClientConnectorError as exc:
-                    raise self._lost(model, exc) from exc
-        upstream = Upstream(response, what, self.request_timeout, REQUEST_SETTING)
+        if direct is None or model is None:
+            upstream = await self._chat_http.post(self.base_url + CHAT_PATH, body, accept)
+        else:
+            try:
+                upstream = await self._chat_http.post(direct + CHAT_PATH, body, accept)
+            except RouterRefusedError as exc:
+                raise self._lost(model, exc) from exc
         try:
             yield upstream
         finally:

@@ -19,10 +19,8 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from hotmodel.sessions.store import Session, StoredMessage
+from hotmodel.sessions.records import Session, StoredMessage
 
 MAX_SESSIONS = 128
 MAX_BYTES = 8 * 1024 * 1024

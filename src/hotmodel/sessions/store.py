@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 from hotmodel.errors import SessionFullError, SessionLimitError, StoreError
 from hotmodel.sessions.cache import WindowCache, cost
+from hotmodel.sessions.records import Session as Session
+from hotmodel.sessions.records import StoredMessage as StoredMessage
 
 _T = TypeVar("_T")
 
@@ -94,16 +96,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
-class StoredMessage:
-    message: dict[str, Any]
-    model: str | None
-    created_at: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.message, "model": self.model, "created_at": self.created_at}
-
-
-@dataclass(frozen=True, slots=True)
 class SessionSummary:
     id: str
     system_prompt: str
@@ -145,26 +137,6 @@ _SUMMARIES = (
     "WHERE m.owner = s.owner AND m.session_id = s.id) "
     "FROM sessions s WHERE s.owner = ? "
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    id: str
-    system_prompt: str
-    created_at: float
-    updated_at: float
-    messages: tuple[StoredMessage, ...] = ()
-    owner: str = ""  # the fingerprint of the API key that created it (never shown)
-    offset: int = 0  # earlier messages not read (a window of the last ones was asked for)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "system_prompt": self.system_prompt or None,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "messages": [m.to_json() for m in self.messages],
-        }
 
 
 def migrate(conn: sqlite3.Connection) -> int:
