@@ -50,6 +50,7 @@ from hotmodel.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     RouterProtocolError,
+    RouterRefusedError,
     RouterUnavailableError,
     ShuttingDownError,
     SwitchCancelledError,
@@ -179,7 +180,7 @@ class Answer:
 class _RefusedError(Exception):
     """llama-server refused the request's connection: nothing was sent upstream."""
 
-    def __init__(self, error: ModelUnavailableError | RouterUnavailableError) -> None:
+    def __init__(self, error: ModelUnavailableError | RouterRefusedError) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -337,7 +338,7 @@ class ChatCompletions:
                         upstream = await stack.enter_async_context(
                             self.s.router.chat(body, chat.accept, model)
                         )
-                    except (ModelUnavailableError, RouterUnavailableError) as exc:
+                    except (ModelUnavailableError, RouterRefusedError) as exc:
                         raise _RefusedError(exc) from exc  # nothing sent: it may be resent
                 if upstream.status_code >= 400:
                     error = await upstream.read()
