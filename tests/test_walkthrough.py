@@ -295,3 +295,45 @@ def test_a_bad_config_with_json_is_json_and_exit_3(tmp_path: Path) -> None:
     body = _stdout_json(result)
     assert body["error"]["code"] == "invalid_config"
     assert str(bad) in body["error"]["message"]
+
+
+# --- hotmodel models: `*` on the model that serves now ---
+
+
+def test_the_active_model_is_not_active_while_the_router_has_it_unloaded() -> None:
+    from hotmodel.api.status import really_active
+
+    assert really_active("smollm2", {"smollm2": "loaded", "gemma3": "unloaded"}) == "smollm2"
+    for between in ("unloaded", "unloading", "loading"):  # a switch's unload .. activate
+        assert really_active("smollm2", {"smollm2": between, "gemma3": "loading"}) is None
+    assert really_active("smollm2", {}) == "smollm2"  # no answer from the router
+    assert really_active(None, {"smollm2": "loaded"}) is None
+
+
+# --- hotmodel reload: a missing GGUF is refused like serve refuses it ---
+
+
+def test_reload_checks_the_files_of_new_and_edited_presets_and_a_new_default(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    from hotmodel.config import load_config
+    from hotmodel.control.reload import check_new_model_files
+    from hotmodel.errors import ConfigError
+    from tests.conftest import write_config
+
+    tiny = tiny_models["tiny"]
+    config = write_config(tmp_path, {"tiny": tiny, "gone": tmp_path / "gone.gguf"}, "tiny", port=1)
+    old = load_config(config)
+    check_new_model_files(old, old)  # unchanged: serve accepted it, so does a reload
+    ini = tmp_path / "models.ini"
+    ini.write_text(ini.read_text() + "\n[mine]\nmodel = nowhere/mine.gguf\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as added:
+        check_new_model_files(old, load_config(config))
+    assert str(ini) in str(added.value) and "[mine]" in str(added.value)
+    assert "model" in str(added.value) and "model file not found" in str(added.value)
+    ini.write_text(ini.read_text().replace("nowhere/mine.gguf", str(tiny)), encoding="utf-8")
+    check_new_model_files(old, load_config(config))  # the file is there now
+    toml = config.read_text().replace('default_model = "tiny"', 'default_model = "gone"')
+    config.write_text(toml, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[gone\]"):
+        check_new_model_files(old, load_config(config))
