@@ -143,3 +143,33 @@ def test_switch_json_to_no_preset_prints_the_error_object(demo_like: HotmodelPro
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "model_not_found" and error["param"] == "model", error
     assert "nosuch" in error["message"]
+
+
+def test_the_dashboards_switch_panel_shows_the_latest_switch(demo_like: HotmodelProcess) -> None:
+    """The issue saw "none yet" above a history of 8 switches: a page opened after the
+    switches shows the newest report in the Switch panel, its phases and outcome."""
+    from playwright.sync_api import expect
+
+    from tests.browser import browser_page
+
+    httpx.post(
+        demo_like.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=300
+    ).raise_for_status()
+    history = httpx.get(demo_like.base_url + "/admin/switches", timeout=30).json()["data"]
+    latest = history[0]
+    assert len(history) >= 2 and latest["to"] == "gemma3"
+    with browser_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(demo_like.base_url + "/ui")
+        expect(page.locator("#history tbody tr")).to_have_count(len(history), timeout=60_000)
+        title = f"#{latest['id']} {latest['from'] or 'none'} → {latest['to']}"
+        expect(page.locator("#progress-title")).to_have_text(title)
+        phases = page.locator("#phases li")
+        expect(phases).to_have_count(len(latest["phases"]))
+        expect(page.locator('#phases li[data-phase="load"].status-done')).to_be_visible()
+        expect(page.locator("#switch-message")).to_contain_text("active: gemma3")
+        order = phases.evaluate_all("(items) => items.map((li) => li.dataset.phase)")
+        starts = latest["phase_starts"]
+        assert order == sorted(latest["phases"], key=lambda p: starts[p]), order
+        assert not errors, errors
