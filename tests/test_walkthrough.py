@@ -337,3 +337,35 @@ def test_reload_checks_the_files_of_new_and_edited_presets_and_a_new_default(
     config.write_text(toml, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"\[gone\]"):
         check_new_model_files(old, load_config(config))
+
+
+# --- configs ---
+
+
+def test_only_the_demo_takes_the_demos_port() -> None:
+    """The README serves the demo on 18080: a config copied for your own models must not
+    collide with a demo running beside it."""
+    import tomllib
+
+    ports = {
+        path.name: tomllib.loads(path.read_text(encoding="utf-8"))["server"]["port"]
+        for path in sorted((ROOT / "configs").glob("*.toml"))
+    }
+    assert ports.pop("demo.toml") == 18080
+    assert ports and 18080 not in ports.values(), ports
+    assert "port 18090" in README.read_text(encoding="utf-8")
+    assert ports["models.example.toml"] == 18090
+
+
+def test_your_own_models_names_the_chat_template_keys_llama_server_takes() -> None:
+    """A GGUF without a chat template (the demo's Gemma) needs ``chat-template-file``:
+    the README says so, with keys the INI accepts (hotmodel resolves that one's path)."""
+    from hotmodel.presets import PATH_KEYS
+
+    text = README.read_text(encoding="utf-8")
+    own = text[text.index("## Your own models") : text.index("## Commands")]
+    assert "chat-template-file = gemma3.jinja" in own
+    assert "chat-template = NAME" in own
+    assert "chat-template-file" in PATH_KEYS  # resolved against the INI's folder
+    demo_ini = (ROOT / "configs" / "demo.ini").read_text(encoding="utf-8")
+    assert "chat-template-file = gemma3.jinja" in demo_ini

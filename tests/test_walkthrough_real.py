@@ -173,3 +173,11 @@ def test_the_dashboards_switch_panel_shows_the_latest_switch(demo_like: Hotmodel
         starts = latest["phase_starts"]
         assert order == sorted(latest["phases"], key=lambda p: starts[p]), order
         assert not errors, errors
+
+
+def test_the_chat_template_keys_the_readme_names_are_llama_servers(llama_server: Path) -> None:
+    from hotmodel.router.options import known_options
+
+    known = known_options(llama_server)
+    assert known is not None
+    assert {"chat-template-file", "chat-template"} <= known
