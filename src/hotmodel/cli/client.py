@@ -27,7 +27,9 @@ from hotmodel.cli.common import (
     transport_error,
 )
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON answer.")
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the JSON answer (or the error's, on a failure)."
+)
 
 
 @click.command(short_help="Show the running server's state.")
@@ -188,7 +190,7 @@ def _setting(item: Any) -> str:
     help="Seconds to wait for the switch to finish.",
 )
 def switch(model: str, target: Target, as_json: bool, timeout: float) -> None:
-    """Switch the running server to preset MODEL, showing each phase as it happens.
+    """Switch the running server to preset MODEL, showing each phase as it ends.
 
     Exits 0 when MODEL is active afterwards, 1 when the switch failed (the
     report says which model is active then).
