@@ -525,33 +525,3 @@ def _wait_healthy(proc: subprocess.Popen[str], url: str, output: Path) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"not healthy in {START_DEADLINE_S}s:\n{output.read_text()}")
-
-
-def test_switch_progress_is_shown_once_per_value(capsys: pytest.CaptureFixture[str]) -> None:
-    from hotmodel.cli.client import _PhasePrinter
-
-    printer = _PhasePrinter(quiet=False)
-    printer.show({"phase": "load", "status": "started"})
-    for _ in range(2):  # the router sends a stage's 0% twice
-        printer.show({"phase": "load", "status": "progress", "detail": "text_model 0%"})
-    printer.show({"phase": "load", "status": "done", "ms": 12.5})
-    out = capsys.readouterr().out
-    assert out.count("text_model 0%") == 1, out
-    assert "done      12.5 ms" in out
-
-
-def test_a_phase_beside_the_load_gets_lines_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
-    from hotmodel.cli.client import _PhasePrinter
-
-    printer = _PhasePrinter(quiet=False)
-    printer.show({"phase": "save", "status": "started"})
-    printer.show({"phase": "load", "status": "started"})
-    printer.show({"phase": "save", "status": "done", "ms": 25.0})
-    printer.show({"phase": "load", "status": "done", "ms": 180.0})
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [
-        "  save      ...",
-        "  load      ...",
-        "  save      ... done      25.0 ms",
-        "  load      ... done     180.0 ms",
-    ], lines

@@ -57,6 +57,21 @@ def size_on_disk(preset: Preset) -> int | None:
         return None
 
 
+# the router's words for a model that serves nothing now, whatever the controller says
+_NOT_SERVING = frozenset({"unloaded", "unloading", "loading", "failed"})
+
+
+def really_active(active: str | None, states: dict[str, str]) -> str | None:
+    """The model that serves requests now: the controller's active model, unless the
+    router says it is not loaded. A zero_overlap switch unloads the active model before
+    it activates the next one; in between no model is active (requests wait for the
+    switch), and ``hotmodel models`` must not mark the unloaded one. With no answer
+    from the router (``states`` empty) the controller's word stands."""
+    if active is None or states.get(active) in _NOT_SERVING:
+        return None
+    return active
+
+
 def status_routes(runtime: Runtime) -> list[Route]:
     s = runtime.services
 
@@ -83,11 +98,12 @@ def status_routes(runtime: Runtime) -> list[Route]:
             states = {k: v.state.value for k, v in (await s.router.models()).items()}
         except RouterError:
             states = {}
-        active, parked = s.controller.active, s.controller.parked
+        parked = s.controller.parked
         residents = s.controller.residents.names
         for name in s.controller.exiting:
             if states.get(name) == "loaded":  # the router says so until its process is gone
                 states[name] = "unloading"
+        active = really_active(s.controller.active, states)
         return [
             {
                 "id": name,
@@ -105,7 +121,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
 
     async def list_models(request: Request) -> Response:
         data = await model_objects()
-        active = s.controller.active
+        active = next((m["id"] for m in data if m["active"]), None)
         return JSONResponse(
             {"object": "list", "data": data, "active": active, "alias": ACTIVE_ALIAS}
         )

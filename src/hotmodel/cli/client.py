@@ -7,6 +7,7 @@ scripts); each finds the server the same way (:mod:`hotmodel.cli.common`).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,9 @@ from hotmodel.cli.common import (
     transport_error,
 )
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON answer.")
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the JSON answer (or the error's, on a failure)."
+)
 
 
 @click.command(short_help="Show the running server's state.")
@@ -187,7 +190,7 @@ def _setting(item: Any) -> str:
     help="Seconds to wait for the switch to finish.",
 )
 def switch(model: str, target: Target, as_json: bool, timeout: float) -> None:
-    """Switch the running server to preset MODEL, showing each phase as it happens.
+    """Switch the running server to preset MODEL, showing each phase as it ends.
 
     Exits 0 when MODEL is active afterwards, 1 when the switch failed (the
     report says which model is active then).
@@ -224,14 +227,18 @@ def _stream_switch(target: Target, model: str, as_json: bool, timeout: float) ->
                 answer(target, resp, "POST", path)  # raises the error it carries
                 raise CliError(f"the server answered the switch with HTTP {resp.status_code}")
             phases = _PhasePrinter(quiet=as_json)
-            for event, data in _sse_events(resp):
-                if event == "phase":
-                    phases.show(data)
-                elif event == "report":
-                    report = data
-                elif event == "error":
-                    phases.close()
-                    raise CliError(str(data.get("message")))
+            try:
+                for event, data in _sse_events(resp):
+                    if event == "phase":
+                        phases.show(data)
+                    elif event == "report":
+                        report = data
+                    elif event == "error":
+                        message = str(data.get("message"))
+                        error = {"message": message, "type": "server_error", "param": None}
+                        raise CliError(message, {**error, "code": data.get("code")})
+            finally:
+                phases.close()
     except httpx.HTTPError as exc:
         raise transport_error(target, exc, timeout) from exc
     if report is None:
@@ -247,42 +254,69 @@ def _sse_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 class _PhasePrinter:
-    """``  load      ... done     704.5 ms``: a phase's line is opened when it starts and
-    closed when it ends, so a long load shows what is being waited for. A phase that
-    runs beside another (a CPU-only switch saves the leaving model while the next one
-    loads) ends the open line first, and its own news gets a line of its own."""
+    """One line per phase, printed when the phase ends (done, skipped, failed): each
+    phase shows once, in the order the switch finishes them, which is its plan's
+    order. A phase that starts while another one runs (a CPU-only switch saves and
+    unloads the leaving model while the next one loads) says so, ``(beside the load;
+    ...)``, and its line comes before the longer phase's. On a terminal, what runs now
+    (with the load's progress) shows on a last line that the next one replaces."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, live: bool | None = None) -> None:
         self.quiet = quiet
-        self.open_phase: str | None = None  # whose line waits for its end
-        self.last_progress: Any = None  # the router repeats a stage's progress value
+        self.live = sys.stdout.isatty() if live is None else live
+        self.running: dict[str, str | None] = {}  # started, not ended: its progress
+        self.beside: dict[str, str] = {}  # a phase -> the one that ran when it started
+        self.shown = 0  # the width of the live line on screen (0: none)
+        self.drawn = ""  # its text
 
     def show(self, data: dict[str, Any]) -> None:
         if self.quiet:
             return
-        phase = data["phase"]
-        if data["status"] == "progress":
-            seen = (phase, data.get("detail"))
-            if seen == self.last_progress:
-                return
-            self.last_progress = seen
-        if self.open_phase not in (None, phase):
-            click.echo("")  # that phase's end comes later, on a line of its own
-            self.open_phase = None
-        if data["status"] == "started":
-            click.echo(f"  {phase:<9} ...", nl=False)
-            self.open_phase = phase
-            return
-        head = "" if self.open_phase == phase else f"  {phase:<9} ..."
+        phase, status = str(data["phase"]), str(data["status"])
+        if status == "started":
+            if self.running:
+                self.beside.setdefault(phase, next(iter(self.running)))
+            self.running[phase] = None
+        elif status == "progress":
+            if phase in self.running:
+                self.running[phase] = str(data.get("detail") or "") or None
+        else:
+            self.running.pop(phase, None)
+            self._clear()
+            click.echo(self._line(phase, status, data))
+        self._draw()
+
+    def _line(self, phase: str, status: str, data: dict[str, Any]) -> str:
         ms = f" {data['ms']:>9.1f} ms" if data.get("ms") is not None else ""
-        detail = f"  ({data['detail']})" if data.get("detail") else ""
-        click.echo(f"{head} {data['status']}{ms}{detail}")
-        self.open_phase = None
+        notes = [f"beside the {self.beside.pop(phase)}"] if phase in self.beside else []
+        if data.get("detail"):
+            notes.append(str(data["detail"]))
+        detail = f"  ({'; '.join(notes)})" if notes else ""
+        return f"  {phase:<9} ... {status}{ms}{detail}"
+
+    def _draw(self) -> None:
+        """The live line: the phases running now (a terminal only)."""
+        if not self.live:
+            return
+        text = "  " + ", ".join(
+            f"{phase} ... {progress or ''}".rstrip() for phase, progress in self.running.items()
+        )
+        if self.shown and text == self.drawn:
+            return  # the router repeats a stage's progress value
+        self._clear()
+        if self.running:
+            click.echo(text, nl=False)
+            self.shown, self.drawn = len(text), text
+
+    def _clear(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * self.shown + "\r", nl=False)
+            self.shown = 0
 
     def close(self) -> None:
-        if self.open_phase is not None:
-            click.echo("")
-            self.open_phase = None
+        """The stream ended: take the live line away (the report or the error follows)."""
+        self.running.clear()
+        self._clear()
 
 
 def print_report(report: dict[str, Any]) -> None:

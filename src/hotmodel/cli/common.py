@@ -37,30 +37,51 @@ DEFAULT_HOST = "127.0.0.1"
 
 
 class CliError(click.ClickException):
-    """One line on stderr (``error: ...``) and exit 1; click prints it and exits."""
+    """One line on stderr (``error: ...``) and exit 1; click prints it and exits.
+
+    ``error`` is the server's error object when the server gave one (OpenAI's shape:
+    message, type, param, code); ``--json`` prints it (:meth:`to_json`).
+    """
 
     exit_code = EXIT_ERROR
+    code: str | None = None  # the error's code when the CLI, not the server, says it
+
+    def __init__(self, message: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"error": {...}}``: the server's own error object (with the CLI's words for
+        it as ``message``), or one in the same shape for what failed here."""
+        error = {"message": self.format_message(), "type": "cli_error", "param": None}
+        error["code"] = self.code
+        if self.error is not None:
+            error = {**error, **self.error, "message": self.format_message()}
+        return {"error": error}
 
 
 class ConfigFileError(CliError):
     """A config file is missing or invalid: exit 3."""
 
     exit_code = EXIT_CONFIG
+    code = "invalid_config"
 
 
 class UnreachableError(CliError):
     """Nothing answers at the server's address: exit 4."""
 
     exit_code = EXIT_UNREACHABLE
+    code = "unreachable"
 
 
 class CommandInterruptedError(CliError):
     """Ctrl-C, with a word on what goes on without us: exit 130."""
 
     exit_code = EXIT_INTERRUPTED
+    code = "interrupted"
 
 
 def load(config_path: Path) -> Config:
@@ -157,13 +178,23 @@ _CLIENT_OPTIONS = (
 
 
 def client_command(func: Callable[..., None]) -> Callable[..., None]:
-    """Add ``--config``, ``--url`` and ``--port`` to a command; it receives ``target``."""
+    """Add ``--config``, ``--url`` and ``--port`` to a command; it receives ``target``.
+
+    With ``--json``, a failure is JSON too: the error object goes to stdout (the
+    one-line message to stderr, the exit code as without ``--json``), so a script
+    reads one shape whatever happened.
+    """
 
     @functools.wraps(func)
     def wrapper(
         *args: Any, config_path: Path | None, url: str | None, port: int | None, **kwargs: Any
     ) -> None:
-        func(*args, target=resolve_target(config_path, url, port), **kwargs)
+        try:
+            func(*args, target=resolve_target(config_path, url, port), **kwargs)
+        except CliError as exc:
+            if kwargs.get("as_json"):
+                echo_json(exc.to_json())
+            raise
 
     for option in reversed(_CLIENT_OPTIONS):
         wrapper = option(wrapper)
@@ -242,13 +273,15 @@ def answer(target: Target, resp: httpx.Response, method: str, path: str) -> dict
     if resp.status_code == 404 and error.get("code") == "not_found":
         raise CliError(
             f"the server at {target.url} has no {method} {path}: it runs an older hotmodel "
-            "(restart it with this version)"
+            "(restart it with this version)",
+            error,
         )
     if resp.status_code == 401:
-        raise CliError(f"{message} (HTTP 401; {_sent_key(resp)})")
+        raise CliError(f"{message} (HTTP 401; {_sent_key(resp)})", error)
     if resp.status_code == 403:
         raise CliError(
             f"{message} (HTTP 403): this command needs an admin key; pass --config with the "
-            f"server's config (its first admin key is sent), or set {API_KEY_ENV} to one"
+            f"server's config (its first admin key is sent), or set {API_KEY_ENV} to one",
+            error,
         )
-    raise CliError(message)
+    raise CliError(message, error)

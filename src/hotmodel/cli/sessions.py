@@ -14,7 +14,9 @@ import click
 
 from hotmodel.cli.common import Target, call, client_command, echo_json
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON answer.")
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the JSON answer (or the error's, on a failure)."
+)
 PAGE = 1000  # sessions asked for per request (the server's largest page)
 
 

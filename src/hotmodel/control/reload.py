@@ -219,6 +219,7 @@ async def _reload(services: Reloadable) -> dict[str, Any]:
     parked = controller.parked
     if parked is not None and parked in plan.presets_changed:
         check_model_file(new.presets, parked)  # the next request loads it
+    check_new_model_files(old, new)
     # a resident added or edited: the router must read the new presets, so the active
     # model is loaded again (the router restarts meanwhile, the residents come back after)
     reload_active = plan.reload_active or bool(residents_to_load(old.presets, new.presets))
@@ -250,6 +251,20 @@ async def _reload(services: Reloadable) -> dict[str, Any]:
         ", ".join(plan.presets_changed) or "-",
     )
     return result
+
+
+def check_new_model_files(old: Config, new: Config) -> None:
+    """Refuse (ConfigError naming the file, section and key: nothing changes) a model
+    file that cannot be loaded in a preset this reload adds or edits, and a new
+    ``default_model``'s: ``hotmodel serve`` refuses the default model's (exit 3), and a
+    preset just written with a wrong path is better said now than at its first switch."""
+    before, after = old.presets.models, new.presets.models
+    for name, preset in after.items():
+        if before.get(name) != preset:
+            check_model_file(new.presets, name)
+    default = new.router.default_model
+    if default != old.router.default_model and default in after:
+        check_model_file(new.presets, default)
 
 
 def _reverted(report: SwitchReport) -> dict[str, Any]:

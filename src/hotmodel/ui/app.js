@@ -256,6 +256,25 @@
     const body = await getJson("/admin/switches");
     state.history = new Map(body.data.map((r) => [r.id, r]));
     renderHistory();
+    if (!state.progress && body.data.length) showReport(body.data[0]); // the newest
+  }
+
+  // The Switch panel for a switch this page did not watch: its report's phases, in the
+  // order they started (phase_starts), each with its duration; the failed one marked.
+  function showReport(report) {
+    startProgress(report.id, report.from, report.to);
+    const starts = report.phase_starts || {};
+    const names = Object.keys(report.phases || {}).sort((a, b) => (starts[a] ?? 0) - (starts[b] ?? 0));
+    for (const phase of names) {
+      state.progress.phases.set(phase, { switch_id: report.id, phase, status: "done", ms: report.phases[phase], detail: null });
+    }
+    if (report.failed_phase) {
+      state.progress.phases.set(report.failed_phase, {
+        switch_id: report.id, phase: report.failed_phase, status: "failed", ms: null, detail: report.error,
+      });
+    }
+    state.progress.report = report;
+    renderProgress();
   }
 
   async function loadSessions() {
