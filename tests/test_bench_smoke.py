@@ -1,6 +1,6 @@
 """The one benchmark command runs end to end on its tiniest setting, so it cannot rot.
 
-``scripts/bench.py --smoke`` drives the real llama-server on the real demo
+``python -m bench --smoke`` drives the real llama-server on the real demo
 models, like a user would, and writes its JSON and its Markdown tables into
 a temporary copy of docs/performance.md. Nothing here asserts a time: a
 benchmark on a busy machine must not fail the suite; only the shape of what
@@ -59,7 +59,7 @@ def _run_smoke(tmp_path: Path) -> tuple[dict[str, Any], str, str]:
     docs = tmp_path / "performance.md"
     docs.write_text(original, encoding="utf-8")
     out = tmp_path / "results"
-    argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke"]
+    argv = [sys.executable, "-m", "bench", "--smoke"]
     argv += ["--out", str(out), "--docs", str(docs)]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
@@ -139,10 +139,10 @@ def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> 
 
 
 def test_gpu_bench_runs_and_reports_every_switch(tmp_path: Path) -> None:
-    """``scripts/bench_gpu.py`` on one round trip per policy. No GPU here: the snapshots
+    """``python -m bench gpu`` on one round trip per policy. No GPU here: the snapshots
     are empty and ``auto`` falls back to zero_overlap, which the rows must say."""
     out = tmp_path / "gpu"
-    argv = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--rounds", "1"]
+    argv = [sys.executable, "-m", "bench", "gpu", "--rounds", "1"]
     done = subprocess.run(
         [*argv, "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT
     )
