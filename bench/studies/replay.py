@@ -1,24 +1,23 @@
-#!/usr/bin/env python3
 """Measure replay: the first turn after a switch, with and without prefilling the session.
 
-    .venv/bin/python scripts/bench_replay.py [--turns 8]
+    .venv/bin/python -m bench replay [--turns 8] [--out DIR]
 
 For replay on and off: start `hotmodel serve` (SmolLM2 + Gemma), build one
 session of --turns exchanges on SmolLM2, switch to Gemma (the switch report
 gives the replay's prompt tokens and milliseconds), then send the next turn
 and record its timings (prompt_n, cache_n, prompt_ms) and wall time.
-Prints a Markdown table; writes bench-results/replay-<timestamp>.json.
+Prints a Markdown table; writes bench-results/bench-replay-<timestamp>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 from typing import Any
 
-from bench_common import client as bench_client
-from benchlib import ROOT, machine, serving
+from bench import results
+from bench.harness import ROOT, client, say, serving
 
 TURN = (
     "Here is part {i} of my travel notes: we walked along the river, visited the old "
@@ -30,7 +29,7 @@ TURN = (
 def _run(replay: bool, turns: int) -> dict[str, Any]:
     with (
         serving(extra=f"[switch]\nreplay = {str(replay).lower()}") as served,
-        bench_client(600) as c,
+        client(600) as c,
     ):
         base = served.base_url
         headers = {"x-session-id": "bench"}
@@ -74,35 +73,38 @@ def _run(replay: bool, turns: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--turns", type=int, default=8)
-    args = ap.parse_args()
-    runs = [_run(True, args.turns), _run(False, args.turns)]
-    out = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "turns": args.turns,
-        "machine": machine(),
-        "runs": runs,
-    }
-    folder = ROOT / "bench-results"
-    folder.mkdir(exist_ok=True)
-    (folder / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
-    print(
-        "| replay | switch ms | replay prompt tokens | replay ms | first turn prompt tokens |"
-        " prompt_n | cache_n | prompt_ms | first turn wall ms |"
-    )
-    print("|" + " --- |" * 9)
+def markdown(runs: list[dict[str, Any]]) -> list[str]:
+    rows = []
     for r in runs:
         rp = r["switch_replay"] or {}
         f = r["first_turn"]
-        print(
-            f"| {'on' if r['replay'] else 'off'} | {r['switch_total_ms']} | "
-            f"{rp.get('prompt_tokens', '-')} | {rp.get('prompt_ms', '-')} | "
-            f"{f['prompt_tokens']} | {f['prompt_n']} | {f['cache_n']} | "
-            f"{round(f['prompt_ms'], 1)} | {f['wall_ms']} |"
+        rows.append(
+            [
+                "on" if r["replay"] else "off",
+                str(r["switch_total_ms"]),
+                str(rp.get("prompt_tokens", "-")),
+                str(rp.get("prompt_ms", "-")),
+                str(f["prompt_tokens"]),
+                str(f["prompt_n"]),
+                str(f["cache_n"]),
+                str(round(f["prompt_ms"], 1)),
+                str(f["wall_ms"]),
+            ]
         )
+    head = ["replay", "switch ms", "replay prompt tokens", "replay ms", "first turn prompt tokens"]
+    head += ["prompt_n", "cache_n", "prompt_ms", "first turn wall ms"]
+    return results.table(head, rows)
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench replay", description=(__doc__ or "").split("\n")[0]
+    )
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = ap.parse_args(argv)
+    runs = [_run(True, args.turns), _run(False, args.turns)]
+    command = ".venv/bin/python -m bench replay"
+    path = results.study(command, args.out, "bench-replay", turns=args.turns, runs=runs)
+    print("\n".join(markdown(runs)))
+    say(f"results in {path}")

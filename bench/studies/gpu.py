@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """GPU memory around switches: what each phase costs and what the GPU holds after it.
 
-    .venv/bin/python scripts/bench_gpu.py [--rounds N] [--out DIR]
+    .venv/bin/python -m bench gpu [--rounds N] [--out DIR]
 
 Needs a GPU and a llama-server built with CUDA (or another GPU backend) where
 `hotmodel setup` caches it, or on PATH. Starts `hotmodel serve` on the two demo
@@ -17,16 +16,12 @@ No GPU: the snapshots are empty and the table says so.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from bench_common import client as bench_client
-from benchlib import ROOT, llama_cpp, machine, serving
-
+from bench import results
+from bench.harness import ROOT, client, llama_cpp, say, serving
 from hotmodel.control.gpu import detect_probe
 
 POLICIES = {
@@ -49,7 +44,7 @@ def _used_now() -> int | None:
 
 def run_policy(policy: str, rounds: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with serving(extra=POLICIES[policy]) as served, bench_client(300) as c:
+    with serving(extra=POLICIES[policy]) as served, client(300) as c:
         base = served.base_url
         chat = {
             "messages": [{"role": "user", "content": "Name three colours."}],
@@ -87,7 +82,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """p50 per policy and direction: phases in ms, GPU memory in MiB."""
     head = ["policy (chosen)", "switch", "total ms", *(f"{p} ms" for p in PHASES)]
     head += [f"{s} MiB" for s in SNAPS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: list[list[str]] = []
     switches = [r for r in rows if "to" in r]
     order = list(POLICIES)
     keys = sorted(
@@ -109,35 +104,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         ]
         cells += [_cell(p50([(r["phases"] or {}).get(p) for r in group])) for p in PHASES]
         cells += [_cell(p50([r["gpu_used_mib"][s] for r in group])) for s in SNAPS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
     reasons = sorted({f"policy {r['policy']}, {r['reason']}" for r in switches if r["reason"]})
-    return "\n".join(lines + [""] + [f"- {reason}" for reason in reasons])
+    return "\n".join(results.table(head, lines) + [f"- {reason}" for reason in reasons])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench gpu", description=(__doc__ or "").split("\n")[0]
+    )
     ap.add_argument("--rounds", type=int, default=3, help="round trips per policy")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
-    args = ap.parse_args()
-    now = datetime.datetime.now().astimezone()
+    args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = [{"no_model_mib": _used_now()}]
     for policy in POLICIES:
-        print(f"[bench_gpu] {policy} ...", file=sys.stderr, flush=True)
+        say(f"gpu: {policy} ...")
         rows += run_policy(policy, args.rounds)
-    result = {
-        "command": ".venv/bin/python scripts/bench_gpu.py",
-        "date": now.isoformat(timespec="seconds"),
-        "machine": machine(),
-        "llama_cpp": llama_cpp(),
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-gpu-{now.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = results.study(
+        ".venv/bin/python -m bench gpu", args.out, "bench-gpu", llama_cpp=llama_cpp(), rows=rows
+    )
     print(f"GPU memory in use before any llama-server: {_cell(rows[0]['no_model_mib'])} MiB")
     print(table(rows))
-    print(f"[bench_gpu] results in {path}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+    say(f"results in {path}")

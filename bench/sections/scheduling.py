@@ -20,10 +20,10 @@ import time
 from typing import Any
 
 import httpx
-from bench_common import Settings
-from bench_common import client as bench_client
-from benchlib import serving, summary
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.harness import Settings, client, serving, summary
+from bench.results import n, table
 
 MODELS = ("smollm2", "gemma3")
 WAYS = {  # [switch] lines of each way's config
@@ -35,7 +35,7 @@ WAYS = {  # [switch] lines of each way's config
 def _client(base: str, model: str, until: float) -> list[float]:
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     took: list[float] = []
-    with bench_client(300) as c:
+    with client(300) as c:
         while time.monotonic() < until:
             t0 = time.perf_counter()
             c.post(base + "/v1/chat/completions", json=body).raise_for_status()
@@ -80,7 +80,7 @@ def _run(base: str, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def scheduling(s: Settings) -> dict[str, Any]:
+def measure(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"seconds": s.sched_seconds, "ways": {}}
     for way, extra in WAYS.items():
         with serving(extra=extra) as served:
@@ -88,3 +88,37 @@ def scheduling(s: Settings) -> dict[str, Any]:
                 str(n): _run(served.base_url, n, s.sched_seconds) for n in s.sched_clients
             }
     return out
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return []  # reported, no target of its own
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for way, levels in r["ways"].items():
+        for clients, m in levels.items():
+            lat = m["latency"]
+            rows.append(
+                [
+                    way,
+                    clients,
+                    n(m["requests_per_min"], 1),
+                    n(m["switches_per_min"], 1),
+                    n(lat["p50_ms"], 0),
+                    n(lat["p99_ms"], 0),
+                    n(lat["max_ms"], 0),
+                ]
+            )
+    return [
+        "### Scheduling: closed-loop clients over two models",
+        "",
+        f"Each client loops on its own model (SmolLM2 or Gemma, alternately), {r['seconds']:g} s "
+        "per row; `per_request`: `max_wait_seconds = 0` (a switch for every request for the "
+        "other model, as before the scheduler), `scheduler`: the defaults.",
+        "",
+        *table(
+            ["way", "clients", "requests/min", "switches/min", "p50 ms", "p99 ms", "max ms"],
+            rows,
+        ),
+    ]

@@ -1,0 +1,1 @@
+"""Studies: one question each, beside the one run (``python -m bench <name> --help``)."""
