@@ -68,6 +68,11 @@ class Settings:
     throughput_clients: tuple[int, ...]
     throughput_seconds: float  # per path and client count, split into blocks
     throughput_blocks: int
+    # fresh connections: clients opening a new connection per request, requests per
+    # burst, bursts per path (interleaved)
+    burst_clients: int
+    burst_requests: int
+    burst_rounds: int
     switch_rounds: int  # round trips smollm2 -> gemma3 -> smollm2
     kv_items: int  # facts in the switch-back session (~9 tokens each)
     kv_rounds: int
@@ -88,6 +93,9 @@ class Settings:
             throughput_clients=(8, 64),
             throughput_seconds=10.0,
             throughput_blocks=5,
+            burst_clients=64,
+            burst_requests=256,
+            burst_rounds=5,
             switch_rounds=5,
             kv_items=290,
             kv_rounds=2,
@@ -109,6 +117,9 @@ class Settings:
             throughput_clients=(2, 4),
             throughput_seconds=1.0,
             throughput_blocks=2,
+            burst_clients=4,
+            burst_requests=8,
+            burst_rounds=1,
             switch_rounds=1,
             kv_items=20,
             kv_rounds=1,

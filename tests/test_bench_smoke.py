@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss", "scheduling")
 PATHS = ("child", "router", "hotmodel")
-# proxy 5, throughput 2 (two client counts in smoke), switch 2, history 1, cache 1, rss 2
-TARGETS = 13
+# proxy 5, throughput 3 (two client counts in smoke, and fresh connections), switch 2, history 1,
+# cache 1, rss 2
+TARGETS = 14
 # one per table: the targets', then one per section
 TABLES = 1 + len(SECTIONS)
 

@@ -1,5 +1,7 @@
 """The ``throughput`` section: requests per second with N concurrent keep-alive
-clients on each of the three paths, path by path in interleaved blocks."""
+clients on each of the three paths, path by path in interleaved blocks; and with
+clients that open a fresh connection per request (what many HTTP libraries do by
+default), in bursts of a fixed number of requests, interleaved path by path."""
 
 from __future__ import annotations
 
@@ -85,27 +87,100 @@ async def _level(paths: Paths, clients: int, s: Settings) -> dict[str, Any]:
     }
 
 
+async def _burst(
+    client: httpx.AsyncClient, url: str, workers: int, requests: int, errors: Counter[str]
+) -> float:
+    """``workers`` concurrent clients share ``requests`` requests, each on a connection of
+    its own; the seconds until the last one was answered."""
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                answer = await client.post(url + "/v1/chat/completions", json=PLAIN)
+            except httpx.TransportError as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            if answer.status_code != 200:
+                errors[f"HTTP {answer.status_code}"] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return time.perf_counter() - t0
+
+
+async def _bursts(paths: Paths, s: Settings) -> dict[str, Any]:
+    # no kept-alive connection: every request opens (and closes) its own
+    fresh = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    group = {
+        p: httpx.AsyncClient(timeout=120, trust_env=False, headers=paths.auth, limits=fresh)
+        for p in PATHS
+    }
+    seconds = dict.fromkeys(PATHS, 0.0)
+    errors: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
+    try:
+        for b in range(s.burst_rounds):
+            for p in rotate(PATHS, b):
+                took = await _burst(
+                    group[p], paths.url(p), s.burst_clients, s.burst_requests, errors[p]
+                )
+                seconds[p] += took
+    finally:
+        for c in group.values():
+            await c.aclose()
+    sent = s.burst_requests * s.burst_rounds
+    return {
+        p: {
+            "requests": sent - sum(errors[p].values()),
+            "errors": sum(errors[p].values()),
+            "error_kinds": dict(errors[p]),
+            "seconds": round(seconds[p], 3),
+            "requests_per_s": round((sent - sum(errors[p].values())) / seconds[p], 2),
+        }
+        for p in PATHS
+    }
+
+
 def measure(paths: Paths, s: Settings) -> dict[str, Any]:
-    """Requests per second with N concurrent keep-alive clients, path by path in blocks."""
+    """Requests per second with N concurrent keep-alive clients, path by path in blocks;
+    then with fresh connections, in bursts."""
     return {
         "seconds_per_path": s.throughput_seconds,
         "blocks": s.throughput_blocks,
         "clients": {str(c): asyncio.run(_level(paths, c, s)) for c in s.throughput_clients},
+        "fresh": {
+            "clients": s.burst_clients,
+            "requests_per_burst": s.burst_requests,
+            "bursts_per_path": s.burst_rounds,
+            "paths": asyncio.run(_bursts(paths, s)),
+        },
     }
+
+
+def _levels(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each measured level: (its label, its paths), the fresh connections' last."""
+    out = list(r["clients"].items())
+    fresh = r.get("fresh")
+    if fresh is not None:
+        out.append((f"{fresh['clients']} fresh", fresh["paths"]))
+    return out
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for clients, paths in r["clients"].items():
+    for clients, paths in _levels(r):
         ratio = paths["hotmodel"]["requests_per_s"] / max(1e-9, paths["router"]["requests_per_s"])
-        figure = f"throughput: {clients} clients, x router"
+        label = clients.replace(" fresh", " clients, a fresh connection each")
+        figure = f"throughput: {label if 'fresh' in clients else clients + ' clients'}, x router"
         out.append(target(figure, ratio, 0.97, "≥ 0.97 x router", "x", True))
     return out
 
 
 def markdown(r: dict[str, Any]) -> list[str]:
     rows = []
-    for (clients, paths), check in zip(r["clients"].items(), targets(r), strict=True):
+    for (clients, paths), check in zip(_levels(r), targets(r), strict=True):
         rps = [paths[p]["requests_per_s"] for p in PATHS]
         errors = "/".join(str(paths[p]["errors"]) for p in PATHS)
         rows.append([clients, *(n(v, 1) for v in rps), f"{check['measured']:.3f}", errors])
@@ -114,6 +189,13 @@ def markdown(r: dict[str, Any]) -> list[str]:
         f"N keep-alive clients sending 1-token requests back to back, {r['seconds_per_path']:g} s "
         f"per path in {r['blocks']} interleaved blocks; requests per second."
     )
+    fresh = r.get("fresh")
+    if fresh is not None:
+        intro += (
+            f' "{fresh["clients"]} fresh": {fresh["clients"]} clients opening a new connection '
+            f"for each request, {fresh['requests_per_burst']} requests per burst, "
+            f"{fresh['bursts_per_path']} bursts per path, interleaved."
+        )
     head = ["clients", "child", "router", "hotmodel", "hotmodel / router"]
     head += ["failed (child/router/hotmodel)", "target"]
     return ["### Throughput", "", intro, "", *table(head, rows)]
