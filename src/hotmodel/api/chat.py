@@ -30,7 +30,7 @@ from hotmodel.api.admission import (
 )
 from hotmodel.api.auth import came_with_admin_key, owner_of
 from hotmodel.api.errors import hotmodel_error_response, upstream_error_response
-from hotmodel.api.forward import Answer, ended_by, open_upstream, retry_refused
+from hotmodel.api.forward import Answer, bound_length, ended_by, open_upstream, retry_refused
 from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
@@ -86,8 +86,6 @@ _HEADERS = frozenset(
 
 log = logging.getLogger("hotmodel.chat")
 
-# What a client may bound its answer with; with none, [server] default_max_tokens applies.
-_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
 # Two of these in one request could name two different sessions or prompts: refused.
 _ONE_ONLY = frozenset({"x-session-id", "x-system-prompt"})
 
@@ -232,7 +230,7 @@ class ChatCompletions:
             assert model is not None  # admitted() names it
             chat.payload["model"] = model
             record.model = model
-            self._bound_length(chat.payload, model)
+            bound_length(self.s.config, chat.payload, model)
             prepared = None
             headers: dict[str, str] = {}
             if chat.session is not None:
@@ -275,15 +273,6 @@ class ChatCompletions:
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise ended_by(ticket)
-
-    def _bound_length(self, payload: dict[str, Any], model: str) -> None:
-        """No request holds the model forever: one that sets no length gets the preset's
-        ``n-predict`` (llama-server applies it), else ``[server] default_max_tokens``."""
-        bound = self.s.config.server.default_max_tokens
-        if not bound or any(payload.get(k) is not None for k in _LENGTH_FIELDS):
-            return
-        if not self.s.config.presets.bounds_generation(model):
-            payload["max_tokens"] = bound
 
     def _turn_ended(self, chat: ChatRequest, model: str, gen: int, record: RequestRecord) -> None:
         """The first answer after a KV restore may prove it (its ``cache_n``)."""

@@ -6,6 +6,7 @@ one resend after a refused connection.
   connection (nothing was sent) becomes :class:`RefusedError`.
 - :func:`retry_refused`: runs one attempt; when llama-server refused the connection and
   a recovery begins, the request waits for it and is sent once more.
+- :func:`bound_length`: the default answer length, for a request that sets none.
 - :func:`ended_by`: the error of a request that a switch or the shutdown cancelled.
 - :class:`Answer`: a whole JSON answer as two ASGI messages.
 """
@@ -16,11 +17,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
+from hotmodel.config import Config
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
     HotModelError,
@@ -79,6 +82,21 @@ async def open_upstream(
         return await stack.enter_async_context(s.router.chat(body, accept, model, path, what))
     except (ModelUnavailableError, RouterRefusedError) as exc:
         raise RefusedError(exc) from exc  # nothing sent: it may be resent
+
+
+# What a client may bound its answer with; with none, [server] default_max_tokens applies.
+_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
+
+
+def bound_length(config: Config, payload: dict[str, Any], model: str) -> None:
+    """No request holds the model forever: one that sets no length gets the preset's
+    ``n-predict`` (llama-server applies it), else ``[server] default_max_tokens``
+    (llama-server reads ``max_tokens`` on its native endpoints too)."""
+    bound = config.server.default_max_tokens
+    if not bound or any(payload.get(k) is not None for k in _LENGTH_FIELDS):
+        return
+    if not config.presets.bounds_generation(model):
+        payload["max_tokens"] = bound
 
 
 def ended_by(ticket: Ticket) -> HotModelError:
