@@ -248,8 +248,8 @@ def _embedding(path: str, family: Family, check: Check, summary: str) -> Endpoin
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    _completion("/v1/completions", "OpenAI text completion, plain or streamed (SSE)"),
-    _completion("/completion", "llama.cpp's native completion, plain or streamed (SSE)"),
+    _completion("/v1/completions", "OpenAI text completion"),
+    _completion("/completion", "llama.cpp's native completion"),
     _completion("/completions", "llama.cpp's native completion (/completion's alias)"),
     _completion("/infill", "code infilling (fill in the middle)", check_infill),
     Endpoint("/tokenize", Family.TOKENIZER, check_tokenize, "text to token ids"),
