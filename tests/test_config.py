@@ -89,7 +89,8 @@ def test_example_and_demo_configs_parse() -> None:
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.router.default_model in cfg.presets.models
     demo = load_config(ROOT / "configs" / "demo.toml")
-    assert set(demo.presets.models) == {"smollm2", "gemma3"}
+    assert set(demo.presets.models) == {"smollm2", "gemma3", "smollm2-embed"}
+    assert demo.presets.residents == ("smollm2-embed",)  # the embedding model: beside them
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hotmodel.api.endpoints import ENDPOINTS
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
 
 
@@ -31,6 +32,9 @@ def server(
     hp = start_hotmodel(config)
     yield hp
     assert hp.stop() == 0, hp.output()
+
+
+GENERATING = {"/v1/chat/completions", *(e.path for e in ENDPOINTS if e.generates)}
 
 
 def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
@@ -52,6 +56,7 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
         "/admin/events",
         "/admin/logs",
         "/ui",
+        *(e.path for e in ENDPOINTS),  # every inference endpoint (api/endpoints.py)
     }
 
 
@@ -70,8 +75,9 @@ def test_generated_requests_never_get_a_5xx(server: HotmodelProcess) -> None:
     )
     @given(case=schema.as_strategy(), tokens=st.integers(min_value=1, max_value=4))
     def check(case: Any, tokens: int) -> None:
-        if isinstance(case.body, dict) and case.path == "/v1/chat/completions":
+        if isinstance(case.body, dict) and case.path in GENERATING:
             case.body["max_tokens"] = tokens  # keep generations short; types are fuzzed elsewhere
+            case.body.pop("n_predict", None)  # (it would override max_tokens)
         response = case.call(base_url=server.base_url, timeout=60)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (

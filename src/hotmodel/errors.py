@@ -22,6 +22,7 @@ with ``raise ... from exc``.
     │   ├── PayloadTooLargeError     the body is over [server] max_body_bytes (413)
     │   ├── RequestTimeoutError      the body did not arrive in time (408)
     │   ├── ContextLengthError       a prompt no model's context could hold (400)
+    │   ├── UnsupportedEndpointError the model named does not serve the endpoint (400)
     │   ├── ModelNotFoundError       the model is not a preset (404)
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── AutoSwitchForbiddenError a client key asked for a switch it may not cause (403)
@@ -187,6 +188,10 @@ class RequestTimeoutError(RequestError):
     """The client did not send its whole request body in time."""
 
 
+class UnsupportedEndpointError(RequestError):
+    """The model named does not serve the endpoint (an embedding request for a chat model)."""
+
+
 class ContextLengthError(RequestError):
     """The prompt's text is too long for any preset's context, whatever the tokenizer."""
 
@@ -327,6 +332,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (PayloadTooLargeError, HttpError(413, "invalid_request_error", "request_too_large")),
     (RequestTimeoutError, HttpError(408, "invalid_request_error", "request_timeout")),
     (ContextLengthError, HttpError(400, "invalid_request_error", "context_length_exceeded")),
+    (UnsupportedEndpointError, HttpError(400, "invalid_request_error", "unsupported_endpoint")),
     (RequestError, HttpError(400, "invalid_request_error", "invalid_request")),
     (ConfigError, HttpError(400, "invalid_request_error", "invalid_config")),  # a reload's
     (SwitchBusyError, HttpError(503, "server_error", "switch_in_progress")),

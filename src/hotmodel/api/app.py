@@ -26,6 +26,7 @@ from hotmodel.api.errors import (
     on_hotmodel_error,
     on_http_error,
 )
+from hotmodel.api.inference import inference_routes
 from hotmodel.api.metrics import Metrics, metrics_routes
 from hotmodel.api.observe import Observe
 from hotmodel.api.openapi import openapi_routes
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
     app = Starlette(
         routes=[
             Route(CHAT_PATH, chat, methods=["POST"]),
+            *inference_routes(services),  # completions, infill, embeddings, rerank, tokenizer
             *status_routes(runtime),
             *admin_routes(runtime),
             *session_routes(services.sessions, services.snapshots),

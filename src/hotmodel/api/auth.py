@@ -1,4 +1,6 @@
-"""API keys at the door: ``Authorization: Bearer KEY`` for ``/v1/*`` and ``/admin/*``.
+"""API keys at the door: ``Authorization: Bearer KEY`` for ``/v1/*``, llama.cpp's native
+inference routes (``/completion``, ``/infill``, ``/tokenize``...: ``api/endpoints.py``)
+and ``/admin/*``.
 
 An ASGI middleware, so every route is covered without each one remembering
 to check. ``/metrics`` needs the admin key, like ``/admin/*``. ``/health`` and
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hotmodel.api.endpoints import NATIVE_PATHS
 from hotmodel.api.errors import error_response
 from hotmodel.security import Access, KeySet, fingerprint
 
@@ -61,7 +64,7 @@ class RequireKeys:
             return
         path: str = scope.get("path", "")
         needs = Access.ADMIN if path.startswith("/admin") or path == METRICS_PATH else None
-        if needs is None and path.startswith("/v1") and keys.client:
+        if needs is None and (path.startswith("/v1") or path in NATIVE_PATHS) and keys.client:
             needs = Access.CLIENT
         if needs is None:
             await self.app(scope, receive, send)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel import __version__
+from hotmodel.api.endpoints import ENDPOINTS, Family
 from hotmodel.api.validate import ROLES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -133,6 +134,104 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_PROMPT = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"oneOf": [{"type": "string"}, _TOKENS]}},
+    ]
+}
+_MODEL = {"type": "string", "description": '"active", a preset, or omitted (the active one)'}
+_GENERATION = {
+    "model": _MODEL,
+    "stream": {"type": "boolean"},
+    "max_tokens": {"type": "integer"},
+    "n_predict": {"type": "integer"},
+    "temperature": {"type": "number"},
+}
+# Each family's request body, as api/endpoints.py checks it.
+INFERENCE_SCHEMAS: dict[Family, dict[str, Any]] = {
+    Family.COMPLETION: {"required": ["prompt"], "properties": {"prompt": _PROMPT, **_GENERATION}},
+    Family.TOKENIZER: {
+        "properties": {
+            "model": _MODEL,
+            "content": {"type": "string"},
+            "tokens": _TOKENS,
+            "add_special": {"type": "boolean"},
+            "with_pieces": {"type": "boolean"},
+        }
+    },
+    Family.TEMPLATE: {
+        "required": ["messages"],
+        "properties": {
+            "model": _MODEL,
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/Message"},
+            },
+        },
+    },
+    Family.EMBEDDING: {
+        "required": ["input"],
+        "properties": {
+            "model": _MODEL,
+            "input": _PROMPT,
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+        },
+    },
+    Family.RERANK: {
+        "required": ["query", "documents"],
+        "properties": {
+            "model": _MODEL,
+            "query": {"type": "string"},
+            "documents": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "top_n": {"type": "integer", "minimum": 1},
+        },
+    },
+}
+_INFILL = {
+    "required": ["input_prefix", "input_suffix"],
+    "properties": {
+        "input_prefix": {"type": "string"},
+        "input_suffix": {"type": "string"},
+        "input_extra": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["text"],
+                "properties": {"filename": {"type": "string"}, "text": {"type": "string"}},
+            },
+        },
+        "prompt": {"type": "string"},
+        **_GENERATION,
+    },
+}
+
+
+def _inference_paths() -> dict[str, Any]:
+    """Every endpoint of api/endpoints.py's table."""
+    paths: dict[str, Any] = {}
+    for e in ENDPOINTS:
+        body = _INFILL if e.path == "/infill" else INFERENCE_SCHEMAS[e.family]
+        if e.path == "/detokenize":
+            body = {"required": ["tokens"], "properties": {"model": _MODEL, "tokens": _TOKENS}}
+        elif e.family is Family.TOKENIZER:
+            body = {**body, "required": ["content"]}
+        schema = {"type": "object", "additionalProperties": True, **body}
+        paths[e.path] = {
+            "post": {
+                "summary": e.summary + (", plain or streamed (SSE)" if e.streams else ""),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": schema}},
+                },
+                "responses": _answers(_OBJECT, 400, 401, 404, 408, 409, 413, 502, 503, 504),
+            }
+        }
+    return paths
+
+
 def spec() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -164,6 +263,7 @@ def _paths() -> dict[str, Any]:
                 "responses": _answers(_OBJECT, 400, 401, 404, 408, 409, 413, 502, 503, 504),
             }
         },
+        **_inference_paths(),
         "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
         "/v1/models/{model_id}": {
             "parameters": [_MODEL_ID],

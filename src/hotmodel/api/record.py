@@ -30,7 +30,8 @@ _FIELD = re.compile(
 )
 # The first generated text of a stream: llama-server's first chunk only names the role
 # ("content":null); reasoning models send "reasoning_content":"..." first, which counts.
-_TEXT, _TEXT_SPACED = b'content":"', b'content": "'
+# (/completion and /infill stream "content" too; /v1/completions streams "text".)
+_TEXT, _TEXT_SPACED, _COMPLETION_TEXT = b'content":"', b'content": "', b'"text":"'
 
 
 def new_request_id() -> str:
@@ -49,7 +50,7 @@ def incoming_request_id(scope: Scope) -> str | None:
 
 def has_text(chunk: bytes) -> bool:
     """Whether a relayed stream chunk carries generated text (the first token)."""
-    return _TEXT in chunk or _TEXT_SPACED in chunk
+    return _TEXT in chunk or _TEXT_SPACED in chunk or _COMPLETION_TEXT in chunk
 
 
 @dataclass(slots=True)

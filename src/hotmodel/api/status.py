@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel.api.chat import ACTIVE_ALIAS
+from hotmodel.api.endpoints import served_by
 from hotmodel.api.errors import RETRY_AFTER_S
 from hotmodel.control.report import SwitchState
 from hotmodel.errors import ModelNotFoundError, RouterError
@@ -115,6 +116,7 @@ def status_routes(runtime: Runtime) -> list[Route]:
                 "parked": name == parked,  # unloaded for idleness: the next request loads it
                 "resident": name in residents,  # loaded beside the active one, never switched
                 "size_bytes": size_on_disk(preset),
+                "endpoints": served_by(preset, s.config),  # what it answers (api/endpoints.py)
             }
             for name, preset in s.config.presets.models.items()
         ]

@@ -152,6 +152,16 @@ def parse_json(body: bytes) -> Any:
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A JSON object body, checked for depth and unencodable strings (400 otherwise)."""
+    payload = parse_json(body)
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    if tree_needs_check(body):
+        check_tree(payload)
+    return payload
+
+
 def tree_needs_check(body: bytes) -> bool:
     """Whether :func:`check_tree` can find anything in what ``body`` decodes to: a few
     byte searches in C instead of a walk over every value of every request."""

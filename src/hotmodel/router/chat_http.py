@@ -1,6 +1,7 @@
-"""The chat data path's HTTP client: aiohttp, for the one call that runs per request.
+"""The data path's HTTP client: aiohttp, for the one call that runs per request.
 
-Every chat request is one POST to llama-server (the loaded model's own
+Every chat request (and every other inference request: completions, infill,
+embeddings, rerank, the tokenizer endpoints) is one POST to llama-server (the loaded model's own
 server, or the router). Measured on the 2-core test machine, httpx spent
 ~1.3 ms of CPU per such request and aiohttp ~0.56 ms (docs/performance.md),
 which is most of what a proxy adds; so the data path uses aiohttp, while
@@ -32,14 +33,15 @@ REQUEST_SETTING = "[server] request_timeout_seconds"
 class Upstream:
     """An open answer of llama-server; its body is read inside the boundary."""
 
-    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float, what: str = CHAT) -> None:
         self.status_code = response.status
         self._response = response
         self._timeout = timeout
+        self._what = what  # "POST /path": what a failure names
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, chunk by chunk (never buffered)."""
-        with boundary(CHAT, self._timeout, REQUEST_SETTING):
+        with boundary(self._what, self._timeout, REQUEST_SETTING):
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
@@ -48,7 +50,7 @@ class Upstream:
         return self._response.content.is_eof()
 
     async def read(self) -> bytes:
-        with boundary(CHAT, self._timeout, REQUEST_SETTING):
+        with boundary(self._what, self._timeout, REQUEST_SETTING):
             return await self._response.read()
 
     def close(self) -> None:
@@ -92,9 +94,10 @@ class ChatHttp:
             await self._session.close()
             self._session = None
 
-    async def post(self, url: str, body: bytes, accept: str) -> Upstream:
-        """POST ``body`` (a chat completion); the open answer. Retried once when a
-        kept-alive connection turns out closed.
+    async def post(self, url: str, body: bytes, accept: str, what: str = CHAT) -> Upstream:
+        """POST ``body`` (a chat completion, or any inference request: ``what`` names it,
+        ``"POST /path"``); the open answer. Retried once when a kept-alive connection turns
+        out closed.
 
         llama-server closes idle kept-alive connections without notice, and a
         model's server that exited leaves its pooled connections dead: a
@@ -108,11 +111,11 @@ class ChatHttp:
         if self._session is None:
             raise RuntimeError("ChatHttp is used outside its 'async with'")  # a bug
         headers = {"content-type": "application/json", "accept": accept}
-        with boundary(CHAT, self.request_timeout, REQUEST_SETTING):
+        with boundary(what, self.request_timeout, REQUEST_SETTING):
             try:
                 response = await self._session.post(url, data=body, headers=headers)
             except aiohttp.ClientError as exc:
                 if not stale(exc):
                     raise
                 response = await self._session.post(url, data=body, headers=headers)
-        return Upstream(response, self.request_timeout)
+        return Upstream(response, self.request_timeout, what)

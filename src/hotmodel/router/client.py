@@ -32,7 +32,7 @@ from hotmodel.errors import (
     detail_of,
 )
 from hotmodel.router.boundary import boundary, stale
-from hotmodel.router.chat_http import CHAT_PATH, ChatHttp, Upstream
+from hotmodel.router.chat_http import CHAT, CHAT_PATH, ChatHttp, Upstream
 from hotmodel.router.models import ModelStatus, error_message, parse_models
 from hotmodel.sse import SseEvent, SseParser
 
@@ -225,9 +225,16 @@ class RouterClient:
 
     @contextlib.asynccontextmanager
     async def chat(
-        self, body: bytes, accept: str = "*/*", model: str | None = None
+        self,
+        body: bytes,
+        accept: str = "*/*",
+        model: str | None = None,
+        path: str = CHAT_PATH,
+        what: str = CHAT,
     ) -> AsyncIterator[Upstream]:
-        """Send a chat completion; yields the open answer, closed on exit on every path.
+        """Send a chat completion (or, with ``path``, any inference request of llama-server's:
+        ``what`` is ``"POST path"``, what a failure names); yields the open answer, closed
+        on exit on every path.
 
         To ``model``'s own server when its port is known, else through the
         router. A model's server whose port refuses connections is gone (its
@@ -242,10 +249,10 @@ class RouterClient:
             raise RuntimeError("RouterClient.chat needs a ChatHttp")  # a bug: runtime gives one
         direct = self.direct.get(model) if model is not None else None
         if direct is None or model is None:
-            upstream = await self._chat_http.post(self.base_url + CHAT_PATH, body, accept)
+            upstream = await self._chat_http.post(self.base_url + path, body, accept, what)
         else:
             try:
-                upstream = await self._chat_http.post(direct + CHAT_PATH, body, accept)
+                upstream = await self._chat_http.post(direct + path, body, accept, what)
             except RouterRefusedError as exc:
                 raise self._lost(model, exc) from exc
         try:

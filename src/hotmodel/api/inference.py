@@ -1,0 +1,167 @@
+"""Every inference endpoint besides chat (``api/endpoints.py``'s table), through the same
+door as chat: parse and check, admit (``api/admission.py``), own the slot where the
+prompt cache is used, forward on the direct data path and relay (``api/forward.py``,
+``api/relay.py``).
+
+As in ``api/chat.py``, each endpoint is a plain ASGI app so that one coroutine owns
+what a request acquires (its ticket, its slot, its place upstream, the upstream
+answer) on one ``AsyncExitStack``, released on every path; a client that leaves stops
+llama-server. Sessions are chat's alone: these requests store nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from hotmodel.api.admission import Admission
+from hotmodel.api.auth import came_with_admin_key, owner_of
+from hotmodel.api.endpoints import ENDPOINTS, Endpoint, check_serves
+from hotmodel.api.errors import error_response, hotmodel_error_response, upstream_error_response
+from hotmodel.api.forward import Answer, bound_length, ended_by, open_upstream, retry_refused
+from hotmodel.api.queued import EarlyStream
+from hotmodel.api.record import RequestRecord, record_of
+from hotmodel.api.relay import DisconnectWatch, read_unless_gone, relay
+from hotmodel.api.validate import check_fields, parse_body, read_asgi_body
+from hotmodel.errors import HotModelError
+from hotmodel.router.models import error_of
+from hotmodel.runtime import Services
+
+
+@dataclass
+class Call:
+    """One request to an endpoint, as parsed at the door."""
+
+    payload: dict[str, Any]
+    stream: bool
+    accept: str
+    owner: str  # the API key's fingerprint ('' when keys are off)
+    admin: bool  # it came with an admin key
+    early: EarlyStream | None  # a stream: told its place while it waits in a queue
+
+
+def _headers(scope: Scope) -> tuple[str, str]:
+    """``Content-Length`` and ``Accept`` (the first of each), in one pass."""
+    length, accept = "", ""
+    for name, value in scope.get("headers", ()):
+        name = name.lower()
+        if name == b"content-length" and not length:
+            length = value.decode("latin-1")
+        elif name == b"accept" and not accept:
+            accept = value.decode("latin-1")
+    return length, accept or "*/*"
+
+
+def _upstream_error(status: int, body: bytes, request_id: str) -> Response:
+    """llama-server's error answer in OpenAI's shape; its 501 ("This server does not
+    support embeddings/reranking/infill...": the model cannot serve the endpoint) is the
+    client's 400 ``unsupported_endpoint``, naming ``model``."""
+    if status == 501:
+        message, _ = error_of(body)
+        return error_response(
+            400, message, "invalid_request_error", "unsupported_endpoint", "model"
+        )
+    return upstream_error_response(status, body, request_id)
+
+
+class Inference:
+    """The ASGI app behind one of llama-server's inference endpoints."""
+
+    def __init__(self, services: Services, endpoint: Endpoint) -> None:
+        self.s = services
+        self.e = endpoint
+        self.what = f"POST {endpoint.path}"  # what an upstream failure names
+        self.admission = Admission(services)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length, accept = _headers(scope)
+        body = await read_asgi_body(receive, length, self.s.config.server.max_body_bytes)
+        payload = parse_body(body)
+        check_fields(payload)  # the OpenAI parameters' types, as for chat
+        self.e.check(payload, self.s.config)
+        record = record_of(scope) or RequestRecord.detached()
+        stream = self.e.streams and bool(payload.get("stream"))
+        record.stream = stream
+        early = EarlyStream(send, {}) if stream else None
+        if early is not None:
+            send = early.send
+        call = Call(payload, stream, accept, owner_of(scope), came_with_admin_key(scope), early)
+        original = dict(payload)
+
+        def undo() -> None:  # what a first attempt changed, before it is sent again
+            payload.clear()
+            payload.update(original)
+
+        async def attempt(to: Send) -> Response | Answer | None:
+            return await self._answer(call, record, receive, to)
+
+        try:
+            response = await retry_refused(self.s, attempt, send, undo)
+        except HotModelError as exc:
+            if early is None or not early.started:
+                raise  # answered with its status, as any error
+            response = hotmodel_error_response(exc, record.request_id)  # the last event
+        if response is not None:  # sent after the ticket and the slot are returned
+            await response(scope, receive, send)
+
+    async def _answer(
+        self, call: Call, record: RequestRecord, receive: Receive, send: Send
+    ) -> Response | Answer | None:
+        """Forward ``call``; relays a stream itself (None), else returns the answer."""
+        s, e, payload = self.s, self.e, call.payload
+        check_serves(e, payload.get("model"), s.config)  # before it could cause a switch
+        async with contextlib.AsyncExitStack() as stack:
+            ticket = await stack.enter_async_context(
+                self.admission.admitted(
+                    payload.get("model"),
+                    receive,
+                    owner=call.owner,
+                    admin=call.admin,
+                    tell=None if call.early is None else call.early.tell,
+                )
+            )
+            model = ticket.model
+            assert model is not None  # admitted() names it
+            check_serves(e, model, s.config)  # "active" or omitted: the model it meant
+            payload["model"] = record.model = model
+            if e.generates:
+                bound_length(s.config, payload, model)
+            if e.slot_cache:
+                await stack.enter_async_context(self.admission.own_slot(payload, model, call.owner))
+            if e.in_slot:
+                s.sessions.slots.touch(model)  # its prompt replaces a session's in the slot
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            with anyio.CancelScope() as scope:
+                ticket.bind(scope)  # a switch that cancels this request cancels its I/O
+                record.upstream_start()
+                with DisconnectWatch(receive, scope) as watch:  # until the answer starts
+                    upstream = await open_upstream(
+                        stack, s, model, body, call.accept, e.path, self.what
+                    )
+                if upstream.status_code >= 400:
+                    error = await upstream.read()
+                    record.upstream_done(error)
+                    return _upstream_error(upstream.status_code, error, record.request_id)
+                if call.stream:
+                    await relay(upstream, ticket, receive, send, {}, None, record)
+                    return None
+                data = await read_unless_gone(upstream, receive)
+                if data is None:
+                    return None  # the client left: llama-server is stopped
+                record.upstream_done(data)
+                return Answer(upstream.status_code, data, {})
+            if watch.gone:
+                return None  # the client left while llama-server worked: it is stopped
+            raise ended_by(ticket)
+
+
+def inference_routes(services: Services) -> list[Route]:
+    """One route per endpoint of the table."""
+    return [Route(e.path, Inference(services, e), methods=["POST"]) for e in ENDPOINTS]
