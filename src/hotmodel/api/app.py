@@ -27,6 +27,7 @@ from hotmodel.api.errors import (
     on_http_error,
 )
 from hotmodel.api.inference import inference_routes
+from hotmodel.api.messages import AnthropicErrors, messages_routes
 from hotmodel.api.metrics import Metrics, metrics_routes
 from hotmodel.api.observe import Observe
 from hotmodel.api.openapi import openapi_routes
@@ -63,6 +64,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
         routes=[
             Route(CHAT_PATH, chat, methods=["POST"]),
             *inference_routes(services),  # completions, infill, embeddings, rerank, tokenizer
+            *messages_routes(services),  # Anthropic Messages
             *status_routes(runtime),
             *admin_routes(runtime),
             *session_routes(services.sessions, services.snapshots),
@@ -72,6 +74,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
         ],
         middleware=[
             Middleware(Observe, metrics=metrics),  # outermost: sees every answer, 500s too
+            Middleware(AnthropicErrors),  # /v1/messages: every error in Anthropic's shape
             Middleware(CatchUnexpected),
             Middleware(GuardBrowsers, server=server),  # before keys: a page has none
             Middleware(RequireKeys, keys=keys),

@@ -1,6 +1,8 @@
 """API keys at the door: ``Authorization: Bearer KEY`` for ``/v1/*``, llama.cpp's native
 inference routes (``/completion``, ``/infill``, ``/tokenize``...: ``api/endpoints.py``)
-and ``/admin/*``.
+and ``/admin/*``. Anthropic's routes (``/v1/messages*``) also take the key as
+``x-api-key`` (what Anthropic's SDKs send; Claude Code's ``ANTHROPIC_AUTH_TOKEN`` is a
+bearer token).
 
 An ASGI middleware, so every route is covered without each one remembering
 to check. ``/metrics`` needs the admin key, like ``/admin/*``. ``/health`` and
@@ -20,6 +22,8 @@ from hotmodel.api.errors import error_response
 from hotmodel.security import Access, KeySet, fingerprint
 
 OWNER = "owner"
+# Anthropic's routes: the key may come as x-api-key (api/messages.py)
+ANTHROPIC_PREFIX = "/v1/messages"
 ACCESS = "access"
 # Scrapers send a bearer token too; what is loaded and how busy it is is admin business.
 METRICS_PATH = "/metrics"
@@ -49,11 +53,13 @@ class RequireKeys:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _authorizations(scope) > 1:
+        path: str = scope.get("path", "")
+        anthropic = path.startswith(ANTHROPIC_PREFIX)
+        if _authorizations(scope) > 1 or (anthropic and _count(scope, b"x-api-key") > 1):
             # which one would count is a proxy's guess against ours: refuse, keys or not
             response = error_response(
                 400,
-                "send one Authorization header, not several",
+                "send one Authorization (or x-api-key) header, not several",
                 "invalid_request_error",
                 "multiple_authorization_headers",
             )
@@ -62,7 +68,6 @@ class RequireKeys:
         if not keys.enabled:
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
         needs = Access.ADMIN if path.startswith("/admin") or path == METRICS_PATH else None
         if needs is None and (path.startswith("/v1") or path in NATIVE_PATHS) and keys.client:
             needs = Access.CLIENT
@@ -70,11 +75,14 @@ class RequireKeys:
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
+        if presented is None and anthropic:
+            presented = _api_key(scope)
         access = keys.check(presented)
         if access is None:
             response = error_response(
                 401,
-                "a valid API key is required (Authorization: Bearer KEY)",
+                "a valid API key is required (Authorization: Bearer KEY"
+                + (", or x-api-key: KEY)" if anthropic else ")"),
                 "invalid_request_error",
                 "invalid_api_key",
             )
@@ -97,7 +105,19 @@ class RequireKeys:
 
 
 def _authorizations(scope: Scope) -> int:
-    return sum(1 for name, _ in scope.get("headers", []) if name == b"authorization")
+    return _count(scope, b"authorization")
+
+
+def _count(scope: Scope, header: bytes) -> int:
+    return sum(1 for name, _ in scope.get("headers", []) if name == header)
+
+
+def _api_key(scope: Scope) -> str | None:
+    """The key in ``x-api-key`` (Anthropic's header), if any."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip() or None
+    return None
 
 
 def _bearer(scope: Scope) -> str | None:

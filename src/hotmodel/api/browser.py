@@ -45,7 +45,17 @@ _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _ONCE = frozenset({"host", "origin", "content-type", "sec-fetch-site"})
-CORS_HEADERS = ["authorization", "content-type", "x-session-id", "x-system-prompt"]
+CORS_HEADERS = [
+    "authorization",
+    "content-type",
+    "x-session-id",
+    "x-system-prompt",
+    # Anthropic's SDKs (/v1/messages)
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+]
 CORS_EXPOSED = [
     "x-request-id",
     "server-timing",

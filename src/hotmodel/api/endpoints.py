@@ -68,6 +68,7 @@ class Endpoint:
     generates: bool = False  # [server] default_max_tokens applies
     slot_cache: bool = False  # reuses a slot's prompt cache: the tenants' rules apply
     in_slot: bool = False  # runs in a slot: what the slot held is gone
+    openai_fields: bool = True  # the OpenAI parameters' types are checked (chat's)
 
 
 # --- checks (pure) ---

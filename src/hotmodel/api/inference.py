@@ -84,7 +84,8 @@ class Inference:
         length, accept = _headers(scope)
         body = await read_asgi_body(receive, length, self.s.config.server.max_body_bytes)
         payload = parse_body(body)
-        check_fields(payload)  # the OpenAI parameters' types, as for chat
+        if self.e.openai_fields:
+            check_fields(payload)  # the OpenAI parameters' types, as for chat
         self.e.check(payload, self.s.config)
         record = record_of(scope) or RequestRecord.detached()
         stream = self.e.streams and bool(payload.get("stream"))

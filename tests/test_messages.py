@@ -1,0 +1,395 @@
+"""Anthropic Messages (api/anthropic.py, api/messages.py), fast.
+
+The pure parts directly; the handler as a plain ASGI app, behind the real error
+handlers, the Anthropic error middleware and the key check, against a scripted
+llama-server on a real socket (as tests/test_endpoints.py drives the other endpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from starlette.middleware.exceptions import ExceptionMiddleware
+
+from hotmodel.api import anthropic
+from hotmodel.api.app import HANDLERS
+from hotmodel.api.auth import RequireKeys
+from hotmodel.api.inference import Inference
+from hotmodel.api.messages import (
+    COUNT_TOKENS,
+    AnthropicErrors,
+    Messages,
+    check_messages_request,
+)
+from hotmodel.config import Config, load_config
+from hotmodel.control.controller import Controller
+from hotmodel.control.engine import Engine
+from hotmodel.control.feed import Feed
+from hotmodel.control.gpu import NoGpu
+from hotmodel.control.idle import IdleUnloader
+from hotmodel.control.scheduler import Rules, Scheduler
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.watchdog import Watchdog
+from hotmodel.errors import InvalidRequestError
+from hotmodel.router.chat_http import ChatHttp
+from hotmodel.router.client import RouterClient
+from hotmodel.router.events import ModelEvents
+from hotmodel.router.supervisor import RouterState, RouterSupervisor
+from hotmodel.runtime import Services
+from hotmodel.security import KeySet
+from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.store import SessionStore
+from tests.upstreams import serving
+
+USER = {"role": "user", "content": "hi"}
+
+
+def _config(folder: Path) -> Config:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.ini").write_text("version = 1\n\n[m]\nmodel = m.gguf\n", encoding="utf-8")
+    (folder / "hotmodel.toml").write_text(
+        '[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = 2048\n'
+        '[server]\nstate_dir = "state"\n',
+        encoding="utf-8",
+    )
+    return load_config(folder / "hotmodel.toml")
+
+
+# --- pure ---
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]"),
+        ({"messages": [USER], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [USER], "max_tokens": True}, "max_tokens"),
+        ({"messages": [USER], "stream": "yes"}, "stream"),
+        ({"messages": [USER], "system": 3}, "system"),
+        ({"messages": [USER], "tools": [{"description": "x"}]}, "tools[0]"),
+        ({"messages": [USER], "stop_sequences": [1]}, "stop_sequences"),
+        ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages"),
+    ],
+)
+def test_each_check_names_the_field(tmp_path: Path, payload: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        check_messages_request(payload, _config(tmp_path))
+    assert refused.value.param == param
+
+
+def test_a_session_turn_converts_to_chat_and_back() -> None:
+    payload = {
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "d"},
+        ],
+    }
+    chat = anthropic.to_chat(payload)
+    assert chat == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "c"},
+        {"role": "user", "content": "d"},
+    ]
+    system, messages = anthropic.from_chat([{"role": "system", "content": "S"}, *chat])
+    assert system == "S\n\nBe brief."
+    assert messages == [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "c"},
+        {"role": "user", "content": "d"},
+    ]
+    image = {"type": "image", "source": {}}
+    with pytest.raises(InvalidRequestError) as refused:
+        anthropic.to_chat({"messages": [{"role": "user", "content": [image]}]})
+    assert refused.value.param == "messages[0].content[0]"
+    with pytest.raises(InvalidRequestError) as refused:
+        anthropic.to_chat({"messages": [USER], "tools": [{"name": "f"}]})
+    assert refused.value.param == "tools"
+
+
+def _events(*events: tuple[str, dict[str, Any]]) -> list[bytes]:
+    return [f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events]
+
+
+STREAM = _events(
+    ("message_start", {"type": "message_start", "message": {"content": []}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "Hel"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "lo"}}),
+    ("message_stop", {"type": "message_stop"}),
+)  # fmt: skip
+
+
+def test_the_answer_text_plain_and_streamed() -> None:
+    plain = {
+        "content": [
+            {"type": "text", "text": "Hi"},
+            {"type": "tool_use"},
+            {"type": "text", "text": "!"},
+        ]
+    }
+    assert anthropic.reply_of(json.dumps(plain).encode()) == {"role": "assistant", "content": "Hi!"}
+    assert anthropic.reply_of(b"nope") is None
+    whole = anthropic.StreamAssembler()
+    joined = b"".join(STREAM)
+    for i in range(0, len(joined), 7):  # events cut across reads
+        assert whole.message() is None
+        whole.feed(joined[i : i + 7])
+    assert whole.message() == {"role": "assistant", "content": "Hello"}
+    cut = anthropic.StreamAssembler()
+    for chunk in STREAM[:-1]:
+        cut.feed(chunk)
+    assert cut.message() is None  # no message_stop: nothing to store
+
+
+def test_errors_in_anthropics_shape() -> None:
+    for status, kind in [(400, "invalid_request_error"), (401, "authentication_error"),
+                         (403, "permission_error"), (404, "not_found_error"),
+                         (413, "request_too_large"), (429, "rate_limit_error"),
+                         (500, "api_error"), (503, "overloaded_error"),
+                         (529, "overloaded_error"), (409, "invalid_request_error"),
+                         (504, "api_error")]:  # fmt: skip
+        assert anthropic.error_type(status) == kind
+    openai = b'{"error":{"message":"no such model","type":"invalid_request_error","code":"x"}}'
+    assert json.loads(anthropic.reshape_error(404, openai)) == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "no such model"},
+    }
+    error = {"message": "cancelled", "type": "server_error", "code": "switch_cancelled"}
+    event = b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    out = anthropic.reshape_events(b"event: x\ndata: {}\n\n" + event)
+    assert out.startswith(b"event: x\ndata: {}\n\nevent: error\ndata: ")
+    data = json.loads(out.split(b"event: error\ndata: ")[1])
+    assert data == {"type": "error", "error": {"type": "overloaded_error", "message": "cancelled"}}
+
+
+# --- the handler, against a scripted llama-server ---
+
+
+class Script:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        self.stream = False
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        self.got.append((request.path, await request.json()))
+        if request.path.endswith("/count_tokens"):
+            return web.json_response({"input_tokens": 3})
+        if not self.stream:
+            answer = {"type": "message", "content": [{"type": "text", "text": f"A{len(self.got)}"}]}
+            return web.json_response(answer)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in STREAM:
+            await resp.write(chunk)
+        return resp
+
+
+class NoRouter:
+    async def load(self, model: str, timeout: float) -> bool:
+        return False
+
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        return False
+
+    async def exited(self) -> None:
+        return None
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset()
+
+
+@contextlib.asynccontextmanager
+async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
+    config = _config(folder)
+    stack = contextlib.AsyncExitStack()
+    url = await stack.enter_async_context(serving(script.handler))
+    chat_http = await stack.enter_async_context(ChatHttp(30))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    router = RouterClient(http, url, chat_http=chat_http)
+    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
+    supervisor.state = RouterState.RUNNING
+    gate = TrafficGate()
+    engine = Engine(config=config.switch, drain_timeout=1, router=NoRouter(), gate=gate)
+    engine.active = "m"
+    controller = Controller(engine, list(config.presets.models))
+    async with SessionStore(folder / "s.sqlite3") as store:
+        yield Services(
+            config=config,
+            router=router,
+            supervisor=supervisor,
+            events=ModelEvents(router),
+            controller=controller,
+            gate=gate,
+            sessions=SessionService(config, store, router),
+            store=store,
+            gpu=NoGpu(),
+            watchdog=Watchdog(config, supervisor, router, controller),
+            idle=IdleUnloader(lambda: config.router, gate, controller),
+            snapshots=None,
+            feed=Feed(),
+            scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
+        )
+    await http.aclose()
+    await stack.aclose()
+
+
+async def call(
+    app: Any, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent: list[MutableMapping[str, Any]] = []
+    done = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "state": {},
+    }
+    await app(scope, receive, send)
+    head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return int(sent[0]["status"]), head, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def _door(s: Services, keys: KeySet | None = None) -> Callable[..., Any]:
+    """/v1/messages and count_tokens behind the handlers, the keys and the error shape."""
+    messages, count = Messages(s), Inference(s, COUNT_TOKENS)
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        app = count if scope["path"].endswith("/count_tokens") else messages
+        await app(scope, receive, send)
+
+    key_set = keys or KeySet()
+    answered = ExceptionMiddleware(route, handlers=dict(HANDLERS))
+    return AnthropicErrors(RequireKeys(answered, keys=lambda: key_set))
+
+
+def _run(tmp_path: Path, scenario: Callable[[Services, Script], Any]) -> None:
+    async def main() -> None:
+        script = Script()
+        async with services(tmp_path, script) as s:
+            await scenario(s, script)
+            assert s.gate.inflight() == [], "a ticket was left behind"
+
+    asyncio.run(main())
+
+
+def test_a_request_goes_to_llama_servers_messages_with_the_model_named(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script) -> None:
+        door = _door(s)
+        tool = {"name": "f", "input_schema": {"type": "object"}}
+        status, _, body = await call(door, "/v1/messages", {"messages": [USER], "tools": [tool]})
+        assert status == 200 and json.loads(body)["content"][0]["text"] == "A1"
+        ((path, sent),) = script.got
+        assert path == "/v1/messages" and sent["model"] == "m" and "max_tokens" in sent
+        assert sent["tools"] == [tool]
+        status, _, body = await call(door, "/v1/messages/count_tokens", {"messages": [USER]})
+        assert status == 200 and json.loads(body) == {"input_tokens": 3}
+        assert script.got[-1][0] == "/v1/messages/count_tokens"
+
+    _run(tmp_path, scenario)
+
+
+def test_refusals_are_in_anthropics_shape_and_send_nothing(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script) -> None:
+        door = _door(s)
+        cases: list[tuple[bytes | dict[str, Any], int, str]] = [
+            (b"{not json", 400, "invalid_request_error"),
+            ({"messages": [USER], "model": "nope"}, 404, "not_found_error"),
+            ({"messages": "x"}, 400, "invalid_request_error"),
+        ]
+        for body, status, kind in cases:
+            got, head, raw = await call(door, "/v1/messages", body)
+            answer = json.loads(raw)
+            assert (got, answer["type"], answer["error"]["type"]) == (status, "error", kind)
+            assert head["content-length"] == str(len(raw))
+        session = {"x-session-id": "s1"}
+        image = {"role": "user", "content": [{"type": "image", "source": {}}]}
+        got, _, raw = await call(door, "/v1/messages", {"messages": [image]}, session)
+        assert got == 400 and "session holds text" in json.loads(raw)["error"]["message"]
+        assert script.got == []
+        assert await s.store.get("", "s1", 10) is None  # no session was made
+
+    _run(tmp_path, scenario)
+
+
+def test_keys_come_as_x_api_key_or_bearer_and_a_refusal_is_anthropics(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script) -> None:
+        door = _door(s, KeySet(client=("client-key-aaaaaaaa",)))
+        for headers in ({}, {"x-api-key": "wrong"}):
+            got, _, raw = await call(door, "/v1/messages", {"messages": [USER]}, headers)
+            assert got == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+        for headers in ({"x-api-key": "client-key-aaaaaaaa"},
+                        {"authorization": "Bearer client-key-aaaaaaaa"}):  # fmt: skip
+            got, _, _ = await call(door, "/v1/messages/count_tokens", {"messages": [USER]}, headers)
+            assert got == 200
+
+    _run(tmp_path, scenario)
+
+
+def test_a_session_is_stored_and_the_next_turn_sees_it(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script) -> None:
+        door = _door(s)
+        session = {"x-session-id": "trip"}
+        first = {"system": "Be brief.", "messages": [{"role": "user", "content": "Lisbon"}]}
+        got, head, _ = await call(door, "/v1/messages", first, session)
+        assert got == 200 and head["x-session-id"] == "trip"
+        script.stream = True
+        second = {
+            "stream": True,
+            "system": "Be kind.",
+            "messages": [{"role": "user", "content": "Where?"}],
+        }
+        got, head, raw = await call(door, "/v1/messages", second, session)
+        assert got == 200 and head["content-type"].startswith("text/event-stream")
+        assert b"message_stop" in raw
+        sent = script.got[-1][1]
+        assert sent["system"] == "Be kind."  # a request's own, as on chat: not stored
+        assert sent["messages"] == [
+            {"role": "user", "content": "Lisbon"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Where?"},
+        ]
+        stored = await s.store.get("", "trip", 100)
+        assert stored is not None
+        assert [(m.message["role"], m.message["content"]) for m in stored.messages] == [
+            ("user", "Lisbon"),
+            ("assistant", "A1"),
+            ("user", "Where?"),
+            ("assistant", "Hello"),
+        ]
+
+    _run(tmp_path, scenario)
