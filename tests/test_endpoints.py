@@ -138,6 +138,7 @@ def test_which_preset_serves_what(config: Config) -> None:
     models = config.presets.models
     assert ep.served_by(models["m"], config) == [
         "/v1/chat/completions",
+        "/v1/messages",
         "/v1/completions",
         "/completion",
         "/completions",
@@ -145,6 +146,7 @@ def test_which_preset_serves_what(config: Config) -> None:
         "/tokenize",
         "/detokenize",
         "/apply-template",
+        "/v1/messages/count_tokens",
     ]
     assert ep.served_by(models["embed"], config) == [
         "/tokenize",

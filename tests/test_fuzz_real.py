@@ -34,7 +34,11 @@ def server(
     assert hp.stop() == 0, hp.output()
 
 
-GENERATING = {"/v1/chat/completions", *(e.path for e in ENDPOINTS if e.generates)}
+GENERATING = {
+    "/v1/chat/completions",
+    "/v1/messages",
+    *(e.path for e in ENDPOINTS if e.generates),
+}
 
 
 def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
@@ -57,6 +61,8 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
         "/admin/logs",
         "/ui",
         *(e.path for e in ENDPOINTS),  # every inference endpoint (api/endpoints.py)
+        "/v1/messages",  # Anthropic Messages (api/messages.py)
+        "/v1/messages/count_tokens",
     }
 
 

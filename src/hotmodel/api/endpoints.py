@@ -302,11 +302,17 @@ def families(preset: Preset, config: Config) -> frozenset[Family]:
     return frozenset(served)
 
 
+# Anthropic Messages and its token count: served by api/messages.py, beside this table
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
 def served_by(preset: Preset, config: Config) -> list[str]:
     """The routes ``preset`` serves, chat first (``/v1/models``' ``endpoints``)."""
     served = families(preset, config)
-    chat = [CHAT_PATH] if Family.COMPLETION in served else []
-    return chat + [e.path for e in ENDPOINTS if e.family in served]
+    # chat, and Anthropic Messages (api/messages.py: llama-server's own conversion of it)
+    chat = [CHAT_PATH, ANTHROPIC_PATHS[0]] if Family.COMPLETION in served else []
+    tokens = [ANTHROPIC_PATHS[1]] if Family.COMPLETION in served else []
+    return chat + [e.path for e in ENDPOINTS if e.family in served] + tokens
 
 
 def check_serves(endpoint: Endpoint, model: object, config: Config) -> None:

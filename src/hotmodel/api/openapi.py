@@ -232,6 +232,45 @@ def _inference_paths() -> dict[str, Any]:
     return paths
 
 
+_ANTHROPIC_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+}
+_ANTHROPIC = {
+    "type": "object",
+    "additionalProperties": True,
+    "required": ["model", "messages"],
+    "properties": {
+        "model": _MODEL,
+        "messages": {"type": "array", "items": _ANTHROPIC_MESSAGE},
+        "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "tools": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def _anthropic_paths() -> dict[str, Any]:
+    """Anthropic Messages (api/messages.py); errors there are in Anthropic's shape."""
+    answers = _answers(_OBJECT, 400, 401, 404, 413, 429, 503)
+    body = {"required": True, "content": {"application/json": {"schema": _ANTHROPIC}}}
+    messages = {
+        "summary": "Anthropic Messages, plain or streamed (SSE); errors in Anthropic's shape",
+        "requestBody": body,
+        "responses": answers,
+    }
+    count = {"summary": "Anthropic Messages: count the prompt's tokens", "requestBody": body}
+    return {
+        "/v1/messages": {"post": messages},
+        "/v1/messages/count_tokens": {"post": {**count, "responses": answers}},
+    }
+
+
 def spec() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -264,6 +303,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         **_inference_paths(),
+        **_anthropic_paths(),
         "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
         "/v1/models/{model_id}": {
             "parameters": [_MODEL_ID],
