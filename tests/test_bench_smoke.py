@@ -172,7 +172,7 @@ def test_gpu_bench_runs_and_reports_every_switch(tmp_path: Path) -> None:
         ("auto", "gemma3"),
         ("auto", "smollm2"),
     ]
-    gpu = detect_probe().snapshot() is not None  # a GPU here: auto may choose overlap
+    gpu = detect_probe().read() is not None  # a GPU here: auto may choose overlap
     for row in switches:
         assert row["outcome"] == "ok", row
         assert row["chosen"] in (("zero_overlap", "overlap") if gpu else ("zero_overlap",)), row

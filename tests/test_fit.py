@@ -13,7 +13,7 @@ from hotmodel.control.fit import (
     kv_shape,
     read_metadata,
 )
-from hotmodel.control.gpu import GpuDevice, GpuSnapshot
+from hotmodel.control.gpu import GpuDevice, GpuReading
 from tests.test_switch_engine import FakeGpu, FakeRouter, _engine, switch
 
 
@@ -28,7 +28,7 @@ def test_choose_policy() -> None:
 
 
 def test_free_memory_of_every_device() -> None:
-    snap = GpuSnapshot((GpuDevice(0, "a", 1000, 8000), GpuDevice(1, "b", 500, 8000)), "x")
+    snap = GpuReading((GpuDevice(0, "a", 1000, 8000), GpuDevice(1, "b", 500, 8000)), "x")
     assert free_mib(snap) == 7000 + 7500
     assert free_mib(None) is None
 

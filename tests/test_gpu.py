@@ -18,7 +18,7 @@ import pytest
 from hotmodel.control import gpu
 from hotmodel.control.gpu import (
     GpuDevice,
-    GpuSnapshot,
+    GpuReading,
     NoGpu,
     NvidiaSmiProbe,
     NvmlProbe,
@@ -61,7 +61,7 @@ def test_nvidia_smi_probe_runs_the_binary(tmp_path: Path) -> None:
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\ncat <<'EOF'\n" + TWO_GPUS + "EOF\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    snap = NvidiaSmiProbe(str(fake)).snapshot()
+    snap = NvidiaSmiProbe(str(fake)).read()
     assert snap is not None
     assert snap.used_mib == 18211 + 512
     assert snap.to_json()["devices"][1]["name"] == "NVIDIA GeForce RTX 3060"
@@ -69,11 +69,11 @@ def test_nvidia_smi_probe_runs_the_binary(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the fake nvidia-smi is a shell script")
 def test_nvidia_smi_probe_failure_is_no_reading(tmp_path: Path) -> None:
-    assert NvidiaSmiProbe(str(tmp_path / "missing")).snapshot() is None
+    assert NvidiaSmiProbe(str(tmp_path / "missing")).read() is None
     failing = tmp_path / "fail"
     failing.write_text("#!/bin/sh\necho 'driver not loaded' >&2\nexit 9\n")
     failing.chmod(0o755)
-    assert NvidiaSmiProbe(str(failing)).snapshot() is None
+    assert NvidiaSmiProbe(str(failing)).read() is None
 
 
 class FakeNvml:
@@ -97,7 +97,7 @@ class FakeNvml:
 
 
 def test_nvml_probe() -> None:
-    snap = NvmlProbe(FakeNvml([1000, 24])).snapshot()
+    snap = NvmlProbe(FakeNvml([1000, 24])).read()
     assert snap is not None
     assert snap.used_mib == 1024
     assert snap.devices[0] == GpuDevice(0, "NVIDIA H100 80GB HBM3", 1000, 81559)
@@ -105,7 +105,7 @@ def test_nvml_probe() -> None:
 
 
 def test_nvml_errors_are_no_reading() -> None:
-    assert NvmlProbe(FakeNvml([1], fail=True)).snapshot() is None
+    assert NvmlProbe(FakeNvml([1], fail=True)).read() is None
 
 
 def test_detect_probe_without_gpu_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +113,7 @@ def test_detect_probe_without_gpu_is_none(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("PATH", "")
     assert isinstance(gpu.detect_probe("auto"), NoGpu)
     assert isinstance(gpu.detect_probe("nvidia-smi"), NoGpu)
-    assert NoGpu().snapshot() is None
+    assert NoGpu().read() is None
 
 
 def test_detect_probe_prefers_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,7 +133,7 @@ def test_detect_probe_falls_back_to_nvidia_smi(
     monkeypatch.setenv("PATH", str(tmp_path))
     probe = gpu.detect_probe("auto")
     assert probe.name == "nvidia-smi"
-    snap = probe.snapshot()
+    snap = probe.read()
     assert snap is not None and snap.used_mib == 100
 
 
@@ -165,14 +165,14 @@ class _Readings:
         self.used = list(used)
         self.reads = 0
 
-    def snapshot(self) -> GpuSnapshot:
+    def read(self) -> GpuReading:
         value = self.used[min(self.reads, len(self.used) - 1)]
         self.reads += 1
-        return GpuSnapshot((GpuDevice(0, "fake", value, 81559),), self.name)
+        return GpuReading((GpuDevice(0, "fake", value, 81559),), self.name)
 
 
-def _snap(used: int) -> GpuSnapshot:
-    return GpuSnapshot((GpuDevice(0, "fake", used, 81559),), "fake")
+def _snap(used: int) -> GpuReading:
+    return GpuReading((GpuDevice(0, "fake", used, 81559),), "fake")
 
 
 class _Clock:

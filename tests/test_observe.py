@@ -28,7 +28,7 @@ from hotmodel.api.metrics import GpuReader, Metrics, gpu_metrics
 from hotmodel.api.observe import AccessLine, Observe
 from hotmodel.api.record import RequestRecord, Usage, has_text, incoming_request_id, usage_of
 from hotmodel.config import ServerConfig
-from hotmodel.control.gpu import GpuDevice, GpuSnapshot, NoGpu
+from hotmodel.control.gpu import GpuDevice, GpuReading, NoGpu
 from hotmodel.logs import JsonFormatter, setup_logging
 
 # What llama-server sent (trimmed ids): a plain answer, then the ends of streams.
@@ -251,10 +251,10 @@ class _Probe:
         self.release = threading.Event()
         self.reads = 0
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         self.release.wait(30)
         self.reads += 1
-        return GpuSnapshot((GpuDevice(0, "Fake GPU, 80GB", 1024 * self.reads, 81920),), "fake")
+        return GpuReading((GpuDevice(0, "Fake GPU, 80GB", 1024 * self.reads, 81920),), "fake")
 
 
 def test_gpu_reading_never_holds_a_scrape_and_runs_one_at_a_time(
@@ -286,7 +286,7 @@ def test_no_gpu_probe_reads_nothing() -> None:
 
 
 def test_gpu_memory_in_bytes_per_device() -> None:
-    snap = GpuSnapshot((GpuDevice(0, "A, B", 1, 2), GpuDevice(1, "C", 3, 4)), "nvml")
+    snap = GpuReading((GpuDevice(0, "A, B", 1, 2), GpuDevice(1, "C", 3, 4)), "nvml")
     samples = {
         (s.name, s.labels["gpu"], s.labels["name"]): s.value
         for family in gpu_metrics(snap)

@@ -21,7 +21,7 @@ from hotmodel.config import Config, SwitchConfig, load_config
 from hotmodel.control.commands import Recover, Snapshot, Switch, Unload
 from hotmodel.control.controller import Controller
 from hotmodel.control.engine import Engine
-from hotmodel.control.gpu import GpuDevice, GpuSnapshot
+from hotmodel.control.gpu import GpuDevice, GpuReading
 from hotmodel.control.plan import Step, beside_load, plan
 from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport, SwitchState
 from hotmodel.control.traffic import TrafficGate
@@ -100,10 +100,10 @@ class FakeGpu:
         self.readings = readings
         self.taken = 0
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         used = self.readings[min(self.taken, len(self.readings) - 1)]
         self.taken += 1
-        return GpuSnapshot((GpuDevice(0, "Fake GPU", used, 80_000),), "fake")
+        return GpuReading((GpuDevice(0, "Fake GPU", used, 80_000),), "fake")
 
 
 class Phases:

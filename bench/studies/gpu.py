@@ -8,7 +8,7 @@ models twice: with `[switch] policy = "zero_overlap"` and with `"auto"` (two
 models may be loaded; overlap is chosen when the free memory covers the target).
 Each run builds a short conversation, then switches SmolLM2 -> Gemma -> SmolLM2
 ``--rounds`` times. Every switch report gives its phases (drain, unload, settle,
-load, replay, ...) and the four GPU snapshots (before the unload, after it, once
+load, replay, ...) and the four GPU readings (before the unload, after it, once
 settled, after the load); this prints them as a table and writes them as JSON.
 No GPU: the snapshots are empty and the table says so.
 """
@@ -38,7 +38,7 @@ def _gpu_used(report: dict[str, Any]) -> dict[str, int | None]:
 
 
 def _used_now() -> int | None:
-    snap = detect_probe().snapshot()
+    snap = detect_probe().read()
     return None if snap is None else snap.used_mib
 
 

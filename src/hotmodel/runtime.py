@@ -182,7 +182,7 @@ class Runtime:
         store = await stack.enter_async_context(SessionStore(cfg.session_store_file))
         sessions = SessionService(cfg, store, router)
         gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
-        baseline = await asyncio.to_thread(gpu.snapshot)  # before any model is loaded
+        baseline = await asyncio.to_thread(gpu.read)  # before any model is loaded
         # a CPU-only llama-server has no device memory to wait for: a leaving model's
         # process may exit while the next one loads (docs/architecture.md)
         cpu_only = isinstance(gpu, NoGpu) and await asyncio.to_thread(devices, binary) == ()

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from hotmodel import __version__
 from hotmodel.api.record import RequestRecord
-from hotmodel.control.gpu import GpuProbe, GpuSnapshot
+from hotmodel.control.gpu import GpuProbe, GpuReading
 from hotmodel.control.report import PhaseStatus, SwitchEvent, SwitchReport, SwitchState
 from hotmodel.errors import HotModelError
 from hotmodel.router.supervisor import RouterState
@@ -222,14 +222,14 @@ class GpuReader:
 
     def __init__(self, probe: GpuProbe) -> None:
         self.probe = probe
-        self.last: GpuSnapshot | None = None
-        self._pending: asyncio.Future[GpuSnapshot | None] | None = None
+        self.last: GpuReading | None = None
+        self._pending: asyncio.Future[GpuReading | None] | None = None
 
-    async def read(self) -> GpuSnapshot | None:
+    async def read(self) -> GpuReading | None:
         if self.probe.name == "none":
             return None
         if self._pending is None or self._pending.done():
-            self._pending = asyncio.ensure_future(asyncio.to_thread(self.probe.snapshot))
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self.probe.read))
             # a read that outlives its scrape still has its outcome retrieved
             self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
@@ -247,7 +247,7 @@ class StateCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.gpu = GpuReader(runtime.services.gpu)
-        self.snapshot: GpuSnapshot | None = None
+        self.reading: GpuReading | None = None
         self.sessions: int | None = None
         self.kv: dict[str, int] | None = None
 
@@ -258,7 +258,7 @@ class StateCollector(Collector):
             self.sessions = await s.store.count()
         except HotModelError as exc:  # a closing store: the scrape still answers
             log.warning("could not count sessions: %s", exc)
-        self.snapshot = await self.gpu.read()
+        self.reading = await self.gpu.read()
         self.kv = None if s.snapshots is None else await asyncio.to_thread(s.snapshots.stats)
 
     def collect(self) -> Iterable[Metric]:
@@ -306,7 +306,7 @@ class StateCollector(Collector):
             len(s.sessions.locks),
         )
         yield from self._router(runtime)
-        yield from gpu_metrics(self.snapshot)
+        yield from gpu_metrics(self.reading)
         if self.kv is not None:
             yield _gauge("hotmodel_kv_snapshots", "KV snapshots kept on disk", self.kv["count"])
             yield _gauge("hotmodel_kv_snapshot_bytes", "Bytes of KV snapshots", self.kv["bytes"])
@@ -327,14 +327,14 @@ class StateCollector(Collector):
         )
 
 
-def gpu_metrics(snapshot: GpuSnapshot | None) -> Iterable[Metric]:
+def gpu_metrics(reading: GpuReading | None) -> Iterable[Metric]:
     """GPU memory per device, in bytes; no series at all when no GPU is visible."""
-    if snapshot is None:
+    if reading is None:
         return
     labels = ["gpu", "name"]
     used = GaugeMetricFamily("hotmodel_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
     total = GaugeMetricFamily("hotmodel_gpu_memory_total_bytes", "GPU memory", labels=labels)
-    for device in snapshot.devices:
+    for device in reading.devices:
         used.add_metric([str(device.index), device.name], device.used_mib * MIB)
         total.add_metric([str(device.index), device.name], device.total_mib * MIB)
     yield used

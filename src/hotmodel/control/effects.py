@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Callable
 
 from hotmodel.config import SwitchConfig
-from hotmodel.control.gpu import GpuProbe, GpuSnapshot, NoGpu, wait_settled
+from hotmodel.control.gpu import GpuProbe, GpuReading, NoGpu, wait_settled
 from hotmodel.control.plan import Step
 from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
 from hotmodel.control.report import SwitchReport
@@ -107,14 +107,14 @@ class StepEffects:
 
     async def _unload(self, report: SwitchReport, model: str, background: bool) -> Detail:
         if report.gpu.before_unload is None:
-            report.gpu.before_unload = await self._snapshot()
+            report.gpu.before_unload = await self._read_gpu()
         try:
             unloaded = await self.router.unload(
                 model, self.config.unload_timeout_seconds, background
             )
         except HotModelError as exc:
             raise StepFailedError(Step.UNLOAD, f"unloading {model!r} failed: {exc}") from exc
-        report.gpu.after_unload = await self._snapshot()
+        report.gpu.after_unload = await self._read_gpu()
         if not unloaded:
             return f"{model!r} was not loaded"
         return "its process exits while the next model loads" if background else None
@@ -164,7 +164,7 @@ class StepEffects:
         except HotModelError as exc:
             tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
             raise StepFailedError(Step.LOAD, summary(exc), tail or None) from exc
-        report.gpu.after_load = await self._snapshot()
+        report.gpu.after_load = await self._read_gpu()
         return loaded, None if loaded else f"{target!r} was loaded already"
 
     async def _replay(
@@ -183,7 +183,7 @@ class StepEffects:
         ms_text = f"{ms:.1f}" if isinstance(ms, int | float) else "?"
         return f"{report.replay.get('prompt_tokens')} prompt tokens in {ms_text} ms"
 
-    async def _snapshot(self) -> GpuSnapshot | None:
+    async def _read_gpu(self) -> GpuReading | None:
         if isinstance(self.gpu, NoGpu):
             return None
-        return await asyncio.to_thread(self.gpu.snapshot)
+        return await asyncio.to_thread(self.gpu.read)

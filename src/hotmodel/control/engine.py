@@ -234,7 +234,7 @@ class Engine(StepEffects):
         chosen, why = choose_policy(
             "auto",
             self.models_max,
-            free_mib(await self._snapshot()),
+            free_mib(await self._read_gpu()),
             need,
             self.config.auto_margin_mib,
         )

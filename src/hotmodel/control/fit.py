@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hotmodel.config import RouterConfig
-from hotmodel.control.gpu import GpuSnapshot
+from hotmodel.control.gpu import GpuReading
 from hotmodel.presets import Presets
 
 MIB = 1024 * 1024
@@ -169,10 +169,10 @@ def estimate_mib(path: Path, ctx: int, cache_k: str = "f16", cache_v: str = "f16
     return round((size + ctx * per_token) / MIB) + OVERHEAD_MIB
 
 
-def free_mib(snapshot: GpuSnapshot | None) -> int | None:
-    if snapshot is None or not snapshot.devices:
+def free_mib(reading: GpuReading | None) -> int | None:
+    if reading is None or not reading.devices:
         return None
-    return sum(max(0, d.total_mib - d.used_mib) for d in snapshot.devices)
+    return sum(max(0, d.total_mib - d.used_mib) for d in reading.devices)
 
 
 def choose_policy(

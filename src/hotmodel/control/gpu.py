@@ -1,7 +1,7 @@
 """GPU memory probes: NVML when ``nvidia-ml-py`` is importable, else ``nvidia-smi``, else none.
 
 A probe answers one question, "how much memory is in use on each GPU now?",
-as a :class:`GpuSnapshot`. Switches take snapshots around the unload and load
+as a :class:`GpuReading`. Switches take readings around the unload and load
 and wait for memory to settle after an unload (:func:`settled`). Parsing of
 ``nvidia-smi`` output is a pure function tested on literal samples.
 """
@@ -37,7 +37,7 @@ class GpuDevice:
 
 
 @dataclass(frozen=True, slots=True)
-class GpuSnapshot:
+class GpuReading:
     """Memory use of every visible GPU at one moment."""
 
     devices: tuple[GpuDevice, ...]
@@ -58,7 +58,7 @@ class GpuSnapshot:
 class GpuProbe(Protocol):
     name: str
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         """The memory in use now; None when it cannot be read."""
         ...
 
@@ -66,7 +66,7 @@ class GpuProbe(Protocol):
 class NoGpu:
     name = "none"
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         return None
 
 
@@ -95,7 +95,7 @@ class NvidiaSmiProbe:
     def __init__(self, binary: str) -> None:
         self._binary = binary
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         try:
             out = subprocess.run(
                 [self._binary, *NVIDIA_SMI_QUERY],
@@ -111,7 +111,7 @@ class NvidiaSmiProbe:
             log.warning("nvidia-smi exited %s: %s", out.returncode, out.stderr.strip()[:200])
             return None
         devices = parse_nvidia_smi(out.stdout)
-        return GpuSnapshot(devices, self.name) if devices else None
+        return GpuReading(devices, self.name) if devices else None
 
 
 class NvmlProbe:
@@ -122,7 +122,7 @@ class NvmlProbe:
     def __init__(self, nvml: Any) -> None:
         self._nvml = nvml
 
-    def snapshot(self) -> GpuSnapshot | None:
+    def read(self) -> GpuReading | None:
         nvml = self._nvml
         try:
             devices = []
@@ -136,7 +136,7 @@ class NvmlProbe:
         except Exception as exc:  # NVMLError has many subclasses; any means "no reading"
             log.warning("NVML read failed: %r", exc)
             return None
-        return GpuSnapshot(tuple(devices), self.name) if devices else None
+        return GpuReading(tuple(devices), self.name) if devices else None
 
 
 def _load_nvml() -> Any | None:
@@ -156,14 +156,14 @@ def detect_probe(kind: GpuProbeKind = "auto") -> GpuProbe:
     """The best probe available for ``kind``; ``NoGpu`` when there is none."""
     if kind in ("auto", "nvml") and (nvml := _load_nvml()) is not None:
         probe: GpuProbe = NvmlProbe(nvml)
-        if probe.snapshot() is not None:
+        if probe.read() is not None:
             return probe
     if kind in ("auto", "nvidia-smi") and (smi := shutil.which("nvidia-smi")):
         probe = NvidiaSmiProbe(smi)
-        if probe.snapshot() is not None:
+        if probe.read() is not None:
             return probe
     if kind not in ("auto", "none"):
-        log.warning("GPU probe %r requested but not available; GPU snapshots will be null", kind)
+        log.warning("GPU probe %r requested but not available; GPU readings will be null", kind)
     return NoGpu()
 
 
@@ -209,12 +209,12 @@ def _stable_window(readings: Sequence[int], times: Sequence[float]) -> list[int]
 
 async def wait_settled(
     probe: GpuProbe,
-    after_unload: GpuSnapshot,
+    after_unload: GpuReading,
     before_mib: int | None,
     baseline_mib: int | None,
     tolerance_mib: int,
     timeout: float,
-) -> tuple[GpuSnapshot, str | None]:
+) -> tuple[GpuReading, str | None]:
     """Read memory (after 10 ms, backing off to every 100 ms) until :func:`settled` or
     ``timeout`` (``[switch] settle_timeout_seconds``); the last reading, and a note when
     it gave up. Back at the baseline ends the wait at once; "stopped falling" needs two
@@ -232,10 +232,10 @@ async def wait_settled(
             )
         await asyncio.sleep(pause)
         pause = min(pause * 2, SETTLE_POLL_MAX_S)
-        snap = await asyncio.to_thread(probe.snapshot)
-        if snap is None:
+        reading = await asyncio.to_thread(probe.read)
+        if reading is None:
             break
-        last = snap
-        readings.append(snap.used_mib)
+        last = reading
+        readings.append(reading.used_mib)
         times.append(time.monotonic())
     return last, None

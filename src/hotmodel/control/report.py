@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotmodel.control.gpu import GpuSnapshot
+from hotmodel.control.gpu import GpuReading
 
 
 class SwitchState(enum.Enum):
@@ -41,13 +41,13 @@ class PhaseStatus(enum.Enum):
 
 
 @dataclass
-class GpuSnapshots:
+class GpuReadings:
     """GPU memory read around a switch; None where no GPU is visible."""
 
-    before_unload: GpuSnapshot | None = None
-    after_unload: GpuSnapshot | None = None
-    after_settle: GpuSnapshot | None = None
-    after_load: GpuSnapshot | None = None
+    before_unload: GpuReading | None = None
+    after_unload: GpuReading | None = None
+    after_settle: GpuReading | None = None
+    after_load: GpuReading | None = None
 
     def to_json(self) -> dict[str, dict[str, Any] | None]:
         return {
@@ -83,7 +83,7 @@ class SwitchReport:
     # ms from the command's start to each phase's start: phases may overlap (a CPU-only
     # switch saves and unloads the leaving model beside the next one's load)
     phase_starts: dict[str, float] = field(default_factory=dict)
-    gpu: GpuSnapshots = field(default_factory=GpuSnapshots)
+    gpu: GpuReadings = field(default_factory=GpuReadings)
     drained: int = 0
     cancelled: int = 0
     replay: dict[str, Any] | None = None

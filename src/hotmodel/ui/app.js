@@ -209,7 +209,7 @@
       const probe = state.status ? state.status.gpu_probe : "…";
       box.replaceChildren(el("p", {
         class: "muted",
-        text: `No GPU visible (probe: ${probe}): the switch reports carry no memory snapshots.`,
+        text: `No GPU visible (probe: ${probe}): the switch reports carry no GPU memory readings.`,
       }));
     }
   }
