@@ -108,7 +108,7 @@ async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services
     supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
     supervisor.state = RouterState.RUNNING
     gate = TrafficGate()
-    engine = Engine(config=config.switch, drain_timeout=1, router=NoRouter(), gate=gate)
+    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
     engine.active = "m"
     controller = Controller(engine, ["m"])
     async with SessionStore(tmp_path / "s.sqlite3") as store:

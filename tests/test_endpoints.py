@@ -266,7 +266,7 @@ async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
     supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
     supervisor.state = RouterState.RUNNING
     gate = TrafficGate()
-    engine = Engine(config=config.switch, drain_timeout=1, router=NoRouter(), gate=gate)
+    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
     engine.active = "m"
     controller = Controller(engine, list(config.presets.models))
     async with SessionStore(folder / "s.sqlite3") as store:

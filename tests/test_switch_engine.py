@@ -137,7 +137,7 @@ def _engine(
     engine = Engine(
         config=config,
         drain_timeout=drain,
-        router=router,
+        lifecycle=router,
         gate=gate or TrafficGate(),
         log_tail=lambda: "llama log line",
     )
@@ -278,7 +278,7 @@ def test_without_device_memory_the_leaving_model_exits_while_the_next_loads() ->
     report = switch(engine, "b", phases)
     assert report.outcome is Outcome.OK and engine.active == "b"
     assert router.calls == ["unload a (background)", "load b"]
-    assert engine.router.exiting == {"a"}
+    assert engine.lifecycle.exiting == {"a"}
     assert ("unload", "done", "its process exits while the next model loads") in [
         (e.phase, e.status.value, e.detail) for e in phases.events
     ]
@@ -442,7 +442,7 @@ def test_overall_switch_deadline_rolls_back() -> None:
 def test_drain_waits_for_in_flight_requests_before_unloading() -> None:
     async def scenario(controller: Controller) -> list[str]:
         engine = controller.engine
-        router = engine.router
+        router = engine.lifecycle
         assert isinstance(router, FakeRouter)
         phases = Phases()
         async with engine.gate.admit(1) as ticket:
@@ -470,7 +470,7 @@ def test_drain_timeout_fails_the_switch_and_changes_nothing() -> None:
         assert report.outcome is Outcome.FAILED
         assert "1 generation(s) on 'a' still running after 0.2s" in (report.error or "")
         assert "[server] switch_drain_timeout_seconds" in (report.error or "")
-        assert isinstance(engine.router, FakeRouter) and engine.router.calls == []
+        assert isinstance(engine.lifecycle, FakeRouter) and engine.lifecycle.calls == []
         assert engine.active == "a" and engine.gate.is_open
         assert report.rolled_back is False
 
@@ -506,7 +506,7 @@ def test_drain_timeout_can_cancel_the_requests() -> None:
 def test_requests_wait_at_the_gate_and_are_admitted_at_activation() -> None:
     async def scenario(controller: Controller) -> None:
         engine = controller.engine
-        router = engine.router
+        router = engine.lifecycle
         assert isinstance(router, FakeRouter)
         router.load_gate = asyncio.Event()
         replaying = asyncio.Event()
@@ -553,8 +553,8 @@ def test_same_target_requests_share_one_switch() -> None:
         )
         assert r1 is r2 is r3
         engine = controller.engine
-        assert isinstance(engine.router, FakeRouter)
-        assert engine.router.calls.count("load b") == 1
+        assert isinstance(engine.lifecycle, FakeRouter)
+        assert engine.lifecycle.calls.count("load b") == 1
         assert len(engine.history) == 1
 
     run(scenario, _engine(FakeRouter("a")))
@@ -570,8 +570,8 @@ def test_commands_run_in_order() -> None:
         assert (rb.from_model, rb.to_model, rc.from_model, rc.to_model) == ("a", "b", "b", "c")
         assert (ru.from_model, ru.to_model, ru.outcome) == ("c", None, Outcome.OK)
         engine = controller.engine
-        assert isinstance(engine.router, FakeRouter)
-        assert engine.router.calls == ["unload a", "load b", "unload b", "load c", "unload c"]
+        assert isinstance(engine.lifecycle, FakeRouter)
+        assert engine.lifecycle.calls == ["unload a", "load b", "unload b", "load c", "unload c"]
         assert engine.active is None and engine.state is SwitchState.IDLE
 
     run(scenario, _engine(FakeRouter("a")))
@@ -622,7 +622,7 @@ def test_commands_during_shutdown_are_refused_and_queued_ones_fail() -> None:
 
 def test_a_caller_that_goes_away_does_not_stop_the_switch() -> None:
     async def scenario(controller: Controller) -> None:
-        router = controller.engine.router
+        router = controller.engine.lifecycle
         assert isinstance(router, FakeRouter)
         router.load_gate = asyncio.Event()
         caller = asyncio.create_task(controller.submit(Switch("b")))
@@ -732,7 +732,7 @@ def test_held_requests_are_in_flight_before_the_next_command_closes_the_gate() -
 
     async def scenario(controller: Controller) -> None:
         engine = controller.engine
-        router = engine.router
+        router = engine.lifecycle
         assert isinstance(router, FakeRouter)
         router.load_gate = asyncio.Event()
         phases = Phases()
@@ -1062,7 +1062,7 @@ class FakeProcess:
 def test_a_crash_during_a_recovery_gets_a_recovery_of_its_own() -> None:
     async def scenario(controller: Controller) -> None:
         engine = controller.engine
-        router = engine.router
+        router = engine.lifecycle
         assert isinstance(router, FakeRouter)
         process = FakeProcess()
         engine.process = process

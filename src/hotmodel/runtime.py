@@ -213,7 +213,7 @@ class Runtime:
         engine = Engine(
             config=cfg.switch,
             drain_timeout=cfg.server.switch_drain_timeout_seconds,
-            router=lifecycle,
+            lifecycle=lifecycle,
             gate=gate,
             gpu=gpu,
             log_tail=supervisor.log_tail,

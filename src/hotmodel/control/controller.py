@@ -85,7 +85,7 @@ class Controller:
         self.engine = engine
         self.presets = frozenset(presets)
         # the models loaded beside the active one (none: an empty set, never loaded)
-        self.residents = residents or Residents(engine.router)
+        self.residents = residents or Residents(engine.lifecycle)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._last: _Job | None = None  # the newest job, queued or running, until it ends
         self._pending = 0  # jobs queued or running
@@ -153,7 +153,7 @@ class Controller:
     @property
     def exiting(self) -> frozenset[str]:
         """Models unloaded by a switch whose process is still exiting (CPU-only)."""
-        return self.engine.router.exiting
+        return self.engine.lifecycle.exiting
 
     @property
     def busy(self) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from hotmodel.config import SwitchConfig
 from hotmodel.control.gpu import GpuProbe, GpuReading, NoGpu, wait_settled
 from hotmodel.control.plan import Step
-from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
+from hotmodel.control.ports import KvOps, LifecycleOps, ProcessOps, Replayer
 from hotmodel.control.report import SwitchReport
 from hotmodel.control.run import SKIPPED, Detail, Run, Skipped, StepFailedError, summary
 from hotmodel.control.traffic import TrafficGate
@@ -30,7 +30,7 @@ class StepEffects:
 
     config: SwitchConfig
     drain_timeout: float
-    router: RouterOps
+    lifecycle: LifecycleOps  # load and unload on the router (router.lifecycle)
     gate: TrafficGate
     gpu: GpuProbe
     log_tail: Callable[[], str]
@@ -109,7 +109,7 @@ class StepEffects:
         if report.gpu.before_unload is None:
             report.gpu.before_unload = await self._read_gpu()
         try:
-            unloaded = await self.router.unload(
+            unloaded = await self.lifecycle.unload(
                 model, self.config.unload_timeout_seconds, background
             )
         except HotModelError as exc:
@@ -146,7 +146,7 @@ class StepEffects:
     async def _restart(self) -> Detail:
         if self.process is None or (self.process.running and not self.process.stale):
             return SKIPPED  # only the model's child died: the router is fine
-        await self.router.exited()
+        await self.lifecycle.exited()
         reloaded = self.process.stale
         if self.kv is not None:
             self.kv.ensure_folder()
@@ -160,7 +160,7 @@ class StepEffects:
         if self.kv is not None:
             self.kv.ensure_folder()  # deleted meanwhile, llama-server would refuse to start
         try:
-            loaded = await self.router.load(target, self.config.load_timeout_seconds)
+            loaded = await self.lifecycle.load(target, self.config.load_timeout_seconds)
         except HotModelError as exc:
             tail = (exc.log_tail if isinstance(exc, ModelLoadError) else "") or self.log_tail()
             raise StepFailedError(Step.LOAD, summary(exc), tail or None) from exc

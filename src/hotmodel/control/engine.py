@@ -31,7 +31,7 @@ from hotmodel.control.effects import StepEffects
 from hotmodel.control.fit import choose_policy, free_mib
 from hotmodel.control.gpu import GpuProbe, NoGpu
 from hotmodel.control.plan import Policy, Step, beside_load, plan, plan_recovery
-from hotmodel.control.ports import KvOps, ProcessOps, Replayer, RouterOps
+from hotmodel.control.ports import KvOps, LifecycleOps, ProcessOps, Replayer
 from hotmodel.control.report import (
     Listener,
     Outcome,
@@ -67,7 +67,7 @@ class Engine(StepEffects):
         *,
         config: SwitchConfig,
         drain_timeout: float,
-        router: RouterOps,
+        lifecycle: LifecycleOps,
         gate: TrafficGate,
         gpu: GpuProbe | None = None,
         log_tail: Callable[[], str] = lambda: "",
@@ -82,7 +82,7 @@ class Engine(StepEffects):
     ) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
-        self.router = router
+        self.lifecycle = lifecycle
         self.gate = gate
         self.gpu: GpuProbe = gpu or NoGpu()
         self.log_tail = log_tail
@@ -119,7 +119,7 @@ class Engine(StepEffects):
         changed something, the gate stays closed (the caller runs another at once:
         requests wait for that one).
         """
-        await self.router.exited()  # each command starts with no process on its way out
+        await self.lifecycle.exited()  # each command starts with no process on its way out
         snapshot = isinstance(command, Snapshot)
         down = self.process is not None and not self.process.running and not snapshot
         recover = isinstance(command, Recover) or down
@@ -391,9 +391,9 @@ class Engine(StepEffects):
         t = time.monotonic()
         try:
             if target is not None and Step.LOAD in run.started:
-                await self.router.unload(target, self.config.unload_timeout_seconds)
+                await self.lifecycle.unload(target, self.config.unload_timeout_seconds)
             if previous is not None and Step.UNLOAD in run.started:
-                report.rolled_back = await self.router.load(
+                report.rolled_back = await self.lifecycle.load(
                     previous, self.config.load_timeout_seconds
                 )
                 if report.rolled_back:

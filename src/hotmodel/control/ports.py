@@ -1,6 +1,6 @@
 """What the engine needs from the outside world, as interfaces (``typing.Protocol``).
 
-The real implementations: ``router.lifecycle.ModelLifecycle`` (RouterOps),
+The real implementations: ``router.lifecycle.ModelLifecycle`` (LifecycleOps),
 ``router.supervisor.RouterSupervisor`` (ProcessOps), ``control.snapshots.Snapshots``
 (KvOps) and ``SessionService.replay`` (Replayer). Unit tests pass recording fakes.
 """
@@ -15,8 +15,8 @@ from hotmodel.presets import Presets
 from hotmodel.sessions.service import SessionRef
 
 
-class RouterOps(Protocol):
-    """Load and unload, idempotent, awaited to the end."""
+class LifecycleOps(Protocol):
+    """The model lifecycle on the router: load and unload, idempotent, awaited to the end."""
 
     async def load(self, model: str, timeout: float) -> bool:
         """Load and wait for ``loaded``; False when it was running already."""

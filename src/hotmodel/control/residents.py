@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from hotmodel.config import SwitchConfig
-from hotmodel.control.ports import RouterOps
+from hotmodel.control.ports import LifecycleOps
 from hotmodel.control.run import summary
 from hotmodel.errors import HotModelError, ResidentUnavailableError
 from hotmodel.presets import Presets
@@ -61,13 +61,13 @@ class Residents:
 
     def __init__(
         self,
-        router: RouterOps,
+        lifecycle: LifecycleOps,
         names: Collection[str] = (),
         preflight: Callable[[str], None] | None = None,
         current: Callable[[str], bool] = lambda name: True,
         generation: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.router = router
+        self.lifecycle = lifecycle
         self.names = frozenset(names)  # configured; a reload replaces them, a sync applies
         self.preflight = preflight  # the GGUF can be read (presets.check_model_file)
         # whether the running router read this preset as configured now
@@ -131,7 +131,7 @@ class Residents:
         errors = []
         for name in sorted(set(self._states) - self.names):
             try:
-                await self.router.unload(name, config.unload_timeout_seconds)
+                await self.lifecycle.unload(name, config.unload_timeout_seconds)
             except HotModelError as exc:
                 errors.append(f"unloading resident {name!r} failed: {summary(exc)}")
                 log.warning("%s", errors[-1])
@@ -158,13 +158,13 @@ class Residents:
         try:
             if self.preflight is not None:
                 self.preflight(name)
-            await self.router.load(name, config.load_timeout_seconds)
+            await self.lifecycle.load(name, config.load_timeout_seconds)
         except HotModelError as exc:
             error = summary(exc)
             self._states[name] = Resident(ResidentState.FAILED, error)
             log.error("resident %r failed to load: %s", name, exc)
             try:  # a load that timed out may still be on its way: it must not stay half-done
-                await self.router.unload(name, config.unload_timeout_seconds)
+                await self.lifecycle.unload(name, config.unload_timeout_seconds)
             except HotModelError as again:
                 log.warning("resident %r: unloading after its failed load: %s", name, again)
             return f"resident {name!r} failed to load: {error}"
