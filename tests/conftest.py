@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, cast
 
 import httpx
 import psutil
@@ -27,6 +28,70 @@ from hotmodel.router.supervisor import backend_key, free_port
 from tests.tiny_gguf import write_broken_model, write_tiny_model
 
 START_DEADLINE_S = 60.0
+
+# The fast tier (`pytest -m "not slow"`) is every test that needs no llama-server. A test
+# that uses one of these fixtures (directly or through another fixture), or lives in a
+# `*_real.py` module, drives the real llama-server and must be marked `slow`; the run is
+# refused otherwise, so a new real test cannot slip into the fast tier.
+REAL_FIXTURES = frozenset({"llama_server"})
+SLOW = "slow"
+# Modules that drive llama-server without those fixtures (a script in a subprocess), and
+# that this conftest marks slow itself, with the timeout they need (seconds).
+REAL_MODULES = {"test_bench_smoke.py": 1500}
+
+
+class _Item(Protocol):
+    nodeid: str
+    fixturenames: list[str]
+
+    @property
+    def path(self) -> Path: ...
+
+    def get_closest_marker(self, name: str) -> pytest.Mark | None: ...
+
+
+def needs_llama_server(item: _Item) -> bool:
+    return bool(REAL_FIXTURES & set(item.fixturenames)) or item.path.name.endswith("_real.py")
+
+
+def unmarked_real_tests(items: Sequence[_Item]) -> list[str]:
+    """The tests that drive llama-server without the `slow` marker."""
+    return [i.nodeid for i in items if needs_llama_server(i) and not i.get_closest_marker(SLOW)]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        seconds = REAL_MODULES.get(item.path.name)
+        if seconds is not None:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.timeout(seconds))
+    unmarked = unmarked_real_tests(cast("list[_Item]", items))
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests drive the real llama-server but are not marked slow "
+            "(add `pytestmark = pytest.mark.slow` to the module or "
+            "`@pytest.mark.slow` to the test):\n  " + "\n  ".join(unmarked)
+        )
+
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.remove(item)
+
+
+def require_slow(what: str) -> None:
+    """Fail the running test if it starts ``what`` (a real llama-server) unmarked."""
+    for item in _running:
+        if not item.get_closest_marker(SLOW):
+            pytest.fail(f"{item.nodeid} starts {what} but is not marked slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -170,6 +235,7 @@ def start_hotmodel(config: Path, *, wait: bool = True) -> HotmodelProcess:
     """Start ``hotmodel serve``; with ``wait``, return once /health is ok (or fail)."""
     import tomllib
 
+    require_slow("hotmodel serve")
     port = tomllib.loads(config.read_text())["server"]["port"]
     out = config.parent / "serve-output.log"
     handle = out.open("w")

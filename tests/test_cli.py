@@ -117,7 +117,7 @@ def canned() -> Iterator[Canned]:
     box = Canned()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(box))
     box.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield box
@@ -437,6 +437,7 @@ def test_python_dash_m_and_version() -> None:
 # --- against the real server ---
 
 
+@pytest.mark.slow
 def test_models_lists_presets_with_status_active_and_size(
     smol_server: HotmodelProcess, real_models: dict[str, Path]
 ) -> None:
@@ -454,6 +455,7 @@ def test_models_lists_presets_with_status_active_and_size(
     assert smol_row.split()[1:3] == ["loaded", "*"] and smol_row.endswith("MiB")
 
 
+@pytest.mark.slow
 def test_sessions_show_json_against_the_real_server(smol_server: HotmodelProcess) -> None:
     resp = httpx.post(
         smol_server.base_url + "/v1/chat/completions",
@@ -473,6 +475,7 @@ def test_sessions_show_json_against_the_real_server(smol_server: HotmodelProcess
     assert json.loads(gone.stdout) == {"id": "cli-json", "deleted": True}
 
 
+@pytest.mark.slow
 def test_reload_of_an_unchanged_config_against_the_real_server(
     smol_server: HotmodelProcess,
 ) -> None:
@@ -481,6 +484,7 @@ def test_reload_of_an_unchanged_config_against_the_real_server(
     assert out.stdout == "config unchanged: nothing to apply\n"
 
 
+@pytest.mark.slow
 def test_status_finds_a_server_started_with_port_and_log_level(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
 ) -> None:

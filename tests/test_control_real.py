@@ -22,6 +22,8 @@ import pytest
 from hotmodel import sse
 from tests.conftest import HotmodelProcess, two_models
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 

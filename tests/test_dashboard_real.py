@@ -16,6 +16,8 @@ import pytest
 from hotmodel.sse import SseEvent, SseParser
 from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 ADMIN = "admin-key-dashboard-0000"
 CLIENT = "client-key-dashboard-000"
 WAIT_S = 60.0  # a bound on every wait below, not an expected duration

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 
 @pytest.fixture(scope="module")
 def server(

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 FACTS = " ".join(f"item{i} is on shelf {i % 17}." for i in range(50))  # ~450 tokens
 

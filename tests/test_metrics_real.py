@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 ADMIN = "admin-key-metrics-000000"
 CLIENT = "client-key-metrics-00000"

@@ -26,6 +26,8 @@ from tests.conftest import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "hello"}]
 
 

@@ -19,6 +19,8 @@ import pytest
 from hotmodel.router.options import devices
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "Hi"}]
 DEADLINE_S = 60.0  # a bound on polling, never asserted as a duration
 

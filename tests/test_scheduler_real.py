@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import HotmodelProcess, two_models
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 MAX_WAIT_S = 10.0
 

@@ -18,6 +18,8 @@ from hotmodel.errors import ConfigError
 from hotmodel.security import Access, KeySet, load_keys
 from tests.conftest import HotmodelProcess, bearer, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 CLIENT_A = "client-key-aaaaaaaaaaaa"
 CLIENT_B = "client-key-bbbbbbbbbbbb"  # from the key file
 CLIENT_C = "client-key-cccccccccccc"  # from the environment

@@ -18,6 +18,8 @@ from openai.types.chat import ChatCompletionChunk
 
 from tests.conftest import HotmodelProcess, run_hotmodel
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from hotmodel.sessions.store import SessionStore
 from tests.conftest import HotmodelProcess, assert_all_gone, start_hotmodel, write_config
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 CLIENTS = 6
 SOAK_SECONDS = 14.0

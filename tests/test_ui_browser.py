@@ -25,6 +25,8 @@ from tests.conftest import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 ADMIN = "admin-key-browser-00000"
 WAIT_MS = 60_000  # the bound on each wait for the page (a loaded CI machine is slow)
 PNG = b"\x89PNG\r\n\x1a\n"
