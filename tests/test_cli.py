@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,9 +33,9 @@ from hotmodel.cli.sessions import transcript_line
 from hotmodel.config import load_config
 from hotmodel.router.supervisor import free_port
 from tests.conftest import (
-    START_DEADLINE_S,
     HotmodelProcess,
     run_hotmodel,
+    wait_healthy,
     write_config,
 )
 
@@ -502,7 +501,7 @@ def test_status_finds_a_server_started_with_port_and_log_level(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}", out_file)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, out_file)
         found = run_hotmodel("status", "--config", str(config), "--port", str(port))
         assert found.returncode == 0, found.stderr
         assert "active model: tiny" in found.stdout
@@ -516,19 +515,6 @@ def test_status_finds_a_server_started_with_port_and_log_level(
     assert code == 0
     log = out_file.read_text(encoding="utf-8")
     assert "hotmodel ready on" not in log  # an info line: --log-level warning hides it
-
-
-def _wait_healthy(proc: subprocess.Popen[str], url: str, output: Path) -> None:
-    deadline = time.monotonic() + START_DEADLINE_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, output.read_text(encoding="utf-8")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"not healthy in {START_DEADLINE_S}s:\n{output.read_text()}")
 
 
 def test_switch_progress_is_shown_once_per_value(capsys: pytest.CaptureFixture[str]) -> None:

@@ -132,7 +132,7 @@ def test_settle_gives_up_at_its_deadline_and_goes_on() -> None:
     assert settle_done[0].detail is not None
     assert "still at 7990 MiB" in settle_done[0].detail
     assert "[switch] settle_timeout_seconds" in settle_done[0].detail
-    assert 250 <= report.phases["settle"] < 2000
+    assert engine.gpu.taken > 3  # it read on until its deadline, then went on
 
 
 def test_without_device_memory_the_leaving_model_exits_while_the_next_loads() -> None:
