@@ -19,12 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
-    HotmodelProcess,
-    assert_all_gone,
-    start_hotmodel,
-    write_config,
-)
+from tests.conftest import HotmodelProcess, assert_all_gone, chat, start_hotmodel, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -57,11 +52,7 @@ def _wait_healthy(hp: HotmodelProcess, timeout: float = 30) -> dict[str, Any]:
 
 
 def _chat(hp: HotmodelProcess, **extra: Any) -> httpx.Response:
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"messages": HELLO, "max_tokens": 2, **extra},
-        timeout=60,
-    )
+    return chat(hp, **{"messages": HELLO, "max_tokens": 2, **extra})
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import psutil
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Plugins these runs do not need, left out so that each starts in a second or two.
 QUICK = ("-p", "no:cacheprovider", "-p", "no:schemathesis", "-p", "no:hypothesispytest")
@@ -100,3 +103,25 @@ def test_a_fresh_machine_gets_the_timeout_plugin() -> None:
     dev = project["project"]["optional-dependencies"]["dev"]
     assert any(d.startswith("pytest-timeout") for d in dev), dev
     assert '".[dev]" if dev' in (ROOT / "scripts" / "bootstrap.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_hotmodel_left_running_is_killed_and_fails_the_test(
+    tmp_path: Path, llama_server: Path
+) -> None:
+    leaky = tmp_path / "test_leaky.py"
+    leaky.write_text(
+        "from pathlib import Path\n\nimport pytest\n\n"
+        "from tests.conftest import start_hotmodel, write_config\n\n"
+        "pytestmark = pytest.mark.slow\n\n"
+        "def test_leaks(tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path)"
+        " -> None:\n"
+        "    hp = start_hotmodel(write_config(tmp_path, {'tiny': tiny_models['tiny']}, 'tiny'))\n"
+        "    (tmp_path.parent.parent / 'leaked.pid').write_text(str(hp.proc.pid))\n"
+    )
+    done = _pytest(leaky, "--basetemp", tmp_path / "run")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the test left hotmodel serve running (killed now)" in done.stdout
+    assert "1 passed, 1 error" in done.stdout  # the test passed; its teardown failed
+    pid = int((tmp_path / "leaked.pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
