@@ -13,20 +13,126 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import httpx
 import psutil
 import pytest
 
+from hotmodel import sse
 from hotmodel.router import provision
 from hotmodel.router.supervisor import backend_key, free_port
 from tests.tiny_gguf import write_broken_model, write_tiny_model
 
 START_DEADLINE_S = 60.0
+
+# The fast tier (`pytest -m "not slow"`) is every test that needs no llama-server. A test
+# that uses one of these fixtures (directly or through another fixture), or lives in a
+# `*_real.py` module, drives the real llama-server and must be marked `slow`; the run is
+# refused otherwise, so a new real test cannot slip into the fast tier.
+REAL_FIXTURES = frozenset({"llama_server"})
+SLOW = "slow"
+# Modules that drive llama-server without those fixtures (a script in a subprocess), and
+# that this conftest marks slow itself, with the timeout they need (seconds).
+REAL_MODULES = {"test_bench_smoke.py": 1500}
+
+
+class _Item(Protocol):
+    nodeid: str
+    fixturenames: list[str]
+
+    @property
+    def path(self) -> Path: ...
+
+    def get_closest_marker(self, name: str) -> pytest.Mark | None: ...
+
+
+def needs_llama_server(item: _Item) -> bool:
+    return bool(REAL_FIXTURES & set(item.fixturenames)) or item.path.name.endswith("_real.py")
+
+
+def unmarked_real_tests(items: Sequence[_Item]) -> list[str]:
+    """The tests that drive llama-server without the `slow` marker."""
+    return [i.nodeid for i in items if needs_llama_server(i) and not i.get_closest_marker(SLOW)]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        seconds = REAL_MODULES.get(item.path.name)
+        if seconds is not None:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.timeout(seconds))
+    unmarked = unmarked_real_tests(cast("list[_Item]", items))
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests drive the real llama-server but are not marked slow "
+            "(add `pytestmark = pytest.mark.slow` to the module or "
+            "`@pytest.mark.slow` to the test):\n  " + "\n  ".join(unmarked)
+        )
+
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.remove(item)
+
+
+# hotmodel processes a test body started (not its fixtures): each must be stopped by the
+# end of the test; one left running is killed, and fails a test that otherwise passed.
+_started_in_call: list[HotmodelProcess] = []
+_in_call: list[bool] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    _in_call.append(True)
+    try:
+        yield
+    finally:
+        _in_call.pop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if call.when == "call":
+        item.stash[_CALL_FAILED] = outcome.get_result().failed  # type: ignore[attr-defined]
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _no_hotmodel_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    left = [hp for hp in _started_in_call if hp.proc.poll() is None]
+    _started_in_call.clear()
+    for hp in left:
+        pids = [p.pid for p in hp.descendants()]
+        hp.proc.kill()
+        hp.proc.wait(10)
+        assert_all_gone(pids)
+    if left and not request.node.stash.get(_CALL_FAILED, True):
+        pytest.fail(f"the test left hotmodel serve running (killed now): {left[0].config}")
+
+
+def require_slow(what: str) -> None:
+    """Fail the running test if it starts ``what`` (a real llama-server) unmarked."""
+    for item in _running:
+        if not item.get_closest_marker(SLOW):
+            pytest.fail(f"{item.nodeid} starts {what} but is not marked slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -166,10 +272,14 @@ def run_hotmodel(*args: str, timeout: float = 60.0) -> subprocess.CompletedProce
     )
 
 
-def start_hotmodel(config: Path, *, wait: bool = True) -> HotmodelProcess:
-    """Start ``hotmodel serve``; with ``wait``, return once /health is ok (or fail)."""
+def start_hotmodel(
+    config: Path, *, wait: bool = True, env: dict[str, str] | None = None
+) -> HotmodelProcess:
+    """Start ``hotmodel serve`` (``env``: more environment variables); with ``wait``,
+    return once /health is ok (or fail)."""
     import tomllib
 
+    require_slow("hotmodel serve")
     port = tomllib.loads(config.read_text())["server"]["port"]
     out = config.parent / "serve-output.log"
     handle = out.open("w")
@@ -178,10 +288,12 @@ def start_hotmodel(config: Path, *, wait: bool = True) -> HotmodelProcess:
         stdout=handle,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     handle.close()
     hp = HotmodelProcess(config, proc, f"http://127.0.0.1:{port}", out)
+    if _in_call:
+        _started_in_call.append(hp)
     if not wait:
         return hp
     deadline = time.monotonic() + START_DEADLINE_S
@@ -227,6 +339,68 @@ def serving_hotmodel(config: Path) -> Iterator[HotmodelProcess]:
     assert_all_gone(pids)
 
 
+def keys(*, api: Sequence[str] = (), admin: Sequence[str] = (), api_file: str = "") -> str:
+    """The ``[security]`` section with these API keys (``write_config``'s ``tail``)."""
+    lines = ["[security]"]
+    if api:
+        lines.append("api_keys = [" + ", ".join(f'"{k}"' for k in api) + "]")
+    if api_file:
+        lines.append(f'api_keys_file = "{api_file}"')
+    if admin:
+        lines.append("admin_keys = [" + ", ".join(f'"{k}"' for k in admin) + "]")
+    return "\n".join(lines) + "\n"
+
+
+Serve = Callable[..., HotmodelProcess]
+
+
+@pytest.fixture(scope="module")
+def serve_module(tmp_path_factory: pytest.TempPathFactory, llama_server: Path) -> Iterator[Serve]:
+    """A factory for a module's servers: ``serve(presets, default, ...)`` (the config
+    lines of ``write_config``, ``files`` to write beside the config, ``env`` for the
+    process) starts ``hotmodel serve``; after the module each one must stop cleanly and
+    leave no router process behind."""
+    started: list[HotmodelProcess] = []
+
+    def serve(
+        presets: dict[str, Path],
+        default: str,
+        *,
+        env: dict[str, str] | None = None,
+        files: dict[str, str] | None = None,
+        router: str = "",
+        server: str = "",
+        extra: str = "",
+        session: str = "",
+        tail: str = "",
+    ) -> HotmodelProcess:
+        folder = tmp_path_factory.mktemp("hotmodel")
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text, encoding="utf-8")
+        config = write_config(
+            folder,
+            presets,
+            default,
+            router=router,
+            server=server,
+            extra=extra,
+            session=session,
+            tail=tail,
+        )
+        hp = start_hotmodel(config, env=env)
+        started.append(hp)
+        return hp
+
+    yield serve
+    codes = []
+    for hp in started:
+        pids = hp.router_pids
+        codes.append((hp.stop(), hp))
+        assert_all_gone(pids)
+    for code, hp in codes:
+        assert code == 0, hp.output()
+
+
 @contextlib.contextmanager
 def two_models(
     folder: Path,
@@ -270,3 +444,140 @@ def smol_server(
     )
     with serving_hotmodel(config) as hp:
         yield hp
+
+
+# --- helpers shared by the real tests -------------------------------------------------
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+WAIT_S = 60.0  # a bound on polling for a state, never asserted as a duration
+
+
+def chat(
+    hp: HotmodelProcess,
+    model: str = "active",
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    **body: Any,
+) -> httpx.Response:
+    """POST /v1/chat/completions: a short answer from ``model`` unless ``body`` says
+    otherwise (``messages``, ``max_tokens``, ``session_id``...)."""
+    payload = {"model": model, "messages": HELLO, "max_tokens": 4, **body}
+    return httpx.post(
+        hp.base_url + "/v1/chat/completions", json=payload, headers=headers or {}, timeout=timeout
+    )
+
+
+def switch(hp: HotmodelProcess, model: str, timeout: float = 120.0) -> tuple[int, dict[str, Any]]:
+    """POST /admin/switch; its status and report."""
+    resp = httpx.post(hp.base_url + "/admin/switch", json={"model": model}, timeout=timeout)
+    report: dict[str, Any] = resp.json()
+    return resp.status_code, report
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """Poll ``check`` until it returns something true; that value. Fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[str], output: Path) -> None:
+    """Until ``url``/health answers 200; fails at once if ``proc`` exits."""
+
+    def healthy() -> bool:
+        assert proc.poll() is None, output.read_text(encoding="utf-8", errors="replace")
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(f"{url}/health", healthy, START_DEADLINE_S)
+
+
+class HeldStream:
+    """A long streamed generation on the active model, held open until released: the
+    model has a request in flight for as long as the test needs (a switch waits at its
+    drain meanwhile). Started, it has its first event; released, its connection closes."""
+
+    def __init__(self, hp: HotmodelProcess, max_tokens: int = 4000) -> None:
+        self.events: list[str] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.ended = threading.Event()
+        body = {"model": "active", "messages": HELLO, "max_tokens": max_tokens}
+        body |= {"ignore_eos": True, "stream": True}
+        self._thread = threading.Thread(target=self._read, args=(hp, body), daemon=True)
+
+    def _read(self, hp: HotmodelProcess, body: dict[str, Any]) -> None:
+        try:
+            with httpx.stream(
+                "POST", hp.base_url + "/v1/chat/completions", json=body, timeout=120
+            ) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line[6:])
+                        self.started.set()
+                    if self.release.is_set():
+                        return
+        finally:
+            self.ended.set()
+
+    @property
+    def finished(self) -> bool:
+        """It ended on its own ([DONE]) before it was released."""
+        return bool(self.events) and self.events[-1] == "[DONE]"
+
+    def __enter__(self) -> HeldStream:
+        self._thread.start()
+        assert self.started.wait(WAIT_S), "the held stream never started"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self._thread.join(WAIT_S)
+
+
+@contextlib.contextmanager
+def streamed_switch(hp: HotmodelProcess, model: str) -> Iterator[Callable[[], dict[str, Any]]]:
+    """POST /admin/switch with ``stream: true``; the block starts once hotmodel answered
+    (its switch is queued or joined by then, before any later request is read), and the
+    function it gets returns the switch's report, waiting for it."""
+    done: dict[str, Any] = {}
+    answered = threading.Event()
+
+    def read() -> None:
+        try:
+            with httpx.stream(
+                "POST",
+                hp.base_url + "/admin/switch",
+                json={"model": model, "stream": True},
+                timeout=120,
+            ) as resp:
+                answered.set()
+                parser = sse.SseParser()
+                for chunk in resp.iter_bytes():
+                    for event in parser.feed(chunk):
+                        if event.event in ("report", "error"):
+                            done[event.event] = event.json()
+        finally:
+            answered.set()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    assert answered.wait(WAIT_S), "hotmodel never answered the switch"
+
+    def report() -> dict[str, Any]:
+        thread.join(WAIT_S * 2)
+        assert "report" in done, done
+        result: dict[str, Any] = done["report"]
+        return result
+
+    try:
+        yield report
+    finally:
+        thread.join(WAIT_S * 2)

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,9 +33,9 @@ from hotmodel.cli.sessions import transcript_line
 from hotmodel.config import load_config
 from hotmodel.router.supervisor import free_port
 from tests.conftest import (
-    START_DEADLINE_S,
     HotmodelProcess,
     run_hotmodel,
+    wait_healthy,
     write_config,
 )
 
@@ -117,7 +116,7 @@ def canned() -> Iterator[Canned]:
     box = Canned()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(box))
     box.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield box
@@ -437,6 +436,7 @@ def test_python_dash_m_and_version() -> None:
 # --- against the real server ---
 
 
+@pytest.mark.slow
 def test_models_lists_presets_with_status_active_and_size(
     smol_server: HotmodelProcess, real_models: dict[str, Path]
 ) -> None:
@@ -454,6 +454,7 @@ def test_models_lists_presets_with_status_active_and_size(
     assert smol_row.split()[1:3] == ["loaded", "*"] and smol_row.endswith("MiB")
 
 
+@pytest.mark.slow
 def test_sessions_show_json_against_the_real_server(smol_server: HotmodelProcess) -> None:
     resp = httpx.post(
         smol_server.base_url + "/v1/chat/completions",
@@ -473,6 +474,7 @@ def test_sessions_show_json_against_the_real_server(smol_server: HotmodelProcess
     assert json.loads(gone.stdout) == {"id": "cli-json", "deleted": True}
 
 
+@pytest.mark.slow
 def test_reload_of_an_unchanged_config_against_the_real_server(
     smol_server: HotmodelProcess,
 ) -> None:
@@ -481,6 +483,7 @@ def test_reload_of_an_unchanged_config_against_the_real_server(
     assert out.stdout == "config unchanged: nothing to apply\n"
 
 
+@pytest.mark.slow
 def test_status_finds_a_server_started_with_port_and_log_level(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
 ) -> None:
@@ -498,7 +501,7 @@ def test_status_finds_a_server_started_with_port_and_log_level(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}", out_file)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, out_file)
         found = run_hotmodel("status", "--config", str(config), "--port", str(port))
         assert found.returncode == 0, found.stderr
         assert "active model: tiny" in found.stdout
@@ -512,16 +515,3 @@ def test_status_finds_a_server_started_with_port_and_log_level(
     assert code == 0
     log = out_file.read_text(encoding="utf-8")
     assert "hotmodel ready on" not in log  # an info line: --log-level warning hides it
-
-
-def _wait_healthy(proc: subprocess.Popen[str], url: str, output: Path) -> None:
-    deadline = time.monotonic() + START_DEADLINE_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, output.read_text(encoding="utf-8")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"not healthy in {START_DEADLINE_S}s:\n{output.read_text()}")

@@ -14,7 +14,16 @@ import httpx
 import pytest
 
 from hotmodel.sse import SseEvent, SseParser
-from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    Serve,
+    keys,
+    serving_hotmodel,
+    start_hotmodel,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 ADMIN = "admin-key-dashboard-0000"
 CLIENT = "client-key-dashboard-000"
@@ -189,15 +198,10 @@ def test_the_feed_ends_cleanly_when_hotmodel_stops(
 
 
 @pytest.fixture(scope="module")
-def secured(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
-) -> Iterator[HotmodelProcess]:
-    folder = tmp_path_factory.mktemp("dashboard-keys")
-    tail = f'[security]\napi_keys = ["{CLIENT}"]\nadmin_keys = ["{ADMIN}"]\n'
-    with serving_hotmodel(
-        write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail)
-    ) as hp:
-        yield hp
+def secured(serve_module: Serve, tiny_models: dict[str, Path]) -> HotmodelProcess:
+    return serve_module(
+        {"tiny": tiny_models["tiny"]}, "tiny", tail=keys(api=[CLIENT], admin=[ADMIN])
+    )
 
 
 def test_with_keys_the_page_is_open_and_its_data_needs_the_admin_key(

@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import HotmodelProcess, bearer, serving_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 C1 = "tenant-one-key-111111111111"
 C2 = "tenant-two-key-222222222222"
 ADMIN = "door-admin-key-000000000000"

@@ -162,6 +162,7 @@ def test_an_error_goes_before_done_however_the_stream_is_cut() -> None:
     assert cut_short.feed(b"data: {}\n\n") + cut_short.end() == b"data: {}\n\n" + event
 
 
+@pytest.mark.slow
 def test_a_real_streamed_turn_whose_store_write_fails_ends_with_the_error_before_done(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
 ) -> None:

@@ -14,7 +14,7 @@ from hotmodel.control.fit import (
     read_metadata,
 )
 from hotmodel.control.gpu import GpuDevice, GpuReading
-from tests.test_switch_engine import FakeGpu, FakeRouter, _engine, switch
+from tests.fakes import FakeGpu, FakeRouter, fake_engine, switch
 
 
 def test_choose_policy() -> None:
@@ -63,17 +63,17 @@ def test_estimate_of_files_that_are_no_model(tiny_models: dict[str, Path], tmp_p
 
 
 def test_auto_overlaps_only_when_the_target_fits() -> None:
-    roomy = _engine(FakeRouter("a"), policy="auto")
+    roomy = fake_engine(FakeRouter("a"), policy="auto")
     roomy.gpu, roomy.models_max, roomy.estimate = FakeGpu([1000]), 2, lambda m: 2000
     report = switch(roomy, "b")
     assert report.outcome.value == "ok" and report.policy == "overlap"
     assert report.policy_reason is not None and report.policy_reason.startswith("auto:")
 
-    tight = _engine(FakeRouter("a"), policy="auto")
+    tight = fake_engine(FakeRouter("a"), policy="auto")
     tight.gpu, tight.models_max, tight.estimate = FakeGpu([79_000]), 2, lambda m: 2000
     assert switch(tight, "b").policy == "zero_overlap"
 
-    no_gpu = _engine(FakeRouter("a"), policy="auto")
+    no_gpu = fake_engine(FakeRouter("a"), policy="auto")
     no_gpu.models_max, no_gpu.estimate = 2, lambda m: 1
     report = switch(no_gpu, "b")
     assert report.policy == "zero_overlap" and "no GPU" in (report.policy_reason or "")

@@ -64,10 +64,9 @@ def port() -> Iterator[int]:
     thread.join(10)
 
 
-def exchange(port: int, *parts: bytes, pause: float = 0.0) -> tuple[bytes, float]:
-    """Send ``parts`` (``pause`` between them), read until the server closes; the bytes
-    and how long the connection stayed open."""
-    t0 = time.monotonic()
+def exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
+    """Send ``parts`` (``pause`` between them), read until the server closes; the bytes.
+    A server that never closes fails it (the socket's 10 s timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         for part in parts:
             sock.sendall(part)
@@ -75,7 +74,7 @@ def exchange(port: int, *parts: bytes, pause: float = 0.0) -> tuple[bytes, float
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
-    return answer, time.monotonic() - t0
+    return answer
 
 
 def error_of(answer: bytes, status: bytes) -> dict[str, Any]:
@@ -91,17 +90,17 @@ GET = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 def test_a_connection_that_sends_nothing_is_closed_at_the_deadline(port: int) -> None:
-    answer, took = exchange(port)
-    assert answer == b"" and took < 5
+    answer = exchange(port)
+    assert answer == b""  # closed by the server (a socket that stayed open would time out)
 
 
 def test_a_head_that_stops_coming_gets_a_408(port: int) -> None:
-    answer, took = exchange(port, b"GET /a HTTP/1.1\r\nHost: x\r\n")
-    assert error_of(answer, b"408")["code"] == "request_timeout" and took < 5
+    answer = exchange(port, b"GET /a HTTP/1.1\r\nHost: x\r\n")
+    assert error_of(answer, b"408")["code"] == "request_timeout"
 
 
 def test_the_next_head_on_a_kept_alive_connection_has_the_same_deadline(port: int) -> None:
-    answer, _ = exchange(port, GET, b"GET /b HTTP/1.1\r\nHo", pause=0.1)
+    answer = exchange(port, GET, b"GET /b HTTP/1.1\r\nHo", pause=0.1)
     first, _, rest = answer.partition(b"}")
     assert first.startswith(b"HTTP/1.1 200") and b'"path": "/a"' in first + b"}"
     assert error_of(rest, b"408")["code"] == "request_timeout"
@@ -109,7 +108,7 @@ def test_the_next_head_on_a_kept_alive_connection_has_the_same_deadline(port: in
 
 def test_a_pipelined_head_waits_for_the_running_request(port: int) -> None:
     """The deadline passes while /slow runs: its answer comes whole, then the 408."""
-    answer, _ = exchange(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+    answer = exchange(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
     first, _, rest = answer.partition(b"}")
     assert first.startswith(b"HTTP/1.1 200") and b'"path": "/slow"' in first + b"}"
     assert error_of(rest, b"408")["code"] == "request_timeout"
@@ -117,36 +116,36 @@ def test_a_pipelined_head_waits_for_the_running_request(port: int) -> None:
 
 def test_headers_over_the_bound_get_a_431(port: int) -> None:
     big = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n"
-    assert error_of(exchange(port, big)[0], b"431")["code"] == "request_header_too_large"
+    assert error_of(exchange(port, big), b"431")["code"] == "request_header_too_large"
     many = b"GET /a HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(400)) + b"\r\n"
-    assert error_of(exchange(port, many)[0], b"431")["code"] == "request_header_too_large"
+    assert error_of(exchange(port, many), b"431")["code"] == "request_header_too_large"
     long_url = b"GET /" + b"a" * 4096 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    assert error_of(exchange(port, long_url)[0], b"431")["code"] == "request_header_too_large"
+    assert error_of(exchange(port, long_url), b"431")["code"] == "request_header_too_large"
 
 
 def test_a_large_body_is_not_counted_as_head(port: int) -> None:
     body = b"x" * 100_000
     request = b"POST /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     request += b"Content-Length: %d\r\n\r\n" % len(body) + body
-    answer, _ = exchange(port, request)
+    answer = exchange(port, request)
     assert answer.startswith(b"HTTP/1.1 200") and b'"body": 100000' in answer
 
 
 def test_bytes_that_are_not_http_get_a_json_400(port: int) -> None:
-    error = error_of(exchange(port, b"NOT HTTP\r\n\r\n")[0], b"400")
+    error = error_of(exchange(port, b"NOT HTTP\r\n\r\n"), b"400")
     assert error["code"] == "http_400" and "HTTP/1.1" in error["message"]
 
 
 def test_a_stream_to_an_http_10_client_ends_with_the_close_not_in_chunks(port: int) -> None:
-    answer, _ = exchange(port, b"GET /stream HTTP/1.0\r\n\r\n")
+    answer = exchange(port, b"GET /stream HTTP/1.0\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
     assert body == b"data: 1\n\ndata: 2\n\n"
     # HTTP/1.1 keeps its chunks (and the connection)
-    answer, _ = exchange(port, b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    answer = exchange(port, b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
     # a response with a length is sent as before, to both
-    answer, _ = exchange(port, b"POST /x HTTP/1.0\r\ncontent-length: 2\r\n\r\nab")
+    answer = exchange(port, b"POST /x HTTP/1.0\r\ncontent-length: 2\r\n\r\nab")
     assert answer.endswith(b'{"path": "/x", "body": 2}') and b"content-length: 25" in answer

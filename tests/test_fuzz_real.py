@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from hotmodel.api.endpoints import ENDPOINTS
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 
 @pytest.fixture(scope="module")
 def server(

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 WAIT_S = 30.0
 

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 FACTS = " ".join(f"item{i} is on shelf {i % 17}." for i in range(50))  # ~450 tokens
 
@@ -128,8 +131,8 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
     local = {k: Path(shutil.copy(v, models / v.name)) for k, v in real_models.items()}
     hp = start_hotmodel(kv_config(tmp_path, local))
     kv_dir = tmp_path / "state" / "kv"
-    router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
     try:
+        router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
         chat(hp, FACTS)
         switch(hp, "gemma3")
         # a damaged snapshot (same size, other bytes) is never handed to llama-server

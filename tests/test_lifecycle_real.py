@@ -28,6 +28,8 @@ from tests.conftest import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -64,9 +66,12 @@ def test_stop_leaves_no_llama_server(
     models = tmp_path / "models"
     config = write_config(tmp_path, {"tiny": _copy(tiny_models["tiny"], models)}, "tiny")
     hp = start_hotmodel(config)
-    assert len(hp.router_pids) >= 2, "expected the router and one model process"
-    assert _procs_mentioning(tmp_path)
-    assert hp.stop(sig) == 0, hp.output()
+    try:
+        assert len(hp.router_pids) >= 2, "expected the router and one model process"
+        assert _procs_mentioning(tmp_path)
+    finally:
+        code = hp.stop(sig)
+    assert code == 0, hp.output()
     assert_all_gone(hp.router_pids)
     _assert_nothing_left(tmp_path)
     assert "stopped" in hp.output()

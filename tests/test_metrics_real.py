@@ -21,7 +21,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HotmodelProcess, serving_hotmodel, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, Serve, keys, start_hotmodel, write_config
+from tests.conftest import chat as post_chat
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 ADMIN = "admin-key-metrics-000000"
@@ -51,10 +54,7 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 def chat(hp: HotmodelProcess, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
-    payload = {"model": "active", "messages": HELLO, "max_tokens": 8, **body}
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions", json=payload, headers=headers or {}, timeout=120
-    )
+    return post_chat(hp, headers=headers, **{"messages": HELLO, "max_tokens": 8, **body})
 
 
 def stream_chat(hp: HotmodelProcess) -> dict[str, Any]:
@@ -232,19 +232,11 @@ def test_json_access_line_per_request_with_the_returned_request_id(
 
 
 @pytest.fixture(scope="module")
-def secured(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
-) -> Iterator[HotmodelProcess]:
+def secured(serve_module: Serve, tiny_models: dict[str, Path]) -> HotmodelProcess:
     """With API keys, text logs (the default)."""
-    folder = tmp_path_factory.mktemp("metrics-keys")
-    config = write_config(
-        folder,
-        {"tiny": tiny_models["tiny"]},
-        "tiny",
-        tail=f'[security]\napi_keys = ["{CLIENT}"]\nadmin_keys = ["{ADMIN}"]\n',
+    return serve_module(
+        {"tiny": tiny_models["tiny"]}, "tiny", tail=keys(api=[CLIENT], admin=[ADMIN])
     )
-    with serving_hotmodel(config) as hp:
-        yield hp
 
 
 def test_metrics_needs_the_admin_key_when_keys_are_set(secured: HotmodelProcess) -> None:

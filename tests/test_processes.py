@@ -1,13 +1,16 @@
-"""Process trees without a router: session orphans, reused pids, the pid file, and a
-router that dies with hotmodel (real processes, plain Python stand-ins)."""
+"""Process trees without a router: session orphans, reused pids, the pid file, a router
+that dies with hotmodel, children that ignore SIGTERM (real processes, plain Python
+stand-ins)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -37,17 +40,33 @@ def _gone(pid: int, timeout: float = 5.0) -> bool:
     return False
 
 
-def _start_router() -> tuple[subprocess.Popen[str], int]:
+@pytest.fixture
+def reap() -> Iterator[list[psutil.Process]]:
+    """Processes a test started: whatever is left of them is killed after it, pass or fail
+    (psutil checks the start time: a reused pid is never touched)."""
+    started: list[psutil.Process] = []
+    yield started
+    for process in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _start_router(reap: list[psutil.Process]) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", ROUTER], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
+    reap.append(psutil.Process(proc.pid))
     assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
+    child = int(proc.stdout.readline())
+    reap.append(psutil.Process(child))
+    return proc, child
 
 
 @pytest.mark.skipif(os.name == "nt", reason="sessions are POSIX; Windows ends every process")
-def test_children_of_a_dead_router_are_found_by_its_session_and_stopped() -> None:
-    proc, child = _start_router()
+def test_children_of_a_dead_router_are_found_by_its_session_and_stopped(
+    reap: list[psutil.Process],
+) -> None:
+    proc, child = _start_router(reap)
     router = Router.of(proc.pid)
     proc.kill()  # kill -9 of the router: its model child lives on, re-parented
     proc.wait(5)
@@ -63,8 +82,10 @@ def test_a_reused_pid_is_never_taken_for_the_router() -> None:
     assert all(p.pid != os.getpid() for p in tree(stale))
 
 
-def test_pid_file_stops_a_router_left_by_a_dead_hotmodel(tmp_path: Path) -> None:
-    proc, child = _start_router()
+def test_pid_file_stops_a_router_left_by_a_dead_hotmodel(
+    tmp_path: Path, reap: list[psutil.Process]
+) -> None:
+    proc, child = _start_router(reap)
     owner = subprocess.Popen([sys.executable, "-c", "pass"])
     owner.wait(5)  # the hotmodel that wrote the file is gone
     pid_file = PidFile(tmp_path / "router.pid")
@@ -83,8 +104,10 @@ def test_pid_file_stops_a_router_left_by_a_dead_hotmodel(tmp_path: Path) -> None
     assert not pid_file.path.exists()
 
 
-def test_pid_file_refuses_while_its_hotmodel_still_runs(tmp_path: Path) -> None:
-    proc, child = _start_router()
+def test_pid_file_refuses_while_its_hotmodel_still_runs(
+    tmp_path: Path, reap: list[psutil.Process]
+) -> None:
+    proc, child = _start_router(reap)
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         pid_file = PidFile(tmp_path / "router.pid")
@@ -112,7 +135,7 @@ def test_garbage_pid_file_is_ignored(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_the_router_dies_with_its_hotmodel() -> None:
+def test_the_router_dies_with_its_hotmodel(reap: list[psutil.Process]) -> None:
     """kill -9 of hotmodel: the router gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
     script = (
         "import sys, time\n"
@@ -124,8 +147,10 @@ def test_the_router_dies_with_its_hotmodel() -> None:
         "time.sleep(60)\n"
     )
     hotmodel = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    reap.append(psutil.Process(hotmodel.pid))
     assert hotmodel.stdout is not None
     router = int(hotmodel.stdout.readline())
+    reap.append(psutil.Process(router))
     hotmodel.send_signal(signal.SIGKILL)
     hotmodel.wait(5)
     assert _gone(router)
@@ -145,3 +170,28 @@ def test_a_reused_pid_that_leads_its_own_session_is_left_alone() -> None:
     finally:
         other.kill()
         other.wait(5)
+
+
+def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
+    """A parent that exits on SIGTERM and a child that ignores it: the child must still be
+    gone after the deadline (SIGKILL)."""
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert not _gone(child, 0.2)
+        terminate_tree(Router.of(parent.pid), timeout=1.0)
+        parent.wait(5)
+        assert _gone(child)
+    finally:
+        for pid in (child, parent.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        parent.wait(5)

@@ -31,8 +31,7 @@ from hotmodel.errors import (
 from hotmodel.presets import load_presets
 from hotmodel.router.models import ModelState
 from hotmodel.router.supervisor import router_argv
-from tests.test_scheduler import RULES, Clock, RecordingController
-from tests.test_switch_engine import FakeProcess, FakeRouter, _engine
+from tests.fakes import RULES, Clock, FakeProcess, FakeRouter, RecordingController, fake_engine
 
 _T = TypeVar("_T")
 
@@ -193,7 +192,7 @@ def test_a_switch_closes_the_gate_for_the_active_model_but_not_for_a_resident() 
 
 
 def _controller(router: FakeRouter, **kw: Any) -> Controller:
-    engine = _engine(router, **kw)
+    engine = fake_engine(router, **kw)
     residents = Residents(router, ("embed",))
     return Controller(engine, ("a", "b", "c", "embed"), residents)
 

@@ -18,6 +18,9 @@ import pytest
 
 from hotmodel.router.options import devices
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import chat as post_chat
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 HELLO = [{"role": "user", "content": "Hi"}]
 DEADLINE_S = 60.0  # a bound on polling, never asserted as a duration
@@ -70,11 +73,7 @@ def wait_for(check: Any, what: str) -> Any:
 
 
 def chat(hp: HotmodelProcess, model: str, **extra: Any) -> httpx.Response:
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"model": model, "messages": HELLO, "max_tokens": 2, **extra},
-        timeout=120,
-    )
+    return post_chat(hp, model, **{"messages": HELLO, "max_tokens": 2, **extra})
 
 
 @pytest.mark.parametrize(("policy", "models_max"), [("zero_overlap", 1), ("overlap", 2)])

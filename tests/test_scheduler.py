@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import pytest
@@ -22,13 +21,11 @@ from hotmodel.control.decide import (
     cost_s,
     decide,
 )
-from hotmodel.control.report import Outcome, SwitchReport
 from hotmodel.control.scheduler import Position, Scheduler
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import QueueFullError, ShuttingDownError, SwitchBusyError, SwitchFailedError
 from hotmodel.sessions.service import SessionRef
-
-RULES = Rules(max_wait=10.0, linger=0.5, min_resident=0.0)
+from tests.fakes import RULES, Clock, RecordingController
 
 
 def view(**changes: Any) -> View:
@@ -186,44 +183,6 @@ def test_the_expected_cost_is_the_load_plus_a_replay_a_snapshot_saves() -> None:
 @pytest.mark.parametrize(("name", "seen", "rules", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_decide(name: str, seen: View, rules: Rules, expected: Decision) -> None:
     assert decide(seen, rules) == expected
-
-
-class Clock:
-    """The scheduler's clock, moved by hand (from the gate's own: monotonic seconds)."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingController:
-    """Records the switches asked for; each ends as the test says."""
-
-    def __init__(self) -> None:
-        self.active: str | None = "a"
-        self.asked: list[str] = []
-        self.commands: list[Any] = []
-        self.fail: set[str] = set()
-        self.undrained: set[str] = set()  # switches to these fail at their drain
-        self.busy = False  # no command queued or running between switches
-        self.reports: list[SwitchReport] = []
-
-    async def submit(self, command: Any) -> SwitchReport:
-        self.asked.append(command.target)
-        self.commands.append(command)
-        report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
-        report.phases["load"] = 400.0
-        if command.target in self.undrained:
-            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "drain", "busy"
-        elif command.target in self.fail:
-            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "load", "no"
-        else:
-            report.outcome = Outcome.OK
-            self.active = command.target
-        self.reports.append(report)
-        return report
 
 
 def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import HotmodelProcess, two_models
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 MAX_WAIT_S = 10.0
 
@@ -48,9 +51,6 @@ def test_two_clients_looping_on_their_own_models_share_switches(
         assert all(code == 200 for run in runs for code, _ in run), runs
         assert len(made) <= 4, [r["reason"] for r in made]
         assert all(r["reason"] for r in made), made  # each says why
-        longest_switch_s = max(r["total_ms"] for r in made) / 1000
-        waits = [took for run in runs for _, took in run]
-        assert max(waits) <= MAX_WAIT_S + longest_switch_s + 5.0, (waits, longest_switch_s)
 
 
 def test_a_burst_alternating_between_two_models_costs_one_switch(

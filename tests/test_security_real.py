@@ -3,10 +3,8 @@ and the environment; sessions per key; unauthenticated paths."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,10 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
 from hotmodel.security import Access, KeySet, load_keys
-from tests.conftest import HotmodelProcess, bearer, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, Serve, bearer, keys, write_config
+from tests.conftest import chat as post_chat
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 CLIENT_A = "client-key-aaaaaaaaaaaa"
 CLIENT_B = "client-key-bbbbbbbbbbbb"  # from the key file
@@ -26,34 +27,19 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def secured(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
-) -> Iterator[HotmodelProcess]:
-    folder = tmp_path_factory.mktemp("secured")
-    (folder / "client.keys").write_text(f"# one per line\n{CLIENT_B}\n\n")
-    config = write_config(
-        folder,
+def secured(serve_module: Serve, tiny_models: dict[str, Path]) -> HotmodelProcess:
+    return serve_module(
         {"tiny": tiny_models["tiny"]},
         "tiny",
-        tail=f'[security]\napi_keys = ["{CLIENT_A}"]\napi_keys_file = "client.keys"\n'
-        f'admin_keys = ["{ADMIN}"]\n',
+        tail=keys(api=[CLIENT_A], api_file="client.keys", admin=[ADMIN]),
+        files={"client.keys": f"# one per line\n{CLIENT_B}\n\n"},
+        env={"HOTMODEL_API_KEYS": CLIENT_C},
     )
-    os.environ["HOTMODEL_API_KEYS"] = CLIENT_C
-    try:
-        hp = start_hotmodel(config)
-    finally:
-        del os.environ["HOTMODEL_API_KEYS"]
-    yield hp
-    assert hp.stop() == 0, hp.output()
 
 
 def chat(hp: HotmodelProcess, key: str | None, **extra: Any) -> httpx.Response:
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"messages": HELLO, "max_tokens": 2, **extra},
-        headers=bearer(key) if key else {},
-        timeout=60,
-    )
+    headers = bearer(key) if key else {}
+    return post_chat(hp, headers=headers, **{"messages": HELLO, "max_tokens": 2, **extra})
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key-wrong-key-wrong", CLIENT_A[:-1], ""])

@@ -23,6 +23,8 @@ from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
 from tests.conftest import HotmodelProcess, bearer, run_hotmodel, start_hotmodel, write_config
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 ADMIN = "admin-key-bounds-000000"
 KEY_A = "client-key-bounds-aaaaaa"  # the session count bound
 KEY_B = "client-key-bounds-bbbbbb"  # another key: its own bound

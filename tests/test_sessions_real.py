@@ -16,6 +16,8 @@ from openai.types.chat import ChatCompletionChunk
 
 from tests.conftest import HotmodelProcess, run_hotmodel, two_models
 
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
 BRIEF = "You are a helpful assistant. Answer in one short sentence."
 PROMPTS = (
     f'[system_prompts.brief]\nsystem = "{BRIEF}"\n'

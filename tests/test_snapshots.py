@@ -148,6 +148,22 @@ def test_only_hotmodels_own_sidecars_are_read(tmp_path: Path) -> None:
     assert victim.read_text() == "keep me"
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    ["not json", "[]", '{"file": "kv-00000000000000cd.bin"}', '{"file": "kv-0000', "\u00ff\u0000"],
+)
+def test_a_garbage_sidecar_is_deleted_with_its_snapshot_and_never_counted(
+    tmp_path: Path, garbage: str
+) -> None:
+    store = _store(tmp_path)
+    store.ensure_folder()
+    (store.dir / "kv-00000000000000cd.json").write_text(garbage)
+    (store.dir / "kv-00000000000000cd.bin").write_bytes(b"x" * 100)
+    assert store.stats() == {"count": 0, "bytes": 0}
+    assert not store.has("m", "", "s")
+    assert list(store.dir.iterdir()) == []
+
+
 def test_a_snapshot_whose_sidecar_was_lost_does_not_escape_the_budget(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.ensure_folder()

@@ -6,12 +6,12 @@ model process and a real load of another.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,20 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    HELLO,
+    HeldStream,
     HotmodelProcess,
+    chat,
     run_hotmodel,
     start_hotmodel,
+    streamed_switch,
+    switch,
     two_models,
+    wait_until,
     write_config,
 )
 
-HELLO = [{"role": "user", "content": "Say hello."}]
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +53,11 @@ def switch_server(
             "missing": folder / "no-such-model.gguf",
         },
         "smollm2",
-        server="switch_drain_timeout_seconds = 30",
+        server="switch_drain_timeout_seconds = 120",  # a bound: a loaded machine is slow
     )
     hp = start_hotmodel(config)
     yield hp
     assert hp.stop() == 0, hp.output()
-
-
-def switch(server: HotmodelProcess, model: str) -> tuple[int, dict[str, Any]]:
-    resp = httpx.post(server.base_url + "/admin/switch", json={"model": model}, timeout=120)
-    return resp.status_code, resp.json()
-
-
-def chat(server: HotmodelProcess, model: str = "active", **extra: Any) -> httpx.Response:
-    return httpx.post(
-        server.base_url + "/v1/chat/completions",
-        timeout=120,
-        json={"model": model, "messages": HELLO, "max_tokens": 4, **extra},
-    )
 
 
 def loaded_models(server: HotmodelProcess) -> list[str]:
@@ -199,12 +192,18 @@ def test_requests_during_a_switch_go_to_the_new_model(on_smollm2: HotmodelProces
 
 
 def test_concurrent_switches_are_serialized(on_smollm2: HotmodelProcess) -> None:
+    """Two switches to gemma3 while the first waits at its drain (a stream holds smollm2),
+    then one back: the second joins the first, the one back runs after it."""
     server = on_smollm2
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        to_gemma = [pool.submit(switch, server, "gemma3") for _ in range(2)]
-        time.sleep(0.05)
-        back = pool.submit(switch, server, "smollm2")
-        g1, g2, b = (f.result()[1] for f in (*to_gemma, back))
+    with HeldStream(server) as held, streamed_switch(server, "gemma3") as first:
+        wait_until("the first switch at its drain", lambda: _state(server) == "draining")
+        with (
+            streamed_switch(server, "gemma3") as second,
+            streamed_switch(server, "smollm2") as back,
+        ):
+            assert not held.finished  # so all three were asked while the first ran
+            held.release.set()  # the drain ends: the first switch goes on
+            g1, g2, b = first(), second(), back()
     assert g1["id"] == g2["id"]  # same target: answered by one switch
     assert (g1["from"], g1["to"]) == ("smollm2", "gemma3")
     assert (b["from"], b["to"]) == ("gemma3", "smollm2")  # ran after, from where g1 ended
@@ -336,31 +335,54 @@ def test_auto_switch_on_a_request_for_another_preset(
 def test_auto_switch_requests_for_both_models_are_each_answered_by_their_model(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
-    """A request for the other model, then 50 ms later one for the active model: each one
-    is answered by the model it named. (The first used to get a 409 "not active": its
-    switch finished, but the second's switch back closed the gate before it got in.)"""
+    """A request for one model, then, once the switch it causes has begun, one for the
+    other: each one is answered by the model it named. (The first used to get
+    a 409 "not active": its switch finished, but the second's switch back closed the gate
+    before it got in.)"""
     with two_models(tmp_path, real_models, extra="auto = true") as hp:
 
-        async def ask(client: httpx.AsyncClient, model: str, delay: float) -> tuple[int, str]:
-            await asyncio.sleep(delay)
-            body = {
-                "model": model,
-                "max_tokens": 2,
-                "messages": [{"role": "user", "content": "hi"}],
-            }
-            resp = await client.post(hp.base_url + "/v1/chat/completions", json=body)
+        def ask(model: str) -> tuple[int, str]:
+            resp = chat(hp, model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
             return resp.status_code, resp.json().get("model") or resp.text
 
-        async def rounds() -> list[tuple[int, str]]:
-            got: list[tuple[int, str]] = []
-            async with httpx.AsyncClient(timeout=120) as client:
-                for active, other in (("smollm2", "gemma3"), ("gemma3", "smollm2")):
-                    pair = await asyncio.gather(ask(client, other, 0), ask(client, active, 0.05))
-                    got += pair
-            return got
-
-        got = asyncio.run(rounds())
+        got: list[tuple[int, str]] = []
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for active, other in (("smollm2", "gemma3"), ("gemma3", "smollm2")):
+                switches = len(_history(hp))
+                first = pool.submit(ask, other)
+                wait_until(f"the switch to {other} to begin", partial(_begun, hp, other, switches))
+                second = pool.submit(ask, active)
+                got += [first.result(), second.result()]
         assert got == [(200, "gemma3"), (200, "smollm2"), (200, "smollm2"), (200, "gemma3")]
+
+
+def _begun(hp: HotmodelProcess, model: str, switches_before: int) -> bool:
+    """A switch to ``model`` runs, or one more has ended since, or none is needed: the
+    request for ``model`` is under way."""
+    switch = hp.status()["switch"]
+    assert isinstance(switch, dict)
+    if switch["active"] == model and switch["current"] is None:
+        return True
+    return _switching_to(hp) == model or len(_history(hp)) > switches_before
+
+
+def _history(hp: HotmodelProcess) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = httpx.get(hp.base_url + "/admin/switches").json()["data"]
+    return data
+
+
+def _state(hp: HotmodelProcess) -> str:
+    switch = hp.status()["switch"]
+    assert isinstance(switch, dict)
+    return str(switch["state"])
+
+
+def _switching_to(hp: HotmodelProcess) -> str | None:
+    """The model the running command brings in (None: none runs)."""
+    switch = hp.status()["switch"]
+    assert isinstance(switch, dict)
+    current = switch["current"]
+    return None if current is None else str(current["to"])
 
 
 def test_overlap_policy_loads_the_target_before_unloading(

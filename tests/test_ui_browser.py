@@ -19,11 +19,17 @@ from playwright.sync_api import Page, expect
 from tests.browser import browser_page, save_screenshot
 from tests.conftest import (
     HotmodelProcess,
+    Serve,
     assert_all_gone,
-    serving_hotmodel,
+    chat,
+    keys,
     start_hotmodel,
+    switch,
+    two_models,
     write_config,
 )
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
 
 ADMIN = "admin-key-browser-00000"
 WAIT_MS = 60_000  # the bound on each wait for the page (a loaded CI machine is slow)
@@ -150,15 +156,8 @@ def test_gpu_memory_is_drawn_per_switch(server: HotmodelProcess, page: Page) -> 
 
 
 @pytest.fixture(scope="module")
-def secured(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], llama_server: Path
-) -> Iterator[HotmodelProcess]:
-    folder = tmp_path_factory.mktemp("dashboard-browser-keys")
-    tail = f'[security]\nadmin_keys = ["{ADMIN}"]\n'
-    with serving_hotmodel(
-        write_config(folder, {"tiny": tiny_models["tiny"]}, "tiny", tail=tail)
-    ) as hp:
-        yield hp
+def secured(serve_module: Serve, tiny_models: dict[str, Path]) -> HotmodelProcess:
+    return serve_module({"tiny": tiny_models["tiny"]}, "tiny", tail=keys(admin=[ADMIN]))
 
 
 def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, page: Page) -> None:
@@ -186,25 +185,39 @@ def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, pag
 
 
 def test_phases_that_ran_beside_the_load_get_a_lane_of_their_own(
-    server: HotmodelProcess, page: Page
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path, page: Page
 ) -> None:
-    """A CPU-only switch saves and unloads the leaving model while the next one loads: the
-    bar draws each phase where it ran (``phase_starts``), those beside the load below it."""
-    _open(page, server, _other(server)[0])
-    rects = page.evaluate(
-        """() => {
-            const d = window.hotmodelDashboard;
-            d.state.history.set(9998, {id: 9998, from: "a", to: "b", outcome: "ok",
-                total_ms: 200, phases: {load: 180, save: 25, unload: 2, restore: 12},
-                phase_starts: {load: 0.3, save: 0.5, unload: 26, restore: 181},
-                gpu: {}, started_at: null, policy: "zero_overlap"});
-            d.renderHistory();
-            const row = document.querySelector('#history tbody tr[data-id="9998"]');
-            return [...row.querySelectorAll("svg.phase-bar rect")].map((r) => [
-                r.dataset.phase, r.dataset.lane, Number(r.getAttribute("x"))]);
-        }"""
-    )
+    """A CPU-only switch with KV snapshots saves and unloads the leaving model while the
+    next one loads: the bar draws each phase where it ran (``phase_starts``), those beside
+    the load below it. A real switch, its real report."""
+    with two_models(tmp_path, real_models, extra="kv_snapshots = true") as hp:
+        turn = chat(hp, session_id="lanes", max_tokens=2)  # a session in the slot: a save
+        assert turn.status_code == 200, turn.text
+        status, report = switch(hp, "gemma3")
+        assert status == 200, report
+        _open(page, hp, "gemma3")
+        rects = page.evaluate(
+            """(id) => [...document.querySelectorAll(
+                `#history tbody tr[data-id="${id}"] svg.phase-bar rect`)].map((r) => [
+                r.dataset.phase, r.dataset.lane, Number(r.getAttribute("x"))])""",
+            report["id"],
+        )
     lanes = {phase: lane for phase, lane, _ in rects}
-    assert lanes == {"load": "main", "save": "beside", "unload": "beside", "restore": "main"}
+    assert set(lanes) == set(report["phases"]), (rects, report["phases"])
+    assert lanes == _lanes(report["phases"], report["phase_starts"]), report
+    assert lanes["load"] == "main"
+    assert lanes["save"] == "beside" and lanes["unload"] == "beside", report
     x = {phase: at for phase, _, at in rects}
-    assert x["load"] < x["save"] < x["unload"] < x["restore"], rects
+    assert sorted(x, key=x.__getitem__) == sorted(x, key=report["phase_starts"].__getitem__)
+
+
+def _lanes(phases: dict[str, float], starts: dict[str, float]) -> dict[str, str]:
+    """charts.js's rule: a phase that starts before the main lane's last phase ended ran
+    beside it."""
+    lanes, main_end = {}, 0.0
+    for phase in sorted(phases, key=starts.__getitem__):
+        beside = starts[phase] < main_end - 0.5
+        if not beside:
+            main_end = starts[phase] + phases[phase]
+        lanes[phase] = "beside" if beside else "main"
+    return lanes

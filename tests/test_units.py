@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from hotmodel.config import load_config
@@ -27,7 +24,6 @@ from hotmodel.errors import (
 from hotmodel.router.client import RouterClient
 from hotmodel.router.lifecycle import ModelLifecycle
 from hotmodel.router.models import ModelState, error_message, parse_models
-from hotmodel.router.processes import Router, terminate_tree
 from hotmodel.router.supervisor import read_tail, router_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,27 +240,6 @@ def test_read_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(100)))
     assert read_tail(log, 3) == "line 97\nline 98\nline 99"
     assert read_tail(tmp_path / "missing.log") == ""
-
-
-def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
-    # A parent that exits on SIGTERM and a child that ignores it: the child
-    # must still be gone after the deadline (SIGKILL).
-    script = (
-        "import signal, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', "
-        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    child_pid = int(parent.stdout.readline())
-    terminate_tree(Router.of(parent.pid), timeout=1.0)
-    parent.wait(5)
-    assert (
-        not psutil.pid_exists(child_pid)
-        or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
-    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,260 @@
+"""Fakes for what cannot be real in a unit test: the router (its processes), GPU memory,
+KV snapshots, the router process, the control loop's caller; and the helpers that run the
+real control loop and engine on them. Shared by the engine, control-loop, KV, fit,
+scheduler and resident tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from hotmodel.config import Config, SwitchConfig
+from hotmodel.control.commands import Switch
+from hotmodel.control.controller import Controller
+from hotmodel.control.decide import Rules
+from hotmodel.control.engine import Engine
+from hotmodel.control.gpu import GpuDevice, GpuReading
+from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.errors import ModelLoadError
+from hotmodel.presets import Presets
+from hotmodel.sessions.service import SessionRef
+
+_T = TypeVar("_T")
+
+
+class FakeRouter:
+    """Records every call; loads succeed unless the model is in ``broken``. Idempotent
+    like the real client: loading a running model or unloading a stopped one is a no-op."""
+
+    def __init__(
+        self,
+        loaded: str | None,
+        models: tuple[str, ...] = ("a", "b", "c"),
+        broken: frozenset[str] = frozenset(),
+    ) -> None:
+        self.status = {m: "loaded" if m == loaded else "unloaded" for m in models}
+        self.broken = set(broken)
+        self.calls: list[str] = []
+        self.load_gate: asyncio.Event | None = None  # when set, loads wait for it
+        self.load_started = asyncio.Event()
+
+    async def load(self, model: str, timeout: float) -> bool:
+        if self.status[model] == "exiting":  # like the real one: its exit comes first
+            await self.exited()
+        self.calls.append(f"load {model}")
+        if self.status[model] == "loaded":
+            return False
+        self.status[model] = "loading"
+        self.load_started.set()
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        await asyncio.sleep(0)
+        if model in self.broken:
+            self.status[model] = "unloaded"
+            raise ModelLoadError(f"model {model!r} failed to load (exit code 1)", "llama log line")
+        self.status[model] = "loaded"
+        return True
+
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        self.calls.append(f"unload {model}" + (" (background)" if background else ""))
+        await asyncio.sleep(0)
+        was = self.status[model] != "unloaded"
+        self.status[model] = "exiting" if background and was else "unloaded"
+        return was
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset(m for m, status in self.status.items() if status == "exiting")
+
+    async def exited(self) -> None:
+        for model, status in self.status.items():
+            if status == "exiting":
+                self.calls.append(f"exited {model}")
+                self.status[model] = "unloaded"
+
+
+class FakeGpu:
+    """Answers scripted used-MiB readings, one per snapshot (the last one repeats)."""
+
+    name = "fake"
+
+    def __init__(self, readings: list[int]) -> None:
+        self.readings = readings
+        self.taken = 0
+
+    def read(self) -> GpuReading | None:
+        used = self.readings[min(self.taken, len(self.readings) - 1)]
+        self.taken += 1
+        return GpuReading((GpuDevice(0, "Fake GPU", used, 80_000),), "fake")
+
+
+class Phases:
+    """A listener that records events and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[SwitchEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: SwitchEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(e.phase, e.status.value) for e in self.events]
+
+    async def reached(self, phase: str, status: PhaseStatus = PhaseStatus.STARTED) -> None:
+        while not any(e.phase == phase and e.status is status for e in self.events):
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), 5)
+
+
+def fake_engine(
+    router: FakeRouter,
+    active: str | None = "a",
+    gate: TrafficGate | None = None,
+    drain: float = 0.2,
+    **cfg: Any,
+) -> Engine:
+    config = dataclasses.replace(SwitchConfig(settle_timeout_seconds=0.5), **cfg)
+    engine = Engine(
+        config=config,
+        drain_timeout=drain,
+        lifecycle=router,
+        gate=gate or TrafficGate(),
+        log_tail=lambda: "llama log line",
+    )
+    engine.active = active
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def control(engine: Engine) -> AsyncIterator[Controller]:
+    """A controller with its loop running for the block (stopped as the runtime does)."""
+    controller = Controller(engine, ("a", "b", "c"))
+    task = asyncio.create_task(controller.run())
+    try:
+        yield controller
+    finally:
+        controller.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def run(scenario: Callable[[Controller], Awaitable[_T]], engine: Engine) -> _T:
+    async def main() -> _T:
+        async with control(engine) as controller:
+            return await scenario(controller)
+
+    return asyncio.run(main())
+
+
+def switch(engine: Engine, target: str, listener: Phases | None = None) -> SwitchReport:
+    return run(lambda c: c.submit(Switch(target), listener), engine)
+
+
+class FakeKv:
+    """Scripted KV snapshots: what save/restore answer, and what was discarded. A save
+    waits for ``save_gate`` when one is set."""
+
+    def __init__(self, restored_tokens: int = 100, fail_save: bool = False) -> None:
+        self.restored_tokens = restored_tokens
+        self.fail_save = fail_save
+        self.calls: list[str] = []
+        self.discarded: list[str] = []
+        self.save_gate: asyncio.Event | None = None
+        self.info: dict[str, Any] = {}
+
+    async def save(
+        self, model: str, restoring: str | None = None, session: SessionRef | None = None
+    ) -> dict[str, Any] | None:
+        self.calls.append(f"save {model}")
+        if self.save_gate is not None:
+            await self.save_gate.wait()
+        if self.fail_save:
+            raise ModelLoadError("slot save answered 500")
+        self.calls.append(f"saved {model}")
+        return {"session": "s", "tokens": 100, "bytes": 1000, "ms": 1.0}
+
+    async def restore(self, model: str, session: SessionRef | None = None) -> dict[str, Any] | None:
+        self.calls.append(f"restore {model}" + ("" if session is None else f" for {session.id}"))
+        self.info = {"restored": True, "session": "s", "tokens": self.restored_tokens}
+        self.info["took"] = None
+        return self.info
+
+    def proved(self, model: str, cached: int, session_id: str | None) -> bool | None:
+        self.calls.append(f"proved {model}")
+        if session_id != "s":
+            return None
+        took = cached >= self.restored_tokens // 2
+        self.info["took"] = took
+        if not took:
+            self.discarded.append(f"{model}: its restore did not take")
+        return took
+
+    def ensure_folder(self) -> None:
+        self.calls.append("folder")
+
+    def configure(self, config: Config) -> None:
+        self.calls.append("configure")
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.running = True
+        self.stale = False
+        self.restarts = 0
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        self.running = True
+        self.stale = False
+
+    def use_presets(self, presets: Presets) -> None:
+        self.stale = True
+
+
+RULES = Rules(max_wait=10.0, linger=0.5, min_resident=0.0)
+
+
+class Clock:
+    """The scheduler's clock, moved by hand (from the gate's own: monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingController:
+    """Records the switches asked for; each ends as the test says."""
+
+    def __init__(self) -> None:
+        self.active: str | None = "a"
+        self.asked: list[str] = []
+        self.commands: list[Any] = []
+        self.fail: set[str] = set()
+        self.undrained: set[str] = set()  # switches to these fail at their drain
+        self.busy = False  # no command queued or running between switches
+        self.reports: list[SwitchReport] = []
+
+    async def submit(self, command: Any) -> SwitchReport:
+        self.asked.append(command.target)
+        self.commands.append(command)
+        report = SwitchReport(len(self.asked), self.active, command.target, "zero_overlap", "")
+        report.phases["load"] = 400.0
+        if command.target in self.undrained:
+            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "drain", "busy"
+        elif command.target in self.fail:
+            report.outcome, report.failed_phase, report.error = Outcome.FAILED, "load", "no"
+        else:
+            report.outcome = Outcome.OK
+            self.active = command.target
+        self.reports.append(report)
+        return report
