@@ -30,6 +30,7 @@ from hotmodel.api.inference import inference_routes
 from hotmodel.api.metrics import Metrics, metrics_routes
 from hotmodel.api.observe import Observe
 from hotmodel.api.openapi import openapi_routes
+from hotmodel.api.responses import responses_routes
 from hotmodel.api.sessions import session_routes
 from hotmodel.api.status import status_routes
 from hotmodel.api.ui import ui_routes
@@ -63,6 +64,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
         routes=[
             Route(CHAT_PATH, chat, methods=["POST"]),
             *inference_routes(services),  # completions, infill, embeddings, rerank, tokenizer
+            *responses_routes(services),  # OpenAI Responses, stored
             *status_routes(runtime),
             *admin_routes(runtime),
             *session_routes(services.sessions, services.snapshots),

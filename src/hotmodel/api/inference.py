@@ -31,6 +31,7 @@ from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, read_unless_gone, relay
 from hotmodel.api.validate import check_fields, parse_body, read_asgi_body
 from hotmodel.errors import HotModelError
+from hotmodel.router.chat_http import Upstream
 from hotmodel.router.models import error_of
 from hotmodel.runtime import Services
 
@@ -45,6 +46,7 @@ class Call:
     owner: str  # the API key's fingerprint ('' when keys are off)
     admin: bool  # it came with an admin key
     early: EarlyStream | None  # a stream: told its place while it waits in a queue
+    state: Any = None  # what a subclass keeps between its hooks (api/responses.py)
 
 
 def _headers(scope: Scope) -> tuple[str, str]:
@@ -93,6 +95,7 @@ class Inference:
         if early is not None:
             send = early.send
         call = Call(payload, stream, accept, owner_of(scope), came_with_admin_key(scope), early)
+        await self.prepare(call)  # before admission: a refusal here causes no switch
         original = dict(payload)
 
         def undo() -> None:  # what a first attempt changed, before it is sent again
@@ -110,6 +113,17 @@ class Inference:
             response = hotmodel_error_response(exc, record.request_id)  # the last event
         if response is not None:  # sent after the ticket and the slot are returned
             await response(scope, receive, send)
+
+    async def prepare(self, call: Call) -> None:
+        """What a subclass does to a checked request before it is admitted."""
+
+    async def answered(self, call: Call, data: bytes) -> bytes:
+        """A whole successful answer, as the client gets it (a subclass may store it)."""
+        return data
+
+    def streamed(self, call: Call, upstream: Upstream) -> Upstream:
+        """A successful stream, as it is relayed (a subclass may watch its events)."""
+        return upstream
 
     async def _answer(
         self, call: Call, record: RequestRecord, receive: Receive, send: Send
@@ -150,13 +164,15 @@ class Inference:
                     record.upstream_done(error)
                     return _upstream_error(upstream.status_code, error, record.request_id)
                 if call.stream:
-                    await relay(upstream, ticket, receive, send, {}, None, record)
+                    await relay(
+                        self.streamed(call, upstream), ticket, receive, send, {}, None, record
+                    )
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
                     return None  # the client left: llama-server is stopped
                 record.upstream_done(data)
-                return Answer(upstream.status_code, data, {})
+                return Answer(upstream.status_code, await self.answered(call, data), {})
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise ended_by(ticket)
