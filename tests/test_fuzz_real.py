@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotmodel.api.endpoints import ENDPOINTS
+from hotmodel.api.endpoints import ENDPOINTS, RESPONSES
 from tests.conftest import HotmodelProcess, start_hotmodel, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
@@ -65,6 +65,9 @@ def test_openapi_describes_every_route(server: HotmodelProcess) -> None:
         *(e.path for e in ENDPOINTS),  # every inference endpoint (api/endpoints.py)
         "/v1/messages",  # Anthropic Messages (api/messages.py)
         "/v1/messages/count_tokens",
+        *(e.path for e in RESPONSES),  # OpenAI Responses (api/responses.py)
+        "/v1/responses/{response_id}",
+        "/v1/responses/{response_id}/input_items",
     }
 
 

@@ -27,6 +27,7 @@ with ``raise ... from exc``.
     │   ├── ModelNotActiveError      the model is a preset but not the active one (409)
     │   ├── AutoSwitchForbiddenError a client key asked for a switch it may not cause (403)
     │   ├── SessionNotFoundError     no session has this id (404)
+    │   ├── ResponseNotFoundError    no stored response has this id (404)
     │   ├── SessionBusyError         another request on the session outlived the wait (409)
     │   ├── SessionLimitError        a new session past [session] max_sessions_per_key (409)
     │   └── SessionFullError         a turn past [session] max_stored_messages (409)
@@ -218,6 +219,10 @@ class SessionNotFoundError(RequestError):
     """No session has this id."""
 
 
+class ResponseNotFoundError(RequestError):
+    """No stored response has this id (for this API key)."""
+
+
 class SessionBusyError(RequestError):
     """Another request on the same session is still running past the wait bound."""
 
@@ -323,6 +328,7 @@ class HttpError:
 _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
     (SessionNotFoundError, HttpError(404, "invalid_request_error", "session_not_found")),
+    (ResponseNotFoundError, HttpError(404, "invalid_request_error", "response_not_found")),
     (AutoSwitchForbiddenError, HttpError(403, "invalid_request_error", "auto_switch_forbidden")),
     (ModelResidentError, HttpError(400, "invalid_request_error", "model_resident")),
     (ModelNotActiveError, HttpError(409, "invalid_request_error", "model_not_active")),

@@ -31,6 +31,7 @@ from hotmodel.api.messages import AnthropicErrors, messages_routes
 from hotmodel.api.metrics import Metrics, metrics_routes
 from hotmodel.api.observe import Observe
 from hotmodel.api.openapi import openapi_routes
+from hotmodel.api.responses import responses_routes
 from hotmodel.api.sessions import session_routes
 from hotmodel.api.status import status_routes
 from hotmodel.api.ui import ui_routes
@@ -65,6 +66,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
             Route(CHAT_PATH, chat, methods=["POST"]),
             *inference_routes(services),  # completions, infill, embeddings, rerank, tokenizer
             *messages_routes(services),  # Anthropic Messages
+            *responses_routes(services),  # OpenAI Responses, stored
             *status_routes(runtime),
             *admin_routes(runtime),
             *session_routes(services.sessions, services.snapshots),

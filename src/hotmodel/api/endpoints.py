@@ -235,6 +235,32 @@ def check_rerank(payload: dict[str, Any], config: Config) -> None:
     _check_size([payload["query"], documents], "documents", config)
 
 
+def check_responses(payload: dict[str, Any], config: Config) -> None:
+    """OpenAI Responses: ``input`` a string or an array of items (objects); hotmodel's own
+    fields (``previous_response_id``, ``store``) typed (api/responses.py reads them)."""
+    if "input" not in payload or payload["input"] is None:
+        raise _bad("'input' is required", "input")
+    value = payload["input"]
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise _bad("each 'input' item must be an object", f"input[{i}]")
+    elif not isinstance(value, str):
+        raise _bad("'input' must be a string or an array of items", "input")
+    _check_types(
+        payload,
+        {
+            "previous_response_id": (str,),
+            "store": (bool,),
+            "instructions": (str,),
+            "max_output_tokens": (int,),
+        },
+    )
+    if payload.get("previous_response_id") == "":
+        raise _bad("'previous_response_id' must be a response id", "previous_response_id")
+    _check_size([value, payload.get("instructions")], "input", config)
+
+
 # --- the table ---
 
 
@@ -263,6 +289,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _embedding("/v1/reranking", Family.RERANK, check_rerank, "rerank (/v1/rerank's alias)"),
     _embedding("/reranking", Family.RERANK, check_rerank, "rerank (/v1/rerank's alias)"),
 )
+# OpenAI Responses, served by api/responses.py's subclass of the door (the stored
+# conversation state); not (yet) among the endpoints /v1/models lists per preset.
+RESPONSES: tuple[Endpoint, ...] = (
+    _completion("/v1/responses", "OpenAI Responses (stored: api/responses.py)", check_responses),
+    Endpoint(
+        "/v1/responses/input_tokens",
+        Family.TEMPLATE,
+        check_responses,
+        "the input tokens a Responses request would take",
+    ),
+)
+RESPONSES_PATHS = frozenset(e.path for e in RESPONSES)
 # The routes outside /v1 that need a client key, as /v1 does (api/auth.py).
 NATIVE_PATHS = frozenset(e.path for e in ENDPOINTS if not e.path.startswith("/v1/"))
 

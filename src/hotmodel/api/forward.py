@@ -85,7 +85,7 @@ async def open_upstream(
 
 
 # What a client may bound its answer with; with none, [server] default_max_tokens applies.
-_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
+_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 
 
 def bound_length(config: Config, payload: dict[str, Any], model: str) -> None:

@@ -31,6 +31,7 @@ from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, read_unless_gone, relay
 from hotmodel.api.validate import check_fields, parse_body, read_asgi_body
 from hotmodel.errors import HotModelError
+from hotmodel.router.chat_http import Upstream
 from hotmodel.router.models import error_of
 from hotmodel.runtime import Services
 
@@ -45,6 +46,7 @@ class Call:
     owner: str  # the API key's fingerprint ('' when keys are off)
     admin: bool  # it came with an admin key
     early: EarlyStream | None  # a stream: told its place while it waits in a queue
+    state: Any = None  # what a subclass keeps between its hooks (api/responses.py)
 
 
 def _headers(scope: Scope) -> tuple[str, str]:
@@ -59,16 +61,31 @@ def _headers(scope: Scope) -> tuple[str, str]:
     return length, accept or "*/*"
 
 
-def _upstream_error(status: int, body: bytes, request_id: str) -> Response:
+def _upstream_error(status: int, body: bytes, request_id: str, path: str = "") -> Response:
     """llama-server's error answer in OpenAI's shape; its 501 ("This server does not
     support embeddings/reranking/infill...": the model cannot serve the endpoint) is the
-    client's 400 ``unsupported_endpoint``, naming ``model``."""
+    client's 400 ``unsupported_endpoint``, naming ``model``. Its 500 on ``/detokenize``
+    is the client's 400 too: the token ids are all that request carries, and an id out
+    of the model's vocabulary is what fails there (found by the fuzzer)."""
     if status == 501:
         message, _ = error_of(body)
         return error_response(
             400, message, "invalid_request_error", "unsupported_endpoint", "model"
         )
+    if status == 500 and path == DETOKENIZE_PATH:
+        message, _ = error_of(body)
+        return error_response(
+            400,
+            f"llama-server could not detokenize these ids (one outside the model's "
+            f"vocabulary?): {message}",
+            "invalid_request_error",
+            "invalid_tokens",
+            "tokens",
+        )
     return upstream_error_response(status, body, request_id)
+
+
+DETOKENIZE_PATH = "/detokenize"
 
 
 class Inference:
@@ -94,6 +111,7 @@ class Inference:
         if early is not None:
             send = early.send
         call = Call(payload, stream, accept, owner_of(scope), came_with_admin_key(scope), early)
+        await self.prepare(call)  # before admission: a refusal here causes no switch
         original = dict(payload)
 
         def undo() -> None:  # what a first attempt changed, before it is sent again
@@ -111,6 +129,17 @@ class Inference:
             response = hotmodel_error_response(exc, record.request_id)  # the last event
         if response is not None:  # sent after the ticket and the slot are returned
             await response(scope, receive, send)
+
+    async def prepare(self, call: Call) -> None:
+        """What a subclass does to a checked request before it is admitted."""
+
+    async def answered(self, call: Call, data: bytes) -> bytes:
+        """A whole successful answer, as the client gets it (a subclass may store it)."""
+        return data
+
+    def streamed(self, call: Call, upstream: Upstream) -> Upstream:
+        """A successful stream, as it is relayed (a subclass may watch its events)."""
+        return upstream
 
     async def _answer(
         self, call: Call, record: RequestRecord, receive: Receive, send: Send
@@ -149,15 +178,19 @@ class Inference:
                 if upstream.status_code >= 400:
                     error = await upstream.read()
                     record.upstream_done(error)
-                    return _upstream_error(upstream.status_code, error, record.request_id)
+                    return _upstream_error(
+                        upstream.status_code, error, record.request_id, self.e.path
+                    )
                 if call.stream:
-                    await relay(upstream, ticket, receive, send, {}, None, record)
+                    await relay(
+                        self.streamed(call, upstream), ticket, receive, send, {}, None, record
+                    )
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
                     return None  # the client left: llama-server is stopped
                 record.upstream_done(data)
-                return Answer(upstream.status_code, data, {})
+                return Answer(upstream.status_code, await self.answered(call, data), {})
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise ended_by(ticket)

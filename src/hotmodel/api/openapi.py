@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hotmodel import __version__
-from hotmodel.api.endpoints import ENDPOINTS, Family
+from hotmodel.api.endpoints import ENDPOINTS, RESPONSES, RESPONSES_PATHS, Family
 from hotmodel.api.validate import ROLES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -209,11 +209,62 @@ _INFILL = {
 }
 
 
+_RESPONSES = {
+    "required": ["input"],
+    "properties": {
+        "model": _MODEL,
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "previous_response_id": {
+            "type": "string",
+            "description": "a stored response of the same key: its conversation comes first",
+        },
+        "store": {"type": "boolean", "default": True},
+        "instructions": {"type": "string"},
+        "max_output_tokens": {"type": "integer"},
+        "stream": {"type": "boolean"},
+        "temperature": {"type": "number"},
+    },
+}
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+
+
+def _responses_paths() -> dict[str, Any]:
+    """The stored responses (api/responses.py)."""
+    return {
+        "/v1/responses/{response_id}": {
+            "parameters": [_RESPONSE_ID],
+            "get": {
+                "summary": "a stored response",
+                "responses": _answers(_OBJECT, 401, 404),
+            },
+            "delete": {
+                "summary": "delete a stored response (those that continued it stay continuable)",
+                "responses": _answers(_OBJECT, 401, 404),
+            },
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": [_RESPONSE_ID],
+            "get": {
+                "summary": "the input items a stored response was given, the earlier turns' "
+                "included (order, limit, after)",
+                "responses": _answers(_OBJECT, 400, 401, 404),
+            },
+        },
+    }
+
+
 def _inference_paths() -> dict[str, Any]:
     """Every endpoint of api/endpoints.py's table."""
     paths: dict[str, Any] = {}
-    for e in ENDPOINTS:
+    for e in (*ENDPOINTS, *RESPONSES):
         body = _INFILL if e.path == "/infill" else INFERENCE_SCHEMAS[e.family]
+        if e.path in RESPONSES_PATHS:
+            body = _RESPONSES
         if e.path == "/detokenize":
             body = {"required": ["tokens"], "properties": {"model": _MODEL, "tokens": _TOKENS}}
         elif e.family is Family.TOKENIZER:
@@ -304,6 +355,7 @@ def _paths() -> dict[str, Any]:
         },
         **_inference_paths(),
         **_anthropic_paths(),
+        **_responses_paths(),
         "/v1/models": {"get": {"summary": "the presets", "responses": _answers(_OBJECT, 401)}},
         "/v1/models/{model_id}": {
             "parameters": [_MODEL_ID],

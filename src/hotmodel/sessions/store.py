@@ -91,6 +91,22 @@ MIGRATIONS: tuple[str, ...] = (
     # GET /v1/sessions pages through one owner's sessions, most recently used first
     # (ties by id): each page is a range of this index, at any depth.
     "CREATE INDEX sessions_by_owner_use ON sessions(owner, updated_at DESC, id);",
+    # OpenAI Responses with `store` (sessions/responses.py): one row per response, chained
+    # by `previous_id`; `input` holds only that turn's new input items, `response` the
+    # response object as answered.
+    """
+    CREATE TABLE responses (
+        owner        TEXT NOT NULL DEFAULT '',
+        id           TEXT NOT NULL,
+        previous_id  TEXT,
+        model        TEXT NOT NULL DEFAULT '',
+        input        TEXT NOT NULL,
+        response     TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        PRIMARY KEY (owner, id)
+    );
+    CREATE INDEX responses_by_previous ON responses(owner, previous_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -218,6 +234,11 @@ class SessionStore:
                 "the session store could not be read or written",
                 detail=f"the SQLite file {self.path} failed: {exc}",
             ) from exc
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(connection)`` on the store's thread (errors as :meth:`_call`'s): what a
+        module beside this one keeps in the same file (sessions/responses.py)."""
+        return await self._call(lambda: fn(self._db()))
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

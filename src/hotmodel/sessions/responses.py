@@ -1,0 +1,178 @@
+"""Stored OpenAI Responses: the conversation state llama-server does not keep.
+
+llama-server's ``/v1/responses`` is stateless (it refuses ``previous_response_id``);
+hotmodel keeps each response answered with ``store`` (the default) in the session
+store's SQLite file (table ``responses``, schema version 5): its owner (the API key's
+fingerprint), its id (llama-server's own ``resp_...``: no id is rewritten), the
+response it continued, the new input items of its turn and the response object. A
+request with ``previous_response_id`` gets the whole chain as its input: every earlier
+turn's input items and output items, oldest first, then its own (:func:`conversation`,
+pure). The chain is read from disk, so it survives switches and restarts.
+
+Deleting a response keeps the responses that continued it continuable: its own items
+are folded into theirs (they take its input and output as the start of their own input
+and point to its predecessor), in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hotmodel.sessions.store import SessionStore
+
+Item = dict[str, Any]
+# The output items a later turn takes as its input (llama-server reads these back)
+CONTEXT_TYPES = frozenset({"message", "function_call", "function_call_output"})
+# A chain longer than this is refused rather than walked (a loop in a damaged file)
+MAX_CHAIN = 100_000
+
+
+def input_items(value: object) -> list[Item]:
+    """A request's ``input`` as Responses input items (a string is one user message)."""
+    if isinstance(value, str):
+        return [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}
+        ]
+    if isinstance(value, list):
+        return [dict(item) for item in value if isinstance(item, dict)]
+    return []
+
+
+def output_items(response: dict[str, Any]) -> list[Item]:
+    """The items of a response's ``output`` that a later turn takes as input."""
+    output = response.get("output")
+    if not isinstance(output, list):
+        return []
+    return [i for i in output if isinstance(i, dict) and i.get("type") in CONTEXT_TYPES]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    id: str
+    previous_id: str | None
+    model: str
+    input: list[Item]  # this turn's new input items
+    response: dict[str, Any]  # the response object, as answered
+    created_at: float
+
+
+def conversation(chain: Sequence[StoredResponse]) -> list[Item]:
+    """Every item of ``chain`` (oldest first) in order: each turn's input, then its output."""
+    items: list[Item] = []
+    for turn in chain:
+        items += turn.input
+        items += output_items(turn.response)
+    return items
+
+
+def _row(row: tuple[Any, ...]) -> StoredResponse:
+    rid, previous, model, raw_input, raw_response, created = row
+    return StoredResponse(
+        rid, previous, model, json.loads(raw_input), json.loads(raw_response), created
+    )
+
+
+_COLUMNS = "id, previous_id, model, input, response, created_at"
+
+
+class ResponseStore:
+    """The responses table of a :class:`SessionStore` (its thread, its file)."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        def run(db: sqlite3.Connection) -> StoredResponse | None:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?",
+                (owner, response_id),
+            ).fetchone()
+            return None if row is None else _row(row)
+
+        return await self.store.run(run)
+
+    async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None:
+        """``response_id`` and every response before it, oldest first (None: no such id)."""
+
+        def run(db: sqlite3.Connection) -> list[StoredResponse] | None:
+            found: list[StoredResponse] = []
+            at: str | None = response_id
+            while at is not None and len(found) < MAX_CHAIN:
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?", (owner, at)
+                ).fetchone()
+                if row is None:
+                    break  # a predecessor deleted outside hotmodel: the chain starts here
+                found.append(_row(row))
+                at = found[-1].previous_id
+            return list(reversed(found)) or None
+
+        return await self.store.run(run)
+
+    async def save(
+        self,
+        owner: str,
+        response: dict[str, Any],
+        previous_id: str | None,
+        model: str,
+        new_input: list[Item],
+    ) -> None:
+        rid = str(response.get("id") or "")
+
+        def run(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    f"INSERT OR REPLACE INTO responses (owner, {_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        owner,
+                        rid,
+                        previous_id,
+                        model,
+                        json.dumps(new_input, ensure_ascii=False),
+                        json.dumps(response, ensure_ascii=False),
+                        time.time(),
+                    ),
+                )
+
+        await self.store.run(run)
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        """Delete one response; those that continued it take its items (see the module)."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?",
+                    (owner, response_id),
+                ).fetchone()
+                if row is None:
+                    return False
+                gone = _row(row)
+                carried = conversation([gone])
+                children = db.execute(
+                    "SELECT id, input FROM responses WHERE owner = ? AND previous_id = ?",
+                    (owner, response_id),
+                ).fetchall()
+                for child_id, raw in children:
+                    db.execute(
+                        "UPDATE responses SET previous_id = ?, input = ? "
+                        "WHERE owner = ? AND id = ?",
+                        (
+                            gone.previous_id,
+                            json.dumps(carried + json.loads(raw), ensure_ascii=False),
+                            owner,
+                            child_id,
+                        ),
+                    )
+                db.execute("DELETE FROM responses WHERE owner = ? AND id = ?", (owner, response_id))
+                return True
+
+        return await self.store.run(run)

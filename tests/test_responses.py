@@ -1,0 +1,388 @@
+"""OpenAI Responses with conversation state (api/responses.py, sessions/responses.py), fast.
+
+The door is driven as a plain ASGI app against a scripted llama-server on a real socket
+behind the real ``RouterClient`` (as tests/test_endpoints.py does), with a real store
+file: what was sent upstream, what the client got, what was stored, and that the
+ticket was returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from starlette.applications import Starlette
+
+from hotmodel.api import endpoints as ep
+from hotmodel.api.app import HANDLERS
+from hotmodel.api.responses import Responses, responses_routes
+from hotmodel.config import Config, load_config
+from hotmodel.control.controller import Controller
+from hotmodel.control.engine import Engine
+from hotmodel.control.feed import Feed
+from hotmodel.control.gpu import NoGpu
+from hotmodel.control.idle import IdleUnloader
+from hotmodel.control.scheduler import Rules, Scheduler
+from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.watchdog import Watchdog
+from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
+from hotmodel.router.chat_http import ChatHttp
+from hotmodel.router.client import RouterClient
+from hotmodel.router.events import ModelEvents
+from hotmodel.router.supervisor import RouterState, RouterSupervisor
+from hotmodel.runtime import Services
+from hotmodel.sessions.responses import ResponseStore, conversation, input_items
+from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
+from tests.upstreams import serving
+
+
+def _config(folder: Path) -> Config:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.ini").write_text("version = 1\n\n[m]\nmodel = m.gguf\n", encoding="utf-8")
+    (folder / "hotmodel.toml").write_text(
+        '[server]\nport = 18999\nstate_dir = "state"\n\n'
+        '[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = 2048\n',
+        encoding="utf-8",
+    )
+    return load_config(folder / "hotmodel.toml")
+
+
+# --- the checks (pure) ---
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"input": "hi"}, None),
+        ({"input": [{"role": "user", "content": "hi"}], "store": False}, None),
+        ({}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": ["hi"]}, "input[0]"),
+        ({"input": "hi", "previous_response_id": 5}, "previous_response_id"),
+        ({"input": "hi", "previous_response_id": ""}, "previous_response_id"),
+        ({"input": "hi", "store": "yes"}, "store"),
+        ({"input": "hi", "instructions": []}, "instructions"),
+        ({"input": "hi", "max_output_tokens": "9"}, "max_output_tokens"),
+    ],
+)
+def test_each_check_names_the_field(
+    payload: dict[str, Any], param: str | None, tmp_path: Path
+) -> None:
+    config = _config(tmp_path)
+    if param is None:
+        ep.check_responses(payload, config)
+        return
+    with pytest.raises(InvalidRequestError) as caught:
+        ep.check_responses(payload, config)
+    assert caught.value.param == param
+
+
+def test_a_chain_is_each_turns_input_then_its_output() -> None:
+    first = input_items("My name is Zorg.")
+    assert first == [
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "My name is Zorg."}],
+        }
+    ]
+    assert input_items([{"role": "user", "content": "x"}]) == [{"role": "user", "content": "x"}]
+
+
+# --- the door, against a scripted llama-server ---
+
+
+def _answer(rid: str, text: str) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "response",
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_" + rid,
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            },
+            {"type": "reasoning", "id": "rs_" + rid, "summary": []},  # not taken back
+        ],
+    }
+
+
+def _events(rid: str, text: str) -> bytes:
+    events = [
+        ("response.created", {"type": "response.created", "response": {"id": rid}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": text}),
+        ("response.completed", {"type": "response.completed", "response": _answer(rid, text)}),
+    ]
+    return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
+
+
+class Script:
+    """What the scripted llama-server got; it answers each request with the next id."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        self.n = 0
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.got.append((request.path, body))
+        self.n += 1
+        rid = f"resp_{self.n}"
+        if request.path.endswith("/input_tokens"):
+            return web.json_response({"object": "response.input_tokens", "input_tokens": 7})
+        if not body.get("stream"):
+            return web.json_response(_answer(rid, f"answer {self.n}"))
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        data = _events(rid, f"answer {self.n}")
+        for at in range(0, len(data), 40):  # events cut across chunks
+            await resp.write(data[at : at + 40])
+            await asyncio.sleep(0.005)
+        await resp.write_eof()
+        return resp
+
+
+class NoRouter:
+    async def load(self, model: str, timeout: float) -> bool:
+        return False
+
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        return False
+
+    async def exited(self) -> None:
+        return None
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset()
+
+
+@contextlib.asynccontextmanager
+async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
+    config = _config(folder)
+    stack = contextlib.AsyncExitStack()
+    url = await stack.enter_async_context(serving(script.handler))
+    chat_http = await stack.enter_async_context(ChatHttp(30))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    router = RouterClient(http, url, chat_http=chat_http)
+    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
+    supervisor.state = RouterState.RUNNING
+    gate = TrafficGate()
+    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
+    engine.active = "m"
+    controller = Controller(engine, list(config.presets.models))
+    async with SessionStore(folder / "s.sqlite3") as store:
+        yield Services(
+            config=config,
+            router=router,
+            supervisor=supervisor,
+            events=ModelEvents(router),
+            controller=controller,
+            gate=gate,
+            sessions=SessionService(config, store, router),
+            store=store,
+            gpu=NoGpu(),
+            watchdog=Watchdog(config, supervisor, router, controller),
+            idle=IdleUnloader(lambda: config.router, gate, controller),
+            snapshots=None,
+            feed=Feed(),
+            scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
+        )
+    await http.aclose()
+    await stack.aclose()
+
+
+class Client:
+    def __init__(self, body: dict[str, Any], owner: str = "", path: str = "/v1/responses"):
+        self.body = json.dumps(body).encode()
+        self.owner = owner
+        self.path = path
+        self.sent: list[MutableMapping[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        if self.body:
+            body, self.body = self.body, b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+
+    async def call(self, s: Services, store: ResponseStore) -> Client:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": self.path,
+            "headers": [(b"content-type", b"application/json")],
+            "state": {"owner": self.owner},
+        }
+        await Responses(s, self.path, store)(scope, self.receive, self.send)
+        return self
+
+    @property
+    def status(self) -> int:
+        return int(self.sent[0]["status"])
+
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.sent).decode()
+
+    def json(self) -> Any:
+        return json.loads(self.text())
+
+
+def _run(tmp_path: Path, scenario: Callable[[Services, Script, ResponseStore], Any]) -> None:
+    async def main() -> None:
+        script = Script()
+        async with services(tmp_path, script) as s:
+            await scenario(s, script, ResponseStore(s.store))
+            assert s.gate.inflight() == [], "a ticket was left behind"
+
+    asyncio.run(main())
+
+
+def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        first = (await Client({"input": "My name is Zorg."}).call(s, store)).json()
+        assert first["id"] == "resp_1" and first["previous_response_id"] is None
+        body = {"input": "What is my name?", "previous_response_id": "resp_1"}
+        second = (await Client(body).call(s, store)).json()
+        assert second["id"] == "resp_2" and second["previous_response_id"] == "resp_1"
+        path, sent = script.got[-1]
+        assert path == "/v1/responses" and "previous_response_id" not in sent
+        assert sent["model"] == "m" and "max_output_tokens" not in sent
+        texts = [
+            part["text"] for item in sent["input"] for part in item["content"]
+        ]  # turn 1's question, its answer (not its reasoning item), the new question
+        assert texts == ["My name is Zorg.", "answer 1", "What is my name?"]
+        assert [i["type"] for i in sent["input"]] == ["message"] * 3
+        stored = await store.get("", "resp_2")
+        assert stored is not None and stored.response == second and stored.model == "m"
+        chain = await store.chain("", "resp_2")
+        assert chain is not None and [r.id for r in chain] == ["resp_1", "resp_2"]
+        # /input_tokens counts the chain too, and stores nothing
+        count = await Client(body, path="/v1/responses/input_tokens").call(s, store)
+        assert count.json()["input_tokens"] == 7 and len(script.got[-1][1]["input"]) == 3
+        assert await store.get("", "resp_3") is None
+
+    _run(tmp_path, scenario)
+
+
+def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        await Client({"input": "secret"}, owner="alice").call(s, store)
+        sent = len(script.got)
+        for owner, rid in (("bob", "resp_1"), ("alice", "resp_nope"), ("", "resp_1")):
+            body = {"input": "x", "previous_response_id": rid}
+            with pytest.raises(ResponseNotFoundError) as caught:
+                await Client(body, owner=owner).call(s, store)
+            assert caught.value.param == "previous_response_id"
+        assert len(script.got) == sent
+        assert await store.get("bob", "resp_1") is None
+        assert await store.get("alice", "resp_1") is not None
+
+    _run(tmp_path, scenario)
+
+
+def test_store_false_keeps_nothing(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        answer = (await Client({"input": "hi", "store": False}).call(s, store)).json()
+        assert answer["id"] == "resp_1" and await store.get("", "resp_1") is None
+        with pytest.raises(ResponseNotFoundError):
+            await Client({"input": "x", "previous_response_id": "resp_1"}).call(s, store)
+
+    _run(tmp_path, scenario)
+
+
+def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        client = await Client({"input": "My name is Zorg.", "stream": True}).call(s, store)
+        assert client.status == 200 and client.text() == _events("resp_1", "answer 1").decode()
+        assert len([m for m in client.sent if m.get("body")]) >= 2  # chunk by chunk
+        stored = await store.get("", "resp_1")
+        assert stored is not None and stored.response["previous_response_id"] is None
+        body = {"input": "and?", "previous_response_id": "resp_1", "stream": True}
+        await Client(body).call(s, store)
+        assert len(script.got[-1][1]["input"]) == 3
+        assert (await store.get("", "resp_2")) is not None
+
+    _run(tmp_path, scenario)
+
+
+def test_deleting_a_response_keeps_those_that_continued_it_whole(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        await Client({"input": "one"}).call(s, store)
+        await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
+        await Client({"input": "three", "previous_response_id": "resp_2"}).call(s, store)
+        before = await store.chain("", "resp_3")
+        assert before is not None
+        assert await store.delete("", "resp_2") and not await store.delete("", "resp_2")
+        after = await store.chain("", "resp_3")
+        assert after is not None and [r.id for r in after] == ["resp_1", "resp_3"]
+        assert conversation(after) == conversation(before)
+        assert await store.get("", "resp_2") is None
+
+    _run(tmp_path, scenario)
+
+
+def test_get_delete_and_input_items(tmp_path: Path) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        await Client({"input": "one"}).call(s, store)
+        await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
+        app = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            got = await http.get("/v1/responses/resp_2")
+            assert got.status_code == 200 and got.json()["previous_response_id"] == "resp_1"
+            items = (await http.get("/v1/responses/resp_2/input_items")).json()
+            assert items["object"] == "list" and items["has_more"] is False
+            texts = [i["content"][0]["text"] for i in items["data"]]
+            assert texts == ["two", "answer 1", "one"]  # newest first, as OpenAI lists
+            assert all(i["id"] for i in items["data"])
+            asc = await http.get("/v1/responses/resp_2/input_items?order=asc&limit=1")
+            assert asc.json()["has_more"] is True
+            assert asc.json()["data"][0]["content"][0]["text"] == "one"
+            after = asc.json()["last_id"]
+            rest = await http.get(f"/v1/responses/resp_2/input_items?order=asc&after={after}")
+            assert [i["content"][0]["text"] for i in rest.json()["data"]] == ["answer 1", "two"]
+            gone = await http.delete("/v1/responses/resp_1")
+            assert gone.json() == {"id": "resp_1", "object": "response", "deleted": True}
+            for url in ("/v1/responses/resp_1", "/v1/responses/resp_1/input_items"):
+                assert (await http.get(url)).status_code == 404
+            assert (await http.delete("/v1/responses/resp_1")).status_code == 404
+            items = (await http.get("/v1/responses/resp_2/input_items?order=asc")).json()
+            assert [i["content"][0]["text"] for i in items["data"]] == ["one", "answer 1", "two"]
+
+    _run(tmp_path, scenario)
+
+
+def test_a_version_4_store_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for n, step in enumerate(MIGRATIONS[:4]):
+        conn.executescript(f"BEGIN;\n{step}\nPRAGMA user_version = {n + 1};\nCOMMIT;")
+    conn.close()
+
+    async def main() -> None:
+        async with SessionStore(path) as s:
+            store = ResponseStore(s)
+            await store.save("", {"id": "resp_x", "output": []}, None, "m", [])
+            assert (await store.get("", "resp_x")) is not None
+
+    asyncio.run(main())
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    conn.close()
