@@ -10,19 +10,34 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
+
+import httpx
+from aiohttp import web
 
 from hotmodel.config import Config, SwitchConfig
 from hotmodel.control.commands import Switch
 from hotmodel.control.controller import Controller
 from hotmodel.control.decide import Rules
 from hotmodel.control.engine import Engine
-from hotmodel.control.gpu import GpuDevice, GpuReading
+from hotmodel.control.feed import Feed
+from hotmodel.control.gpu import GpuDevice, GpuReading, NoGpu
+from hotmodel.control.idle import IdleUnloader
 from hotmodel.control.report import Outcome, PhaseStatus, SwitchEvent, SwitchReport
+from hotmodel.control.scheduler import Scheduler
 from hotmodel.control.traffic import TrafficGate
+from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import ModelLoadError
 from hotmodel.presets import Presets
-from hotmodel.sessions.service import SessionRef
+from hotmodel.router.chat_http import ChatHttp
+from hotmodel.router.client import RouterClient
+from hotmodel.router.events import ModelEvents
+from hotmodel.router.supervisor import RouterState, RouterSupervisor
+from hotmodel.runtime import Services
+from hotmodel.sessions.service import SessionRef, SessionService
+from hotmodel.sessions.store import SessionStore
+from tests.upstreams import serving
 
 _T = TypeVar("_T")
 
@@ -258,3 +273,60 @@ class RecordingController:
             self.active = command.target
         self.reports.append(report)
         return report
+
+
+class NoRouter:
+    """A model lifecycle with nothing to load: the in-process door tests' engine."""
+
+    async def load(self, model: str, timeout: float) -> bool:
+        return False
+
+    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
+        return False
+
+    async def exited(self) -> None:
+        return None
+
+    @property
+    def exiting(self) -> frozenset[str]:
+        return frozenset()
+
+
+@contextlib.asynccontextmanager
+async def fake_services(
+    config: Config, folder: Path, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[Services]:
+    """A started runtime's services, in process, with ``handler`` as llama-server (the
+    model ``m`` active) and a real session store in ``folder``: for the door's tests."""
+    stack = contextlib.AsyncExitStack()
+    url = await stack.enter_async_context(serving(handler))
+    chat_http = await stack.enter_async_context(ChatHttp(30))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    router = RouterClient(http, url, chat_http=chat_http)
+    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
+    supervisor.state = RouterState.RUNNING
+    gate = TrafficGate()
+    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
+    engine.active = "m"
+    controller = Controller(engine, list(config.presets.models))
+    try:
+        async with SessionStore(folder / "s.sqlite3") as store:
+            yield Services(
+                config=config,
+                router=router,
+                supervisor=supervisor,
+                events=ModelEvents(router),
+                controller=controller,
+                gate=gate,
+                sessions=SessionService(config, store, router),
+                store=store,
+                gpu=NoGpu(),
+                watchdog=Watchdog(config, supervisor, router, controller),
+                idle=IdleUnloader(lambda: config.router, gate, controller),
+                snapshots=None,
+                feed=Feed(),
+                scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
+            )
+    finally:
+        await http.aclose()
+        await stack.aclose()

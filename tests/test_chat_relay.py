@@ -17,31 +17,16 @@ from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
 
 from hotmodel.api.chat import ChatCompletions
 from hotmodel.config import load_config
 from hotmodel.control.commands import Recover
-from hotmodel.control.controller import Controller
-from hotmodel.control.engine import Engine
-from hotmodel.control.feed import Feed
-from hotmodel.control.gpu import NoGpu
-from hotmodel.control.idle import IdleUnloader
-from hotmodel.control.scheduler import Rules, Scheduler
-from hotmodel.control.traffic import TrafficGate
-from hotmodel.control.watchdog import Watchdog
-from hotmodel.router.chat_http import ChatHttp
-from hotmodel.router.client import RouterClient
-from hotmodel.router.events import ModelEvents
 from hotmodel.router.models import ModelState, ModelStatus
-from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from hotmodel.runtime import Services
-from hotmodel.sessions.service import SessionService
-from hotmodel.sessions.store import SessionStore
 from tests.conftest import write_config
-from tests.upstreams import serving
+from tests.fakes import fake_services
 
 
 class Upstream:
@@ -82,55 +67,14 @@ class Upstream:
         return True
 
 
-class NoRouter:
-    async def load(self, model: str, timeout: float) -> bool:
-        return False
-
-    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
-        return False
-
-    async def exited(self) -> None:
-        return None
-
-    @property
-    def exiting(self) -> frozenset[str]:
-        return frozenset()
-
-
 @contextlib.asynccontextmanager
 async def services(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Services]:
-    config = load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m"))
-    stack = contextlib.AsyncExitStack()
-    url = await stack.enter_async_context(serving(upstream.handler))
-    chat_http = await stack.enter_async_context(ChatHttp(30))
-    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
-    router = RouterClient(http, url, chat_http=chat_http)
-    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
-    supervisor.state = RouterState.RUNNING
-    gate = TrafficGate()
-    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
-    engine.active = "m"
-    controller = Controller(engine, ["m"])
-    async with SessionStore(tmp_path / "s.sqlite3") as store:
-        sessions = SessionService(config, store, router)
-        yield Services(
-            config=config,
-            router=router,
-            supervisor=supervisor,
-            events=ModelEvents(router),
-            controller=controller,
-            gate=gate,
-            sessions=sessions,
-            store=store,
-            gpu=NoGpu(),
-            watchdog=Watchdog(config, supervisor, router, controller),
-            idle=IdleUnloader(lambda: config.router, gate, controller),
-            snapshots=None,
-            feed=Feed(),
-            scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
-        )
-    await http.aclose()
-    await stack.aclose()
+    async with fake_services(
+        load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m")),
+        tmp_path,
+        upstream.handler,
+    ) as services:
+        yield services
 
 
 class Client:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -30,24 +29,10 @@ from hotmodel.api.messages import (
     check_messages_request,
 )
 from hotmodel.config import Config, load_config
-from hotmodel.control.controller import Controller
-from hotmodel.control.engine import Engine
-from hotmodel.control.feed import Feed
-from hotmodel.control.gpu import NoGpu
-from hotmodel.control.idle import IdleUnloader
-from hotmodel.control.scheduler import Rules, Scheduler
-from hotmodel.control.traffic import TrafficGate
-from hotmodel.control.watchdog import Watchdog
 from hotmodel.errors import InvalidRequestError
-from hotmodel.router.chat_http import ChatHttp
-from hotmodel.router.client import RouterClient
-from hotmodel.router.events import ModelEvents
-from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from hotmodel.runtime import Services
 from hotmodel.security import KeySet
-from hotmodel.sessions.service import SessionService
-from hotmodel.sessions.store import SessionStore
-from tests.upstreams import serving
+from tests.fakes import fake_services
 
 USER = {"role": "user", "content": "hi"}
 
@@ -204,54 +189,10 @@ class Script:
         return resp
 
 
-class NoRouter:
-    async def load(self, model: str, timeout: float) -> bool:
-        return False
-
-    async def unload(self, model: str, timeout: float, background: bool = False) -> bool:
-        return False
-
-    async def exited(self) -> None:
-        return None
-
-    @property
-    def exiting(self) -> frozenset[str]:
-        return frozenset()
-
-
 @contextlib.asynccontextmanager
 async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
-    config = _config(folder)
-    stack = contextlib.AsyncExitStack()
-    url = await stack.enter_async_context(serving(script.handler))
-    chat_http = await stack.enter_async_context(ChatHttp(30))
-    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
-    router = RouterClient(http, url, chat_http=chat_http)
-    supervisor = RouterSupervisor(config, Path("llama-server"), router, 1)
-    supervisor.state = RouterState.RUNNING
-    gate = TrafficGate()
-    engine = Engine(config=config.switch, drain_timeout=1, lifecycle=NoRouter(), gate=gate)
-    engine.active = "m"
-    controller = Controller(engine, list(config.presets.models))
-    async with SessionStore(folder / "s.sqlite3") as store:
-        yield Services(
-            config=config,
-            router=router,
-            supervisor=supervisor,
-            events=ModelEvents(router),
-            controller=controller,
-            gate=gate,
-            sessions=SessionService(config, store, router),
-            store=store,
-            gpu=NoGpu(),
-            watchdog=Watchdog(config, supervisor, router, controller),
-            idle=IdleUnloader(lambda: config.router, gate, controller),
-            snapshots=None,
-            feed=Feed(),
-            scheduler=Scheduler(controller, gate, lambda: Rules(10, 0.5, 0), lambda: 8),
-        )
-    await http.aclose()
-    await stack.aclose()
+    async with fake_services(_config(folder), folder, script.handler) as services:
+        yield services
 
 
 async def call(
