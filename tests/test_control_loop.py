@@ -115,7 +115,7 @@ def test_commands_run_in_order() -> None:
 def test_a_failing_command_does_not_stop_the_loop() -> None:
     async def scenario(controller: Controller) -> None:
         engine = controller.engine
-        real_run = engine.run
+        real_execute = engine.execute
         calls = 0
 
         async def flaky(*args: Any, **kwargs: Any) -> SwitchReport:
@@ -123,9 +123,9 @@ def test_a_failing_command_does_not_stop_the_loop() -> None:
             calls += 1
             if calls == 1:
                 raise RuntimeError("a bug in a step")
-            return await real_run(*args, **kwargs)
+            return await real_execute(*args, **kwargs)
 
-        engine.run = flaky  # type: ignore[method-assign]
+        engine.execute = flaky  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="a bug in a step"):
             await controller.submit(Switch("b"))
         assert not controller.busy

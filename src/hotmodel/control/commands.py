@@ -1,7 +1,7 @@
 """The commands of the control loop: every change of the router's model set, and of what
 the engine reads of the configuration, is one of these, run in order by one task.
 
-The engine takes the command itself (``Engine.run``): what to do is the command's
+The engine takes the command itself (``Engine.execute``): what to do is the command's
 type, not a set of flags. The controller (``controller.py``) queues them, joins
 commands with the same outcome, and runs :class:`Reconfigure` (which is about the
 engine's settings, and may load the active model again).
@@ -75,6 +75,6 @@ class SyncResidents:
     lost: str | None = None
 
 
-EngineCommand = Switch | Unload | Recover | Snapshot  # what ``Engine.run`` takes
+EngineCommand = Switch | Unload | Recover | Snapshot  # what ``Engine.execute`` takes
 Reporting = EngineCommand | SyncResidents  # every command that ends with a report
 Command = Reporting | Reconfigure

@@ -253,7 +253,7 @@ class Controller:
             elif isinstance(command, SyncResidents):
                 report = await self._sync_residents(command.lost)
             else:
-                report = await self.engine.run(command, job.listeners)
+                report = await self.engine.execute(command, job.listeners)
             if report is not None and _restarted(report):
                 # the router took every resident with it: back they come
                 await self.residents.sync(self.engine.config, restarted=True)
@@ -285,7 +285,7 @@ class Controller:
             return None  # (a switch since the reload read it: the next load reads the preset)
         again = Switch(command.reload, reload=True)
         # if it fails, requests held by it wait for the switch back too
-        report = await self.engine.run(again, listeners, hold=True)
+        report = await self.engine.execute(again, listeners, hold=True)
         if not report.failed:
             return report
         try:
@@ -296,7 +296,7 @@ class Controller:
             if command.revert is not None:
                 command.revert()
             if not report.changed_nothing:
-                report.reverted = await self.engine.run(again, listeners)
+                report.reverted = await self.engine.execute(again, listeners)
         finally:
             self.engine.gate.open()  # held or not, requests are let go now
         return report

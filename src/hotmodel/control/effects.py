@@ -5,8 +5,8 @@ load, replay, and the KV snapshot's save and restore.
 calls out (the router, the router process, the traffic gate, the GPU probe, the snapshot
 store, the replay hook, all injected through ``ports.py``); the engine decides which step
 runs, in which order, and what a failure means. A step that cannot do its work raises
-:class:`~hotmodel.control.run.StepFailedError`, or returns a detail for its phase event
-(a :class:`~hotmodel.control.run.Skipped` when it had nothing to do).
+:class:`~hotmodel.control.execution.StepFailedError`, or returns a detail for its phase event
+(a :class:`~hotmodel.control.execution.Skipped` when it had nothing to do).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import asyncio
 from collections.abc import Callable
 
 from hotmodel.config import SwitchConfig
+from hotmodel.control.execution import SKIPPED, Detail, Execution, Skipped, StepFailedError, summary
 from hotmodel.control.gpu import GpuProbe, GpuReading, NoGpu, wait_settled
 from hotmodel.control.plan import Step
 from hotmodel.control.ports import KvOps, LifecycleOps, ProcessOps, Replayer
 from hotmodel.control.report import SwitchReport
-from hotmodel.control.run import SKIPPED, Detail, Run, Skipped, StepFailedError, summary
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError, ModelLoadError, SwitchError
 from hotmodel.sessions.service import SessionRef
@@ -40,28 +40,28 @@ class StepEffects:
     preflight: Callable[[str], None] | None
     kv: KvOps | None
 
-    async def _kv_step(self, step: Step, run: Run) -> Detail:
+    async def _kv_step(self, step: Step, ex: Execution) -> Detail:
         """Save the leaving model's KV snapshot, or restore the arriving one's. A failure
         costs speed, not correctness: a warning, and the replay reads everything."""
-        model = run.previous if step is Step.SAVE else run.target
+        model = ex.previous if step is Step.SAVE else ex.target
         if self.kv is None or model is None:
             return SKIPPED
         done = "saved" if step is Step.SAVE else "restored"  # the info's did-it field
         try:
             if step is Step.SAVE:
-                info = await self.kv.save(model, run.target, run.session)  # run.target's is kept
+                info = await self.kv.save(model, ex.target, ex.session)  # run.target's is kept
             else:
-                info = await self.kv.restore(model, run.session)
+                info = await self.kv.restore(model, ex.session)
         except Exception as exc:
-            run.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
-            run.report.snapshot[step.value] = {done: False, "reason": f"failed: {exc}"}
+            ex.report.warnings.append(f"KV snapshot {step.value} failed: {exc}")
+            ex.report.snapshot[step.value] = {done: False, "reason": f"failed: {exc}"}
             return f"failed: {exc}"
-        run.report.snapshot[step.value] = info
+        ex.report.snapshot[step.value] = info
         if info is None:
             return SKIPPED  # nothing to save, or no session to restore for
         if info.get(done) is False:  # nothing kept, or nothing restored: the replay reads all
             return Skipped(str(info.get("reason")))
-        run.restored = step is Step.RESTORE
+        ex.restored = step is Step.RESTORE
         return f"{info.get('tokens')} tokens, {info.get('bytes')} bytes"
 
     async def _restore_previous(self, report: SwitchReport, model: str) -> None:
@@ -77,13 +77,13 @@ class StepEffects:
         if info is not None:
             report.snapshot["rollback_restore"] = info
 
-    def _verify_restore(self, run: Run, model: str) -> None:
+    def _verify_restore(self, ex: Execution, model: str) -> None:
         """The replay after a restore must have found the restored tokens in the cache."""
-        replay = run.report.replay or {}
+        replay = ex.report.replay or {}
         cached, session = int(replay.get("cache_tokens") or 0), replay.get("session")
         if self.kv is not None and self.kv.proved(model, cached, session) is False:
-            restore = run.report.snapshot.get("restore") or {}
-            run.report.warnings.append(
+            restore = ex.report.snapshot.get("restore") or {}
+            ex.report.warnings.append(
                 f"the KV restore did not take (cache_n {cached} of {restore.get('tokens')} "
                 "restored tokens); the replay read the whole conversation"
             )

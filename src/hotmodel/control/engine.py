@@ -1,6 +1,6 @@
 """The engine: executes one command's steps in order; the owner of the active model.
 
-Only the controller's task calls :meth:`Engine.run` (see ``controller.py``), so
+Only the controller's task calls :meth:`Engine.execute` (see ``controller.py``), so
 one command runs at a time and nothing else writes ``active`` or ``state``.
 The steps come from the pure :func:`~hotmodel.control.plan.plan`; the router,
 the router process, KV snapshots, the GPU probe, the traffic gate and the
@@ -28,6 +28,17 @@ from typing import Any
 from hotmodel.config import Config, SwitchConfig
 from hotmodel.control.commands import EngineCommand, Recover, Snapshot, Switch, Unload
 from hotmodel.control.effects import StepEffects
+from hotmodel.control.execution import (
+    SKIPPED,
+    STEP_STATE,
+    Detail,
+    Execution,
+    Skipped,
+    StepFailedError,
+    ms_since,
+    policy_label,
+    summary,
+)
 from hotmodel.control.fit import choose_policy, free_mib
 from hotmodel.control.gpu import GpuProbe, NoGpu
 from hotmodel.control.plan import Policy, Step, beside_load, plan, plan_recovery
@@ -39,17 +50,6 @@ from hotmodel.control.report import (
     SwitchReport,
     SwitchState,
     Watcher,
-)
-from hotmodel.control.run import (
-    SKIPPED,
-    STEP_STATE,
-    Detail,
-    Run,
-    Skipped,
-    StepFailedError,
-    ms_since,
-    policy_label,
-    summary,
 )
 from hotmodel.control.traffic import TrafficGate
 from hotmodel.errors import HotModelError
@@ -102,11 +102,11 @@ class Engine(StepEffects):
         self.state = SwitchState.IDLE
         self.history: deque[SwitchReport] = deque(maxlen=config.history)
         self.current: SwitchReport | None = None
-        self._run: Run | None = None  # the run in progress, for load progress events
+        self._execution: Execution | None = None  # the run in progress, for load progress events
         self.watchers: list[Watcher] = []  # see every phase and every finished report
         self._ids = itertools.count(1)
 
-    async def run(
+    async def execute(
         self, command: EngineCommand, listeners: list[Listener], hold: bool = False
     ) -> SwitchReport:
         """Carry out ``command``; the report says how it went.
@@ -160,10 +160,10 @@ class Engine(StepEffects):
             steps = plan_recovery(kv=self.kv is not None)
             if target is None:  # nothing was loaded: only the router comes back
                 steps = (Step.RESTART,)
-            await self._execute(Run(report, listeners, None, target, replay), steps)
+            await self._perform(Execution(report, listeners, None, target, replay), steps)
         elif isinstance(command, Snapshot):
-            run = Run(report, listeners, self.active, self.active, replay=False)
-            await self._execute(run, (Step.SAVE,) if self.kv and self.active else ())
+            ex = Execution(report, listeners, self.active, self.active, replay=False)
+            await self._perform(ex, (Step.SAVE,) if self.kv and self.active else ())
         elif (
             isinstance(command, Unload)
             and command.idle_after is not None
@@ -178,10 +178,10 @@ class Engine(StepEffects):
             steps = plan(policy, self.active, target, self.kv is not None, restart)
             idle = isinstance(command, Unload) and command.idle_after is not None
             parking = self.active if idle else None
-            run = Run(
+            ex = Execution(
                 report, listeners, self.active, target, replay, policy=policy, session=session
             )
-            await self._execute(run, steps)
+            await self._perform(ex, steps)
             if parking is not None and not report.failed and self.active is None:
                 self.parked = parking
 
@@ -245,52 +245,52 @@ class Engine(StepEffects):
     def load_progress(self, model: str, value: float, stage: str | None) -> None:
         """The router reports how far the load of ``model`` is: a progress event of the
         LOAD step, when that is what runs now (the router's other news is not ours)."""
-        run = self._run
-        if run is None or self.state is not SwitchState.LOADING or run.target != model:
+        ex = self._execution
+        if ex is None or self.state is not SwitchState.LOADING or ex.target != model:
             return
-        run.emit(Step.LOAD.value, PhaseStatus.PROGRESS, detail=f"{stage or 'model'} {value:.0%}")
+        ex.emit(Step.LOAD.value, PhaseStatus.PROGRESS, detail=f"{stage or 'model'} {value:.0%}")
 
-    async def _execute(self, run: Run, steps: tuple[Step, ...]) -> None:
-        run.watchers = self.watchers
-        self._run = run
+    async def _perform(self, ex: Execution, steps: tuple[Step, ...]) -> None:
+        ex.watchers = self.watchers
+        self._execution = ex
         try:
-            await self._execute_steps(run, steps)
+            await self._perform_steps(ex, steps)
         finally:
-            self._run = None
+            self._execution = None
 
-    async def _execute_steps(self, run: Run, steps: tuple[Step, ...]) -> None:
+    async def _perform_steps(self, ex: Execution, steps: tuple[Step, ...]) -> None:
         deadline = self.config.switch_timeout_seconds
         ends = asyncio.get_running_loop().time() + deadline  # the timeout's, and the wait's
-        same = run.previous == run.target
-        beside = beside_load(steps, self._exits_in_background(run), same)
+        same = ex.previous == ex.target
+        beside = beside_load(steps, self._exits_in_background(ex), same)
         try:
             try:
                 async with asyncio.timeout_at(ends):
                     for step in steps:
                         if step in beside:
-                            if run.beside is None:
-                                run.beside = asyncio.create_task(self._beside(run, beside))
+                            if ex.beside is None:
+                                ex.beside = asyncio.create_task(self._beside(ex, beside))
                             continue
-                        run.step = step
-                        run.started.append(step)
-                        await self._step(step, run)
+                        ex.step = step
+                        ex.started.append(step)
+                        await self._step(step, ex)
                         if step is Step.LOAD:
-                            await run.join_beside()
+                            await ex.join_beside()
             except TimeoutError:
-                await run.end_beside()
+                await ex.end_beside()
                 raise StepFailedError(
-                    run.step or run.started[-1],  # None: a step beside the load was joined
+                    ex.step or ex.started[-1],  # None: a step beside the load was joined
                     f"the switch did not finish within {deadline:g}s "
                     "([switch] switch_timeout_seconds)",
                 ) from None
-            run.report.outcome = Outcome.OK
+            ex.report.outcome = Outcome.OK
         except StepFailedError as failure:
-            run.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
+            ex.emit(failure.step.value, PhaseStatus.FAILED, detail=str(failure))
             # the rollback must see what the steps beside the load did: the one running
             # ends (a save is kept), none starts (the previous model stays loaded)
-            await run.end_beside(max(0.0, ends - asyncio.get_running_loop().time()))
-            report = run.report
-            if Step.ACTIVATE in run.started[:-1]:
+            await ex.end_beside(max(0.0, ends - asyncio.get_running_loop().time()))
+            report = ex.report
+            if Step.ACTIVATE in ex.started[:-1]:
                 # the target already serves: what failed after it is a warning
                 report.warnings.append(str(failure))
                 report.outcome = Outcome.OK
@@ -300,37 +300,37 @@ class Engine(StepEffects):
             report.failed_phase = failure.step.value
             report.log_tail = failure.log_tail
             if failure.step not in (Step.CHECK, Step.DRAIN):  # those changed nothing
-                await self._rollback(run)
+                await self._rollback(ex)
         finally:
-            await run.end_beside()  # cancelled: nothing may outlive the run
+            await ex.end_beside()  # cancelled: nothing may outlive the run
 
-    async def _beside(self, run: Run, steps: tuple[Step, ...]) -> None:
+    async def _beside(self, ex: Execution, steps: tuple[Step, ...]) -> None:
         """Run ``steps`` while the main lane loads the target (see ``beside_load``)."""
         for step in steps:
-            if run.beside_stopped:
+            if ex.beside_stopped:
                 return
-            run.started.append(step)
-            await self._step(step, run, lane=False)
+            ex.started.append(step)
+            await self._step(step, ex, lane=False)
 
-    async def _step(self, step: Step, run: Run, lane: bool = True) -> None:
+    async def _step(self, step: Step, ex: Execution, lane: bool = True) -> None:
         """Run one step; ``lane``: the main one, whose step is the engine's state."""
         if lane and step in STEP_STATE:
             self.state = STEP_STATE[step]
-        run.emit(step.value, PhaseStatus.STARTED)
-        started = ms_since(run.t0)
+        ex.emit(step.value, PhaseStatus.STARTED)
+        started = ms_since(ex.t0)
         t = time.monotonic()
-        detail = await self._do(step, run)
+        detail = await self._do(step, ex)
         ms = ms_since(t)
         if isinstance(detail, Skipped):
-            run.emit(step.value, PhaseStatus.SKIPPED, detail=detail.why)
+            ex.emit(step.value, PhaseStatus.SKIPPED, detail=detail.why)
             return
         if step is not Step.ACTIVATE:
-            run.report.phases[step.value] = ms
-            run.report.phase_starts[step.value] = started
-        run.emit(step.value, PhaseStatus.DONE, ms, detail)
+            ex.report.phases[step.value] = ms
+            ex.report.phase_starts[step.value] = started
+        ex.emit(step.value, PhaseStatus.DONE, ms, detail)
 
-    async def _do(self, step: Step, run: Run) -> Detail:
-        report, previous, target = run.report, run.previous, run.target
+    async def _do(self, step: Step, ex: Execution) -> Detail:
+        report, previous, target = ex.report, ex.previous, ex.target
         if step is Step.RESTART:
             return await self._restart()
         if step is Step.CHECK:
@@ -344,7 +344,7 @@ class Engine(StepEffects):
             return await self._drain(report, previous, close_gate=hold)
         if step is Step.UNLOAD:
             assert previous is not None
-            return await self._unload(report, previous, self._exits_in_background(run))
+            return await self._unload(report, previous, self._exits_in_background(ex))
         if step is Step.SETTLE:
             return await self._settle(report)
         if step is Step.ACTIVATE:
@@ -353,46 +353,46 @@ class Engine(StepEffects):
             self.gate.open()
             return None
         if step in (Step.SAVE, Step.RESTORE):
-            return await self._kv_step(step, run)
+            return await self._kv_step(step, ex)
         assert target is not None  # plan() loads and replays only a target
         if step is Step.LOAD:
-            run.loaded, detail = await self._load(report, target)
+            ex.loaded, detail = await self._load(report, target)
             return detail
         # a model that stayed resident kept its cache; after a restore, the replay
         # reads only what was added since, and proves the restore took
-        if not (run.replay or run.restored) or not run.loaded:
+        if not (ex.replay or ex.restored) or not ex.loaded:
             return SKIPPED
-        if run.restored and Step.ACTIVATE in run.started:
+        if ex.restored and Step.ACTIVATE in ex.started:
             # requests are let in: the replay would only hold up the next turn, which
             # reads what was added as well, and whose cache_n proves the restore
             return Skipped(RESTORED_SKIP)
-        detail = await self._replay(report, target, run.session)
-        if run.restored and report.replay is not None:
-            self._verify_restore(run, target)
+        detail = await self._replay(report, target, ex.session)
+        if ex.restored and report.replay is not None:
+            self._verify_restore(ex, target)
         return detail
 
-    def _exits_in_background(self, run: Run) -> bool:
+    def _exits_in_background(self, ex: Execution) -> bool:
         """Whether the leaving model's process exits while the target loads."""
         return (
             self.exit_in_background
             and self.config.background_exit  # live: a reload may turn it off
-            and run.target is not None
-            and run.policy == "zero_overlap"
+            and ex.target is not None
+            and ex.policy == "zero_overlap"
         )
 
-    async def _rollback(self, run: Run) -> None:
+    async def _rollback(self, ex: Execution) -> None:
         """After a failed unload/load: the target must not stay resident (a load was
         attempted), and the previous model comes back (its unload was attempted)."""
-        report, previous, target = run.report, run.previous, run.target
+        report, previous, target = ex.report, ex.previous, ex.target
         recovering = report.policy == "recover"
         self.state = SwitchState.RECOVERING if recovering else SwitchState.ROLLING_BACK
-        run.emit("rollback", PhaseStatus.STARTED)
-        report.phase_starts["rollback"] = ms_since(run.t0)
+        ex.emit("rollback", PhaseStatus.STARTED)
+        report.phase_starts["rollback"] = ms_since(ex.t0)
         t = time.monotonic()
         try:
-            if target is not None and Step.LOAD in run.started:
+            if target is not None and Step.LOAD in ex.started:
                 await self.lifecycle.unload(target, self.config.unload_timeout_seconds)
-            if previous is not None and Step.UNLOAD in run.started:
+            if previous is not None and Step.UNLOAD in ex.started:
                 report.rolled_back = await self.lifecycle.load(
                     previous, self.config.load_timeout_seconds
                 )
@@ -405,7 +405,7 @@ class Engine(StepEffects):
             report.error = f"{report.error}; rollback to {previous!r} failed: {summary(exc)}"
             status, detail = PhaseStatus.FAILED, summary(exc)
         report.phases["rollback"] = ms_since(t)
-        run.emit("rollback", status, report.phases["rollback"], detail)
+        ex.emit("rollback", status, report.phases["rollback"], detail)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -25,8 +25,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from hotmodel.config import SwitchConfig
+from hotmodel.control.execution import summary
 from hotmodel.control.ports import LifecycleOps
-from hotmodel.control.run import summary
 from hotmodel.errors import HotModelError, ResidentUnavailableError
 from hotmodel.presets import Presets
 

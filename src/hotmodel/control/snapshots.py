@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hotmodel.config import Config
-from hotmodel.control.run import ms_since
+from hotmodel.control.execution import ms_since
 from hotmodel.control.snapshot_folder import (
     Digests,
     Meta,

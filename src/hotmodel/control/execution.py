@@ -1,4 +1,4 @@
-"""One engine run's bookkeeping: which steps started, who hears of them, small helpers.
+"""One execution of a command by the engine: which steps started, who hears of them, helpers.
 
 Split from ``engine.py`` so that the engine module holds only the step logic.
 """
@@ -33,7 +33,7 @@ STEP_STATE = {
 
 
 @dataclass
-class Run:
+class Execution:
     """One run of the engine: what it was asked, and which steps it has started."""
 
     report: SwitchReport
