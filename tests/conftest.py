@@ -581,3 +581,26 @@ def streamed_switch(hp: HotmodelProcess, model: str) -> Iterator[Callable[[], di
         yield report
     finally:
         thread.join(WAIT_S * 2)
+
+
+def assert_same_shape(
+    ours: Any, bare: Any, volatile: set[str], values: bool = True, where: str = ""
+) -> None:
+    """hotmodel's answer against the bare llama-server's: the same fields all the way
+    down, and (``values``) the same values but for the ``volatile`` keys."""
+    assert type(ours) is type(bare), where
+    if isinstance(ours, dict):
+        assert set(ours) == set(bare), (where, set(ours) ^ set(bare))
+        for key in ours:
+            if key not in volatile:
+                assert_same_shape(ours[key], bare[key], volatile, values, f"{where}.{key}")
+    elif isinstance(ours, list):
+        assert len(ours) == len(bare), where
+        for i, (a, b) in enumerate(zip(ours, bare, strict=True)):
+            assert_same_shape(a, b, volatile, values, f"{where}[{i}]")
+    elif not values:
+        return
+    elif isinstance(ours, float):
+        assert ours == pytest.approx(bare, rel=1e-4, abs=1e-5), where
+    else:
+        assert ours == bare, where

@@ -14,7 +14,13 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import HotmodelProcess, run_hotmodel, serving_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    assert_same_shape,
+    run_hotmodel,
+    serving_hotmodel,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -65,24 +71,6 @@ def _both(server: HotmodelProcess, path: str, body: dict[str, Any]) -> tuple[Any
 _VOLATILE = {"id", "created", "timings", "t_load", "generation_settings", "id_slot"}
 
 
-def _same_shape(ours: Any, bare: Any, where: str = "") -> None:
-    """The same fields all the way down, and the same values but for the volatile ones."""
-    assert type(ours) is type(bare), where
-    if isinstance(ours, dict):
-        assert set(ours) == set(bare), (where, set(ours) ^ set(bare))
-        for key in ours:
-            if key not in _VOLATILE:
-                _same_shape(ours[key], bare[key], f"{where}.{key}")
-    elif isinstance(ours, list):
-        assert len(ours) == len(bare), where
-        for i, (a, b) in enumerate(zip(ours, bare, strict=True)):
-            _same_shape(a, b, f"{where}[{i}]")
-    elif isinstance(ours, float):
-        assert ours == pytest.approx(bare, rel=1e-4, abs=1e-5), where
-    else:
-        assert ours == bare, where
-
-
 GREEDY = {"temperature": 0, "seed": 1, "cache_prompt": False}
 
 
@@ -103,7 +91,7 @@ def test_each_answer_has_the_bare_servers_shape(
     server: HotmodelProcess, path: str, body: dict[str, Any]
 ) -> None:
     ours, bare = _both(server, path, body)
-    _same_shape(ours, bare, path)
+    assert_same_shape(ours, bare, _VOLATILE, where=path)
 
 
 def test_openai_completions_plain_and_stream(server: HotmodelProcess) -> None:

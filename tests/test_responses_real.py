@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from hotmodel.router.supervisor import backend_key
-from tests.conftest import HotmodelProcess, bearer, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, assert_same_shape, bearer, start_hotmodel, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -167,19 +167,6 @@ def test_another_key_store_false_and_bad_input(server: HotmodelProcess) -> None:
 _VOLATILE = {"id", "created_at", "completed_at", "timings", "usage"}
 
 
-def _same_shape(ours: Any, bare: Any, where: str = "") -> None:
-    assert type(ours) is type(bare), where
-    if isinstance(ours, dict):
-        assert set(ours) == set(bare), (where, set(ours) ^ set(bare))
-        for key in ours:
-            if key not in _VOLATILE:
-                _same_shape(ours[key], bare[key], f"{where}.{key}")
-    elif isinstance(ours, list):
-        assert len(ours) == len(bare), where
-        for i, (x, y) in enumerate(zip(ours, bare, strict=True)):
-            _same_shape(x, y, f"{where}[{i}]")
-
-
 def test_the_plain_answer_has_the_bare_routers_shape(server: HotmodelProcess) -> None:
     status = httpx.get(server.base_url + "/admin/status", headers=bearer(ADMIN), timeout=10)
     router = status.json()["router"]
@@ -190,7 +177,7 @@ def test_the_plain_answer_has_the_bare_routers_shape(server: HotmodelProcess) ->
     assert ours.status_code == bare.status_code == 200, (ours.text, bare.text)
     mine, theirs = ours.json(), bare.json()
     assert mine.pop("previous_response_id") is None  # the one field hotmodel adds
-    _same_shape(mine, theirs)
+    assert_same_shape(mine, theirs, _VOLATILE, values=False)
     assert set(mine["usage"]) == set(theirs["usage"])
     # input_tokens: served, and counts the chain
     count = httpx.post(
