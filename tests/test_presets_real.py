@@ -39,3 +39,19 @@ def test_a_preset_key_reaches_the_models_process(
         assert argv[argv.index("--threads") + 1] == "1", argv
         assert not any("priority" in a for a in argv), argv  # hotmodel's own key stayed
         assert chat(hp, max_tokens=2).status_code == 200
+
+
+def test_a_sampling_preset_key_reaches_the_models_process(
+    tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
+) -> None:
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny")
+    ini = tmp_path / "models.ini"
+    ini.write_text(ini.read_text() + "top-k = 7\n")
+    rendered = load_config(config).presets.render()  # what the router is handed
+    assert "top-k = 7" in rendered
+    with serving_hotmodel(config) as hp:
+        router = hp.status()["router"]
+        assert isinstance(router, dict)
+        argv = _model_argv(int(router["pid"]))
+        assert argv[argv.index("--top-k") + 1] == "7", argv
+        assert chat(hp, max_tokens=2).status_code == 200
