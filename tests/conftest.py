@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -604,3 +605,13 @@ def assert_same_shape(
         assert ours == pytest.approx(bare, rel=1e-4, abs=1e-5), where
     else:
         assert ours == bare, where
+
+
+def released_tokens(log: Path, offset: int) -> int | None:
+    """The tokens in the slot when llama-server cancelled a task and released the slot, in
+    its log past ``offset`` (prompt and generated: ``stop processing: n_tokens = N``)."""
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    if "cancel task" not in text:
+        return None
+    found = re.findall(r"stop processing: n_tokens = (\d+)", text.split("cancel task", 1)[1])
+    return int(found[0]) if found else None

@@ -7,10 +7,8 @@ a client sees (status, body shape, streaming) and on what the router reports.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +16,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from tests.conftest import HotmodelProcess, run_hotmodel, wait_until
+from tests.conftest import HotmodelProcess, released_tokens, run_hotmodel, wait_until
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -40,16 +38,6 @@ def _slots_busy(server: HotmodelProcess) -> bool:
     )
     assert slots.status_code == 200, slots.text
     return any(s.get("is_processing") for s in slots.json())
-
-
-def _released_tokens(log: Path, offset: int) -> int | None:
-    """The tokens in the slot when llama-server cancelled a task and released the slot, in
-    its log past ``offset`` (prompt and generated: ``stop processing: n_tokens = N``)."""
-    text = log.read_bytes()[offset:].decode(errors="replace")
-    if "cancel task" not in text:
-        return None
-    found = re.findall(r"stop processing: n_tokens = (\d+)", text.split("cancel task", 1)[1])
-    return int(found[0]) if found else None
 
 
 def _assert_openai_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -154,7 +142,7 @@ def test_client_disconnect_stops_the_upstream_generation(smol_server: HotmodelPr
         resp.close()  # the client goes away mid-stream
     # llama-server cancels the task and releases the slot well before its 1500 tokens
     held = wait_until(
-        "the task's cancel in llama-server's log", lambda: _released_tokens(log, offset)
+        "the task's cancel in llama-server's log", lambda: released_tokens(log, offset)
     )
     assert held < 1500, held
     assert not _slots_busy(smol_server)
