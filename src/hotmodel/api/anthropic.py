@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from hotmodel import sse
+from hotmodel.api.validate import text_length
 from hotmodel.errors import InvalidRequestError
 from hotmodel.sessions.reply import Message
 from hotmodel.sse import SseParser
@@ -53,17 +54,6 @@ _KINDS = {
 
 def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
-
-
-def text_length(value: Any) -> int:
-    """The characters of text in a JSON value (keys aside)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(text_length(v) for v in value)
-    if isinstance(value, dict):
-        return sum(text_length(v) for v in value.values())
-    return 0
 
 
 def _check_blocks(content: Any, where: str) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from hotmodel.api.validate import check_messages
+from hotmodel.api.validate import check_messages, text_length
 from hotmodel.config import Config
 from hotmodel.control.fit import largest_context
 from hotmodel.errors import InvalidRequestError, UnsupportedEndpointError
@@ -84,19 +84,9 @@ def _text_budget(config: Config) -> int | None:
     return None if context is None else context * _CHARS_PER_TOKEN
 
 
-def _text_length(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_length(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_text_length(v) for v in value.values())
-    return 0
-
-
 def _check_size(value: Any, param: str, config: Config) -> None:
     budget = _text_budget(config)
-    n = _text_length(value)
+    n = text_length(value)
     if budget is not None and n > budget:
         raise _bad(
             f"'{param}' holds {n} characters of text: more than any model's context can "

@@ -324,3 +324,14 @@ def _check_tool_calls(calls: Any, where: str) -> None:
                 "a tool call needs a 'function' with a string 'name' and string 'arguments'",
                 param=f"{where}[{k}]",
             )
+
+
+def text_length(value: Any) -> int:
+    """The characters of text in a JSON value (keys aside)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(text_length(v) for v in value)
+    if isinstance(value, dict):
+        return sum(text_length(v) for v in value.values())
+    return 0
