@@ -29,8 +29,8 @@ from hotmodel.api.admission import (
     resolve_model,
 )
 from hotmodel.api.auth import came_with_admin_key, owner_of
-from hotmodel.api.errors import hotmodel_error_response, upstream_error_response
-from hotmodel.api.forward import Answer, bound_length, ended_by, open_upstream, retry_refused
+from hotmodel.api.errors import upstream_error_response
+from hotmodel.api.forward import Answer, answer, bound_length, ended_by, open_upstream
 from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, OnReply, read_unless_gone, relay
@@ -44,7 +44,6 @@ from hotmodel.api.validate import (
 from hotmodel.control.fit import largest_context
 from hotmodel.control.snapshots import Turn
 from hotmodel.errors import (
-    HotModelError,
     InvalidRequestError,
     RouterProtocolError,
 )
@@ -178,30 +177,11 @@ class ChatCompletions:
             session = {} if chat.session is None else {"x-session-id": chat.session.id}
             chat.early = EarlyStream(send, session)
             send = chat.early.send
-        try:
-            response = await self._answer_or_retry(chat, record, receive, send)
-        except HotModelError as exc:
-            if chat.early is None or not chat.early.started:
-                raise  # answered with its status, as any error
-            response = hotmodel_error_response(exc, record.request_id)  # the last event
-        if response is not None:  # sent after the ticket and the session lock are returned
-            await response(scope, receive, send)
-
-    async def _answer_or_retry(
-        self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send
-    ) -> Response | Answer | None:
-        """:meth:`_answer`, sent once more after a refused connection when a recovery
-        begins (``api/forward.py``)."""
-        original = dict(chat.payload)  # a session's prompt replaces its messages: undo that
-
-        def undo() -> None:
-            chat.payload.clear()
-            chat.payload.update(original)
 
         async def attempt(to: Send) -> Response | Answer | None:
             return await self._answer(chat, record, receive, to)
 
-        return await retry_refused(self.s, attempt, send, undo)
+        await answer(self.s, attempt, chat.payload, chat.early, record, scope, receive, send)
 
     async def _answer(
         self, chat: ChatRequest, record: RequestRecord, receive: Receive, send: Send

@@ -4,6 +4,8 @@ one resend after a refused connection.
 - :func:`open_upstream`: a place upstream (``control/upstream.py``), then the POST to the
   model's own server (or the router), both entered on the request's stack; a refused
   connection (nothing was sent) becomes :class:`RefusedError`.
+- :func:`answer`: one request's answer, sent once more after a refused connection, an
+  error after an early stream head as the stream's last event; through
 - :func:`retry_refused`: runs one attempt; when llama-server refused the connection and
   a recovery begins, the request waits for it and is sent once more.
 - :func:`bound_length`: the default answer length, for a request that sets none.
@@ -23,6 +25,9 @@ from starlette.responses import Response
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
+from hotmodel.api.errors import hotmodel_error_response
+from hotmodel.api.queued import EarlyStream
+from hotmodel.api.record import RequestRecord
 from hotmodel.config import Config
 from hotmodel.control.traffic import SHUTTING_DOWN, Ticket
 from hotmodel.errors import (
@@ -136,3 +141,33 @@ async def retry_refused(
         return await attempt(send)
     except RefusedError as again:
         raise again.error from again.error.__cause__
+
+
+async def answer(
+    s: Services,
+    attempt: Attempt,
+    payload: dict[str, Any],
+    early: EarlyStream | None,
+    record: RequestRecord,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Answer one request: ``attempt`` (through :func:`retry_refused`, sent again with
+    ``payload`` as it came: a session's prompt replaces its messages), then the answer it
+    returned, sent after its ticket, slot and lock are returned. An error after
+    ``early``'s head went out is the stream's last event instead of a status."""
+    original = dict(payload)
+
+    def undo() -> None:
+        payload.clear()
+        payload.update(original)
+
+    try:
+        response = await retry_refused(s, attempt, send, undo)
+    except HotModelError as exc:
+        if early is None or not early.started:
+            raise  # answered with its status, as any error
+        response = hotmodel_error_response(exc, record.request_id)  # the last event
+    if response is not None:
+        await response(scope, receive, send)

@@ -24,13 +24,12 @@ from starlette.types import Receive, Scope, Send
 from hotmodel.api.admission import Admission
 from hotmodel.api.auth import came_with_admin_key, owner_of
 from hotmodel.api.endpoints import ENDPOINTS, Endpoint, check_serves
-from hotmodel.api.errors import error_response, hotmodel_error_response, upstream_error_response
-from hotmodel.api.forward import Answer, bound_length, ended_by, open_upstream, retry_refused
+from hotmodel.api.errors import error_response, upstream_error_response
+from hotmodel.api.forward import Answer, answer, bound_length, ended_by, open_upstream
 from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
 from hotmodel.api.relay import DisconnectWatch, read_unless_gone, relay
 from hotmodel.api.validate import check_fields, parse_body, read_asgi_body
-from hotmodel.errors import HotModelError
 from hotmodel.router.chat_http import Upstream
 from hotmodel.router.models import error_of
 from hotmodel.runtime import Services
@@ -112,23 +111,11 @@ class Inference:
             send = early.send
         call = Call(payload, stream, accept, owner_of(scope), came_with_admin_key(scope), early)
         await self.prepare(call)  # before admission: a refusal here causes no switch
-        original = dict(payload)
-
-        def undo() -> None:  # what a first attempt changed, before it is sent again
-            payload.clear()
-            payload.update(original)
 
         async def attempt(to: Send) -> Response | Answer | None:
             return await self._answer(call, record, receive, to)
 
-        try:
-            response = await retry_refused(self.s, attempt, send, undo)
-        except HotModelError as exc:
-            if early is None or not early.started:
-                raise  # answered with its status, as any error
-            response = hotmodel_error_response(exc, record.request_id)  # the last event
-        if response is not None:  # sent after the ticket and the slot are returned
-            await response(scope, receive, send)
+        await answer(self.s, attempt, payload, early, record, scope, receive, send)
 
     async def prepare(self, call: Call) -> None:
         """What a subclass does to a checked request before it is admitted."""

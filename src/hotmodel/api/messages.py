@@ -32,8 +32,8 @@ from hotmodel.api.admission import Admission
 from hotmodel.api.auth import came_with_admin_key, owner_of
 from hotmodel.api.chat import chat_headers
 from hotmodel.api.endpoints import Endpoint, Family
-from hotmodel.api.errors import hotmodel_error_response, public_message, sse_error
-from hotmodel.api.forward import Answer, bound_length, ended_by, open_upstream, retry_refused
+from hotmodel.api.errors import public_message, sse_error
+from hotmodel.api.forward import Answer, answer, bound_length, ended_by, open_upstream
 from hotmodel.api.inference import Inference, _upstream_error
 from hotmodel.api.queued import EarlyStream
 from hotmodel.api.record import RequestRecord, record_of
@@ -118,25 +118,13 @@ class Messages:
         if stream:
             early = EarlyStream(send, {} if session is None else {"x-session-id": session.id})
             send = early.send
-        original = dict(payload)
-
-        def undo() -> None:  # a session's prompt replaces the messages: undo that
-            payload.clear()
-            payload.update(original)
 
         async def attempt(to: Send) -> Response | Answer | None:
             return await self._answer(
                 payload, session, headers.get("accept", "*/*"), scope, record, receive, to, early
             )
 
-        try:
-            response = await retry_refused(self.s, attempt, send, undo)
-        except HotModelError as exc:
-            if early is None or not early.started:
-                raise  # answered with its status, as any error
-            response = hotmodel_error_response(exc, record.request_id)  # the last event
-        if response is not None:  # sent after the ticket, the slot and the lock are returned
-            await response(scope, receive, send)
+        await answer(self.s, attempt, payload, early, record, scope, receive, send)
 
     async def _answer(
         self,
