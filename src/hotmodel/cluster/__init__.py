@@ -1,0 +1,1 @@
+"""Several hotmodel nodes, one service: the shared PostgreSQL, the node registry, placement."""
