@@ -3,6 +3,7 @@
 
     python3 scripts/bootstrap.py demo   # venv, package, llama-server, models; serve the demo
     python3 scripts/bootstrap.py test   # the same set-up plus chromium; ruff, mypy, pytest
+    python3 scripts/bootstrap.py cluster  # the demo as two nodes (18080, 18081) on PostgreSQL
 
 Arguments after ``demo`` go to ``hotmodel serve`` (e.g. ``--port 18081``), after
 ``test`` to pytest.
@@ -65,7 +66,7 @@ def setup(dev: bool) -> None:
     run(PY, "-m", "hotmodel", "setup", "--link-models", ROOT / ".models")
     if dev:
         ensure_chromium()
-        ensure_postgres()
+        ensure_postgres()  # the shared-store and cluster tests run a real PostgreSQL
 
 
 def ensure_postgres() -> None:
@@ -144,6 +145,11 @@ def main() -> None:
         step("hotmodel serve --config configs/demo.toml  (Ctrl-C stops it)")
         demo = ROOT / "configs" / "demo.toml"
         serve([str(PY), "-m", "hotmodel", "serve", "--config", str(demo), *sys.argv[2:]])
+    if what == "cluster":
+        setup(dev=False)
+        ensure_postgres()
+        step("the cluster: PostgreSQL, node A on :18080, node B on :18081  (Ctrl-C stops all)")
+        serve([str(PY), "-m", "hotmodel.cluster.demo", str(ROOT)])
     if what == "test":
         setup(dev=True)
         failed = []

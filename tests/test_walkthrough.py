@@ -344,7 +344,8 @@ def test_reload_checks_the_files_of_new_and_edited_presets_and_a_new_default(
 
 def test_only_the_demo_takes_the_demos_port() -> None:
     """The README serves the demo on 18080: a config copied for your own models must not
-    collide with a demo running beside it."""
+    collide with a demo running beside it. The cluster demo (the demo as two nodes, one
+    at a time with it) takes 18080 and 18081."""
     import tomllib
 
     ports = {
@@ -352,6 +353,7 @@ def test_only_the_demo_takes_the_demos_port() -> None:
         for path in sorted((ROOT / "configs").glob("*.toml"))
     }
     assert ports.pop("demo.toml") == 18080
+    assert (ports.pop("cluster-a.toml"), ports.pop("cluster-b.toml")) == (18080, 18081)
     assert ports and 18080 not in ports.values(), ports
     assert "port 18090" in README.read_text(encoding="utf-8")
     assert ports["models.example.toml"] == 18090

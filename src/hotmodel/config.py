@@ -152,6 +152,27 @@ class SessionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: where sessions live ("" = the SQLite file; ``postgresql://...`` = shared)."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: this node's part in a cluster of hotmodels sharing ``[store] url``."""
+
+    node_id: str = ""  # "" = host:port ([server]'s, after serve --port)
+    url: str = ""  # how the other nodes reach this one; "" = http://host:port
+    key: str = ""  # the cluster key, the same on every node: how nodes trust each other
+    heartbeat_seconds: float = field(default=2.0, metadata=_meta(min=0.1, max=60))
+    dead_after_seconds: float = field(default=10.0, metadata=_meta(min=0.5, max=3600))
+
+
+MIN_CLUSTER_KEY = 16
+
+
+@dataclass(frozen=True, slots=True)
 class SystemPrompt:
     """``[system_prompts.NAME]``: a named system prompt, sent first on every request of a
     session that uses it. (A *preset* is a model: a section of llama-server's INI.)"""
@@ -171,6 +192,8 @@ class Config:
     presets: Presets
     system_prompts: Mapping[str, SystemPrompt] = field(default_factory=dict)
     keys: KeySet = field(default_factory=KeySet)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig | None = None  # None: no [cluster] section, a node of its own
     # [server] keys given on the command line (serve --port ...): they win over the
     # file at start and at every reload
     server_overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -289,6 +312,7 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             section="router",
             key="default_model",
         )
+    store = _build(StoreConfig, raw.get("store", {}), path, "store", base)
     return Config(
         path=path,
         server=server,
@@ -298,12 +322,40 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
         presets=presets,
         system_prompts=prompts,
         keys=keys,
+        store=store,
+        cluster=_cluster(raw, store, path, base),
     )
+
+
+def _cluster(
+    raw: Mapping[str, Any], store: StoreConfig, path: Path, base: Path
+) -> ClusterConfig | None:
+    """``[cluster]`` with its defaults filled in, or None without the section."""
+    if "cluster" not in raw:
+        return None
+    cluster = _build(ClusterConfig, raw["cluster"], path, "cluster", base)
+    if not store.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            path,
+            "a cluster shares its sessions in PostgreSQL: set [store] url = "
+            '"postgresql://..." (the same on every node)',
+            section="cluster",
+        )
+    if len(cluster.key) < MIN_CLUSTER_KEY:
+        raise ConfigError(
+            path,
+            f"the cluster key must be at least {MIN_CLUSTER_KEY} characters, the same on "
+            "every node (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')",
+            section="cluster",
+            key="key",
+        )
+    return cluster
 
 
 def _check_sections(raw: Mapping[str, Any], path: Path) -> None:
     """Every section known and a table, ``[router]`` present; renamed keys say their new name."""
     known = {"server", "router", "switch", "session", "system_prompts", "security"}
+    known |= {"store", "cluster"}
     for name, value in raw.items():
         if name == "presets":
             raise ConfigError(

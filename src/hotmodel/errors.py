@@ -37,6 +37,8 @@ with ``raise ... from exc``.
     │   └── SwitchFailedError        a switch failed; carries its report (502)
     ├── StoreError                   the session store cannot be opened or used (SQLite, PostgreSQL)
     ├── ClusterError                 the cluster's local PostgreSQL or another node cannot be used
+    │   ├── PeerUnreachableError     a peer gave no answer's head (the request may go elsewhere)
+    │   └── PeerLostError            a peer's answer broke off (what was relayed stays relayed)
     ├── SlotBusyError                another API key's request held the slot too long (503)
     ├── QueueFullError               [switch] max_queue requests already wait (429)
     ├── ShuttingDownError            hotmodel is stopping and takes no new work (503)
@@ -294,6 +296,14 @@ class StoreError(HotModelError):
 
 class ClusterError(HotModelError):
     """The cluster's local PostgreSQL, or another node, cannot be used."""
+
+
+class PeerUnreachableError(ClusterError):
+    """A peer gave no answer's head: the request may be placed again."""
+
+
+class PeerLostError(ClusterError):
+    """A peer's answer broke off after it began."""
 
 
 class SwitchError(HotModelError):

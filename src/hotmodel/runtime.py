@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from hotmodel.cluster.join import join
+from hotmodel.cluster.node import ClusterNode
 from hotmodel.config import Config
 from hotmodel.control.commands import Snapshot, Switch, SyncResidents
 from hotmodel.control.controller import Controller
@@ -94,6 +96,7 @@ class Services:
     # what goes upstream at once, per model (its slots + 1)
     upstream: UpstreamSlots = field(default_factory=UpstreamSlots)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
+    cluster: ClusterNode | None = None  # None: no [cluster], a node of its own
 
 
 class Runtime:
@@ -258,6 +261,10 @@ class Runtime:
         )
         controller.watch(scheduler.poke)  # an admin's switch may serve a queue
         await stack.enter_async_context(_task(scheduler.run(), "scheduler"))
+        # in a cluster: the registry, its heartbeat, placement (None: a node of its own)
+        cluster = await join(
+            stack, lambda: self.current_config, controller, gate, scheduler, gpu, _task
+        )
         await sessions.warn_missing_prompts()  # a stored session's prompt gone from the config
         retention = Retention(lambda: self.current_config.session, sessions, snapshots)
         await stack.enter_async_context(_task(retention.run(), "session-retention"))
@@ -277,6 +284,7 @@ class Runtime:
             upstream=UpstreamSlots(lambda model: _slots(self.current_config, model)),
             snapshots=snapshots,
             feed=feed,
+            cluster=cluster,
         )
 
     async def _load_default(self) -> None:

@@ -31,10 +31,12 @@ from hotmodel.api.messages import AnthropicErrors, messages_routes
 from hotmodel.api.metrics import Metrics, metrics_routes
 from hotmodel.api.observe import Observe
 from hotmodel.api.openapi import openapi_routes
+from hotmodel.api.placement import Place
 from hotmodel.api.responses import responses_routes
 from hotmodel.api.sessions import session_routes
 from hotmodel.api.status import status_routes
 from hotmodel.api.ui import ui_routes
+from hotmodel.cluster.node import ClusterNode
 from hotmodel.config import ServerConfig
 from hotmodel.errors import HotModelError
 from hotmodel.runtime import Runtime
@@ -61,6 +63,12 @@ def create_app(runtime: Runtime) -> ASGIApp:
     def server() -> ServerConfig:
         return services.config.server  # allowed hosts and origins, as keys
 
+    def body_limit() -> int:
+        return services.config.server.max_body_bytes
+
+    def cluster() -> ClusterNode | None:
+        return services.cluster
+
     app = Starlette(
         routes=[
             Route(CHAT_PATH, chat, methods=["POST"]),
@@ -80,6 +88,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
             Middleware(CatchUnexpected),
             Middleware(GuardBrowsers, server=server),  # before keys: a page has none
             Middleware(RequireKeys, keys=keys),
+            Middleware(Place, cluster=cluster, limit=body_limit),  # in a cluster: where
         ],
         exception_handlers=dict(HANDLERS),
     )
@@ -89,7 +98,8 @@ def create_app(runtime: Runtime) -> ASGIApp:
     # the same middlewares and the same exception handlers (Starlette's own layer), without
     # the router and its outer error layer
     answered = ExceptionMiddleware(chat, handlers=dict(HANDLERS))
-    door = GuardBrowsers(RequireKeys(answered, keys=keys), server=server)
+    placed = Place(answered, cluster=cluster, limit=body_limit)
+    door = GuardBrowsers(RequireKeys(placed, keys=keys), server=server)
     fast = Observe(CatchUnexpected(door), metrics=metrics)
     return ChatFirst(app, fast)
 

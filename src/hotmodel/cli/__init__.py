@@ -1,7 +1,8 @@
 """The ``hotmodel`` command line: the only place that exits the process.
 
 ``serve`` and ``setup`` run here (:mod:`.local`); ``status``, ``switch``,
-``models``, ``reload`` (:mod:`.client`) and ``sessions`` (:mod:`.sessions`)
+``models``, ``reload`` (:mod:`.client`), ``sessions`` (:mod:`.sessions`) and
+``cluster`` (:mod:`.cluster`)
 ask a running server, found by ``--config``, ``--url`` or ``--port``
 (:mod:`.common`, which also holds the exit codes: 0 ok, 1 runtime error,
 2 usage error, 3 config error, 4 server unreachable, 130 interrupted).
@@ -15,6 +16,7 @@ import click
 
 from hotmodel import __version__
 from hotmodel.cli.client import models, reload, status, switch
+from hotmodel.cli.cluster import cluster
 from hotmodel.cli.common import EXIT_INTERRUPTED
 from hotmodel.cli.local import serve, setup
 from hotmodel.cli.sessions import sessions
@@ -54,7 +56,7 @@ def cli() -> None:
     """
 
 
-for _command in (serve, status, switch, models, reload, sessions, setup):
+for _command in (serve, status, switch, models, reload, sessions, cluster, setup):
     cli.add_command(_command)
 
 

@@ -1,0 +1,132 @@
+"""Two and three hotmodel nodes on one real PostgreSQL, each with its own llama-server:
+the registry, requests placed on the node that has the model, one load for a burst."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hotmodel.router.supervisor import free_port
+from tests.conftest import HotmodelProcess, chat, serving_hotmodel, wait_until, write_config
+from tests.tiny_gguf import write_tiny_model
+
+pytestmark = pytest.mark.slow  # drives the real llama-server
+
+KEY = "a-cluster-key-for-the-tests"
+
+
+def node_config(folder: Path, name: str, url: str, models: dict[str, Path], default: str) -> Path:
+    return write_config(
+        folder / name,
+        models,
+        default,
+        extra="auto = true",
+        tail=(
+            f'[store]\nurl = "{url}"\n\n'
+            f'[cluster]\nnode_id = "{name}"\nkey = "{KEY}"\n'
+            "heartbeat_seconds = 0.3\ndead_after_seconds = 3\n"
+        ),
+    )
+
+
+@pytest.fixture
+def three_models(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    return {
+        "t1": tiny_models["tiny"],
+        "t2": tiny_models["tiny2"],
+        "t3": write_tiny_model(tmp_path / "tiny3.gguf", seed=2),
+    }
+
+
+@contextlib.contextmanager
+def two_nodes(
+    tmp_path: Path, url: str, models: dict[str, Path]
+) -> Iterator[tuple[HotmodelProcess, HotmodelProcess]]:
+    """Node a (t1 loaded) and node b (t2 loaded), both seeing each other."""
+    with (
+        serving_hotmodel(node_config(tmp_path, "a", url, models, "t1")) as a,
+        serving_hotmodel(node_config(tmp_path, "b", url, models, "t2")) as b,
+    ):
+        for node in (a, b):
+            wait_until("both nodes registered", lambda n=node: len(alive(n)) == 2)  # type: ignore[misc]
+        yield a, b
+
+
+def cluster(hp: HotmodelProcess) -> dict[str, Any]:
+    data: dict[str, Any] = httpx.get(hp.base_url + "/admin/cluster", timeout=10).json()
+    return data
+
+
+def alive(hp: HotmodelProcess) -> list[str]:
+    return [n["id"] for n in cluster(hp)["nodes"] if n["alive"]]
+
+
+def switches(hp: HotmodelProcess) -> list[str]:
+    data = httpx.get(hp.base_url + "/admin/switches", timeout=10).json()["data"]
+    return [r["to"] for r in data if r["outcome"] == "ok"]
+
+
+def test_each_node_lists_both_and_a_model_is_served_where_it_is_loaded(
+    tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
+) -> None:
+    with two_nodes(tmp_path, postgres_url, three_models) as (a, b):
+        for hp, me in ((a, "a"), (b, "b")):
+            seen = cluster(hp)
+            assert seen["enabled"] and seen["self"] == me
+            assert {n["id"]: n["loaded"][:1] for n in seen["nodes"]} == {"a": ["t1"], "b": ["t2"]}
+        before_b = switches(b)
+        for stream in (False, True):
+            answer = chat(b, "t1", stream=stream)  # only a has t1
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-hotmodel-node"] == "a"
+        assert chat(b, "t2").headers["x-hotmodel-node"] == "b"  # its own: served there
+        assert switches(b) == before_b  # b never switched to serve t1
+        assert switches(a) == ["t1"]
+
+
+def test_a_burst_for_a_model_no_node_has_loads_it_once_on_one_node(
+    tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
+) -> None:
+    with two_nodes(tmp_path, postgres_url, three_models) as (a, b):
+        answers: list[httpx.Response] = []
+
+        def ask(hp: HotmodelProcess) -> None:
+            answers.append(chat(hp, "t3", timeout=180))
+
+        threads = [threading.Thread(target=ask, args=(hp,)) for hp in [a, b] * 10]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in answers] == [200] * 20, [r.text for r in answers]
+        served = {r.headers["x-hotmodel-node"] for r in answers}
+        assert len(served) == 1, served  # one node served them all
+        loads = switches(a).count("t3") + switches(b).count("t3")
+        assert loads == 1  # loaded once, on one node
+
+
+def test_a_forward_with_a_wrong_cluster_key_is_refused(
+    tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
+) -> None:
+    config = node_config(tmp_path, "solo", postgres_url, three_models, "t1")
+    with serving_hotmodel(config) as hp:
+        refused = httpx.post(
+            hp.base_url + "/v1/chat/completions",
+            json={"model": "t1", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"x-hotmodel-cluster-key": "not-the-key"},
+            timeout=30,
+        )
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "cluster_key_invalid"
+
+
+def test_a_node_not_in_a_cluster_says_so(tmp_path: Path, three_models: dict[str, Path]) -> None:
+    port = free_port("127.0.0.1")
+    with serving_hotmodel(write_config(tmp_path, three_models, "t1", port=port)) as hp:
+        assert cluster(hp) == {"enabled": False, "self": None, "nodes": []}
