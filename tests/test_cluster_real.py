@@ -4,16 +4,26 @@ the registry, requests placed on the node that has the model, one load for a bur
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from hotmodel.router.supervisor import free_port
-from tests.conftest import HotmodelProcess, chat, serving_hotmodel, wait_until, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    chat,
+    serving_hotmodel,
+    start_hotmodel,
+    wait_until,
+    write_config,
+)
 from tests.tiny_gguf import write_tiny_model
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
@@ -130,3 +140,68 @@ def test_a_node_not_in_a_cluster_says_so(tmp_path: Path, three_models: dict[str,
     port = free_port("127.0.0.1")
     with serving_hotmodel(write_config(tmp_path, three_models, "t1", port=port)) as hp:
         assert cluster(hp) == {"enabled": False, "self": None, "nodes": []}
+
+
+def test_a_node_killed_mid_stream_loses_no_request_that_had_not_begun(
+    tmp_path: Path, postgres_url: str, real_models: dict[str, Path]
+) -> None:
+    """Node a serves smollm2, b gemma3. Through b: one long stream and three plain
+    requests for smollm2, all forwarded to a. a is killed (-9) mid-stream: the stream
+    ends with an error event after what it had received; the three, which had no answer
+    yet, complete on b, each turn in b's store."""
+    models = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
+    a = start_hotmodel(node_config(tmp_path, "a", postgres_url, models, "smollm2"))
+    leftovers = list(a.router_pids)
+    try:
+        with serving_hotmodel(node_config(tmp_path, "b", postgres_url, models, "gemma3")) as b:
+            wait_until("both nodes registered", lambda: len(alive(b)) == 2)
+            results: dict[str, httpx.Response] = {}
+
+            def ask(session: str) -> None:
+                results[session] = chat(
+                    b, "smollm2", timeout=300, session_id=session, max_tokens=8,
+                    messages=[{"role": "user", "content": f"Say {session}."}],
+                )  # fmt: skip
+
+            with httpx.stream(
+                "POST",
+                b.base_url + "/v1/chat/completions",
+                json={
+                    "model": "smollm2",
+                    "stream": True,
+                    "max_tokens": 400,
+                    "messages": [{"role": "user", "content": "Count to one hundred."}],
+                },
+                timeout=300,
+            ) as stream:
+                assert stream.headers["x-hotmodel-node"] == "a"
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                waiting = [threading.Thread(target=ask, args=(f"s{i}",)) for i in range(3)]
+                for t in waiting:
+                    t.start()
+                wait_until("the three queued on a", lambda: busy(a) >= 3)
+                os.kill(a.proc.pid, signal.SIGKILL)
+                rest = list(lines)
+            assert any('"node_lost"' in line for line in rest), rest[-3:]
+            for t in waiting:
+                t.join()
+            for session, answer in results.items():
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["x-hotmodel-node"] == "b"
+                stored = httpx.get(f"{b.base_url}/v1/sessions/{session}", timeout=10).json()
+                assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+            assert len(results) == 3
+    finally:
+        a.proc.kill()
+        for pid in leftovers:  # a's llama-server, orphaned by the kill
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+
+def busy(hp: HotmodelProcess) -> int:
+    """Requests admitted or waiting upstream on ``hp`` (its /admin/status)."""
+    status = hp.status()
+    waiting = status.get("upstream_waiting") or {}
+    assert isinstance(waiting, dict)
+    return int(str(status["in_flight"])) + sum(int(v) for v in waiting.values())

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from hotmodel.api.placement import FORWARDED
 from hotmodel.api.queued import EarlyStream
 from hotmodel.control.commands import Switch
 from hotmodel.control.decide import (
@@ -540,7 +541,7 @@ def test_an_early_stream_ends_with_an_error_event_instead_of_a_second_head() -> 
         async def send(message: Any) -> None:
             sent.append(message)
 
-        early = EarlyStream(send, {"x-session-id": "s"})
+        early = EarlyStream(send, {"x-session-id": "s"}, {"type": "http"})
         await early.tell(Position("b", 1, 3, 2.0))
         await early.send({"type": "http.response.start", "status": 503, "headers": []})
         await early.send({"type": "http.response.body", "body": b'{"error": {"code": "x"}}'})
@@ -554,3 +555,23 @@ def test_an_early_stream_ends_with_an_error_event_instead_of_a_second_head() -> 
         "body": b'data: {"error": {"code": "x"}}\n\n',
         "more_body": False,
     }
+
+
+def test_a_request_a_peer_forwarded_waits_without_an_early_head() -> None:
+    """In a cluster the forwarding node may still place it elsewhere if this one dies
+    before answering: no head goes out while it waits, only the answer's own."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        forwarded = {"type": "http", "state": {FORWARDED: "node-b"}}
+        early = EarlyStream(send, {}, forwarded)
+        await early.tell(Position("b", 1, 3, 2.0))
+        assert sent == []
+        await early.send({"type": "http.response.start", "status": 503, "headers": []})
+        return sent
+
+    assert [m["status"] for m in asyncio.run(scenario())] == [503]  # as a plain answer

@@ -175,7 +175,7 @@ class ChatCompletions:
             record.session = chat.session.id
         if chat.stream:
             session = {} if chat.session is None else {"x-session-id": chat.session.id}
-            chat.early = EarlyStream(send, session)
+            chat.early = EarlyStream(send, session, scope)
             send = chat.early.send
 
         async def attempt(to: Send) -> Response | Answer | None:

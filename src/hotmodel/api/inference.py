@@ -106,7 +106,7 @@ class Inference:
         record = record_of(scope) or RequestRecord.detached()
         stream = self.e.streams and bool(payload.get("stream"))
         record.stream = stream
-        early = EarlyStream(send, {}) if stream else None
+        early = EarlyStream(send, {}, scope) if stream else None
         if early is not None:
             send = early.send
         call = Call(payload, stream, accept, owner_of(scope), came_with_admin_key(scope), early)

@@ -116,7 +116,9 @@ class Messages:
             record.session = session.id
         early = None
         if stream:
-            early = EarlyStream(send, {} if session is None else {"x-session-id": session.id})
+            early = EarlyStream(
+                send, {} if session is None else {"x-session-id": session.id}, scope
+            )
             send = early.send
 
         async def attempt(to: Send) -> Response | Answer | None:

@@ -34,6 +34,7 @@ from hotmodel.errors import HotModelError, PeerLostError, PeerUnreachableError
 
 log = logging.getLogger("hotmodel.cluster")
 
+FORWARDED = "forwarded_by"  # scope state: the peer that forwarded this request
 PLACED = frozenset({CHAT_PATH, *ANTHROPIC_PATHS, *(e.path for e in ENDPOINTS)})
 MAX_PEERS = 3  # peers tried for one request before it is served here
 # not passed between client and peer: hop-by-hop, recomputed, or ours
@@ -70,6 +71,7 @@ class Place:
                 )
                 await refused(scope, receive, send)
                 return
+            scope.setdefault("state", {})[FORWARDED] = headers.get(FROM_HEADER, "")
             await self.app(scope, receive, send)  # a peer's forward: served here
             return
         if scope["method"] != "POST" or scope["path"] not in PLACED:
@@ -98,6 +100,11 @@ class Place:
                 log.warning("node %s did not answer (%s): placing the request again", peer.id, why)
                 skip |= {peer.id}
         await self.app(scope, _replay(body, receive), send)
+
+
+def forwarded(scope: Scope) -> bool:
+    """Whether a peer forwarded this request (it is served here, whatever happens)."""
+    return FORWARDED in (scope.get("state") or {})
 
 
 def _model_of(body: bytes) -> object:

@@ -9,15 +9,20 @@ instead: the upstream stream's own head is dropped (its body follows the head
 sent), and an error answer (the switch failed, the queue wait timed out, the
 router answered 4xx/5xx) becomes the stream's last event, ``data: {"error": ...}``,
 which the OpenAI SDKs raise as an ``APIError``.
+
+A request that a peer forwarded (a cluster) waits without a head: the peer
+that forwarded it may still place it elsewhere if this node dies before
+answering, which an answer already begun would forbid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from starlette.types import Message, Send
+from starlette.types import Message, Scope, Send
 
 from hotmodel import sse
+from hotmodel.api.placement import forwarded
 from hotmodel.api.relay import SSE_HEADERS
 from hotmodel.control.scheduler import Position
 
@@ -25,14 +30,17 @@ from hotmodel.control.scheduler import Position
 class EarlyStream:
     """Wraps the request's ``send``; starts the SSE answer at the first :meth:`tell`."""
 
-    def __init__(self, send: Send, headers: Mapping[str, str]) -> None:
+    def __init__(self, send: Send, headers: Mapping[str, str], scope: Scope) -> None:
         self._send = send
+        self._quiet = forwarded(scope)
         self._headers = {"content-type": "text/event-stream", **SSE_HEADERS, **headers}
         self.started = False
         self._error: list[bytes] | None = None  # an error answer's body, being collected
 
     async def tell(self, where: Position) -> None:
         """Send the waiter's place as an SSE comment (the answer's head first, once)."""
+        if self._quiet:
+            return
         if not self.started:
             raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._headers.items()]
             await self._send({"type": "http.response.start", "status": 200, "headers": raw})
