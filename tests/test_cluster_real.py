@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.router.supervisor import free_port
 from tests.conftest import (
     HotmodelProcess,
@@ -205,3 +208,27 @@ def busy(hp: HotmodelProcess) -> int:
     waiting = status.get("upstream_waiting") or {}
     assert isinstance(waiting, dict)
     return int(str(status["in_flight"])) + sum(int(v) for v in waiting.values())
+
+
+def test_with_postgres_down_each_node_serves_on_its_own_and_comes_back(
+    tmp_path: Path, three_models: dict[str, Path]
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="hotmodel-pg-down-"))
+    base.chmod(0o711)
+    server = LocalPostgres(base / "data")
+    try:
+        url = server.start()
+        with two_nodes(tmp_path, url, three_models) as (a, b):
+            server.stop()
+            wait_until("a's registry error", lambda: cluster(a)["error"])
+            for hp, model in ((a, "t1"), (b, "t2"), (b, "t1")):
+                answer = chat(hp, model)  # b's t1: forwarded while b still trusts its
+                assert answer.status_code == 200, answer.text  # snapshot, else served by b
+            wait_until("b counts only itself", lambda: alive(b) == ["b"])
+            answer = chat(b, "t3")  # no claim can be made: b loads it itself
+            assert (answer.status_code, answer.headers["x-hotmodel-node"]) == (200, "b")
+            server.start()  # the same port: the pools connect again
+            wait_until("both back", lambda: len(alive(a)) == 2 and cluster(a)["error"] is None)
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -140,7 +140,7 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         try:
             nodes = await node.registry.refresh()
         except HotModelError as exc:
-            nodes, error = node.registry.nodes, exc.public
+            nodes, error = node.registry.view(), exc.public
         return JSONResponse(
             {
                 "enabled": True,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -131,6 +132,13 @@ class Registry:
         if time.monotonic() - self.read_at > self.me.dead_after_s:
             return []
         return [n for n in self.nodes if n.alive]
+
+    def view(self) -> tuple[Node, ...]:
+        """The snapshot as placement sees it: once the snapshot itself is older than the
+        deadline, every other node shows as out (this one is alive: it is answering)."""
+        if time.monotonic() - self.read_at <= self.me.dead_after_s:
+            return self.nodes
+        return tuple(dataclasses.replace(n, alive=n.id == self.me.node_id) for n in self.nodes)
 
     async def beat(self) -> None:
         """Write this node's row, then read everyone's (the snapshot)."""
