@@ -34,12 +34,15 @@ pytestmark = pytest.mark.slow  # drives the real llama-server
 KEY = "a-cluster-key-for-the-tests"
 
 
-def node_config(folder: Path, name: str, url: str, models: dict[str, Path], default: str) -> Path:
+def node_config(
+    folder: Path, name: str, url: str, models: dict[str, Path], default: str, kv: bool = False
+) -> Path:
     return write_config(
         folder / name,
         models,
         default,
-        extra="auto = true",
+        router="parallel = 1" if kv else "",
+        extra="auto = true" + ("\nkv_snapshots = true" if kv else ""),
         tail=(
             f'[store]\nurl = "{url}"\n\n'
             f'[cluster]\nnode_id = "{name}"\nkey = "{KEY}"\n'
@@ -127,7 +130,7 @@ def test_a_burst_for_a_model_no_node_has_loads_it_once_on_one_node(
 def test_a_forward_with_a_wrong_cluster_key_is_refused(
     tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
 ) -> None:
-    config = node_config(tmp_path, "solo", postgres_url, three_models, "t1")
+    config = node_config(tmp_path, "solo", postgres_url, three_models, "t1", kv=True)
     with serving_hotmodel(config) as hp:
         refused = httpx.post(
             hp.base_url + "/v1/chat/completions",
@@ -137,6 +140,11 @@ def test_a_forward_with_a_wrong_cluster_key_is_refused(
         )
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "cluster_key_invalid"
+        kv = hp.base_url + "/cluster/kv/"
+        assert httpx.get(kv + "kv-0123456789abcdef.bin", timeout=10).status_code == 403
+        key = {"x-hotmodel-cluster-key": KEY}
+        for name in ("kv-0123456789abcdef.bin", "..%2Fhotmodel.toml", "sessions.sqlite3"):
+            assert httpx.get(kv + name, headers=key, timeout=10).status_code == 404, name
 
 
 def test_a_node_not_in_a_cluster_says_so(tmp_path: Path, three_models: dict[str, Path]) -> None:

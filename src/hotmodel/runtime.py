@@ -263,7 +263,7 @@ class Runtime:
         await stack.enter_async_context(_task(scheduler.run(), "scheduler"))
         # in a cluster: the registry, its heartbeat, placement (None: a node of its own)
         cluster = await join(
-            stack, lambda: self.current_config, controller, gate, scheduler, gpu, _task
+            stack, lambda: self.current_config, controller, gate, scheduler, gpu, _task, snapshots
         )
         await sessions.warn_missing_prompts()  # a stored session's prompt gone from the config
         retention = Retention(lambda: self.current_config.session, sessions, snapshots)

@@ -131,25 +131,6 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         """Re-read the config files; 400 ``invalid_config`` (nothing changed) when one is bad."""
         return JSONResponse(await reload_config(s))
 
-    async def cluster(request: Request) -> Response:
-        """The registry's nodes, read now (the last snapshot when PostgreSQL is out of reach)."""
-        node = s.cluster
-        if node is None:
-            return JSONResponse({"enabled": False, "self": None, "nodes": []})
-        error = None
-        try:
-            nodes = await node.registry.refresh()
-        except HotModelError as exc:
-            nodes, error = node.registry.view(), exc.public
-        return JSONResponse(
-            {
-                "enabled": True,
-                "self": node.id,
-                "nodes": [n.to_json(node.id) for n in nodes],
-                "error": error or node.registry.error,
-            }
-        )
-
     async def switches(request: Request) -> Response:
         history = s.controller.history
         return JSONResponse({"data": [r.to_json() for r in reversed(history)]})
@@ -159,7 +140,6 @@ def admin_routes(runtime: Runtime) -> list[Route]:
         Route("/admin/switch", switch, methods=["POST"]),
         Route("/admin/switches", switches, methods=["GET"]),
         Route("/admin/reload", reload, methods=["POST"]),
-        Route("/admin/cluster", cluster, methods=["GET"]),
     ]
 
 

@@ -21,6 +21,7 @@ from hotmodel.api.admin import admin_routes
 from hotmodel.api.auth import RequireKeys
 from hotmodel.api.browser import GuardBrowsers
 from hotmodel.api.chat import ChatCompletions
+from hotmodel.api.cluster import cluster_routes
 from hotmodel.api.errors import (
     CatchUnexpected,
     on_hotmodel_error,
@@ -77,6 +78,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
             *responses_routes(services),  # OpenAI Responses, stored
             *status_routes(runtime),
             *admin_routes(runtime),
+            *cluster_routes(services),  # /admin/cluster, and KV files for peers
             *session_routes(services.sessions, services.snapshots),
             *openapi_routes(),
             *ui_routes(runtime),

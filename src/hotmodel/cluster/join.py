@@ -12,6 +12,7 @@ import collections
 import contextlib
 from collections.abc import Callable
 
+from hotmodel.cluster.kv_share import KvShare
 from hotmodel.cluster.node import ClusterNode
 from hotmodel.cluster.placement import NodeState
 from hotmodel.cluster.registry import Identity, Registry
@@ -19,6 +20,7 @@ from hotmodel.config import ClusterConfig, Config
 from hotmodel.control.controller import Controller
 from hotmodel.control.gpu import GpuProbe
 from hotmodel.control.scheduler import Scheduler
+from hotmodel.control.snapshots import Snapshots
 from hotmodel.control.traffic import TrafficGate
 
 LOADED = "loaded"  # a resident's state when it is loaded (control/residents.py)
@@ -51,6 +53,7 @@ async def join(
     scheduler: Scheduler,
     gpu: GpuProbe,
     task: Callable[..., contextlib.AbstractAsyncContextManager[object]],
+    snapshots: Snapshots | None,
 ) -> ClusterNode | None:
     """Enter the registry and its heartbeat on ``stack``; None when ``[cluster]`` is unset."""
     config = current()
@@ -82,4 +85,7 @@ async def join(
         claim_hold_s=lambda: current().switch.load_timeout_seconds,
     )
     stack.push_async_callback(node.aclose)
+    if snapshots is not None:  # the others may fetch this node's KV snapshots, and it theirs
+        snapshots.share = KvShare(node)
+        await snapshots.publish()
     return node

@@ -9,7 +9,9 @@ again), one in the middle of the body a :class:`~hotmodel.errors.PeerLostError`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import httpx
 
@@ -61,3 +63,32 @@ async def send_to_peer(
         yield PeerAnswer(response)
     finally:
         await response.aclose()
+
+
+async def download(
+    http: PeerClient,
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    into: Path,
+    size: int,
+    sha256: str,
+) -> None:
+    """GET ``url`` into the file ``into``, which exists only if it arrived whole with this
+    ``size`` and ``sha256`` (written beside it first, then renamed)."""
+    partial = into.with_name(into.name + ".partial")
+    digest = hashlib.sha256()
+    try:
+        async with http.stream("GET", url, headers=list(headers)) as response:
+            if response.status_code != 200:
+                raise PeerUnreachableError(f"{url} answered {response.status_code}")
+            with partial.open("wb") as out:
+                async for chunk in response.aiter_bytes():
+                    digest.update(chunk)
+                    out.write(chunk)
+        if partial.stat().st_size != size or digest.hexdigest() != sha256:
+            raise PeerLostError(f"{url} sent a file that is not the one indexed (size or sha256)")
+        partial.replace(into)
+    except httpx.HTTPError as exc:
+        raise PeerUnreachableError(f"no file from {url}", detail=detail_of(exc)) from exc
+    finally:
+        partial.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ the requests of a burst that arrive at several nodes at once agree on one
 node: the model is loaded once.
 
 Every psycopg error becomes a :class:`~hotmodel.errors.ClusterError` in
-:meth:`Registry._db`, the one place the registry enters PostgreSQL.
+:meth:`Registry.db`, the one place the registry enters PostgreSQL.
 """
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ CREATE TABLE IF NOT EXISTS hotmodel_claims (
     node   text NOT NULL,
     until  timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS hotmodel_kv (
+    node        text NOT NULL,
+    file        text NOT NULL,
+    model       text NOT NULL,
+    owner       text NOT NULL,
+    session_id  text NOT NULL,
+    portable    jsonb NOT NULL,
+    meta        jsonb NOT NULL,
+    created     float8 NOT NULL,
+    PRIMARY KEY (node, file)
+);
+CREATE INDEX IF NOT EXISTS hotmodel_kv_by_session ON hotmodel_kv (model, owner, session_id);
 """
 _NODES = (
     "SELECT id, url, state, EXTRACT(EPOCH FROM now() - beat_at)::float8, "
@@ -98,7 +110,7 @@ class Registry:
                 "the cluster's PostgreSQL cannot be reached", detail=detail_of(exc)
             ) from exc
         try:
-            async with self._db() as conn, conn.transaction():
+            async with self.db() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 await conn.execute(SCHEMA)
             await self.beat()
@@ -109,7 +121,7 @@ class Registry:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            async with self._db() as conn:
+            async with self.db() as conn:
                 await conn.execute("DELETE FROM hotmodel_nodes WHERE id = %s", (self.me.node_id,))
         except ClusterError as err:
             log.warning("could not leave the cluster registry: %s", err)
@@ -117,7 +129,7 @@ class Registry:
             await self._pool.close()
 
     @contextlib.asynccontextmanager
-    async def _db(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def db(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
         try:
             async with self._pool.connection() as conn:
                 yield conn
@@ -143,7 +155,7 @@ class Registry:
     async def beat(self) -> None:
         """Write this node's row, then read everyone's (the snapshot)."""
         state = await self._state()
-        async with self._db() as conn:
+        async with self.db() as conn:
             await conn.execute(
                 "INSERT INTO hotmodel_nodes (id, url, state) VALUES (%s, %s, %s) "
                 "ON CONFLICT (id) DO UPDATE SET url = excluded.url, state = excluded.state, "
@@ -153,7 +165,7 @@ class Registry:
             await self._read(conn)
 
     async def refresh(self) -> tuple[Node, ...]:
-        async with self._db() as conn:
+        async with self.db() as conn:
             await self._read(conn)
         return self.nodes
 
@@ -193,7 +205,7 @@ class Registry:
         """The node that loads ``model``: the standing claim's, when its node is alive,
         else ``choose(live nodes)``'s, claimed for ``hold_s`` seconds. Under an advisory
         lock on the model: concurrent claims, on any node, get the same answer."""
-        async with self._db() as conn, conn.transaction():
+        async with self.db() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("claim:" + model,))
             await self._read(conn)
             live = {n.id for n in self.nodes if n.alive}

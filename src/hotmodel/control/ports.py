@@ -7,7 +7,8 @@ The real implementations: ``router.lifecycle.ModelLifecycle`` (LifecycleOps),
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from hotmodel.config import Config
@@ -54,6 +55,24 @@ class ProcessOps(Protocol):
 
     def use_presets(self, presets: Presets) -> None:
         """A reload's presets: the router reads them at its next restart."""
+        ...
+
+
+class SnapshotShare(Protocol):
+    """A cluster's index of its nodes' KV snapshots (``cluster/kv_share.py``): a node that
+    has none of a session's snapshots fetches another node's, when it is valid here."""
+
+    async def publish(self, kept: Sequence[Mapping[str, Any]]) -> None:
+        """This node's snapshots now (each a sidecar's fields plus its ``portable``
+        identity): the index is made to hold exactly these for this node."""
+        ...
+
+    async def fetch(
+        self, model: str, owner: str, session_id: str, portable: Mapping[str, str], into: Path
+    ) -> dict[str, Any] | None:
+        """Another live node's newest snapshot of this session for ``model`` whose portable
+        identity is ``portable``, downloaded to ``into`` and its sha256 checked: its
+        sidecar's fields; None when no node has one, or none could be fetched."""
         ...
 
 

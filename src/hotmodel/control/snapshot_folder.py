@@ -74,6 +74,39 @@ def identity(config: Config, binary: Path, model: str) -> dict[str, str]:
     }
 
 
+def portable(config: Config, binary: Path, model: str) -> dict[str, str]:
+    """:func:`identity` as another host can check it: files by content, not by path and
+    modification time (a cluster's nodes each have their own copies). A snapshot one node
+    saved is valid on another only when these are equal."""
+    preset = config.presets.models[model]
+    model_file = "remote"
+    if preset.model_path is not None:
+        model_file = _content_id(preset.model_path, whole=False)
+    return {
+        "model file": model_file,
+        "llama-server binary": _content_id(binary, whole=True),
+        "KV settings": identity(config, binary, model)["KV settings"],
+    }
+
+
+_CONTENT: dict[tuple[Path, int, int, bool], str] = {}  # a binary is hashed once per change
+
+
+def _content_id(path: Path, whole: bool) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    key = (path, st.st_size, st.st_mtime_ns, whole)
+    if key not in _CONTENT:
+        with path.open("rb") as f:
+            digest = (
+                hashlib.file_digest(f, "sha256") if whole else hashlib.sha256(f.read(_HEAD_BYTES))
+            )
+        _CONTENT[key] = f"{st.st_size}:{digest.hexdigest()}"
+    return _CONTENT[key]
+
+
 @dataclass
 class Meta:
     """A snapshot's sidecar (``kv-<id>.json``)."""

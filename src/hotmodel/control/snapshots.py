@@ -25,11 +25,13 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hotmodel.config import Config
 from hotmodel.control.execution import ms_since
+from hotmodel.control.ports import SnapshotShare
 from hotmodel.control.snapshot_folder import (
     Digests,
     Meta,
@@ -37,6 +39,7 @@ from hotmodel.control.snapshot_folder import (
     identity,
     key_of,
     over_budget,
+    portable,
 )
 from hotmodel.control.snapshot_proof import NO_TAKE, Proofs, Turn, Unproved
 from hotmodel.errors import HotModelError
@@ -66,6 +69,7 @@ class Snapshots:
         self.ledger = ledger
         self.folder = SnapshotFolder(config, binary)
         self.proofs = Proofs(self.folder, ledger)
+        self.share: SnapshotShare | None = None  # in a cluster: the nodes' shared index
 
     @property
     def config(self) -> Config:
@@ -184,9 +188,11 @@ class Snapshots:
         stem = f"kv-{secrets.token_hex(8)}"
         self.folder.saving.add(stem)
         try:
-            return await self._save_as(stem, model, covered, (restoring, session))
+            saved = await self._save_as(stem, model, covered, (restoring, session))
         finally:
             self.folder.saving.discard(stem)
+        await self.publish()  # in a cluster: the others may fetch it (a few ms)
+        return saved
 
     async def _save_as(
         self,
@@ -253,8 +259,12 @@ class Snapshots:
             for m in self.folder.metas()
             if (m.model, m.owner, m.session_id) == (model, stored.owner, stored.id)
         ]
+        fetched = None
         if not candidates:
-            return {"restored": False, "reason": "no snapshot of this session for this model"}
+            fetched = await self._fetch(model, stored.owner, stored.id)
+            if fetched is None:
+                return {"restored": False, "reason": "no snapshot of this session for this model"}
+            candidates = [fetched[0]]
         meta = max(candidates, key=lambda m: m.created)
         refused = await self.folder.refusal(meta, messages)
         if refused is not None:
@@ -278,5 +288,61 @@ class Snapshots:
             "ms": ms_since(t0),
             "took": None,  # not known until a request on the model shows its cache_n
         }
+        if fetched is not None:
+            info["fetched_from"] = fetched[1]  # another node of the cluster saved it
         self.proofs.unproved[model] = Unproved(meta, info, gen, covered)
         return info
+
+    # --- in a cluster: the index every node shares, and another node's snapshot fetched
+
+    async def publish(self) -> None:
+        """Tell the cluster's index which snapshots this node keeps (nothing alone)."""
+        if self.share is None:
+            return
+        try:
+            kept = []
+            for meta in self.folder.metas():
+                port = await asyncio.to_thread(portable, self.config, self.binary, meta.model)
+                kept.append({**asdict(meta), "portable": port})
+            await self.share.publish(kept)
+        except (HotModelError, OSError, KeyError) as exc:
+            log.warning("the cluster's KV snapshot index was not updated: %s", exc)
+
+    async def _fetch(self, model: str, owner: str, session_id: str) -> tuple[Meta, str] | None:
+        """Another node's snapshot of this session for ``model``, downloaded into the folder
+        within its budget (None: no node has a valid one, or it could not be fetched)."""
+        if self.share is None:
+            return None
+        stem = f"kv-{secrets.token_hex(8)}"
+        self.folder.saving.add(stem)
+        try:
+            port = await asyncio.to_thread(portable, self.config, self.binary, model)
+            got = await self.share.fetch(model, owner, session_id, port, self.dir / f"{stem}.bin")
+            if got is None:
+                return None
+            now = time.time()
+            meta = Meta(
+                file=f"{stem}.bin",
+                model=model,
+                owner=owner,
+                session_id=session_id,
+                n_messages=int(got["n_messages"]),
+                messages_hash=str(got["messages_hash"]),
+                identity=await asyncio.to_thread(identity, self.config, self.binary, model),
+                size=int(got["size"]),
+                sha256=str(got["sha256"]),
+                tokens=int(got["tokens"]),
+                created=now,
+                used=now,
+            )
+            kept = await self._keep(meta, None, None)
+        except (HotModelError, OSError, KeyError, ValueError) as exc:
+            log.warning("no KV snapshot fetched for session %r: %s", session_id, exc)
+            self.folder.delete_files(stem)
+            return None
+        finally:
+            self.folder.saving.discard(stem)
+        if not kept.get("kept"):
+            return None
+        await self.publish()
+        return meta, str(got.get("node", ""))
