@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from hotmodel.api import endpoints as ep
 from hotmodel.api.app import HANDLERS
+from hotmodel.api.auth import OWNER
 from hotmodel.api.responses import Responses, responses_routes
 from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
@@ -451,5 +452,34 @@ def test_a_stored_chain_is_a_session_whose_kv_a_switch_keeps(tmp_path: Path) -> 
         image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
         await Client({"input": image}).call(s, store)
         assert await s.store.get("", chain_session("resp_3")) is None  # not text: no session
+
+    _run(tmp_path, scenario)
+
+
+def test_another_key_cannot_read_list_or_delete_a_stored_response(tmp_path: Path) -> None:
+    """GET, input_items and DELETE look only among the asking key's responses: another
+    key's is a 404, as an id never stored, and stays for its owner (its chain's session
+    too)."""
+
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        await Client({"input": "secret"}, owner="alice").call(s, store)
+        routes = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
+        as_owner: dict[str, str] = {}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scope.setdefault("state", {})[OWNER] = as_owner["owner"]
+            await routes(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for owner in ("bob", ""):
+                as_owner["owner"] = owner
+                assert (await http.get("/v1/responses/resp_1")).status_code == 404
+                assert (await http.get("/v1/responses/resp_1/input_items")).status_code == 404
+                gone = await http.delete("/v1/responses/resp_1")
+                assert gone.status_code == 404 and gone.json()["error"]["param"] == "response_id"
+            as_owner["owner"] = "alice"
+            assert (await http.get("/v1/responses/resp_1")).status_code == 200
+        assert await s.store.get("alice", chain_session("resp_1")) is not None
 
     _run(tmp_path, scenario)
