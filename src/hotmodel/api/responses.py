@@ -137,6 +137,8 @@ class Responses(Inference):
         turn, snapshots = call.state, self.s.snapshots
         if snapshots is None or record.usage is None or not isinstance(turn, Turn):
             return
+        if not self.stores:
+            return  # input_tokens: no slot ran it
         sent = chat_messages(turn.instructions, turn.sent or [])
         snapshots.turn_ended(
             KvTurn(
