@@ -89,6 +89,40 @@ def test_a_cross_site_text_plain_post_changes_nothing(open_server: HotmodelProce
     assert _session(open_server, "door-x").status_code == 404
 
 
+def test_a_cross_site_post_to_the_other_apis_is_refused_even_with_a_valid_key(
+    keyed_server: HotmodelProcess,
+) -> None:
+    """A page cannot add a key header without a CORS preflight, but whatever it sends, a
+    cross-site request to Anthropic Messages (its ``x-api-key``, a valid key) or OpenAI
+    Responses is refused at the door as chat's is, before the key is read: in
+    Anthropic's shape on /v1/messages, and nothing is stored."""
+    url = keyed_server.base_url
+    page = {"origin": EVIL, "content-type": "text/plain;charset=UTF-8"}
+    turn = '{"model":"smollm2","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
+    for headers in (
+        {**page, "x-api-key": C1, "x-session-id": "door-m"},
+        {**page, "x-api-key": C1, "x-session-id": "door-m", "content-type": "application/json"},
+        {**page, "x-api-key": C1, "sec-fetch-site": "cross-site"},
+    ):
+        got = httpx.post(url + "/v1/messages", content=turn, headers=headers, timeout=30)
+        assert got.status_code == 403, (headers, got.text)
+        assert got.json() == {
+            "type": "error",
+            "error": {"type": "permission_error", "message": got.json()["error"]["message"]},
+        }
+        assert "another site" in got.json()["error"]["message"]
+    asked = '{"model":"smollm2","input":"hi","max_output_tokens":4}'
+    responses = httpx.post(
+        url + "/v1/responses", content=asked, headers={**page, **bearer(C1)}, timeout=30
+    )
+    assert responses.status_code == 403
+    assert responses.json()["error"]["code"] == "origin_not_allowed"
+    assert _session(keyed_server, "door-m", C1).status_code == 404  # nothing stored
+    # the same request from no page (a script): it passes the door with the key
+    script = {"content-type": "application/json", "x-api-key": C1}
+    assert httpx.post(url + "/v1/messages", content=turn, headers=script, timeout=120).is_success
+
+
 def test_a_json_route_refuses_other_content_types(open_server: HotmodelProcess) -> None:
     """Without an Origin (a page that managed to hide it, curl -d): still no side effect."""
     url = open_server.base_url

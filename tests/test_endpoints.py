@@ -138,6 +138,7 @@ def test_which_preset_serves_what(config: Config) -> None:
         "/detokenize",
         "/v1/embeddings",
         "/embeddings",
+        "/embedding",
     ]
     ranker = ep.served_by(models["ranker"], config)
     assert {"/v1/rerank", "/rerank", "/v1/reranking", "/reranking", "/v1/embeddings"} <= set(ranker)

@@ -85,6 +85,7 @@ GREEDY = {"temperature": 0, "seed": 1, "cache_prompt": False}
         ("/apply-template", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/embeddings", {"model": EMBED, "input": ["hello", "world"]}),
         ("/embeddings", {"model": EMBED, "content": "hello"}),
+        ("/embedding", {"model": EMBED, "content": "hello"}),  # the legacy name
         ("/tokenize", {"model": EMBED, "content": "hello"}),
     ],
 )

@@ -328,3 +328,72 @@ def test_a_failed_switch_loads_the_previous_model_again_with_its_conversation(
         assert last_switch(hp)["snapshot"]["rollback_restore"]["took"] is True
     finally:
         assert hp.stop() == 0, hp.output()
+
+
+def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_back(
+    tmp_path: Path, real_models: dict[str, Path], llama_server: Path
+) -> None:
+    """A Responses chain (``previous_response_id``) is a session at a switch: its KV is
+    saved on the way out and restored on the way back, and its next turn (plain, then
+    streamed) reads only what is new and proves the restore. An Anthropic Messages session
+    (``X-Session-Id``) likewise, its streamed turn proving it (its counts: the first
+    event's)."""
+    hp = start_hotmodel(kv_config(tmp_path, real_models))
+    url = hp.base_url + "/v1/responses"
+    greedy = {"temperature": 0, "max_output_tokens": 4}
+    try:
+        first = httpx.post(url, json={"input": FACTS, **greedy}, timeout=120).json()
+        chain = f"responses {first['id']}"
+        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        assert saved["session"] == chain and saved["tokens"] > 400, saved
+        back = switch(hp, "smollm2")
+        assert back["snapshot"]["restore"]["restored"] is True, back
+        assert back["snapshot"]["restore"]["session"] == chain and back["replay"] is None
+        body = {"input": "Which shelf is item7 on?", "previous_response_id": first["id"]}
+        second = httpx.post(url, json={**body, **greedy}, timeout=120).json()
+        usage = second["usage"]
+        assert usage["input_tokens_details"]["cached_tokens"] >= saved["tokens"], usage
+        assert usage["input_tokens"] - usage["input_tokens_details"]["cached_tokens"] < 40
+        proven = last_switch(hp)["snapshot"]["restore"]
+        assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
+        # once more, streamed: the chain's session now holds both turns
+        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        assert saved["session"] == chain and saved["tokens"] > 400, saved
+        assert switch(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
+        body = {"input": "And item9?", "previous_response_id": second["id"], "stream": True}
+        with httpx.stream("POST", url, json={**body, **greedy}, timeout=120) as r:
+            assert r.status_code == 200
+            assert any("response.completed" in line for line in r.iter_lines())
+        proven = last_switch(hp)["snapshot"]["restore"]
+        assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
+        stored = httpx.get(f"{hp.base_url}/v1/sessions/responses%20{first['id']}").json()
+        assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 3
+
+        # an Anthropic Messages session, its next turn streamed
+        head = {"x-session-id": "anthropic-kv"}
+        turn = {"model": "smollm2", "max_tokens": 4, "temperature": 0}
+        said = [{"role": "user", "content": FACTS}]
+        answer = httpx.post(
+            hp.base_url + "/v1/messages", json={**turn, "messages": said}, headers=head, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        assert saved["session"] == "anthropic-kv" and saved["tokens"] > 400, saved
+        assert switch(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
+        said = [{"role": "user", "content": "Which shelf is item3 on?"}]
+        body = {**turn, "messages": said, "stream": True}
+        with httpx.stream(
+            "POST", hp.base_url + "/v1/messages", json=body, headers=head, timeout=120
+        ) as r:
+            assert r.status_code == 200
+            assert any("message_stop" in line for line in r.iter_lines())
+        proven = last_switch(hp)["snapshot"]["restore"]
+        assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
+        metrics = httpx.get(hp.base_url + "/metrics", timeout=10).text
+        cached = [
+            line for line in metrics.splitlines()
+            if line.startswith('hotmodel_prompt_cached_tokens_total{model="smollm2"}')
+        ]  # fmt: skip
+        assert cached and float(cached[0].split()[-1]) >= 3 * 400  # three restored turns
+    finally:
+        assert hp.stop() == 0, hp.output()

@@ -28,6 +28,7 @@ from hotmodel.api.messages import (
     Messages,
     check_messages_request,
 )
+from hotmodel.api.record import RECORD, RequestRecord, Usage
 from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError
 from hotmodel.runtime import Services
@@ -111,15 +112,20 @@ def test_a_session_turn_converts_to_chat_and_back() -> None:
 
 
 def _events(*events: tuple[str, dict[str, Any]]) -> list[bytes]:
-    return [f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events]
+    # compact, as llama-server writes it (the record's token counts are read so)
+    tight = (",", ":")
+    return [f"event: {e}\ndata: {json.dumps(d, separators=tight)}\n\n".encode() for e, d in events]
 
 
 STREAM = _events(
-    ("message_start", {"type": "message_start", "message": {"content": []}}),
+    ("message_start", {"type": "message_start", "message": {"content": [], "usage": {
+        "cache_read_input_tokens": 5, "input_tokens": 2, "output_tokens": 0}}}),
     ("content_block_delta", {"type": "content_block_delta", "index": 0,
                              "delta": {"type": "text_delta", "text": "Hel"}}),
     ("content_block_delta", {"type": "content_block_delta", "index": 0,
                              "delta": {"type": "text_delta", "text": "lo"}}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                       "usage": {"output_tokens": 2}}),
     ("message_stop", {"type": "message_stop"}),
 )  # fmt: skip
 
@@ -196,7 +202,11 @@ async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
 
 
 async def call(
-    app: Any, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+    app: Any,
+    path: str,
+    body: bytes | dict[str, Any],
+    headers: dict[str, str] | None = None,
+    record: RequestRecord | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent: list[MutableMapping[str, Any]] = []
@@ -218,7 +228,7 @@ async def call(
         "method": "POST",
         "path": path,
         "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-        "state": {},
+        "state": {} if record is None else {RECORD: record},
     }
     await app(scope, receive, send)
     head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
@@ -332,5 +342,25 @@ def test_a_session_is_stored_and_the_next_turn_sees_it(tmp_path: Path) -> None:
             ("user", "Where?"),
             ("assistant", "Hello"),
         ]
+
+    _run(tmp_path, scenario)
+
+
+def test_token_counts_of_plain_and_streamed_answers_reach_the_record(tmp_path: Path) -> None:
+    """The metrics' counts: a plain answer's ``usage``; a stream's prompt counts from its
+    first event (``message_start``), its length from ``message_delta``."""
+
+    async def scenario(s: Services, script: Script) -> None:
+        door = _door(s)
+        plain = RequestRecord.detached()
+        got, _, _ = await call(door, "/v1/messages", {"messages": [USER]}, record=plain)
+        assert got == 200 and plain.usage is None  # the scripted answer says no usage
+        script.stream = True
+        streamed = RequestRecord.detached()
+        body = {"messages": [USER], "stream": True}
+        got, _, raw = await call(door, "/v1/messages", body, record=streamed)
+        assert got == 200 and b"message_stop" in raw
+        assert streamed.usage == Usage(7, 2, 5)
+        assert streamed.first_token is not None
 
     _run(tmp_path, scenario)

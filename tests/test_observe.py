@@ -55,6 +55,32 @@ PER_TOKEN = (
     b'"timings":{"cache_n":30,"prompt_n":1,"predicted_n":2}}\n\n'
 )
 
+# the same from /v1/responses and /v1/messages (llama-server's own, trimmed)
+RESPONSES_PLAIN = (
+    b'{"id":"resp_x","object":"response","output":[{"content":[{"type":"output_text",'
+    b'"text":"say \\"input_tokens\\":99"}],"role":"assistant","type":"message"}],'
+    b'"status":"completed","usage":{"input_tokens":33,"output_tokens":8,"total_tokens":41,'
+    b'"input_tokens_details":{"cached_tokens":32}}}'
+)
+RESPONSES_STREAM_END = (
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r",'
+    b'"usage":{"input_tokens":33,"output_tokens":8,"total_tokens":41,"input_tokens_details":'
+    b'{"cached_tokens":32}}},"timings":{"cache_n":32,"prompt_n":1,"predicted_n":8}}\n\n'
+)
+MESSAGES_PLAIN = (
+    b'{"id":"chatcmpl-x","type":"message","role":"assistant","content":[{"type":"text",'
+    b'"text":"Hi"}],"stop_reason":"max_tokens","usage":{"cache_read_input_tokens":32,'
+    b'"input_tokens":1,"output_tokens":8}}'
+)
+MESSAGES_START = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","content":[],'
+    b'"usage":{"cache_read_input_tokens":32,"input_tokens":1,"output_tokens":0}}}\n\n'
+)
+MESSAGES_STREAM_END = (
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},'
+    b'"usage":{"output_tokens":8}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
 
 @pytest.mark.parametrize(
     ("data", "expected"),
@@ -64,6 +90,10 @@ PER_TOKEN = (
         (STREAM_USAGE_END, Usage(31, 3, 30)),
         (PER_TOKEN, Usage(31, 2, 30)),  # the last timings win
         (b'{"usage":{"prompt_tokens":7,"completion_tokens":2}}', Usage(7, 2, 0)),
+        (RESPONSES_PLAIN, Usage(33, 8, 32)),  # input_tokens: the whole prompt
+        (RESPONSES_STREAM_END, Usage(33, 8, 32)),  # its timings, as chat's
+        (MESSAGES_PLAIN, Usage(33, 8, 32)),  # Anthropic's input_tokens leave the cache out
+        (MESSAGES_STREAM_END, Usage(0, 8, 0)),  # the prompt's counts were in its first event
         (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', None),
         (b'{"error":{"message":"bad"}}', None),
         (b"", None),
@@ -78,10 +108,19 @@ def test_usage_split_over_chunks_is_found_in_the_joined_tail() -> None:
     assert usage_of(b"".join((STREAM_END[:cut], STREAM_END[cut:], b""))) == Usage(31, 3, 30)
 
 
+def test_an_anthropic_streams_counts_join_its_first_and_last_events() -> None:
+    record = RequestRecord.detached()
+    record.opening = usage_of(MESSAGES_START)
+    assert record.opening == Usage(33, 0, 32)
+    record.upstream_done(MESSAGES_STREAM_END)
+    assert record.usage == Usage(33, 8, 32)
+
+
 def test_first_text_is_content_not_the_role_chunk() -> None:
     assert not has_text(b'data: {"choices":[{"delta":{"role":"assistant","content":null}}]}')
     assert has_text(b'data: {"choices":[{"delta":{"content":"Hello"}}]}')
     assert has_text(b'data: {"choices":[{"delta":{"reasoning_content":"Hmm"}}]}')
+    assert has_text(b'data: {"type":"response.output_text.delta","delta":"Hi"}')  # Responses
 
 
 @pytest.mark.parametrize(

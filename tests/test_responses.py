@@ -23,12 +23,23 @@ from starlette.applications import Starlette
 
 from hotmodel.api import endpoints as ep
 from hotmodel.api.app import HANDLERS
+from hotmodel.api.auth import OWNER
 from hotmodel.api.responses import Responses, responses_routes
 from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
 from hotmodel.runtime import Services
-from hotmodel.sessions.responses import ResponseStore, conversation, input_items
-from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
+from hotmodel.sessions.responses import (
+    ResponseStore,
+    StoredResponse,
+    chain_session,
+    chat_messages,
+    conversation,
+    input_items,
+    output_items,
+)
+from hotmodel.sessions.service import SessionRef
+from hotmodel.sessions.slots import messages_hash
+from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore, is_chain
 from tests.fakes import fake_services
 
 
@@ -83,6 +94,63 @@ def test_a_chain_is_each_turns_input_then_its_output() -> None:
         }
     ]
     assert input_items([{"role": "user", "content": "x"}]) == [{"role": "user", "content": "x"}]
+
+
+def _text(role: str, text: str) -> dict[str, Any]:
+    return {"role": role, "content": [{"text": text, "type": "text"}]}
+
+
+def test_a_chain_is_the_chat_messages_llama_server_makes_of_it() -> None:
+    """As llama-server's convert_responses_to_chatcmpl: instructions a system message,
+    text parts, an assistant's text and tool calls joined into one message, a tool
+    result a tool message; anything else is not a session's turn."""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    said = {"type": "message", "role": "assistant", "content": [
+        {"type": "output_text", "text": "Calling.", "annotations": []}]}  # fmt: skip
+    items = [
+        *input_items("Weather?"),
+        call,
+        said,
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"role": "developer", "content": "Be brief."},
+    ]
+    assert chat_messages("You help.", items) == [
+        {"role": "system", "content": "You help."},
+        _text("user", "Weather?"),
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"function": {"arguments": "{}", "name": "f"}, "id": "c1", "type": "function"}
+            ],
+            "content": [{"text": "Calling.", "type": "text"}],
+        },
+        {"content": "sunny", "role": "tool", "tool_call_id": "c1"},
+        _text("developer", "Be brief."),
+    ]
+    assert chat_messages(..., []) == []  # no instructions
+    assert chat_messages(None, []) == [{"role": "system", "content": ""}]  # null ones
+    image = {"role": "user", "content": [{"type": "input_image", "image_url": "data:x"}]}
+    for odd in (image, {"type": "reasoning", "summary": []}, {"role": "assistant", "content": "x"}):
+        assert chat_messages(..., [*input_items("hi"), odd]) is None, odd
+
+
+def test_a_turns_label_begins_the_next_turns_prompt() -> None:
+    """What a stored turn labels the slot with (its input and answer as chat messages) is
+    where the chain's next turn begins, as a KV snapshot's proof needs; the session of
+    a chain is named by its first response, an id no client can send."""
+    first = input_items("My name is Zorg.")
+    answer = _answer("resp_1", "Hello Zorg.")
+    label = chat_messages("Be kind.", [*first, *output_items(answer)])
+    assert label is not None and [m["role"] for m in label] == ["system", "user", "assistant"]
+    chain = conversation([_stored("resp_1", first, answer)])
+    nxt = chat_messages("Be kind.", [*chain, *input_items("My name?")])
+    assert nxt is not None and messages_hash(nxt[: len(label)]) == messages_hash(label)
+    session = chain_session("resp_1")
+    assert is_chain(session) and not is_chain("resp_1") and " " in session
+
+
+def _stored(rid: str, items: list[dict[str, Any]], response: dict[str, Any]) -> StoredResponse:
+    return StoredResponse(rid, None, "m", items, response, 0.0)
 
 
 # --- the door, against a scripted llama-server ---
@@ -329,3 +397,89 @@ def test_a_version_4_store_migrates(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     conn.close()
+
+
+def test_a_stored_chain_is_a_session_whose_kv_a_switch_keeps(tmp_path: Path) -> None:
+    """Each stored turn keeps the chain's conversation as the session of its first
+    response and labels the slot with it (what a switch saves and restores); a turn that
+    continues the chain names that session to admission; a chain's session is whole
+    when replayed, counts against no key's session bound, and goes with a DELETE."""
+
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        session = chain_session("resp_1")
+        await Client({"input": "My name is Zorg.", "instructions": "Be kind."}).call(s, store)
+        kept = await s.store.get("", session)
+        assert kept is not None and [m.message["role"] for m in kept.messages] == [
+            "system", "user", "assistant"]  # fmt: skip
+        covered = s.sessions.slots.get("m")
+        assert covered is not None and (covered.owner, covered.session_id) == ("", session)
+        assert list(covered.messages) == [m.message for m in kept.messages]
+        named: list[SessionRef | None] = []
+        body = {"input": "My name?", "previous_response_id": "resp_1", "stream": True}
+        door = Responses(s, "/v1/responses", store)
+        original = door.admission.admitted
+
+        def spy(*args: Any, **kw: Any) -> Any:
+            named.append(kw.get("session"))
+            return original(*args, **kw)
+
+        door.admission.admitted = spy  # type: ignore[method-assign]
+        client = Client(body)
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/responses",
+            "headers": [(b"content-type", b"application/json")],
+            "state": {"owner": ""},
+        }
+        await door(scope, client.receive, client.send)
+        assert named == [SessionRef(session, None, "")]  # a switch it causes is for it
+        kept = await s.store.get("", session)
+        # rewritten whole: both turns (instructions are each request's own, as OpenAI's)
+        assert kept is not None and len(kept.messages) == 4
+        covered = s.sessions.slots.get("m")
+        assert covered is not None and covered.n_messages == 4
+        found = await s.sessions.replay_prompt("m", SessionRef(session, None, ""))
+        assert found is not None and found[1].messages() == list(covered.messages)
+        assert await s.store.owned("") == 0  # not a chat session: no key's bound counts it
+
+        app = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.delete("/v1/responses/resp_2")).status_code == 200
+        assert await s.store.get("", session) is None  # it held the deleted text
+        assert s.sessions.slots.get("m") is None  # no slot is saved under its name
+        image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
+        await Client({"input": image}).call(s, store)
+        assert await s.store.get("", chain_session("resp_3")) is None  # not text: no session
+
+    _run(tmp_path, scenario)
+
+
+def test_another_key_cannot_read_list_or_delete_a_stored_response(tmp_path: Path) -> None:
+    """GET, input_items and DELETE look only among the asking key's responses: another
+    key's is a 404, as an id never stored, and stays for its owner (its chain's session
+    too)."""
+
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        await Client({"input": "secret"}, owner="alice").call(s, store)
+        routes = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
+        as_owner: dict[str, str] = {}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scope.setdefault("state", {})[OWNER] = as_owner["owner"]
+            await routes(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for owner in ("bob", ""):
+                as_owner["owner"] = owner
+                assert (await http.get("/v1/responses/resp_1")).status_code == 404
+                assert (await http.get("/v1/responses/resp_1/input_items")).status_code == 404
+                gone = await http.delete("/v1/responses/resp_1")
+                assert gone.status_code == 404 and gone.json()["error"]["param"] == "response_id"
+            as_owner["owner"] = "alice"
+            assert (await http.get("/v1/responses/resp_1")).status_code == 200
+        assert await s.store.get("alice", chain_session("resp_1")) is not None
+
+    _run(tmp_path, scenario)

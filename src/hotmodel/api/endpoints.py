@@ -200,7 +200,7 @@ def check_template(payload: dict[str, Any], config: Config) -> None:
 
 
 def check_embeddings(payload: dict[str, Any], config: Config) -> None:
-    # OpenAI's field is `input`; llama-server's own /embeddings also reads `content`
+    # OpenAI's field is `input`; llama-server's own /embedding(s) also reads `content`
     name = "input" if "input" in payload or "content" not in payload else "content"
     _check_prompt(payload, name, config)
     _check_types(payload, {"encoding_format": (str,), "embd_normalize": (int,)})
@@ -274,6 +274,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/apply-template", Family.TEMPLATE, check_template, "a chat, templated"),
     _embedding("/v1/embeddings", Family.EMBEDDING, check_embeddings, "OpenAI embeddings"),
     _embedding("/embeddings", Family.EMBEDDING, check_embeddings, "llama.cpp's embeddings"),
+    _embedding(
+        "/embedding", Family.EMBEDDING, check_embeddings, "llama.cpp's embeddings (older name)"
+    ),
     _embedding("/v1/rerank", Family.RERANK, check_rerank, "rerank documents for a query"),
     _embedding("/rerank", Family.RERANK, check_rerank, "rerank (/v1/rerank's alias)"),
     _embedding("/v1/reranking", Family.RERANK, check_rerank, "rerank (/v1/rerank's alias)"),

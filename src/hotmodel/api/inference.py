@@ -6,12 +6,14 @@ prompt cache is used, forward on the direct data path and relay (``api/forward.p
 As in ``api/chat.py``, each endpoint is a plain ASGI app so that one coroutine owns
 what a request acquires (its ticket, its slot, its place upstream, the upstream
 answer) on one ``AsyncExitStack``, released on every path; a client that leaves stops
-llama-server. Sessions are chat's alone: these requests store nothing.
+llama-server. These requests store nothing; a subclass's hooks may (``api/responses.py``:
+a Responses chain, which is a session at a switch: ``Call.session``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ from hotmodel.api.validate import check_fields, parse_body, read_asgi_body
 from hotmodel.router.chat_http import Upstream
 from hotmodel.router.models import error_of
 from hotmodel.runtime import Services
+from hotmodel.sessions.service import SessionRef
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Call:
     admin: bool  # it came with an admin key
     early: EarlyStream | None  # a stream: told its place while it waits in a queue
     state: Any = None  # what a subclass keeps between its hooks (api/responses.py)
+    session: SessionRef | None = None  # whose KV a switch for it restores (or replays)
+    gen: int = 0  # the slot ledger's generation of the request (an in-slot endpoint's)
 
 
 def _headers(scope: Scope) -> tuple[str, str]:
@@ -128,6 +133,10 @@ class Inference:
         """A successful stream, as it is relayed (a subclass may watch its events)."""
         return upstream
 
+    def ended(self, call: Call, record: RequestRecord) -> None:
+        """A successful answer ended (a stream: before its last bytes), its token counts
+        in ``record`` (a subclass may prove a KV restore with them)."""
+
     async def _answer(
         self, call: Call, record: RequestRecord, receive: Receive, send: Send
     ) -> Response | Answer | None:
@@ -141,6 +150,7 @@ class Inference:
                     receive,
                     owner=call.owner,
                     admin=call.admin,
+                    session=call.session,
                     tell=None if call.early is None else call.early.tell,
                 )
             )
@@ -153,7 +163,7 @@ class Inference:
             if e.slot_cache:
                 await stack.enter_async_context(self.admission.own_slot(payload, model, call.owner))
             if e.in_slot:
-                s.sessions.slots.touch(model)  # its prompt replaces a session's in the slot
+                call.gen = s.sessions.slots.touch(model)  # its prompt replaces what was there
             body = json.dumps(payload, ensure_ascii=False).encode()
             with anyio.CancelScope() as scope:
                 ticket.bind(scope)  # a switch that cancels this request cancels its I/O
@@ -169,15 +179,17 @@ class Inference:
                         upstream.status_code, error, record.request_id, self.e.path
                     )
                 if call.stream:
-                    await relay(
-                        self.streamed(call, upstream), ticket, receive, send, {}, None, record
-                    )
+                    ended = functools.partial(self.ended, call, record)
+                    streamed = self.streamed(call, upstream)
+                    await relay(streamed, ticket, receive, send, {}, None, record, ended)
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
                     return None  # the client left: llama-server is stopped
                 record.upstream_done(data)
-                return Answer(upstream.status_code, await self.answered(call, data), {})
+                data = await self.answered(call, data)
+                self.ended(call, record)
+                return Answer(upstream.status_code, data, {})
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise ended_by(ticket)

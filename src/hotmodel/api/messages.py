@@ -19,7 +19,9 @@ whoever made it (the browser guard, the keys, a check, admission, llama-server).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -36,19 +38,24 @@ from hotmodel.api.errors import public_message, sse_error
 from hotmodel.api.forward import Answer, answer, bound_length, ended_by, open_upstream
 from hotmodel.api.inference import Inference, _upstream_error
 from hotmodel.api.queued import EarlyStream
-from hotmodel.api.record import RequestRecord, record_of
+from hotmodel.api.record import RequestRecord, record_of, usage_of
 from hotmodel.api.relay import DisconnectWatch, read_unless_gone, relay
 from hotmodel.api.validate import parse_body, read_asgi_body
 from hotmodel.config import Config
 from hotmodel.control.fit import largest_context
+from hotmodel.control.snapshots import Turn
 from hotmodel.errors import HotModelError, InvalidRequestError
+from hotmodel.router.chat_http import Upstream
 from hotmodel.runtime import Services
 from hotmodel.sessions.service import Prepared, SessionRef
+from hotmodel.sse import SseParser
 
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # No tokenizer makes fewer than one token of this many characters (validate.py's bound)
 _CHARS_PER_TOKEN = 64
+# A stream's first event (message_start) is looked for in this many bytes at most
+_OPENING_BYTES = 64 * 1024
 
 
 def _budget(config: Config) -> int | None:
@@ -186,9 +193,11 @@ class Messages:
                     error = await upstream.read()
                     record.upstream_done(error)
                     return _upstream_error(upstream.status_code, error, record.request_id)
+                ended = functools.partial(self._turn_ended, payload, prepared, model, gen, record)
                 if payload.get("stream"):
                     to = send if prepared is None else self._storing(send, prepared, model, record)
-                    await relay(upstream, ticket, receive, to, headers, None, record)
+                    opening = _Opening(upstream, record)  # the prompt's counts: its first event
+                    await relay(opening, ticket, receive, to, headers, None, record, ended)
                     return None
                 data = await read_unless_gone(upstream, receive)
                 if data is None:
@@ -199,10 +208,34 @@ class Messages:
                     if reply is not None:
                         with anyio.CancelScope(shield=True):
                             await s.sessions.complete(prepared, reply, model)
+                ended()
                 return Answer(upstream.status_code, data, headers)
             if watch.gone:
                 return None  # the client left while llama-server worked: it is stopped
             raise ended_by(ticket)
+
+    def _turn_ended(
+        self,
+        payload: dict[str, Any],
+        prepared: Prepared | None,
+        model: str,
+        gen: int,
+        record: RequestRecord,
+    ) -> None:
+        """The first answer after a KV restore may prove it (its ``cache_n``: Anthropic's
+        ``cache_read_input_tokens``), as a chat turn does."""
+        if self.s.snapshots is None or record.usage is None:
+            return
+        self.s.snapshots.turn_ended(
+            Turn(
+                model,
+                gen,
+                None if prepared is None else (prepared.owner, prepared.session_id),
+                None if prepared is None else prepared.prompt.messages(),
+                record.usage.cached,
+                payload.get("cache_prompt") is not False,
+            )
+        )
 
     def _storing(self, send: Send, prepared: Prepared, model: str, record: RequestRecord) -> Send:
         """``send``, storing the streamed answer once whole, before the chunk that ends it
@@ -230,6 +263,32 @@ class Messages:
                 await send({"type": "http.response.body", "body": failed, "more_body": True})
 
         return storing
+
+
+class _Opening(Upstream):
+    """A stream relayed chunk by chunk, whose first event (``message_start``, with the
+    prompt's token counts: the last event has only the answer's) is read into the
+    record on the way (only ``chunks`` and ``status_code`` are read by the relay)."""
+
+    def __init__(self, inner: Upstream, record: RequestRecord) -> None:
+        self.status_code = inner.status_code
+        self._inner = inner
+        self._record = record
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        parser: SseParser | None = SseParser()
+        seen = 0
+        async for chunk in self._inner.chunks():
+            if parser is not None:
+                seen += len(chunk)
+                for event in parser.feed(chunk):
+                    if event.event == "message_start" or '"message_start"' in event.data[:64]:
+                        self._record.opening = usage_of(event.data.encode())
+                        parser = None
+                        break
+                if seen > _OPENING_BYTES:
+                    parser = None
+            yield chunk
 
 
 class AnthropicErrors:

@@ -93,11 +93,11 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "hotmodel_prompt_tokens", "Prompt tokens of answered chats", ["model"], registry=r
+            "hotmodel_prompt_tokens", "Prompt tokens of answered requests", ["model"], registry=r
         )
         self.completion_tokens = Counter(
             "hotmodel_completion_tokens",
-            "Generated tokens of answered chats",
+            "Generated tokens of answered requests",
             ["model"],
             registry=r,
         )

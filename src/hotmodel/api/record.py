@@ -26,12 +26,15 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Integer fields of llama-server's ``timings`` and OpenAI's ``usage``. A JSON string
 # cannot hold an unescaped '"key":', so a match is never inside generated text.
 _FIELD = re.compile(
-    rb'"(cache_n|prompt_n|predicted_n|prompt_tokens|completion_tokens|cached_tokens)":(\d+)'
+    rb'"(cache_n|prompt_n|predicted_n|prompt_tokens|completion_tokens|cached_tokens'
+    rb'|input_tokens|output_tokens|cache_read_input_tokens|cache_creation_input_tokens)":(\d+)'
 )
 # The first generated text of a stream: llama-server's first chunk only names the role
 # ("content":null); reasoning models send "reasoning_content":"..." first, which counts.
-# (/completion and /infill stream "content" too; /v1/completions streams "text".)
+# (/completion and /infill stream "content" too; /v1/completions streams "text";
+# Anthropic's text_delta "text" too, OpenAI Responses' output_text.delta "delta".)
 _TEXT, _TEXT_SPACED, _COMPLETION_TEXT = b'content":"', b'content": "', b'"text":"'
+_DELTA_TEXT = b'"delta":"'
 
 
 def new_request_id() -> str:
@@ -50,7 +53,9 @@ def incoming_request_id(scope: Scope) -> str | None:
 
 def has_text(chunk: bytes) -> bool:
     """Whether a relayed stream chunk carries generated text (the first token)."""
-    return _TEXT in chunk or _TEXT_SPACED in chunk or _COMPLETION_TEXT in chunk
+    return (
+        _TEXT in chunk or _TEXT_SPACED in chunk or _COMPLETION_TEXT in chunk or _DELTA_TEXT in chunk
+    )
 
 
 @dataclass(slots=True)
@@ -63,11 +68,15 @@ class Usage:
 
 
 def usage_of(data: bytes) -> Usage | None:
-    """Token counts from the end of a chat answer (a JSON body or the last SSE events).
+    """Token counts from the end of an answer (a JSON body or the last SSE events).
 
-    llama-server ends both with ``timings`` (``prompt_n`` evaluated, ``cache_n``
+    llama-server ends a chat answer with ``timings`` (``prompt_n`` evaluated, ``cache_n``
     from the cache, ``predicted_n`` generated), after ``usage`` when there is
-    one; the last value of each field wins (per-token timings repeat them).
+    one; the last value of each field wins (per-token timings repeat them). Without
+    ``timings`` (a plain Responses or Anthropic answer), ``usage``: OpenAI's
+    ``prompt_tokens``/``completion_tokens``, Responses' ``input_tokens`` (the whole
+    prompt) and ``output_tokens``, or Anthropic's, whose ``input_tokens`` leaves out
+    what was read from the cache (``cache_read_input_tokens``): that is added.
     """
     starts = [at for at in (data.rfind(b'"usage":'), data.rfind(b'"timings":')) if at >= 0]
     if not starts:
@@ -82,7 +91,23 @@ def usage_of(data: bytes) -> Usage | None:
             found[b"completion_tokens"],
             found.get(b"cached_tokens", 0),
         )
+    if b"output_tokens" in found or b"input_tokens" in found:
+        prompt = found.get(b"input_tokens", 0)
+        cached = found.get(b"cached_tokens", 0)
+        if b"cache_read_input_tokens" in found:  # Anthropic's: input_tokens is what was read
+            cached = found[b"cache_read_input_tokens"]
+            prompt += cached + found.get(b"cache_creation_input_tokens", 0)
+        return Usage(prompt, found.get(b"output_tokens", 0), cached)
     return None
+
+
+def _joined(opening: Usage | None, end: Usage | None) -> Usage | None:
+    """An Anthropic stream's counts: the prompt's from its first event, the answer's
+    length from its last."""
+    if opening is None or end is None:
+        return end or opening
+    first = opening if opening.prompt else end  # the prompt: as its first event said
+    return Usage(first.prompt, end.completion or opening.completion, first.cached)
 
 
 @dataclass(slots=True)
@@ -102,6 +127,7 @@ class RequestRecord:
     upstream_ended: float | None = None
     first_token: float | None = None
     usage: Usage | None = None
+    opening: Usage | None = None  # an Anthropic stream's message_start counts (its prompt)
 
     @classmethod
     def detached(cls) -> RequestRecord:
@@ -115,6 +141,8 @@ class RequestRecord:
         """The upstream answer ended; ``tail`` is its body or its last chunks."""
         self.upstream_ended = time.perf_counter()
         self.usage = usage_of(tail)
+        if self.opening is not None:
+            self.usage = _joined(self.opening, self.usage)
 
     def upstream_seconds(self, now: float) -> float | None:
         """Time from sending to llama-server to its last byte (to ``now`` if it never ended)."""

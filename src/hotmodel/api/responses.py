@@ -14,11 +14,19 @@ client has it whole: a plain answer before it is sent, a stream before its
 ``response.completed`` event is relayed; ``store: false`` stores nothing (it cannot be
 continued). ``/v1/responses/input_tokens`` resolves the chain as well, and stores
 nothing.
+
+A stored chain is a session at a switch (``sessions/responses.py``): each stored turn
+keeps the chain's conversation as the session of its first response and labels the
+model's slot with it, so its KV is saved when the model is switched away; a turn that
+continues a chain names that session to admission (a switch it causes restores or
+replays it), and its ``cache_n`` proves a restore as a chat turn does. Deleting a
+response deletes that session (and its KV), which the chain's next turn writes again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,21 +39,29 @@ from starlette.routing import Route
 from hotmodel.api.auth import owner_of
 from hotmodel.api.endpoints import RESPONSES
 from hotmodel.api.inference import Call, Inference
+from hotmodel.api.record import RequestRecord
 from hotmodel.api.sessions import page_query
-from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
+from hotmodel.control.snapshots import Turn as KvTurn
+from hotmodel.errors import HotModelError, InvalidRequestError, ResponseNotFoundError
 from hotmodel.router.chat_http import Upstream
 from hotmodel.runtime import Services
 from hotmodel.sessions.responses import (
     Item,
     ResponseStore,
     StoredResponse,
+    chain_session,
+    chat_messages,
     conversation,
     input_items,
+    output_items,
 )
+from hotmodel.sessions.service import SessionRef
 from hotmodel.sse import SseParser
 
 RESPONSES_PATH = "/v1/responses"
 COMPLETED = "response.completed"
+
+log = logging.getLogger("hotmodel.api")
 
 
 @dataclass
@@ -55,6 +71,9 @@ class Turn:
     previous_id: str | None
     new_input: list[Item]  # this turn's own input items (what is stored)
     store: bool
+    root: str | None = None  # the chain's first response (None: this turn starts one)
+    sent: list[Item] | None = None  # every input item sent (the chain's, then its own)
+    instructions: object = ...  # the request's (``...``: none)
 
 
 def _not_found(response_id: str) -> ResponseNotFoundError:
@@ -74,6 +93,7 @@ class Responses(Inference):
         previous = payload.pop("previous_response_id", None)
         new_input = input_items(payload["input"])
         earlier: list[Item] = []
+        chain: list[StoredResponse] | None = None
         if isinstance(previous, str):
             chain = await self.store.chain(call.owner, previous)
             if chain is None:
@@ -84,7 +104,12 @@ class Responses(Inference):
             earlier = conversation(chain)
             payload["input"] = earlier + new_input
         store = self.stores and payload.get("store") is not False
-        call.state = Turn(previous if isinstance(previous, str) else None, new_input, store)
+        turn = Turn(previous if isinstance(previous, str) else None, new_input, store)
+        turn.sent, turn.instructions = earlier + new_input, payload.get("instructions", ...)
+        if chain is not None and self.stores:
+            turn.root = chain[0].id
+            call.session = SessionRef(chain_session(turn.root), None, call.owner)
+        call.state = turn
 
     async def answered(self, call: Call, data: bytes) -> bytes:
         turn = call.state
@@ -107,12 +132,44 @@ class Responses(Inference):
             return upstream
         return _Storing(upstream, self, call, turn)
 
+    def ended(self, call: Call, record: RequestRecord) -> None:
+        """The first answer after a KV restore may prove it, as a chat turn does."""
+        turn, snapshots = call.state, self.s.snapshots
+        if snapshots is None or record.usage is None or not isinstance(turn, Turn):
+            return
+        if not self.stores:
+            return  # input_tokens: no slot ran it
+        sent = chat_messages(turn.instructions, turn.sent or [])
+        snapshots.turn_ended(
+            KvTurn(
+                str(call.payload.get("model")),
+                call.gen,
+                None if call.session is None else (call.session.owner, call.session.id),
+                sent,
+                record.usage.cached,
+                call.payload.get("cache_prompt") is not False,
+            )
+        )
+
     async def _save(self, call: Call, response: dict[str, Any], turn: Turn) -> None:
+        model = str(call.payload.get("model"))
         with anyio.CancelScope(shield=True):  # a client that leaves now does not cut it
-            await self.store.save(
-                call.owner, response, turn.previous_id, str(call.payload.get("model")),
-                turn.new_input,
-            )  # fmt: skip
+            await self.store.save(call.owner, response, turn.previous_id, model, turn.new_input)
+            await self._keep_chain(call, response, turn, model)
+
+    async def _keep_chain(
+        self, call: Call, response: dict[str, Any], turn: Turn, model: str
+    ) -> None:
+        """The chain's conversation, as the session a switch restores or replays."""
+        items = [*(turn.sent or []), *output_items(response)]
+        messages = chat_messages(turn.instructions, items)
+        if messages is None:
+            return  # not text: the slot stays nobody's
+        session = chain_session(turn.root or str(response["id"]))
+        try:
+            await self.s.sessions.keep_chain(call.owner, session, messages, model, call.gen)
+        except HotModelError as exc:  # the response is stored: only its KV is not kept
+            log.info("the Responses chain %r is not kept as a session: %s", session, exc)
 
 
 class _Storing(Upstream):
@@ -183,8 +240,12 @@ def responses_routes(services: Services) -> list[Route]:
 
     async def delete_response(request: Request) -> Response:
         response_id = request.path_params["response_id"]
-        if not await store.delete(owner_of(request.scope), response_id):
+        owner = owner_of(request.scope)
+        chain = await store.chain(owner, response_id)
+        if chain is None or not await store.delete(owner, response_id):
             raise _not_found(response_id)
+        # its chain's session (and KV) held its text: gone too, until the next turn
+        await services.sessions.delete(owner, chain_session(chain[0].id), services.snapshots)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     async def list_input_items(request: Request) -> Response:

@@ -7,7 +7,8 @@ used first, ties by id; the answer says ``has_more`` and ``first_id`` /
 ``last_id``. ``GET /v1/sessions/{id}`` is the export: the session with every
 stored message (the OpenAI message object plus the model that produced it and
 the time), as JSON, and ``system_prompt_missing`` when the config no longer
-defines its system prompt.
+defines its system prompt. A Responses chain's session (``responses resp_...``:
+``sessions/responses.py``) is listed, exported and deleted as any.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def session_routes(sessions: SessionService, snapshots: Snapshots | None) -> lis
 
     async def get_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        sessions.check(session_id, None)  # an id no session can have: 400, as for DELETE
+        sessions.check_stored(session_id)  # an id no session can have: 400, as for DELETE
         session = await store.get(owner_of(request.scope), session_id)
         if session is None:
             raise SessionNotFoundError(f"no session {session_id!r}")
@@ -79,7 +80,7 @@ def session_routes(sessions: SessionService, snapshots: Snapshots | None) -> lis
     async def delete_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
         owner = owner_of(request.scope)
-        sessions.check(session_id, None, owner)
+        sessions.check_stored(session_id)
         if not await sessions.delete(owner, session_id, snapshots):
             raise SessionNotFoundError(f"no session {session_id!r}")
         return JSONResponse({"id": session_id, "deleted": True})

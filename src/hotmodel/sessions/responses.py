@@ -12,6 +12,13 @@ pure). The chain is read from disk, so it survives switches and restarts.
 Deleting a response keeps the responses that continued it continuable: its own items
 are folded into theirs (they take its input and output as the start of their own input
 and point to its predecessor), in one transaction.
+
+A stored chain is also a session, for what sessions get at a switch: its conversation,
+as the chat messages llama-server makes of it (:func:`chat_messages`, pure), is kept
+as the session :func:`chain_session` (the owner's, named by the chain's first
+response), rewritten whole by each stored turn (a chain may branch), so a switch away
+and back restores its KV snapshot or replays it like any session's. A turn whose
+items llama-server would not read as text, tool calls and tool results is not one.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.context import Message
+from hotmodel.sessions.store import CHAIN_PREFIX, SessionStore
 
 Item = dict[str, Any]
 # The output items a later turn takes as its input (llama-server reads these back)
@@ -68,6 +76,84 @@ def conversation(chain: Sequence[StoredResponse]) -> list[Item]:
         items += turn.input
         items += output_items(turn.response)
     return items
+
+
+def chain_session(root_id: str) -> str:
+    """The session id of the chain that starts with the response ``root_id``."""
+    return CHAIN_PREFIX + root_id
+
+
+class _NotTextError(Exception):
+    """An item llama-server would not read as text, a tool call or a tool result."""
+
+
+def _text_parts(content: object, kind: str) -> list[Message]:
+    """A message item's content as chat text parts (a string: one ``input_text``)."""
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        raise _NotTextError
+    parts: list[Message] = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != kind:
+            raise _NotTextError  # an image, a file: not replayed as text
+        if not isinstance(part.get("text"), str):
+            raise _NotTextError
+        parts.append({"text": part["text"], "type": "text"})
+    return parts
+
+
+def _assistant(messages: list[Message]) -> Message:
+    """The assistant message a reply item joins: the last one, else a new one."""
+    if not messages or messages[-1].get("role") != "assistant":
+        messages.append({"role": "assistant"})
+    return messages[-1]
+
+
+def chat_messages(instructions: object, items: Sequence[Item]) -> list[Message] | None:
+    """The chat messages llama-server makes of a Responses request's ``instructions``
+    (``...`` when the request had none) and ``input`` items, as its
+    ``convert_responses_to_chatcmpl`` does: ``instructions`` a system message; text
+    content as text parts; an assistant's text, tool calls and reasoning joining the
+    assistant message before them; a tool result a ``tool`` message. None when an item
+    is anything else (an image, a file...): that turn is not a session's."""
+    messages: list[Message] = []
+    if instructions is not ...:
+        text = instructions if isinstance(instructions, str) else ""
+        messages.append({"role": "system", "content": text})
+    try:
+        for item in items:
+            messages += _chat_message(item, messages)
+    except _NotTextError:
+        return None
+    return messages
+
+
+def _chat_message(item: Item, messages: list[Message]) -> list[Message]:
+    """``item`` as chat messages to append (none: it joined the last one)."""
+    role, kind = item.get("role"), item.get("type")
+    if role in ("user", "system", "developer") and "content" in item:
+        return [{"role": role, "content": _text_parts(item["content"], "input_text")}]
+    if role == "assistant" and kind == "message":
+        parts = _text_parts(item.get("content"), "output_text")
+        _assistant(messages).setdefault("content", []).extend(parts)
+        return []
+    if kind == "function_call":
+        if not all(isinstance(item.get(k), str) for k in ("arguments", "call_id", "name")):
+            raise _NotTextError
+        call = {
+            "function": {"arguments": item["arguments"], "name": item["name"]},
+            "id": item["call_id"],
+            "type": "function",
+        }
+        _assistant(messages).setdefault("tool_calls", []).append(call)
+        return []
+    if kind == "function_call_output" and isinstance(item.get("call_id"), str):
+        output = item.get("output")
+        if not isinstance(output, str):
+            output = _text_parts(output, "input_text")
+        return [{"content": output, "role": "tool", "tool_call_id": item["call_id"]}]
+    raise _NotTextError
 
 
 def _row(row: tuple[Any, ...]) -> StoredResponse:

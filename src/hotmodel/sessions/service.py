@@ -40,7 +40,7 @@ from hotmodel.sessions.context import (
 )
 from hotmodel.sessions.locks import SessionLocks
 from hotmodel.sessions.slots import SlotLedger
-from hotmodel.sessions.store import Limits, Session, SessionStore
+from hotmodel.sessions.store import CHAIN_PREFIX, Limits, Session, SessionStore, is_chain
 from hotmodel.sessions.tenants import SlotTenants
 
 log = logging.getLogger("hotmodel.sessions")
@@ -111,6 +111,13 @@ class SessionService:
                 param="system_prompt",
             )
         return SessionRef(session_id, system_prompt, owner)
+
+    def check_stored(self, session_id: str) -> None:
+        """Validate an id a stored session may have (400): a client's, or a Responses
+        chain's (``responses resp_...``, which lists show)."""
+        if is_chain(session_id) and SESSION_ID.fullmatch(session_id[len(CHAIN_PREFIX) :]):
+            return
+        self.check(session_id, None)
 
     def _system(self, name: str) -> str | None:
         # A stored name may be gone from an edited config: the session then goes on without.
@@ -209,6 +216,18 @@ class SessionService:
         owner, session_id = prepared.owner, prepared.session_id
         self.slots.cover(model, prepared.slot_gen, owner, session_id, [*sent, reply])
 
+    async def keep_chain(
+        self, owner: str, session_id: str, messages: list[Message], model: str, gen: int
+    ) -> None:
+        """Keep a Responses chain's conversation (``messages``: the chat messages of its
+        input and its answer) as the session ``session_id``, rewritten whole (a chain may
+        branch), and label ``model``'s slot with it (``gen``: the request's generation).
+        Past ``[session] max_stored_messages`` nothing is kept (a 409's error, which the
+        caller may ignore: the chain itself is stored elsewhere)."""
+        limits = Limits(0, self.config.session.max_stored_messages)  # never counted: store.py
+        await self.store.append(owner, session_id, messages, model, "", rewind=0, limits=limits)
+        self.slots.cover(model, gen, owner, session_id, messages)
+
     async def delete(
         self,
         owner: str,
@@ -271,14 +290,20 @@ class SessionService:
     ) -> tuple[Session, Prompt] | None:
         """The session a switch to ``model`` is for (``prefer``, the request's that caused
         it), else the most recently used one, and its bounded context, as ``model``
-        counts it."""
+        counts it. A Responses chain's is its whole conversation: each of its turns
+        sends it whole (the Responses API keeps no bounds of hotmodel's)."""
         if prefer is not None:
-            session = await self.store.get(prefer.owner, prefer.id, self._window(0))
+            window = None if is_chain(prefer.id) else self._window(0)
+            session = await self.store.get(prefer.owner, prefer.id, window)
         else:
             session = await self.store.most_recent(self._window(0))
+            if session is not None and is_chain(session.id) and session.offset:
+                session = await self.store.get(session.owner, session.id)  # all of it
         if session is None or not session.messages:
             return None
         stored = [m.message for m in session.messages]
+        if is_chain(session.id):
+            return session, build_prompt(None, [], stored, [])
         prompt = build_prompt(self._system(session.system_prompt), [], stored, [])
         prompt.base = session.offset
         await self._bound(prompt, model)

@@ -35,6 +35,19 @@ from hotmodel.sessions.records import StoredMessage as StoredMessage
 
 _T = TypeVar("_T")
 
+# A session whose id starts so holds an OpenAI Responses chain's conversation
+# (sessions/responses.py: what a switch restores or replays for it). No client names one
+# (a session id has no spaces), and they do not count against [session]
+# max_sessions_per_key: one-off Responses requests must not crowd out a key's chats.
+CHAIN_PREFIX = "responses "
+_NOT_A_CHAIN = "AND substr(id, 1, 10) != 'responses ' "
+
+
+def is_chain(session_id: str) -> bool:
+    """Whether ``session_id`` is a Responses chain's (:data:`CHAIN_PREFIX`)."""
+    return session_id.startswith(CHAIN_PREFIX)
+
+
 # Migration N takes the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -385,7 +398,7 @@ class SessionStore:
         if limits.sessions and stored is None:
             found = db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?", key).fetchone()
             (owned,) = db.execute(
-                "SELECT COUNT(*) FROM sessions WHERE owner = ?", key[:1]
+                "SELECT COUNT(*) FROM sessions WHERE owner = ? " + _NOT_A_CHAIN, key[:1]
             ).fetchone()
             if found is None and owned >= limits.sessions:  # a new session: is there room?
                 raise SessionLimitError.reached(limits.sessions)
@@ -429,11 +442,13 @@ class SessionStore:
         return Page([SessionSummary(*r) for r in rows[:limit]], more)
 
     async def owned(self, owner: str) -> int:
-        """How many sessions ``owner`` has."""
+        """How many sessions ``owner`` has (Responses chains' not counted)."""
 
         def run() -> int:
             db = self._db()
-            (n,) = db.execute("SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)).fetchone()
+            (n,) = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ? " + _NOT_A_CHAIN, (owner,)
+            ).fetchone()
             return int(n)
 
         return await self._call(run)
