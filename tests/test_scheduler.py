@@ -36,8 +36,8 @@ def view(**changes: Any) -> View:
         "last_request": 90.0,
         "resident_since": 50.0,
         "queues": {},
-        "load_s": {},
-        "replay_s": {},
+        "measured_load_s": {},
+        "measured_replay_s": {},
     }
     return View(**{**base, **changes})
 
@@ -88,19 +88,26 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
     ),
     (
         "the oldest waiter's model first",
-        view(queues={"b": Waiting(1, 95.0), "c": Waiting(1, 97.0)}, load_s={"b": 1, "c": 1}),
+        view(
+            queues={"b": Waiting(1, 95.0), "c": Waiting(1, 97.0)}, measured_load_s={"b": 1, "c": 1}
+        ),
         RULES,
         Decision("b", "batch: 1 waiting for b, oldest 5.0 s"),
     ),
     (
         "more waiters count: 4 waiting for c beat 1 a second longer for b",
-        view(queues={"b": Waiting(1, 96.0), "c": Waiting(4, 97.0)}, load_s={"b": 1, "c": 1}),
+        view(
+            queues={"b": Waiting(1, 96.0), "c": Waiting(4, 97.0)}, measured_load_s={"b": 1, "c": 1}
+        ),
         RULES,
         Decision("c", "batch: 4 waiting for c, oldest 3.0 s"),
     ),
     (
         "a cheap load wins when waits are close",
-        view(queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)}, load_s={"b": 3, "c": 0.2}),
+        view(
+            queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
+            measured_load_s={"b": 3, "c": 0.2},
+        ),
         RULES,
         Decision("c", "batch: 1 waiting for c, oldest 3.5 s"),
     ),
@@ -144,7 +151,7 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "a queue's lead waiter counts (a high-priority key that joined late leads it)",
         view(
             queues={"b": Waiting(1, 95.0), "c": Waiting(2, 96.0, priority=2, lead=99.0)},
-            load_s={"b": 1, "c": 1},
+            measured_load_s={"b": 1, "c": 1},
         ),
         RULES,  # c: 1 s + 10 s + 0.5 beats b: 5 s
         Decision("c", "priority: 2 waiting for c, oldest 4.0 s, priority 2"),
@@ -153,8 +160,8 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "a KV snapshot of the waiting conversation saves the replay: that model goes",
         view(
             queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
-            load_s={"b": 1, "c": 1},
-            replay_s={"b": 2, "c": 2},
+            measured_load_s={"b": 1, "c": 1},
+            measured_replay_s={"b": 2, "c": 2},
             snapshot_for=frozenset({"c"}),
         ),
         RULES,  # c: 3.5 - 1 beats b: 4 - 1 - 2
@@ -164,8 +171,8 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "... and without it the older waiter goes",
         view(
             queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
-            load_s={"b": 1, "c": 1},
-            replay_s={"b": 2, "c": 2},
+            measured_load_s={"b": 1, "c": 1},
+            measured_replay_s={"b": 2, "c": 2},
         ),
         RULES,
         Decision("b", "batch: 1 waiting for b, oldest 4.0 s"),
@@ -174,7 +181,9 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
 
 
 def test_the_expected_cost_is_the_load_plus_a_replay_a_snapshot_saves() -> None:
-    seen = view(load_s={"b": 2.0}, replay_s={"b": 1.5}, snapshot_for=frozenset({"c"}))
+    seen = view(
+        measured_load_s={"b": 2.0}, measured_replay_s={"b": 1.5}, snapshot_for=frozenset({"c"})
+    )
     assert cost_s(seen, "b") == 3.5
     assert cost_s(seen, "c") == DEFAULT_LOAD_S  # never measured, and its replay saved
     assert cost_s(seen, "d") == DEFAULT_LOAD_S + DEFAULT_REPLAY_S
@@ -292,7 +301,7 @@ def test_the_measured_load_time_is_learnt_and_the_report_says_why_and_what_was_e
         return sched, controller
 
     sched, controller = asyncio.run(scenario())
-    assert sched.load_s == {"b": 0.4}
+    assert sched.measured_load_s == {"b": 0.4}
     report = controller.reports[0]
     assert report.reason == "batch: 1 waiting for b, oldest 1.0 s"
     assert report.expected_ms == 1500.0  # nothing measured yet: the default load and replay

@@ -361,7 +361,7 @@ def test_replay_fills_the_prompt_cache_for_the_first_turn_after_a_switch(
     results = {}
     for replay in (True, False):
         folder = tmp_path / f"replay-{replay}"
-        with serving(folder, real_models, extra=f"replay = {str(replay).lower()}") as hp:
+        with serving(folder, real_models, extra=f"replay_session = {str(replay).lower()}") as hp:
             for text in ("I collect stamps from Iceland.", "My favourite one is blue."):
                 chat(hp, "stamps", [u(text)])
             report = httpx.post(

@@ -24,7 +24,7 @@ def facts(items: int) -> str:
 
 def kv_extra(kv: bool) -> str:
     """The ``[switch]`` lines of a `hotmodel serve` with KV snapshots on or off."""
-    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true\nauto = true"
+    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay_session = true\nauto = true"
 
 
 def first_token_of(

@@ -28,7 +28,7 @@ TURN = (
 
 def _run(replay: bool, turns: int) -> dict[str, Any]:
     with (
-        serving(extra=f"[switch]\nreplay = {str(replay).lower()}") as served,
+        serving(extra=f"[switch]\nreplay_session = {str(replay).lower()}") as served,
         client(600) as c,
     ):
         base = served.base_url
