@@ -194,15 +194,26 @@ def test_decide(name: str, seen: View, rules: Rules, expected: Decision) -> None
     assert decide(seen, rules) == expected
 
 
-def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:
-    """A scheduler that switches as soon as the loaded model is idle (no linger: the
-    clock here moves only by hand)."""
+def scheduler(
+    controller: RecordingController,
+    clock: Clock,
+    max_queue: int = 8,
+    *,
+    max_wait: float = 10.0,
+    linger: float = 0.0,
+    gate: TrafficGate | None = None,
+    **hooks: Any,
+) -> Scheduler:
+    """A scheduler on ``controller`` and the hand-moved ``clock``; by default it switches
+    as soon as the loaded model is idle (no linger: the clock moves only by hand).
+    ``hooks``: the Scheduler's ``slots``, ``priority``, ``snapshot``."""
     return Scheduler(
         controller,  # type: ignore[arg-type]
-        TrafficGate(),
-        lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
+        gate or TrafficGate(),
+        lambda: Rules(max_wait=max_wait, linger=linger, min_resident=0.0),
         lambda: max_queue,
         clock,
+        **hooks,
     )
 
 
@@ -333,14 +344,7 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
     async def scenario() -> None:
         controller, clock = RecordingController(), Clock()
         gate = TrafficGate()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            gate,
-            lambda: Rules(max_wait=10.0, linger=0.5, min_resident=0.0),
-            lambda: 8,
-            clock,
-            slots=lambda model: 1,
-        )
+        sched = scheduler(controller, clock, linger=0.5, gate=gate, slots=lambda model: 1)
         async with gate.admit(1) as first:
             first.model = "a"
             assert sched.admits("a")  # nobody waits for another model: no bound
@@ -375,13 +379,7 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
 def test_waiters_hear_of_a_stop_and_other_models_tickets_do_not_hold_the_loaded_one() -> None:
     async def scenario() -> BaseException | None:
         controller, clock = RecordingController(), Clock()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            TrafficGate(),
-            lambda: Rules(max_wait=60.0, linger=0.5, min_resident=0.0),
-            lambda: 8,
-            clock,
-        )
+        sched = scheduler(controller, clock, max_wait=60.0, linger=0.5)
         gate = sched._gate
         async with gate.admit(1) as ticket:  # a request for b: its ticket, briefly
             pass
@@ -411,11 +409,8 @@ def test_the_higher_priority_queue_is_switched_to_first_and_a_snapshot_lowers_th
     async def scenario() -> tuple[list[str], list[float | None]]:
         controller, clock = RecordingController(), Clock()
         session = SessionRef("s1", None, owner="k")
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            TrafficGate(),
-            lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
-            lambda: 8,
+        sched = scheduler(
+            controller,
             clock,
             priority=lambda model: {"c": 1}.get(model, 0),  # the preset's
             snapshot=lambda model, s: (model, s.id) == ("c", "s1"),
@@ -461,13 +456,8 @@ def test_within_a_queue_the_slot_that_comes_free_goes_to_the_higher_priority() -
     async def scenario() -> None:
         controller, clock = RecordingController(), Clock()
         gate = TrafficGate()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            gate,
-            lambda: Rules(max_wait=60.0, linger=60.0, min_resident=0.0),
-            lambda: 8,
-            clock,
-            slots=lambda model: 1,
+        sched = scheduler(
+            controller, clock, max_wait=60.0, linger=60.0, gate=gate, slots=lambda model: 1
         )
         other = asyncio.create_task(sched.wait_for("b", None, 120))  # keeps the slot bound
         async with gate.admit(1) as busy:
