@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -381,3 +382,49 @@ def run_scripted(
             assert services.gate.inflight() == [], "a ticket was left behind"
 
     asyncio.run(main())
+
+
+class AsgiClient:
+    """One ASGI ``POST`` from the client's side: its JSON body (read once), the
+    ``owner`` (the API key's fingerprint) the auth layer would set, what the app sent."""
+
+    def __init__(self, path: str, body: dict[str, Any], owner: str = "") -> None:
+        self.path = path
+        self.body = json.dumps(body).encode()
+        self.owner = owner
+        self.sent: list[MutableMapping[str, Any]] = []
+        self._read = False
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": self.path,
+            "headers": [(b"content-type", b"application/json")],
+            "state": {"owner": self.owner},
+        }
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._read:
+            self._read = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.left()
+        return {"type": "http.disconnect"}
+
+    async def left(self) -> None:
+        """Returns when the client leaves: never, unless a subclass says otherwise."""
+        await asyncio.Event().wait()
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.sent[0]["status"])
+
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.sent).decode()
+
+    def json(self) -> Any:
+        return json.loads(self.text())

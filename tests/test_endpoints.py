@@ -219,47 +219,26 @@ class Script(fakes.Script):
             self.closed.set()
 
 
-class Client:
-    """One ASGI request's client side."""
+class Client(fakes.AsgiClient):
+    """A request to one of the inference endpoints; ``leave`` makes its client leave,
+    ``chunk`` is set by the first chunk of body sent."""
 
     def __init__(self, path: str, body: dict[str, Any], owner: str = "") -> None:
-        self.path = path
-        self.body = json.dumps(body).encode()
-        self.owner = owner
-        self.sent: list[MutableMapping[str, Any]] = []
+        super().__init__(path, body, owner)
         self.chunk = asyncio.Event()
         self.leave = asyncio.Event()
-        self._read = False
 
-    async def receive(self) -> dict[str, Any]:
-        if not self._read:
-            self._read = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
+    async def left(self) -> None:
         await self.leave.wait()
-        return {"type": "http.disconnect"}
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
-        self.sent.append(message)
+        await super().send(message)
         if message.get("body"):
             self.chunk.set()
 
     async def call(self, s: Services) -> None:
         endpoint = next(e for e in ep.ENDPOINTS if e.path == self.path)
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": self.path,
-            "headers": [(b"content-type", b"application/json")],
-            "state": {"owner": self.owner},
-        }
-        await Inference(s, endpoint)(scope, self.receive, self.send)
-
-    @property
-    def status(self) -> int:
-        return int(self.sent[0]["status"])
-
-    def text(self) -> str:
-        return b"".join(m.get("body", b"") for m in self.sent).decode()
+        await Inference(s, endpoint)(self.scope, self.receive, self.send)
 
 
 @pytest.mark.parametrize("endpoint", [e for e in ep.ENDPOINTS if e.family is not ep.Family.RERANK])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,43 +127,15 @@ class Script(fakes.Script):
         return resp
 
 
-class Client:
+class Client(fakes.AsgiClient):
+    """A request to the Responses handler (``POST /v1/responses`` unless ``path``)."""
+
     def __init__(self, body: dict[str, Any], owner: str = "", path: str = "/v1/responses"):
-        self.body = json.dumps(body).encode()
-        self.owner = owner
-        self.path = path
-        self.sent: list[MutableMapping[str, Any]] = []
-
-    async def receive(self) -> dict[str, Any]:
-        if self.body:
-            body, self.body = self.body, b""
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(self, message: MutableMapping[str, Any]) -> None:
-        self.sent.append(message)
+        super().__init__(path, body, owner)
 
     async def call(self, s: Services, store: ResponseStore) -> Client:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": self.path,
-            "headers": [(b"content-type", b"application/json")],
-            "state": {"owner": self.owner},
-        }
-        await Responses(s, self.path, store)(scope, self.receive, self.send)
+        await Responses(s, self.path, store)(self.scope, self.receive, self.send)
         return self
-
-    @property
-    def status(self) -> int:
-        return int(self.sent[0]["status"])
-
-    def text(self) -> str:
-        return b"".join(m.get("body", b"") for m in self.sent).decode()
-
-    def json(self) -> Any:
-        return json.loads(self.text())
 
 
 def _run(
