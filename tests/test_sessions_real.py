@@ -393,16 +393,16 @@ def test_replay_fills_the_prompt_cache_for_the_first_turn_after_a_switch(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
     results = {}
-    for replay in (True, False):
-        folder = tmp_path / f"replay-{replay}"
-        with serving(folder, real_models, extra=f"replay_session = {str(replay).lower()}") as hp:
+    for on in (True, False):  # [switch] replay_session
+        config = f"replay_session = {str(on).lower()}"
+        with serving(tmp_path / f"replay-{on}", real_models, extra=config) as hp:
             for text in ("I collect stamps from Iceland.", "My favourite one is blue."):
                 answer(chat(hp, session="stamps", messages=[user(text)], **GREEDY))
             report = httpx.post(
                 hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
             ).json()
-            assert (report["replay"] is not None) is replay
-            results[replay] = answer(
+            assert (report["replay"] is not None) is on
+            results[on] = answer(
                 chat(hp, session="stamps", messages=[user("What do I collect?")], **GREEDY)
             )["timings"]
     assert results[True]["cache_n"] > 0
