@@ -484,16 +484,37 @@ def chat(
     hp: HotmodelProcess,
     model: str = "active",
     *,
+    key: str | None = None,
+    session: str | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 120.0,
+    client: httpx.Client | None = None,
     **body: Any,
 ) -> httpx.Response:
     """POST /v1/chat/completions: a short answer from ``model`` unless ``body`` says
-    otherwise (``messages``, ``max_tokens``, ``session_id``...)."""
+    otherwise (``messages``, ``max_tokens``, ``session_id``...). Beside ``headers``:
+    ``key``, if given, as a bearer token, ``session`` as ``X-Session-Id``. ``client``:
+    sent on its kept-alive connection."""
     payload = {"model": model, "messages": HELLO, "max_tokens": 4, **body}
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions", json=payload, headers=headers or {}, timeout=timeout
-    )
+    sent = {
+        **(bearer(key) if key else {}),
+        **({"x-session-id": session} if session is not None else {}),
+        **(headers or {}),
+    }
+    post = client.post if client is not None else httpx.post
+    return post(hp.base_url + "/v1/chat/completions", json=payload, headers=sent, timeout=timeout)
+
+
+def user(text: str) -> dict[str, str]:
+    """A user message."""
+    return {"role": "user", "content": text}
+
+
+def answer(resp: httpx.Response) -> dict[str, Any]:
+    """A 200 answer's JSON body (a failure shows the body otherwise)."""
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
 
 
 def switch(hp: HotmodelProcess, model: str, timeout: float = 120.0) -> tuple[int, dict[str, Any]]:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
 
-from hotmodel.config import Config, SwitchConfig
+from hotmodel.config import Config, SwitchConfig, load_config
 from hotmodel.control.commands import Switch
 from hotmodel.control.controller import Controller
 from hotmodel.control.decide import Rules
@@ -330,3 +331,100 @@ async def fake_services(
     finally:
         await http.aclose()
         await stack.aclose()
+
+
+def door_config(folder: Path, ini: str = "", ctx_size: int = 2048) -> Config:
+    """The door's tests' config: the preset ``m`` (its file need not exist), then ``ini``'s
+    sections; state under ``folder/state``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.ini").write_text(
+        "version = 1\n\n[m]\nmodel = m.gguf\n" + ini, encoding="utf-8"
+    )
+    (folder / "hotmodel.toml").write_text(
+        '[server]\nport = 18999\nstate_dir = "state"\n\n'
+        f'[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = {ctx_size}\n',
+        encoding="utf-8",
+    )
+    return load_config(folder / "hotmodel.toml")
+
+
+class Script:
+    """A scripted llama-server: what it got (each request's path and JSON body, in
+    order); a test file's subclass writes ``respond``, its answer."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, Any]]] = []
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.got.append((request.path, body))
+        return await self.respond(request, body)
+
+    async def respond(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+_Script = TypeVar("_Script", bound=Script)
+
+
+def run_scripted(
+    script: _Script,
+    scenario: Callable[[Services, _Script], Awaitable[Any]],
+    config: Config,
+) -> None:
+    """Run ``scenario`` on :func:`fake_services` with ``script`` as llama-server (state in
+    ``config``'s folder); no request may leave its ticket behind."""
+
+    async def main() -> None:
+        folder = config.path.parent
+        async with fake_services(config, folder, script.handler) as services:
+            await scenario(services, script)
+            assert services.gate.inflight() == [], "a ticket was left behind"
+
+    asyncio.run(main())
+
+
+class AsgiClient:
+    """One ASGI ``POST`` from the client's side: its JSON body (read once), the
+    ``owner`` (the API key's fingerprint) the auth layer would set, what the app sent."""
+
+    def __init__(self, path: str, body: dict[str, Any], owner: str = "") -> None:
+        self.path = path
+        self.body = json.dumps(body).encode()
+        self.owner = owner
+        self.sent: list[MutableMapping[str, Any]] = []
+        self._read = False
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": self.path,
+            "headers": [(b"content-type", b"application/json")],
+            "state": {"owner": self.owner},
+        }
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._read:
+            self._read = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.left()
+        return {"type": "http.disconnect"}
+
+    async def left(self) -> None:
+        """Returns when the client leaves: never, unless a subclass says otherwise."""
+        await asyncio.Event().wait()
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.sent[0]["status"])
+
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.sent).decode()
+
+    def json(self) -> Any:
+        return json.loads(self.text())

@@ -307,3 +307,14 @@ def test_a_preset_slot_count_wins_over_the_router_one(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, MINIMAL + "parallel = 2\n", ini))
     assert cfg.presets.slots("small", cfg.router.parallel) == 3
     assert cfg.presets.slots("big", cfg.router.parallel) == 2
+
+
+def test_replay_session_is_also_read_under_its_old_name(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, MINIMAL)).switch.replay_session is True
+    new = load_config(_write(tmp_path, MINIMAL + "[switch]\nreplay_session = false\n"))
+    assert new.switch.replay_session is False
+    old = load_config(_write(tmp_path, MINIMAL + "[switch]\nreplay = false\n"))
+    assert old.switch.replay_session is False
+    both = MINIMAL + "[switch]\nreplay = false\nreplay_session = true\n"
+    with pytest.raises(ConfigError, match=re.escape("[switch] replay: renamed to replay_session")):
+        load_config(_write(tmp_path, both))

@@ -223,7 +223,7 @@ def test_same_target_requests_share_one_switch() -> None:
         r1, r2, r3 = await asyncio.gather(
             controller.submit(Switch("b")),
             controller.submit(Switch("b")),
-            controller.submit(Switch("b", replay=False)),
+            controller.submit(Switch("b", replay_session=False)),
         )
         assert r1 is r2 is r3
         engine = controller.engine
@@ -243,8 +243,8 @@ def test_first_load_is_a_command_without_replay() -> None:
         seen.append(model)
         return {}
 
-    engine.replay = replay
-    report = run(lambda c: c.submit(Switch("a", replay=False)), engine)
+    engine.replayer = replay
+    report = run(lambda c: c.submit(Switch("a", replay_session=False)), engine)
     assert report.outcome is Outcome.OK and engine.active == "a"
     assert router.calls == ["load a"] and seen == []
 

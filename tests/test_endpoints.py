@@ -9,9 +9,8 @@ sent where, what the client got, and that the ticket was returned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,13 @@ from aiohttp import web
 from hotmodel.api import endpoints as ep
 from hotmodel.api.auth import RequireKeys
 from hotmodel.api.inference import Inference
-from hotmodel.config import Config, load_config
+from hotmodel.config import Config
 from hotmodel.errors import HotModelError, InvalidRequestError, ModelNotFoundError
 from hotmodel.presets import Preset
 from hotmodel.runtime import Services
 from hotmodel.security import KeySet
-from tests.fakes import fake_services
+from tests import fakes
+from tests.fakes import door_config
 
 # --- the checks (pure) ---
 
@@ -37,20 +37,15 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     return _config(folder)
 
 
-def _config(folder: Path, ini_extra: str = "") -> Config:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models.ini").write_text(
-        "version = 1\n\n[m]\nmodel = m.gguf\n\n"
-        "[embed]\nmodel = m.gguf\nembeddings = true\npooling = mean\n\n"
-        "[ranker]\nmodel = m.gguf\nembeddings = on\npooling = rank\n" + ini_extra,
-        encoding="utf-8",
-    )
-    (folder / "hotmodel.toml").write_text(
-        '[server]\nport = 18999\nstate_dir = "state"\n\n'
-        '[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = 128\n',
-        encoding="utf-8",
-    )
-    return load_config(folder / "hotmodel.toml")
+# beside the chat preset m: an embedding model and a reranker
+EMBEDDERS = (
+    "\n[embed]\nmodel = m.gguf\nembeddings = true\npooling = mean\n\n"
+    "[ranker]\nmodel = m.gguf\nembeddings = on\npooling = rank\n"
+)
+
+
+def _config(folder: Path) -> Config:
+    return door_config(folder, EMBEDDERS, ctx_size=128)
 
 
 def _refused(check: ep.Check, payload: dict[str, Any], config: Config) -> str | None:
@@ -199,18 +194,17 @@ async def _never() -> dict[str, Any]:
 # --- the handler, against a scripted upstream ---
 
 
-class Script:
-    """What the scripted llama-server got and how it answers."""
+class Script(fakes.Script):
+    """llama-server's answer: ``answer`` with ``status``, or a stream that never ends."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[str, dict[str, Any]]] = []
+        super().__init__()
         self.status = 200
         self.answer: bytes = b'{"ok":true}'
         self.stream_forever = False
         self.closed = asyncio.Event()
 
-    async def handler(self, request: web.Request) -> web.StreamResponse:
-        self.got.append((request.path, await request.json()))
+    async def respond(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         try:
             if not self.stream_forever:
                 return web.Response(
@@ -226,63 +220,26 @@ class Script:
             self.closed.set()
 
 
-@contextlib.asynccontextmanager
-async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
-    async with fake_services(_config(folder), folder, script.handler) as services:
-        yield services
-
-
-class Client:
-    """One ASGI request's client side."""
+class Client(fakes.AsgiClient):
+    """A request to one of the inference endpoints; ``leave`` makes its client leave,
+    ``chunk`` is set by the first chunk of body sent."""
 
     def __init__(self, path: str, body: dict[str, Any], owner: str = "") -> None:
-        self.path = path
-        self.body = json.dumps(body).encode()
-        self.owner = owner
-        self.sent: list[MutableMapping[str, Any]] = []
+        super().__init__(path, body, owner)
         self.chunk = asyncio.Event()
         self.leave = asyncio.Event()
-        self._read = False
 
-    async def receive(self) -> dict[str, Any]:
-        if not self._read:
-            self._read = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
+    async def left(self) -> None:
         await self.leave.wait()
-        return {"type": "http.disconnect"}
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
-        self.sent.append(message)
+        await super().send(message)
         if message.get("body"):
             self.chunk.set()
 
     async def call(self, s: Services) -> None:
         endpoint = next(e for e in ep.ENDPOINTS if e.path == self.path)
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": self.path,
-            "headers": [(b"content-type", b"application/json")],
-            "state": {"owner": self.owner},
-        }
-        await Inference(s, endpoint)(scope, self.receive, self.send)
-
-    @property
-    def status(self) -> int:
-        return int(self.sent[0]["status"])
-
-    def text(self) -> str:
-        return b"".join(m.get("body", b"") for m in self.sent).decode()
-
-
-def _run(tmp_path: Path, scenario: Callable[[Services, Script], Any]) -> None:
-    async def main() -> None:
-        script = Script()
-        async with services(tmp_path, script) as s:
-            await scenario(s, script)
-            assert s.gate.inflight() == [], "a ticket was left behind"
-
-    asyncio.run(main())
+        await Inference(s, endpoint)(self.scope, self.receive, self.send)
 
 
 @pytest.mark.parametrize("endpoint", [e for e in ep.ENDPOINTS if e.family is not ep.Family.RERANK])
@@ -308,7 +265,7 @@ def test_each_endpoint_goes_to_its_own_path_with_the_model_named(
         # a generation gets a bound when it sets none ([server] default_max_tokens)
         assert ("max_tokens" in sent) == endpoint.generates
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, _config(tmp_path))
 
 
 def test_a_stream_is_relayed_and_a_client_that_leaves_stops_it(tmp_path: Path) -> None:
@@ -323,7 +280,7 @@ def test_a_stream_is_relayed_and_a_client_that_leaves_stops_it(tmp_path: Path) -
         await asyncio.wait_for(task, 5)
         await asyncio.wait_for(script.closed.wait(), 5)  # llama-server was told to stop
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, _config(tmp_path))
 
 
 def test_a_model_that_cannot_serve_it_is_a_400_and_an_unknown_one_a_404(tmp_path: Path) -> None:
@@ -342,7 +299,7 @@ def test_a_model_that_cannot_serve_it_is_a_400_and_an_unknown_one_a_404(tmp_path
         error = json.loads(client.text())["error"]
         assert error["code"] == "unsupported_endpoint" and error["message"] == "no FIM"
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, _config(tmp_path))
 
 
 def test_another_keys_completion_does_not_reuse_the_slots_prompt(tmp_path: Path) -> None:
@@ -353,4 +310,4 @@ def test_another_keys_completion_does_not_reuse_the_slots_prompt(tmp_path: Path)
         await Client("/tokenize", {"content": "hi"}, "a").call(s)
         assert "cache_prompt" not in script.got[-1][1]  # no slot, no cache: untouched
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, _config(tmp_path))

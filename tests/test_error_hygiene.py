@@ -32,7 +32,7 @@ from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.supervisor import free_port
 from hotmodel.sessions.store import SessionStore
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, chat, start_hotmodel, write_config
 
 
 def _body(response: Any) -> dict[str, Any]:
@@ -171,23 +171,18 @@ def test_a_real_streamed_turn_whose_store_write_fails_ends_with_the_error_before
     error event, then ``[DONE]``; the store's path is in the server log only."""
     hp = start_hotmodel(write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny"))
     try:
-        turn = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         headers = {"x-session-id": "locked"}
-        assert _chat(hp, turn, headers).status_code == 200  # the session exists
+        assert chat(hp, headers=headers).status_code == 200  # the session exists
         lock = sqlite3.connect(tmp_path / "state" / "sessions.sqlite3", isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")  # readers go on (WAL); writers wait, then fail
         try:
-            resp = _chat(hp, {**turn, "stream": True}, headers)
+            resp = chat(hp, headers=headers, stream=True)
         finally:
             lock.execute("ROLLBACK")
             lock.close()
         _check_store_error_before_done(resp, hp, str(tmp_path))
     finally:
         assert hp.stop() == 0, hp.output()
-
-
-def _chat(hp: HotmodelProcess, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
-    return httpx.post(hp.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
 
 
 def _check_store_error_before_done(resp: httpx.Response, hp: HotmodelProcess, path: str) -> None:

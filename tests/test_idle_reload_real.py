@@ -10,35 +10,20 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import HotmodelProcess, run_hotmodel, start_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    chat,
+    run_hotmodel,
+    start_hotmodel,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
-
-WAIT_S = 30.0
-
-
-def chat(hp: HotmodelProcess, model: str = "active", **headers: str) -> httpx.Response:
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-        headers=headers,
-        timeout=60,
-    )
-
-
-def wait_for(what: str, check: Any, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def router_status(hp: HotmodelProcess) -> dict[str, str]:
@@ -61,7 +46,9 @@ def test_idle_unload_then_next_request_loads_back(
     hp = start_hotmodel(config)
     try:
         assert chat(hp).status_code == 200
-        status = wait_for("the idle unload", lambda: hp.status()["parked_model"] == "tiny" or None)
+        status = wait_until(
+            "the idle unload", lambda: hp.status()["parked_model"] == "tiny" or None
+        )
         assert status
         assert hp.status()["active_model"] is None
         assert router_status(hp)["tiny"] == "unloaded"
@@ -277,7 +264,7 @@ def test_sighup_reloads(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
         key = "admin-key-0123456789abcdef"
         config.write_text(config.read_text() + f'\n[security]\nadmin_keys = ["{key}"]\n')
         hp.proc.send_signal(signal.SIGHUP)
-        wait_for(
+        wait_until(
             "the keys to apply",
             lambda: httpx.get(hp.base_url + "/admin/status", timeout=5).status_code == 401,
         )

@@ -13,32 +13,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
+from tests.conftest import HotmodelProcess, answer, chat, start_hotmodel, user, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
 FACTS = " ".join(f"item{i} is on shelf {i % 17}." for i in range(50))  # ~450 tokens
 
 
-def chat(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, Any]:
-    resp = httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": 4,
-            "session_id": session,
-        },
-        timeout=120,
-    )
-    assert resp.status_code == 200, resp.text
-    data: dict[str, Any] = resp.json()
-    return data
-
-
 def streamed(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, Any]:
     """A streamed turn, read to its end; its final ``timings``."""
     body = {
-        "messages": [{"role": "user", "content": text}],
+        "messages": [user(text)],
         "max_tokens": 4,
         "session_id": session,
         "stream": True,
@@ -82,7 +67,7 @@ def test_switching_back_and_restarting_restore_the_conversation(
     config = kv_config(tmp_path, real_models)
     hp = start_hotmodel(config)
     try:
-        first = chat(hp, FACTS)
+        first = answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         assert first["timings"]["cache_n"] == 0
         away = switch(hp, "gemma3")
         saved = away["snapshot"]["save"]
@@ -115,7 +100,7 @@ def test_switching_back_and_restarting_restore_the_conversation(
     try:
         start = httpx.get(again.base_url + "/admin/switches").json()["data"][-1]
         assert start["to"] == "smollm2" and start["snapshot"]["restore"]["restored"] is True
-        after = chat(again, "And item9?")
+        after = answer(chat(again, messages=[user("And item9?")], session_id="kv"))
         assert after["timings"]["cache_n"] > 400  # the first turn after a restart hit the cache
         assert after["timings"]["prompt_n"] < 40
         assert last_switch(again)["snapshot"]["restore"]["took"] is True
@@ -133,7 +118,7 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
     kv_dir = tmp_path / "state" / "kv"
     try:
         router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
-        chat(hp, FACTS)
+        answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         switch(hp, "gemma3")
         # a damaged snapshot (same size, other bytes) is never handed to llama-server
         (snap,) = [p for p in kv_dir.glob("kv-*.bin")]
@@ -146,7 +131,8 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
             "reason": "snapshot refused: its file is truncated or corrupted",
         }
         assert back["replay"]["cache_tokens"] == 0 and back["replay"]["prompt_tokens"] > 400
-        assert chat(hp, "Which shelf is item7 on?")["timings"]["cache_n"] > 400
+        nxt = answer(chat(hp, messages=[user("Which shelf is item7 on?")], session_id="kv"))
+        assert nxt["timings"]["cache_n"] > 400
         # the model file changes while its snapshot waits: refused, and deleted
         switch(hp, "gemma3")
         os.utime(local["smollm2"], None)
@@ -162,7 +148,8 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
         back = switch(hp, "smollm2")
         assert "truncated or corrupted" in back["snapshot"]["restore"]["reason"]
         assert hp.status()["router"]["pid"] == router_pid  # type: ignore[index]
-        assert chat(hp, "And item9?")["timings"]["cache_n"] > 400
+        nxt = answer(chat(hp, messages=[user("And item9?")], session_id="kv"))
+        assert nxt["timings"]["cache_n"] > 400
     finally:
         assert hp.stop() == 0, hp.output()
 
@@ -173,7 +160,7 @@ def test_budget_settings_and_session_deletion(
     config = kv_config(tmp_path, real_models)
     hp = start_hotmodel(config)
     try:
-        chat(hp, FACTS)
+        answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         switch(hp, "gemma3")
         switch(hp, "smollm2")  # saves gemma3's slot too: two snapshots
         status = hp.status()["kv_snapshots"]
@@ -181,7 +168,7 @@ def test_budget_settings_and_session_deletion(
         assert httpx.delete(hp.base_url + "/v1/sessions/kv").status_code == 200
         status = hp.status()["kv_snapshots"]
         assert isinstance(status, dict) and status["count"] == 0  # its KV went with it
-        chat(hp, FACTS, session="again")
+        answer(chat(hp, messages=[user(FACTS)], session_id="again"))
     finally:
         assert hp.stop() == 0, hp.output()
     # another KV cache type: the snapshot kept at stop no longer fits, dropped at start
@@ -197,7 +184,7 @@ def test_budget_settings_and_session_deletion(
     kv_config(tmp_path, real_models, extra="kv_snapshot_max_bytes = 1000")
     small = start_hotmodel(config)
     try:
-        chat(small, FACTS, session="third")
+        answer(chat(small, messages=[user(FACTS)], session_id="third"))
         saved = switch(small, "gemma3")["snapshot"]["save"]
         assert saved["saved"] is False and saved["kept"] is False and saved["evicted"] == []
         assert "more than [switch] kv_snapshot_max_bytes = 1000" in saved["reason"], saved
@@ -216,7 +203,7 @@ def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_
     config = kv_config(tmp_path, real_models)
     hp = start_hotmodel(config)
     try:
-        chat(hp, FACTS)
+        answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         first = switch(hp, "gemma3")["snapshot"]["save"]  # smollm2's
         assert first["kept"] is True and first["evicted"] == [], first
         second = switch(hp, "smollm2")["snapshot"]["save"]  # gemma3's
@@ -228,7 +215,8 @@ def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_
         status = hp.status()["kv_snapshots"]
         assert isinstance(status, dict) and status["count"] == 1  # at once, not at a save
         assert f"over [switch] kv_snapshot_max_bytes = {limit}" in hp.output()
-        chat(hp, "Which shelf is item7 on?")  # smollm2's slot moves on
+        # smollm2's slot moves on
+        answer(chat(hp, messages=[user("Which shelf is item7 on?")], session_id="kv"))
         away = switch(hp, "gemma3")  # gemma3's snapshot went at the reload: it replays
         assert away["snapshot"]["save"]["kept"] is True, away
         back = switch(hp, "smollm2")
@@ -236,7 +224,7 @@ def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_
         assert saved["kept"] is False and saved["evicted"] == [], saved
         assert "the snapshot restored next (smollm2, session 'kv')" in saved["reason"]
         assert restore["restored"] is True, back
-        nxt = chat(hp, "And item9?")
+        nxt = answer(chat(hp, messages=[user("And item9?")], session_id="kv"))
         assert nxt["timings"]["cache_n"] > 400 and nxt["timings"]["prompt_n"] < 40
     finally:
         assert hp.stop() == 0, hp.output()
@@ -252,11 +240,12 @@ def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folde
     hp = start_hotmodel(config)
     try:
         switch(hp, "gemma3")
-        chat(hp, "Name a colour.", session="g")
+        answer(chat(hp, messages=[user("Name a colour.")], session_id="g"))
         switch(hp, "smollm2")  # Gemma's slot is saved
         back = switch(hp, "gemma3")
         assert back["snapshot"]["restore"]["restored"] is True, back
-        chat(hp, "And another?", session="g")  # llama-server read it all again
+        # llama-server read it all again
+        answer(chat(hp, messages=[user("And another?")], session_id="g"))
         restore = last_switch(hp)["snapshot"]["restore"]
         assert restore["took"] is False and "did not take" in restore["reason"], restore
         again = switch(hp, "smollm2")
@@ -265,7 +254,8 @@ def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folde
         assert "save" not in again["phases"]  # a skipped phase
         shutil.rmtree(tmp_path / "state" / "kv")
         switch(hp, "gemma3")  # the folder is made again before the load
-        assert chat(hp, "And one more?", session="g")["model"] == "gemma3"
+        last = answer(chat(hp, messages=[user("And one more?")], session_id="g"))
+        assert last["model"] == "gemma3"
     finally:
         assert hp.stop() == 0, hp.output()
 
@@ -316,14 +306,14 @@ def test_a_failed_switch_loads_the_previous_model_again_with_its_conversation(
     )
     hp = start_hotmodel(config)
     try:
-        chat(hp, FACTS)
+        answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         failed = httpx.post(hp.base_url + "/admin/switch", json={"model": "broken"}, timeout=300)
         assert failed.status_code == 502, failed.text
         report = failed.json()
         assert report["rolled_back"] is True and report["active_after"] == "smollm2", report
         back = report["snapshot"]["rollback_restore"]
         assert back["restored"] is True and back["tokens"] > 400, report
-        nxt = chat(hp, "Which shelf is item7 on?")
+        nxt = answer(chat(hp, messages=[user("Which shelf is item7 on?")], session_id="kv"))
         assert nxt["timings"]["cache_n"] > 400  # the conversation was not read again
         assert last_switch(hp)["snapshot"]["rollback_restore"]["took"] is True
     finally:

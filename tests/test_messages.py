@@ -8,9 +8,8 @@ llama-server on a real socket (as tests/test_endpoints.py drives the other endpo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,13 @@ from hotmodel.api.messages import (
     check_messages_request,
 )
 from hotmodel.api.record import RECORD, RequestRecord, Usage
-from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError
 from hotmodel.runtime import Services
 from hotmodel.security import KeySet
-from tests.fakes import fake_services
+from tests import fakes
+from tests.fakes import door_config
 
 USER = {"role": "user", "content": "hi"}
-
-
-def _config(folder: Path) -> Config:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models.ini").write_text("version = 1\n\n[m]\nmodel = m.gguf\n", encoding="utf-8")
-    (folder / "hotmodel.toml").write_text(
-        '[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = 2048\n'
-        '[server]\nstate_dir = "state"\n',
-        encoding="utf-8",
-    )
-    return load_config(folder / "hotmodel.toml")
 
 
 # --- pure ---
@@ -72,7 +60,7 @@ def _config(folder: Path) -> Config:
 )
 def test_each_check_names_the_field(tmp_path: Path, payload: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as refused:
-        check_messages_request(payload, _config(tmp_path))
+        check_messages_request(payload, door_config(tmp_path))
     assert refused.value.param == param
 
 
@@ -176,13 +164,14 @@ def test_errors_in_anthropics_shape() -> None:
 # --- the handler, against a scripted llama-server ---
 
 
-class Script:
+class Script(fakes.Script):
+    """Anthropic's answers: a message, or (``stream``) its events; a token count."""
+
     def __init__(self) -> None:
-        self.got: list[tuple[str, dict[str, Any]]] = []
+        super().__init__()
         self.stream = False
 
-    async def handler(self, request: web.Request) -> web.StreamResponse:
-        self.got.append((request.path, await request.json()))
+    async def respond(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if request.path.endswith("/count_tokens"):
             return web.json_response({"input_tokens": 3})
         if not self.stream:
@@ -193,12 +182,6 @@ class Script:
         for chunk in STREAM:
             await resp.write(chunk)
         return resp
-
-
-@contextlib.asynccontextmanager
-async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
-    async with fake_services(_config(folder), folder, script.handler) as services:
-        yield services
 
 
 async def call(
@@ -248,16 +231,6 @@ def _door(s: Services, keys: KeySet | None = None) -> Callable[..., Any]:
     return AnthropicErrors(RequireKeys(answered, keys=lambda: key_set))
 
 
-def _run(tmp_path: Path, scenario: Callable[[Services, Script], Any]) -> None:
-    async def main() -> None:
-        script = Script()
-        async with services(tmp_path, script) as s:
-            await scenario(s, script)
-            assert s.gate.inflight() == [], "a ticket was left behind"
-
-    asyncio.run(main())
-
-
 def test_a_request_goes_to_llama_servers_messages_with_the_model_named(tmp_path: Path) -> None:
     async def scenario(s: Services, script: Script) -> None:
         door = _door(s)
@@ -271,7 +244,7 @@ def test_a_request_goes_to_llama_servers_messages_with_the_model_named(tmp_path:
         assert status == 200 and json.loads(body) == {"input_tokens": 3}
         assert script.got[-1][0] == "/v1/messages/count_tokens"
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, door_config(tmp_path))
 
 
 def test_refusals_are_in_anthropics_shape_and_send_nothing(tmp_path: Path) -> None:
@@ -294,7 +267,7 @@ def test_refusals_are_in_anthropics_shape_and_send_nothing(tmp_path: Path) -> No
         assert script.got == []
         assert await s.store.get("", "s1", 10) is None  # no session was made
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, door_config(tmp_path))
 
 
 def test_keys_come_as_x_api_key_or_bearer_and_a_refusal_is_anthropics(tmp_path: Path) -> None:
@@ -308,7 +281,7 @@ def test_keys_come_as_x_api_key_or_bearer_and_a_refusal_is_anthropics(tmp_path: 
             got, _, _ = await call(door, "/v1/messages/count_tokens", {"messages": [USER]}, headers)
             assert got == 200
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, door_config(tmp_path))
 
 
 def test_a_session_is_stored_and_the_next_turn_sees_it(tmp_path: Path) -> None:
@@ -343,7 +316,7 @@ def test_a_session_is_stored_and_the_next_turn_sees_it(tmp_path: Path) -> None:
             ("assistant", "Hello"),
         ]
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, door_config(tmp_path))
 
 
 def test_token_counts_of_plain_and_streamed_answers_reach_the_record(tmp_path: Path) -> None:
@@ -363,4 +336,4 @@ def test_token_counts_of_plain_and_streamed_answers_reach_the_record(tmp_path: P
         assert streamed.usage == Usage(7, 2, 5)
         assert streamed.first_token is not None
 
-    _run(tmp_path, scenario)
+    fakes.run_scripted(Script(), scenario, door_config(tmp_path))

@@ -21,12 +21,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HotmodelProcess, Serve, keys, start_hotmodel, write_config
-from tests.conftest import chat as post_chat
+from tests.conftest import HELLO, HotmodelProcess, Serve, chat, keys, start_hotmodel, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
-HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 ADMIN = "admin-key-metrics-000000"
 CLIENT = "client-key-metrics-00000"
 LOG_DEADLINE_S = 10.0  # the access line is written just after the answer is sent
@@ -51,10 +49,6 @@ def val(samples: Samples, name: str, **labels: str) -> float:
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return val(after, name, **labels) - val(before, name, **labels)
-
-
-def chat(hp: HotmodelProcess, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
-    return post_chat(hp, headers=headers, **{"messages": HELLO, "max_tokens": 8, **body})
 
 
 def stream_chat(hp: HotmodelProcess) -> dict[str, Any]:

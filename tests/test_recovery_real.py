@@ -19,11 +19,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import HotmodelProcess, assert_all_gone, chat, start_hotmodel, write_config
+from tests.conftest import (
+    HELLO,
+    HotmodelProcess,
+    assert_all_gone,
+    chat,
+    start_hotmodel,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
-
-HELLO = [{"role": "user", "content": "hello"}]
 
 
 def _router(hp: HotmodelProcess) -> dict[str, Any]:
@@ -51,10 +56,6 @@ def _wait_healthy(hp: HotmodelProcess, timeout: float = 30) -> dict[str, Any]:
         time.sleep(0.05)
 
 
-def _chat(hp: HotmodelProcess, **extra: Any) -> httpx.Response:
-    return chat(hp, **{"messages": HELLO, "max_tokens": 2, **extra})
-
-
 @pytest.fixture
 def tiny_server(
     tmp_path: Path, tiny_models: dict[str, Path], llama_server: Path
@@ -74,13 +75,13 @@ def tiny_server(
 def test_kill_9_of_the_router_is_recovered_and_requests_wait(tiny_server: HotmodelProcess) -> None:
     hp = tiny_server
     # a session, so that the recovery has something to replay
-    assert _chat(hp, session_id="kept").status_code == 200
+    assert chat(hp, session_id="kept").status_code == 200
     before = _router(hp)
     old_children = _model_children(before["pid"])
     results: list[int] = []
 
     def request() -> None:
-        results.append(_chat(hp).status_code)
+        results.append(chat(hp).status_code)
 
     # the router and its model's process: chat goes straight to that process, which
     # would outlive the router alone and answer without any recovery
@@ -123,7 +124,7 @@ def test_a_stream_cut_by_a_crash_ends_with_an_error_event(tiny_server: HotmodelP
         rest = b"".join(chunks)  # ends: not a hang
     assert b'"error"' in rest and b"upstream_stream_error" in rest
     _wait_healthy(hp)
-    assert _chat(hp).status_code == 200
+    assert chat(hp).status_code == 200
 
 
 def test_a_crashed_model_child_is_loaded_again(tiny_server: HotmodelProcess) -> None:
@@ -134,7 +135,7 @@ def test_a_crashed_model_child_is_loaded_again(tiny_server: HotmodelProcess) -> 
     child.wait(5)
     deadline = time.monotonic() + 30
     while True:
-        resp = _chat(hp)
+        resp = chat(hp)
         if resp.status_code == 200:
             break
         # meanwhile: the server's 503 with Retry-After, never a 4xx blaming the client
@@ -157,10 +158,11 @@ def test_a_request_right_after_the_models_process_is_killed_waits_for_the_recove
     answered = 0
     with httpx.Client(timeout=60) as client:
         for _ in range(4):
-            assert _post(client, hp).status_code == 200  # its connection is kept alive
+            # its connection is kept alive
+            assert chat(hp, client=client, timeout=60).status_code == 200
             (child,) = _model_children(_router(hp)["pid"])
             child.kill()
-            resp = _post(client, hp)
+            resp = chat(hp, client=client, timeout=60)
             if resp.status_code == 200:
                 answered += 1
             else:
@@ -169,17 +171,11 @@ def test_a_request_right_after_the_models_process_is_killed_waits_for_the_recove
                 assert error["code"] in ("model_unavailable", "router_unavailable"), error
                 assert "127.0.0.1" not in error["message"], error
             deadline = time.monotonic() + 30
-            while _post(client, hp).status_code != 200:
+            while chat(hp, client=client, timeout=60).status_code != 200:
                 assert time.monotonic() < deadline, hp.output()
                 time.sleep(0.05)
     assert answered >= 1, hp.output()
     assert "the request waits for the recovery" in hp.output()
-
-
-def _post(client: httpx.Client, hp: HotmodelProcess) -> httpx.Response:
-    return client.post(
-        hp.base_url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}
-    )
 
 
 def test_a_hung_router_is_killed_and_restarted(tiny_server: HotmodelProcess) -> None:
@@ -198,7 +194,7 @@ def test_a_hung_router_is_killed_and_restarted(tiny_server: HotmodelProcess) -> 
                 os.kill(router["pid"], signal.SIGCONT)
     _wait_healthy(hp)
     assert "did not answer /health 2 times in a row" in hp.output()
-    assert _chat(hp).status_code == 200
+    assert chat(hp).status_code == 200
 
 
 def test_a_router_that_cannot_come_back_is_reported_failed(
@@ -226,7 +222,7 @@ def test_a_router_that_cannot_come_back_is_reported_failed(
             assert time.monotonic() < deadline, hp.output()
             time.sleep(0.05)
         assert health["status"] == "unavailable" and health["active_model"] is None
-        resp = _chat(hp)
+        resp = chat(hp)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "router_unavailable"
         recovery = httpx.get(hp.base_url + "/admin/switches").json()["data"][0]
         assert recovery["policy"] == "recover" and recovery["outcome"] == "failed"
@@ -247,7 +243,7 @@ def test_kill_9_of_hotmodel_leaves_no_router_and_a_restart_works(
     assert_all_gone(pids)  # the router went with it (and took its model child along)
     again = start_hotmodel(config)
     try:
-        assert _chat(again).status_code == 200
+        assert chat(again).status_code == 200
     finally:
         assert again.stop() == 0, again.output()
 
@@ -276,7 +272,7 @@ def test_a_router_that_cannot_restart_is_failed_after_its_attempts(
         assert health["router"] == "failed"
         status = hp.status()
         assert status["health"] == "failed"
-        resp = _chat(hp)
+        resp = chat(hp)
         assert resp.status_code == 503, resp.text
         assert "router exited with code -9 and is failed" in resp.json()["error"]["message"]
         assert "router restart 2/2 failed" in hp.output()

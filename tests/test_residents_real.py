@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,9 @@ import psutil
 import pytest
 
 from hotmodel.router.options import devices
-from tests.conftest import HotmodelProcess, start_hotmodel, write_config
-from tests.conftest import chat as post_chat
+from tests.conftest import HotmodelProcess, chat, start_hotmodel, wait_until, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
-
-HELLO = [{"role": "user", "content": "Hi"}]
-DEADLINE_S = 60.0  # a bound on polling, never asserted as a duration
 
 
 def _config(
@@ -60,20 +55,6 @@ def child_pid(hp: HotmodelProcess, model: str) -> int:
     ]
     assert len(found) == 1, (model, port, found)
     return found[0]
-
-
-def wait_for(check: Any, what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never: {what}")
-
-
-def chat(hp: HotmodelProcess, model: str, **extra: Any) -> httpx.Response:
-    return post_chat(hp, model, **{"messages": HELLO, "max_tokens": 2, **extra})
 
 
 @pytest.mark.parametrize(("policy", "models_max"), [("zero_overlap", 1), ("overlap", 2)])
@@ -146,13 +127,13 @@ def test_a_resident_answers_while_a_switch_holds_the_active_models_requests(
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             long = pool.submit(chat, hp, "smollm2", max_tokens=4000, ignore_eos=True)
-            wait_for(lambda: hp.status()["in_flight"] == 1, "the long generation runs")
+            wait_until("the long generation runs", lambda: hp.status()["in_flight"] == 1)
             switch = pool.submit(
                 httpx.post, hp.base_url + "/admin/switch", json={"model": "tiny2"}, timeout=120
             )
-            wait_for(
-                lambda: httpx.get(hp.base_url + "/health").json()["status"] == "switching",
+            wait_until(
                 "the switch closed the gate",
+                lambda: httpx.get(hp.base_url + "/health").json()["status"] == "switching",
             )
             answer = chat(hp, "companion")
             # the switch was still draining when the resident answered
@@ -167,13 +148,13 @@ def test_a_resident_answers_while_a_switch_holds_the_active_models_requests(
         pid = child_pid(hp, "companion")
         router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
         os.kill(int(router_pid), signal.SIGKILL)
-        wait_for(
+        wait_until(
+            "the router and the resident are back",
             lambda: (
                 hp.status()["router"]["pid"] != router_pid  # type: ignore[index]
                 and hp.status()["residents"] == {"companion": "loaded"}
                 and hp.status()["health"] == "ok"
             ),
-            "the router and the resident are back",
         )
         assert router_models(hp)["companion"]["value"] == "loaded"
         assert child_pid(hp, "companion") != pid

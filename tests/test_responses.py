@@ -9,10 +9,9 @@ ticket was returned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from hotmodel.api import endpoints as ep
 from hotmodel.api.app import HANDLERS
 from hotmodel.api.auth import OWNER
 from hotmodel.api.responses import Responses, responses_routes
-from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
 from hotmodel.runtime import Services
 from hotmodel.sessions.responses import (
@@ -40,19 +38,8 @@ from hotmodel.sessions.responses import (
 from hotmodel.sessions.service import SessionRef
 from hotmodel.sessions.slots import messages_hash
 from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore, is_chain
-from tests.fakes import fake_services
-
-
-def _config(folder: Path) -> Config:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models.ini").write_text("version = 1\n\n[m]\nmodel = m.gguf\n", encoding="utf-8")
-    (folder / "hotmodel.toml").write_text(
-        '[server]\nport = 18999\nstate_dir = "state"\n\n'
-        '[router]\nmodels_preset = "models.ini"\ndefault_model = "m"\nctx_size = 2048\n',
-        encoding="utf-8",
-    )
-    return load_config(folder / "hotmodel.toml")
-
+from tests import fakes
+from tests.fakes import door_config
 
 # --- the checks (pure) ---
 
@@ -75,7 +62,7 @@ def _config(folder: Path) -> Config:
 def test_each_check_names_the_field(
     payload: dict[str, Any], param: str | None, tmp_path: Path
 ) -> None:
-    config = _config(tmp_path)
+    config = door_config(tmp_path)
     if param is None:
         ep.check_responses(payload, config)
         return
@@ -183,16 +170,14 @@ def _events(rid: str, text: str) -> bytes:
     return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
 
 
-class Script:
-    """What the scripted llama-server got; it answers each request with the next id."""
+class Script(fakes.Script):
+    """Responses' answers, each with the next id; a token count."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[str, dict[str, Any]]] = []
+        super().__init__()
         self.n = 0
 
-    async def handler(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.got.append((request.path, body))
+    async def respond(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         self.n += 1
         rid = f"resp_{self.n}"
         if request.path.endswith("/input_tokens"):
@@ -210,59 +195,24 @@ class Script:
         return resp
 
 
-@contextlib.asynccontextmanager
-async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
-    async with fake_services(_config(folder), folder, script.handler) as services:
-        yield services
+class Client(fakes.AsgiClient):
+    """A request to the Responses handler (``POST /v1/responses`` unless ``path``)."""
 
-
-class Client:
     def __init__(self, body: dict[str, Any], owner: str = "", path: str = "/v1/responses"):
-        self.body = json.dumps(body).encode()
-        self.owner = owner
-        self.path = path
-        self.sent: list[MutableMapping[str, Any]] = []
-
-    async def receive(self) -> dict[str, Any]:
-        if self.body:
-            body, self.body = self.body, b""
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(self, message: MutableMapping[str, Any]) -> None:
-        self.sent.append(message)
+        super().__init__(path, body, owner)
 
     async def call(self, s: Services, store: ResponseStore) -> Client:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": self.path,
-            "headers": [(b"content-type", b"application/json")],
-            "state": {"owner": self.owner},
-        }
-        await Responses(s, self.path, store)(scope, self.receive, self.send)
+        await Responses(s, self.path, store)(self.scope, self.receive, self.send)
         return self
 
-    @property
-    def status(self) -> int:
-        return int(self.sent[0]["status"])
 
-    def text(self) -> str:
-        return b"".join(m.get("body", b"") for m in self.sent).decode()
+def _run(
+    tmp_path: Path, scenario: Callable[[Services, Script, ResponseStore], Awaitable[None]]
+) -> None:
+    async def with_store(s: Services, script: Script) -> None:
+        await scenario(s, script, ResponseStore(s.store))
 
-    def json(self) -> Any:
-        return json.loads(self.text())
-
-
-def _run(tmp_path: Path, scenario: Callable[[Services, Script, ResponseStore], Any]) -> None:
-    async def main() -> None:
-        script = Script()
-        async with services(tmp_path, script) as s:
-            await scenario(s, script, ResponseStore(s.store))
-            assert s.gate.inflight() == [], "a ticket was left behind"
-
-    asyncio.run(main())
+    fakes.run_scripted(Script(), with_store, door_config(tmp_path))
 
 
 def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:

@@ -37,8 +37,8 @@ def view(**changes: Any) -> View:
         "last_request": 90.0,
         "resident_since": 50.0,
         "queues": {},
-        "load_s": {},
-        "replay_s": {},
+        "measured_load_s": {},
+        "measured_replay_s": {},
     }
     return View(**{**base, **changes})
 
@@ -89,19 +89,26 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
     ),
     (
         "the oldest waiter's model first",
-        view(queues={"b": Waiting(1, 95.0), "c": Waiting(1, 97.0)}, load_s={"b": 1, "c": 1}),
+        view(
+            queues={"b": Waiting(1, 95.0), "c": Waiting(1, 97.0)}, measured_load_s={"b": 1, "c": 1}
+        ),
         RULES,
         Decision("b", "batch: 1 waiting for b, oldest 5.0 s"),
     ),
     (
         "more waiters count: 4 waiting for c beat 1 a second longer for b",
-        view(queues={"b": Waiting(1, 96.0), "c": Waiting(4, 97.0)}, load_s={"b": 1, "c": 1}),
+        view(
+            queues={"b": Waiting(1, 96.0), "c": Waiting(4, 97.0)}, measured_load_s={"b": 1, "c": 1}
+        ),
         RULES,
         Decision("c", "batch: 4 waiting for c, oldest 3.0 s"),
     ),
     (
         "a cheap load wins when waits are close",
-        view(queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)}, load_s={"b": 3, "c": 0.2}),
+        view(
+            queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
+            measured_load_s={"b": 3, "c": 0.2},
+        ),
         RULES,
         Decision("c", "batch: 1 waiting for c, oldest 3.5 s"),
     ),
@@ -145,7 +152,7 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "a queue's lead waiter counts (a high-priority key that joined late leads it)",
         view(
             queues={"b": Waiting(1, 95.0), "c": Waiting(2, 96.0, priority=2, lead=99.0)},
-            load_s={"b": 1, "c": 1},
+            measured_load_s={"b": 1, "c": 1},
         ),
         RULES,  # c: 1 s + 10 s + 0.5 beats b: 5 s
         Decision("c", "priority: 2 waiting for c, oldest 4.0 s, priority 2"),
@@ -154,8 +161,8 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "a KV snapshot of the waiting conversation saves the replay: that model goes",
         view(
             queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
-            load_s={"b": 1, "c": 1},
-            replay_s={"b": 2, "c": 2},
+            measured_load_s={"b": 1, "c": 1},
+            measured_replay_s={"b": 2, "c": 2},
             snapshot_for=frozenset({"c"}),
         ),
         RULES,  # c: 3.5 - 1 beats b: 4 - 1 - 2
@@ -165,8 +172,8 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
         "... and without it the older waiter goes",
         view(
             queues={"b": Waiting(1, 96.0), "c": Waiting(1, 96.5)},
-            load_s={"b": 1, "c": 1},
-            replay_s={"b": 2, "c": 2},
+            measured_load_s={"b": 1, "c": 1},
+            measured_replay_s={"b": 2, "c": 2},
         ),
         RULES,
         Decision("b", "batch: 1 waiting for b, oldest 4.0 s"),
@@ -175,7 +182,9 @@ CASES: list[tuple[str, View, Rules, Decision]] = [
 
 
 def test_the_expected_cost_is_the_load_plus_a_replay_a_snapshot_saves() -> None:
-    seen = view(load_s={"b": 2.0}, replay_s={"b": 1.5}, snapshot_for=frozenset({"c"}))
+    seen = view(
+        measured_load_s={"b": 2.0}, measured_replay_s={"b": 1.5}, snapshot_for=frozenset({"c"})
+    )
     assert cost_s(seen, "b") == 3.5
     assert cost_s(seen, "c") == DEFAULT_LOAD_S  # never measured, and its replay saved
     assert cost_s(seen, "d") == DEFAULT_LOAD_S + DEFAULT_REPLAY_S
@@ -186,15 +195,26 @@ def test_decide(name: str, seen: View, rules: Rules, expected: Decision) -> None
     assert decide(seen, rules) == expected
 
 
-def scheduler(controller: RecordingController, clock: Clock, max_queue: int = 8) -> Scheduler:
-    """A scheduler that switches as soon as the loaded model is idle (no linger: the
-    clock here moves only by hand)."""
+def scheduler(
+    controller: RecordingController,
+    clock: Clock,
+    max_queue: int = 8,
+    *,
+    max_wait: float = 10.0,
+    linger: float = 0.0,
+    gate: TrafficGate | None = None,
+    **hooks: Any,
+) -> Scheduler:
+    """A scheduler on ``controller`` and the hand-moved ``clock``; by default it switches
+    as soon as the loaded model is idle (no linger: the clock moves only by hand).
+    ``hooks``: the Scheduler's ``slots``, ``priority``, ``snapshot``."""
     return Scheduler(
         controller,  # type: ignore[arg-type]
-        TrafficGate(),
-        lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
+        gate or TrafficGate(),
+        lambda: Rules(max_wait=max_wait, linger=linger, min_resident=0.0),
         lambda: max_queue,
         clock,
+        **hooks,
     )
 
 
@@ -293,7 +313,7 @@ def test_the_measured_load_time_is_learnt_and_the_report_says_why_and_what_was_e
         return sched, controller
 
     sched, controller = asyncio.run(scenario())
-    assert sched.load_s == {"b": 0.4}
+    assert sched.measured_load_s == {"b": 0.4}
     report = controller.reports[0]
     assert report.reason == "batch: 1 waiting for b, oldest 1.0 s"
     assert report.expected_ms == 1500.0  # nothing measured yet: the default load and replay
@@ -325,14 +345,7 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
     async def scenario() -> None:
         controller, clock = RecordingController(), Clock()
         gate = TrafficGate()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            gate,
-            lambda: Rules(max_wait=10.0, linger=0.5, min_resident=0.0),
-            lambda: 8,
-            clock,
-            slots=lambda model: 1,
-        )
+        sched = scheduler(controller, clock, linger=0.5, gate=gate, slots=lambda model: 1)
         async with gate.admit(1) as first:
             first.model = "a"
             assert sched.admits("a")  # nobody waits for another model: no bound
@@ -367,13 +380,7 @@ def test_while_others_wait_the_loaded_model_takes_no_more_than_its_slots() -> No
 def test_waiters_hear_of_a_stop_and_other_models_tickets_do_not_hold_the_loaded_one() -> None:
     async def scenario() -> BaseException | None:
         controller, clock = RecordingController(), Clock()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            TrafficGate(),
-            lambda: Rules(max_wait=60.0, linger=0.5, min_resident=0.0),
-            lambda: 8,
-            clock,
-        )
+        sched = scheduler(controller, clock, max_wait=60.0, linger=0.5)
         gate = sched._gate
         async with gate.admit(1) as ticket:  # a request for b: its ticket, briefly
             pass
@@ -403,11 +410,8 @@ def test_the_higher_priority_queue_is_switched_to_first_and_a_snapshot_lowers_th
     async def scenario() -> tuple[list[str], list[float | None]]:
         controller, clock = RecordingController(), Clock()
         session = SessionRef("s1", None, owner="k")
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            TrafficGate(),
-            lambda: Rules(max_wait=10.0, linger=0.0, min_resident=0.0),
-            lambda: 8,
+        sched = scheduler(
+            controller,
             clock,
             priority=lambda model: {"c": 1}.get(model, 0),  # the preset's
             snapshot=lambda model, s: (model, s.id) == ("c", "s1"),
@@ -453,13 +457,8 @@ def test_within_a_queue_the_slot_that_comes_free_goes_to_the_higher_priority() -
     async def scenario() -> None:
         controller, clock = RecordingController(), Clock()
         gate = TrafficGate()
-        sched = Scheduler(
-            controller,  # type: ignore[arg-type]
-            gate,
-            lambda: Rules(max_wait=60.0, linger=60.0, min_resident=0.0),
-            lambda: 8,
-            clock,
-            slots=lambda model: 1,
+        sched = scheduler(
+            controller, clock, max_wait=60.0, linger=60.0, gate=gate, slots=lambda model: 1
         )
         other = asyncio.create_task(sched.wait_for("b", None, 120))  # keeps the slot bound
         async with gate.admit(1) as busy:

@@ -5,28 +5,24 @@ serves the whole queue, and nobody waits past the fairness bound plus one switch
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import HotmodelProcess, two_models
+from tests.conftest import HotmodelProcess, chat, two_models, wait_until
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
 MAX_WAIT_S = 10.0
 
 
-def ask(hp: HotmodelProcess, model: str) -> tuple[int, float]:
-    t0 = time.monotonic()
-    resp = httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
-        timeout=120,
-    )
-    return resp.status_code, time.monotonic() - t0
+def queued(hp: HotmodelProcess, model: str) -> int | None:
+    """How many requests wait in ``model``'s queue (None: it has none)."""
+    queues = httpx.get(hp.base_url + "/admin/status").json()["queues"]
+    waiting: int | None = queues.get(model, {}).get("waiting")
+    return waiting
 
 
 def switches(hp: HotmodelProcess) -> list[dict[str, Any]]:
@@ -42,13 +38,13 @@ def test_two_clients_looping_on_their_own_models_share_switches(
     ) as hp:
         before = len(switches(hp))
 
-        def loop(model: str) -> list[tuple[int, float]]:
-            return [ask(hp, model) for _ in range(6)]
+        def loop(model: str) -> list[int]:
+            return [chat(hp, model).status_code for _ in range(6)]
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(loop, ["smollm2", "gemma3"]))
         made = switches(hp)[: len(switches(hp)) - before]
-        assert all(code == 200 for run in runs for code, _ in run), runs
+        assert all(code == 200 for run in runs for code in run), runs
         assert len(made) <= 4, [r["reason"] for r in made]
         assert all(r["reason"] for r in made), made  # each says why
 
@@ -60,8 +56,8 @@ def test_a_burst_alternating_between_two_models_costs_one_switch(
         before = len(switches(hp))
         models = ["smollm2", "gemma3"] * 6
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(lambda m: ask(hp, m), models))
-        assert all(code == 200 for code, _ in results), results
+            results = list(pool.map(lambda m: chat(hp, m).status_code, models))
+        assert all(code == 200 for code in results), results
         made = switches(hp)[: len(switches(hp)) - before]
         assert [r["to"] for r in made] == ["gemma3"], [(r["to"], r["reason"]) for r in made]
         assert made[0]["reason"].startswith(("batch: 6 waiting for gemma3", "max_wait"))
@@ -75,22 +71,11 @@ def test_a_full_queue_answers_429_with_retry_after_and_is_visible(
     extra = "auto = true\nmin_resident_seconds = 60\nmax_wait_seconds = 60\nmax_queue = 2"
     with two_models(tmp_path, real_models, extra=extra, server="default_max_tokens = 3") as hp:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            waiting = [pool.submit(ask, hp, "gemma3") for _ in range(2)]
-            deadline = time.monotonic() + 30
-            queues: dict[str, Any] = {}
-            while time.monotonic() < deadline:
-                queues = httpx.get(hp.base_url + "/admin/status").json()["queues"]
-                if queues.get("gemma3", {}).get("waiting") == 2:
-                    break
-                time.sleep(0.05)
-            assert queues["gemma3"]["waiting"] == 2, queues
+            waiting = [pool.submit(chat, hp, "gemma3") for _ in range(2)]
+            wait_until("two waiters in gemma3's queue", lambda: queued(hp, "gemma3") == 2)
             metrics = httpx.get(hp.base_url + "/metrics").text
             assert 'hotmodel_queue_waiting{model="gemma3"} 2.0' in metrics
-            full = httpx.post(
-                hp.base_url + "/v1/chat/completions",
-                json={"model": "gemma3", "messages": [{"role": "user", "content": "Hi"}]},
-                timeout=30,
-            )
+            full = chat(hp, "gemma3", timeout=30)
             assert full.status_code == 429, full.text
             assert full.json()["error"]["code"] == "queue_full"
             assert int(full.headers["retry-after"]) >= 1
@@ -110,7 +95,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_is_visible(
                 hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
             )
             assert switched.status_code == 200, switched.text
-            assert [w.result()[0] for w in waiting] == [200, 200]
+            assert [w.result().status_code for w in waiting] == [200, 200]
         assert httpx.get(hp.base_url + "/admin/status").json()["queues"] == {}
 
 
@@ -157,12 +142,7 @@ def test_a_streaming_waiter_sees_its_place_then_an_answer_the_openai_sdk_parses(
                     )
                 )
             )
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                queues = httpx.get(hp.base_url + "/admin/status").json()["queues"]
-                if queues.get("gemma3", {}).get("waiting") == 1:
-                    break
-                time.sleep(0.05)
+            wait_until("the SDK's stream in gemma3's queue", lambda: queued(hp, "gemma3") == 1)
             httpx.post(hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120)
             chunks = streamed.result(timeout=120)
         assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -14,8 +13,7 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
 from hotmodel.security import Access, KeySet, load_keys
-from tests.conftest import HotmodelProcess, Serve, bearer, keys, write_config
-from tests.conftest import chat as post_chat
+from tests.conftest import HotmodelProcess, Serve, bearer, chat, keys, write_config
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -23,7 +21,6 @@ CLIENT_A = "client-key-aaaaaaaaaaaa"
 CLIENT_B = "client-key-bbbbbbbbbbbb"  # from the key file
 CLIENT_C = "client-key-cccccccccccc"  # from the environment
 ADMIN = "admin-key-000000000000"
-HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +34,9 @@ def secured(serve_module: Serve, tiny_models: dict[str, Path]) -> HotmodelProces
     )
 
 
-def chat(hp: HotmodelProcess, key: str | None, **extra: Any) -> httpx.Response:
-    headers = bearer(key) if key else {}
-    return post_chat(hp, headers=headers, **{"messages": HELLO, "max_tokens": 2, **extra})
-
-
 @pytest.mark.parametrize("key", [None, "wrong-key-wrong-key-wrong", CLIENT_A[:-1], ""])
 def test_v1_needs_a_valid_key(secured: HotmodelProcess, key: str | None) -> None:
-    resp = chat(secured, key)
+    resp = chat(secured, key=key)
     assert resp.status_code == 401, resp.text
     assert resp.headers["www-authenticate"] == "Bearer"
     assert resp.json()["error"]["code"] == "invalid_api_key"
@@ -54,7 +46,7 @@ def test_v1_needs_a_valid_key(secured: HotmodelProcess, key: str | None) -> None
 
 @pytest.mark.parametrize("key", [CLIENT_A, CLIENT_B, CLIENT_C, ADMIN])
 def test_keys_from_config_file_and_environment_work(secured: HotmodelProcess, key: str) -> None:
-    assert chat(secured, key).status_code == 200
+    assert chat(secured, key=key).status_code == 200
 
 
 def test_admin_needs_an_admin_key(secured: HotmodelProcess) -> None:
@@ -70,9 +62,9 @@ def test_admin_needs_an_admin_key(secured: HotmodelProcess) -> None:
 
 
 def test_sessions_belong_to_the_key_that_made_them(secured: HotmodelProcess) -> None:
-    assert chat(secured, CLIENT_A, session_id="shared-name").status_code == 200
-    assert chat(secured, CLIENT_B, session_id="shared-name").status_code == 200
-    assert chat(secured, CLIENT_B, session_id="shared-name").status_code == 200
+    assert chat(secured, key=CLIENT_A, session_id="shared-name").status_code == 200
+    assert chat(secured, key=CLIENT_B, session_id="shared-name").status_code == 200
+    assert chat(secured, key=CLIENT_B, session_id="shared-name").status_code == 200
     url = secured.base_url + "/v1/sessions"
     mine = httpx.get(url + "/shared-name", headers=bearer(CLIENT_A)).json()
     theirs = httpx.get(url + "/shared-name", headers=bearer(CLIENT_B)).json()

@@ -21,7 +21,15 @@ from hotmodel.security import fingerprint
 from hotmodel.sessions.retention import Retention, sweep_due
 from hotmodel.sessions.service import SessionService
 from hotmodel.sessions.store import SessionStore
-from tests.conftest import HotmodelProcess, bearer, run_hotmodel, start_hotmodel, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    bearer,
+    chat,
+    run_hotmodel,
+    start_hotmodel,
+    user,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -39,17 +47,13 @@ PROMPTS = (
 DAY_S = 86400.0
 
 
-def u(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
 def _prefill(path: Path, now: float) -> None:
     """Sessions stored before the server starts: KEY_D's many (their times in groups of
     three equal ones: ties), and KEY_E's old one, one whose prompt is gone, one with pirate."""
 
     async def fill() -> None:
         async with SessionStore(path) as store:
-            pair = [u("hi"), {"role": "assistant", "content": "hello"}]
+            pair = [user("hi"), {"role": "assistant", "content": "hello"}]
             for i in range(PAGED):
                 await store.append(fingerprint(KEY_D), f"p{i:03d}", pair, "tiny", "")
             e = fingerprint(KEY_E)
@@ -87,17 +91,6 @@ def bounded(
     assert hp.stop() == 0, hp.output()
 
 
-def chat(
-    hp: HotmodelProcess, key: str, session: str, messages: list[dict[str, Any]], **extra: Any
-) -> httpx.Response:
-    return httpx.post(
-        hp.base_url + "/v1/chat/completions",
-        json={"messages": messages, "max_tokens": 1, "session_id": session, **extra},
-        headers=bearer(key),
-        timeout=60,
-    )
-
-
 def session_of(hp: HotmodelProcess, key: str, session: str) -> httpx.Response:
     return httpx.get(f"{hp.base_url}/v1/sessions/{session}", headers=bearer(key))
 
@@ -116,36 +109,41 @@ def assert_error(resp: httpx.Response, status: int, code: str, param: str | None
 
 def test_a_new_session_past_the_bound_of_its_key_is_refused(bounded: HotmodelProcess) -> None:
     for sid in ("a1", "a2", "a3"):
-        assert chat(bounded, KEY_A, sid, [u("hi")]).status_code == 200
-    refused = chat(bounded, KEY_A, "a4", [u("hi")])
+        assert chat(bounded, key=KEY_A, session_id=sid).status_code == 200
+    refused = chat(bounded, key=KEY_A, session_id="a4")
     message = assert_error(refused, 409, "session_limit_reached", "session_id")
     assert "3 sessions" in message and "max_sessions_per_key" in message
     assert "DELETE /v1/sessions/{id}" in message
-    streamed = chat(bounded, KEY_A, "a4", [u("hi")], stream=True)  # refused before a stream
+    streamed = chat(bounded, key=KEY_A, session_id="a4", stream=True)  # refused before a stream
     assert_error(streamed, 409, "session_limit_reached", "session_id")
     assert session_of(bounded, KEY_A, "a4").status_code == 404  # nothing stored
     assert len(listing(bounded, KEY_A).json()["data"]) == 3
-    assert chat(bounded, KEY_A, "a1", [u("again")]).status_code == 200  # existing ones go on
-    assert chat(bounded, KEY_B, "a4", [u("hi")]).status_code == 200  # per key
+    assert chat(bounded, key=KEY_A, session_id="a1").status_code == 200  # existing ones go on
+    assert chat(bounded, key=KEY_B, session_id="a4").status_code == 200  # per key
     # KEY_D holds more than the bound (stored before): none of its sessions is lost, no new one
-    assert_error(chat(bounded, KEY_D, "new", [u("hi")]), 409, "session_limit_reached", "session_id")
+    assert_error(
+        chat(bounded, key=KEY_D, session_id="new"), 409, "session_limit_reached", "session_id"
+    )
     assert httpx.delete(bounded.base_url + "/v1/sessions/a3", headers=bearer(KEY_A)).is_success
-    assert chat(bounded, KEY_A, "a4", [u("hi")]).status_code == 200  # room again
+    assert chat(bounded, key=KEY_A, session_id="a4").status_code == 200  # room again
 
 
 def test_a_turn_past_the_message_bound_is_refused(bounded: HotmodelProcess) -> None:
-    assert chat(bounded, KEY_C, "c1", [u("one")]).status_code == 200
-    assert chat(bounded, KEY_C, "c1", [u("two")]).status_code == 200
+    assert chat(bounded, key=KEY_C, session_id="c1", messages=[user("one")]).status_code == 200
+    assert chat(bounded, key=KEY_C, session_id="c1", messages=[user("two")]).status_code == 200
     kept = session_of(bounded, KEY_C, "c1").json()["messages"]
     assert len(kept) == 4
     message = assert_error(
-        chat(bounded, KEY_C, "c1", [u("three")]), 409, "session_full", "session_id"
+        chat(bounded, key=KEY_C, session_id="c1", messages=[user("three")]),
+        409,
+        "session_full",
+        "session_id",
     )
     assert "6 messages" in message and "bound of 4" in message
     assert session_of(bounded, KEY_C, "c1").json()["messages"] == kept  # nothing stored
     # a regenerate (the conversation up to the last question) replaces the last answer: room
     resend = [{"role": m["role"], "content": m["content"]} for m in kept[:3]]
-    assert chat(bounded, KEY_C, "c1", resend).status_code == 200
+    assert chat(bounded, key=KEY_C, session_id="c1", messages=resend).status_code == 200
     assert len(session_of(bounded, KEY_C, "c1").json()["messages"]) == 4
 
 
@@ -230,7 +228,7 @@ def test_reload_refuses_to_drop_a_prompt_that_sessions_use(bounded: HotmodelProc
 
 def test_retention_set_by_a_reload_deletes_unused_sessions(bounded: HotmodelProcess) -> None:
     # runs last: every session older than ~2.6 s goes
-    assert chat(bounded, KEY_E, "fresh", [u("hi")]).status_code == 200
+    assert chat(bounded, key=KEY_E, session_id="fresh").status_code == 200
     answer = _reload(bounded, ("retention_days = 1", "retention_days = 0.00003"))
     assert answer.status_code == 200, answer.text
     deadline = time.monotonic() + 15
@@ -256,7 +254,7 @@ def test_a_sweep_keeps_a_session_used_meanwhile_and_forgets_kv(tmp_path: Path) -
             config = load_config(toml)
             service = SessionService(config, store, cast(RouterClient, None))
             for sid in ("stale", "used"):
-                await store.append("", sid, [u("hi")], None, "")
+                await store.append("", sid, [user("hi")], None, "")
             with sqlite3.connect(store.path) as db:
                 db.execute("UPDATE sessions SET updated_at = ?", (time.time() - 2 * DAY_S,))
             db.close()
@@ -265,7 +263,7 @@ def test_a_sweep_keeps_a_session_used_meanwhile_and_forgets_kv(tmp_path: Path) -
 
             async def and_one_is_used(cutoff: float) -> tuple[tuple[str, str], ...]:
                 found = await listed(cutoff)
-                await store.append("", "used", [u("again")], None, "")  # a turn comes in
+                await store.append("", "used", [user("again")], None, "")  # a turn comes in
                 return found
 
             store.unused_since = and_one_is_used  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from tests.conftest import HotmodelProcess, run_hotmodel, two_models
+from tests.conftest import HotmodelProcess, answer, chat, run_hotmodel, two_models, user
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -23,6 +23,10 @@ PROMPTS = (
     f'[system_prompts.brief]\nsystem = "{BRIEF}"\n'
     '[system_prompts.pirate]\nsystem = "Talk like a pirate."'
 )
+
+
+# a chat turn's length and sampling here: short, and the same answer every time
+GREEDY: dict[str, Any] = {"max_tokens": 8, "temperature": 0}
 
 
 def serving(
@@ -48,21 +52,6 @@ def smol(server: HotmodelProcess) -> HotmodelProcess:
     resp = httpx.post(server.base_url + "/admin/switch", json={"model": "smollm2"}, timeout=120)
     assert resp.status_code == 200, resp.text
     return server
-
-
-def chat(
-    server: HotmodelProcess, session: str | None, messages: list[dict[str, Any]], **extra: Any
-) -> dict[str, Any]:
-    headers = {"x-session-id": session} if session else {}
-    resp = httpx.post(
-        server.base_url + "/v1/chat/completions",
-        headers=headers,
-        timeout=120,
-        json={"messages": messages, "max_tokens": 8, "temperature": 0, **extra},
-    )
-    assert resp.status_code == 200, resp.text
-    data: dict[str, Any] = resp.json()
-    return data
 
 
 def session_of(server: HotmodelProcess, session: str) -> dict[str, Any]:
@@ -95,10 +84,6 @@ def stored(server: HotmodelProcess, session: str) -> list[dict[str, Any]]:
     ]
 
 
-def u(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
 def test_openai_client_with_session_plain_and_streaming(smol: HotmodelProcess) -> None:
     client = openai.OpenAI(base_url=smol.base_url + "/v1", api_key="unused")
     first = client.chat.completions.create(
@@ -128,8 +113,8 @@ def test_openai_client_with_session_plain_and_streaming(smol: HotmodelProcess) -
 
 
 def test_second_turn_gets_system_prompt_and_history_prepended(smol: HotmodelProcess) -> None:
-    chat(smol, "hist-1", [u("Remember the word banana.")])
-    reply = chat(smol, "hist-1", [u("Which word?")])
+    answer(chat(smol, session="hist-1", messages=[user("Remember the word banana.")], **GREEDY))
+    reply = answer(chat(smol, session="hist-1", messages=[user("Which word?")], **GREEDY))
     expected = exact_tokens(
         smol, "smollm2", [{"role": "system", "content": BRIEF}, *stored(smol, "hist-1")[:3]]
     )
@@ -138,17 +123,20 @@ def test_second_turn_gets_system_prompt_and_history_prepended(smol: HotmodelProc
 
 
 def test_full_resend_is_not_stored_twice(smol: HotmodelProcess) -> None:
-    r1 = chat(smol, "resend-1", [u("One.")])
+    r1 = answer(chat(smol, session="resend-1", messages=[user("One.")], **GREEDY))
     a1 = r1["choices"][0]["message"]["content"]
-    chat(
-        smol,
-        "resend-1",
-        [
-            {"role": "system", "content": "x"},
-            u("One."),
-            {"role": "assistant", "content": a1},
-            u("Two."),
-        ],
+    answer(
+        chat(
+            smol,
+            session="resend-1",
+            messages=[
+                {"role": "system", "content": "x"},
+                user("One."),
+                {"role": "assistant", "content": a1},
+                user("Two."),
+            ],
+            **GREEDY,
+        )
     )
     assert [m["content"] for m in stored(smol, "resend-1")][::2] == ["One.", "Two."]
     assert len(stored(smol, "resend-1")) == 4
@@ -160,18 +148,24 @@ def test_a_regenerated_or_edited_resend_replaces_the_end_of_the_session(
     """Found by a black-box pass: "regenerate" (the conversation up to the last question,
     sent again) stored the whole conversation a second time, and the model read it twice;
     so did a client whose copy of an answer was trimmed or sent as text parts."""
-    first = chat(smol, "regen", [u("One.")])["choices"][0]["message"]["content"]
-    asked = [u("One."), {"role": "assistant", "content": first}, u("Two.")]
-    second = chat(smol, "regen", asked)
-    again = chat(smol, "regen", asked, temperature=1.0, seed=7)  # regenerate
+    one = answer(chat(smol, session="regen", messages=[user("One.")], **GREEDY))
+    first = one["choices"][0]["message"]["content"]
+    asked = [user("One."), {"role": "assistant", "content": first}, user("Two.")]
+    second = answer(chat(smol, session="regen", messages=asked, **GREEDY))
+    regenerate: dict[str, Any] = {"max_tokens": 8, "temperature": 1.0, "seed": 7}
+    again = answer(chat(smol, session="regen", messages=asked, **regenerate))
     assert again["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
     roles = [m["role"] for m in stored(smol, "regen")]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert stored(smol, "regen")[3]["content"] == again["choices"][0]["message"]["content"]
     # the answer as text parts with whitespace around it: the same message, nothing doubled
     parts = [{"type": "text", "text": f"  {first} "}]
-    edited: list[dict[str, Any]] = [u("One."), {"role": "assistant", "content": parts}, u("Three.")]
-    third = chat(smol, "regen", edited)
+    edited: list[dict[str, Any]] = [
+        user("One."),
+        {"role": "assistant", "content": parts},
+        user("Three."),
+    ]
+    third = answer(chat(smol, session="regen", messages=edited, **GREEDY))
     assert [m["content"] for m in stored(smol, "regen")][::2] == ["One.", "Three."]
     assert third["usage"]["prompt_tokens"] < 2 * second["usage"]["prompt_tokens"] - 20
 
@@ -195,14 +189,22 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
     """llama-server continues a trailing assistant message (a prefill) and answers with it
     whole: the answer replaces that message. Found by a black-box pass: a resend of the
     whole conversation, ending with the stored answer, stored a second answer in a row."""
-    first = chat(smol, "prefill", [u("One.")])["choices"][0]["message"]["content"]
-    resent = chat(smol, "prefill", [u("One."), {"role": "assistant", "content": first}])
-    answer = resent["choices"][0]["message"]["content"]
-    assert answer.startswith(first.strip())
+    one = answer(chat(smol, session="prefill", messages=[user("One.")], **GREEDY))
+    first = one["choices"][0]["message"]["content"]
+    resent = answer(
+        chat(
+            smol,
+            session="prefill",
+            messages=[user("One."), {"role": "assistant", "content": first}],
+            **GREEDY,
+        )
+    )
+    continued = resent["choices"][0]["message"]["content"]
+    assert continued.startswith(first.strip())
     assert [m["role"] for m in stored(smol, "prefill")] == ["user", "assistant"]
-    assert stored(smol, "prefill")[1]["content"] == answer
+    assert stored(smol, "prefill")[1]["content"] == continued
     # a new turn that ends with the beginning of its answer, streamed
-    prefilled = [u("Name a colour."), {"role": "assistant", "content": "A colour:"}]
+    prefilled = [user("Name a colour."), {"role": "assistant", "content": "A colour:"}]
     with session_stream(smol, "prefill", prefilled, max_tokens=6) as resp:
         assert resp.status_code == 200
         text = "".join(
@@ -216,8 +218,22 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
     assert history[3]["content"] == text
     # a prefill in text parts (llama-server joins them with a blank line), an empty one
     parts = [{"type": "text", "text": "The capital"}, {"type": "text", "text": " of Spain is"}]
-    spain = chat(smol, "prefill", [u("Capital of Spain?"), {"role": "assistant", "content": parts}])
-    empty = chat(smol, "prefill", [u("Capital of Italy?"), {"role": "assistant", "content": ""}])
+    spain = answer(
+        chat(
+            smol,
+            session="prefill",
+            messages=[user("Capital of Spain?"), {"role": "assistant", "content": parts}],
+            **GREEDY,
+        )
+    )
+    empty = answer(
+        chat(
+            smol,
+            session="prefill",
+            messages=[user("Capital of Italy?"), {"role": "assistant", "content": ""}],
+            **GREEDY,
+        )
+    )
     history = stored(smol, "prefill")
     assert [m["role"] for m in history] == ["user", "assistant"] * 4
     assert history[5]["content"] == spain["choices"][0]["message"]["content"]
@@ -227,8 +243,8 @@ def test_a_trailing_assistant_message_is_continued_and_stored_once(
 
 
 def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:
-    chat(smol, "abort-1", [u("Hello.")])
-    story = [u("Tell me a long story.")]
+    answer(chat(smol, session="abort-1", messages=[user("Hello.")], **GREEDY))
+    story = [user("Tell me a long story.")]
     with session_stream(smol, "abort-1", story, max_tokens=500, ignore_eos=True) as resp:
         lines = resp.iter_lines()
         assert sum(1 for _ in zip(range(6), lines, strict=False)) == 6
@@ -238,8 +254,8 @@ def test_aborted_stream_adds_no_half_reply(smol: HotmodelProcess) -> None:
 
 def test_without_a_session_nothing_is_stored_or_changed(smol: HotmodelProcess) -> None:
     before = httpx.get(smol.base_url + "/v1/sessions").json()["data"]
-    reply = chat(smol, None, [u("Hi")])
-    assert reply["usage"]["prompt_tokens"] == exact_tokens(smol, "smollm2", [u("Hi")])
+    reply = answer(chat(smol, messages=[user("Hi")], **GREEDY))
+    assert reply["usage"]["prompt_tokens"] == exact_tokens(smol, "smollm2", [user("Hi")])
     assert httpx.get(smol.base_url + "/v1/sessions").json()["data"] == before
 
 
@@ -259,7 +275,9 @@ def test_bad_session_fields_are_400(
     smol: HotmodelProcess, body: dict[str, Any], headers: dict[str, str], param: str
 ) -> None:
     resp = httpx.post(
-        smol.base_url + "/v1/chat/completions", headers=headers, json={"messages": [u("x")], **body}
+        smol.base_url + "/v1/chat/completions",
+        headers=headers,
+        json={"messages": [user("x")], **body},
     )
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
@@ -270,12 +288,12 @@ def test_system_prompt_per_session_by_header(smol: HotmodelProcess) -> None:
         smol.base_url + "/v1/chat/completions",
         timeout=60,
         headers={"x-session-id": "pirate-1", "x-system-prompt": "pirate"},
-        json={"messages": [u("Hello")], "max_tokens": 4},
+        json={"messages": [user("Hello")], "max_tokens": 4},
     )
     assert resp.status_code == 200
     assert resp.headers["x-session-id"] == "pirate-1"
     expected = exact_tokens(
-        smol, "smollm2", [{"role": "system", "content": "Talk like a pirate."}, u("Hello")]
+        smol, "smollm2", [{"role": "system", "content": "Talk like a pirate."}, user("Hello")]
     )
     assert resp.json()["usage"]["prompt_tokens"] == expected
     assert session_of(smol, "pirate-1")["system_prompt"] == "pirate"
@@ -286,9 +304,11 @@ def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
 ) -> None:
     session = 'default_system_prompt = "brief"'
     with serving(tmp_path, real_models, session=session) as hp:
-        chat(hp, "travel", [u("I am planning a trip to Lisbon.")])
-        chat(hp, "travel", [u("I like old trams.")])
-        question = u("Which city did I name?")
+        answer(
+            chat(hp, session="travel", messages=[user("I am planning a trip to Lisbon.")], **GREEDY)
+        )
+        answer(chat(hp, session="travel", messages=[user("I like old trams.")], **GREEDY))
+        question = user("Which city did I name?")
         on_smollm2 = exact_tokens(
             hp, "smollm2", [{"role": "system", "content": BRIEF}, *stored(hp, "travel"), question]
         )
@@ -298,7 +318,7 @@ def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
         assert report["outcome"] == "ok"
         assert report["replay"]["session"] == "travel"
         assert report["replay"]["prompt_tokens"] > 0
-        third = chat(hp, "travel", [question])
+        third = answer(chat(hp, session="travel", messages=[question], **GREEDY))
         assert third["model"] == "gemma3"
         sent = [{"role": "system", "content": BRIEF}, *stored(hp, "travel")[:5]]
         # Gemma received the system prompt and the whole history, in its own template:
@@ -315,7 +335,9 @@ def test_conversation_continues_on_gemma_after_a_switch_and_a_restart(
             None,
             "gemma3",
         ]
-        fourth = chat(again, "travel", [u("And what do I like?")])
+        fourth = answer(
+            chat(again, session="travel", messages=[user("And what do I like?")], **GREEDY)
+        )
         assert fourth["model"] == "smollm2"
         sent = [{"role": "system", "content": BRIEF}, *stored(again, "travel")[:7]]
         assert fourth["usage"]["prompt_tokens"] == exact_tokens(again, "smollm2", sent)
@@ -335,7 +357,15 @@ def test_token_budget_holds_for_both_tokenizers(
         calls_before = hp.status()["sessions"]["token_calls"]  # type: ignore[index]
         sizes = []
         for i in range(8):
-            reply = chat(hp, "garden", [u(turn.format(i))], max_tokens=4)
+            reply = answer(
+                chat(
+                    hp,
+                    session="garden",
+                    messages=[user(turn.format(i))],
+                    max_tokens=4,
+                    temperature=0,
+                )
+            )
             sizes.append(reply["usage"]["prompt_tokens"])
             assert reply["usage"]["prompt_tokens"] <= budget
         assert len(stored(hp, "garden")) == 16  # the session keeps everything
@@ -343,15 +373,19 @@ def test_token_budget_holds_for_both_tokenizers(
         calls = hp.status()["sessions"]["token_calls"] - calls_before  # type: ignore[index]
         assert 0 < calls <= 8 * (2 + math.ceil(math.log2(16)))  # binary search, not 1 per turn
         httpx.post(hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120)
-        on_gemma = chat(hp, "garden", [u(turn.format(99))], max_tokens=4)
+        on_gemma = answer(
+            chat(
+                hp, session="garden", messages=[user(turn.format(99))], max_tokens=4, temperature=0
+            )
+        )
         assert on_gemma["model"] == "gemma3"
         assert on_gemma["usage"]["prompt_tokens"] <= budget
 
 
 def test_auto_mode_makes_no_tokenizer_call_far_under_budget(smol: HotmodelProcess) -> None:
     before = smol.status()["sessions"]["token_calls"]  # type: ignore[index]
-    chat(smol, "short-1", [u("Hi")])
-    chat(smol, "short-1", [u("Bye")])
+    answer(chat(smol, session="short-1", messages=[user("Hi")], **GREEDY))
+    answer(chat(smol, session="short-1", messages=[user("Bye")], **GREEDY))
     assert smol.status()["sessions"]["token_calls"] == before  # type: ignore[index]
 
 
@@ -359,16 +393,18 @@ def test_replay_fills_the_prompt_cache_for_the_first_turn_after_a_switch(
     tmp_path: Path, real_models: dict[str, Path], llama_server: Path
 ) -> None:
     results = {}
-    for replay in (True, False):
-        folder = tmp_path / f"replay-{replay}"
-        with serving(folder, real_models, extra=f"replay = {str(replay).lower()}") as hp:
+    for on in (True, False):  # [switch] replay_session
+        config = f"replay_session = {str(on).lower()}"
+        with serving(tmp_path / f"replay-{on}", real_models, extra=config) as hp:
             for text in ("I collect stamps from Iceland.", "My favourite one is blue."):
-                chat(hp, "stamps", [u(text)])
+                answer(chat(hp, session="stamps", messages=[user(text)], **GREEDY))
             report = httpx.post(
                 hp.base_url + "/admin/switch", json={"model": "gemma3"}, timeout=120
             ).json()
-            assert (report["replay"] is not None) is replay
-            results[replay] = chat(hp, "stamps", [u("What do I collect?")])["timings"]
+            assert (report["replay"] is not None) is on
+            results[on] = answer(
+                chat(hp, session="stamps", messages=[user("What do I collect?")], **GREEDY)
+            )["timings"]
     assert results[True]["cache_n"] > 0
     assert results[False]["cache_n"] == 0
     # same prompt, far fewer tokens to evaluate on the first turn after the switch
@@ -377,7 +413,7 @@ def test_replay_fills_the_prompt_cache_for_the_first_turn_after_a_switch(
 
 
 def test_session_api_and_cli(smol: HotmodelProcess) -> None:
-    chat(smol, "api-1", [u("Hello")])
+    answer(chat(smol, session="api-1", messages=[user("Hello")], **GREEDY))
     listed = httpx.get(smol.base_url + "/v1/sessions").json()["data"]
     assert listed[0]["id"] == "api-1" and listed[0]["messages"] == 2
     out = run_hotmodel("sessions", "list", "--config", str(smol.config))

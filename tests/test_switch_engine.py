@@ -318,7 +318,7 @@ def test_requests_wait_at_the_gate_and_are_admitted_at_activation() -> None:
             await release_replay.wait()
             return {"prompt_tokens": 1}
 
-        engine.replay = slow_replay
+        engine.replayer = slow_replay
         switching = asyncio.create_task(controller.submit(Switch("b")))
         await router.load_started.wait()
         assert controller.state is SwitchState.LOADING
@@ -395,7 +395,7 @@ def test_replay_hook_runs_after_the_load() -> None:
         seen.append((model, list(router.calls), engine.active))
         return {"prompt_n": 42}
 
-    engine.replay = replay
+    engine.replayer = replay
     report = switch(engine, "b")
     assert seen == [("b", ["unload a", "load b"], "b")]  # after activation
     assert report.replay == {"prompt_n": 42}

@@ -60,7 +60,7 @@ def test_kv_save_before_unload_and_restore_before_activation() -> None:
         replayed.append(model)
         return {"prompt_tokens": 3, "cache_tokens": 100}
 
-    engine.replay = replay
+    engine.replayer = replay
     phases = Phases()
     report = switch(engine, "b", phases)
     assert kv.calls == ["save a", "saved a", "folder", "restore b"]  # the folder, then a load
@@ -87,7 +87,7 @@ def test_overlap_replays_a_restored_model_before_it_serves_and_that_proves_it() 
         order.append(f"replay {model} (active {engine.active})")
         return {"session": "s", "prompt_tokens": 3, "cache_tokens": 100}
 
-    engine.replay = replay
+    engine.replayer = replay
     report = switch(engine, "b")
     assert order == ["replay b (active a)"]  # the old model still serves meanwhile
     assert report.snapshot["restore"]["took"] is True and kv.discarded == []
@@ -101,7 +101,7 @@ def test_a_restore_that_did_not_take_is_discarded_and_replay_covers_it() -> None
     async def replay(model: str, session: SessionRef | None = None) -> dict[str, Any]:
         return {"session": "s", "prompt_tokens": 520, "cache_tokens": 0}  # none from the cache
 
-    engine.replay = replay
+    engine.replayer = replay
     report = switch(engine, "b")
     assert report.outcome is Outcome.OK
     assert report.snapshot["restore"]["took"] is False

@@ -24,7 +24,7 @@ def facts(items: int) -> str:
 
 def kv_extra(kv: bool) -> str:
     """The ``[switch]`` lines of a `hotmodel serve` with KV snapshots on or off."""
-    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay = true\nauto = true"
+    return f"[switch]\nkv_snapshots = {str(kv).lower()}\nreplay_session = true\nauto = true"
 
 
 def first_token_of(
@@ -138,11 +138,11 @@ def measure(s: Settings) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"kv_restore": [], "replay": [], "router": []}
     with (
         serving(extra=kv_extra(True)) as kv,
-        serving(extra=kv_extra(False)) as replay,
+        serving(extra=kv_extra(False)) as replaying,
         bare_router() as router,
         client(900) as c,
     ):
-        base = {"kv_restore": kv.base_url, "replay": replay.base_url}
+        base = {"kv_restore": kv.base_url, "replay": replaying.base_url}
         for i in range(s.kv_rounds):
             for name in rotate(tuple(runs), i):
                 if name == "router":

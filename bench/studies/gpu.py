@@ -25,8 +25,8 @@ from bench.harness import ROOT, client, llama_cpp, say, serving
 from hotmodel.control.gpu import detect_probe
 
 POLICIES = {
-    "zero_overlap": '[switch]\npolicy = "zero_overlap"\nreplay = true\n',
-    "auto": 'models_max = 2\n[switch]\npolicy = "auto"\nreplay = true\n',
+    "zero_overlap": '[switch]\npolicy = "zero_overlap"\nreplay_session = true\n',
+    "auto": 'models_max = 2\n[switch]\npolicy = "auto"\nreplay_session = true\n',
 }
 PHASES = ("drain", "unload", "settle", "load", "replay")
 SNAPS = ("before_unload", "after_unload", "after_settle", "after_load")

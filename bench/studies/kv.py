@@ -44,10 +44,10 @@ def measure(items: int, rounds: int, pause: float, auto: bool) -> list[dict[str,
     that a slower stretch of a shared machine weighs on both alike."""
     with (
         serving(extra=kv_extra(True)) as kv,
-        serving(extra=kv_extra(False)) as replay,
+        serving(extra=kv_extra(False)) as replaying,
         client(900) as c,
     ):
-        base = {"kv restore": kv.base_url, "replay": replay.base_url}
+        base = {"kv restore": kv.base_url, "replay": replaying.base_url}
         tokens = {mode: build_session(c, base[mode], facts(items)) for mode in MODES}
         backs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for i in range(rounds):

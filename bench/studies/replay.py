@@ -26,9 +26,9 @@ TURN = (
 )
 
 
-def _run(replay: bool, turns: int) -> dict[str, Any]:
+def _run(replay_session: bool, turns: int) -> dict[str, Any]:
     with (
-        serving(extra=f"[switch]\nreplay = {str(replay).lower()}") as served,
+        serving(extra=f"[switch]\nreplay_session = {str(replay_session).lower()}") as served,
         client(600) as c,
     ):
         base = served.base_url
@@ -59,7 +59,7 @@ def _run(replay: bool, turns: int) -> dict[str, Any]:
         first.raise_for_status()
     timings = first.json()["timings"]
     return {
-        "replay": replay,
+        "replay": replay_session,
         "switch_total_ms": report["total_ms"],
         "switch_replay": report["replay"],
         "switch_phases": report["phases"],

@@ -23,6 +23,9 @@ from hotmodel.security import KNOWN_KEYS, KeySet, load_keys
 
 _T = TypeVar("_T")
 
+# old key -> its new name, per section: the old one is still read, as the new one
+ALIASES: dict[str, dict[str, str]] = {"switch": {"replay": "replay_session"}}
+
 SwitchPolicy = Literal["zero_overlap", "overlap", "auto"]
 DrainTimeoutAction = Literal["fail", "cancel"]
 GpuProbeKind = Literal["auto", "nvml", "nvidia-smi", "none"]
@@ -110,7 +113,9 @@ class SwitchConfig:
     # gains one priority point per aging_seconds waited (so one point is worth that much
     # waiting; 0: priorities are ignored)
     aging_seconds: float = field(default=5.0, metadata=_meta(min=0))
-    replay: bool = True
+    # after a switch, replay the conversation it is for (else the most recently used one)
+    # into the new model, so that its next turn finds the prompt in the KV cache
+    replay_session: bool = True
     drain_timeout_action: DrainTimeoutAction = "fail"
     load_timeout_seconds: float = field(default=120.0, metadata=_meta(min=0.001))
     unload_timeout_seconds: float = field(default=30.0, metadata=_meta(min=0.001))
@@ -242,7 +247,7 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     _check_sections(raw, path)
     server = _build(ServerConfig, raw.get("server", {}), path, "server", base)
     router = _build(RouterConfig, raw["router"], path, "router", base)
-    switch = _build(SwitchConfig, raw.get("switch", {}), path, "switch", base)
+    switch = _build(SwitchConfig, _aliased(raw, "switch", path), path, "switch", base)
     session = _build(SessionConfig, raw.get("session", {}), path, "session", base)
     prompts = _system_prompts(raw.get("system_prompts", {}), session, path, base)
     security = raw.get("security", {})
@@ -378,6 +383,22 @@ def _check_sections(raw: Mapping[str, Any], path: Path) -> None:
         raise ConfigError(
             path, "renamed: use default_system_prompt", section="session", key="default_preset"
         )
+
+
+def _aliased(raw: Mapping[str, Any], section: str, path: Path) -> Mapping[str, Any]:
+    """``section``'s table with each old key (``ALIASES``) under its new name; both
+    together are an error."""
+    table: Mapping[str, Any] = raw.get(section, {})
+    renamed = {old: new for old, new in ALIASES.get(section, {}).items() if old in table}
+    for old, new in renamed.items():
+        if new in table:
+            raise ConfigError(
+                path,
+                f"renamed to {new}, which is set too: keep only {new}",
+                section=section,
+                key=old,
+            )
+    return {renamed.get(key, key): value for key, value in table.items()}
 
 
 def _system_prompts(

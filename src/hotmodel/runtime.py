@@ -220,7 +220,7 @@ class Runtime:
             gate=gate,
             gpu=gpu,
             log_tail=supervisor.log_tail,
-            replay=sessions.replay,
+            replayer=sessions.replay,
             baseline_mib=None if baseline is None else baseline.used_mib,
             process=supervisor,
             preflight=lambda target: check_model_file(self.current_config.presets, target),
@@ -300,7 +300,7 @@ class Runtime:
             log.info("default model %r is loaded by the first request ([router] preload)", model)
             return
         log.info("loading default model %r", model)
-        report = await self.services.controller.submit(Switch(model, replay=False))
+        report = await self.services.controller.submit(Switch(model, replay_session=False))
         if report.failed:
             raise ModelLoadError(
                 report.error or f"model {model!r} failed to load", report.log_tail or ""

@@ -80,8 +80,8 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
         "upstream_waiting": s.upstream.status(),
         # per model: requests waiting for it to be loaded, and the oldest one's wait
         "queues": s.scheduler.status(),
-        "load_seconds": {m: round(v, 3) for m, v in s.scheduler.load_s.items()},
-        "replay_seconds": {m: round(v, 3) for m, v in s.scheduler.replay_s.items()},
+        "load_seconds": {m: round(v, 3) for m, v in s.scheduler.measured_load_s.items()},
+        "replay_seconds": {m: round(v, 3) for m, v in s.scheduler.measured_replay_s.items()},
         "dashboard_streams": s.feed.subscribers,  # open GET /admin/events
         "gpu_probe": s.gpu.name,
         "kv_snapshots": None

@@ -18,13 +18,13 @@ from hotmodel.sessions.service import SessionRef
 
 @dataclass(frozen=True, slots=True)
 class Switch:
-    """Make ``target`` the active model. ``replay=False`` skips the session prefill
+    """Make ``target`` the active model. ``replay_session=False`` skips the replay
     (the first load at start, where no conversation is waiting). ``session``: the
     conversation the switch is for, restored or replayed into the new model (None:
     the most recently used one); commands that join one switch keep the first's."""
 
     target: str
-    replay: bool = True
+    replay_session: bool = True
     reload: bool = False  # load it again even if active (a reload changed its preset)
     session: SessionRef | None = field(default=None, compare=False)
 

@@ -62,8 +62,8 @@ class View:
     last_request: float  # when a request on it last started or ended
     resident_since: float  # when it became the loaded model
     queues: Mapping[str, Waiting]  # models other than the loaded one, with waiters
-    load_s: Mapping[str, float] = field(default_factory=dict)  # measured load times
-    replay_s: Mapping[str, float] = field(default_factory=dict)  # measured replay times
+    measured_load_s: Mapping[str, float] = field(default_factory=dict)  # seconds, per model
+    measured_replay_s: Mapping[str, float] = field(default_factory=dict)  # seconds, per model
     # models for which the session the switch would be for has a KV snapshot
     snapshot_for: frozenset[str] = frozenset()
 
@@ -103,10 +103,10 @@ def cost_s(view: View, model: str) -> float:
     """What switching to ``model`` is expected to cost: its measured load, and its replay
     unless the conversation it is for has a KV snapshot (the restore, a file read, is
     counted as nothing)."""
-    load = view.load_s.get(model, DEFAULT_LOAD_S)
+    load = view.measured_load_s.get(model, DEFAULT_LOAD_S)
     if model in view.snapshot_for:
         return load
-    return load + view.replay_s.get(model, DEFAULT_REPLAY_S)
+    return load + view.measured_replay_s.get(model, DEFAULT_REPLAY_S)
 
 
 def _urgency(view: View, rules: Rules, model: str) -> float:

@@ -34,7 +34,7 @@ class StepEffects:
     gate: TrafficGate
     gpu: GpuProbe
     log_tail: Callable[[], str]
-    replay: Replayer | None
+    replayer: Replayer | None  # replays a session into a model (SessionService.replay)
     baseline_mib: int | None
     process: ProcessOps | None
     preflight: Callable[[str], None] | None
@@ -170,10 +170,10 @@ class StepEffects:
     async def _replay(
         self, report: SwitchReport, target: str, session: SessionRef | None
     ) -> Detail:
-        if self.replay is None or not self.config.replay:
+        if self.replayer is None or not self.config.replay_session:
             return SKIPPED
         try:
-            report.replay = await self.replay(target, session)
+            report.replay = await self.replayer(target, session)
         except HotModelError as exc:  # a failed prefill costs speed, not correctness
             report.warnings.append(f"replay failed: {exc}")
             return f"replay failed: {exc}"

@@ -71,7 +71,7 @@ class Engine(StepEffects):
         gate: TrafficGate,
         gpu: GpuProbe | None = None,
         log_tail: Callable[[], str] = lambda: "",
-        replay: Replayer | None = None,
+        replayer: Replayer | None = None,
         baseline_mib: int | None = None,
         process: ProcessOps | None = None,
         preflight: Callable[[str], None] | None = None,
@@ -86,7 +86,7 @@ class Engine(StepEffects):
         self.gate = gate
         self.gpu: GpuProbe = gpu or NoGpu()
         self.log_tail = log_tail
-        self.replay = replay
+        self.replayer = replayer
         self.baseline_mib = baseline_mib
         self.process = process
         self.preflight = preflight
@@ -150,9 +150,9 @@ class Engine(StepEffects):
         recover: bool,
     ) -> None:
         target, session = report.to_model, None
-        replay = True
+        replay_session = True
         if isinstance(command, Switch):
-            replay, session = command.replay, command.session
+            replay_session, session = command.replay_session, command.session
         if recover:
             self.state = SwitchState.RECOVERING
             self.gate.begin_recovery()  # requests wait for it, bounded like a switch
@@ -160,9 +160,9 @@ class Engine(StepEffects):
             steps = plan_recovery(kv=self.kv is not None)
             if target is None:  # nothing was loaded: only the router comes back
                 steps = (Step.RESTART,)
-            await self._perform(Execution(report, listeners, None, target, replay), steps)
+            await self._perform(Execution(report, listeners, None, target, replay_session), steps)
         elif isinstance(command, Snapshot):
-            ex = Execution(report, listeners, self.active, self.active, replay=False)
+            ex = Execution(report, listeners, self.active, self.active, replay_session=False)
             await self._perform(ex, (Step.SAVE,) if self.kv and self.active else ())
         elif (
             isinstance(command, Unload)
@@ -179,7 +179,13 @@ class Engine(StepEffects):
             idle = isinstance(command, Unload) and command.idle_after is not None
             parking = self.active if idle else None
             ex = Execution(
-                report, listeners, self.active, target, replay, policy=policy, session=session
+                report,
+                listeners,
+                self.active,
+                target,
+                replay_session,
+                policy=policy,
+                session=session,
             )
             await self._perform(ex, steps)
             if parking is not None and not report.failed and self.active is None:
@@ -360,7 +366,7 @@ class Engine(StepEffects):
             return detail
         # a model that stayed resident kept its cache; after a restore, the replay
         # reads only what was added since, and proves the restore took
-        if not (ex.replay or ex.restored) or not ex.loaded:
+        if not (ex.replay_session or ex.restored) or not ex.loaded:
             return SKIPPED
         if ex.restored and Step.ACTIVATE in ex.started:
             # requests are let in: the replay would only hold up the next turn, which

@@ -40,7 +40,7 @@ class Execution:
     listeners: list[Listener]
     previous: str | None
     target: str | None
-    replay: bool
+    replay_session: bool  # replay the session into the target after its load
     started: list[Step] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)  # the engine's, for every run
     policy: str | None = None  # the switch policy chosen for this run (None: a special command)

@@ -133,8 +133,8 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._resident: tuple[str | None, float] = (controller.active, clock())
         self._released_for = controller.active  # the model whose whole queue was let go
-        self.load_s: dict[str, float] = {}  # measured, per model
-        self.replay_s: dict[str, float] = {}  # measured, per model (without a restore)
+        self.measured_load_s: dict[str, float] = {}  # measured, per model
+        self.measured_replay_s: dict[str, float] = {}  # measured, per model (without a restore)
         gate.on_change = self._changed.set
 
     def poke(self, *_: object) -> None:
@@ -249,7 +249,9 @@ class Scheduler:
         """Seconds until a new waiter of ``model`` would likely be served: a switch per
         model queued before it, each its measured load time."""
         models = {w.model for w in self._waiters} | {model}
-        return sum(self.load_s.get(m, DEFAULT_LOAD_S) for m in models) + self._rules().linger
+        return (
+            sum(self.measured_load_s.get(m, DEFAULT_LOAD_S) for m in models) + self._rules().linger
+        )
 
     def view(self) -> View:
         now, active = self._clock(), self._controller.active
@@ -264,8 +266,8 @@ class Scheduler:
             last_request=self._last_served(active),
             resident_since=self._resident[1],
             queues=queues,
-            load_s=dict(self.load_s),
-            replay_s=dict(self.replay_s),
+            measured_load_s=dict(self.measured_load_s),
+            measured_replay_s=dict(self.measured_replay_s),
             snapshot_for=frozenset(m for m in queues if self._has_snapshot(m)),
         )
 
@@ -382,10 +384,10 @@ class Scheduler:
     def _learn(self, target: str, report: SwitchReport) -> None:
         if report.failed:
             return
-        _ewma(self.load_s, target, report.phases.get("load"))
+        _ewma(self.measured_load_s, target, report.phases.get("load"))
         restored = (report.snapshot.get("restore") or {}).get("restored")
         if not restored:  # the whole replay: what a snapshot would have saved
-            _ewma(self.replay_s, target, report.phases.get("replay"))
+            _ewma(self.measured_replay_s, target, report.phases.get("replay"))
 
     def _fail(self, target: str, exc: BaseException) -> None:
         self._settle([w for w in self._waiters if w.model == target], exc)
