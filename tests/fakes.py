@@ -36,6 +36,7 @@ from hotmodel.router.events import ModelEvents
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from hotmodel.runtime import Services
 from hotmodel.sessions.service import SessionRef, SessionService
+from hotmodel.sessions.sqlite import SqliteStore
 from hotmodel.sessions.store import SessionStore
 from tests.upstreams import serving
 
@@ -294,10 +295,14 @@ class NoRouter:
 
 @contextlib.asynccontextmanager
 async def fake_services(
-    config: Config, folder: Path, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    config: Config,
+    folder: Path,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    store: SessionStore | None = None,
 ) -> AsyncIterator[Services]:
     """A started runtime's services, in process, with ``handler`` as llama-server (the
-    model ``m`` active) and a real session store in ``folder``: for the door's tests."""
+    model ``m`` active) and a real session store (``store``, not yet open; else SQLite
+    in ``folder``): for the door's tests."""
     stack = contextlib.AsyncExitStack()
     url = await stack.enter_async_context(serving(handler))
     chat_http = await stack.enter_async_context(ChatHttp(30))
@@ -310,7 +315,7 @@ async def fake_services(
     engine.active = "m"
     controller = Controller(engine, list(config.presets.models))
     try:
-        async with SessionStore(folder / "s.sqlite3") as store:
+        async with store or SqliteStore(folder / "s.sqlite3") as opened:
             yield Services(
                 config=config,
                 router=router,
@@ -318,8 +323,8 @@ async def fake_services(
                 events=ModelEvents(router),
                 controller=controller,
                 gate=gate,
-                sessions=SessionService(config, store, router),
-                store=store,
+                sessions=SessionService(config, opened, router),
+                store=opened,
                 gpu=NoGpu(),
                 watchdog=Watchdog(config, supervisor, router, controller),
                 idle=IdleUnloader(lambda: config.router, gate, controller),

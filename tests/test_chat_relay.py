@@ -25,6 +25,7 @@ from hotmodel.config import load_config
 from hotmodel.control.commands import Recover
 from hotmodel.router.models import ModelState, ModelStatus
 from hotmodel.runtime import Services
+from hotmodel.sessions.sqlite import SqliteStore
 from tests.conftest import write_config
 from tests.fakes import fake_services
 
@@ -255,7 +256,9 @@ def test_a_stream_whose_answer_cannot_be_stored_says_so_before_its_done(
         client = Client(STREAM)
         task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
         await upstream.requested.wait()  # the session was read: now its writes fail
-        await s.store._call(lambda: s.store._db().execute("PRAGMA query_only = ON"))
+        store = s.store
+        assert isinstance(store, SqliteStore)
+        await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
         upstream.finish.set()
         await asyncio.wait_for(task, 5)
         text = client.text()

@@ -28,7 +28,9 @@ from hotmodel.config import Config, load_config
 from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
 from hotmodel.runtime import Services
 from hotmodel.sessions.responses import ResponseStore, conversation, input_items
-from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
+from hotmodel.sessions.schema import MIGRATIONS, SCHEMA_VERSION
+from hotmodel.sessions.sqlite import SqliteStore
+from tests.conftest import Stores
 from tests.fakes import fake_services
 
 
@@ -143,8 +145,8 @@ class Script:
 
 
 @contextlib.asynccontextmanager
-async def services(folder: Path, script: Script) -> AsyncIterator[Services]:
-    async with fake_services(_config(folder), folder, script.handler) as services:
+async def services(folder: Path, script: Script, store: Stores) -> AsyncIterator[Services]:
+    async with fake_services(_config(folder), folder, script.handler, store()) as services:
         yield services
 
 
@@ -187,17 +189,19 @@ class Client:
         return json.loads(self.text())
 
 
-def _run(tmp_path: Path, scenario: Callable[[Services, Script, ResponseStore], Any]) -> None:
+def _run(
+    tmp_path: Path, store: Stores, scenario: Callable[[Services, Script, ResponseStore], Any]
+) -> None:
     async def main() -> None:
         script = Script()
-        async with services(tmp_path, script) as s:
+        async with services(tmp_path, script, store) as s:
             await scenario(s, script, ResponseStore(s.store))
             assert s.gate.inflight() == [], "a ticket was left behind"
 
     asyncio.run(main())
 
 
-def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:
+def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         first = (await Client({"input": "My name is Zorg."}).call(s, store)).json()
         assert first["id"] == "resp_1" and first["previous_response_id"] is None
@@ -221,10 +225,12 @@ def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:
         assert count.json()["input_tokens"] == 7 and len(script.got[-1][1]["input"]) == 3
         assert await store.get("", "resp_3") is None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(tmp_path: Path) -> None:
+def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(
+    tmp_path: Path, store: Stores
+) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "secret"}, owner="alice").call(s, store)
         sent = len(script.got)
@@ -237,20 +243,20 @@ def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(tmp_path
         assert await store.get("bob", "resp_1") is None
         assert await store.get("alice", "resp_1") is not None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_store_false_keeps_nothing(tmp_path: Path) -> None:
+def test_store_false_keeps_nothing(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         answer = (await Client({"input": "hi", "store": False}).call(s, store)).json()
         assert answer["id"] == "resp_1" and await store.get("", "resp_1") is None
         with pytest.raises(ResponseNotFoundError):
             await Client({"input": "x", "previous_response_id": "resp_1"}).call(s, store)
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path) -> None:
+def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         client = await Client({"input": "My name is Zorg.", "stream": True}).call(s, store)
         assert client.status == 200 and client.text() == _events("resp_1", "answer 1").decode()
@@ -262,10 +268,12 @@ def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path) -> None:
         assert len(script.got[-1][1]["input"]) == 3
         assert (await store.get("", "resp_2")) is not None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_deleting_a_response_keeps_those_that_continued_it_whole(tmp_path: Path) -> None:
+def test_deleting_a_response_keeps_those_that_continued_it_whole(
+    tmp_path: Path, store: Stores
+) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
@@ -278,10 +286,10 @@ def test_deleting_a_response_keeps_those_that_continued_it_whole(tmp_path: Path)
         assert conversation(after) == conversation(before)
         assert await store.get("", "resp_2") is None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_get_delete_and_input_items(tmp_path: Path) -> None:
+def test_get_delete_and_input_items(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
@@ -309,7 +317,7 @@ def test_get_delete_and_input_items(tmp_path: Path) -> None:
             items = (await http.get("/v1/responses/resp_2/input_items?order=asc")).json()
             assert [i["content"][0]["text"] for i in items["data"]] == ["one", "answer 1", "two"]
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
 def test_a_version_4_store_migrates(tmp_path: Path) -> None:
@@ -320,7 +328,7 @@ def test_a_version_4_store_migrates(tmp_path: Path) -> None:
     conn.close()
 
     async def main() -> None:
-        async with SessionStore(path) as s:
+        async with SqliteStore(path) as s:
             store = ResponseStore(s)
             await store.save("", {"id": "resp_x", "output": []}, None, "m", [])
             assert (await store.get("", "resp_x")) is not None
