@@ -9,11 +9,13 @@ import contextlib
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
 
 from hotmodel.cluster.postgres import LocalPostgres
+from hotmodel.config import load_config
 from hotmodel.errors import (
     SessionBusyError,
     SessionFullError,
@@ -21,9 +23,12 @@ from hotmodel.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from hotmodel.router.client import RouterClient
 from hotmodel.sessions.postgres import PostgresStore
 from hotmodel.sessions.records import Limits, Session
 from hotmodel.sessions.schema import PG_SCHEMA_VERSION
+from hotmodel.sessions.service import SessionService
+from tests.conftest import write_config
 
 
 def u(text: str) -> dict[str, str]:
@@ -235,5 +240,27 @@ def test_a_server_that_goes_away_is_503_and_comes_back_with_everything(
                 assert texts(await store.get("", "s")) == ["hi", "hello", "after"]
         finally:
             server.stop()
+
+    run(scenario)
+
+
+def test_two_nodes_services_serialise_one_sessions_turns(postgres_url: str, tmp_path: Path) -> None:
+    """SessionService.hold (what chat and messages take): the in-process lock, then the
+    store's turn lock; the second node's wait ends in the same 409 as on one node."""
+    (tmp_path / "m.gguf").write_bytes(b"")
+    config = load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m"))
+
+    async def scenario() -> None:
+        async with nodes(postgres_url) as (one, two):
+            a = SessionService(config, one, cast(RouterClient, None))
+            b = SessionService(config, two, cast(RouterClient, None))
+            ref = a.check("s", None)
+            async with a.hold(ref, 1):
+                with pytest.raises(SessionBusyError, match=r"'s' is still running after 0\.3s"):
+                    async with b.hold(ref, 0.3):
+                        raise AssertionError
+            async with b.hold(ref, 1):
+                pass
+            assert len(a.locks) == len(b.locks) == 0
 
     run(scenario)

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -45,11 +43,9 @@ from hotmodel.config import redact_url
 from hotmodel.errors import SessionLimitError, StoreError, StoreUnavailableError
 from hotmodel.sessions.cache import WindowCache, cost
 from hotmodel.sessions.locks import busy
+from hotmodel.sessions.postgres_locks import advisory_lock, lock_key, migrate
 from hotmodel.sessions.postgres_responses import PostgresResponses
 from hotmodel.sessions.records import Limits, Page, Session, SessionSummary, StoredMessage
-from hotmodel.sessions.schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-
-log = logging.getLogger(__name__)
 
 Connection = psycopg.AsyncConnection[Any]
 CONNECT_WAIT_S = 5.0  # at most this long for a pooled connection before a 503
@@ -61,15 +57,6 @@ _SUMMARIES = (
     "WHERE m.owner = s.owner AND m.session_id = s.id) "
     "FROM sessions s WHERE s.owner = %s "
 )
-
-
-def lock_key(*parts: str) -> int:
-    """A 64-bit advisory lock key for ``parts`` (e.g. "turn", owner, session id)."""
-    digest = hashlib.blake2b("\n".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-MIGRATION_LOCK = lock_key("hotmodel", "migrate")
 
 
 def unreachable(exc: psycopg.Error) -> bool:
@@ -191,7 +178,7 @@ class PostgresStore:
         try:
             with self._mapped():
                 left = deadline - asyncio.get_running_loop().time()
-                got = await _advisory_lock(conn, key, left)
+                got = await advisory_lock(conn, key, left)
             clean = True
             if not got:
                 raise busy(session_id, timeout)
@@ -415,49 +402,3 @@ class PostgresStore:
             cur = await conn.execute(sql, params)
         self.cache.drop(owner, session_id)
         return cur.rowcount > 0
-
-
-async def _advisory_lock(conn: Connection, key: int, timeout: float) -> bool:
-    """Take session advisory lock ``key`` on ``conn``, waiting at most ``timeout`` s
-    (the server's ``lock_timeout``: waiters are served first come, first served)."""
-    if timeout <= 0:
-        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))).fetchone()
-        return bool(row and row[0])
-    await conn.execute(
-        "SELECT set_config('lock_timeout', %s, false)", (f"{max(1, int(timeout * 1000))}ms",)
-    )
-    try:
-        await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-    except psycopg.errors.LockNotAvailable:
-        return False
-    return True
-
-
-async def migrate(conn: Connection) -> int:
-    """Bring the schema to :data:`PG_SCHEMA_VERSION`, one transaction per step under an
-    advisory lock (nodes starting together migrate once); returns the version found."""
-    found: int | None = None
-    while True:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
-            row = None
-            if (await cur.fetchone() or (False,))[0]:
-                row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
-            version = 0 if row is None else int(row[0])
-            if found is None:
-                found = version
-            if version > PG_SCHEMA_VERSION:
-                raise StoreError(
-                    f"the session store has schema version {version}, newer than this "
-                    f"hotmodel knows ({PG_SCHEMA_VERSION}); upgrade hotmodel"
-                )
-            if version == PG_SCHEMA_VERSION:
-                return found
-            if version == 0:
-                await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer)")
-                await conn.execute("DELETE FROM schema_version")
-                await conn.execute("INSERT INTO schema_version VALUES (0)")
-            await conn.execute(PG_MIGRATIONS[version].encode())
-            await conn.execute("UPDATE schema_version SET version = %s", (version + 1,))
-            log.info("session store (PostgreSQL): schema version %d", version + 1)

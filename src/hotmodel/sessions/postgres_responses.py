@@ -9,12 +9,12 @@ saving one owner's chain at once cannot lose an item.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from typing import Any, Protocol
 
 import psycopg
 
+from hotmodel.sessions.postgres_locks import lock_key
 from hotmodel.sessions.responses import (
     COLUMNS,
     MAX_CHAIN,
@@ -30,11 +30,6 @@ _SELECT = f"SELECT {COLUMNS} FROM responses WHERE owner = %s AND id = %s"
 
 class ConnectsPostgres(Protocol):
     def connection(self) -> contextlib.AbstractAsyncContextManager[Connection]: ...
-
-
-def _owner_lock(owner: str) -> int:
-    digest = hashlib.blake2b(f"responses\n{owner}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class PostgresResponses:
@@ -70,7 +65,7 @@ class PostgresResponses:
         row = (owner, str(response.get("id") or ""), previous_id, model)
         texts = (encode(new_input), encode(response), time.time())
         async with self.store.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_owner_lock(owner),))
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("responses", owner),))
             await conn.execute(
                 f"INSERT INTO responses (owner, {COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (owner, id) DO UPDATE SET previous_id = excluded.previous_id, "
@@ -81,7 +76,7 @@ class PostgresResponses:
 
     async def delete(self, owner: str, response_id: str) -> bool:
         async with self.store.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_owner_lock(owner),))
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("responses", owner),))
             row = await (await conn.execute(_SELECT, (owner, response_id))).fetchone()
             if row is None:
                 return False
