@@ -33,6 +33,9 @@ from hotmodel import sse
 from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.router import provision
 from hotmodel.router.supervisor import backend_key, free_port
+from hotmodel.sessions.postgres import PostgresStore
+from hotmodel.sessions.sqlite import SqliteStore
+from hotmodel.sessions.store import SessionStore
 from tests.tiny_gguf import write_broken_model, write_tiny_model
 
 START_DEADLINE_S = 60.0
@@ -169,6 +172,28 @@ def postgres_url(postgres_server: str) -> str:
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return postgres_server.rsplit("/", 1)[0] + "/" + name
+
+
+@dataclass(frozen=True)
+class Stores:
+    """One store's backing (a SQLite file, or a PostgreSQL database): each call makes
+    another store on it, not yet open, as a second connection or node would."""
+
+    backend: str  # "sqlite" or "postgresql"
+    make: Callable[[], SessionStore]
+
+    def __call__(self) -> SessionStore:
+        return self.make()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Stores:
+    """The store tests' one fixture: each runs against SQLite and a real PostgreSQL."""
+    if request.param == "sqlite":
+        path = tmp_path / "s.sqlite3"
+        return Stores("sqlite", lambda: SqliteStore(path))
+    url = str(request.getfixturevalue("postgres_url"))
+    return Stores("postgresql", lambda: PostgresStore(url))
 
 
 @pytest.fixture(scope="session")

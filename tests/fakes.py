@@ -37,6 +37,7 @@ from hotmodel.router.events import ModelEvents
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from hotmodel.runtime import Services
 from hotmodel.sessions.service import SessionRef, SessionService
+from hotmodel.sessions.sqlite import SqliteStore
 from hotmodel.sessions.store import SessionStore
 from tests.upstreams import serving
 
@@ -295,10 +296,14 @@ class NoRouter:
 
 @contextlib.asynccontextmanager
 async def fake_services(
-    config: Config, folder: Path, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    config: Config,
+    folder: Path,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    store: SessionStore | None = None,
 ) -> AsyncIterator[Services]:
     """A started runtime's services, in process, with ``handler`` as llama-server (the
-    model ``m`` active) and a real session store in ``folder``: for the door's tests."""
+    model ``m`` active) and a real session store (``store``, not yet open; else SQLite
+    in ``folder``): for the door's tests."""
     stack = contextlib.AsyncExitStack()
     url = await stack.enter_async_context(serving(handler))
     chat_http = await stack.enter_async_context(ChatHttp(30))
@@ -311,7 +316,7 @@ async def fake_services(
     engine.active = "m"
     controller = Controller(engine, list(config.presets.models))
     try:
-        async with SessionStore(folder / "s.sqlite3") as store:
+        async with store or SqliteStore(folder / "s.sqlite3") as opened:
             yield Services(
                 config=config,
                 router=router,
@@ -319,8 +324,8 @@ async def fake_services(
                 events=ModelEvents(router),
                 controller=controller,
                 gate=gate,
-                sessions=SessionService(config, store, router),
-                store=store,
+                sessions=SessionService(config, opened, router),
+                store=opened,
                 gpu=NoGpu(),
                 watchdog=Watchdog(config, supervisor, router, controller),
                 idle=IdleUnloader(lambda: config.router, gate, controller),
@@ -371,13 +376,15 @@ def run_scripted(
     script: _Script,
     scenario: Callable[[Services, _Script], Awaitable[Any]],
     config: Config,
+    store: SessionStore | None = None,
 ) -> None:
     """Run ``scenario`` on :func:`fake_services` with ``script`` as llama-server (state in
-    ``config``'s folder); no request may leave its ticket behind."""
+    ``config``'s folder; ``store``: the session store, not yet open, else SQLite there);
+    no request may leave its ticket behind."""
 
     async def main() -> None:
         folder = config.path.parent
-        async with fake_services(config, folder, script.handler) as services:
+        async with fake_services(config, folder, script.handler, store) as services:
             await scenario(services, script)
             assert services.gate.inflight() == [], "a ticket was left behind"
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,14 @@ import pytest
 from aiohttp import web
 
 from hotmodel.api.chat import ChatCompletions
+from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.config import load_config
 from hotmodel.control.commands import Recover
+from hotmodel.errors import HttpError, StoreUnavailableError, http_error_for
 from hotmodel.router.models import ModelState, ModelStatus
 from hotmodel.runtime import Services
+from hotmodel.sessions.postgres import PostgresStore
+from hotmodel.sessions.sqlite import SqliteStore
 from tests.conftest import write_config
 from tests.fakes import fake_services
 
@@ -255,7 +260,9 @@ def test_a_stream_whose_answer_cannot_be_stored_says_so_before_its_done(
         client = Client(STREAM)
         task = asyncio.create_task(ChatCompletions(s)(client.scope(), client.receive, client.send))
         await upstream.requested.wait()  # the session was read: now its writes fail
-        await s.store._call(lambda: s.store._db().execute("PRAGMA query_only = ON"))
+        store = s.store
+        assert isinstance(store, SqliteStore)
+        await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
         upstream.finish.set()
         await asyncio.wait_for(task, 5)
         text = client.text()
@@ -306,3 +313,50 @@ def test_a_dead_port_found_by_chat_is_confirmed_with_the_router_then_recovered(
         s.gate.open()
 
     _run(tmp_path, scenario)
+
+
+def test_while_postgresql_is_down_a_session_turn_is_a_503_and_the_rest_is_served(
+    tmp_path: Path,
+) -> None:
+    """A shared store that cannot be reached: a turn of a session fails clearly (503
+    ``store_unavailable`` once api/errors.py answers it, nothing sent upstream, no lock
+    left), a request without a
+    session is served, and once the server is back the session goes on."""
+    base = Path(tempfile.mkdtemp(prefix="hotmodel-pg-chat-"))
+    base.chmod(0o711)
+    server = LocalPostgres(base / "data")
+    config = load_config(write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m"))
+
+    async def turn(s: Services, session: bool) -> Client:
+        client = Client(STREAM)
+        scope = client.scope()
+        if not session:
+            scope["headers"] = [h for h in scope["headers"] if h[0] != b"x-session-id"]
+        await asyncio.wait_for(ChatCompletions(s)(scope, client.receive, client.send), 20)
+        return client
+
+    async def main() -> None:
+        upstream = Upstream()
+        upstream.finish.set()
+        store = PostgresStore(server.url, connect_wait=1.0)
+        async with fake_services(config, tmp_path, upstream.handler, store) as s:
+            await asyncio.to_thread(server.stop)
+            with pytest.raises(StoreUnavailableError) as down:  # api/errors.py answers it
+                await turn(s, session=True)
+            assert http_error_for(down.value) == HttpError(503, "server_error", "store_unavailable")
+            assert "cannot be reached" in down.value.public and server.url not in down.value.public
+            assert not upstream.requested.is_set() and len(s.sessions.locks) == 0
+            plain = await turn(s, session=False)
+            assert plain.sent[0]["status"] == 200 and "data: [DONE]" in plain.text()
+            await asyncio.to_thread(server.start)
+            back = await turn(s, session=True)
+            assert back.sent[0]["status"] == 200 and "data: [DONE]" in back.text()
+            stored = await s.store.get("", "s1")
+            assert stored is not None and len(stored.messages) == 2
+            assert s.gate.inflight() == []
+
+    server.start()
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from hotmodel.config import load_config
 from hotmodel.errors import ConfigError
 from hotmodel.presets import load_presets
 from hotmodel.security import fingerprint
+from hotmodel.sessions.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,13 @@ def test_example_and_demo_configs_parse() -> None:
         ),
         (MINIMAL + '[session]\ntoken_count_mode = "guess"\n', "[session] token_count_mode"),
         (
+            MINIMAL + '[store]\nurl = "mysql://u:secret@db/x"\n',
+            '[store] url: expected "" (the SQLite file) or a postgresql:// URL, '
+            "got 'mysql://u:***@db/x'",
+        ),
+        (MINIMAL + "[store]\nurl = 5\n", "[store] url: expected a string"),
+        (MINIMAL + "[store]\npool_size = 0\n", "[store] pool_size: expected a value >= 1"),
+        (
             '[router]\nmodels_preset = "models.ini"\n',
             "[router] default_model: missing required key",
         ),
@@ -180,6 +188,15 @@ def test_system_prompts(tmp_path: Path) -> None:
     assert cfg.system_prompts["p"].system == "Be brief."
     assert cfg.session.default_system_prompt == "p"
     assert cfg.session_store_file == tmp_path / ".hotmodel" / "sessions.sqlite3"
+    assert cfg.store.url == ""  # the SQLite file, by default
+
+
+def test_store_url_selects_postgresql_and_hides_its_password(tmp_path: Path) -> None:
+    url = "postgresql://hot:s3cret@db.example:5432/hotmodel"
+    cfg = load_config(_write(tmp_path, MINIMAL + f'[store]\nurl = "{url}"\npool_size = 4\n'))
+    assert cfg.store.url == url and cfg.store.pool_size == 4
+    assert cfg.store.shown == "postgresql://hot:***@db.example:5432/hotmodel"
+    assert "s3cret" not in str(open_store(cfg))
 
 
 @pytest.mark.parametrize(

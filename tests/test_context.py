@@ -23,7 +23,9 @@ from hotmodel.sessions.context import (
     reconcile,
 )
 from hotmodel.sessions.reply import ReplyAssembler
-from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore
+from hotmodel.sessions.schema import MIGRATIONS, SCHEMA_VERSION
+from hotmodel.sessions.sqlite import SqliteStore
+from tests.conftest import Stores
 
 
 def u(text: str) -> Message:
@@ -217,32 +219,30 @@ def test_reply_assembler_unfinished_or_errored_stream_is_nothing() -> None:
     assert asm2.message() is None
 
 
-def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-
+def test_store_round_trip_and_persistence(store: Stores, tmp_path: Path) -> None:
     async def first() -> None:
-        async with SessionStore(path) as store:
-            assert await store.get("", "abc") is None  # reading never creates
-            await store.append("", "abc", [u("hi"), a("hello")], "smollm2", "pirate")
-            s = await store.get("", "abc")
+        async with store() as st:
+            assert await st.get("", "abc") is None  # reading never creates
+            await st.append("", "abc", [u("hi"), a("hello")], "smollm2", "pirate")
+            s = await st.get("", "abc")
             assert s is not None and s.system_prompt == "pirate" and len(s.messages) == 2
-            await store.append("", "abc", [u("again"), a("yes")], "gemma3", "pirate")
-            await store.append("", "other", [u("x"), a("y")], "gemma3", "")
+            await st.append("", "abc", [u("again"), a("yes")], "gemma3", "pirate")
+            await st.append("", "other", [u("x"), a("y")], "gemma3", "")
 
     async def second() -> dict[str, Any]:
-        async with SessionStore(path) as store:
-            s = await store.get("", "abc")
+        async with store() as st:
+            s = await st.get("", "abc")
             assert s is not None
             assert [m.message for m in s.messages] == [u("hi"), a("hello"), u("again"), a("yes")]
             assert [m.model for m in s.messages] == [None, "smollm2", None, "gemma3"]
-            listed = await store.list("")
+            listed = await st.list("")
             assert [x.id for x in listed] == ["other", "abc"]  # most recently used first
             assert listed[1].message_count == 4 and listed[1].system_prompt == "pirate"
-            recent = await store.most_recent()
+            recent = await st.most_recent()
             assert recent is not None and recent.id == "other"
-            assert await store.delete("", "abc") is True
-            assert await store.delete("", "abc") is False
-            assert await store.get("", "abc") is None
+            assert await st.delete("", "abc") is True
+            assert await st.delete("", "abc") is False
+            assert await st.get("", "abc") is None
             return s.to_json()
 
     asyncio.run(first())
@@ -252,7 +252,9 @@ def test_store_round_trip_and_persistence(tmp_path: Path) -> None:
         "model": "smollm2",
         "created_at": exported["messages"][1]["created_at"],
     }
-    conn = sqlite3.connect(path)
+    if store.backend != "sqlite":
+        return
+    conn = sqlite3.connect(tmp_path / "s.sqlite3")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2  # cascade: other's
@@ -269,7 +271,7 @@ def test_store_migrates_a_version_1_file(tmp_path: Path) -> None:
     conn.close()
 
     async def scenario() -> Any:
-        async with SessionStore(path) as store:
+        async with SqliteStore(path) as store:
             return await store.get("", "old")
 
     session = asyncio.run(scenario())
@@ -281,7 +283,7 @@ def test_store_errors_are_store_errors(tmp_path: Path) -> None:
     path = tmp_path / "ro.sqlite3"
 
     async def scenario() -> None:
-        async with SessionStore(path) as store:
+        async with SqliteStore(path) as store:
             await store.append("", "s", [u("hi"), a("hello")], "m", "")
             await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
             await store.append("", "s", [u("again"), a("no")], "m", "")
@@ -297,7 +299,7 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
     conn.close()
 
     async def scenario() -> None:
-        async with SessionStore(path):
+        async with SqliteStore(path):
             pass
 
     with pytest.raises(StoreError, match="newer than this hotmodel knows"):
@@ -352,16 +354,16 @@ def test_token_trimming_moves_in_steps_too() -> None:
     assert len(set(stepped)) < len(set(plain))
 
 
-def test_a_turn_reads_only_a_window_and_cuts_the_same(tmp_path: Path) -> None:
+def test_a_turn_reads_only_a_window_and_cuts_the_same(store: Stores) -> None:
     """A long session: reading only its last messages gives the same prompt as reading
     all of them (the step grid counts from the session's first message)."""
 
     async def scenario() -> None:
-        async with SessionStore(tmp_path / "s.sqlite3") as store:
+        async with store() as st:
             history = [m for i in range(300) for m in (u(f"q{i}"), a(f"a{i}"))]
-            await store.append("", "long", history, "m", "")
-            full = await store.get("", "long")
-            window = await store.get("", "long", last=40)
+            await st.append("", "long", history, "m", "")
+            full = await st.get("", "long")
+            window = await st.get("", "long", last=40)
             assert full is not None and window is not None
             assert len(window.messages) == 40 and window.offset == 560
             assert [m.message for m in window.messages] == [m.message for m in full.messages][-40:]

@@ -31,7 +31,7 @@ from hotmodel.errors import (
 from hotmodel.router.chat_http import ChatHttp
 from hotmodel.router.client import RouterClient
 from hotmodel.router.supervisor import free_port
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.sqlite import SqliteStore
 from tests.conftest import HotmodelProcess, chat, start_hotmodel, write_config
 
 
@@ -109,7 +109,7 @@ def test_a_store_that_cannot_be_written_does_not_name_its_path(
     path = tmp_path / "private" / "s.sqlite3"
 
     async def scenario() -> None:
-        async with SessionStore(path) as store:
+        async with SqliteStore(path) as store:
             await store._call(lambda: store._db().execute("PRAGMA query_only = ON"))
             await store.delete("", "s")
 

@@ -35,10 +35,13 @@ from hotmodel.sessions.responses import (
     input_items,
     output_items,
 )
+from hotmodel.sessions.schema import MIGRATIONS, SCHEMA_VERSION
 from hotmodel.sessions.service import SessionRef
 from hotmodel.sessions.slots import messages_hash
-from hotmodel.sessions.store import MIGRATIONS, SCHEMA_VERSION, SessionStore, is_chain
+from hotmodel.sessions.sqlite import SqliteStore
+from hotmodel.sessions.store import is_chain
 from tests import fakes
+from tests.conftest import Stores
 from tests.fakes import door_config
 
 # --- the checks (pure) ---
@@ -207,15 +210,21 @@ class Client(fakes.AsgiClient):
 
 
 def _run(
-    tmp_path: Path, scenario: Callable[[Services, Script, ResponseStore], Awaitable[None]]
+    tmp_path: Path,
+    store: Stores | None,
+    scenario: Callable[[Services, Script, ResponseStore], Awaitable[None]],
 ) -> None:
+    """``scenario`` on a scripted llama-server, with ``store``'s backend (None: SQLite)."""
+
     async def with_store(s: Services, script: Script) -> None:
         await scenario(s, script, ResponseStore(s.store))
 
-    fakes.run_scripted(Script(), with_store, door_config(tmp_path))
+    fakes.run_scripted(
+        Script(), with_store, door_config(tmp_path), None if store is None else store()
+    )
 
 
-def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:
+def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         first = (await Client({"input": "My name is Zorg."}).call(s, store)).json()
         assert first["id"] == "resp_1" and first["previous_response_id"] is None
@@ -239,10 +248,12 @@ def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path) -> None:
         assert count.json()["input_tokens"] == 7 and len(script.got[-1][1]["input"]) == 3
         assert await store.get("", "resp_3") is None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(tmp_path: Path) -> None:
+def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(
+    tmp_path: Path, store: Stores
+) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "secret"}, owner="alice").call(s, store)
         sent = len(script.got)
@@ -255,20 +266,20 @@ def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(tmp_path
         assert await store.get("bob", "resp_1") is None
         assert await store.get("alice", "resp_1") is not None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_store_false_keeps_nothing(tmp_path: Path) -> None:
+def test_store_false_keeps_nothing(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         answer = (await Client({"input": "hi", "store": False}).call(s, store)).json()
         assert answer["id"] == "resp_1" and await store.get("", "resp_1") is None
         with pytest.raises(ResponseNotFoundError):
             await Client({"input": "x", "previous_response_id": "resp_1"}).call(s, store)
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path) -> None:
+def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         client = await Client({"input": "My name is Zorg.", "stream": True}).call(s, store)
         assert client.status == 200 and client.text() == _events("resp_1", "answer 1").decode()
@@ -280,10 +291,12 @@ def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path) -> None:
         assert len(script.got[-1][1]["input"]) == 3
         assert (await store.get("", "resp_2")) is not None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_deleting_a_response_keeps_those_that_continued_it_whole(tmp_path: Path) -> None:
+def test_deleting_a_response_keeps_those_that_continued_it_whole(
+    tmp_path: Path, store: Stores
+) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
@@ -296,10 +309,10 @@ def test_deleting_a_response_keeps_those_that_continued_it_whole(tmp_path: Path)
         assert conversation(after) == conversation(before)
         assert await store.get("", "resp_2") is None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
-def test_get_delete_and_input_items(tmp_path: Path) -> None:
+def test_get_delete_and_input_items(tmp_path: Path, store: Stores) -> None:
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
@@ -327,7 +340,7 @@ def test_get_delete_and_input_items(tmp_path: Path) -> None:
             items = (await http.get("/v1/responses/resp_2/input_items?order=asc")).json()
             assert [i["content"][0]["text"] for i in items["data"]] == ["one", "answer 1", "two"]
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, store, scenario)
 
 
 def test_a_version_4_store_migrates(tmp_path: Path) -> None:
@@ -338,7 +351,7 @@ def test_a_version_4_store_migrates(tmp_path: Path) -> None:
     conn.close()
 
     async def main() -> None:
-        async with SessionStore(path) as s:
+        async with SqliteStore(path) as s:
             store = ResponseStore(s)
             await store.save("", {"id": "resp_x", "output": []}, None, "m", [])
             assert (await store.get("", "resp_x")) is not None
@@ -403,7 +416,7 @@ def test_a_stored_chain_is_a_session_whose_kv_a_switch_keeps(tmp_path: Path) -> 
         await Client({"input": image}).call(s, store)
         assert await s.store.get("", chain_session("resp_3")) is None  # not text: no session
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, None, scenario)
 
 
 def test_another_key_cannot_read_list_or_delete_a_stored_response(tmp_path: Path) -> None:
@@ -432,4 +445,4 @@ def test_another_key_cannot_read_list_or_delete_a_stored_response(tmp_path: Path
             assert (await http.get("/v1/responses/resp_1")).status_code == 200
         assert await s.store.get("alice", chain_session("resp_1")) is not None
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, None, scenario)

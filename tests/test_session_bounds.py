@@ -18,11 +18,14 @@ import pytest
 from hotmodel.config import load_config
 from hotmodel.router.client import RouterClient
 from hotmodel.security import fingerprint
+from hotmodel.sessions.postgres import PostgresStore
 from hotmodel.sessions.retention import Retention, sweep_due
 from hotmodel.sessions.service import SessionService
+from hotmodel.sessions.sqlite import SqliteStore
 from hotmodel.sessions.store import SessionStore
 from tests.conftest import (
     HotmodelProcess,
+    Stores,
     bearer,
     chat,
     run_hotmodel,
@@ -47,12 +50,24 @@ PROMPTS = (
 DAY_S = 86400.0
 
 
+async def _age(store: Stores, db: SessionStore, when: float) -> None:
+    """Every session last used at ``when`` (written outside the store, as a tool would)."""
+    if isinstance(db, SqliteStore):
+        with sqlite3.connect(db.path) as conn:
+            conn.execute("UPDATE sessions SET updated_at = ?", (when,))
+        conn.close()
+    else:
+        assert isinstance(db, PostgresStore)
+        async with db.connection() as pg:
+            await pg.execute("UPDATE sessions SET updated_at = %s", (when,))
+
+
 def _prefill(path: Path, now: float) -> None:
     """Sessions stored before the server starts: KEY_D's many (their times in groups of
     three equal ones: ties), and KEY_E's old one, one whose prompt is gone, one with pirate."""
 
     async def fill() -> None:
-        async with SessionStore(path) as store:
+        async with SqliteStore(path) as store:
             pair = [user("hi"), {"role": "assistant", "content": "hello"}]
             for i in range(PAGED):
                 await store.append(fingerprint(KEY_D), f"p{i:03d}", pair, "tiny", "")
@@ -238,7 +253,9 @@ def test_retention_set_by_a_reload_deletes_unused_sessions(bounded: HotmodelProc
     assert listing(bounded, KEY_D).json()["data"] == []
 
 
-def test_a_sweep_keeps_a_session_used_meanwhile_and_forgets_kv(tmp_path: Path) -> None:
+def test_a_sweep_keeps_a_session_used_meanwhile_and_forgets_kv(
+    tmp_path: Path, store: Stores
+) -> None:
     """Retention deletes as DELETE does (KV snapshots told), never a session just used."""
     forgotten: list[tuple[str, str]] = []
 
@@ -248,28 +265,26 @@ def test_a_sweep_keeps_a_session_used_meanwhile_and_forgets_kv(tmp_path: Path) -
             return 1
 
     async def scenario() -> None:
-        async with SessionStore(tmp_path / "s.sqlite3") as store:
+        async with store() as db:
             (tmp_path / "m.gguf").write_bytes(b"")
             toml = write_config(tmp_path, {"m": tmp_path / "m.gguf"}, "m")
             config = load_config(toml)
-            service = SessionService(config, store, cast(RouterClient, None))
+            service = SessionService(config, db, cast(RouterClient, None))
             for sid in ("stale", "used"):
-                await store.append("", sid, [user("hi")], None, "")
-            with sqlite3.connect(store.path) as db:
-                db.execute("UPDATE sessions SET updated_at = ?", (time.time() - 2 * DAY_S,))
-            db.close()
+                await db.append("", sid, [user("hi")], None, "")
+            await _age(store, db, time.time() - 2 * DAY_S)
             retention = Retention(lambda: service.config.session, service, Kv())
-            listed = store.unused_since
+            listed = db.unused_since
 
             async def and_one_is_used(cutoff: float) -> tuple[tuple[str, str], ...]:
                 found = await listed(cutoff)
-                await store.append("", "used", [user("again")], None, "")  # a turn comes in
+                await db.append("", "used", [user("again")], None, "")  # a turn comes in
                 return found
 
-            store.unused_since = and_one_is_used  # type: ignore[method-assign]
+            db.unused_since = and_one_is_used  # type: ignore[method-assign]
             assert await retention.sweep(1.0) == 1
-            assert await store.get("", "stale") is None
-            assert await store.get("", "used") is not None
+            assert await db.get("", "stale") is None
+            assert await db.get("", "used") is not None
             assert forgotten == [("", "stale")]
 
     asyncio.run(scenario())

@@ -1,4 +1,5 @@
-"""The store's write-through window cache: what a turn reads from memory is what SQLite holds."""
+"""The store's write-through window cache: what a turn reads from memory is what the store
+holds (SQLite and PostgreSQL alike: the ``store`` fixture runs each test on both)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from hotmodel.sessions.cache import WindowCache
 from hotmodel.sessions.context import Message, reconcile
-from hotmodel.sessions.store import Session, SessionStore, StoredMessage
+from hotmodel.sessions.sqlite import SqliteStore
+from hotmodel.sessions.store import Session, StoredMessage
+from tests.conftest import Stores
 
 
 def u(text: str) -> Message:
@@ -24,41 +27,39 @@ def _same(cached: Session | None, read: Session | None) -> None:
     assert cached == read  # header, offset, and every message with its model and time
 
 
-def test_the_cache_gives_what_sqlite_holds_as_a_session_grows(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-
+def test_the_cache_gives_what_the_store_holds_as_a_session_grows(store: Stores) -> None:
     async def scenario() -> None:
-        async with SessionStore(path) as store:
-            await store.append(
+        async with store() as s:
+            await s.append(
                 "", "s", [m for i in range(50) for m in (u(f"q{i}"), a(f"a{i}"))], "m", ""
             )
-            assert await store.get("", "s", 30) is not None  # read from SQLite, now cached
+            assert await s.get("", "s", 30) is not None  # read from the store, now cached
             for i in range(20):
                 # what the service does: read a window, store the new turn and its answer
                 window = 30 + i % 3  # windows of other sizes than the one cached
-                before = store.cache.hits
-                cached = await store.get("", "s", window)
-                assert store.cache.hits == before + 1 or window > 30
-                async with SessionStore(path) as other:  # a second connection: plain SQLite
+                before = s.cache.hits
+                cached = await s.get("", "s", window)
+                assert s.cache.hits == before + 1 or window > 30
+                async with store() as other:  # a second connection (or node): uncached
                     read = await other.get("", "s", window)
                 _same(cached, read)
-                await store.append("", "s", [u(f"n{i}"), a(f"r{i}")], f"model{i}", f"p{i % 2}")
-            assert len(store.cache) == 1
-            async with SessionStore(path) as other:
-                _same(await store.get("", "s", 5), await other.get("", "s", 5))
+                await s.append("", "s", [u(f"n{i}"), a(f"r{i}")], f"model{i}", f"p{i % 2}")
+            assert len(s.cache) == 1
+            async with store() as other:
+                _same(await s.get("", "s", 5), await other.get("", "s", 5))
 
     asyncio.run(scenario())
 
 
-def test_a_short_session_is_read_whole_from_the_cache(tmp_path: Path) -> None:
+def test_a_short_session_is_read_whole_from_the_cache(store: Stores) -> None:
     async def scenario() -> None:
-        async with SessionStore(tmp_path / "s.sqlite3") as store:
-            await store.append("", "s", [u("hi"), a("hello")], "m", "")
-            first = await store.get("", "s", 100)
-            await store.append("", "s", [u("again"), a("yes")], "m", "")
-            hits = store.cache.hits
-            second = await store.get("", "s", 100)
-            assert store.cache.hits == hits + 1
+        async with store() as s:
+            await s.append("", "s", [u("hi"), a("hello")], "m", "")
+            first = await s.get("", "s", 100)
+            await s.append("", "s", [u("again"), a("yes")], "m", "")
+            hits = s.cache.hits
+            second = await s.get("", "s", 100)
+            assert s.cache.hits == hits + 1
             assert first is not None and second is not None and second.offset == 0
             assert [m.message for m in second.messages] == [
                 u("hi"),
@@ -71,19 +72,17 @@ def test_a_short_session_is_read_whole_from_the_cache(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_rewind_replaces_the_end_of_a_session_in_sqlite_and_in_the_cache(
-    tmp_path: Path,
+def test_a_rewind_replaces_the_end_of_a_session_in_the_store_and_in_the_cache(
+    store: Stores,
 ) -> None:
-    path = tmp_path / "s.sqlite3"
-
     async def scenario() -> None:
-        async with SessionStore(path) as store:
-            await store.append("", "s", [u("hi"), a("hello"), u("q"), a("first")], "m", "")
-            assert await store.get("", "s", 10) is not None  # cached
+        async with store() as s:
+            await s.append("", "s", [u("hi"), a("hello"), u("q"), a("first")], "m", "")
+            assert await s.get("", "s", 10) is not None  # cached
             # a regenerated answer: the stored one (seq 3) is replaced, in one transaction
-            await store.append("", "s", [a("second")], "m2", "", rewind=3)
-            cached = await store.get("", "s", 10)
-            async with SessionStore(path) as other:
+            await s.append("", "s", [a("second")], "m2", "", rewind=3)
+            cached = await s.get("", "s", 10)
+            async with store() as other:
                 read = await other.get("", "s", 10)
             _same(cached, read)
             assert read is not None
@@ -98,7 +97,7 @@ def test_another_connections_write_empties_the_cache(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
 
     async def scenario() -> None:
-        async with SessionStore(path) as store:
+        async with SqliteStore(path) as store:
             await store.append("", "s", [u("hi"), a("hello")], "m", "")
             assert await store.get("", "s", 10) is not None
             conn = sqlite3.connect(path)
@@ -119,35 +118,35 @@ def test_another_connections_write_empties_the_cache(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_delete_drops_the_cached_session(tmp_path: Path) -> None:
+def test_delete_drops_the_cached_session(store: Stores) -> None:
     async def scenario() -> None:
-        async with SessionStore(tmp_path / "s.sqlite3") as store:
-            await store.append("", "s", [u("hi"), a("hello")], "m", "")
-            assert await store.get("", "s", 10) is not None
-            assert await store.delete("", "s")
-            assert len(store.cache) == 0 and await store.get("", "s", 10) is None
-            await store.append("", "s", [u("new")], "m", "")  # the id starts over
-            session = await store.get("", "s", 10)
+        async with store() as s:
+            await s.append("", "s", [u("hi"), a("hello")], "m", "")
+            assert await s.get("", "s", 10) is not None
+            assert await s.delete("", "s")
+            assert len(s.cache) == 0 and await s.get("", "s", 10) is None
+            await s.append("", "s", [u("new")], "m", "")  # the id starts over
+            session = await s.get("", "s", 10)
             assert session is not None and [m.message for m in session.messages] == [u("new")]
 
     asyncio.run(scenario())
 
 
-def test_cached_messages_are_the_stores_own(tmp_path: Path) -> None:
+def test_cached_messages_are_the_stores_own(store: Stores) -> None:
     """The caller's dicts are not kept: what is cached is what a read would decode."""
 
     async def scenario() -> None:
-        async with SessionStore(tmp_path / "s.sqlite3") as store:
-            await store.append("", "s", [u("hi")], "m", "")
-            assert await store.get("", "s", 10) is not None
+        async with store() as s:
+            await s.append("", "s", [u("hi")], "m", "")
+            assert await s.get("", "s", 10) is not None
             turn: Message = {
                 "role": "user",
                 "content": [{"type": "text", "text": "x"}],
                 "n": (1, 2),
             }
-            await store.append("", "s", [turn], "m", "")
+            await s.append("", "s", [turn], "m", "")
             turn["content"] = "changed"
-            session = await store.get("", "s", 10)
+            session = await s.get("", "s", 10)
             assert session is not None
             assert session.messages[-1].message == {
                 "role": "user",

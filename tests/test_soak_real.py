@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.sqlite import SqliteStore
 from tests.conftest import (
     HotmodelProcess,
     assert_all_gone,
@@ -211,7 +211,7 @@ def _kill_during_writes(hp: HotmodelProcess, tmp_path: Path) -> None:
     conn.close()
 
     async def stored() -> dict[str, list[str]]:
-        async with SessionStore(store_file) as store:
+        async with SqliteStore(store_file) as store:
             out = {}
             for session in tally.delivered:
                 found = await store.get("", session)

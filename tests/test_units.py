@@ -19,6 +19,8 @@ from hotmodel.errors import (
     ModelNotActiveError,
     ModelNotFoundError,
     RouterExitedError,
+    StoreError,
+    StoreUnavailableError,
     http_error_for,
 )
 from hotmodel.router.client import RouterClient
@@ -251,6 +253,8 @@ def test_read_tail(tmp_path: Path) -> None:
         (RouterExitedError("x"), 503, "router_unavailable"),
         (ModelLoadError("x"), 503, "router_unavailable"),
         (ConfigError("f.toml", "x"), 400, "invalid_config"),  # a reload of a bad file
+        (StoreUnavailableError("x"), 503, "store_unavailable"),  # PostgreSQL unreachable
+        (StoreError("x"), 500, "store_error"),
         (HotModelError("x"), 500, "internal_error"),
     ],
 )

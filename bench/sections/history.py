@@ -15,12 +15,12 @@ import httpx
 
 from bench.harness import PATHS, PLAIN, Paths, Settings, clients, rotate, summary
 from bench.results import cell, n, table, target
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.sqlite import SqliteStore
 
 
 async def fill(store_file: Path, sizes: tuple[int, ...]) -> None:
     """Sessions ``h<n>`` of ``n`` stored messages each, written straight into the store."""
-    async with SessionStore(store_file) as store:
+    async with SqliteStore(store_file) as store:
         for size in sizes:
             if size:
                 history = [

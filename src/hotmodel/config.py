@@ -158,9 +158,34 @@ class SessionConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    """``[store]``: where sessions live ("" = the SQLite file; ``postgresql://...`` = shared)."""
+    """``[store]``: where sessions and stored Responses live. ``url = ""`` (the default):
+    the SQLite file ``[session] store_file``; ``postgresql://...``: a PostgreSQL that
+    several hotmodel nodes share (sessions/postgres.py)."""
 
     url: str = ""
+    # connections each node keeps open for the store's queries; a turn's session lock
+    # holds one more of its own for the turn (at most lock_pool_size at once)
+    pool_size: int = field(default=10, metadata=_meta(min=1, max=1000))
+    lock_pool_size: int = field(default=64, metadata=_meta(min=1, max=10000))
+
+    @property
+    def shown(self) -> str:
+        """The URL without its password (for logs and /admin/status)."""
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+STORE_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +221,8 @@ class Config:
     session: SessionConfig
     presets: Presets
     system_prompts: Mapping[str, SystemPrompt] = field(default_factory=dict)
-    keys: KeySet = field(default_factory=KeySet)
     store: StoreConfig = field(default_factory=StoreConfig)
+    keys: KeySet = field(default_factory=KeySet)
     cluster: ClusterConfig | None = None  # None: no [cluster] section, a node of its own
     # [server] keys given on the command line (serve --port ...): they win over the
     # file at start and at every reload
@@ -249,6 +274,14 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
     router = _build(RouterConfig, raw["router"], path, "router", base)
     switch = _build(SwitchConfig, _aliased(raw, "switch", path), path, "switch", base)
     session = _build(SessionConfig, raw.get("session", {}), path, "session", base)
+    store = _build(StoreConfig, raw.get("store", {}), path, "store", base)
+    if store.url and not store.url.startswith(STORE_SCHEMES):
+        raise ConfigError(
+            path,
+            f'expected "" (the SQLite file) or a postgresql:// URL, got {store.shown!r}',
+            section="store",
+            key="url",
+        )
     prompts = _system_prompts(raw.get("system_prompts", {}), session, path, base)
     security = raw.get("security", {})
     for key in security:
@@ -317,7 +350,6 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> Config:
             section="router",
             key="default_model",
         )
-    store = _build(StoreConfig, raw.get("store", {}), path, "store", base)
     return Config(
         path=path,
         server=server,
@@ -339,7 +371,7 @@ def _cluster(
     if "cluster" not in raw:
         return None
     cluster = _build(ClusterConfig, raw["cluster"], path, "cluster", base)
-    if not store.url.startswith(("postgresql://", "postgres://")):
+    if not store.url.startswith(STORE_SCHEMES):
         raise ConfigError(
             path,
             "a cluster shares its sessions in PostgreSQL: set [store] url = "
@@ -359,8 +391,8 @@ def _cluster(
 
 def _check_sections(raw: Mapping[str, Any], path: Path) -> None:
     """Every section known and a table, ``[router]`` present; renamed keys say their new name."""
-    known = {"server", "router", "switch", "session", "system_prompts", "security"}
-    known |= {"store", "cluster"}
+    known = {"server", "router", "switch", "session", "store", "system_prompts", "security"}
+    known |= {"cluster"}
     for name, value in raw.items():
         if name == "presets":
             raise ConfigError(

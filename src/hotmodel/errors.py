@@ -36,6 +36,7 @@ with ``raise ... from exc``.
     │   ├── SwitchCancelledError     a generation was cancelled to let a switch go on (503)
     │   └── SwitchFailedError        a switch failed; carries its report (502)
     ├── StoreError                   the session store cannot be opened or used (SQLite, PostgreSQL)
+    │   └── StoreUnavailableError    PostgreSQL cannot be reached: nothing was written (503)
     ├── ClusterError                 the cluster's local PostgreSQL or another node cannot be used
     │   ├── PeerUnreachableError     a peer gave no answer's head (the request may go elsewhere)
     │   └── PeerLostError            a peer's answer broke off (what was relayed stays relayed)
@@ -294,6 +295,10 @@ class StoreError(HotModelError):
     """The session store cannot be opened or used."""
 
 
+class StoreUnavailableError(StoreError):
+    """The shared store (PostgreSQL) cannot be reached: nothing was read or written."""
+
+
 class ClusterError(HotModelError):
     """The cluster's local PostgreSQL, or another node, cannot be used."""
 
@@ -366,6 +371,7 @@ _HTTP_ERRORS: tuple[tuple[type[HotModelError], HttpError], ...] = (
     (ShuttingDownError, HttpError(503, "server_error", "shutting_down")),
     (SlotBusyError, HttpError(503, "server_error", "slot_busy")),
     (QueueFullError, HttpError(429, "server_error", "queue_full")),
+    (StoreUnavailableError, HttpError(503, "server_error", "store_unavailable")),
     (StoreError, HttpError(500, "server_error", "store_error")),
     (ClusterError, HttpError(503, "server_error", "cluster_unavailable")),
 )

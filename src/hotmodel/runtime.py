@@ -54,7 +54,7 @@ from hotmodel.router.provision import find_llama_server
 from hotmodel.router.supervisor import RouterSupervisor, free_port
 from hotmodel.sessions.retention import Retention
 from hotmodel.sessions.service import SessionRef, SessionService
-from hotmodel.sessions.store import SessionStore
+from hotmodel.sessions.store import SessionStore, open_store
 
 log = logging.getLogger("hotmodel.runtime")
 
@@ -182,7 +182,7 @@ class Runtime:
             direct=cfg.router.direct,
             chat_http=chat_http,
         )
-        store = await stack.enter_async_context(SessionStore(cfg.session_store_file))
+        store = await stack.enter_async_context(open_store(cfg))
         sessions = SessionService(cfg, store, router)
         gpu = await asyncio.to_thread(detect_probe, cfg.switch.gpu_probe)
         baseline = await asyncio.to_thread(gpu.read)  # before any model is loaded

@@ -92,7 +92,7 @@ def status_body(runtime: Runtime) -> dict[str, Any]:
             "max_bytes": s.config.switch.kv_snapshot_max_bytes,
         },
         "sessions": {
-            "store": str(s.config.session_store_file),
+            "store": str(s.store),
             "token_calls": s.sessions.token_calls,
             "busy": len(s.sessions.locks),
         },

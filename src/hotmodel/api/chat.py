@@ -193,9 +193,7 @@ class ChatCompletions:
         async with contextlib.AsyncExitStack() as stack:
             if chat.session is not None:
                 timeout = self.s.config.session.queue_timeout_seconds
-                await stack.enter_async_context(
-                    self.s.sessions.locks.hold(chat.session.lock_key, timeout)
-                )
+                await stack.enter_async_context(self.s.sessions.hold(chat.session, timeout))
             ticket = await stack.enter_async_context(
                 self.admission.admitted(
                     chat.payload.get("model"),

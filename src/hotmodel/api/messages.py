@@ -152,7 +152,7 @@ class Messages:
         async with contextlib.AsyncExitStack() as stack:
             if session is not None:
                 timeout = s.config.session.queue_timeout_seconds
-                await stack.enter_async_context(s.sessions.locks.hold(session.lock_key, timeout))
+                await stack.enter_async_context(s.sessions.hold(session, timeout))
             ticket = await stack.enter_async_context(
                 self.admission.admitted(
                     payload.get("model"),

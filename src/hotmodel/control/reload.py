@@ -82,6 +82,7 @@ _LIVE = {
 _RESTART = {
     "switch": frozenset({"kv_snapshots", "gpu_probe", "history"}),
     "session": frozenset({"store_file"}),
+    "store": frozenset({"url", "pool_size", "lock_pool_size"}),  # the store opens once
 }
 
 
@@ -160,7 +161,7 @@ def plan_reload(old: Config, new: Config, active: str | None) -> ReloadPlan:
     applied: list[str] = []
     restart: list[str] = []
     sections: dict[str, Any] = {}
-    for name in ("server", "router", "switch", "session"):
+    for name in ("server", "router", "switch", "session", "store"):
         merged, a, r = _section(getattr(old, name), getattr(new, name), name)
         sections[name] = merged
         applied += a

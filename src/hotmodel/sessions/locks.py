@@ -18,6 +18,15 @@ from hotmodel.errors import SessionBusyError
 SETTING = "[session] queue_timeout_seconds"
 
 
+def busy(session_id: str, timeout: float) -> SessionBusyError:
+    """The 409 of a turn that waited ``timeout`` seconds for its session's lock."""
+    return SessionBusyError(
+        f"another request on session {session_id!r} is still running after "
+        f"{timeout:g}s ({SETTING})",
+        param="session_id",
+    )
+
+
 class SessionLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -35,11 +44,7 @@ class SessionLocks:
                 async with asyncio.timeout(timeout):
                     await lock.acquire()
             except TimeoutError:
-                raise SessionBusyError(
-                    f"another request on session {session_id!r} is still running after "
-                    f"{timeout:g}s ({SETTING})",
-                    param="session_id",
-                ) from None
+                raise busy(session_id.rpartition("\0")[2], timeout) from None
             try:
                 yield
             finally:

@@ -2,7 +2,7 @@
 
 llama-server's ``/v1/responses`` is stateless (it refuses ``previous_response_id``);
 hotmodel keeps each response answered with ``store`` (the default) in the session
-store's SQLite file (table ``responses``, schema version 5): its owner (the API key's
+store (table ``responses``: SQLite's schema version 5, PostgreSQL's first): its owner (the API key's
 fingerprint), its id (llama-server's own ``resp_...``: no id is rewritten), the
 response it continued, the new input items of its turn and the response object. A
 request with ``previous_response_id`` gets the whole chain as its input: every earlier
@@ -19,19 +19,21 @@ as the session :func:`chain_session` (the owner's, named by the chain's first
 response), rewritten whole by each stored turn (a chain may branch), so a switch away
 and back restores its KV snapshot or replays it like any session's. A turn whose
 items llama-server would not read as text, tool calls and tool results is not one.
+
+The queries are each backend's (:class:`ResponseRows`: ``SqliteResponses`` in
+:mod:`hotmodel.sessions.sqlite`, ``PostgresResponses`` in
+:mod:`hotmodel.sessions.postgres`); :class:`ResponseStore` is what the API uses.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hotmodel.sessions.context import Message
-from hotmodel.sessions.store import CHAIN_PREFIX, SessionStore
+from hotmodel.sessions.records import CHAIN_PREFIX
 
 Item = dict[str, Any]
 # The output items a later turn takes as its input (llama-server reads these back)
@@ -156,49 +158,64 @@ def _chat_message(item: Item, messages: list[Message]) -> list[Message]:
     raise _NotTextError
 
 
-def _row(row: tuple[Any, ...]) -> StoredResponse:
+def from_row(row: Sequence[Any]) -> StoredResponse:
     rid, previous, model, raw_input, raw_response, created = row
     return StoredResponse(
         rid, previous, model, json.loads(raw_input), json.loads(raw_response), created
     )
 
 
-_COLUMNS = "id, previous_id, model, input, response, created_at"
+COLUMNS = "id, previous_id, model, input, response, created_at"
+
+
+class ResponseRows(Protocol):
+    """One backend's queries of the responses table (same behaviour on each)."""
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None: ...
+
+    async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None: ...
+
+    async def save(
+        self,
+        owner: str,
+        response: dict[str, Any],
+        previous_id: str | None,
+        model: str,
+        new_input: list[Item],
+    ) -> None: ...
+
+    async def delete(self, owner: str, response_id: str) -> bool: ...
+
+
+class HasResponses(Protocol):
+    """A session store: each keeps its responses beside its sessions."""
+
+    @property
+    def responses(self) -> ResponseRows: ...
+
+
+def folded(gone: StoredResponse, child_input: str) -> str:
+    """A child's new ``input`` (JSON) once ``gone``, the response it continued, is
+    deleted: ``gone``'s input and output first, then its own."""
+    return json.dumps(conversation([gone]) + json.loads(child_input), ensure_ascii=False)
+
+
+def encode(items: list[Item] | dict[str, Any]) -> str:
+    return json.dumps(items, ensure_ascii=False)
 
 
 class ResponseStore:
-    """The responses table of a :class:`SessionStore` (its thread, its file)."""
+    """The stored responses of a session store, whichever its backend."""
 
-    def __init__(self, store: SessionStore) -> None:
-        self.store = store
+    def __init__(self, store: HasResponses) -> None:
+        self.rows = store.responses
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        def run(db: sqlite3.Connection) -> StoredResponse | None:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?",
-                (owner, response_id),
-            ).fetchone()
-            return None if row is None else _row(row)
-
-        return await self.store.run(run)
+        return await self.rows.get(owner, response_id)
 
     async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None:
         """``response_id`` and every response before it, oldest first (None: no such id)."""
-
-        def run(db: sqlite3.Connection) -> list[StoredResponse] | None:
-            found: list[StoredResponse] = []
-            at: str | None = response_id
-            while at is not None and len(found) < MAX_CHAIN:
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?", (owner, at)
-                ).fetchone()
-                if row is None:
-                    break  # a predecessor deleted outside hotmodel: the chain starts here
-                found.append(_row(row))
-                at = found[-1].previous_id
-            return list(reversed(found)) or None
-
-        return await self.store.run(run)
+        return await self.rows.chain(owner, response_id)
 
     async def save(
         self,
@@ -208,57 +225,8 @@ class ResponseStore:
         model: str,
         new_input: list[Item],
     ) -> None:
-        rid = str(response.get("id") or "")
-
-        def run(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute(
-                    f"INSERT OR REPLACE INTO responses (owner, {_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        owner,
-                        rid,
-                        previous_id,
-                        model,
-                        json.dumps(new_input, ensure_ascii=False),
-                        json.dumps(response, ensure_ascii=False),
-                        time.time(),
-                    ),
-                )
-
-        await self.store.run(run)
+        await self.rows.save(owner, response, previous_id, model, new_input)
 
     async def delete(self, owner: str, response_id: str) -> bool:
         """Delete one response; those that continued it take its items (see the module)."""
-
-        def run(db: sqlite3.Connection) -> bool:
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM responses WHERE owner = ? AND id = ?",
-                    (owner, response_id),
-                ).fetchone()
-                if row is None:
-                    return False
-                gone = _row(row)
-                carried = conversation([gone])
-                children = db.execute(
-                    "SELECT id, input FROM responses WHERE owner = ? AND previous_id = ?",
-                    (owner, response_id),
-                ).fetchall()
-                for child_id, raw in children:
-                    db.execute(
-                        "UPDATE responses SET previous_id = ?, input = ? "
-                        "WHERE owner = ? AND id = ?",
-                        (
-                            gone.previous_id,
-                            json.dumps(carried + json.loads(raw), ensure_ascii=False),
-                            owner,
-                            child_id,
-                        ),
-                    )
-                db.execute("DELETE FROM responses WHERE owner = ? AND id = ?", (owner, response_id))
-                return True
-
-        return await self.store.run(run)
+        return await self.rows.delete(owner, response_id)

@@ -13,10 +13,12 @@ is sent to llama-server, and again when the turn is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ from hotmodel.config import Config
 from hotmodel.errors import (
     ConfigError,
     InvalidRequestError,
+    SessionBusyError,
     SessionFullError,
     SessionLimitError,
 )
@@ -38,7 +41,7 @@ from hotmodel.sessions.context import (
     reconcile,
     without_empty_prefill,
 )
-from hotmodel.sessions.locks import SessionLocks
+from hotmodel.sessions.locks import SessionLocks, busy
 from hotmodel.sessions.slots import SlotLedger
 from hotmodel.sessions.store import CHAIN_PREFIX, Limits, Session, SessionStore, is_chain
 from hotmodel.sessions.tenants import SlotTenants
@@ -93,6 +96,21 @@ class SessionService:
         self.slots = SlotLedger()
         self.tenants = SlotTenants(config.router.parallel)  # whose prompt each slot holds
         self.token_calls = 0  # tokenizer round trips made so far (for tests and metrics)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, ref: SessionRef, timeout: float) -> AsyncIterator[None]:
+        """Hold ``ref``'s session for a turn: its lock in this process, then (a store
+        shared by several nodes) the store's turn lock, within ``timeout`` seconds in
+        all; SessionBusyError (409) after the wait."""
+        started = time.monotonic()
+        async with self.locks.hold(ref.lock_key, timeout):
+            left = max(0.0, timeout - (time.monotonic() - started))
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(self.store.turn_lock(ref.owner, ref.id, left))
+                except SessionBusyError:
+                    raise busy(ref.id, timeout) from None  # the whole wait, as the setting
+                yield
 
     def check(self, session_id: object, system_prompt: object, owner: str = "") -> SessionRef:
         """Validate the session fields of a request (400 naming the field)."""
@@ -237,8 +255,8 @@ class SessionService:
     ) -> bool:
         """Delete a session (not in the middle of a turn) with its KV snapshots; with
         ``unused_before``, only if it was not used since (retention)."""
-        key = SessionRef(session_id, None, owner).lock_key
-        async with self.locks.hold(key, self.config.session.queue_timeout_seconds):
+        ref = SessionRef(session_id, None, owner)
+        async with self.hold(ref, self.config.session.queue_timeout_seconds):
             deleted = await self.store.delete(owner, session_id, unused_before)
             if deleted or unused_before is None:
                 self.slots.forget(owner, session_id)  # no slot is saved under its name again

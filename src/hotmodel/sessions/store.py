@@ -1,310 +1,69 @@
-"""The durable session store: SQLite in WAL mode, schema versioned with migrations.
+"""The durable session store: one interface, two backends, chosen by ``[store] url``.
 
 A session is an id, the name of its system prompt and its ordered messages
 (each the OpenAI message object as sent or received, the model that produced
 an assistant turn, and the time). The store never shortens a session:
-bounds apply only to what is sent to a model.
+bounds apply only to what is sent to a model. A session is created by its
+first stored turns (``append``), never by a read, so a request that is
+refused leaves no trace.
 
-All SQLite work runs on one dedicated thread (SQLite connections belong to
-the thread that made them); the async methods hand work to it, so the event
-loop never waits on disk. Every ``sqlite3.Error`` becomes a :class:`StoreError`
-in :meth:`SessionStore._call`, the one place the store is entered. A session
-is created by its first stored turns (:meth:`SessionStore.append`), never by a
-read, so a request that is refused leaves no trace. The last messages of recently
-used sessions are also kept in memory (:mod:`hotmodel.sessions.cache`), so a
-turn's read costs the same at any history length and needs no query.
+:class:`SessionStore` is what the rest of hotmodel sees; :func:`open_store`
+makes the one the config selects: SQLite (:mod:`hotmodel.sessions.sqlite`,
+the embedded default: one file under the state folder) or PostgreSQL
+(:mod:`hotmodel.sessions.postgres`, shared by several nodes). Both keep the
+last messages of recent sessions in memory (:mod:`hotmodel.sessions.cache`),
+both map every library error to :class:`~hotmodel.errors.StoreError` at one
+place, and both keep Responses beside sessions (``responses``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import math
-import sqlite3
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from hotmodel.errors import SessionFullError, SessionLimitError, StoreError
-from hotmodel.sessions.cache import WindowCache, cost
+from hotmodel.config import Config
+from hotmodel.sessions.cache import WindowCache
+from hotmodel.sessions.postgres import PostgresStore
+from hotmodel.sessions.records import CHAIN_PREFIX as CHAIN_PREFIX
+from hotmodel.sessions.records import Limits as Limits
+from hotmodel.sessions.records import Page as Page
 from hotmodel.sessions.records import Session as Session
+from hotmodel.sessions.records import SessionSummary as SessionSummary
 from hotmodel.sessions.records import StoredMessage as StoredMessage
-
-_T = TypeVar("_T")
-
-# A session whose id starts so holds an OpenAI Responses chain's conversation
-# (sessions/responses.py: what a switch restores or replays for it). No client names one
-# (a session id has no spaces), and they do not count against [session]
-# max_sessions_per_key: one-off Responses requests must not crowd out a key's chats.
-CHAIN_PREFIX = "responses "
-_NOT_A_CHAIN = "AND substr(id, 1, 10) != 'responses ' "
+from hotmodel.sessions.records import is_chain as is_chain
+from hotmodel.sessions.responses import ResponseRows
+from hotmodel.sessions.sqlite import SqliteStore
 
 
-def is_chain(session_id: str) -> bool:
-    """Whether ``session_id`` is a Responses chain's (:data:`CHAIN_PREFIX`)."""
-    return session_id.startswith(CHAIN_PREFIX)
+class SessionStore(Protocol):
+    """Sessions and stored Responses, whichever the backend. Open with ``async with``."""
 
+    cache: WindowCache
 
-# Migration N takes the schema from version N to N+1 (PRAGMA user_version).
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE sessions (
-        id          TEXT PRIMARY KEY,
-        preset      TEXT NOT NULL DEFAULT '',
-        created_at  REAL NOT NULL,
-        updated_at  REAL NOT NULL
-    );
-    CREATE TABLE messages (
-        session_id  TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-        seq         INTEGER NOT NULL,
-        role        TEXT NOT NULL,
-        message     TEXT NOT NULL,   -- the OpenAI message object, as JSON
-        model       TEXT,            -- the model that produced an assistant turn
-        created_at  REAL NOT NULL,
-        PRIMARY KEY (session_id, seq)
-    );
-    CREATE INDEX sessions_by_use ON sessions(updated_at);
-    """,
-    # 'preset' meant both a model and a system prompt; the system prompt got its own name.
-    "ALTER TABLE sessions RENAME COLUMN preset TO system_prompt;",
-    # With API keys, a session belongs to the key that created it: ids are per owner
-    # (the key's fingerprint; '' without keys), so the key becomes (owner, id).
-    """
-    CREATE TABLE sessions_v3 (
-        owner          TEXT NOT NULL DEFAULT '',
-        id             TEXT NOT NULL,
-        system_prompt  TEXT NOT NULL DEFAULT '',
-        created_at     REAL NOT NULL,
-        updated_at     REAL NOT NULL,
-        PRIMARY KEY (owner, id)
-    );
-    INSERT INTO sessions_v3 SELECT '', id, system_prompt, created_at, updated_at FROM sessions;
-    CREATE TABLE messages_v3 (
-        owner       TEXT NOT NULL DEFAULT '',
-        session_id  TEXT NOT NULL,
-        seq         INTEGER NOT NULL,
-        role        TEXT NOT NULL,
-        message     TEXT NOT NULL,
-        model       TEXT,
-        created_at  REAL NOT NULL,
-        PRIMARY KEY (owner, session_id, seq),
-        FOREIGN KEY (owner, session_id) REFERENCES sessions_v3(owner, id) ON DELETE CASCADE
-    );
-    INSERT INTO messages_v3
-        SELECT '', session_id, seq, role, message, model, created_at FROM messages;
-    DROP TABLE messages;
-    DROP TABLE sessions;
-    ALTER TABLE sessions_v3 RENAME TO sessions;
-    ALTER TABLE messages_v3 RENAME TO messages;
-    CREATE INDEX sessions_by_use ON sessions(updated_at);
-    """,
-    # GET /v1/sessions pages through one owner's sessions, most recently used first
-    # (ties by id): each page is a range of this index, at any depth.
-    "CREATE INDEX sessions_by_owner_use ON sessions(owner, updated_at DESC, id);",
-    # OpenAI Responses with `store` (sessions/responses.py): one row per response, chained
-    # by `previous_id`; `input` holds only that turn's new input items, `response` the
-    # response object as answered.
-    """
-    CREATE TABLE responses (
-        owner        TEXT NOT NULL DEFAULT '',
-        id           TEXT NOT NULL,
-        previous_id  TEXT,
-        model        TEXT NOT NULL DEFAULT '',
-        input        TEXT NOT NULL,
-        response     TEXT NOT NULL,
-        created_at   REAL NOT NULL,
-        PRIMARY KEY (owner, id)
-    );
-    CREATE INDEX responses_by_previous ON responses(owner, previous_id);
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+    @property
+    def responses(self) -> ResponseRows: ...
 
+    async def __aenter__(self) -> SessionStore: ...
 
-@dataclass(frozen=True, slots=True)
-class SessionSummary:
-    id: str
-    system_prompt: str
-    created_at: float
-    updated_at: float
-    message_count: int
+    async def __aexit__(self, *exc: object) -> None: ...
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "system_prompt": self.system_prompt or None,
-            "messages": self.message_count,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
+    async def open(self) -> None: ...
 
+    async def close(self) -> None: ...
 
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of an owner's sessions, and whether more follow it."""
-
-    sessions: list[SessionSummary]
-    has_more: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one owner may keep (0: no bound): sessions, and messages per session."""
-
-    sessions: int = 0
-    messages: int = 0
-
-
-# One owner's sessions with their message counts (seq counts from 0 without gaps: the
-# count is the last seq + 1, read from the primary key, not counted row by row).
-_SUMMARIES = (
-    "SELECT s.id, s.system_prompt, s.created_at, s.updated_at, "
-    "(SELECT COALESCE(MAX(m.seq) + 1, 0) FROM messages m "
-    "WHERE m.owner = s.owner AND m.session_id = s.id) "
-    "FROM sessions s WHERE s.owner = ? "
-)
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
-    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if found > SCHEMA_VERSION:
-        raise StoreError(
-            f"the session store has schema version {found}, newer than this "
-            f"hotmodel knows ({SCHEMA_VERSION}); upgrade hotmodel"
-        )
-    for version in range(found, SCHEMA_VERSION):
-        # one transaction per step: a failed migration leaves the previous version
-        conn.executescript(
-            f"BEGIN;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
-        )
-    return found
-
-
-class SessionStore:
-    """Sessions in one SQLite file. Open with ``async with`` (or open()/close())."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        self.cache = WindowCache()
-        self._version = -1  # PRAGMA data_version when the cache was last known valid
-
-    async def __aenter__(self) -> SessionStore:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
-        try:
-            await self._call(self._open)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-
-    def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints
-            conn.execute("PRAGMA foreign_keys = ON")
-            migrate(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(
-                "the session store could not be opened", detail=f"{self.path}: {exc}"
-            ) from exc
-        self._conn = conn
-
-    async def close(self) -> None:
-        if self._executor is None:
-            return
-        await self._call(self._close)
-        self._executor.shutdown(wait=True)
-        self._executor = None
-
-    def _close(self) -> None:
-        self.cache.clear()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    async def _call(self, fn: Callable[[], _T]) -> _T:
-        if self._executor is None:
-            raise StoreError("the session store is not open")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        except sqlite3.Error as exc:
-            raise StoreError(  # the path is for the server log only
-                "the session store could not be read or written",
-                detail=f"the SQLite file {self.path} failed: {exc}",
-            ) from exc
-
-    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``fn(connection)`` on the store's thread (errors as :meth:`_call`'s): what a
-        module beside this one keeps in the same file (sessions/responses.py)."""
-        return await self._call(lambda: fn(self._db()))
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StoreError("the session store is not open")
-        return self._conn
-
-    def _fresh(self, db: sqlite3.Connection) -> None:
-        """Empty the cache if another connection committed since the last look (a tool or
-        a second process writing the file): only this connection's writes are cached."""
-        (version,) = db.execute("PRAGMA data_version").fetchone()
-        if version != self._version:
-            self.cache.clear()
-            self._version = version
-
-    # --- queries (each runs on the store's thread) ---
+    def turn_lock(
+        self, owner: str, session_id: str, timeout: float
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the session for a whole turn against other nodes sharing the store
+        (PostgreSQL: a session advisory lock; SQLite: nothing). Waits at most
+        ``timeout`` seconds, then :class:`~hotmodel.errors.SessionBusyError`."""
+        ...
 
     async def get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
-        """The session; with ``last``, only its last ``last`` messages are read (``offset``
-        says how many came before), so a turn costs the same at any history length."""
-        return await self._call(lambda: self._get(owner, session_id, last))
-
-    def _get(self, owner: str, session_id: str, last: int | None = None) -> Session | None:
-        db = self._db()
-        self._fresh(db)
-        if last is not None:
-            cached = self.cache.get(owner, session_id, last)
-            if cached is not None:
-                return cached
-        row = db.execute(
-            "SELECT id, system_prompt, created_at, updated_at FROM sessions "
-            "WHERE owner = ? AND id = ?",
-            (owner, session_id),
-        ).fetchone()
-        if row is None:
-            return None
-        msgs = db.execute(
-            "SELECT seq, message, model, created_at FROM messages "
-            "WHERE owner = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
-            (owner, session_id, -1 if last is None else last),
-        ).fetchall()
-        msgs.reverse()
-        session = Session(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            tuple(StoredMessage(json.loads(m), model, t) for _, m, model, t in msgs),
-            owner,
-            msgs[0][0] if msgs else 0,  # seq counts from 0 without gaps
-        )
-        if last is not None:  # a turn's window (a full read is an export: not kept)
-            self.cache.put(session, [cost(len(m)) for _, m, _, _ in msgs], last)
-        return session
+        """The session; with ``last``, only its last ``last`` messages (``offset`` says how
+        many came before), so a turn costs the same at any history length."""
+        ...
 
     async def append(
         self,
@@ -316,200 +75,36 @@ class SessionStore:
         rewind: int | None = None,
         limits: Limits | None = None,
     ) -> None:
-        """Append turns atomically, creating the session if it is new; ``model`` is
-        recorded on assistant turns, ``system_prompt`` on the session. With ``rewind``,
-        the stored messages from that seq on are deleted first, in the same transaction
-        (a client's resend that departs from the stored history replaces its end).
-        Past ``limits`` nothing is written (:class:`SessionLimitError`,
-        :class:`SessionFullError`): checked under the write lock, so two new sessions
-        at once cannot both take the last place."""
-        await self._call(
-            lambda: self._append(
-                owner, session_id, messages, model, system_prompt, rewind, limits or Limits()
-            )
-        )
+        """Append turns atomically, creating the session if it is new (``rewind``: the
+        stored messages from that seq on are replaced); past ``limits`` nothing is
+        written (:class:`SessionLimitError`, :class:`SessionFullError`), checked so that
+        concurrent writers cannot both take the last place."""
+        ...
 
-    def _append(
-        self,
-        owner: str,
-        session_id: str,
-        messages: Sequence[dict[str, Any]],
-        model: str | None,
-        system_prompt: str,
-        rewind: int | None,
-        limits: Limits,
-    ) -> None:
-        db = self._db()
-        now = time.time()
-        texts = [json.dumps(m) for m in messages]
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            self._fresh(db)  # under the write lock: no other commit can come in between
-            self._check_room(db, (owner, session_id), len(messages), rewind, limits)
-            db.execute(
-                "INSERT INTO sessions (owner, id, system_prompt, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
-                "system_prompt = excluded.system_prompt, updated_at = excluded.updated_at",
-                (owner, session_id, system_prompt, now, now),
-            )
-            if rewind is not None:
-                db.execute(
-                    "DELETE FROM messages WHERE owner = ? AND session_id = ? AND seq >= ?",
-                    (owner, session_id, rewind),
-                )
-                self.cache.drop(owner, session_id)  # its window ends with what was deleted
-            (last,) = db.execute(
-                "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE owner = ? AND session_id = ?",
-                (owner, session_id),
-            ).fetchone()
-            models = [model if m.get("role") == "assistant" else None for m in messages]
-            db.executemany(
-                "INSERT INTO messages (owner, session_id, seq, role, message, model, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (owner, session_id, last + 1 + i, str(m.get("role")), text, mm, now)
-                    for i, (m, text, mm) in enumerate(zip(messages, texts, models, strict=True))
-                ],
-            )
-        # committed: the cache gets what a read would decode (JSON's types, own objects)
-        stored = [
-            StoredMessage(json.loads(t), mm, now) for t, mm in zip(texts, models, strict=True)
-        ]
-        self.cache.appended(
-            (owner, session_id),
-            (system_prompt, now),
-            last + 1,
-            stored,
-            [cost(len(t)) for t in texts],
-        )
+    async def list(self, owner: str) -> list[SessionSummary]: ...
 
-    @staticmethod
-    def _check_room(
-        db: sqlite3.Connection,
-        key: tuple[str, str],
-        adding: int,
-        rewind: int | None,
-        limits: Limits,
-    ) -> None:
-        """Raise if appending ``adding`` messages (after ``rewind``) passes ``limits``."""
-        (stored,) = db.execute(
-            "SELECT MAX(seq) + 1 FROM messages WHERE owner = ? AND session_id = ?", key
-        ).fetchone()
-        if limits.sessions and stored is None:
-            found = db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?", key).fetchone()
-            (owned,) = db.execute(
-                "SELECT COUNT(*) FROM sessions WHERE owner = ? " + _NOT_A_CHAIN, key[:1]
-            ).fetchone()
-            if found is None and owned >= limits.sessions:  # a new session: is there room?
-                raise SessionLimitError.reached(limits.sessions)
-        total = ((stored or 0) if rewind is None else rewind) + adding
-        if limits.messages and total > limits.messages:
-            raise SessionFullError.over(key[1], total, limits.messages)
+    async def page(
+        self, owner: str, limit: int | None, after: str | None = None
+    ) -> Page | None: ...
 
-    async def list(self, owner: str) -> list[SessionSummary]:
-        """Every session of ``owner``, most recently used first."""
-        found = await self.page(owner, None)
-        return [] if found is None else found.sessions
+    async def owned(self, owner: str) -> int: ...
 
-    async def page(self, owner: str, limit: int | None, after: str | None = None) -> Page | None:
-        """Up to ``limit`` (None: all) of ``owner``'s sessions, most recently used first
-        (ties by id), from the one after the session ``after``; None when ``after`` is not
-        one of ``owner``'s sessions. Each query is a range of ``sessions_by_owner_use``."""
-        return await self._call(lambda: self._page(owner, limit, after))
+    async def unused_since(self, cutoff: float) -> tuple[tuple[str, str], ...]: ...
 
-    def _page(self, owner: str, limit: int | None, after: str | None) -> Page | None:
-        db = self._db()
-        want = -1 if limit is None else limit + 1  # one more says whether more follow
-        newest = "ORDER BY s.updated_at DESC, s.id LIMIT ?"
-        if after is None:
-            rows = db.execute(_SUMMARIES + newest, (owner, want)).fetchall()
-        else:
-            mark = db.execute(
-                "SELECT updated_at FROM sessions WHERE owner = ? AND id = ?", (owner, after)
-            ).fetchone()
-            if mark is None:
-                return None
-            rows = db.execute(  # its ties first (same time, later ids), then older ones
-                _SUMMARIES + "AND s.updated_at = ? AND s.id > ? ORDER BY s.id LIMIT ?",
-                (owner, mark[0], after, want),
-            ).fetchall()
-            if want < 0 or len(rows) < want:
-                rest = -1 if want < 0 else want - len(rows)
-                rows += db.execute(
-                    _SUMMARIES + "AND s.updated_at < ? " + newest, (owner, mark[0], rest)
-                ).fetchall()
-        more = limit is not None and len(rows) > limit
-        return Page([SessionSummary(*r) for r in rows[:limit]], more)
+    async def prompt_use(self) -> dict[str, int]: ...
 
-    async def owned(self, owner: str) -> int:
-        """How many sessions ``owner`` has (Responses chains' not counted)."""
+    async def count(self) -> int: ...
 
-        def run() -> int:
-            db = self._db()
-            (n,) = db.execute(
-                "SELECT COUNT(*) FROM sessions WHERE owner = ? " + _NOT_A_CHAIN, (owner,)
-            ).fetchone()
-            return int(n)
+    async def most_recent(self, last: int | None = None) -> Session | None: ...
 
-        return await self._call(run)
+    async def delete(
+        self, owner: str, session_id: str, unused_before: float | None = None
+    ) -> bool: ...
 
-    async def unused_since(self, cutoff: float) -> tuple[tuple[str, str], ...]:
-        """(owner, id) of every session last used before ``cutoff`` (a time.time())."""
 
-        def run() -> tuple[tuple[str, str], ...]:
-            rows = (
-                self._db()
-                .execute("SELECT owner, id FROM sessions WHERE updated_at < ?", (cutoff,))
-                .fetchall()
-            )
-            return tuple((str(o), str(i)) for o, i in rows)
-
-        return await self._call(run)
-
-    async def prompt_use(self) -> dict[str, int]:
-        """How many sessions (of every owner) use each system prompt, by name."""
-
-        def run() -> dict[str, int]:
-            rows = self._db().execute(
-                "SELECT system_prompt, COUNT(*) FROM sessions WHERE system_prompt != '' "
-                "GROUP BY system_prompt"
-            )
-            return {str(name): int(n) for name, n in rows}
-
-        return await self._call(run)
-
-    async def count(self) -> int:
-        """How many sessions the store holds (every owner's): a metric, read at scrape."""
-
-        def run() -> int:
-            (n,) = self._db().execute("SELECT COUNT(*) FROM sessions").fetchone()
-            return int(n)
-
-        return await self._call(run)
-
-    async def most_recent(self, last: int | None = None) -> Session | None:
-        """The most recently used session of any owner (what a new model is primed with)."""
-
-        def run() -> Session | None:
-            row = (
-                self._db()
-                .execute("SELECT owner, id FROM sessions ORDER BY updated_at DESC LIMIT 1")
-                .fetchone()
-            )
-            return None if row is None else self._get(row[0], row[1], last)
-
-        return await self._call(run)
-
-    async def delete(self, owner: str, session_id: str, unused_before: float | None = None) -> bool:
-        """Delete the session (its messages go with it); with ``unused_before``, only if it
-        was last used before that time (retention: not one used meanwhile)."""
-
-        def run() -> bool:
-            cur = self._db().execute(
-                "DELETE FROM sessions WHERE owner = ? AND id = ? AND updated_at < ?",
-                (owner, session_id, math.inf if unused_before is None else unused_before),
-            )
-            self.cache.drop(owner, session_id)
-            return cur.rowcount > 0
-
-        return await self._call(run)
+def open_store(config: Config) -> SessionStore:
+    """The store ``config`` selects, not yet open (enter it with ``async with``):
+    PostgreSQL when ``[store] url`` is set, else the SQLite file."""
+    if config.store.url:
+        return PostgresStore(config.store.url, config.store.pool_size, config.store.lock_pool_size)
+    return SqliteStore(config.session_store_file)
