@@ -24,6 +24,7 @@ from tests.conftest import (
     chat,
     serving_hotmodel,
     start_hotmodel,
+    switch,
     wait_until,
     write_config,
 )
@@ -240,3 +241,61 @@ def test_with_postgres_down_each_node_serves_on_its_own_and_comes_back(
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def sessions_of(hp: HotmodelProcess, session: str) -> list[str]:
+    found = httpx.get(f"{hp.base_url}/v1/sessions/{session}", timeout=10)
+    assert found.status_code == 200, found.text
+    return [m["role"] for m in found.json()["messages"]]
+
+
+def test_a_session_started_on_one_node_continues_on_another_with_its_kv_snapshot(
+    tmp_path: Path, postgres_url: str, real_models: dict[str, Path]
+) -> None:
+    """a (smollm2) holds session s; a switches away, keeping s's KV snapshot. Asked of b,
+    smollm2 is loaded by b (no node has it): b fetches a's snapshot of s, checks it and
+    restores it. Then a stops: s goes on at b, its whole history in the shared store."""
+    models = {"smollm2": real_models["smollm2"], "gemma3": real_models["gemma3"]}
+    with (
+        serving_hotmodel(node_config(tmp_path, "a", postgres_url, models, "smollm2", kv=True)) as a,
+        serving_hotmodel(node_config(tmp_path, "b", postgres_url, models, "gemma3", kv=True)) as b,
+    ):
+        wait_until("both nodes registered", lambda: len(alive(b)) == 2)
+        history = [{"role": "user", "content": "My name is Ada. " * 20 + "Say hi."}]
+        first = chat(a, "smollm2", session_id="s", messages=history, max_tokens=8)
+        assert (first.status_code, first.headers["x-hotmodel-node"]) == (200, "a"), first.text
+        assert switch(a, "gemma3")[0] == 200  # a keeps s's KV for smollm2 on the way out
+        wait_until("a's snapshot published", lambda: "smollm2" not in loaded(b, "a"))
+        second = chat(b, "smollm2", session_id="s", max_tokens=4,
+                      messages=[{"role": "user", "content": "And now?"}])  # fmt: skip
+        assert (second.status_code, second.headers["x-hotmodel-node"]) == (200, "b"), second.text
+        restore = last_switch(b)["snapshot"]["restore"]
+        assert restore["restored"] and restore["fetched_from"] == "a", restore
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 100
+        assert sessions_of(b, "s") == ["user", "assistant"] * 2
+    # (both stopped) a's turn and b's are in the one store: a third node would see them
+
+
+def test_a_session_continues_on_another_node_after_its_node_stopped(
+    tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
+) -> None:
+    with two_nodes(tmp_path, postgres_url, three_models) as (a, b):
+        first = chat(a, "t1", session_id="s", max_tokens=4)
+        assert (first.status_code, first.headers["x-hotmodel-node"]) == (200, "a")
+        a.stop()
+        wait_until("b alone", lambda: alive(b) == ["b"])
+        second = chat(b, "t1", session_id="s", max_tokens=4)
+        assert (second.status_code, second.headers["x-hotmodel-node"]) == (200, "b"), second.text
+        assert sessions_of(b, "s") == ["user", "assistant"] * 2
+
+
+def loaded(hp: HotmodelProcess, node_id: str) -> list[str]:
+    found = [n["loaded"] for n in cluster(hp)["nodes"] if n["id"] == node_id]
+    return list(found[0]) if found else []
+
+
+def last_switch(hp: HotmodelProcess) -> dict[str, Any]:
+    data: list[dict[str, Any]] = httpx.get(hp.base_url + "/admin/switches", timeout=10).json()[
+        "data"
+    ]
+    return data[0]
