@@ -63,6 +63,17 @@ def test_the_loader_is_idle_first_then_least_waiting_then_most_memory() -> None:
     assert choose_loader("a", "n1", [node("n2", presets=("b",)), node("n3")]) == "n3"
 
 
+def test_a_loader_whose_free_memory_is_short_is_passed_over_while_another_fits() -> None:
+    short_idle, fits_busy = node("n2", free=500), node("n3", free=4000, inflight={"b": 1})
+    assert choose_loader("a", "n1", [short_idle, fits_busy], need_mib=1000) == "n3"
+    unknown = node("n4")  # no probe: it may fit
+    assert choose_loader("a", "n1", [short_idle, unknown], need_mib=1000) == "n4"
+    # none fits: the usual rules (idle first), not nothing
+    assert (
+        choose_loader("a", "n1", [short_idle, node("n5", free=600, queued={"b": 1})], 1000) == "n2"
+    )
+
+
 def test_node_state_survives_its_json_and_ignores_junk() -> None:
     state = NodeState(("a",), ("a",), "a", {"a": 2}, {"b": 1}, 512)
     assert NodeState.from_json(state.to_json()) == state

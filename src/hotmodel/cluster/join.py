@@ -18,6 +18,7 @@ from hotmodel.cluster.placement import NodeState
 from hotmodel.cluster.registry import Identity, Registry
 from hotmodel.config import ClusterConfig, Config
 from hotmodel.control.controller import Controller
+from hotmodel.control.fit import preset_need_mib
 from hotmodel.control.gpu import GpuProbe
 from hotmodel.control.scheduler import Scheduler
 from hotmodel.control.snapshots import Snapshots
@@ -83,6 +84,9 @@ async def join(
         presets=lambda: tuple(current().presets.models),
         loaded_here=lambda model: model in loaded_models(controller),
         claim_hold_s=lambda: current().switch.load_timeout_seconds,
+        # its GGUF and KV cache (control/fit.py): a node whose free GPU memory is known
+        # to be short of it is not chosen while another fits
+        need_mib=lambda model: preset_need_mib(current().presets, model, current().router),
     )
     stack.push_async_callback(node.aclose)
     if snapshots is not None:  # the others may fetch this node's KV snapshots, and it theirs

@@ -34,6 +34,7 @@ class ClusterNode:
         presets: Callable[[], Sequence[str]],
         loaded_here: Callable[[str], bool],
         claim_hold_s: Callable[[], float],
+        need_mib: Callable[[str], int | None] = lambda model: None,
     ) -> None:
         self.registry = registry
         self.id = registry.me.node_id
@@ -41,6 +42,7 @@ class ClusterNode:
         self._presets = presets
         self._loaded_here = loaded_here
         self._hold_s = claim_hold_s
+        self._need_mib = need_mib
         self.http = peer_client()
 
     async def aclose(self) -> None:
@@ -67,7 +69,9 @@ class ClusterNode:
         try:
             chosen = await self.registry.claim(
                 model,
-                lambda live: choose_loader(model, self.id, [n for n in live if n.id not in skip]),
+                lambda live: choose_loader(
+                    model, self.id, [n for n in live if n.id not in skip], self._need_mib(model)
+                ),
                 self._hold_s(),
             )
         except ClusterError as err:

@@ -124,11 +124,15 @@ def place(
     return Placement(Where.CLAIM)
 
 
-def choose_loader(model: str, here: str, nodes: Sequence[Node]) -> str:
-    """The node to switch to ``model``: among live nodes that have it as a preset, an
-    idle one first, then the fewest requests waiting, then the most free GPU memory;
-    on a tie this node (no forward), then by id. This node when none qualifies."""
+def choose_loader(model: str, here: str, nodes: Sequence[Node], need_mib: int | None = None) -> str:
+    """The node to switch to ``model``: among live nodes that have it as a preset (and,
+    when some can tell, whose free GPU memory fits its ``need_mib``), an idle one first,
+    then the fewest requests waiting, then the most free GPU memory; on a tie this node
+    (no forward), then by id. This node when none qualifies."""
     candidates = [n for n in nodes if n.alive and model in n.state.presets]
+    if need_mib is not None:
+        fit = [n for n in candidates if n.state.free_mib is None or n.state.free_mib >= need_mib]
+        candidates = fit or candidates  # none fits: the usual rules pick the least bad
     if not candidates:
         return here
 
