@@ -10,7 +10,8 @@ three paths: the loaded model's own llama-server process (its port from the
 router's `GET /models`), the bare router hotmodel runs, and hotmodel.
 
 Sections (one module each in bench/sections/, named as the section): proxy
-(plain p50/p99, stream first byte, gap between chunks), throughput (8 and 64
+(plain p50/p99, stream first byte, gap between chunks), endpoints (every inference
+endpoint, plain and streamed: p50/p99 on each path), throughput (8 and 64
 clients), switch (against the router's own unload + load), replay_kv
 (switching back to a conversation: KV restore, replay, bare router), history
 (time outside the model against 0 / 10 / 1,000 / 10,000 stored messages),
@@ -56,7 +57,17 @@ from bench.harness import (
     say,
     serving,
 )
-from bench.sections import cache, history, proxy, replay_kv, rss, scheduling, switch, throughput
+from bench.sections import (
+    cache,
+    endpoints,
+    history,
+    proxy,
+    replay_kv,
+    rss,
+    scheduling,
+    switch,
+    throughput,
+)
 from hotmodel.router import provision
 
 COMMAND = ".venv/bin/python -m bench"
@@ -130,6 +141,7 @@ def _main_serve(selected: list[str], s: Settings) -> dict[str, Any]:
 
 # measured each on `hotmodel serve`s of their own, after the main one
 ON_THEIR_OWN: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "endpoints": endpoints.measure,
     "replay_kv": replay_kv.measure,
     "cache": cache.measure,
     "scheduling": scheduling.measure,

@@ -65,6 +65,7 @@ class Settings:
 
     proxy_rounds: int
     stream_tokens: int
+    endpoint_rounds: int  # every inference endpoint on the three paths
     throughput_clients: tuple[int, ...]
     throughput_seconds: float  # per path and client count, split into blocks
     throughput_blocks: int
@@ -90,6 +91,7 @@ class Settings:
         return cls(
             proxy_rounds=200,
             stream_tokens=32,
+            endpoint_rounds=200,
             throughput_clients=(8, 64),
             throughput_seconds=10.0,
             throughput_blocks=5,
@@ -114,6 +116,7 @@ class Settings:
         return cls(
             proxy_rounds=3,
             stream_tokens=8,
+            endpoint_rounds=2,
             throughput_clients=(2, 4),
             throughput_seconds=1.0,
             throughput_blocks=2,
@@ -202,10 +205,16 @@ def demo_globals() -> dict[str, str]:
 
 
 def write_demo_config(
-    folder: Path, default: str = "smollm2", extra: str = "", shared: dict[str, str] | None = None
+    folder: Path,
+    default: str = "smollm2",
+    extra: str = "",
+    shared: dict[str, str] | None = None,
+    residents: bool = False,
 ) -> Path:
     """hotmodel.toml + models.ini for the two cached demo models, on a free port, with the
-    demo presets' options; the ``[*]`` ones are replaced by ``shared`` when given."""
+    demo presets' options; the ``[*]`` ones are replaced by ``shared`` when given. With
+    ``residents``, the demo's resident presets too (``smollm2-embed``: the SmolLM2 file
+    as an embedding model, kept loaded beside the switched one)."""
     demo = demo_presets()
     options = dict(demo.globals) if shared is None else shared
     shared_ini = "".join(f"{k} = {v}\n" for k, v in options.items())
@@ -214,6 +223,10 @@ def write_demo_config(
         own = demo.models[m.key].options if m.key in demo.models else {}
         rest = "".join(f"{k} = {v}\n" for k, v in own.items() if k not in ("model", "m"))
         entries += f"[{m.key}]\nmodel = {provision.model_cache_path(m)}\n{rest}"
+    for name in demo.residents if residents else ():
+        own = demo.models[name].options  # its model path resolved (the cached demo file)
+        entries += f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in own.items())
+        entries += "resident = true\n"
     (folder / "models.ini").write_text(f"version = 1\n[*]\n{shared_ini}{entries}")
     path = folder / "hotmodel.toml"
     path.write_text(
@@ -238,10 +251,11 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str, timeout: fl
 
 
 @contextlib.contextmanager
-def serving(default: str = "smollm2", extra: str = "") -> Iterator[Served]:
-    """`hotmodel serve` on the demo models in a temporary folder, healthy, stopped after."""
+def serving(default: str = "smollm2", extra: str = "", residents: bool = False) -> Iterator[Served]:
+    """`hotmodel serve` on the demo models (and the demo's residents, with ``residents``)
+    in a temporary folder, healthy, stopped after."""
     with tempfile.TemporaryDirectory(prefix="hotmodel-bench-") as tmp:
-        config = write_demo_config(Path(tmp), default, extra)
+        config = write_demo_config(Path(tmp), default, extra, residents=residents)
         port = config.read_text().split("port = ", 1)[1].split("\n", 1)[0]
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(

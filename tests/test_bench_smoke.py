@@ -23,7 +23,34 @@ from hotmodel.control.gpu import detect_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-SECTIONS = ("proxy", "throughput", "switch", "replay_kv", "history", "cache", "rss", "scheduling")
+SECTIONS = (
+    "proxy",
+    "endpoints",
+    "throughput",
+    "switch",
+    "replay_kv",
+    "history",
+    "cache",
+    "rss",
+    "scheduling",
+)
+# every endpoint the demo models serve, plain, and streamed where it streams
+ENDPOINTS = (
+    "chat",
+    "chat, stream",
+    "/v1/completions",
+    "/v1/completions, stream",
+    "/completion",
+    "/completion, stream",
+    "/v1/messages",
+    "/v1/messages, stream",
+    "/v1/responses",
+    "/v1/responses, stream",
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+)
 PATHS = ("child", "router", "hotmodel")
 # proxy 5, throughput 3 (two client counts in smoke, and fresh connections), switch 2, history 1,
 # cache 1, rss 2
@@ -85,6 +112,15 @@ def _check_sections(s: dict[str, Any]) -> None:
         for level in ("2", "4"):
             _positive(s["throughput"]["clients"][level][path]["requests_per_s"])
         _positive(s["history"]["no_session"][path]["p50_ms"])
+    endpoints = s["endpoints"]["endpoints"]
+    assert tuple(endpoints) == ENDPOINTS
+    for name, figures in endpoints.items():
+        assert figures["stream"] == name.endswith(", stream")
+        kinds = ("paths", "first_byte") if figures["stream"] else ("paths",)
+        for kind in kinds:
+            for path in PATHS:
+                assert figures[kind][path]["n"] == s["endpoints"]["rounds"], (name, kind, path)
+                _positive(figures[kind][path]["p50_ms"], figures[kind][path]["p99_ms"])
     for direction in ("smollm2->gemma3", "gemma3->smollm2"):
         switch = s["switch"]["p50_ms"][direction]
         _positive(switch["router"]["unload"], switch["router"]["load"], switch["router"]["total"])
@@ -136,6 +172,7 @@ def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> 
     for heading in (
         "### Targets",
         "### Proxy",
+        "### Endpoints",
         "### Throughput",
         "### Switch",
         "### Switching back",

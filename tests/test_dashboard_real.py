@@ -104,7 +104,7 @@ def test_the_page_and_its_files_are_served_from_the_package(server: HotmodelProc
     assert '<script src="/ui/app.js"' in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # no CDN, nothing from outside
     assert httpx.get(server.base_url + "/ui/").text == page.text
-    for name in ("app.js", "charts.js", "dom.js", "net.js"):
+    for name in ("app.js", "charts.js", "dom.js", "net.js", "playground.js"):
         asset = httpx.get(f"{server.base_url}/ui/{name}")
         assert asset.status_code == 200
         assert asset.headers["content-type"].startswith("text/javascript")

@@ -9,6 +9,7 @@ its timeout); nothing asserts how long anything took.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.conftest import (
     assert_all_gone,
     chat,
     keys,
+    serving_hotmodel,
     start_hotmodel,
     switch,
     two_models,
@@ -181,6 +183,9 @@ def test_with_keys_the_page_asks_for_the_admin_key(secured: HotmodelProcess, pag
     page.reload()  # the key is kept for the tab: no second prompt
     expect(page.locator("#active-model")).to_have_text("tiny")
     expect(page.locator("#key-prompt")).to_be_hidden()
+    # the playground's requests carry the key too (a native route, which needs one)
+    _try(page, "tiny", "/tokenize")
+    expect(page.locator("#try-answer")).to_contain_text("tokens")
     save_screenshot(page, "dashboard-keys.png")
 
 
@@ -221,3 +226,97 @@ def _lanes(phases: dict[str, float], starts: dict[str, float]) -> dict[str, str]
             main_end = starts[phase] + phases[phase]
         lanes[phase] = "beside" if beside else "main"
     return lanes
+
+
+# --- the playground: each endpoint a model serves ---
+
+EMBED = "smollm2-embed"
+
+
+@pytest.fixture(scope="module")
+def demo_like(
+    tmp_path_factory: pytest.TempPathFactory, real_models: dict[str, Path], llama_server: Path
+) -> Iterator[HotmodelProcess]:
+    """SmolLM2, and its file as a resident embedding model (as configs/demo.ini has it)."""
+    folder = tmp_path_factory.mktemp("dashboard-playground")
+    config = write_config(folder, {"smollm2": real_models["smollm2"]}, "smollm2")
+    with (folder / "models.ini").open("a", encoding="utf-8") as ini:
+        ini.write(
+            f"[{EMBED}]\nmodel = {real_models['smollm2']}\nembeddings = true\n"
+            "pooling = mean\nresident = true\n"
+        )
+    with serving_hotmodel(config) as hp:
+        yield hp
+
+
+def _try(page: Page, model: str, endpoint: str, *, stream: bool = True) -> None:
+    """Pick ``model`` and ``endpoint`` in the playground, send its example, wait for the end."""
+    page.locator("#try-model").select_option(model)
+    page.locator("#try-endpoint").select_option(endpoint)
+    body = page.locator("#try-body")
+    expect(body).to_have_value(re.compile(f'"model": "{re.escape(model)}"'))
+    checkbox = page.locator("#try-stream")
+    if checkbox.is_enabled():
+        checkbox.set_checked(stream)
+    result = page.locator("#try-result")
+    sent = int(result.get_attribute("data-sent") or 0)
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(result).to_have_attribute("data-sent", str(sent + 1))
+    expect(result).to_have_attribute("data-state", re.compile("^(done|failed)$"))
+    assert result.get_attribute("data-state") == "done", page.locator("#try-status").text_content()
+
+
+def test_the_playground_tries_each_endpoint(demo_like: HotmodelProcess, page: Page) -> None:
+    base = demo_like.base_url
+    served = {m["id"]: m["endpoints"] for m in httpx.get(base + "/v1/models").json()["data"]}
+    page.goto(base + "/ui")
+    expect(page.locator("#feed-state")).to_have_text("live")
+    expect(page.locator("#try-model option")).to_have_count(2)
+
+    # the picker offers what /v1/models says each model serves (and Responses for chat)
+    page.locator("#try-model").select_option("smollm2")
+    offered = page.locator("#try-endpoint option").evaluate_all("(os) => os.map((o) => o.value)")
+    assert set(offered) - {"/v1/responses"} <= set(served["smollm2"]), offered
+    assert {"/v1/chat/completions", "/v1/completions", "/tokenize", "/v1/responses"} <= set(offered)
+    page.locator("#try-model").select_option(EMBED)
+    offered = page.locator("#try-endpoint option").evaluate_all("(os) => os.map((o) => o.value)")
+    assert offered == ["/v1/embeddings", "/tokenize", "/detokenize"], (offered, served[EMBED])
+
+    answer = page.locator("#try-answer")
+    _try(page, "smollm2", "/v1/chat/completions")  # streamed
+    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(page.locator("#try-status")).to_contain_text("events")
+    _try(page, "smollm2", "/v1/chat/completions", stream=False)
+    expect(answer).to_have_text(re.compile(r"\w"))
+    _try(page, "smollm2", "/v1/completions", stream=False)
+    expect(answer).to_have_text(re.compile(r"\w"))
+    _try(page, "smollm2", "/v1/completions")
+    expect(answer).to_have_text(re.compile(r"\w"))
+    _try(page, "smollm2", "/v1/messages")  # Anthropic's stream events
+    expect(answer).to_have_text(re.compile(r"\w"))
+    _try(page, "smollm2", "/v1/responses")  # the Responses stream events
+    expect(answer).to_have_text(re.compile(r"\w"))
+
+    tokens = httpx.post(base + "/tokenize", json={"content": "Hello, world!"}).json()["tokens"]
+    _try(page, "smollm2", "/tokenize")
+    expect(answer).to_contain_text(f"{len(tokens)} tokens")
+    expect(answer).to_contain_text('"Hello"')
+    _try(page, "smollm2", "/detokenize")  # the example holds the ids tokenize gave
+    expect(page.locator("#try-body")).to_have_value(re.compile(str(tokens[-1])))
+    expect(answer).to_have_text("Hello, world!")
+    _try(page, "smollm2", "/apply-template")
+    expect(answer).to_contain_text("Say hello in five words.")
+
+    _try(page, EMBED, "/v1/embeddings")
+    expect(answer).to_have_text(re.compile(r"^vector 0: 576 values \[-?\d\.\d{4}, "))
+    expect(page.locator("#try-raw")).to_contain_text('"embedding"')
+    save_screenshot(page, "dashboard-playground.png")
+
+    # an error is shown as the API's message
+    page.locator("#try-model").select_option("smollm2")
+    page.locator("#try-endpoint").select_option("/tokenize")
+    page.locator("#try-body").fill('{"model": "smollm2", "content": 5}')
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.locator("#try-result")).to_have_attribute("data-state", "failed")
+    expect(page.locator("#try-status")).to_contain_text("HTTP 400")
+    assert _history_len(demo_like) == 1  # the start's load only: the resident was no switch

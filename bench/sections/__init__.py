@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.sections import (
     cache,
+    endpoints,
     history,
     proxy,
     replay_kv,
@@ -30,6 +31,7 @@ class Report:
 # in the results' order
 REPORTS: dict[str, Report] = {
     "proxy": Report(proxy.targets, proxy.markdown),
+    "endpoints": Report(endpoints.targets, endpoints.markdown),
     "throughput": Report(throughput.targets, throughput.markdown),
     "switch": Report(switch.targets, switch.markdown),
     "replay_kv": Report(replay_kv.targets, replay_kv.markdown),

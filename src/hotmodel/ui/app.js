@@ -9,6 +9,7 @@
 (() => {
   const charts = window.hotmodelCharts;
   const net = window.hotmodelNet;
+  const playground = window.hotmodelPlayground;
   const { el, fmtBytes, fmtDuration, fmtTime, messageText } = window.hotmodelDom;
   const LOG_LINES = 200;
 
@@ -22,6 +23,9 @@
     sessions: [],
     selected: null, // the session id shown
     feedRunning: false,
+    tryAbort: null, // the AbortController of the playground's request in flight
+    tokens: new Map(), // model -> the token ids its last /tokenize gave (for /detokenize)
+    trySent: 0, // requests the playground sent (on the page as data-sent, for tests)
   };
 
   const $ = (id) => document.getElementById(id);
@@ -250,6 +254,7 @@
     const body = await getJson("/v1/models");
     state.models = new Map(body.data.map((m) => [m.id, m]));
     renderModels();
+    renderPlayground();
   }
 
   async function loadHistory() {
@@ -351,6 +356,131 @@
     msg.textContent = `failed: ${message}`;
   }
 
+  // ---- the playground: one request to any endpoint a model serves ----
+
+  // Options of a <select>, kept as they are when the same (a user's choice stays).
+  function setOptions(select, values, labelOf, preferred) {
+    const same = select.options.length === values.length &&
+      values.every((value, i) => select.options[i].value === value);
+    const keep = select.value;
+    if (!same) {
+      select.replaceChildren(...values.map((value) => el("option", { value, text: labelOf(value) })));
+    }
+    const chosen = values.includes(keep) && same ? keep : values.includes(preferred) ? preferred : values[0];
+    if (chosen !== undefined) select.value = chosen;
+    return !same || chosen !== keep;
+  }
+
+  function renderPlayground() {
+    const ids = [...state.models.values()].filter((m) => m.endpoints).map((m) => m.id);
+    const active = state.status ? state.status.active_model : null;
+    let changed = setOptions($("try-model"), ids, (id) => id, active);
+    const model = state.models.get($("try-model").value);
+    const paths = playground.endpointsFor(model);
+    changed = setOptions($("try-endpoint"), paths, playground.label, $("try-endpoint").value) || changed;
+    $("try-send").disabled = !paths.length || state.tryAbort !== null;
+    if (changed || !$("try-body").value) resetExample();
+  }
+
+  function resetExample() {
+    const model = $("try-model").value, path = $("try-endpoint").value;
+    if (!model || !path) return;
+    $("try-stream").disabled = !playground.streams(path);
+    $("try-stream-label").hidden = !playground.streams(path);
+    $("try-body").value = JSON.stringify(playground.example(path, model, state.tokens.get(model)), null, 2);
+  }
+
+  function tryState(word, text) {
+    $("try-result").dataset.state = word;
+    const status = $("try-status");
+    status.className = word === "failed" ? "failed" : "muted";
+    status.textContent = text;
+  }
+
+  // data that is not JSON (a chat stream's last `[DONE]`) comes as its text
+  const lenient = (text) => {
+    try {
+      return JSON.parse(text);
+    } catch {
+      return text;
+    }
+  };
+
+  async function trySend(event) {
+    event.preventDefault();
+    state.trySent += 1;
+    $("try-result").dataset.sent = String(state.trySent);
+    const path = $("try-endpoint").value;
+    let body;
+    try {
+      body = JSON.parse($("try-body").value);
+    } catch (err) {
+      tryState("failed", `the body is not JSON: ${err.message}`);
+      return;
+    }
+    if (body === null || typeof body !== "object" || Array.isArray(body)) {
+      tryState("failed", "the body must be a JSON object");
+      return;
+    }
+    const stream = playground.streams(path) && $("try-stream").checked;
+    if (playground.streams(path)) body.stream = stream;
+    const controller = new AbortController();
+    state.tryAbort = controller;
+    $("try-send").disabled = true;
+    $("try-stop").disabled = false;
+    $("try-answer").textContent = "";
+    $("try-raw").textContent = "";
+    tryState("running", `POST ${path}…`);
+    const t0 = performance.now();
+    const took = () => `${Math.round(performance.now() - t0)} ms`;
+    try {
+      const resp = await api(path, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (!resp.ok) {
+        const message = await net.errorMessage(resp);
+        tryState("failed", `HTTP ${resp.status}: ${message}`);
+        return;
+      }
+      if (stream && (resp.headers.get("content-type") || "").includes("text/event-stream")) {
+        tryState("running", `${resp.status}, streaming…`);
+        let events = 0;
+        const raw = [];
+        for await (const { event: name, data } of net.readEvents(resp, lenient)) {
+          if (name === "keepalive") continue;
+          events += 1;
+          if (raw.length < 200) raw.push(typeof data === "string" ? data : JSON.stringify(data));
+          const error = playground.streamError(name, data);
+          if (error) {
+            tryState("failed", `stream error: ${error}`);
+            return;
+          }
+          const text = playground.delta(path, name, data);
+          if (text) $("try-answer").append(text);
+          $("try-raw").textContent = raw.join("\n");
+        }
+        tryState("done", `${resp.status} · ${events} events · ${took()}`);
+      } else {
+        const answer = await resp.json();
+        if (path === "/tokenize") state.tokens.set(body.model, playground.tokenIds(answer));
+        $("try-answer").textContent = playground.answer(path, answer).join("\n");
+        $("try-raw").textContent = JSON.stringify(answer, null, 2);
+        tryState("done", `${resp.status} · ${took()}`);
+      }
+    } catch (err) {
+      if (err.name === "AbortError") tryState("stopped", `stopped after ${took()}`);
+      else if (!(err instanceof net.Unauthorized)) tryState("failed", String(err.message || err));
+      else tryState("failed", "the admin key is needed");
+    } finally {
+      if (state.tryAbort === controller) state.tryAbort = null;
+      $("try-send").disabled = false;
+      $("try-stop").disabled = true;
+    }
+  }
+
   // ---- the live feed ----
 
   function onFeedEvent({ event, data }) {
@@ -419,6 +549,14 @@
     $("logs-refresh").addEventListener("click", () => refresh(loadLogs));
     $("sessions-refresh").addEventListener("click", () => refresh(loadSessions));
     $("legend").replaceChildren(...charts.legend());
+    $("try-form").addEventListener("submit", trySend);
+    $("try-stop").addEventListener("click", () => state.tryAbort && state.tryAbort.abort());
+    $("try-reset").addEventListener("click", resetExample);
+    $("try-model").addEventListener("change", () => {
+      renderPlayground();
+      resetExample();
+    });
+    $("try-endpoint").addEventListener("change", resetExample);
     renderKv();
     setInterval(renderUptime, 1000); // a local clock: no request
     start();

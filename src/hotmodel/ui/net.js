@@ -38,9 +38,10 @@ window.hotmodelNet = (() => {
     return resp;
   }
 
-  // Server-sent events of a fetch() response, as {event, data} (data parsed as JSON);
-  // a comment (the keep-alive) comes as {event: "keepalive"}.
-  async function* readEvents(resp) {
+  // Server-sent events of a fetch() response, as {event, data} (data parsed by `parse`:
+  // JSON, which throws on anything else); a comment (the keep-alive) comes as
+  // {event: "keepalive"}.
+  async function* readEvents(resp, parse = JSON.parse) {
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -51,7 +52,7 @@ window.hotmodelNet = (() => {
         buffer += decoder.decode(value, { stream: true });
         let cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const parsed = parseBlock(buffer.slice(0, cut));
+          const parsed = parseBlock(buffer.slice(0, cut), parse);
           buffer = buffer.slice(cut + 2);
           if (parsed) yield parsed;
         }
@@ -61,7 +62,7 @@ window.hotmodelNet = (() => {
     }
   }
 
-  function parseBlock(block) {
+  function parseBlock(block, parse) {
     let event = "message", comment = false;
     const data = [];
     for (const line of block.split("\n")) {
@@ -72,7 +73,7 @@ window.hotmodelNet = (() => {
       if (field === "event") event = value;
       else if (field === "data") data.push(value);
     }
-    if (data.length) return { event, data: JSON.parse(data.join("\n")) };
+    if (data.length) return { event, data: parse(data.join("\n")) };
     return comment ? { event: "keepalive", data: null } : null;
   }
 
