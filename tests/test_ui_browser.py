@@ -320,3 +320,27 @@ def test_the_playground_tries_each_endpoint(demo_like: HotmodelProcess, page: Pa
     expect(page.locator("#try-result")).to_have_attribute("data-state", "failed")
     expect(page.locator("#try-status")).to_contain_text("HTTP 400")
     assert _history_len(demo_like) == 1  # the start's load only: the resident was no switch
+
+
+def test_the_cluster_card_shows_the_nodes_only_in_a_cluster(
+    server: HotmodelProcess,
+    page: Page,
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    postgres_url: str,
+) -> None:
+    _open(page, server, _other(server)[0])
+    expect(page.locator("#cluster-card")).to_be_hidden()  # a node of its own
+    cluster = (
+        f'[store]\nurl = "{postgres_url}"\n\n'
+        '[cluster]\nnode_id = "gpu-1"\nkey = "a-cluster-key-for-the-tests"\n'
+    )
+    config = write_config(tmp_path, {"tiny": tiny_models["tiny"]}, "tiny", tail=cluster)
+    with serving_hotmodel(config) as node:
+        page.goto(node.base_url + "/ui")
+        expect(page.locator("#cluster-card")).to_be_visible()
+        row = page.locator('#cluster tr[data-node="gpu-1"]')
+        expect(row).to_contain_text("gpu-1 (this)")
+        expect(row).to_contain_text("alive")
+        expect(row).to_contain_text("tiny")
+        save_screenshot(page, "dashboard-cluster.png")

@@ -288,6 +288,27 @@
     renderSessions();
   }
 
+  // ---- the cluster (GET /admin/cluster): shown only when this node is in one ----
+
+  async function loadCluster() {
+    const body = await getJson("/admin/cluster");
+    $("cluster-card").hidden = !body.enabled;
+    if (!body.enabled) return;
+    $("cluster-self").textContent = `this node: ${body.self}`;
+    $("cluster-error").textContent = body.error ? `registry: ${body.error}` : "";
+    const sum = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
+    const rows = body.nodes.map((n) => el("tr", { class: n.alive ? "" : "muted", "data-node": n.id }, [
+      el("td", { class: "mono", text: n.self ? `${n.id} (this)` : n.id }),
+      el("td", { class: "mono", text: n.url }),
+      el("td", { text: n.alive ? "alive" : "out" }),
+      el("td", { text: (n.loaded || []).join(", ") || "-" }),
+      el("td", { text: String(sum(n.in_flight)) }),
+      el("td", { text: String(sum(n.queued)) }),
+      el("td", { text: `${n.heartbeat_age_seconds.toFixed(1)} s ago` }),
+    ]));
+    $("cluster").querySelector("tbody").replaceChildren(...rows);
+  }
+
   async function loadLogs() {
     const body = await getJson(`/admin/logs?lines=${LOG_LINES}`);
     $("log-file").textContent = body.file;
@@ -492,15 +513,15 @@
       onPhase(data);
     } else if (event === "report") {
       onReport(data);
-      refresh(loadModels, loadSessions, loadLogs);
+      refresh(loadModels, loadSessions, loadLogs, loadCluster);
     } else if (event === "model") {
       const model = state.models.get(data.model) || { id: data.model };
       state.models.set(data.model, { ...model, status: data.status || model.status });
       renderModels();
     } else if (event === "resync") {
-      refresh(loadModels, loadHistory, loadSessions, loadLogs);
+      refresh(loadModels, loadHistory, loadSessions, loadLogs, loadCluster);
     } else if (event === "keepalive") {
-      refresh(loadSessions, loadLogs);
+      refresh(loadSessions, loadLogs, loadCluster);
     }
   }
 
@@ -521,7 +542,7 @@
           setFeed("live");
           delay = 500;
           // subscribed first, loaded second: nothing that happens in between is missed
-          refresh(loadModels, loadHistory, loadSessions, loadLogs);
+          refresh(loadModels, loadHistory, loadSessions, loadLogs, loadCluster);
           for await (const event of net.readEvents(resp)) onFeedEvent(event);
         } catch (err) {
           if (err instanceof net.Unauthorized) return;
