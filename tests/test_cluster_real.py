@@ -21,7 +21,9 @@ from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.router.supervisor import free_port
 from tests.conftest import (
     HotmodelProcess,
+    bearer,
     chat,
+    keys,
     serving_hotmodel,
     start_hotmodel,
     switch,
@@ -299,3 +301,33 @@ def last_switch(hp: HotmodelProcess) -> dict[str, Any]:
         "data"
     ]
     return data[0]
+
+
+def test_a_clients_key_works_on_every_node_and_a_wrong_one_is_refused_where_it_lands(
+    tmp_path: Path, postgres_url: str, three_models: dict[str, Path]
+) -> None:
+    secured = keys(api=["client-key-cluster-000001"], admin=["admin-key-cluster-0000001"])
+    configs = []
+    for name, default in (("a", "t1"), ("b", "t2")):
+        config = node_config(tmp_path, name, postgres_url, three_models, default)
+        config.write_text(config.read_text() + "\n" + secured, encoding="utf-8")
+        configs.append(config)
+    admin = bearer("admin-key-cluster-0000001")
+    with serving_hotmodel(configs[0]) as a, serving_hotmodel(configs[1]) as b:
+        wait_until(
+            "both nodes registered",
+            lambda: (
+                len(httpx.get(b.base_url + "/admin/cluster", headers=admin).json()["nodes"]) == 2
+            ),
+        )
+        ok = chat(b, "t1", key="client-key-cluster-000001", session="mine")
+        assert (ok.status_code, ok.headers["x-hotmodel-node"]) == (200, "a"), ok.text
+        refused = chat(b, "t1", key="not-a-key-of-this-cluster", session="mine")
+        assert refused.status_code == 401  # at b's door: never forwarded
+        assert "x-hotmodel-node" not in refused.headers or refused.headers["x-hotmodel-node"] == "b"
+        # the session is the key's wherever it is read
+        mine = httpx.get(
+            b.base_url + "/v1/sessions/mine", headers=bearer("client-key-cluster-000001")
+        )
+        assert mine.status_code == 200 and len(mine.json()["messages"]) == 2
+        assert httpx.get(a.base_url + "/v1/sessions/mine", headers=admin).status_code == 404
