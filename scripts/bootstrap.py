@@ -2,7 +2,8 @@
 """Set everything up on a fresh machine, then run the demo or the whole test suite.
 
     python3 scripts/bootstrap.py demo   # venv, package, llama-server, models; serve the demo
-    python3 scripts/bootstrap.py test   # the same set-up plus chromium; ruff, mypy, pytest
+    python3 scripts/bootstrap.py test   # the same set-up plus chromium, Claude Code and Codex
+                                        # (npm), PostgreSQL's binaries; ruff, mypy, pytest
     python3 scripts/bootstrap.py cluster  # the demo as two nodes (18080, 18081) on PostgreSQL
 
 Arguments after ``demo`` go to ``hotmodel serve`` (e.g. ``--port 18081``), after
@@ -67,6 +68,7 @@ def setup(dev: bool) -> None:
     if dev:
         ensure_chromium()
         ensure_postgres()  # the shared-store and cluster tests run a real PostgreSQL
+        ensure_agent_clis()
 
 
 def ensure_postgres() -> None:
@@ -114,6 +116,15 @@ def ensure_chromium() -> None:
         subprocess.call([*sudo, "apt-get", "update"], env=env)
         if subprocess.call(install, env=env) != 0:
             print(f"apt-get could not install chromium: {hint}", flush=True)
+
+
+def ensure_agent_clis() -> None:
+    """Claude Code and Codex, pinned, from the npm registry into hotmodel's cache
+    (``tests/agent_clis.py``): tests/test_agents_real.py points them at hotmodel.
+    Without npm it says so and goes on: that test then fails, naming what is missing."""
+    step("Claude Code and Codex for the agents' test (npm, cached)")
+    if run(PY, "-m", "tests.agent_clis", check=False) != 0:
+        print("npm failed: tests/test_agents_real.py will fail", flush=True)
 
 
 def serve(argv: list[str]) -> None:

@@ -45,7 +45,7 @@ USER = {"role": "user", "content": "hi"}
     [
         ({}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]"),
@@ -62,6 +62,16 @@ def test_each_check_names_the_field(tmp_path: Path, payload: dict[str, Any], par
     with pytest.raises(InvalidRequestError) as refused:
         check_messages_request(payload, door_config(tmp_path))
     assert refused.value.param == param
+
+
+def test_a_system_message_in_the_conversation_passes(tmp_path: Path) -> None:
+    """Claude Code 2.1.332 sends its environment notes as a `system` message after the
+    first user turn (llama-server reads it as a chat system message); in a session it
+    is pinned like the request's `system`, not stored."""
+    notes = {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}
+    payload = {"max_tokens": 8, "messages": [USER, notes]}
+    check_messages_request(payload, _config(tmp_path))
+    assert anthropic.to_chat(payload)[1] == {"role": "system", "content": "# Environment"}
 
 
 def test_a_session_turn_converts_to_chat_and_back() -> None:

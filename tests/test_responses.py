@@ -60,6 +60,11 @@ from tests.fakes import door_config
         ({"input": "hi", "store": "yes"}, "store"),
         ({"input": "hi", "instructions": []}, "instructions"),
         ({"input": "hi", "max_output_tokens": "9"}, "max_output_tokens"),
+        ({"input": "hi", "tools": {}}, "tools"),
+        ({"input": "hi", "tools": [{"name": "f"}]}, "tools[0]"),
+        ({"input": "hi", "stream": "yes"}, "stream"),
+        ({"input": "hi", "reasoning": "high"}, "reasoning"),
+        ({"input": "hi", "parallel_tool_calls": 1}, "parallel_tool_calls"),
     ],
 )
 def test_each_check_names_the_field(
@@ -72,6 +77,60 @@ def test_each_check_names_the_field(
     with pytest.raises(InvalidRequestError) as caught:
         ep.check_responses(payload, config)
     assert caught.value.param == param
+
+
+# What Codex 0.171.0 sends (`codex exec`, a provider with wire_api = "responses"), cut down:
+# Responses tools (a flat `function`, a `namespace` of functions, `web_search`), developer
+# messages, `reasoning`, `include`, `store: false`, `parallel_tool_calls`...
+CODEX_REQUEST: dict[str, Any] = {
+    "model": "smollm2",
+    "instructions": "",
+    "input": [
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "You are a coding agent."}],
+        },
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+    ],
+    "tools": [
+        {
+            "type": "function",
+            "name": "exec_command",
+            "description": "Runs a command.",
+            "strict": False,
+            "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+        },
+        {"type": "namespace", "name": "multi_agent_v1", "description": "agents", "tools": []},
+        {"type": "web_search", "external_web_access": False},
+    ],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "reasoning": {"summary": "auto"},
+    "store": False,
+    "stream": True,
+    "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a2503d-0a32-7500-8947-2083fb7fa3e9",
+    "client_metadata": {"x-codex-installation-id": "x"},
+}
+
+
+def test_codexs_request_passes_the_checks_and_goes_on_unchanged(tmp_path: Path) -> None:
+    """Codex's Responses tools are not chat's (no nested `function`): they pass, and
+    every field llama-server takes reaches it as Codex sent it."""
+    ep.check_responses(CODEX_REQUEST, _config(tmp_path))
+
+    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+        body = {**CODEX_REQUEST, "stream": False, "model": "m"}
+        answer = await Client(body).call(s, store)
+        assert answer.status == 200, answer.text()
+        path, sent = script.got[-1]
+        assert path == "/v1/responses"
+        for key in ("tools", "reasoning", "include", "store", "parallel_tool_calls", "input"):
+            assert sent[key] == body[key], key
+        assert await store.get("", answer.json()["id"]) is None  # store: false
+
+    _run(tmp_path, scenario)
 
 
 def test_a_chain_is_each_turns_input_then_its_output() -> None:

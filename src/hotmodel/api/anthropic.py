@@ -24,7 +24,9 @@ from hotmodel.errors import InvalidRequestError
 from hotmodel.sessions.reply import Message
 from hotmodel.sse import SseParser
 
-ROLES = ("user", "assistant")
+# "system": a system message in the conversation, as Claude Code (2.1.3xx) sends its
+# environment notes after the first user turn; llama-server reads it as a chat system message.
+ROLES = ("user", "assistant", "system")
 _INT32 = 2**31 - 1
 _NUMBER = (int, float)
 # Anthropic's request fields and the JSON types they must have (bool is not a number).
@@ -92,7 +94,7 @@ def check_request(
         if not isinstance(message, dict):
             raise _bad("each message must be an object", where)
         if message.get("role") not in ROLES:
-            raise _bad("'role' must be 'user' or 'assistant'", f"{where}.role")
+            raise _bad("'role' must be 'user', 'assistant' or 'system'", f"{where}.role")
         if "content" not in message:
             raise _bad("'content' is required", f"{where}.content")
         _check_blocks(message["content"], f"{where}.content")

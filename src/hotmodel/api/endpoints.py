@@ -227,7 +227,13 @@ def check_rerank(payload: dict[str, Any], config: Config) -> None:
 
 def check_responses(payload: dict[str, Any], config: Config) -> None:
     """OpenAI Responses: ``input`` a string or an array of items (objects); hotmodel's own
-    fields (``previous_response_id``, ``store``) typed (api/responses.py reads them)."""
+    fields (``previous_response_id``, ``store``) typed (api/responses.py reads them); the
+    Responses fields typed, and ``tools`` in the Responses shape (each an object with a
+    string ``type``: ``function`` with its ``name`` at the top, not chat's nested
+    ``function``; Codex also sends ``namespace``, ``web_search``... which llama-server
+    takes and does not use). Codex's other fields (``reasoning``, ``include``,
+    ``store: false``, ``parallel_tool_calls``, ``prompt_cache_key``, ``client_metadata``)
+    pass through: llama-server 11434 accepts them."""
     if "input" not in payload or payload["input"] is None:
         raise _bad("'input' is required", "input")
     value = payload["input"]
@@ -244,8 +250,22 @@ def check_responses(payload: dict[str, Any], config: Config) -> None:
             "store": (bool,),
             "instructions": (str,),
             "max_output_tokens": (int,),
+            "model": (str,),
+            "stream": (bool,),
+            "temperature": (float, int),
+            "top_p": (float, int),
+            "tools": (list,),
+            "tool_choice": (str, dict),
+            "parallel_tool_calls": (bool,),
+            "include": (list,),
+            "reasoning": (dict,),
+            "text": (dict,),
+            "user": (str,),
         },
     )
+    for i, tool in enumerate(payload.get("tools") or ()):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise _bad("each tool must be an object with a string 'type'", f"tools[{i}]")
     if payload.get("previous_response_id") == "":
         raise _bad("'previous_response_id' must be a response id", "previous_response_id")
     _check_size([value, payload.get("instructions")], "input", config)
@@ -285,12 +305,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 # OpenAI Responses, served by api/responses.py's subclass of the door (the stored
 # conversation state); not (yet) among the endpoints /v1/models lists per preset.
 RESPONSES: tuple[Endpoint, ...] = (
-    _completion("/v1/responses", "OpenAI Responses (stored: api/responses.py)", check_responses),
+    Endpoint(
+        "/v1/responses",
+        Family.COMPLETION,
+        check_responses,
+        "OpenAI Responses (stored: api/responses.py)",
+        True,
+        True,
+        slot_cache=True,
+        in_slot=True,
+        openai_fields=False,  # Responses' own shapes (tools, text...): check_responses
+    ),
     Endpoint(
         "/v1/responses/input_tokens",
         Family.TEMPLATE,
         check_responses,
         "the input tokens a Responses request would take",
+        openai_fields=False,
     ),
 )
 RESPONSES_PATHS = frozenset(e.path for e in RESPONSES)
