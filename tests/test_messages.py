@@ -70,7 +70,7 @@ def test_a_system_message_in_the_conversation_passes(tmp_path: Path) -> None:
     is pinned like the request's `system`, not stored."""
     notes = {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}
     payload = {"max_tokens": 8, "messages": [USER, notes]}
-    check_messages_request(payload, _config(tmp_path))
+    check_messages_request(payload, door_config(tmp_path))
     assert anthropic.to_chat(payload)[1] == {"role": "system", "content": "# Environment"}
 
 

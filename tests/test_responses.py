@@ -118,7 +118,7 @@ CODEX_REQUEST: dict[str, Any] = {
 def test_codexs_request_passes_the_checks_and_goes_on_unchanged(tmp_path: Path) -> None:
     """Codex's Responses tools are not chat's (no nested `function`): they pass, and
     every field llama-server takes reaches it as Codex sent it."""
-    ep.check_responses(CODEX_REQUEST, _config(tmp_path))
+    ep.check_responses(CODEX_REQUEST, door_config(tmp_path))
 
     async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
         body = {**CODEX_REQUEST, "stream": False, "model": "m"}
@@ -130,7 +130,7 @@ def test_codexs_request_passes_the_checks_and_goes_on_unchanged(tmp_path: Path) 
             assert sent[key] == body[key], key
         assert await store.get("", answer.json()["id"]) is None  # store: false
 
-    _run(tmp_path, scenario)
+    _run(tmp_path, None, scenario)
 
 
 def test_a_chain_is_each_turns_input_then_its_output() -> None:
