@@ -127,6 +127,8 @@ def test_which_preset_serves_what(config: Config) -> None:
         "/detokenize",
         "/apply-template",
         "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
     ]
     assert ep.served_by(models["embed"], config) == [
         "/tokenize",

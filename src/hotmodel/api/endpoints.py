@@ -374,7 +374,9 @@ def served_by(preset: Preset, config: Config) -> list[str]:
     # chat, and Anthropic Messages (api/messages.py: llama-server's own conversion of it)
     chat = [CHAT_PATH, ANTHROPIC_PATHS[0]] if Family.COMPLETION in served else []
     tokens = [ANTHROPIC_PATHS[1]] if Family.COMPLETION in served else []
-    return chat + [e.path for e in ENDPOINTS if e.family in served] + tokens
+    # OpenAI Responses (api/responses.py), stored: what llama-server converts to chat
+    responses = [e.path for e in RESPONSES if e.family in served]
+    return chat + [e.path for e in ENDPOINTS if e.family in served] + tokens + responses
 
 
 def check_serves(endpoint: Endpoint, model: object, config: Config) -> None:

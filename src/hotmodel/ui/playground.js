@@ -67,11 +67,9 @@ window.hotmodelPlayground = (() => {
   const RESPONSES = "/v1/responses";
 
   // What the picker offers for a model of /v1/models: the endpoints it serves (its
-  // `endpoints`) that the playground knows, in the order above. OpenAI Responses is served
-  // by hotmodel for every chat model.
+  // `endpoints`) that the playground knows, in the order above.
   function endpointsFor(model) {
     const served = new Set((model && model.endpoints) || []);
-    if (served.has(CHAT)) served.add(RESPONSES);
     return Object.keys(ENDPOINTS).filter((path) => served.has(path));
   }
 
