@@ -549,6 +549,21 @@ def switch(hp: HotmodelProcess, model: str, timeout: float = 120.0) -> tuple[int
     return resp.status_code, report
 
 
+def switched(hp: HotmodelProcess, model: str, timeout: float = 300.0) -> dict[str, Any]:
+    """POST /admin/switch, which must succeed; its report."""
+    status, report = switch(hp, model, timeout)
+    assert status == 200 and report["outcome"] == "ok", report
+    return report
+
+
+def last_switch(hp: HotmodelProcess) -> dict[str, Any]:
+    """The newest report of ``GET /admin/switches``."""
+    data: list[dict[str, Any]] = httpx.get(hp.base_url + "/admin/switches", timeout=10).json()[
+        "data"
+    ]
+    return data[0]
+
+
 def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
     """Poll ``check`` until it returns something true; that value. Fails naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -560,7 +575,9 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> 
         time.sleep(0.02)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[str], output: Path) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen[str], output: Path, timeout: float = START_DEADLINE_S
+) -> None:
     """Until ``url``/health answers 200; fails at once if ``proc`` exits."""
 
     def healthy() -> bool:
@@ -570,7 +587,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], output: Path) -> None:
         except httpx.HTTPError:
             return False
 
-    wait_until(f"{url}/health", healthy, START_DEADLINE_S)
+    wait_until(f"{url}/health", healthy, timeout)
 
 
 class HeldStream:

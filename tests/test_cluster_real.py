@@ -24,6 +24,7 @@ from tests.conftest import (
     bearer,
     chat,
     keys,
+    last_switch,
     serving_hotmodel,
     start_hotmodel,
     switch,
@@ -294,13 +295,6 @@ def test_a_session_continues_on_another_node_after_its_node_stopped(
 def loaded(hp: HotmodelProcess, node_id: str) -> list[str]:
     found = [n["loaded"] for n in cluster(hp)["nodes"] if n["id"] == node_id]
     return list(found[0]) if found else []
-
-
-def last_switch(hp: HotmodelProcess) -> dict[str, Any]:
-    data: list[dict[str, Any]] = httpx.get(hp.base_url + "/admin/switches", timeout=10).json()[
-        "data"
-    ]
-    return data[0]
 
 
 def test_a_clients_key_works_on_every_node_and_a_wrong_one_is_refused_where_it_lands(

@@ -20,6 +20,7 @@ from tests.conftest import (
     keys,
     serving_hotmodel,
     start_hotmodel,
+    switched,
     write_config,
 )
 
@@ -89,13 +90,6 @@ class FeedReader:
         return self.error is None
 
 
-def _switch(hp: HotmodelProcess, model: str) -> dict[str, object]:
-    resp = httpx.post(hp.base_url + "/admin/switch", json={"model": model}, timeout=WAIT_S)
-    assert resp.status_code == 200, resp.text
-    report: dict[str, object] = resp.json()
-    return report
-
-
 def test_the_page_and_its_files_are_served_from_the_package(server: HotmodelProcess) -> None:
     page = httpx.get(server.base_url + "/ui")
     assert page.status_code == 200
@@ -117,7 +111,7 @@ def test_the_page_and_its_files_are_served_from_the_package(server: HotmodelProc
         assert resp.json()["error"]["code"] == "not_found"
 
 
-def test_feed_starts_with_status_then_follows_a_switch(server: HotmodelProcess) -> None:
+def test_feed_starts_with_status_then_follows_aswitched(server: HotmodelProcess) -> None:
     reader = FeedReader(server.base_url)
     try:
         first = reader.next()
@@ -126,7 +120,7 @@ def test_feed_starts_with_status_then_follows_a_switch(server: HotmodelProcess) 
         assert set(status) == set(server.status())  # the body of GET /admin/status
         before = status["active_model"]
         target = "tiny2" if before == "tiny" else "tiny"
-        report = _switch(server, target)
+        report = switched(server, target)
         seen: list[SseEvent] = []
         while not (seen and seen[-1].event == "report"):
             seen.append(reader.next())

@@ -13,7 +13,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HotmodelProcess, answer, chat, start_hotmodel, user, write_config
+from tests.conftest import (
+    HotmodelProcess,
+    answer,
+    chat,
+    last_switch,
+    start_hotmodel,
+    switched,
+    user,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # drives the real llama-server
 
@@ -37,20 +47,6 @@ def streamed(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, A
     return timings
 
 
-def switch(hp: HotmodelProcess, model: str) -> dict[str, Any]:
-    report: dict[str, Any] = httpx.post(
-        hp.base_url + "/admin/switch", json={"model": model}, timeout=300
-    ).json()
-    assert report["outcome"] == "ok", report
-    return report
-
-
-def last_switch(hp: HotmodelProcess) -> dict[str, Any]:
-    """The newest report of ``GET /admin/switches``."""
-    report: dict[str, Any] = httpx.get(hp.base_url + "/admin/switches").json()["data"][0]
-    return report
-
-
 def kv_config(folder: Path, models: dict[str, Path], extra: str = "", router: str = "") -> Path:
     return write_config(
         folder,
@@ -69,20 +65,20 @@ def test_switching_back_and_restarting_restore_the_conversation(
     try:
         first = answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
         assert first["timings"]["cache_n"] == 0
-        away = switch(hp, "gemma3")
+        away = switched(hp, "gemma3")
         saved = away["snapshot"]["save"]
         assert saved["session"] == "kv" and saved["tokens"] > 400 and saved["bytes"] > 0
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         restore = back["snapshot"]["restore"]
         assert restore["restored"] is True and restore["tokens"] == saved["tokens"], back
         assert restore["took"] is None  # not known before a request shows its cache_n
         assert back["replay"] is None  # nothing re-read: the next turn reads what is new
         # away and back again with no turn between: the snapshots are kept, not rewritten
-        twice = switch(hp, "gemma3")
+        twice = switched(hp, "gemma3")
         assert twice["snapshot"]["save"]["saved"] is False, twice
         assert "unchanged since its restore" in twice["snapshot"]["save"]["reason"]
         assert twice["snapshot"]["restore"]["restored"] is True  # Gemma's, saved on the way
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         assert "unchanged" in back["snapshot"]["save"]["reason"]
         assert back["snapshot"]["restore"]["tokens"] == saved["tokens"], back
         nxt = streamed(hp, "Which shelf is item7 on?")
@@ -119,13 +115,13 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
     try:
         router_pid = hp.status()["router"]["pid"]  # type: ignore[index]
         answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
-        switch(hp, "gemma3")
+        switched(hp, "gemma3")
         # a damaged snapshot (same size, other bytes) is never handed to llama-server
         (snap,) = [p for p in kv_dir.glob("kv-*.bin")]
         data = bytearray(snap.read_bytes())
         data[len(data) // 2] ^= 0xFF
         snap.write_bytes(bytes(data))
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         assert back["snapshot"]["restore"] == {
             "restored": False,
             "reason": "snapshot refused: its file is truncated or corrupted",
@@ -134,18 +130,18 @@ def test_changed_model_or_damaged_files_are_refused_and_replay_is_used(
         nxt = answer(chat(hp, messages=[user("Which shelf is item7 on?")], session_id="kv"))
         assert nxt["timings"]["cache_n"] > 400
         # the model file changes while its snapshot waits: refused, and deleted
-        switch(hp, "gemma3")
+        switched(hp, "gemma3")
         os.utime(local["smollm2"], None)
         os.utime(local["smollm2"], (1, 1))
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         assert back["snapshot"]["restore"]["reason"] == "snapshot refused: model file changed"
         assert back["replay"]["prompt_tokens"] > 400
         # a truncated snapshot: refused too; llama-server and hotmodel are unharmed
-        switch(hp, "gemma3")
+        switched(hp, "gemma3")
         gemma_snaps = sorted(kv_dir.glob("kv-*.bin"), key=lambda p: p.stat().st_mtime)
         newest = gemma_snaps[-1]
         newest.write_bytes(newest.read_bytes()[:1000])
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         assert "truncated or corrupted" in back["snapshot"]["restore"]["reason"]
         assert hp.status()["router"]["pid"] == router_pid  # type: ignore[index]
         nxt = answer(chat(hp, messages=[user("And item9?")], session_id="kv"))
@@ -161,8 +157,8 @@ def test_budget_settings_and_session_deletion(
     hp = start_hotmodel(config)
     try:
         answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
-        switch(hp, "gemma3")
-        switch(hp, "smollm2")  # saves gemma3's slot too: two snapshots
+        switched(hp, "gemma3")
+        switched(hp, "smollm2")  # saves gemma3's slot too: two snapshots
         status = hp.status()["kv_snapshots"]
         assert isinstance(status, dict) and status["count"] == 2
         assert httpx.delete(hp.base_url + "/v1/sessions/kv").status_code == 200
@@ -185,7 +181,7 @@ def test_budget_settings_and_session_deletion(
     small = start_hotmodel(config)
     try:
         answer(chat(small, messages=[user(FACTS)], session_id="third"))
-        saved = switch(small, "gemma3")["snapshot"]["save"]
+        saved = switched(small, "gemma3")["snapshot"]["save"]
         assert saved["saved"] is False and saved["kept"] is False and saved["evicted"] == []
         assert "more than [switch] kv_snapshot_max_bytes = 1000" in saved["reason"], saved
         status = small.status()["kv_snapshots"]
@@ -204,9 +200,9 @@ def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_
     hp = start_hotmodel(config)
     try:
         answer(chat(hp, messages=[user(FACTS)], session_id="kv"))
-        first = switch(hp, "gemma3")["snapshot"]["save"]  # smollm2's
+        first = switched(hp, "gemma3")["snapshot"]["save"]  # smollm2's
         assert first["kept"] is True and first["evicted"] == [], first
-        second = switch(hp, "smollm2")["snapshot"]["save"]  # gemma3's
+        second = switched(hp, "smollm2")["snapshot"]["save"]  # gemma3's
         sizes = (first["bytes"], second["bytes"])
         limit = max(sizes) + min(sizes) // 2  # room for either (a few turns more), not both
         kv_config(tmp_path, real_models, extra=f"kv_snapshot_max_bytes = {limit}")
@@ -217,9 +213,9 @@ def test_a_tight_budget_keeps_the_snapshot_switched_back_to_and_a_reload_lowers_
         assert f"over [switch] kv_snapshot_max_bytes = {limit}" in hp.output()
         # smollm2's slot moves on
         answer(chat(hp, messages=[user("Which shelf is item7 on?")], session_id="kv"))
-        away = switch(hp, "gemma3")  # gemma3's snapshot went at the reload: it replays
+        away = switched(hp, "gemma3")  # gemma3's snapshot went at the reload: it replays
         assert away["snapshot"]["save"]["kept"] is True, away
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         saved, restore = back["snapshot"]["save"], back["snapshot"]["restore"]
         assert saved["kept"] is False and saved["evicted"] == [], saved
         assert "the snapshot restored next (smollm2, session 'kv')" in saved["reason"]
@@ -239,21 +235,21 @@ def test_gemma_is_not_saved_again_once_its_restore_did_not_take_and_a_lost_folde
     config = kv_config(tmp_path, real_models)
     hp = start_hotmodel(config)
     try:
-        switch(hp, "gemma3")
+        switched(hp, "gemma3")
         answer(chat(hp, messages=[user("Name a colour.")], session_id="g"))
-        switch(hp, "smollm2")  # Gemma's slot is saved
-        back = switch(hp, "gemma3")
+        switched(hp, "smollm2")  # Gemma's slot is saved
+        back = switched(hp, "gemma3")
         assert back["snapshot"]["restore"]["restored"] is True, back
         # llama-server read it all again
         answer(chat(hp, messages=[user("And another?")], session_id="g"))
         restore = last_switch(hp)["snapshot"]["restore"]
         assert restore["took"] is False and "did not take" in restore["reason"], restore
-        again = switch(hp, "smollm2")
+        again = switched(hp, "smollm2")
         assert again["snapshot"]["save"]["saved"] is False
         assert "did not take" in again["snapshot"]["save"]["reason"]
         assert "save" not in again["phases"]  # a skipped phase
         shutil.rmtree(tmp_path / "state" / "kv")
-        switch(hp, "gemma3")  # the folder is made again before the load
+        switched(hp, "gemma3")  # the folder is made again before the load
         last = answer(chat(hp, messages=[user("And one more?")], session_id="g"))
         assert last["model"] == "gemma3"
     finally:
@@ -334,9 +330,9 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
     try:
         first = httpx.post(url, json={"input": FACTS, **greedy}, timeout=120).json()
         chain = f"responses {first['id']}"
-        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        saved = switched(hp, "gemma3")["snapshot"]["save"]
         assert saved["session"] == chain and saved["tokens"] > 400, saved
-        back = switch(hp, "smollm2")
+        back = switched(hp, "smollm2")
         assert back["snapshot"]["restore"]["restored"] is True, back
         assert back["snapshot"]["restore"]["session"] == chain and back["replay"] is None
         body = {"input": "Which shelf is item7 on?", "previous_response_id": first["id"]}
@@ -347,14 +343,18 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
         proven = last_switch(hp)["snapshot"]["restore"]
         assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
         # once more, streamed: the chain's session now holds both turns
-        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        saved = switched(hp, "gemma3")["snapshot"]["save"]
         assert saved["session"] == chain and saved["tokens"] > 400, saved
-        assert switch(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
+        assert switched(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
         body = {"input": "And item9?", "previous_response_id": second["id"], "stream": True}
         with httpx.stream("POST", url, json={**body, **greedy}, timeout=120) as r:
             assert r.status_code == 200
-            assert any("response.completed" in line for line in r.iter_lines())
-        proven = last_switch(hp)["snapshot"]["restore"]
+            lines = list(r.iter_lines())  # read to its end: the proof follows the last event
+        assert any("response.completed" in line for line in lines)
+        proven = wait_until(
+            "the streamed turn's proof",
+            lambda: (found := last_switch(hp)["snapshot"]["restore"])["took"] is not None and found,
+        )
         assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
         stored = httpx.get(f"{hp.base_url}/v1/sessions/responses%20{first['id']}").json()
         assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 3
@@ -367,9 +367,9 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
             hp.base_url + "/v1/messages", json={**turn, "messages": said}, headers=head, timeout=120
         )
         assert answer.status_code == 200, answer.text
-        saved = switch(hp, "gemma3")["snapshot"]["save"]
+        saved = switched(hp, "gemma3")["snapshot"]["save"]
         assert saved["session"] == "anthropic-kv" and saved["tokens"] > 400, saved
-        assert switch(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
+        assert switched(hp, "smollm2")["snapshot"]["restore"]["restored"] is True
         said = [{"role": "user", "content": "Which shelf is item3 on?"}]
         body = {**turn, "messages": said, "stream": True}
         with httpx.stream(

@@ -25,6 +25,7 @@ from tests.conftest import (
     assert_all_gone,
     chat,
     start_hotmodel,
+    wait_healthy,
     write_config,
 )
 
@@ -39,21 +40,6 @@ def _router(hp: HotmodelProcess) -> dict[str, Any]:
 
 def _model_children(router_pid: int) -> list[psutil.Process]:
     return psutil.Process(router_pid).children()
-
-
-def _wait_healthy(hp: HotmodelProcess, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            health = httpx.get(hp.base_url + "/health", timeout=5)
-        except httpx.ConnectError:  # not listening yet
-            health = None
-        if health is not None and health.status_code == 200:
-            data: dict[str, Any] = health.json()
-            return data
-        assert hp.proc.poll() is None, hp.output()
-        assert time.monotonic() < deadline, hp.output()
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -95,7 +81,7 @@ def test_kill_9_of_the_router_is_recovered_and_requests_wait(tiny_server: Hotmod
     for t in threads:
         t.join(60)
     assert results == [200] * 4, hp.output()  # they waited for the recovery, none failed
-    _wait_healthy(hp)
+    wait_healthy(hp.base_url, hp.proc, hp.output_file)
     after = _router(hp)
     assert after["pid"] != before["pid"] and after["state"] == "running"
     assert after["restarts"] == 1
@@ -123,7 +109,7 @@ def test_a_stream_cut_by_a_crash_ends_with_an_error_event(tiny_server: HotmodelP
         child.kill()
         rest = b"".join(chunks)  # ends: not a hang
     assert b'"error"' in rest and b"upstream_stream_error" in rest
-    _wait_healthy(hp)
+    wait_healthy(hp.base_url, hp.proc, hp.output_file)
     assert chat(hp).status_code == 200
 
 
@@ -192,7 +178,7 @@ def test_a_hung_router_is_killed_and_restarted(tiny_server: HotmodelProcess) -> 
             with_proc = psutil.Process(router["pid"])
             if with_proc.status() == psutil.STATUS_STOPPED:
                 os.kill(router["pid"], signal.SIGCONT)
-    _wait_healthy(hp)
+    wait_healthy(hp.base_url, hp.proc, hp.output_file)
     assert "did not answer /health 2 times in a row" in hp.output()
     assert chat(hp).status_code == 200
 
@@ -297,7 +283,9 @@ def test_sigint_to_the_demo_command_alone_stops_everything(
     )
     hp = HotmodelProcess(config, demo, f"http://127.0.0.1:{_port(config)}", tmp_path / "demo.log")
     try:
-        _wait_healthy(hp, timeout=180)  # the set-up runs first (cached: seconds)
+        wait_healthy(
+            hp.base_url, hp.proc, hp.output_file, timeout=180
+        )  # the set-up runs first (cached: seconds)
         pids = [p.pid for p in hp.descendants()]
         assert pids
         demo.send_signal(signal.SIGINT)
