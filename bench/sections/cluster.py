@@ -195,6 +195,12 @@ def _latency(a: Served, b: Served, rounds: int) -> dict[str, Any]:
         }
         for kind in ("plain", "stream_first_byte")
     }
+    # each round's forwarded request less its local one, sent right before or after it:
+    # the machine's slow drift cancels out (on a busy machine, the steadier figure)
+    out["added_ms_paired"] = {
+        kind: summary([f - loc for f, loc in zip(times["forwarded"], times["local"], strict=True)])
+        for kind, times in (("plain", plain), ("stream_first_byte", first))
+    }
     return out
 
 
@@ -319,6 +325,11 @@ def markdown(r: dict[str, Any]) -> list[str]:
         ]
         for kind, stat, label in _FIGURES
     ]
+    paired = f.get("added_ms_paired", {})
+    for kind, label in (("plain", "plain"), ("stream_first_byte", "stream first byte")):
+        if kind in paired:
+            diff = paired[kind]["p50_ms"]
+            rows.append([f"{label}: median of the rounds' differences", "", "", f"{diff:+.2f}"])
     t = r["throughput"]
     level_rows = [
         [
