@@ -289,7 +289,8 @@ def _throughput(a: Served, b: Served, s: Settings) -> dict[str, Any]:
 
 
 def measure(s: Settings) -> dict[str, Any]:
-    out: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # not on Windows
+    out: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": load}
     with postgres() as url, two_nodes(url, "smollm2", "gemma3") as (a, b):
         out["forward"] = _latency(a, b, s.cluster_rounds)
         with client(120) as c:  # B to SmolLM2 too: each node serves it itself
