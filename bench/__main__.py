@@ -17,7 +17,9 @@ clients), switch (against the router's own unload + load), replay_kv
 (time outside the model against 0 / 10 / 1,000 / 10,000 stored messages),
 cache (prompt-cache reuse over a long conversation at its bound), rss
 (hotmodel's own memory, idle and under load), scheduling (closed-loop clients
-over two models: one switch per request against the scheduler's queues). Each
+over two models: one switch per request against the scheduler's queues), cluster
+(two nodes on one PostgreSQL: a forwarded request against a local one, two nodes'
+throughput against one). Each
 target of the performance issue is reported as met or not, never asserted.
 
 Writes bench-results/bench-<timestamp>.json (or --out DIR) and, for a full run
@@ -145,6 +147,7 @@ ON_THEIR_OWN: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "replay_kv": replay_kv.measure,
     "cache": cache.measure,
     "scheduling": scheduling.measure,
+    "cluster": sections.cluster.measure,
 }
 
 

@@ -85,6 +85,11 @@ class Settings:
     rss_clients: int
     sched_clients: tuple[int, ...]  # closed-loop clients over two models
     sched_seconds: float  # per way and client count
+    # two nodes on one PostgreSQL: rounds local / forwarded, closed-loop clients and
+    # seconds per way (one node, two nodes) and client count
+    cluster_rounds: int = 200
+    cluster_clients: tuple[int, ...] = (4, 8)
+    cluster_seconds: float = 10.0
 
     @classmethod
     def full(cls) -> Settings:
@@ -134,6 +139,9 @@ class Settings:
             rss_clients=4,
             sched_clients=(2,),
             sched_seconds=3.0,
+            cluster_rounds=3,
+            cluster_clients=(2,),
+            cluster_seconds=1.0,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ SECTIONS = (
     "cache",
     "rss",
     "scheduling",
+    "cluster",
 )
 # every endpoint the demo models serve, plain, and streamed where it streams
 ENDPOINTS = (
@@ -55,8 +56,8 @@ PATHS = ("child", "router", "hotmodel")
 # proxy 5, throughput 3 (two client counts in smoke, and fresh connections), switch 2, history 1,
 # cache 1, rss 2
 TARGETS = 14
-# one per table: the targets', then one per section
-TABLES = 1 + len(SECTIONS)
+# one per table: the targets', then one per section, and cluster's second
+TABLES = 1 + len(SECTIONS) + 1
 
 
 def _outside(text: str) -> tuple[str, str]:
@@ -147,6 +148,16 @@ def _check_sections(s: dict[str, Any]) -> None:
         sched = s["scheduling"]["ways"][way]["2"]
         _positive(sched["requests"], sched["requests_per_min"], sched["latency"]["p50_ms"])
         assert sched["switches"] >= 0
+    forward = s["cluster"]["forward"]
+    for route in ("local", "forwarded"):
+        for kind in ("plain", "stream_first_byte"):
+            _positive(forward["routes"][route][kind]["p50_ms"])
+    assert forward["served_by"] == {"local->a": 6, "forwarded->a": 6}  # 3 rounds, 2 each
+    [(clients, level)] = s["cluster"]["throughput"]["clients"].items()
+    assert clients == "2"
+    for way in ("one_node", "two_nodes"):
+        _positive(level[way]["requests_per_s"], level[way]["tokens_per_s"])
+    assert set(level["two_nodes"]["served_by"]) == {"a", "b"}
 
 
 def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> None:
@@ -183,6 +194,7 @@ def test_bench_smoke_writes_every_figure_and_the_docs_tables(tmp_path: Path) -> 
         "### Prompt-cache reuse",
         "### hotmodel's memory",
         "### Scheduling",
+        "### Cluster",
     ):
         assert heading in block
     table_rows = [line for line in block.splitlines() if line.startswith("| ")]

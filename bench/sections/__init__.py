@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.sections import (
     cache,
+    cluster,
     endpoints,
     history,
     proxy,
@@ -39,6 +40,7 @@ REPORTS: dict[str, Report] = {
     "cache": Report(cache.targets, cache.markdown),
     "rss": Report(rss.targets, rss.markdown),
     "scheduling": Report(scheduling.targets, scheduling.markdown),
+    "cluster": Report(cluster.targets, cluster.markdown),
 }
 SECTIONS = tuple(REPORTS)
 
