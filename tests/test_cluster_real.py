@@ -73,9 +73,14 @@ def two_nodes(
         serving_hotmodel(node_config(tmp_path, "a", url, models, "t1")) as a,
         serving_hotmodel(node_config(tmp_path, "b", url, models, "t2")) as b,
     ):
-        for node in (a, b):
-            wait_until("both nodes registered", lambda n=node: len(alive(n)) == 2)  # type: ignore[misc]
+        for node in (a, b):  # each seen alive, with its model loaded (not just registered)
+            wait_until("both nodes registered", lambda n=node: ready(n) == {"a", "b"})  # type: ignore[misc]
         yield a, b
+
+
+def ready(hp: HotmodelProcess) -> set[str]:
+    """The nodes ``hp`` sees alive with a model loaded."""
+    return {n["id"] for n in cluster(hp)["nodes"] if n["alive"] and n["loaded"]}
 
 
 def cluster(hp: HotmodelProcess) -> dict[str, Any]:
@@ -169,7 +174,7 @@ def test_a_node_killed_mid_stream_loses_no_request_that_had_not_begun(
     leftovers = list(a.router_pids)
     try:
         with serving_hotmodel(node_config(tmp_path, "b", postgres_url, models, "gemma3")) as b:
-            wait_until("both nodes registered", lambda: len(alive(b)) == 2)
+            wait_until("both nodes registered", lambda: ready(b) == {"a", "b"})
             results: dict[str, httpx.Response] = {}
 
             def ask(session: str) -> None:
@@ -263,7 +268,7 @@ def test_a_session_started_on_one_node_continues_on_another_with_its_kv_snapshot
         serving_hotmodel(node_config(tmp_path, "a", postgres_url, models, "smollm2", kv=True)) as a,
         serving_hotmodel(node_config(tmp_path, "b", postgres_url, models, "gemma3", kv=True)) as b,
     ):
-        wait_until("both nodes registered", lambda: len(alive(b)) == 2)
+        wait_until("both nodes registered", lambda: ready(b) == {"a", "b"})
         history = [{"role": "user", "content": "My name is Ada. " * 20 + "Say hi."}]
         first = chat(a, "smollm2", session_id="s", messages=history, max_tokens=8)
         assert (first.status_code, first.headers["x-hotmodel-node"]) == (200, "a"), first.text
@@ -311,7 +316,11 @@ def test_a_clients_key_works_on_every_node_and_a_wrong_one_is_refused_where_it_l
         wait_until(
             "both nodes registered",
             lambda: (
-                len(httpx.get(b.base_url + "/admin/cluster", headers=admin).json()["nodes"]) == 2
+                sum(
+                    bool(n["alive"] and n["loaded"])
+                    for n in httpx.get(b.base_url + "/admin/cluster", headers=admin).json()["nodes"]
+                )
+                == 2
             ),
         )
         ok = chat(b, "t1", key="client-key-cluster-000001", session="mine")

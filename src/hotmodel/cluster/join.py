@@ -78,6 +78,7 @@ async def join(
         Registry(config.store.url, identity(config, config.cluster), state)
     )
     await stack.enter_async_context(task(registry.run(), "cluster-heartbeat"))
+    controller.watch(registry.poke)  # each phase and report: what is loaded may have changed
     node = ClusterNode(
         registry,
         config.cluster.key,

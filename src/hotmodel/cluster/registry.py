@@ -98,6 +98,7 @@ class Registry:
         self.nodes: tuple[Node, ...] = ()
         self.read_at = 0.0  # monotonic time of the last good read (0: never)
         self.error: str | None = None  # the last failure to beat or read, until one works
+        self._poked = asyncio.Event()
 
     async def __aenter__(self) -> Registry:
         try:  # one plain connection first: a server that is down fails at once, clearly
@@ -188,10 +189,17 @@ class Registry:
             started_at=float(started) if isinstance(started, (int, float)) else 0.0,
         )
 
+    def poke(self, *_: object) -> None:
+        """Something this node tells the others changed (a switch ended): beat now, so
+        the others place requests on what is loaded, not on what was."""
+        self._poked.set()
+
     async def run(self) -> None:
         """Beat until cancelled; a failure is logged once and retried at the next beat."""
         while True:
-            await asyncio.sleep(self.me.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), self.me.heartbeat_s)
+            self._poked.clear()
             try:
                 await self.beat()
             except ClusterError as err:
