@@ -376,14 +376,23 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
             "POST", hp.base_url + "/v1/messages", json=body, headers=head, timeout=120
         ) as r:
             assert r.status_code == 200
-            assert any("message_stop" in line for line in r.iter_lines())
-        proven = last_switch(hp)["snapshot"]["restore"]
+            lines = list(r.iter_lines())  # read to its end: the proof follows the last event
+        assert any("message_stop" in line for line in lines)
+        proven = wait_until(
+            "the streamed message's proof",
+            lambda: (found := last_switch(hp)["snapshot"]["restore"])["took"] is not None and found,
+        )
         assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
-        metrics = httpx.get(hp.base_url + "/metrics", timeout=10).text
-        cached = [
-            line for line in metrics.splitlines()
-            if line.startswith('hotmodel_prompt_cached_tokens_total{model="smollm2"}')
-        ]  # fmt: skip
-        assert cached and float(cached[0].split()[-1]) >= 3 * 400  # three restored turns
+
+        def cached_total() -> float:
+            metrics = httpx.get(hp.base_url + "/metrics", timeout=10).text
+            cached = [
+                line for line in metrics.splitlines()
+                if line.startswith('hotmodel_prompt_cached_tokens_total{model="smollm2"}')
+            ]  # fmt: skip
+            return float(cached[0].split()[-1]) if cached else 0.0
+
+        # three restored turns (the last one's counted once its record is closed)
+        wait_until("the cached tokens counted", lambda: cached_total() >= 3 * 400)
     finally:
         assert hp.stop() == 0, hp.output()
