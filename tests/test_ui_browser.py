@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow  # drives the real llama-server
 ADMIN = "admin-key-browser-00000"
 WAIT_MS = 60_000  # the bound on each wait for the page (a loaded CI machine is slow)
 PNG = b"\x89PNG\r\n\x1a\n"
+SOME_TEXT = re.compile(r"\S")  # an answer, whatever it says (SmolLM2 may reply in emoji only)
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -284,18 +285,18 @@ def test_the_playground_tries_each_endpoint(demo_like: HotmodelProcess, page: Pa
 
     answer = page.locator("#try-answer")
     _try(page, "smollm2", "/v1/chat/completions")  # streamed
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
     expect(page.locator("#try-status")).to_contain_text("events")
     _try(page, "smollm2", "/v1/chat/completions", stream=False)
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
     _try(page, "smollm2", "/v1/completions", stream=False)
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
     _try(page, "smollm2", "/v1/completions")
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
     _try(page, "smollm2", "/v1/messages")  # Anthropic's stream events
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
     _try(page, "smollm2", "/v1/responses")  # the Responses stream events
-    expect(answer).to_have_text(re.compile(r"\w"))
+    expect(answer).to_have_text(SOME_TEXT)
 
     tokens = httpx.post(base + "/tokenize", json={"content": "Hello, world!"}).json()["tokens"]
     _try(page, "smollm2", "/tokenize")
