@@ -46,6 +46,15 @@ def test_a_model_loaded_elsewhere_goes_to_the_least_busy_holder() -> None:
     assert again.node is not None and again.node.id == "n2"
 
 
+def test_a_model_a_node_is_loading_goes_there_when_none_has_it_loaded() -> None:
+    loading = Node("n2", "http://n2", NodeState(("a",), (), None, {}, {}, None, "a"), 0.1, True)
+    found = place("a", "n1", False, [loading])
+    assert (found.where, found.node and found.node.id) == (Where.FORWARD, "n2")
+    holder = node("n3", loaded=("a",))
+    assert place("a", "n1", False, [loading, holder]).node == holder  # loaded first
+    assert NodeState.from_json(loading.state.to_json()) == loading.state
+
+
 def test_a_model_no_live_node_has_is_claimed() -> None:
     nodes = [node("n2", loaded=("a",), alive=False), node("n3", loaded=("b",))]
     assert place("a", "n1", False, nodes).where is Where.CLAIM

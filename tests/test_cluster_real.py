@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from hotmodel.cluster.postgres import LocalPostgres
 from hotmodel.router.supervisor import free_port
 from tests.conftest import (
     HotmodelProcess,
+    assert_all_gone,
     bearer,
     chat,
     keys,
@@ -189,7 +192,8 @@ def test_a_node_killed_mid_stream_loses_no_request_that_had_not_begun(
                 json={
                     "model": "smollm2",
                     "stream": True,
-                    "max_tokens": 400,
+                    "max_tokens": 1000,
+                    "ignore_eos": True,  # still streaming when a is killed, however it goes
                     "messages": [{"role": "user", "content": "Count to one hundred."}],
                 },
                 timeout=300,
@@ -334,3 +338,72 @@ def test_a_clients_key_works_on_every_node_and_a_wrong_one_is_refused_where_it_l
         )
         assert mine.status_code == 200 and len(mine.json()["messages"]) == 2
         assert httpx.get(a.base_url + "/v1/sessions/mine", headers=admin).status_code == 404
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_NODES = ("http://127.0.0.1:18080", "http://127.0.0.1:18081")
+
+
+def start_cluster_demo(log: Path) -> subprocess.Popen[bytes]:
+    """``python3 scripts/bootstrap.py cluster`` as the README says (its own session: only
+    it gets the signals sent to it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "bootstrap.py"), "cluster"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def demo_ready(demo: subprocess.Popen[bytes], log: Path) -> bool:
+    assert demo.poll() is None, log.read_text(errors="replace")
+    try:
+        found = httpx.get(DEMO_NODES[1] + "/admin/cluster", timeout=5).json()["nodes"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    loaded = {n["id"]: n["loaded"] for n in found if n["alive"]}
+    return "smollm2" in loaded.get("node-a", []) and "gemma3" in loaded.get("node-b", [])
+
+
+@pytest.mark.timeout(900)
+def test_the_cluster_demo_serves_two_nodes_and_stops_whole_even_after_a_kill(
+    tmp_path: Path, real_models: dict[str, Path]
+) -> None:
+    """The README's cluster command: both nodes list each other and share work; killed
+    outright, its nodes still stop (tied to it) and the next start cleans up after it;
+    Ctrl-C stops the nodes, their llama-servers and PostgreSQL."""
+    log = tmp_path / "cluster-demo.log"
+    demo = start_cluster_demo(log)
+    try:
+        wait_until("the cluster demo", lambda: demo_ready(demo, log), timeout=600)
+        answer = httpx.post(
+            DEMO_NODES[0] + "/v1/chat/completions",
+            json={
+                "model": "gemma3",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+            },
+            timeout=120,
+        )
+        assert (answer.status_code, answer.headers["x-hotmodel-node"]) == (200, "node-b")
+        nodes = psutil.Process(demo.pid).children(recursive=True)
+        demo.kill()  # no chance to stop anything itself
+        demo.wait(10)
+        assert_all_gone([p.pid for p in nodes if "postgres" not in p.name()], timeout=120)
+
+        demo = start_cluster_demo(log)  # PostgreSQL, left running, is ours to restart
+        wait_until("the cluster demo again", lambda: demo_ready(demo, log), timeout=600)
+        nodes = psutil.Process(demo.pid).children(recursive=True)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(120) == 0, log.read_text(errors="replace")[-3000:]
+        assert_all_gone([p.pid for p in nodes])
+        assert not (ROOT / ".hotmodel" / "cluster" / "postgres" / "postmaster.pid").exists()
+    finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+            try:
+                demo.wait(120)
+            except subprocess.TimeoutExpired:
+                demo.kill()

@@ -283,9 +283,8 @@ def test_sigint_to_the_demo_command_alone_stops_everything(
     )
     hp = HotmodelProcess(config, demo, f"http://127.0.0.1:{_port(config)}", tmp_path / "demo.log")
     try:
-        wait_healthy(
-            hp.base_url, hp.proc, hp.output_file, timeout=180
-        )  # the set-up runs first (cached: seconds)
+        # the set-up runs first (cached: seconds)
+        wait_healthy(hp.base_url, hp.proc, hp.output_file, timeout=180)
         pids = [p.pid for p in hp.descendants()]
         assert pids
         demo.send_signal(signal.SIGINT)

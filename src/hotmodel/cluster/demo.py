@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from hotmodel.cluster.postgres import LocalPostgres
+from hotmodel.router.processes import spawn
 
 PG_PORT = 18432
 NODES = (("A", "cluster-a.toml", 18080), ("B", "cluster-b.toml", 18081))
@@ -35,12 +36,12 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def _start(root: Path, config: str, port: int) -> subprocess.Popen[bytes]:
+    """A node in a process group of its own (the terminal's Ctrl-C reaches us only, and
+    we stop each node in order), tied to our life as hotmodel ties its router: were this
+    process killed outright, each node is sent SIGTERM (Linux; a job object on Windows)
+    and stops its llama-server in order."""
     argv = [sys.executable, "-m", "hotmodel", "serve", "--config", str(root / "configs" / config)]
-    if sys.platform == "win32":
-        flags = subprocess.CREATE_NEW_PROCESS_GROUP
-        return subprocess.Popen(argv, cwd=root, creationflags=flags)
-    # its own process group: the terminal's Ctrl-C reaches us only, and we stop each node
-    return subprocess.Popen(argv, cwd=root, start_new_session=True)
+    return spawn(argv, None, root)
 
 
 def _interrupt(node: subprocess.Popen[bytes]) -> None:

@@ -72,6 +72,7 @@ async def join(
             inflight=dict(inflight),
             queued={m: int(q["waiting"]) for m, q in scheduler.status().items()},
             free_mib=free,
+            loading=controller.loading,
         )
 
     registry = await stack.enter_async_context(
@@ -83,7 +84,7 @@ async def join(
         registry,
         config.cluster.key,
         presets=lambda: tuple(current().presets.models),
-        loaded_here=lambda model: model in loaded_models(controller),
+        loaded_here=lambda model: model in loaded_models(controller) or model == controller.loading,
         claim_hold_s=lambda: current().switch.load_timeout_seconds,
         # its GGUF and KV cache (control/fit.py): a node whose free GPU memory is known
         # to be short of it is not chosen while another fits

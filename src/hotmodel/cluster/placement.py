@@ -1,8 +1,9 @@
 """Where a request for a model is served in a cluster: pure decisions over the registry.
 
-A node serves a request itself when it has the model loaded. Otherwise, when
-another live node has it loaded, the request goes there (the one with the
-fewest requests in flight and waiting for that model). Only when no node has
+A node serves a request itself when it has the model loaded (or is loading
+it). Otherwise, when another live node has it loaded, the request goes there
+(the one with the fewest requests in flight and waiting for that model), else
+to a node that is loading it now. Only when no node has
 it loaded is one node switched to it: :func:`choose_loader` picks it by the
 scheduler's rules across nodes (an idle node first, then the fewest
 requests waiting, then the most free GPU memory), and the registry claims it
@@ -28,12 +29,14 @@ class NodeState:
     inflight: Mapping[str, int] = field(default_factory=dict)  # per model, admitted
     queued: Mapping[str, int] = field(default_factory=dict)  # per model, waiting for a load
     free_mib: int | None = None  # free GPU memory; None: unknown (no probe)
+    loading: str | None = None  # the model a switch running now brings in
 
     def to_json(self) -> dict[str, Any]:
         return {
             "presets": list(self.presets),
             "loaded": list(self.loaded),
             "active": self.active,
+            "loading": self.loading,
             "in_flight": dict(self.inflight),
             "queued": dict(self.queued),
             "free_gpu_mib": self.free_mib,
@@ -49,7 +52,7 @@ class NodeState:
         def names(value: object) -> tuple[str, ...]:
             return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
-        active, free = raw.get("active"), raw.get("free_gpu_mib")
+        active, free, loading = raw.get("active"), raw.get("free_gpu_mib"), raw.get("loading")
         return cls(
             presets=names(raw.get("presets")),
             loaded=names(raw.get("loaded")),
@@ -57,6 +60,7 @@ class NodeState:
             inflight=counts(raw.get("in_flight")),
             queued=counts(raw.get("queued")),
             free_mib=free if isinstance(free, int) else None,
+            loading=loading if isinstance(loading, str) else None,
         )
 
     @property
@@ -121,6 +125,13 @@ def place(
     ]
     if holders:
         return Placement(Where.FORWARD, min(holders, key=lambda n: (n.load_of(model), n.id)))
+    coming = [  # a node switching to it now: its requests wait there, no second load
+        n
+        for n in nodes
+        if n.alive and n.id != here and n.id not in skip and n.state.loading == model
+    ]
+    if coming:
+        return Placement(Where.FORWARD, min(coming, key=lambda n: (n.load_of(model), n.id)))
     return Placement(Where.CLAIM)
 
 

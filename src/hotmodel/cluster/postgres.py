@@ -139,6 +139,10 @@ class LocalPostgres:
                 "initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "-E", "UTF8",
                 "--no-instructions", account=account, timeout=120,
             )  # fmt: skip
+        if (self.data / "postmaster.pid").is_file():
+            # ours, left running by a start that was killed outright: stopped, then started
+            # again on the port asked for now (a stale file alone is PostgreSQL's to clear)
+            self.stop()
         if self.port == 0:
             self.port = free_port()
         options = f"-p {self.port} -c listen_addresses=127.0.0.1"

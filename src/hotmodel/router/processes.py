@@ -126,9 +126,10 @@ def _tie_to_this_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def spawn(
-    argv: list[str], log_file: IO[bytes], cwd: Path, env: Mapping[str, str] | None = None
+    argv: list[str], log_file: IO[bytes] | None, cwd: Path, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start the router in its own session / process group, tied to hotmodel's life.
+    """Start the router (or, for the cluster demo, a node) in its own session / process
+    group, tied to this process's life; its output to ``log_file`` (None: ours).
 
     Its own group means a terminal's Ctrl-C reaches hotmodel only, which then
     stops the router in order. Popen returns at once (fork/exec), so calling it
@@ -145,7 +146,7 @@ def spawn(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=log_file,
-        stderr=subprocess.STDOUT,
+        stderr=None if log_file is None else subprocess.STDOUT,
         cwd=cwd,
         env=None if env is None else dict(env),
         **extra,
