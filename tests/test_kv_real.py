@@ -47,6 +47,16 @@ def streamed(hp: HotmodelProcess, text: str, session: str = "kv") -> dict[str, A
     return timings
 
 
+def assert_proven(hp: HotmodelProcess, tokens: int) -> None:
+    """The last restore was proven by the turn after it (its record closed after the
+    stream's last event: waited for), at least ``tokens`` of it read from the cache."""
+    proven = wait_until(
+        "the restore's proof",
+        lambda: (found := last_switch(hp)["snapshot"]["restore"])["took"] is not None and found,
+    )
+    assert proven["took"] is True and proven["cache_tokens"] >= tokens, proven
+
+
 def kv_config(folder: Path, models: dict[str, Path], extra: str = "", router: str = "") -> Path:
     return write_config(
         folder,
@@ -351,11 +361,7 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
             assert r.status_code == 200
             lines = list(r.iter_lines())  # read to its end: the proof follows the last event
         assert any("response.completed" in line for line in lines)
-        proven = wait_until(
-            "the streamed turn's proof",
-            lambda: (found := last_switch(hp)["snapshot"]["restore"])["took"] is not None and found,
-        )
-        assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
+        assert_proven(hp, saved["tokens"])
         stored = httpx.get(f"{hp.base_url}/v1/sessions/responses%20{first['id']}").json()
         assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 3
 
@@ -378,11 +384,7 @@ def test_a_responses_chain_and_an_anthropic_session_are_restored_after_a_switch_
             assert r.status_code == 200
             lines = list(r.iter_lines())  # read to its end: the proof follows the last event
         assert any("message_stop" in line for line in lines)
-        proven = wait_until(
-            "the streamed message's proof",
-            lambda: (found := last_switch(hp)["snapshot"]["restore"])["took"] is not None and found,
-        )
-        assert proven["took"] is True and proven["cache_tokens"] >= saved["tokens"], proven
+        assert_proven(hp, saved["tokens"])
 
         def cached_total() -> float:
             metrics = httpx.get(hp.base_url + "/metrics", timeout=10).text

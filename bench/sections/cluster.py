@@ -26,12 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,7 +45,7 @@ from bench.harness import (
     summary,
 )
 from bench.results import n, table
-from hotmodel.cluster.postgres import LocalPostgres
+from hotmodel.cluster.postgres import temporary_postgres
 
 KEY = "bench-cluster-key-loopback-only"
 NODE_HEADER = "x-hotmodel-node"
@@ -63,16 +60,9 @@ READY_S = 120.0
 # --- the cluster -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
+def postgres() -> contextlib.AbstractContextManager[str]:
     """A PostgreSQL server of our own for the section, stopped and removed after."""
-    base = Path(tempfile.mkdtemp(prefix="hotmodel-bench-pg-"))
-    base.chmod(0o711)  # run as root, the server runs as another account: it must get in
-    try:
-        with LocalPostgres(base / "data").running() as url:
-            yield url
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return temporary_postgres("hotmodel-bench-pg-")
 
 
 def node_extra(url: str, node_id: str) -> str:

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +172,16 @@ class LocalPostgres:
             yield self.start()
         finally:
             self.stop()
+
+
+@contextlib.contextmanager
+def temporary_postgres(prefix: str = "hotmodel-pg-") -> Iterator[str]:
+    """A server in a new temporary folder (the tests', a benchmark's): its URL for the
+    block; stopped and the folder removed after, on every path."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o711)  # run as root, the server runs as another account: it must get in
+    try:
+        with LocalPostgres(base / "data").running() as url:
+            yield url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
