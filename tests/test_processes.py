@@ -4,20 +4,26 @@ stand-ins)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from hotmodel.errors import RouterStartError
+from hotmodel.router.client import RouterClient
 from hotmodel.router.processes import PidFile, Router, terminate_tree, tree
+from hotmodel.router.supervisor import RouterState, RouterSupervisor
+from tests.fakes import door_config
 
 # A "router" that starts a "model child" and prints its pid, then waits.
 ROUTER = (
@@ -80,6 +86,20 @@ def test_a_reused_pid_is_never_taken_for_the_router() -> None:
     me = Router.of(os.getpid())
     stale = Router(me.pid, me.started - 1000.0, me.name)  # same pid, another start time
     assert all(p.pid != os.getpid() for p in tree(stale))
+
+
+def test_the_router_this_process_started_is_stopped_after_a_clock_step(
+    reap: list[psutil.Process],
+) -> None:
+    """Found in CI: psutil's wall-clock start time moved (a clock step moves the boot time
+    it adds), the stop took the running router for another process and left it holding its
+    port. The router this hotmodel started is known by its handle, whatever the clock."""
+    proc, child = _start_router(reap)
+    router = Router.of(proc.pid)
+    stepped = Router(router.pid, router.started + 5.0, router.name, router.handle)
+    assert {p.pid for p in tree(stepped)} >= {proc.pid, child}
+    terminate_tree(stepped, timeout=2)
+    assert _gone(proc.pid) and _gone(child)
 
 
 def test_pid_file_stops_a_router_left_by_a_dead_hotmodel(
@@ -195,3 +215,24 @@ def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
         parent.wait(5)
+
+
+def test_a_router_is_not_started_on_a_port_another_process_holds(tmp_path: Path) -> None:
+    """Found in CI: a router that could not bind its port was reported healthy, as another
+    process answered its health check there. Now the start refuses, naming the port,
+    before anything is spawned (``restart()`` tries again after its backoff)."""
+    config = door_config(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind((config.router.host, 0))
+        held.listen()
+        port = held.getsockname()[1]
+
+        async def start() -> None:
+            async with httpx.AsyncClient() as http:
+                client = RouterClient(http, f"http://{config.router.host}:{port}")
+                supervisor = RouterSupervisor(config, tmp_path / "no-binary", client, port)
+                with pytest.raises(RouterStartError, match=f"port {port} .* in use"):
+                    await supervisor.start()
+                assert supervisor.state is RouterState.STOPPED and supervisor.pid is None
+
+        asyncio.run(start())

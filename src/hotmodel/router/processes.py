@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,8 +41,12 @@ log = logging.getLogger("hotmodel.router")
 
 # After SIGKILL, how long to wait for the kernel to reap the processes.
 KILL_WAIT_S = 5.0
-# Start times are floats from /proc or sysctl; the same process reads the same.
-_START_TIME_SLACK_S = 0.05
+# A start time psutil gives in wall-clock seconds is the boot time (whole seconds, in
+# /proc/stat) plus the ticks since boot: a clock step or NTP correction moves it, by a
+# second or more (CI once saw it: a stop found no router, and the old one kept the port).
+# A record read back from a file can only be checked against that, with this slack; the
+# router this process started is known by its psutil handle, which is not fooled.
+_START_TIME_SLACK_S = 3.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -163,24 +167,33 @@ class Router:
     pid: int
     started: float
     name: str
+    # the process itself, for the hotmodel that started it: psutil knows it by its start
+    # in ticks since boot (Linux, macOS), which no clock change moves
+    handle: psutil.Process | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, pid: int) -> Router:
         try:
             proc = psutil.Process(pid)
-            return cls(pid, float(proc.create_time()), proc.name())
+            return cls(pid, float(proc.create_time()), proc.name(), proc)
         except psutil.Error:
             return cls(pid, 0.0, "")
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (not another that got its pid)."""
+        if self.handle is not None:
+            return self.handle.is_running()
+        return _same(self.pid, self.started)
 
 
 def tree(router: Router) -> list[psutil.Process]:
     """The router (if it is still that process), its descendants, and on POSIX the
     processes of its session: model children whose router died before them."""
     procs: dict[int, psutil.Process] = {}
-    same = _same(router.pid, router.started)
+    same = router.alive()
     if same:
         with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(router.pid)
+            root = router.handle or psutil.Process(router.pid)
             procs[router.pid] = root
             for child in root.children(recursive=True):
                 procs[child.pid] = child

@@ -117,6 +117,19 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on (or holds) ``host:port`` now: a router started
+    there could not bind, and its health check would be answered by that other process."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name != "nt":  # as llama-server binds: a closed socket's TIME_WAIT is no hold
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def read_tail(path: Path, lines: int = 25, max_bytes: int = 64_000) -> str:
     """The last ``lines`` lines of a log file ('' when it cannot be read)."""
     try:
@@ -200,6 +213,11 @@ class RouterSupervisor:
         """Spawn the router and wait for ``/health``; on any failure nothing is left running."""
         if self.state is not RouterState.STOPPED:
             raise RuntimeError(f"start() in state {self.state.value}")
+        if port_taken(self._config.router.host, self.port):
+            raise RouterStartError(
+                f"port {self.port} on {self._config.router.host} is in use by another "
+                "process: the router cannot listen there ([router] port)"
+            )
         self.state = RouterState.STARTING
         self.presets_file.parent.mkdir(parents=True, exist_ok=True)
         if self._config.switch.kv_snapshots:
