@@ -362,6 +362,11 @@ class RouterSupervisor:
         if self.state is not RouterState.EXITED:
             self.state = RouterState.STOPPING
         await asyncio.to_thread(terminate_tree, router, self._config.router.stop_timeout_seconds)
+        if proc.poll() is None:  # our own child outlived its tree's stop: never left running
+            log.warning("router pid %s outlived its stop; killing it", proc.pid)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, KILL_WAIT_S)
         if self._watcher is not None:
             # The process is gone (or was killed): its watcher ends at once. Bounded all
             # the same, so a stuck wait() can never hold up the shutdown.
