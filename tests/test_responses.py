@@ -27,7 +27,7 @@ from hotmodel.api.responses import Responses, responses_routes
 from hotmodel.errors import InvalidRequestError, ResponseNotFoundError
 from hotmodel.runtime import Services
 from hotmodel.sessions.responses import (
-    ResponseStore,
+    ResponseRows,
     StoredResponse,
     chain_session,
     chat_messages,
@@ -120,7 +120,7 @@ def test_codexs_request_passes_the_checks_and_goes_on_unchanged(tmp_path: Path) 
     every field llama-server takes reaches it as Codex sent it."""
     ep.check_responses(CODEX_REQUEST, door_config(tmp_path))
 
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         body = {**CODEX_REQUEST, "stream": False, "model": "m"}
         answer = await Client(body).call(s, store)
         assert answer.status == 200, answer.text()
@@ -263,7 +263,7 @@ class Client(fakes.AsgiClient):
     def __init__(self, body: dict[str, Any], owner: str = "", path: str = "/v1/responses"):
         super().__init__(path, body, owner)
 
-    async def call(self, s: Services, store: ResponseStore) -> Client:
+    async def call(self, s: Services, store: ResponseRows) -> Client:
         await Responses(s, self.path, store)(self.scope, self.receive, self.send)
         return self
 
@@ -271,12 +271,12 @@ class Client(fakes.AsgiClient):
 def _run(
     tmp_path: Path,
     store: Stores | None,
-    scenario: Callable[[Services, Script, ResponseStore], Awaitable[None]],
+    scenario: Callable[[Services, Script, ResponseRows], Awaitable[None]],
 ) -> None:
     """``scenario`` on a scripted llama-server, with ``store``'s backend (None: SQLite)."""
 
     async def with_store(s: Services, script: Script) -> None:
-        await scenario(s, script, ResponseStore(s.store))
+        await scenario(s, script, s.store.responses)
 
     fakes.run_scripted(
         Script(), with_store, door_config(tmp_path), None if store is None else store()
@@ -284,7 +284,7 @@ def _run(
 
 
 def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path, store: Stores) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         first = (await Client({"input": "My name is Zorg."}).call(s, store)).json()
         assert first["id"] == "resp_1" and first["previous_response_id"] is None
         body = {"input": "What is my name?", "previous_response_id": "resp_1"}
@@ -313,7 +313,7 @@ def test_a_continued_response_gets_its_chain_as_input(tmp_path: Path, store: Sto
 def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(
     tmp_path: Path, store: Stores
 ) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         await Client({"input": "secret"}, owner="alice").call(s, store)
         sent = len(script.got)
         for owner, rid in (("bob", "resp_1"), ("alice", "resp_nope"), ("", "resp_1")):
@@ -329,7 +329,7 @@ def test_another_keys_or_an_unknown_id_is_a_404_before_anything_is_sent(
 
 
 def test_store_false_keeps_nothing(tmp_path: Path, store: Stores) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         answer = (await Client({"input": "hi", "store": False}).call(s, store)).json()
         assert answer["id"] == "resp_1" and await store.get("", "resp_1") is None
         with pytest.raises(ResponseNotFoundError):
@@ -339,7 +339,7 @@ def test_store_false_keeps_nothing(tmp_path: Path, store: Stores) -> None:
 
 
 def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path, store: Stores) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         client = await Client({"input": "My name is Zorg.", "stream": True}).call(s, store)
         assert client.status == 200 and client.text() == _events("resp_1", "answer 1").decode()
         assert len([m for m in client.sent if m.get("body")]) >= 2  # chunk by chunk
@@ -356,7 +356,7 @@ def test_a_stream_is_relayed_as_it_came_and_stored(tmp_path: Path, store: Stores
 def test_deleting_a_response_keeps_those_that_continued_it_whole(
     tmp_path: Path, store: Stores
 ) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
         await Client({"input": "three", "previous_response_id": "resp_2"}).call(s, store)
@@ -372,7 +372,7 @@ def test_deleting_a_response_keeps_those_that_continued_it_whole(
 
 
 def test_get_delete_and_input_items(tmp_path: Path, store: Stores) -> None:
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         await Client({"input": "one"}).call(s, store)
         await Client({"input": "two", "previous_response_id": "resp_1"}).call(s, store)
         app = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
@@ -411,7 +411,7 @@ def test_a_version_4_store_migrates(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with SqliteStore(path) as s:
-            store = ResponseStore(s)
+            store = s.responses
             await store.save("", {"id": "resp_x", "output": []}, None, "m", [])
             assert (await store.get("", "resp_x")) is not None
 
@@ -427,7 +427,7 @@ def test_a_stored_chain_is_a_session_whose_kv_a_switch_keeps(tmp_path: Path) -> 
     continues the chain names that session to admission; a chain's session is whole
     when replayed, counts against no key's session bound, and goes with a DELETE."""
 
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         session = chain_session("resp_1")
         await Client({"input": "My name is Zorg.", "instructions": "Be kind."}).call(s, store)
         kept = await s.store.get("", session)
@@ -483,7 +483,7 @@ def test_another_key_cannot_read_list_or_delete_a_stored_response(tmp_path: Path
     key's is a 404, as an id never stored, and stays for its owner (its chain's session
     too)."""
 
-    async def scenario(s: Services, script: Script, store: ResponseStore) -> None:
+    async def scenario(s: Services, script: Script, store: ResponseRows) -> None:
         await Client({"input": "secret"}, owner="alice").call(s, store)
         routes = Starlette(routes=responses_routes(s), exception_handlers=dict(HANDLERS))
         as_owner: dict[str, str] = {}

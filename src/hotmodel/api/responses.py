@@ -47,7 +47,7 @@ from hotmodel.router.chat_http import Upstream
 from hotmodel.runtime import Services
 from hotmodel.sessions.responses import (
     Item,
-    ResponseStore,
+    ResponseRows,
     StoredResponse,
     chain_session,
     chat_messages,
@@ -83,7 +83,7 @@ def _not_found(response_id: str) -> ResponseNotFoundError:
 class Responses(Inference):
     """The door of ``/v1/responses``, with the chain resolved and the answer stored."""
 
-    def __init__(self, services: Services, path: str, store: ResponseStore) -> None:
+    def __init__(self, services: Services, path: str, store: ResponseRows) -> None:
         super().__init__(services, next(e for e in RESPONSES if e.path == path))
         self.store = store
         self.stores = path == RESPONSES_PATH  # input_tokens only counts
@@ -229,7 +229,7 @@ def _items_page(stored: StoredResponse, items: list[Item], request: Request) -> 
 
 
 def responses_routes(services: Services) -> list[Route]:
-    store = ResponseStore(services.store)
+    store = services.store.responses
 
     async def get_response(request: Request) -> Response:
         response_id = request.path_params["response_id"]

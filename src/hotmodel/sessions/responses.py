@@ -22,7 +22,7 @@ items llama-server would not read as text, tool calls and tool results is not on
 
 The queries are each backend's (:class:`ResponseRows`: ``SqliteResponses`` in
 :mod:`hotmodel.sessions.sqlite`, ``PostgresResponses`` in
-:mod:`hotmodel.sessions.postgres`); :class:`ResponseStore` is what the API uses.
+:mod:`hotmodel.sessions.postgres`), reached as the store's ``responses``.
 """
 
 from __future__ import annotations
@@ -169,11 +169,14 @@ COLUMNS = "id, previous_id, model, input, response, created_at"
 
 
 class ResponseRows(Protocol):
-    """One backend's queries of the responses table (same behaviour on each)."""
+    """The stored responses of a session store (``store.responses``): one backend's
+    queries of the responses table, the same behaviour on each."""
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None: ...
 
-    async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None: ...
+    async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None:
+        """``response_id`` and every response before it, oldest first (None: no such id)."""
+        ...
 
     async def save(
         self,
@@ -184,14 +187,9 @@ class ResponseRows(Protocol):
         new_input: list[Item],
     ) -> None: ...
 
-    async def delete(self, owner: str, response_id: str) -> bool: ...
-
-
-class HasResponses(Protocol):
-    """A session store: each keeps its responses beside its sessions."""
-
-    @property
-    def responses(self) -> ResponseRows: ...
+    async def delete(self, owner: str, response_id: str) -> bool:
+        """Delete one response; those that continued it take its items (see the module)."""
+        ...
 
 
 def folded(gone: StoredResponse, child_input: str) -> str:
@@ -202,31 +200,3 @@ def folded(gone: StoredResponse, child_input: str) -> str:
 
 def encode(items: list[Item] | dict[str, Any]) -> str:
     return json.dumps(items, ensure_ascii=False)
-
-
-class ResponseStore:
-    """The stored responses of a session store, whichever its backend."""
-
-    def __init__(self, store: HasResponses) -> None:
-        self.rows = store.responses
-
-    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        return await self.rows.get(owner, response_id)
-
-    async def chain(self, owner: str, response_id: str) -> list[StoredResponse] | None:
-        """``response_id`` and every response before it, oldest first (None: no such id)."""
-        return await self.rows.chain(owner, response_id)
-
-    async def save(
-        self,
-        owner: str,
-        response: dict[str, Any],
-        previous_id: str | None,
-        model: str,
-        new_input: list[Item],
-    ) -> None:
-        await self.rows.save(owner, response, previous_id, model, new_input)
-
-    async def delete(self, owner: str, response_id: str) -> bool:
-        """Delete one response; those that continued it take its items (see the module)."""
-        return await self.rows.delete(owner, response_id)
