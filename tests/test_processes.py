@@ -25,10 +25,14 @@ from hotmodel.router.processes import PidFile, Router, terminate_tree, tree
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from tests.fakes import door_config
 
-# A "router" that starts a "model child" and prints its pid, then waits.
+# A "router" that starts a "model child" and prints its pid, then waits; on SIGTERM it
+# stops its child and exits, as llama-server's router does (no stop waits out its deadline).
 ROUTER = (
-    "import subprocess, sys, time\n"
+    "import signal, subprocess, sys, time\n"
     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    "def stop(*_):\n"
+    "    child.terminate(); child.wait(); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
     "print(child.pid, flush=True)\n"
     "time.sleep(60)\n"
 )
@@ -207,7 +211,7 @@ def test_terminate_tree_kills_children_that_ignore_sigterm() -> None:
     child = int(parent.stdout.readline())
     try:
         assert not _gone(child, 0.2)
-        terminate_tree(Router.of(parent.pid), timeout=1.0)
+        terminate_tree(Router.of(parent.pid), timeout=0.3)
         parent.wait(5)
         assert _gone(child)
     finally:

@@ -117,6 +117,23 @@ def _lock_connections(store: PostgresStore) -> int:
     return int(stats.get("pool_size", 0)) - int(stats.get("pool_available", 0))
 
 
+async def _all_released(url: str, *stores: PostgresStore, deadline_s: float = 10.0) -> None:
+    """No advisory lock is held on the server, and no lock connection is out of its pool.
+    A connection closed on a cancelled path ends on the server, and is replaced by the
+    pool, in the background: polled up to ``deadline_s``, not read once."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+            locked = (await cur.fetchone() or (1,))[0]
+            out = [_lock_connections(s) for s in stores]
+            if locked == 0 and not any(out):
+                return
+            assert loop.time() < end, f"{locked} advisory lock(s) held, connections out: {out}"
+            await asyncio.sleep(0.05)
+
+
 def test_a_sessions_turn_lock_holds_across_nodes_and_is_released_on_every_path(
     postgres_url: str,
 ) -> None:
@@ -166,7 +183,7 @@ def test_a_sessions_turn_lock_holds_across_nodes_and_is_released_on_every_path(
                 pass
             async with two.turn_lock("", "s", 2):
                 pass
-            assert _lock_connections(one) == 0 and _lock_connections(two) == 0
+            await _all_released(postgres_url, one, two)
 
     run(scenario)
 

@@ -215,7 +215,7 @@ class _StandIn:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[_StandIn]:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     box = _StandIn()
-    thread = threading.Thread(target=box.server.serve_forever, daemon=True)
+    thread = threading.Thread(target=box.server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield box

@@ -155,23 +155,27 @@ class LocalPostgres:
         )  # fmt: skip
         return self.url
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown: open sessions are ended); no error if it is down."""
+    def stop(self, throwaway: bool = False) -> None:
+        """Stop the server (fast shutdown: open sessions are ended); no error if it is down.
+        ``throwaway``: its data is about to be deleted, so no checkpoint is written first
+        (immediate shutdown)."""
         if not (self.data / "postmaster.pid").is_file():
             return
+        mode = "immediate" if throwaway else "fast"
         with contextlib.suppress(PostgresError):
             self._run(
-                "pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", str(STOP_SECONDS),
+                "pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", str(STOP_SECONDS),
                 "stop", account=_account(), timeout=STOP_SECONDS + 10,
             )  # fmt: skip
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[str]:
-        """``with LocalPostgres(dir).running() as url:``: started, and stopped on every path."""
+    def running(self, throwaway: bool = False) -> Iterator[str]:
+        """``with LocalPostgres(dir).running() as url:``: started, and stopped on every path
+        (``throwaway``: see :meth:`stop`)."""
         try:
             yield self.start()
         finally:
-            self.stop()
+            self.stop(throwaway)
 
 
 @contextlib.contextmanager
@@ -181,7 +185,7 @@ def temporary_postgres(prefix: str = "hotmodel-pg-") -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix=prefix))
     base.chmod(0o711)  # run as root, the server runs as another account: it must get in
     try:
-        with LocalPostgres(base / "data").running() as url:
+        with LocalPostgres(base / "data").running(throwaway=True) as url:
             yield url
     finally:
         shutil.rmtree(base, ignore_errors=True)
