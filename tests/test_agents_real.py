@@ -23,7 +23,7 @@ import pytest
 
 from hotmodel.router.supervisor import free_port
 from tests.agent_clis import CLAUDE_CODE, CODEX, Cli, missing
-from tests.conftest import HotmodelProcess, serving_hotmodel
+from tests.conftest import HotmodelProcess, serving_hotmodel, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,8 @@ def test_claude_code_answers_through_v1_messages(demo: HotmodelProcess, tmp_path
                 raise
     print(f"claude -p took {took:.0f} s: {answer!r}")
     assert answer
-    assert _logged(demo, "/v1/messages"), demo.output()[-3000:]
+    # a streamed answer's access line is written after its last byte: waited for
+    wait_until("the access line of /v1/messages", lambda: _logged(demo, "/v1/messages"))
 
 
 @pytest.mark.timeout(CLI_TIMEOUT_S + 120)
@@ -143,4 +144,5 @@ def test_codex_answers_through_v1_responses(demo: HotmodelProcess, tmp_path: Pat
     answer, took = _run(CODEX, argv, env, tmp_path / "home")
     print(f"codex exec took {took:.0f} s: {answer!r}")
     assert answer
-    assert _logged(demo, "/v1/responses"), demo.output()[-3000:]
+    # a streamed answer's access line is written after its last byte: waited for
+    wait_until("the access line of /v1/responses", lambda: _logged(demo, "/v1/responses"))

@@ -114,15 +114,15 @@ def test_nodes_see_each_other_and_leave_cleanly(postgres_url: str) -> None:
 
 def test_a_node_that_stops_beating_is_out(postgres_url: str) -> None:
     async def main() -> None:
-        async with registry(postgres_url, "a", NodeState(), dead_after=0.5) as a:
-            async with registry(postgres_url, "b", NodeState(), dead_after=0.5):
+        async with registry(postgres_url, "a", NodeState(), dead_after=1.0) as a:
+            async with registry(postgres_url, "b", NodeState(), dead_after=1.0):
                 pass
-            b = registry(postgres_url, "b", NodeState(), dead_after=0.5)
+            b = registry(postgres_url, "b", NodeState(), dead_after=1.0)
             await b.__aenter__()  # joins, then never beats again and never leaves
             try:
-                await a.refresh()
+                await a.beat()  # a's own row fresh (b's joins took their time meanwhile)
                 assert {n.id for n in a.alive()} == {"a", "b"}
-                await asyncio.sleep(0.7)
+                await asyncio.sleep(1.3)
                 await a.beat()
                 assert [n.id for n in a.alive()] == ["a"]
             finally:

@@ -26,6 +26,7 @@ from tests.conftest import (
     chat,
     start_hotmodel,
     wait_healthy,
+    wait_until,
     write_config,
 )
 
@@ -85,7 +86,16 @@ def test_kill_9_of_the_router_is_recovered_and_requests_wait(tiny_server: Hotmod
     after = _router(hp)
     assert after["pid"] != before["pid"] and after["state"] == "running"
     assert after["restarts"] == 1
-    history = httpx.get(hp.base_url + "/admin/switches").json()["data"]
+    # the requests are let in at the recovery's activate, before its replay ends and its
+    # report enters the history: waited for, not read once
+    history = wait_until(
+        "the recovery in the history",
+        lambda: [
+            h
+            for h in httpx.get(hp.base_url + "/admin/switches").json()["data"]
+            if h["policy"] == "recover"
+        ],
+    )
     recovery = history[0]
     seen = (recovery["policy"], recovery["to"], recovery["outcome"])
     assert seen == ("recover", "tiny", "ok"), history  # the whole history when it fails
