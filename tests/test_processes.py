@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import psutil
@@ -240,3 +241,59 @@ def test_a_router_is_not_started_on_a_port_another_process_holds(tmp_path: Path)
                 assert supervisor.state is RouterState.STOPPED and supervisor.pid is None
 
         asyncio.run(start())
+
+
+def test_a_router_its_tree_stop_misses_is_killed_by_its_owner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever fools the tree's identity check (a record whose start time no longer
+    matches), the stop of a router this hotmodel started leaves it running for no one:
+    its watcher has not seen it exit, so it is killed through its own process handle."""
+    config = door_config(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    found = Router.of(proc.pid)
+
+    async def stop() -> None:
+        async with httpx.AsyncClient() as http:
+            client = RouterClient(http, "http://127.0.0.1:9")
+            supervisor = RouterSupervisor(config, tmp_path / "no-binary", client, 9)
+            supervisor._proc = proc
+            supervisor._router = Router(found.pid, found.started + 100.0, found.name)
+            supervisor._watcher = asyncio.create_task(supervisor._watch(proc))
+            supervisor.state = RouterState.RUNNING
+            await supervisor.stop()
+            assert proc.returncode is not None and supervisor.state is RouterState.STOPPED
+
+    try:
+        asyncio.run(stop())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "outlived its stop; killing it" in caplog.text
+
+
+def test_a_router_that_stops_is_not_killed_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, reap: list[psutil.Process]
+) -> None:
+    """The usual stop: the tree's stop ends the router, its watcher sees the exit, and
+    nothing is killed after it (no warning: a reaped pid may already be another's)."""
+    config = door_config(tmp_path)
+    proc, child = _start_router(reap)
+
+    async def stop() -> None:
+        async with httpx.AsyncClient() as http:
+            client = RouterClient(http, "http://127.0.0.1:9")
+            supervisor = RouterSupervisor(config, tmp_path / "no-binary", client, 9)
+            adopted = cast("subprocess.Popen[bytes]", proc)  # its output is not read here
+            supervisor._proc = adopted
+            supervisor._router = Router.of(proc.pid)
+            supervisor._watcher = asyncio.create_task(supervisor._watch(adopted))
+            supervisor.state = RouterState.RUNNING
+            await supervisor.stop()
+            assert proc.returncode == 0 and _gone(child)  # it exited on SIGTERM, in order
+
+    asyncio.run(stop())
+    assert "outlived" not in caplog.text

@@ -49,6 +49,10 @@ log = logging.getLogger("hotmodel.supervisor")
 _HEALTH_POLL_S = 0.05
 API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's --api-key, read from the environment
 _RESTART_BACKOFF_MAX_S = 10.0
+# After its tree's stop, how long the router's watcher gets to see it exit before the
+# router is taken for one the stop missed (a dead process is seen at once; a kill then
+# goes to a pid not yet reaped, so still ours, whatever the wait)
+_EXIT_SEEN_S = 1.0
 
 
 class RouterState(enum.Enum):
@@ -362,21 +366,26 @@ class RouterSupervisor:
         if self.state is not RouterState.EXITED:
             self.state = RouterState.STOPPING
         await asyncio.to_thread(terminate_tree, router, self._config.router.stop_timeout_seconds)
-        if proc.poll() is None:  # our own child outlived its tree's stop: never left running
+        if self._watcher is not None and not await self._watched_exit(_EXIT_SEEN_S):
+            # Its watcher's wait() has not returned: our own child still runs (its pid not
+            # reaped, so still ours) though its tree's stop did not find it: never left
+            # running, holding its port
             log.warning("router pid %s outlived its stop; killing it", proc.pid)
             proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, KILL_WAIT_S)
-        if self._watcher is not None:
-            # The process is gone (or was killed): its watcher ends at once. Bounded all
-            # the same, so a stuck wait() can never hold up the shutdown.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(KILL_WAIT_S):
-                    await asyncio.shield(self._watcher)
+            await self._watched_exit(KILL_WAIT_S)
         self._proc = self._router = None
         self.pid_file.remove()
         self._close_log()
         self.state = RouterState.STOPPED
+
+    async def _watched_exit(self, timeout: float) -> bool:
+        """Whether the router's watcher saw it exit within ``timeout`` s (at once when it
+        is gone; bounded, so a stuck wait() never holds up the shutdown)."""
+        assert self._watcher is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._watcher)
+        return self._watcher.done()
 
     def kill(self, forced_exit: bool = False) -> None:
         """Kill the router and its children at once (a forced exit, or a hung router:
