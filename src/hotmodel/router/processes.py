@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ log = logging.getLogger("hotmodel.router")
 
 # After SIGKILL, how long to wait for the kernel to reap the processes.
 KILL_WAIT_S = 5.0
+# How often a stop looks whether the processes it ended are gone.
+_GONE_POLL_S = 0.02
 # A start time psutil gives in wall-clock seconds is the boot time (whole seconds, in
 # /proc/stat) plus the ticks since boot: a clock step or NTP correction moves it, by a
 # second or more (CI once saw it: a stop found no router, and the old one kept the port).
@@ -226,12 +229,32 @@ def terminate_tree(router: Router, timeout: float, why: str | None = None) -> No
     for p in targets:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_gone(procs, timeout)
     for p in alive:
         log.warning("process %s %s", p.pid, why or "outlived the stop deadline; killing it")
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(alive, timeout=KILL_WAIT_S)
+    _wait_gone(alive, KILL_WAIT_S)
+
+
+def _running(p: psutil.Process) -> bool:
+    """Still running: a zombie has exited (its parent reaps it, or an init that does not
+    reap orphans, as in some containers, never does: waiting for it is waiting out the
+    deadline for nothing)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s until none of ``procs`` runs; those still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(_GONE_POLL_S)
 
 
 @dataclass(frozen=True, slots=True)
