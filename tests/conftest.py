@@ -30,6 +30,7 @@ import pytest
 from hotmodel import sse
 from hotmodel.cluster.postgres import temporary_postgres
 from hotmodel.router import provision
+from hotmodel.router.processes import wait_gone
 from hotmodel.router.supervisor import backend_key, free_port
 from hotmodel.sessions.postgres import PostgresStore
 from hotmodel.sessions.sqlite import SqliteStore
@@ -359,19 +360,12 @@ def start_hotmodel(
 
 def assert_all_gone(pids: list[int], timeout: float = 10.0) -> None:
     """Every pid has exited (zombies count as gone)."""
-    deadline = time.monotonic() + timeout
-    alive: list[int] = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-        time.sleep(0.05)
-    assert not alive, f"processes still alive: {alive}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
+    alive = wait_gone(procs, timeout)
+    assert not alive, f"processes still alive: {[p.pid for p in alive]}"
 
 
 @contextlib.contextmanager

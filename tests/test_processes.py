@@ -11,10 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import psutil
@@ -22,7 +21,7 @@ import pytest
 
 from hotmodel.errors import RouterStartError
 from hotmodel.router.client import RouterClient
-from hotmodel.router.processes import PidFile, Router, terminate_tree, tree
+from hotmodel.router.processes import PidFile, Router, terminate_tree, tree, wait_gone
 from hotmodel.router.supervisor import RouterState, RouterSupervisor
 from tests.fakes import door_config
 
@@ -40,15 +39,12 @@ ROUTER = (
 
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
+    """``pid`` has exited within ``timeout`` s (a zombie has)."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    return not wait_gone([proc], timeout)
 
 
 @pytest.fixture
@@ -243,31 +239,38 @@ def test_a_router_is_not_started_on_a_port_another_process_holds(tmp_path: Path)
         asyncio.run(start())
 
 
+def _stop_adopted(folder: Path, proc: subprocess.Popen[Any], router: Router) -> RouterState:
+    """A supervisor's stop of ``proc``, adopted as its running router known by the record
+    ``router`` (watched as :meth:`RouterSupervisor.start` watches it); its state after."""
+    adopted = cast("subprocess.Popen[bytes]", proc)  # its output is not read here
+
+    async def stop() -> RouterState:
+        async with httpx.AsyncClient() as http:
+            client = RouterClient(http, "http://127.0.0.1:9")
+            supervisor = RouterSupervisor(door_config(folder), folder / "no-binary", client, 9)
+            supervisor._proc, supervisor._router = adopted, router
+            supervisor._watcher = asyncio.create_task(supervisor._watch(adopted))
+            supervisor.state = RouterState.RUNNING
+            await supervisor.stop()
+            return supervisor.state
+
+    return asyncio.run(stop())
+
+
 def test_a_router_its_tree_stop_misses_is_killed_by_its_owner(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever fools the tree's identity check (a record whose start time no longer
     matches), the stop of a router this hotmodel started leaves it running for no one:
     its watcher has not seen it exit, so it is killed through its own process handle."""
-    config = door_config(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
     found = Router.of(proc.pid)
-
-    async def stop() -> None:
-        async with httpx.AsyncClient() as http:
-            client = RouterClient(http, "http://127.0.0.1:9")
-            supervisor = RouterSupervisor(config, tmp_path / "no-binary", client, 9)
-            supervisor._proc = proc
-            supervisor._router = Router(found.pid, found.started + 100.0, found.name)
-            supervisor._watcher = asyncio.create_task(supervisor._watch(proc))
-            supervisor.state = RouterState.RUNNING
-            await supervisor.stop()
-            assert proc.returncode is not None and supervisor.state is RouterState.STOPPED
-
     try:
-        asyncio.run(stop())
+        stale = Router(found.pid, found.started + 100.0, found.name)
+        assert _stop_adopted(tmp_path, proc, stale) is RouterState.STOPPED
+        assert proc.returncode is not None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -280,20 +283,7 @@ def test_a_router_that_stops_is_not_killed_again(
 ) -> None:
     """The usual stop: the tree's stop ends the router, its watcher sees the exit, and
     nothing is killed after it (no warning: a reaped pid may already be another's)."""
-    config = door_config(tmp_path)
     proc, child = _start_router(reap)
-
-    async def stop() -> None:
-        async with httpx.AsyncClient() as http:
-            client = RouterClient(http, "http://127.0.0.1:9")
-            supervisor = RouterSupervisor(config, tmp_path / "no-binary", client, 9)
-            adopted = cast("subprocess.Popen[bytes]", proc)  # its output is not read here
-            supervisor._proc = adopted
-            supervisor._router = Router.of(proc.pid)
-            supervisor._watcher = asyncio.create_task(supervisor._watch(adopted))
-            supervisor.state = RouterState.RUNNING
-            await supervisor.stop()
-            assert proc.returncode == 0 and _gone(child)  # it exited on SIGTERM, in order
-
-    asyncio.run(stop())
+    assert _stop_adopted(tmp_path, proc, Router.of(proc.pid)) is RouterState.STOPPED
+    assert proc.returncode == 0 and _gone(child)  # it exited on SIGTERM, in order
     assert "outlived" not in caplog.text

@@ -60,11 +60,6 @@ READY_S = 120.0
 # --- the cluster -------------------------------------------------------------------------
 
 
-def postgres() -> contextlib.AbstractContextManager[str]:
-    """A PostgreSQL server of our own for the section, stopped and removed after."""
-    return temporary_postgres("hotmodel-bench-pg-")
-
-
 def node_extra(url: str, node_id: str) -> str:
     """The config lines that make a demo ``hotmodel serve`` a node of the cluster."""
     return (
@@ -281,7 +276,11 @@ def _throughput(a: Served, b: Served, s: Settings) -> dict[str, Any]:
 def measure(s: Settings) -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None  # not on Windows
     out: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": load}
-    with postgres() as url, two_nodes(url, "smollm2", "gemma3") as (a, b):
+    # a PostgreSQL server of our own for the section, stopped and removed after
+    with (
+        temporary_postgres("hotmodel-bench-pg-") as url,
+        two_nodes(url, "smollm2", "gemma3") as (a, b),
+    ):
         out["forward"] = _latency(a, b, s.cluster_rounds)
         with client(120) as c:  # B to SmolLM2 too: each node serves it itself
             hotmodel_switch(c, b.base_url, "smollm2")

@@ -229,12 +229,12 @@ def terminate_tree(router: Router, timeout: float, why: str | None = None) -> No
     for p in targets:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    alive = _wait_gone(procs, timeout)
+    alive = wait_gone(procs, timeout)
     for p in alive:
         log.warning("process %s %s", p.pid, why or "outlived the stop deadline; killing it")
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    _wait_gone(alive, KILL_WAIT_S)
+    wait_gone(alive, KILL_WAIT_S)
 
 
 def _running(p: psutil.Process) -> bool:
@@ -247,8 +247,9 @@ def _running(p: psutil.Process) -> bool:
         return False
 
 
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait up to ``timeout`` s until none of ``procs`` runs; those still running."""
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s until none of ``procs`` runs (a zombie has exited; a
+    reused pid is another process); those still running."""
     deadline = time.monotonic() + timeout
     while True:
         alive = [p for p in procs if _running(p)]
